@@ -1,0 +1,46 @@
+# make run   - install into .venv and start the proxy on its embedded default
+# make test  - install test needs (Debian packages when root) and run the suite
+# make bench - benchmarks against direct loopback and Dante
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get -q -y -o Dpkg::Use-Pty=0
+
+# Real clients and the real KDC used by the tests.
+TEST_DEBS := curl ncat netcat-openbsd krb5-kdc krb5-admin-server krb5-user libkrb5-dev \
+	apache2-utils procps
+BENCH_DEBS := dante-server procps
+
+.PHONY: run test bench venv install debs-test debs-bench clean
+
+$(VENV)/bin/pip:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# A normal (not editable) install: what users get, plugins included.
+install: $(VENV)/bin/pip
+	$(PY) -m pip install -q --force-reinstall --no-deps .
+	$(PY) -m pip install -q .
+
+run: install
+	$(VENV)/bin/twistd -n --pidfile= socks
+
+debs-test:
+	@missing=$$(for p in $(TEST_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then $(APT) update && $(APT) install --no-install-recommends $$missing; fi
+
+debs-bench:
+	@missing=$$(for p in $(BENCH_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then $(APT) update && $(APT) install --no-install-recommends $$missing; fi
+
+test: debs-test install
+	$(PY) -m pip install -q '.[test]'
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+bench: debs-bench install
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,133 @@
+"""A password file of bcrypt or argon2 hashes, as a twisted.cred checker.
+
+Twisted's ``file:`` checker compares plaintext. This one reads the format of
+Apache's ``htpasswd -B`` (``user:$2y$...``) and argon2 PHC strings
+(``user:$argon2id$...``), re-reading the file on each login so edits apply at
+once. Hashing is deliberately slow, so it runs in a thread, off the reactor.
+
+Make an entry with ``python -m socksd.auth.passwd alice >> users`` (prompts)
+or ``htpasswd -B -c users alice``.
+"""
+
+from __future__ import annotations
+
+import getpass
+import sys
+
+import argon2
+import bcrypt
+from zope.interface import implementer
+
+from twisted.cred import error
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.internet import threads
+from twisted.logger import Logger
+
+log = Logger()
+
+_BCRYPT = (b"$2a$", b"$2b$", b"$2y$")
+_ARGON2 = (b"$argon2id$", b"$argon2i$", b"$argon2d$")
+_argon2 = argon2.PasswordHasher()
+# Verified against when the user does not exist, so that a missing user
+# costs as much time as a wrong password and names cannot be probed.
+_DUMMY = bcrypt.hashpw(b"socksd-dummy", bcrypt.gensalt(rounds=10))
+
+
+def hash_password(password: bytes, scheme: str = "bcrypt") -> bytes:
+    if scheme == "bcrypt":
+        return bcrypt.hashpw(password, bcrypt.gensalt())
+    if scheme == "argon2":
+        return _argon2.hash(password).encode("ascii")
+    raise ValueError(f"unknown scheme {scheme!r}: use bcrypt or argon2")
+
+
+def verify(password: bytes, hashed: bytes) -> bool:
+    """True when ``password`` matches a bcrypt or argon2 hash."""
+    if hashed.startswith(_BCRYPT):
+        try:
+            return bcrypt.checkpw(password, hashed)
+        except ValueError:
+            return False
+    if hashed.startswith(_ARGON2):
+        try:
+            return _argon2.verify(hashed.decode("ascii"), password)
+        except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError,
+                UnicodeDecodeError):
+            return False
+    raise ValueError("not a bcrypt or argon2 hash")
+
+
+def read_entry(path: str, username: bytes) -> bytes | None:
+    """The stored hash for ``username`` in an htpasswd-style file."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith(b"#"):
+                continue
+            name, sep, hashed = line.partition(b":")
+            if not sep:
+                log.warn("{path}:{line}: no ':' in entry, ignored", path=path, line=number)
+                continue
+            if name == username:
+                return hashed
+    return None
+
+
+@implementer(ICredentialsChecker)
+class HashedPasswordFile:
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        # Fail at start-up, not at the first login, when the file is unreadable.
+        with open(path, "rb"):
+            pass
+
+    def _check(self, username: bytes, password: bytes) -> bytes:
+        hashed = read_entry(self.path, username)
+        if hashed is None:
+            verify(password, _DUMMY)
+            raise error.UnauthorizedLogin("no such user")
+        try:
+            ok = verify(password, hashed)
+        except ValueError:
+            log.warn("{path}: entry for {user} is not a bcrypt or argon2 hash",
+                     path=self.path, user=username.decode("utf-8", "replace"))
+            ok = False
+        if not ok:
+            raise error.UnauthorizedLogin("bad password")
+        return username
+
+    def requestAvatarId(self, credentials):
+        username = credentials.username
+        password = credentials.password
+        if isinstance(username, str):
+            username = username.encode("utf-8")
+        if isinstance(password, str):
+            password = password.encode("utf-8")
+        return threads.deferToThread(self._check, username, password)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m socksd.auth.passwd [--argon2] USER``: print a file entry."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    scheme = "bcrypt"
+    if args and args[0] in ("--argon2", "--bcrypt"):
+        scheme = args.pop(0)[2:]
+    if len(args) != 1 or ":" in args[0]:
+        print("usage: python -m socksd.auth.passwd [--argon2|--bcrypt] USER", file=sys.stderr)
+        return 2
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"password for {args[0]}: ")
+        if getpass.getpass("again: ") != password:
+            print("passwords differ", file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    print(f"{args[0]}:{hash_password(password.encode('utf-8'), scheme).decode('ascii')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,245 @@
+"""The TOML configuration: file -> frozen, validated objects.
+
+A bad file never produces a traceback: :class:`ConfigError` says
+``FILE:LINE: key: what is wrong`` and the caller exits non-zero.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from socksd.proxy.session import Limits
+from socksd.rules import RuleSet, compile_rule, default_rules
+
+DEFAULT_LISTEN = ("tcp:1080:interface=127.0.0.1",)
+METHODS = ("gssapi", "userpass", "none")
+AVAILABLE_METHODS = ("userpass", "none")
+
+
+class ConfigError(Exception):
+    """A configuration that must stop start-up; str() is the whole message."""
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str | None = None
+    listen: tuple[str, ...] = DEFAULT_LISTEN
+    methods: tuple[str, ...] = ("none",)
+    methods_given: bool = False
+    checkers: tuple[str, ...] = ()
+    limits: Limits = Limits()
+    rules: RuleSet = field(default_factory=default_rules)
+
+    def with_command_line(self, listen: list[str], have_auth: bool) -> Config:
+        """``--listen`` replaces the listeners; ``--auth`` without explicit
+        ``methods`` means "require a password" rather than "ignore it"."""
+        changes: dict[str, Any] = {}
+        if listen:
+            changes["listen"] = tuple(listen)
+        if have_auth and not self.methods_given:
+            changes["methods"] = ("userpass",)
+        return replace(self, **changes) if changes else self
+
+
+_SERVER_KEYS = {
+    "listen": "strings", "methods": "strings", "checkers": "strings",
+    "handshake_timeout": "seconds", "connect_timeout": "seconds", "idle_timeout": "seconds",
+    "max_sessions": "count", "max_sessions_per_client": "count",
+}
+_RULE_KEYS = {
+    "action": "string", "from": "strings", "to": "strings", "ports": "ports",
+    "commands": "strings", "users": "strings", "log": "bool",
+}
+
+
+class _Where:
+    """Finds the line a key is on, for messages; tomllib does not keep positions."""
+
+    def __init__(self, path: str, text: str) -> None:
+        self.path = path
+        self.lines = text.splitlines()
+
+    def line_of(self, table: str | None, index: int | None, key: str | None) -> int | None:
+        header = None
+        if table is not None:
+            pattern = (re.compile(rf"^\s*\[\[\s*{re.escape(table)}\s*\]\]") if index is not None
+                       else re.compile(rf"^\s*\[\s*{re.escape(table)}\s*\]"))
+            seen = -1
+            for number, line in enumerate(self.lines):
+                if pattern.match(line):
+                    seen += 1
+                    if index is None or seen == index:
+                        header = number
+                        break
+            if header is None:
+                return None
+        if key is None:
+            return None if header is None else header + 1
+        key_re = re.compile(rf"^\s*(\"?){re.escape(key)}\1\s*=")
+        start = 0 if header is None else header + 1
+        for number in range(start, len(self.lines)):
+            line = self.lines[number]
+            if header is not None and re.match(r"^\s*\[", line):
+                break  # the next table: the key is not in this one
+            if key_re.match(line):
+                return number + 1
+        return None if header is None else header + 1
+
+    def error(self, message: str, table: str | None = None, index: int | None = None,
+              key: str | None = None) -> ConfigError:
+        # Rules are numbered from 1 in messages, as in "denied by rule 1".
+        name = ".".join(p for p in (
+            f"{table}[{index + 1}]" if index is not None else table, key) if p)
+        line = self.line_of(table, index, key)
+        where = f"{self.path}:{line}" if line else self.path
+        return ConfigError(f"{where}: {name}: {message}" if name else f"{where}: {message}")
+
+
+def load(path: str) -> Config:
+    """Read and validate a config file; raises ConfigError."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+        data = tomllib.loads(text)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return parse(data, _Where(path, text))
+
+
+def parse(data: dict[str, Any], where: _Where) -> Config:
+    for table in data:
+        if table not in ("server", "rules"):
+            raise where.error("unknown table (known: server, rules)", key=table)
+    server = data.get("server", {})
+    if not isinstance(server, dict):
+        raise where.error("must be a table ([server])", key="server")
+    for key, value in server.items():
+        kind = _SERVER_KEYS.get(key)
+        if kind is None:
+            raise where.error(f"unknown key (known: {', '.join(_SERVER_KEYS)})", "server",
+                              None, key)
+        _check_type(where, value, kind, "server", None, key)
+
+    listen = tuple(server.get("listen", DEFAULT_LISTEN))
+    if not listen:
+        raise where.error("needs at least one endpoint", "server", None, "listen")
+    for desc in listen:
+        problem = _endpoint_problem(desc)
+        if problem:
+            raise where.error(f"{desc!r}: {problem}", "server", None, "listen")
+
+    methods = tuple(server.get("methods", ("none",)))
+    if not methods:
+        raise where.error("needs at least one method", "server", None, "methods")
+    for method in methods:
+        if method not in METHODS:
+            raise where.error(f"unknown method {method!r} (known: {', '.join(METHODS)})",
+                              "server", None, "methods")
+        if method not in AVAILABLE_METHODS:
+            raise where.error(f"method {method!r} is not available in this version",
+                              "server", None, "methods")
+    if len(set(methods)) != len(methods):
+        raise where.error("lists a method twice", "server", None, "methods")
+
+    limits = {key: server[key] for key in _SERVER_KEYS
+              if _SERVER_KEYS[key] in ("seconds", "count") and key in server}
+    rules = _rules(data.get("rules"), where)
+    return Config(where.path, listen, methods, "methods" in server,
+                  tuple(server.get("checkers", ())), Limits(**limits), rules)
+
+
+def _rules(raw: Any, where: _Where) -> RuleSet:
+    if raw is None:
+        return default_rules()
+    if not isinstance(raw, list):
+        raise where.error("must be an array of tables ([[rules]])", key="rules")
+    compiled = []
+    for index, table in enumerate(raw):
+        if not isinstance(table, dict):
+            raise where.error("must be a table", "rules", index)
+        for key, value in table.items():
+            kind = _RULE_KEYS.get(key)
+            if kind is None:
+                raise where.error(f"unknown key (known: {', '.join(_RULE_KEYS)})", "rules",
+                                  index, key)
+            _check_type(where, value, kind, "rules", index, key)
+        if "action" not in table:
+            raise where.error("missing (\"allow\" or \"deny\")", "rules", index, "action")
+        args = dict(action=table["action"], sources=table.get("from"),
+                    destinations=table.get("to"), ports=table.get("ports"),
+                    commands=table.get("commands"), users=table.get("users"),
+                    log=table.get("log", False))
+        try:
+            compiled.append(compile_rule(f"rule {index + 1}", **args))
+        except ValueError as e:
+            raise where.error(str(e), "rules", index, _guilty_key(str(e), table)) from None
+    return RuleSet(compiled)
+
+
+def _guilty_key(message: str, table: dict[str, Any]) -> str | None:
+    """Which key of a rule a compile_rule error is about."""
+    for key in ("action", "from", "to", "ports", "commands", "users"):
+        value = table.get(key)
+        items = value if isinstance(value, list) else [value]
+        if any(item is not None and repr(item) in message for item in items):
+            return key
+    if "users" in message:
+        return "users"
+    return None
+
+
+def _check_type(where: _Where, value: Any, kind: str, table: str, index: int | None,
+                key: str) -> None:
+    def bad(what: str) -> ConfigError:
+        return where.error(f"must be {what}, not {_toml_type(value)}", table, index, key)
+
+    if kind == "strings":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad("a list of strings")
+    elif kind == "ports":
+        if not isinstance(value, list) or not all(
+                isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool))
+                for v in value):
+            raise bad("a list of ports or \"lo-hi\" ranges")
+    elif kind == "string":
+        if not isinstance(value, str):
+            raise bad("a string")
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            raise bad("true or false")
+    elif kind == "seconds":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number of seconds")
+        if not 0 <= value <= 86400 * 365:
+            raise where.error(f"{value} is out of range (0 to one year; 0 = never)", table,
+                              index, key)
+    elif kind == "count":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        if value < 1:
+            raise where.error(f"{value} must be at least 1", table, index, key)
+
+
+def _toml_type(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a float", str: "a string",
+            list: "an array", dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def _endpoint_problem(description: str) -> str | None:
+    """Why Twisted would refuse this server endpoint string, if it would."""
+    from twisted.internet import endpoints, reactor
+
+    try:
+        endpoints.serverFromString(reactor, description)
+    except (ValueError, KeyError, TypeError) as e:
+        return f"not a valid Twisted endpoint ({e})"
+    return None

@@ -1,0 +1,340 @@
+"""A client's session: handshake (per SOCKS version), CONNECT, relay, and the
+one log line at its end. The listener's factory enforces the session limits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from twisted.internet import defer
+from twisted.internet.protocol import ServerFactory
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from socksd import relay
+from socksd.auth import ANONYMOUS, User
+from socksd.auth.methods import Method
+from socksd.proxy import connect
+from socksd.proxy.socks5 import Socks5Handshake
+from socksd.rules import IPAddress, RuleSet, parse_ip
+from socksd.wire import socks5
+
+log = Logger(namespace="socksd")
+
+# More than this many bytes before the relay starts and we stop reading:
+# every handshake message is a few hundred bytes, so only a client pipelining
+# data ahead of the reply gets here, and it waits for the relay's flow control.
+MAX_HANDSHAKE_BUFFER = 65536
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Every wait has a timeout and every count a limit; 0 disables a timeout."""
+
+    handshake_timeout: float = 30.0
+    connect_timeout: float = 30.0
+    idle_timeout: float = 0.0
+    max_sessions: int = 10000
+    max_sessions_per_client: int = 256
+
+
+class SOCKSServerFactory(ServerFactory):
+    """Builds a :class:`Session` per client, within the configured limits.
+
+    The limits are counted here rather than with ``policies.WrappingFactory``
+    subclasses: those wrap every protocol in another, adding a call to every
+    chunk relayed, and cannot count per client behind ``haproxy:`` endpoints,
+    where the real client is only known after the PROXY header.
+    """
+
+    noisy = False
+
+    def __init__(self, methods: Sequence[Method], rules: RuleSet, limits: Limits = Limits(),
+                 reactor=None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.methods = tuple(methods)
+        self.rules = rules
+        self.limits = limits
+        self.sessions = 0
+        self.per_client: dict[str, int] = {}
+
+    def choose_method(self, offered: bytes) -> Method | None:
+        """The first of our methods, in our preference order, that the client offers."""
+        for method in self.methods:
+            if method.code in offered:
+                return method
+        return None
+
+    def buildProtocol(self, addr):
+        if self.sessions >= self.limits.max_sessions:
+            log.warn("refused {peer}: max_sessions ({limit}) reached",
+                     peer=_address(addr), limit=self.limits.max_sessions)
+            return None
+        return Session(self)
+
+    def count_client(self, key: str, delta: int) -> int:
+        count = self.per_client.get(key, 0) + delta
+        if count > 0:
+            self.per_client[key] = count
+        else:
+            self.per_client.pop(key, None)
+        return count
+
+
+def _address(addr) -> str:
+    host = getattr(addr, "host", None)
+    if host is None:
+        return str(getattr(addr, "name", None) or "unix")
+    if ":" in host:
+        return f"[{host}]:{addr.port}"
+    return f"{host}:{addr.port}"
+
+
+def _destination(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+_LOCAL = parse_ip("127.0.0.1")
+
+
+class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
+    """The client's side of a session, from first byte to the last log line."""
+
+    def __init__(self, server: SOCKSServerFactory) -> None:
+        self.server = server
+        self.started = server.reactor.seconds()
+        self.handler: Socks5Handshake | None = None
+        self.outbound: connect.Outbound | None = None
+        self.pending: defer.Deferred | None = None
+        self.client: IPAddress = _LOCAL
+        self.client_key: str | None = None
+        self.peer = "-"
+        self.user: User = ANONYMOUS
+        self.claimed_user: str | None = None
+        self.method = "-"
+        self.command = "-"
+        self.destination = "-"
+        self.outcome: str | None = None
+        self.detail = ""
+        self.buffered = 0
+        self.ended = False
+
+    def callLater(self, period, func):
+        return self.server.reactor.callLater(period, func)
+
+    # Connection life.
+
+    def connectionMade(self) -> None:
+        self.server.sessions += 1
+        self._identify_client()
+        if self.outcome is None:
+            self.setTimeout(self.server.limits.handshake_timeout or None)
+
+    def _identify_client(self) -> None:
+        """Who the client is, for rules, limits and logs (called again once
+        data arrives, because a PROXY header may have changed the peer)."""
+        address = self.transport.getPeer()
+        peer = _address(address)
+        if peer == self.peer:
+            return
+        self.peer = peer
+        host = getattr(address, "host", None)
+        # UNIX-socket clients are local; rules see them as 127.0.0.1.
+        self.client = parse_ip(host) if host is not None else _LOCAL
+        key = str(self.client)
+        if self.client_key is not None:
+            self.server.count_client(self.client_key, -1)
+        self.client_key = key
+        limit = self.server.limits.max_sessions_per_client
+        if self.server.count_client(key, +1) > limit:
+            self.fail("refused", f"max_sessions_per_client ({limit}) reached", abort=True)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.outbound is not None:
+            self.relay_data(data)
+            return
+        if self.outcome is not None:
+            return  # failed already; closing
+        if self.handler is None:
+            self._identify_client()
+            if self.outcome is not None:
+                return
+            if data[0] == socks5.VERSION:
+                self.handler = Socks5Handshake(self)
+            else:
+                self.fail("bad request", f"unsupported SOCKS version {data[0]}")
+                return
+        self.buffered += len(data)
+        if self.buffered > MAX_HANDSHAKE_BUFFER:
+            self.transport.pauseProducing()
+        self.handler.data_received(data)
+
+    def connectionLost(self, reason=None) -> None:
+        if self.outbound is not None:
+            relay.RelayEnd.connectionLost(self, reason)
+            return
+        self.closed = True
+        if self.outcome is None:
+            self.outcome = "client closed"
+            self.detail = "during handshake"
+        self._cancel()
+        self.relay_ended()
+
+    def _cancel(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.cancel()
+        if self.handler is not None:
+            self.handler.cancel()
+
+    def timeoutConnection(self) -> None:
+        if self.outbound is not None:
+            self.outcome, self.detail = "idle timeout", f"{self.timeOut:g} s"
+            self.outbound.transport.abortConnection()
+        else:
+            self.outcome, self.detail = "handshake timeout", f"{self.timeOut:g} s"
+            self._cancel()
+        self.transport.abortConnection()
+
+    def fail(self, outcome: str, detail: str = "", abort: bool = False) -> None:
+        """End the session before the relay; any reply was written already."""
+        if self.outcome is None:
+            self.outcome, self.detail = outcome, detail
+        self._cancel()
+        self.setTimeout(None)
+        if abort:
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
+
+    # Called by the version's handshake.
+
+    def authenticated(self, method: str, avatar: User) -> None:
+        self.method = method
+        self.user = avatar
+
+    def authentication_failed(self, method: str, user: str | None, reason: str) -> None:
+        self.method = method
+        self.claimed_user = user
+        self.fail("auth failed", reason)
+
+    def connect(self, host: str, port: int, by_name: bool) -> defer.Deferred:
+        """Check the rules for CONNECT to host:port and open the connection."""
+        self.command = "connect"
+        self.destination = _destination(host, port)
+        server = self.server
+        timeout = server.limits.connect_timeout
+        if by_name:
+            decision = server.rules.decide_name(self.client, self.user.name, "connect", port,
+                                                host)
+            if decision is not None and not decision.allowed:
+                d = defer.fail(connect.ConnectFailed(connect.DENIED, decision.reason))
+            else:
+                if decision is not None:
+                    self._note_rule(decision)
+                d = connect.resolve(server.reactor, host, port, timeout)
+                d.addCallback(self._allowed_addresses, host, port, decision is not None)
+                d.addCallback(self._connect_first, port, server.reactor.seconds() + timeout)
+        else:
+            decision = server.rules.decide(self.client, self.user.name, "connect", port,
+                                           None, parse_ip(host))
+            if decision.allowed:
+                self._note_rule(decision)
+                d = connect.connect_tcp(server.reactor, host, port, timeout)
+            else:
+                d = defer.fail(connect.ConnectFailed(connect.DENIED, decision.reason))
+        d.addErrback(self._classify)
+        self.pending = d
+        return d
+
+    def _note_rule(self, decision) -> None:
+        if decision.rule is not None and decision.rule.log:
+            log.info("{peer} {user} connect {destination} allowed by {rule}",
+                     peer=self.peer, user=self.user.name or "-",
+                     destination=self.destination, rule=decision.reason)
+
+    def _allowed_addresses(self, hosts: list[str], name: str, port: int,
+                           decided: bool) -> list[str]:
+        if decided:
+            return hosts
+        allowed, first_denial = [], None
+        for host in hosts:
+            decision = self.server.rules.decide(self.client, self.user.name, "connect", port,
+                                                name, parse_ip(host))
+            if decision.allowed:
+                if not allowed:
+                    self._note_rule(decision)
+                allowed.append(host)
+            elif first_denial is None:
+                first_denial = decision
+        if not allowed:
+            raise connect.ConnectFailed(connect.DENIED, f"{first_denial.reason} for {hosts[0]}")
+        return allowed
+
+    def _connect_first(self, hosts: list[str], port: int, deadline: float,
+                       last: Failure | None = None):
+        """Try the addresses in resolver order until one connects."""
+        remaining = deadline - self.server.reactor.seconds()
+        if not hosts or remaining <= 0:
+            return last if last is not None else Failure(
+                connect.ConnectFailed(connect.TIMEOUT, "no time left to connect"))
+        d = connect.connect_tcp(self.server.reactor, hosts[0], port, remaining)
+
+        def next_address(failure: Failure):
+            if failure.check(defer.CancelledError):
+                return failure
+            return self._connect_first(hosts[1:], port, deadline, failure)
+
+        return d.addErrback(next_address)
+
+    @staticmethod
+    def _classify(failure: Failure):
+        if failure.check(defer.CancelledError, connect.ConnectFailed):
+            return failure
+        return Failure(connect.classify(failure))
+
+    def connect_failed(self, failed: connect.ConnectFailed) -> None:
+        self.fail("denied" if failed.reason == connect.DENIED else "connect failed", str(failed))
+
+    def start_relay(self, outbound: connect.Outbound, early: bytes = b"") -> None:
+        """The reply is written: from now on bytes flow both ways."""
+        self.pending = None
+        self.handler = None
+        self.outbound = outbound
+        idle = self.server.limits.idle_timeout
+        self.setTimeout(idle or None)
+        relay.join(self, outbound, self, watch_activity=idle > 0)
+        if early:
+            self.received += len(early)
+            outbound.transport.write(early)
+        if self.buffered > MAX_HANDSHAKE_BUFFER:
+            self.transport.resumeProducing()
+
+    # RelaySession
+
+    def relay_activity(self) -> None:
+        self.resetTimeout()
+
+    def relay_ended(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        self.setTimeout(None)
+        server = self.server
+        server.sessions -= 1
+        if self.client_key is not None:
+            server.count_client(self.client_key, -1)
+        outcome = self.outcome or "ok"
+        user = self.user.name or self.claimed_user or "-"
+        down = self.outbound.received if self.outbound is not None else 0
+        emit = log.info if outcome == "ok" else log.warn
+        emit("{peer} user={user} method={method} {command} {destination} "
+             "up={up} down={down} {duration:.3f}s {outcome}{sep}{detail}",
+             peer=self.peer, user=user, method=self.method, command=self.command,
+             destination=self.destination, up=self.received, down=down,
+             duration=server.reactor.seconds() - self.started, outcome=outcome,
+             sep=": " if self.detail else "", detail=self.detail,
+             verified=self.user.verified)

@@ -1,0 +1,132 @@
+"""The SOCKS5 handshake (RFC 1928): method selection, the method's
+sub-negotiation, the request and its reply. Drives :mod:`socksd.wire.socks5`
+and hands the session its avatar and destination."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from twisted.internet.defer import CancelledError
+
+from socksd.auth import User
+from socksd.proxy import connect
+from socksd.wire import WireError, socks5
+
+if TYPE_CHECKING:
+    from socksd.proxy.session import Session
+
+REPLY_FOR = {
+    connect.DENIED: socks5.NOT_ALLOWED,
+    connect.NETWORK_UNREACHABLE: socks5.NETWORK_UNREACHABLE,
+    connect.HOST_UNREACHABLE: socks5.HOST_UNREACHABLE,
+    connect.REFUSED: socks5.CONNECTION_REFUSED,
+    connect.TIMEOUT: socks5.TTL_EXPIRED,
+    connect.FAILED: socks5.GENERAL_FAILURE,
+}
+
+_GREETING, _AUTH, _REQUEST, _WAITING = range(4)
+
+
+class Socks5Handshake:
+    """One client's handshake; dropped once the relay starts."""
+
+    __slots__ = ("session", "state", "buffer", "negotiation")
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.state = _GREETING
+        self.buffer = b""
+        self.negotiation = None
+
+    @property
+    def transport(self):
+        return self.session.transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == _AUTH:
+            self.negotiation.data_received(data)
+            return
+        if self.state == _WAITING:
+            # Sent before our reply (optimistic data): relayed once connected.
+            # The session pauses reading when the handshake buffers too much.
+            self.buffer += data
+            return
+        self.buffer = self.buffer + data if self.buffer else data
+        try:
+            if self.state == _GREETING:
+                self._greeting()
+            if self.state == _REQUEST:
+                self._request()
+        except WireError as e:
+            if e.reply is not None and self.state == _REQUEST:
+                self.transport.write(socks5.encode_reply(e.reply))
+            self.session.fail("bad request", str(e))
+
+    def _greeting(self) -> None:
+        parsed = socks5.parse_greeting(self.buffer)
+        if parsed is None:
+            return
+        offered, used = parsed
+        self.buffer = self.buffer[used:]
+        method = self.session.server.choose_method(offered)
+        if method is None:
+            self.transport.write(socks5.method_selection(socks5.NO_ACCEPTABLE))
+            self.session.fail("no acceptable method",
+                              "offered " + (",".join(str(m) for m in offered) or "nothing"))
+            return
+        self.transport.write(socks5.method_selection(method.code))
+        self.state = _AUTH
+        rest, self.buffer = self.buffer, b""
+        self.negotiation = method.start(self)
+        if rest and self.state == _AUTH:
+            self.negotiation.data_received(rest)
+
+    # Called back by the method (see socksd.auth.methods.Authenticating).
+
+    def authenticated(self, method: str, avatar: User, rest: bytes) -> None:
+        self.session.authenticated(method, avatar)
+        self.negotiation = None
+        self.state = _REQUEST
+        if rest:
+            self.data_received(rest)
+
+    def authentication_failed(self, method: str, user: str | None, reason: str) -> None:
+        self.negotiation = None
+        self.session.authentication_failed(method, user, reason)
+
+    def _request(self) -> None:
+        parsed = socks5.parse_request(self.buffer)
+        if parsed is None:
+            return
+        request, used = parsed
+        self.buffer = self.buffer[used:]
+        self.state = _WAITING
+        if request.command != socks5.CONNECT:
+            name = {socks5.BIND: "bind", socks5.UDP_ASSOCIATE: "udp"}.get(request.command)
+            self.session.command = name or f"0x{request.command:02x}"
+            self.transport.write(socks5.encode_reply(socks5.COMMAND_NOT_SUPPORTED))
+            self.session.fail("command not supported", self.session.command)
+            return
+        by_name = request.atyp == socks5.ATYP_DOMAIN
+        d = self.session.connect(request.host, request.port, by_name)
+        d.addCallbacks(self._connected, self._refused)
+
+    def _connected(self, outbound) -> None:
+        bound = outbound.transport.getHost()
+        self.transport.write(socks5.encode_reply(socks5.SUCCEEDED, bound.host, bound.port))
+        early, self.buffer = self.buffer, b""
+        self.session.start_relay(outbound, early)
+
+    def _refused(self, failure) -> None:
+        if failure.check(CancelledError):
+            return  # the client went away while we connected
+        failed = failure.value
+        if not isinstance(failed, connect.ConnectFailed):
+            failed = connect.classify(failure)
+        self.transport.write(socks5.encode_reply(REPLY_FOR[failed.reason]))
+        self.session.connect_failed(failed)
+
+    def cancel(self) -> None:
+        if self.negotiation is not None:
+            self.negotiation.cancel()
+            self.negotiation = None

@@ -1,0 +1,83 @@
+"""Moving bytes between the two transports of a session.
+
+Each side is a :class:`RelayEnd`. Joining two ends registers each transport
+as the other's streaming producer, so when one side's write buffer fills
+(Twisted's ``bufferSize``), the other side stops reading: memory stays at a
+buffer's worth however fast one side sends and however slowly the other
+reads. EOF in one direction is passed on as a half-close; the session ends
+when both directions are done or either side drops.
+"""
+
+from __future__ import annotations
+
+from zope.interface import implementer
+
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Protocol
+
+
+class RelaySession:
+    """What the relay reports to: the session owning both ends."""
+
+    def relay_activity(self) -> None:
+        """Bytes moved (for the idle timeout)."""
+
+    def relay_ended(self) -> None:
+        """Both ends are closed."""
+
+
+@implementer(IHalfCloseableProtocol)
+class RelayEnd(Protocol):
+    """One side of a relayed session."""
+
+    partner: RelayEnd | None = None
+    session: RelaySession | None = None
+    received = 0            # bytes read from this side
+    read_eof = False        # this side sent EOF
+    closed = False          # this side's connection is gone
+    watch_activity = False  # call session.relay_activity() per chunk
+
+    def relay_data(self, data: bytes) -> None:
+        self.received += len(data)
+        self.partner.transport.write(data)
+        if self.watch_activity:
+            self.session.relay_activity()
+
+    dataReceived = relay_data
+
+    def readConnectionLost(self) -> None:
+        if self.read_eof:
+            return
+        self.read_eof = True
+        partner = self.partner
+        if partner is None or partner.closed:
+            self.transport.loseConnection()
+            return
+        # Nothing more will come from this side: it no longer needs pausing.
+        partner.transport.unregisterProducer()
+        if partner.read_eof:
+            self.transport.loseConnection()
+            partner.transport.loseConnection()
+        else:
+            partner.transport.loseWriteConnection()
+
+    def writeConnectionLost(self) -> None:
+        """Our half-close reached the peer; the other direction may go on."""
+
+    def connectionLost(self, reason=None) -> None:
+        self.closed = True
+        partner = self.partner
+        if partner is not None and not partner.closed:
+            # Deliver what is buffered for the partner, then close it.
+            partner.transport.loseConnection()
+        elif self.session is not None:
+            self.session.relay_ended()
+
+
+def join(a: RelayEnd, b: RelayEnd, session: RelaySession, watch_activity: bool = False) -> None:
+    """Make ``a`` and ``b`` relay to each other with flow control."""
+    a.partner, b.partner = b, a
+    a.session = b.session = session
+    a.watch_activity = b.watch_activity = watch_activity
+    a.transport.registerProducer(b.transport, True)
+    b.transport.registerProducer(a.transport, True)

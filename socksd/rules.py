@@ -1,0 +1,218 @@
+"""First-match access rules: (client, user, command, destination) -> allow/deny.
+
+One evaluator serves every SOCKS version. Rules are compiled once when the
+config is loaded, so evaluation is attribute tests and ``ipaddress`` lookups.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+COMMANDS = frozenset({"connect", "bind", "udp", "bindreply", "udpreply"})
+ANY_USER = "*"
+ANONYMOUS = "-"
+
+
+def parse_ip(text: str) -> IPAddress:
+    """An address as a transport reports it; v4-mapped IPv6 becomes IPv4."""
+    address = ipaddress.ip_address(text.split("%", 1)[0])
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One compiled rule. ``None`` in a selector means "any"."""
+
+    action: str                                   # "allow" | "deny"
+    sources: tuple[IPNetwork, ...] | None = None
+    networks: tuple[IPNetwork, ...] = ()
+    names: frozenset[str] = frozenset()
+    suffixes: tuple[str, ...] = ()
+    any_destination: bool = True
+    ports: tuple[tuple[int, int], ...] | None = None
+    commands: frozenset[str] | None = None
+    users: frozenset[str] | None = None           # names; None = anyone
+    anonymous: bool = True                        # does an anonymous user match?
+    log: bool = False
+    label: str = "rule"
+
+    @property
+    def allows(self) -> bool:
+        return self.action == "allow"
+
+    def matches_request(self, client: IPAddress, user: str | None, command: str,
+                        port: int) -> bool:
+        """Everything but the destination host."""
+        if self.sources is not None and not any(client in net for net in self.sources):
+            return False
+        if user is None:
+            if not self.anonymous:
+                return False
+        elif self.users is not None and user not in self.users:
+            return False
+        if self.commands is not None and command not in self.commands:
+            return False
+        if self.ports is not None and not any(lo <= port <= hi for lo, hi in self.ports):
+            return False
+        return True
+
+    def matches_destination(self, name: str | None, address: IPAddress | None) -> bool:
+        if self.any_destination:
+            return True
+        if address is not None and any(address in net for net in self.networks):
+            return True
+        if name is not None:
+            name = name.rstrip(".").lower()
+            if name in self.names:
+                return True
+            if any(name.endswith(suffix) or name == suffix[1:] for suffix in self.suffixes):
+                return True
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    rule: Rule | None          # None: no rule matched (implicit deny)
+
+    @property
+    def reason(self) -> str:
+        if self.rule is None:
+            return "no rule matched (default deny)"
+        return f"{self.rule.label} ({self.rule.action})"
+
+
+_NO_MATCH = Decision(False, None)
+
+
+class RuleSet:
+    """An ordered list of rules; the first that matches decides."""
+
+    __slots__ = ("rules",)
+
+    def __init__(self, rules: Iterable[Rule]) -> None:
+        self.rules: tuple[Rule, ...] = tuple(rules)
+
+    def __len__(self) -> int:
+        return len(self.rules)
+
+    def decide(self, client: IPAddress, user: str | None, command: str, port: int,
+               name: str | None = None, address: IPAddress | None = None) -> Decision:
+        """Decide for a destination given by name, by address, or both.
+
+        A name request is decided after resolution, with both the name and
+        the address it resolved to, so network rules apply to names too.
+        """
+        for rule in self.rules:
+            if rule.matches_request(client, user, command, port) and \
+                    rule.matches_destination(name, address):
+                return Decision(rule.allows, rule)
+        return _NO_MATCH
+
+    def decide_name(self, client: IPAddress, user: str | None, command: str, port: int,
+                    name: str) -> Decision | None:
+        """Decide for a name before resolving it, when the name alone is enough.
+
+        ``None`` means the first rule that could match tests networks, so the
+        name must be resolved and :meth:`decide` asked per address. Deciding
+        early spares a DNS lookup for requests that are denied anyway.
+        """
+        for rule in self.rules:
+            if not rule.matches_request(client, user, command, port):
+                continue
+            if rule.matches_destination(name, None):
+                return Decision(rule.allows, rule)
+            if rule.networks:
+                return None
+        return _NO_MATCH
+
+
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+def default_rules() -> RuleSet:
+    """No rules configured: loopback clients may go anywhere, nobody else."""
+    return RuleSet([Rule("allow", sources=LOOPBACK, label="default rule (loopback clients)")])
+
+
+def compile_rule(label: str, action: str, sources: Sequence[str] | None = None,
+                 destinations: Sequence[str] | None = None,
+                 ports: Sequence[str] | None = None, commands: Sequence[str] | None = None,
+                 users: Sequence[str] | None = None, log: bool = False) -> Rule:
+    """Build a rule from config strings; raises ValueError naming the bad value."""
+    if action not in ("allow", "deny"):
+        raise ValueError(f"action must be \"allow\" or \"deny\", not {action!r}")
+    compiled_sources = None
+    if sources is not None:
+        compiled_sources = tuple(_network(s) for s in sources)
+    networks: list[IPNetwork] = []
+    names: set[str] = set()
+    suffixes: list[str] = []
+    any_destination = destinations is None
+    for item in destinations or ():
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+            continue
+        except ValueError:
+            pass
+        host = item.rstrip(".").lower()
+        if not host or "/" in host or " " in host:
+            raise ValueError(f"{item!r} is neither a network nor a host name")
+        if host.startswith("."):
+            suffixes.append(host)
+        else:
+            names.add(host)
+    compiled_ports = None
+    if ports is not None:
+        compiled_ports = tuple(_port_range(p) for p in ports)
+    compiled_commands = None
+    if commands is not None:
+        unknown = sorted(set(commands) - COMMANDS)
+        if unknown:
+            raise ValueError(f"unknown command {unknown[0]!r} "
+                             f"(known: {', '.join(sorted(COMMANDS))})")
+        compiled_commands = frozenset(commands)
+    user_names = None
+    anonymous = True
+    if users is not None:
+        if ANY_USER in users:
+            user_names, anonymous = None, True
+        else:
+            anonymous = ANONYMOUS in users
+            user_names = frozenset(u for u in users if u != ANONYMOUS)
+            if not anonymous and not user_names:
+                raise ValueError("users is empty: the rule could never match")
+            if anonymous and not user_names:
+                user_names = frozenset()
+    return Rule(action, compiled_sources, tuple(networks), frozenset(names), tuple(suffixes),
+                any_destination, compiled_ports, compiled_commands, user_names, anonymous,
+                log, label)
+
+
+def _network(text: str) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP network") from None
+
+
+def _port_range(text: str | int) -> tuple[int, int]:
+    if isinstance(text, int):
+        lo = hi = text
+    else:
+        lo_s, sep, hi_s = str(text).partition("-")
+        try:
+            lo = int(lo_s)
+            hi = int(hi_s) if sep else lo
+        except ValueError:
+            raise ValueError(f"{text!r} is not a port or port range like \"1-1023\"") from None
+    if not (0 <= lo <= hi <= 65535):
+        raise ValueError(f"{text!r} is not a port range within 0-65535")
+    return lo, hi

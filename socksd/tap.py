@@ -1,0 +1,90 @@
+"""``twistd socks``: command-line options and the service they make."""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.application import service, strports
+from twisted.cred import strcred
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.portal import Portal
+from twisted.python import usage
+
+from socksd import config as configuration
+from socksd.auth import SOCKSRealm
+from socksd.auth.checkers import FirstOf
+from socksd.auth.methods import method_registry
+from socksd.proxy import SOCKSServerFactory
+
+
+class Options(usage.Options, strcred.AuthOptionMixin):
+    synopsis = "[--config FILE] [--listen ENDPOINT]... [--auth CHECKER]... [--check]"
+    longdesc = (
+        "A SOCKS proxy. Without --config it listens on 127.0.0.1:1080, asks no "
+        "authentication and serves loopback clients only. --auth adds "
+        "credential checkers (Twisted strcred strings, e.g. file:PATH, "
+        "htpasswd:PATH, memory:USER:PASS, unix, or a checker plugin); given "
+        "without 'methods' in the config, it makes username/password required."
+    )
+    optParameters = [
+        ["config", "c", None, "TOML configuration file (see README.rst)."],
+    ]
+    optFlags = [
+        ["check", None, "Validate the configuration, print a summary and exit (0 if valid)."],
+    ]
+    supportedInterfaces = (IUsernamePassword,)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, description: str) -> None:
+        """Listen on this Twisted endpoint instead of the config's (repeatable)."""
+        self["listen"].append(description)
+
+    opt_l = opt_listen
+
+    def postOptions(self) -> None:
+        try:
+            self.socks_config, self.checkers = build(self["config"], self["listen"],
+                                                     self.get("credCheckers", []))
+        except configuration.ConfigError as e:
+            # Not a UsageError: twistd would bury the message under the usage text.
+            sys.exit(f"socksd: {e}")
+        if self["check"]:
+            cfg = self.socks_config
+            print(f"{cfg.path or 'embedded default'}: OK: listen {', '.join(cfg.listen)}; "
+                  f"methods {', '.join(cfg.methods)}; {len(self.checkers)} checker(s); "
+                  f"{len(cfg.rules)} rule(s)")
+            sys.exit(0)
+
+
+def build(path: str | None, listen: list[str], auth_checkers: list):
+    """The validated config and its checkers (config's, then --auth's)."""
+    cfg = configuration.load(path) if path else configuration.Config()
+    cfg = cfg.with_command_line(listen, bool(auth_checkers))
+    checkers = []
+    for index, description in enumerate(cfg.checkers):
+        try:
+            checkers.append(strcred.makeChecker(description))
+        except Exception as e:
+            raise configuration.ConfigError(
+                f"{cfg.path}: server.checkers[{index}]: {description!r}: {e}") from None
+    checkers.extend(auth_checkers)
+    if "userpass" in cfg.methods and not checkers:
+        raise configuration.ConfigError(
+            f"{cfg.path or 'command line'}: server.methods: \"userpass\" needs a checker "
+            "(server.checkers or --auth)")
+    return cfg, checkers
+
+
+def makeService(options: Options) -> service.IService:
+    cfg = options.socks_config
+    portal = Portal(SOCKSRealm(), [FirstOf(options.checkers)]) if options.checkers else None
+    registry = method_registry(portal)
+    factory = SOCKSServerFactory([registry[name] for name in cfg.methods], cfg.rules,
+                                 cfg.limits)
+    top = service.MultiService()
+    for description in cfg.listen:
+        strports.service(description, factory).setServiceParent(top)
+    return top
