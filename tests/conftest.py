@@ -1,0 +1,166 @@
+"""Shared fixtures: a real `twistd socks` subprocess, and small real servers.
+
+Tests run against the installed socksd (``make test`` installs it normally,
+not editable, into .venv), so the subprocess is the `twistd` next to the
+interpreter running pytest.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+TWISTD = str(BIN / "twistd")
+PAGE = b"socksd test page\n" * 64
+
+
+def require(program: str) -> str:
+    """A real client the tests need; missing means FAIL (never skip)."""
+    path = shutil.which(program)
+    assert path, f"{program} is not installed: `make test` installs it (Debian package)"
+    return path
+
+
+class TwistdSocks:
+    """A running `twistd -n socks` with its log captured in a file."""
+
+    def __init__(self, tmp_path: Path, config: str | None, args: list[str],
+                 env: dict[str, str] | None) -> None:
+        self.tmp = tmp_path
+        self.log_path = tmp_path / f"twistd-{id(self)}.log"
+        command = [TWISTD, "-n", "--pidfile=", "socks"]
+        if config is not None:
+            self.config_path = tmp_path / f"socksd-{id(self)}.toml"
+            self.config_path.write_text(config)
+            command += ["--config", str(self.config_path)]
+        if not any(a.startswith(("--listen", "-l")) for a in args):
+            command += ["--listen", "tcp:0:interface=127.0.0.1"]
+        command += args
+        self.command = command
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        self.log_file = open(self.log_path, "wb")
+        self.process = subprocess.Popen(command, stdout=self.log_file, stderr=subprocess.STDOUT,
+                                        env=full_env, cwd=tmp_path)
+        self.port = self._wait_for_port()
+
+    def _wait_for_port(self, timeout: float = 30.0) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = re.search(r"SOCKSServerFactory starting on (\d+)", self.log())
+            if match:
+                return int(match.group(1))
+            if self.process.poll() is not None:
+                raise AssertionError(f"twistd exited with {self.process.returncode}:\n{self.log()}")
+            time.sleep(0.05)
+        raise AssertionError(f"twistd did not start listening:\n{self.log()}")
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, pattern: str, timeout: float = 10.0) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = re.search(pattern, self.log())
+            if match:
+                return match
+            time.sleep(0.05)
+        raise AssertionError(f"no log line matching {pattern!r}:\n{self.log()}")
+
+    def rss_kib(self) -> int:
+        with open(f"/proc/{self.process.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log_file.close()
+
+
+@pytest.fixture
+def socks_server(tmp_path):
+    """Start servers with ``socks_server(config_text=None, *args, env=None)``."""
+    started: list[TwistdSocks] = []
+
+    def start(config: str | None = None, *args: str, env: dict[str, str] | None = None):
+        server = TwistdSocks(tmp_path, config, list(args), env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+class _PageHandler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(PAGE)))
+        self.end_headers()
+        self.wfile.write(PAGE)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_server():
+    """An HTTP server on 127.0.0.1 answering PAGE; yields its port."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _PageHandler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+class _EchoHandler(socketserver.BaseRequestHandler):
+    def handle(self):
+        while True:
+            data = self.request.recv(65536)
+            if not data:
+                self.request.shutdown(socket.SHUT_WR)
+                return
+            self.request.sendall(data)
+
+
+class _ThreadingTCPServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+@pytest.fixture
+def echo_server():
+    """A TCP echo server on 127.0.0.1 that half-closes after the client does."""
+    server = _ThreadingTCPServer(("127.0.0.1", 0), _EchoHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
