@@ -38,7 +38,7 @@ class TwistdSocks:
     """A running `twistd -n socks` with its log captured in a file."""
 
     def __init__(self, tmp_path: Path, config: str | None, args: list[str],
-                 env: dict[str, str] | None) -> None:
+                 env: dict[str, str] | None, add_listen: bool = True) -> None:
         self.tmp = tmp_path
         self.log_path = tmp_path / f"twistd-{id(self)}.log"
         command = [TWISTD, "-n", "--pidfile=", "socks"]
@@ -46,7 +46,7 @@ class TwistdSocks:
             self.config_path = tmp_path / f"socksd-{id(self)}.toml"
             self.config_path.write_text(config)
             command += ["--config", str(self.config_path)]
-        if not any(a.startswith(("--listen", "-l")) for a in args):
+        if add_listen and not any(a.startswith(("--listen", "-l")) for a in args):
             command += ["--listen", "tcp:0:interface=127.0.0.1"]
         command += args
         self.command = command
@@ -104,11 +104,13 @@ class TwistdSocks:
 
 @pytest.fixture
 def socks_server(tmp_path):
-    """Start servers with ``socks_server(config_text=None, *args, env=None)``."""
+    """Start servers with ``socks_server(config_text=None, *args, env=None)``;
+    a free loopback port is used unless args or ``add_listen=False`` say otherwise."""
     started: list[TwistdSocks] = []
 
-    def start(config: str | None = None, *args: str, env: dict[str, str] | None = None):
-        server = TwistdSocks(tmp_path, config, list(args), env)
+    def start(config: str | None = None, *args: str, env: dict[str, str] | None = None,
+              add_listen: bool = True):
+        server = TwistdSocks(tmp_path, config, list(args), env, add_listen)
         started.append(server)
         return server
 

@@ -1,0 +1,133 @@
+"""The TOML configuration: defaults, every key, and clear errors."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from socksd import config, tap
+from socksd.proxy import Limits
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "socksd.toml"
+
+
+def load_text(tmp_path: Path, text: str) -> config.Config:
+    path = tmp_path / "socksd.toml"
+    path.write_text(text)
+    return config.load(str(path))
+
+
+def error_of(tmp_path: Path, text: str) -> str:
+    with pytest.raises(config.ConfigError) as info:
+        load_text(tmp_path, text)
+    return str(info.value)
+
+
+def test_embedded_default_is_loopback_only():
+    cfg = config.Config()
+    assert cfg.listen == ("tcp:1080:interface=127.0.0.1",)
+    assert cfg.methods == ("none",)
+    assert cfg.limits == Limits()
+    ip = ipaddress.ip_address
+    assert cfg.rules.decide(ip("127.0.0.1"), None, "connect", 80, None, ip("192.0.2.1")).allowed
+    assert cfg.rules.decide(ip("::1"), None, "connect", 80, "example.org", None).allowed
+    denied = cfg.rules.decide(ip("10.1.2.3"), None, "connect", 80, None, ip("127.0.0.1"))
+    assert not denied.allowed and denied.rule is None
+
+
+def test_example_uses_every_key_and_is_valid():
+    text = EXAMPLE.read_text()
+    for key in config._SERVER_KEYS:
+        assert f"\n{key} =" in text, key
+    for key in config._RULE_KEYS:
+        assert f"\n{key} =" in text, key
+    cfg = config.load(str(EXAMPLE))
+    assert cfg.methods == ("userpass",) and cfg.methods_given
+    assert len(cfg.rules) == 2
+
+
+def test_all_keys_are_read(tmp_path):
+    cfg = load_text(tmp_path, """
+[server]
+listen = ["tcp:0:interface=127.0.0.1", "tcp6:0:interface=\\\\:\\\\:1"]
+methods = ["userpass", "none"]
+checkers = ["memory:a:b"]
+handshake_timeout = 5
+connect_timeout = 2.5
+idle_timeout = 60.0
+max_sessions = 7
+max_sessions_per_client = 3
+[[rules]]
+action = "deny"
+to = [".example.com", "10.0.0.0/8"]
+ports = [25, "6660-6669"]
+commands = ["connect"]
+users = ["-"]
+log = true
+""")
+    assert cfg.limits == Limits(5, 2.5, 60.0, 7, 3)
+    assert cfg.checkers == ("memory:a:b",)
+    rule = cfg.rules.rules[0]
+    assert rule.suffixes == (".example.com",) and rule.ports == ((25, 25), (6660, 6669))
+    assert rule.anonymous and rule.users == frozenset() and rule.log
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[server]\nbogus = 1\n", "socksd.toml:2: server.bogus: unknown key"),
+    ("[server]\n\nmax_sessions = \"x\"\n", "socksd.toml:3: server.max_sessions: must be an integer, not a string"),
+    ("[server]\nmax_sessions = true\n", "server.max_sessions: must be an integer, not a boolean"),
+    ("[server]\nmax_sessions = 0\n", "server.max_sessions: 0 must be at least 1"),
+    ("[server]\nidle_timeout = -1\n", "server.idle_timeout: -1 is out of range"),
+    ("[server]\nlisten = \"tcp:1080\"\n", "server.listen: must be a list of strings, not a string"),
+    ("[server]\nlisten = [\"nonsense:1080\"]\n", "server.listen: 'nonsense:1080': not a valid Twisted endpoint"),
+    ("[server]\nlisten = []\n", "server.listen: needs at least one endpoint"),
+    ("[server]\nmethods = [\"kerberos\"]\n", "server.methods: unknown method 'kerberos'"),
+    ("[server]\nmethods = [\"none\", \"none\"]\n", "server.methods: lists a method twice"),
+    ("[sever]\n", "sever: unknown table"),
+    ("[[rules]]\nfrom = [\"127.0.0.1\"]\n", "socksd.toml:1: rules[1].action: missing"),
+    ("[[rules]]\naction = \"allow\"\n[[rules]]\naction = \"maybe\"\n",
+     "socksd.toml:4: rules[2].action: action must be \"allow\" or \"deny\""),
+    ("[[rules]]\naction = \"allow\"\nfrom = [\"10.0.0.300/8\"]\n",
+     "socksd.toml:3: rules[1].from: '10.0.0.300/8' is not an IP network"),
+    ("[[rules]]\naction = \"allow\"\nports = [\"80-70\"]\n", "rules[1].ports: '80-70' is not a port range"),
+    ("[[rules]]\naction = \"allow\"\ncommands = [\"shell\"]\n", "rules[1].commands: unknown command 'shell'"),
+    ("[[rules]]\naction = \"allow\"\nusers = []\n", "rules[1].users: users is empty"),
+    ("[[rules]]\naction = \"allow\"\nlog = \"yes\"\n", "rules[1].log: must be true or false"),
+    ("[[rules]]\naction = \"allow\"\ncolour = \"red\"\n", "socksd.toml:3: rules[1].colour: unknown key"),
+    ("[server\n", "not valid TOML"),
+])
+def test_errors_name_file_line_key_and_reason(tmp_path, text, expected):
+    message = error_of(tmp_path, text)
+    assert message.startswith(str(tmp_path / "socksd.toml"))
+    assert expected in message
+
+
+def test_unreadable_file():
+    with pytest.raises(config.ConfigError, match="/nonexistent.toml: cannot read"):
+        config.load("/nonexistent.toml")
+
+
+def test_auth_on_command_line_requires_userpass_unless_methods_given(tmp_path):
+    cfg, checkers = tap.build(None, [], [object()])
+    assert cfg.methods == ("userpass",) and len(checkers) == 1
+    path = tmp_path / "c.toml"
+    path.write_text('[server]\nmethods = ["none", "userpass"]\n')
+    cfg, _ = tap.build(str(path), ["tcp:0"], [object()])
+    assert cfg.methods == ("none", "userpass") and cfg.listen == ("tcp:0",)
+
+
+def test_userpass_without_checker_is_an_error(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[server]\nmethods = ["userpass"]\n')
+    with pytest.raises(config.ConfigError, match="userpass\" needs a checker"):
+        tap.build(str(path), [], [])
+
+
+def test_bad_checker_string_is_an_error(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[server]\nmethods = ["userpass"]\ncheckers = ["nosuchchecker:x"]\n')
+    with pytest.raises(config.ConfigError, match=r"server.checkers\[0\]: 'nosuchchecker:x'"):
+        tap.build(str(path), [], [])
