@@ -329,7 +329,14 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
             server.count_client(self.client_key, -1)
         outcome = self.outcome or "ok"
         user = self.user.name or self.claimed_user or "-"
-        down = self.outbound.received if self.outbound is not None else 0
+        down = 0
+        outbound = self.outbound
+        if outbound is not None:
+            down = outbound.received
+            # Break the session's reference cycles so it is freed at once,
+            # not at the garbage collector's next pass.
+            outbound.partner = outbound.session = outbound.factory = None
+            self.partner = self.session = None
         emit = log.info if outcome == "ok" else log.warn
         emit("{peer} user={user} method={method} {command} {destination} "
              "up={up} down={down} {duration:.3f}s {outcome}{sep}{detail}",

@@ -1,0 +1,306 @@
+"""Tests for socksd.rules: compiling rules from config strings and first-match decisions."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from socksd.rules import RuleSet, compile_rule, default_rules, parse_ip
+
+CLIENT = parse_ip("192.0.2.10")
+
+
+def ruleset(*rules):
+    return RuleSet(rules)
+
+
+def allowed(rules, *, client=CLIENT, user=None, command="connect", port=80, name=None,
+            address=None) -> bool:
+    if isinstance(address, str):
+        address = parse_ip(address)
+    if isinstance(client, str):
+        client = parse_ip(client)
+    return rules.decide(client, user, command, port, name, address).allowed
+
+
+# compile_rule errors.
+
+
+@pytest.mark.parametrize("action", ["permit", "ALLOW", "", "reject"])
+def test_bad_action(action):
+    with pytest.raises(ValueError, match="action"):
+        compile_rule("r", action)
+
+
+@pytest.mark.parametrize("source", ["10.0.0.0/33", "not-a-net", "300.1.2.3", "::1/129", ""])
+def test_bad_source_network(source):
+    with pytest.raises(ValueError, match="not an IP network"):
+        compile_rule("r", "allow", sources=[source])
+
+
+@pytest.mark.parametrize("destination", ["10.0.0.0/33", "", ".", "exa mple.com", "a/b"])
+def test_bad_destination(destination):
+    with pytest.raises(ValueError):
+        compile_rule("r", "allow", destinations=[destination])
+
+
+@pytest.mark.parametrize("ports", [["70000"], ["1-70000"], ["100-1"], ["http"], ["-1"],
+                                   ["1-2-3"], ["1-"], [""], [65536], [-5]])
+def test_bad_port_range(ports):
+    with pytest.raises(ValueError, match="port"):
+        compile_rule("r", "allow", ports=ports)
+
+
+@pytest.mark.parametrize("commands", [["CONNECT"], ["associate"], ["connect", "listen"], [""]])
+def test_unknown_command(commands):
+    with pytest.raises(ValueError, match="unknown command"):
+        compile_rule("r", "allow", commands=commands)
+
+
+def test_empty_users_is_an_error():
+    with pytest.raises(ValueError):
+        compile_rule("r", "allow", users=[])
+
+
+def test_valid_rule_compiles():
+    rule = compile_rule("r", "deny", sources=["10.0.0.0/8", "::1"],
+                        destinations=["192.168.0.0/16", "Example.COM.", ".corp.example"],
+                        ports=["22", "1000-2000", 443], commands=["connect", "bind", "udp"],
+                        users=["alice", "-"], log=True)
+    assert not rule.allows
+    assert rule.ports == ((22, 22), (1000, 2000), (443, 443))
+    assert rule.names == frozenset({"example.com"})
+    assert rule.suffixes == (".corp.example",)
+    assert rule.networks == (ipaddress.ip_network("192.168.0.0/16"),)
+    assert rule.anonymous and rule.users == frozenset({"alice"})
+    assert rule.log and rule.label == "r"
+
+
+# First match.
+
+
+def test_first_match_wins():
+    rules = ruleset(compile_rule("deny-22", "deny", ports=["22"]),
+                    compile_rule("allow-all", "allow"))
+    decision = rules.decide(CLIENT, None, "connect", 22, None, parse_ip("198.51.100.1"))
+    assert not decision.allowed and decision.rule.label == "deny-22"
+    decision = rules.decide(CLIENT, None, "connect", 80, None, parse_ip("198.51.100.1"))
+    assert decision.allowed and decision.rule.label == "allow-all"
+
+    reversed_rules = ruleset(compile_rule("allow-all", "allow"),
+                             compile_rule("deny-22", "deny", ports=["22"]))
+    assert allowed(reversed_rules, port=22, address="198.51.100.1")
+
+
+def test_no_rule_matches_is_deny():
+    rules = ruleset(compile_rule("only-443", "allow", ports=["443"]))
+    decision = rules.decide(CLIENT, None, "connect", 80, None, parse_ip("198.51.100.1"))
+    assert not decision.allowed
+    assert decision.rule is None
+    assert "default deny" in decision.reason
+    assert not RuleSet([]).decide(CLIENT, None, "connect", 80, None, None).allowed
+    assert len(RuleSet([])) == 0
+
+
+def test_reason_names_rule_and_action():
+    rules = ruleset(compile_rule("no-ssh", "deny", ports=["22"]))
+    assert rules.decide(CLIENT, None, "connect", 22).reason == "no-ssh (deny)"
+
+
+# Sources.
+
+
+def test_sources():
+    rules = ruleset(compile_rule("lan", "allow", sources=["192.0.2.0/24", "2001:db8::/32"]))
+    assert allowed(rules, client="192.0.2.200")
+    assert allowed(rules, client="2001:db8::5")
+    assert not allowed(rules, client="198.51.100.1")
+    # A v4-mapped client is normalised by parse_ip and matches the IPv4 network.
+    assert allowed(rules, client="::ffff:192.0.2.7")
+
+
+# Users.
+
+
+def test_users_star_matches_everyone_including_anonymous():
+    rules = ruleset(compile_rule("r", "allow", users=["*"]))
+    assert allowed(rules, user=None)
+    assert allowed(rules, user="alice")
+
+
+def test_users_dash_matches_only_anonymous():
+    rules = ruleset(compile_rule("r", "allow", users=["-"]))
+    assert allowed(rules, user=None)
+    assert not allowed(rules, user="alice")
+
+
+def test_users_names_match_only_those_names():
+    rules = ruleset(compile_rule("r", "allow", users=["alice", "bob"]))
+    assert allowed(rules, user="alice")
+    assert allowed(rules, user="bob")
+    assert not allowed(rules, user="carol")
+    assert not allowed(rules, user=None)
+    assert not allowed(rules, user="Alice")
+
+
+def test_users_names_and_anonymous():
+    rules = ruleset(compile_rule("r", "allow", users=["alice", "-"]))
+    assert allowed(rules, user="alice")
+    assert allowed(rules, user=None)
+    assert not allowed(rules, user="bob")
+
+
+def test_no_users_selector_matches_anyone():
+    rules = ruleset(compile_rule("r", "allow"))
+    assert allowed(rules, user=None)
+    assert allowed(rules, user="anyone")
+
+
+# Commands and ports.
+
+
+def test_commands():
+    rules = ruleset(compile_rule("r", "allow", commands=["connect", "udp"]))
+    assert allowed(rules, command="connect")
+    assert allowed(rules, command="udp")
+    assert not allowed(rules, command="bind")
+
+
+@given(st.integers(0, 65535))
+def test_port_ranges(port):
+    rules = ruleset(compile_rule("r", "allow", ports=["80", "1000-2000", "65535"]))
+    assert allowed(rules, port=port) == (port == 80 or 1000 <= port <= 2000 or port == 65535)
+
+
+def test_full_port_range_and_zero():
+    rules = ruleset(compile_rule("r", "allow", ports=["0-65535"]))
+    assert allowed(rules, port=0) and allowed(rules, port=65535)
+
+
+# Destinations.
+
+
+def test_host_names_exact_and_case_insensitive():
+    rules = ruleset(compile_rule("r", "allow", destinations=["example.com"]))
+    assert allowed(rules, name="example.com")
+    assert allowed(rules, name="EXAMPLE.com.")
+    assert not allowed(rules, name="www.example.com")
+    assert not allowed(rules, name="example.org")
+    assert not allowed(rules, address="93.184.216.34")
+
+
+def test_suffix_matches_subdomains_and_bare_name():
+    rules = ruleset(compile_rule("r", "allow", destinations=[".example.com"]))
+    assert allowed(rules, name="www.example.com")
+    assert allowed(rules, name="a.b.example.com")
+    assert allowed(rules, name="example.com")
+    assert allowed(rules, name="Example.Com.")
+    assert not allowed(rules, name="badexample.com")
+    assert not allowed(rules, name="example.com.evil")
+    assert not allowed(rules, name="com")
+
+
+def test_networks_apply_to_addresses():
+    rules = ruleset(compile_rule("r", "allow", destinations=["10.0.0.0/8", "2001:db8::/32"]))
+    assert allowed(rules, address="10.1.2.3")
+    assert allowed(rules, address="2001:db8::1")
+    assert not allowed(rules, address="11.0.0.1")
+    assert allowed(rules, address="::ffff:10.0.0.1")
+
+
+def test_networks_apply_to_resolved_addresses_of_names():
+    rules = ruleset(compile_rule("no-private", "deny", destinations=["10.0.0.0/8"]),
+                    compile_rule("rest", "allow"))
+    assert not allowed(rules, name="intranet.example", address="10.9.9.9")
+    assert allowed(rules, name="intranet.example", address="93.184.216.34")
+
+
+def test_a_name_without_address_does_not_match_network_rules():
+    rules = ruleset(compile_rule("r", "allow", destinations=["10.0.0.0/8"]))
+    assert not allowed(rules, name="intranet.example")
+
+
+# parse_ip.
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("::ffff:127.0.0.1", "127.0.0.1"),
+    ("::ffff:10.1.2.3", "10.1.2.3"),
+    ("127.0.0.1", "127.0.0.1"),
+    ("::1", "::1"),
+    ("fe80::1%eth0", "fe80::1"),
+])
+def test_parse_ip(text, expected):
+    assert parse_ip(text) == ipaddress.ip_address(expected)
+
+
+def test_parse_ip_v4_mapped_is_ipv4():
+    assert parse_ip("::ffff:192.0.2.1").version == 4
+
+
+def test_parse_ip_refuses_garbage():
+    with pytest.raises(ValueError):
+        parse_ip("localhost")
+
+
+# default_rules.
+
+
+def test_default_rules_allow_loopback_clients_only():
+    rules = default_rules()
+    assert allowed(rules, client="127.0.0.1", address="93.184.216.34")
+    assert allowed(rules, client="127.3.4.5", name="example.com")
+    assert allowed(rules, client="::1", address="10.1.2.3")
+    assert allowed(rules, client="::ffff:127.0.0.1", address="10.1.2.3")
+    assert not allowed(rules, client="10.1.2.3", address="127.0.0.1")
+    assert not allowed(rules, client="10.1.2.3", name="localhost")
+    assert not allowed(rules, client="::2", address="127.0.0.1")
+    assert allowed(rules, client="127.0.0.1", user="alice", command="bind", port=0)
+
+
+# decide_name.
+
+
+def test_decide_name_needs_address_for_network_rule():
+    rules = ruleset(compile_rule("no-private", "deny", destinations=["10.0.0.0/8"]),
+                    compile_rule("rest", "allow"))
+    assert rules.decide_name(CLIENT, None, "connect", 80, "example.com") is None
+
+
+def test_decide_name_decides_when_the_name_is_enough():
+    rules = ruleset(compile_rule("no-evil", "deny", destinations=[".evil.example"]),
+                    compile_rule("no-private", "deny", destinations=["10.0.0.0/8"]),
+                    compile_rule("rest", "allow"))
+    decision = rules.decide_name(CLIENT, None, "connect", 80, "www.evil.example")
+    assert decision is not None and not decision.allowed
+    assert decision.rule.label == "no-evil"
+    # Past the name rule, the network rule needs an address.
+    assert rules.decide_name(CLIENT, None, "connect", 80, "good.example") is None
+
+
+def test_decide_name_skips_network_rules_that_cannot_match_the_request():
+    rules = ruleset(compile_rule("no-private-ssh", "deny", destinations=["10.0.0.0/8"],
+                                 ports=["22"]),
+                    compile_rule("rest", "allow"))
+    decision = rules.decide_name(CLIENT, None, "connect", 80, "example.com")
+    assert decision is not None and decision.allowed and decision.rule.label == "rest"
+    assert rules.decide_name(CLIENT, None, "connect", 22, "example.com") is None
+
+
+def test_decide_name_any_destination_and_default_deny():
+    assert default_rules().decide_name(parse_ip("127.0.0.1"), None, "connect", 80,
+                                       "example.com").allowed
+    decision = default_rules().decide_name(parse_ip("10.1.2.3"), None, "connect", 80,
+                                           "example.com")
+    assert decision is not None and not decision.allowed and decision.rule is None
+
+
+def test_decide_name_name_rule_matches():
+    rules = ruleset(compile_rule("only-example", "allow", destinations=["example.com"]))
+    decision = rules.decide_name(CLIENT, None, "connect", 80, "example.com")
+    assert decision is not None and decision.allowed
+    decision = rules.decide_name(CLIENT, None, "connect", 80, "other.example")
+    assert decision is not None and not decision.allowed
