@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get -q -y -o Dpkg::Use-Pty=0
+APT := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get -q -y -o Dpkg::Use-Pty=0
 
 # Real clients and the real KDC used by the tests.
 TEST_DEBS := curl ncat netcat-openbsd krb5-kdc krb5-admin-server krb5-user libkrb5-dev \
@@ -19,10 +19,10 @@ $(VENV)/bin/pip:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-# A normal (not editable) install: what users get, plugins included.
+# A normal (not editable) install: what users get, plugins included. pip
+# rebuilds a local directory every time, so the venv always has this tree.
 install: $(VENV)/bin/pip
-	$(PY) -m pip install -q --force-reinstall --no-deps .
-	$(PY) -m pip install -q .
+	$(PY) -m pip install -q '.$(EXTRAS)'
 
 run: install
 	$(VENV)/bin/twistd -n --pidfile= socks
@@ -35,8 +35,8 @@ debs-bench:
 	@missing=$$(for p in $(BENCH_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then $(APT) update && $(APT) install --no-install-recommends $$missing; fi
 
+test: EXTRAS = [test]
 test: debs-test install
-	$(PY) -m pip install -q '.[test]'
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 bench: debs-bench install
