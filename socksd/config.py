@@ -46,7 +46,7 @@ class Config:
 
 _SERVER_KEYS = {
     "listen": "strings", "methods": "strings", "checkers": "strings",
-    "handshake_timeout": "seconds", "connect_timeout": "seconds", "idle_timeout": "seconds",
+    "handshake_timeout": "timeout", "connect_timeout": "timeout", "idle_timeout": "seconds",
     "max_sessions": "count", "max_sessions_per_client": "count",
 }
 _RULE_KEYS = {
@@ -151,7 +151,7 @@ def parse(data: dict[str, Any], where: _Where) -> Config:
         raise where.error("lists a method twice", "server", None, "methods")
 
     limits = {key: server[key] for key in _SERVER_KEYS
-              if _SERVER_KEYS[key] in ("seconds", "count") and key in server}
+              if _SERVER_KEYS[key] in ("seconds", "timeout", "count") and key in server}
     rules = _rules(data.get("rules"), where)
     return Config(where.path, listen, methods, "methods" in server,
                   tuple(server.get("checkers", ())), Limits(**limits), rules)
@@ -216,9 +216,13 @@ def _check_type(where: _Where, value: Any, kind: str, table: str, index: int | N
     elif kind == "bool":
         if not isinstance(value, bool):
             raise bad("true or false")
-    elif kind == "seconds":
+    elif kind in ("seconds", "timeout"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number of seconds")
+        if kind == "timeout" and not 0 < value <= 86400:
+            # Every wait has a timeout: these two cannot be switched off.
+            raise where.error(f"{value} is out of range (more than 0, at most a day)",
+                              table, index, key)
         if not 0 <= value <= 86400 * 365:
             raise where.error(f"{value} is out of range (0 to one year; 0 = never)", table,
                               index, key)

@@ -131,3 +131,8 @@ def test_bad_checker_string_is_an_error(tmp_path):
     path.write_text('[server]\nmethods = ["userpass"]\ncheckers = ["nosuchchecker:x"]\n')
     with pytest.raises(config.ConfigError, match=r"server.checkers\[0\]: 'nosuchchecker:x'"):
         tap.build(str(path), [], [])
+
+
+@pytest.mark.parametrize("key", ["handshake_timeout", "connect_timeout"])
+def test_waits_cannot_be_unbounded(tmp_path, key):
+    assert f"server.{key}: 0 is out of range" in error_of(tmp_path, f"[server]\n{key} = 0\n")

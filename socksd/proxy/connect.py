@@ -143,5 +143,5 @@ def connect_tcp(reactor, host: str, port: int, timeout: float) -> defer.Deferred
 
     factory.deferred = defer.Deferred(cancel)
     d = factory.deferred
-    connector = reactor.connectTCP(host, port, factory, timeout=timeout or 30)
+    connector = reactor.connectTCP(host, port, factory, timeout=timeout)
     return d

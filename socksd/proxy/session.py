@@ -30,7 +30,7 @@ MAX_HANDSHAKE_BUFFER = 65536
 
 @dataclass(frozen=True)
 class Limits:
-    """Every wait has a timeout and every count a limit; 0 disables a timeout."""
+    """Every wait has a timeout and every count a limit; idle_timeout 0 = never."""
 
     handshake_timeout: float = 30.0
     connect_timeout: float = 30.0
@@ -120,6 +120,7 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         self.outcome: str | None = None
         self.detail = ""
         self.buffered = 0
+        self.eof_pending = False
         self.ended = False
 
     def callLater(self, period, func):
@@ -171,6 +172,13 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         if self.buffered > MAX_HANDSHAKE_BUFFER:
             self.transport.pauseProducing()
         self.handler.data_received(data)
+
+    def readConnectionLost(self) -> None:
+        if self.outbound is None and self.pending is not None:
+            # EOF right after the request: pass it on once connected.
+            self.eof_pending = True
+            return
+        relay.RelayEnd.readConnectionLost(self)
 
     def connectionLost(self, reason=None) -> None:
         if self.outbound is not None:
@@ -226,6 +234,9 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         self.command = "connect"
         self.destination = _destination(host, port)
         server = self.server
+        # The handshake is over; from here connect_timeout bounds the wait,
+        # so the client gets the proper failure reply, not a bare close.
+        self.setTimeout(None)
         timeout = server.limits.connect_timeout
         if by_name:
             decision = server.rules.decide_name(self.client, self.user.name, "connect", port,
@@ -310,7 +321,9 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         if early:
             self.received += len(early)
             outbound.transport.write(early)
-        if self.buffered > MAX_HANDSHAKE_BUFFER:
+        if self.eof_pending:
+            relay.RelayEnd.readConnectionLost(self)
+        elif self.buffered > MAX_HANDSHAKE_BUFFER:
             self.transport.resumeProducing()
 
     # RelaySession

@@ -76,10 +76,14 @@ class Socks5Handshake:
             return
         self.transport.write(socks5.method_selection(method.code))
         self.state = _AUTH
-        rest, self.buffer = self.buffer, b""
-        self.negotiation = method.start(self)
-        if rest and self.state == _AUTH:
-            self.negotiation.data_received(rest)
+        negotiation = method.start(self)
+        if self.state == _AUTH:
+            # A sub-negotiation: it gets what followed the greeting. (A method
+            # that authenticated at once left it in the buffer as the request.)
+            self.negotiation = negotiation
+            rest, self.buffer = self.buffer, b""
+            if rest:
+                negotiation.data_received(rest)
 
     # Called back by the method (see socksd.auth.methods.Authenticating).
 

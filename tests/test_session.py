@@ -1,0 +1,791 @@
+"""Protocol tests of the SOCKS5 session (socksd.proxy) over in-memory transports.
+
+Every exchange is fed both one byte at a time and one message at a time; the
+replies are compared byte for byte with RFC 1928 / RFC 1929.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+from zope.interface import implementer
+
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.portal import Portal
+from twisted.internet import error
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IHostnameResolver, IHostResolution
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import capturedLogs, formatEvent
+from twisted.python.failure import Failure
+
+from socksd.auth import SOCKSRealm
+from socksd.auth.checkers import FirstOf
+from socksd.auth.methods import method_registry
+from socksd.proxy import Limits, SOCKSServerFactory
+from socksd.rules import RuleSet, compile_rule, default_rules
+
+PEER = IPv4Address("TCP", "127.0.0.1", 40000)
+LISTEN = IPv4Address("TCP", "127.0.0.1", 1080)
+BOUND = IPv4Address("TCP", "10.0.0.5", 51000)
+
+GREETING_NONE = b"\x05\x01\x00"
+GREETING_USERPASS = b"\x05\x01\x02"
+AUTH_ALICE = b"\x01\x05alice\x06secret"
+AUTH_ALICE_WRONG = b"\x01\x05alice\x05wrong"
+# CONNECT 93.184.216.34:80
+CONNECT_IP = b"\x05\x01\x00\x01\x5d\xb8\xd8\x22\x00\x50"
+# CONNECT example.com:443
+CONNECT_NAME = b"\x05\x01\x00\x03\x0bexample.com\x01\xbb"
+# Success with BND.ADDR 10.0.0.5, BND.PORT 51000.
+SUCCESS_BOUND = b"\x05\x00\x00\x01\x0a\x00\x00\x05\xc7\x38"
+
+
+def failure_reply(code: int) -> bytes:
+    return bytes((5, code, 0, 1, 0, 0, 0, 0, 0, 0))
+
+
+@implementer(IHostResolution)
+class _Resolution:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@implementer(IHostnameResolver)
+class FakeResolver:
+    """A resolver the test answers by hand: nothing resolves until it says so."""
+
+    def __init__(self) -> None:
+        self.queries: list[tuple[object, str, int]] = []
+
+    def resolveHostName(self, resolutionReceiver, hostName, portNumber=0,
+                        addressTypes=None, transportSemantics="TCP"):
+        resolution = _Resolution(hostName)
+        self.queries.append((resolutionReceiver, hostName, portNumber))
+        resolutionReceiver.resolutionBegan(resolution)
+        return resolution
+
+    def answer(self, *hosts: str, index: int = -1) -> None:
+        receiver, _name, port = self.queries[index]
+        for host in hosts:
+            cls = IPv6Address if ":" in host else IPv4Address
+            receiver.addressResolved(cls("TCP", host, port))
+        receiver.resolutionComplete()
+
+
+class HalfCloseTransport(StringTransport):
+    """A StringTransport that records half-closes (TCP shutdown of writing)."""
+
+    write_closed = False
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+
+class Client:
+    """One client connection to the server factory, fed bytewise or whole."""
+
+    def __init__(self, factory: SOCKSServerFactory, bytewise: bool, peer=PEER) -> None:
+        self.session = factory.buildProtocol(peer)
+        self.transport = HalfCloseTransport(hostAddress=LISTEN, peerAddress=peer)
+        self.bytewise = bytewise
+        if self.session is not None:
+            self.session.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> None:
+        if self.bytewise:
+            for i in range(len(data)):
+                self.session.dataReceived(data[i:i + 1])
+        else:
+            self.session.dataReceived(data)
+
+    def take(self) -> bytes:
+        value = self.transport.value()
+        self.transport.clear()
+        return value
+
+    @property
+    def closing(self) -> bool:
+        return self.transport.disconnecting
+
+    def lose(self) -> None:
+        self.session.connectionLost(Failure(error.ConnectionDone()))
+
+
+class Outbound:
+    """The far side of a CONNECT that the memory reactor was asked to make."""
+
+    def __init__(self, reactor: MemoryReactorClock, index: int = -1, bound=BOUND) -> None:
+        host, port, factory, timeout, bind = reactor.tcpClients[index]
+        self.host, self.port, self.factory, self.timeout, self.bind = \
+            host, port, factory, timeout, bind
+        self.connector = reactor.connectors[index]
+        self.bound = bound
+
+    def accept(self) -> None:
+        cls = IPv6Address if ":" in self.host else IPv4Address
+        peer = cls("TCP", self.host, self.port)
+        self.protocol = self.factory.buildProtocol(peer)
+        self.transport = HalfCloseTransport(hostAddress=self.bound, peerAddress=peer)
+        self.protocol.makeConnection(self.transport)
+
+    def refuse(self, exc: Exception) -> None:
+        self.factory.clientConnectionFailed(self.connector, Failure(exc))
+
+
+def make_factory(methods=None, rules=None, limits=Limits()):
+    reactor = MemoryReactorClock()
+    reactor.nameResolver = FakeResolver()
+    if methods is None:
+        methods = [method_registry(None)["none"]]
+    factory = SOCKSServerFactory(methods, rules if rules is not None else default_rules(),
+                                 limits, reactor=reactor)
+    return factory, reactor
+
+
+def userpass_methods(*names: str):
+    portal = Portal(SOCKSRealm(), [FirstOf([InMemoryUsernamePasswordDatabaseDontUse(
+        alice=b"secret")])])
+    registry = method_registry(portal)
+    return [registry[name] for name in names]
+
+
+def session_lines(events) -> list[str]:
+    """The formatted one-line-per-session log lines among captured events."""
+    return [formatEvent(e) for e in events
+            if e.get("log_namespace") == "socksd" and "outcome" in e and "up" in e]
+
+
+@pytest.fixture(params=["bytewise", "whole"])
+def bytewise(request) -> bool:
+    return request.param == "bytewise"
+
+
+# Method selection.
+
+
+def test_method_none(bytewise):
+    factory, _ = make_factory()
+    client = Client(factory, bytewise)
+    client.send(GREETING_NONE)
+    assert client.take() == b"\x05\x00"
+    assert not client.closing
+
+
+def test_method_none_among_several_offered(bytewise):
+    factory, _ = make_factory()
+    client = Client(factory, bytewise)
+    client.send(b"\x05\x03\x01\x02\x00")
+    assert client.take() == b"\x05\x00"
+    assert not client.closing
+
+
+def test_no_acceptable_method(bytewise):
+    factory, _ = make_factory()
+    client = Client(factory, bytewise)
+    with capturedLogs() as events:
+        client.send(b"\x05\x02\x01\x02")
+        assert client.take() == b"\x05\xff"
+        assert client.closing
+        client.lose()
+    [line] = session_lines(events)
+    assert "no acceptable method" in line
+    assert "127.0.0.1:40000" in line
+
+
+def test_userpass_required_but_only_none_offered(bytewise):
+    factory, _ = make_factory(methods=userpass_methods("userpass"))
+    client = Client(factory, bytewise)
+    client.send(GREETING_NONE)
+    assert client.take() == b"\x05\xff"
+    assert client.closing
+
+
+def test_server_preference_order_wins(bytewise):
+    factory, _ = make_factory(methods=userpass_methods("userpass", "none"))
+    client = Client(factory, bytewise)
+    client.send(b"\x05\x02\x00\x02")
+    assert client.take() == b"\x05\x02"
+
+
+def test_not_socks5_is_closed_without_reply(bytewise):
+    factory, _ = make_factory()
+    client = Client(factory, bytewise)
+    client.send(b"GET / HTTP/1.1\r\n\r\n")
+    assert client.take() == b""
+    assert client.closing
+
+
+# RFC 1929 username/password.
+
+
+def test_userpass_success(bytewise):
+    factory, reactor = make_factory(methods=userpass_methods("userpass"))
+    client = Client(factory, bytewise)
+    client.send(GREETING_USERPASS)
+    assert client.take() == b"\x05\x02"
+    client.send(AUTH_ALICE)
+    assert client.take() == b"\x01\x00"
+    assert not client.closing
+    assert client.session.user.name == "alice"
+    assert client.session.user.verified
+    client.send(CONNECT_IP)
+    assert len(reactor.tcpClients) == 1
+
+
+def test_userpass_failure(bytewise):
+    factory, reactor = make_factory(methods=userpass_methods("userpass"))
+    client = Client(factory, bytewise)
+    with capturedLogs() as events:
+        client.send(GREETING_USERPASS)
+        assert client.take() == b"\x05\x02"
+        client.send(AUTH_ALICE_WRONG)
+        assert client.take() == b"\x01\x01"
+        assert client.closing
+        client.send(CONNECT_IP)
+        assert client.take() == b""
+        assert reactor.tcpClients == []
+        client.lose()
+    [line] = session_lines(events)
+    assert "auth failed" in line
+    assert "user=alice" in line
+    assert "127.0.0.1:40000" in line
+    assert "method=userpass" in line
+    for event in events:
+        assert "wrong" not in repr(event)
+        assert "wrong" not in (formatEvent(event) or "")
+
+
+def test_userpass_unknown_user_logs_name_not_password(bytewise):
+    factory, _ = make_factory(methods=userpass_methods("userpass"))
+    client = Client(factory, bytewise)
+    with capturedLogs() as events:
+        client.send(GREETING_USERPASS)
+        client.send(b"\x01\x03bob\x0chunter2hunter")
+        assert client.take() == b"\x05\x02\x01\x01"
+        assert client.closing
+        client.lose()
+    [line] = session_lines(events)
+    assert "user=bob" in line and "auth failed" in line
+    for event in events:
+        assert "hunter2" not in repr(event)
+
+
+def test_userpass_bad_subnegotiation_version(bytewise):
+    factory, _ = make_factory(methods=userpass_methods("userpass"))
+    client = Client(factory, bytewise)
+    client.send(GREETING_USERPASS)
+    assert client.take() == b"\x05\x02"
+    client.send(b"\x05\x05alice\x06secret")
+    assert client.take() == b"\x01\x01"
+    assert client.closing
+
+
+def test_userpass_success_log_line():
+    factory, reactor = make_factory(methods=userpass_methods("userpass"))
+    client = Client(factory, False)
+    with capturedLogs() as events:
+        client.send(GREETING_USERPASS + AUTH_ALICE)
+        assert client.take() == b"\x05\x02\x01\x00"
+        client.send(CONNECT_IP)
+        out = Outbound(reactor)
+        out.accept()
+        assert client.take() == SUCCESS_BOUND
+        out.protocol.connectionLost(Failure(error.ConnectionDone()))
+        client.lose()
+    [line] = session_lines(events)
+    assert "user=alice" in line and "method=userpass" in line and line.endswith(" ok")
+    for event in events:
+        assert "secret" not in repr(event)
+
+
+# CONNECT.
+
+
+def test_connect_ip_reply_and_relay(bytewise):
+    factory, reactor = make_factory()
+    client = Client(factory, bytewise)
+    with capturedLogs() as events:
+        client.send(GREETING_NONE)
+        assert client.take() == b"\x05\x00"
+        client.send(CONNECT_IP)
+        assert client.take() == b""
+        assert len(reactor.tcpClients) == 1
+        out = Outbound(reactor)
+        assert (out.host, out.port, out.timeout, out.bind) == ("93.184.216.34", 80, 30, None)
+        out.accept()
+        assert client.take() == SUCCESS_BOUND
+        assert not client.closing
+
+        client.send(b"hello")
+        assert out.transport.value() == b"hello"
+        out.protocol.dataReceived(b"world!")
+        assert client.take() == b"world!"
+
+        out.protocol.connectionLost(Failure(error.ConnectionDone()))
+        assert client.closing
+        client.lose()
+    [line] = session_lines(events)
+    assert "127.0.0.1:40000" in line
+    assert "connect 93.184.216.34:80" in line
+    assert "up=5" in line and "down=6" in line
+    assert line.endswith(" ok")
+
+
+def test_connect_ipv6_destination_and_bound_address(bytewise):
+    factory, reactor = make_factory()
+    client = Client(factory, bytewise)
+    client.send(GREETING_NONE)
+    client.take()
+    client.send(b"\x05\x01\x00\x04" + bytes(15) + b"\x01" + b"\x1f\x90")
+    out = Outbound(reactor, bound=IPv6Address("TCP", "2001:db8::7", 443))
+    assert (out.host, out.port) == ("::1", 8080)
+    out.accept()
+    assert client.take() == (b"\x05\x00\x00\x04" + b"\x20\x01\x0d\xb8" + bytes(11) + b"\x07"
+                             + b"\x01\xbb")
+
+
+def test_connect_early_data_is_relayed_after_reply(bytewise):
+    factory, reactor = make_factory()
+    client = Client(factory, bytewise)
+    client.send(GREETING_NONE)
+    client.take()
+    client.send(CONNECT_IP + b"early")
+    out = Outbound(reactor)
+    out.accept()
+    assert client.take() == SUCCESS_BOUND
+    assert out.transport.value() == b"early"
+
+
+def test_greeting_and_request_pipelined_with_method_none():
+    """A client may send its request without waiting for the method selection."""
+    factory, reactor = make_factory()
+    client = Client(factory, False)
+    client.send(GREETING_NONE + CONNECT_IP)
+    assert client.take() == b"\x05\x00"
+    assert len(reactor.tcpClients) == 1, "the pipelined request was dropped"
+    out = Outbound(reactor)
+    out.accept()
+    assert client.take() == SUCCESS_BOUND
+
+
+def test_greeting_auth_and_request_pipelined_with_userpass():
+    factory, reactor = make_factory(methods=userpass_methods("userpass"))
+    client = Client(factory, False)
+    client.send(GREETING_USERPASS + AUTH_ALICE + CONNECT_IP)
+    assert client.take() == b"\x05\x02\x01\x00"
+    assert len(reactor.tcpClients) == 1
+    out = Outbound(reactor)
+    out.accept()
+    assert client.take() == SUCCESS_BOUND
+
+
+@pytest.mark.parametrize("exc, code", [
+    (error.ConnectionRefusedError(), 0x05),
+    (error.NoRouteError(), 0x03),
+    (error.ConnectError(osError=errno.EHOSTUNREACH), 0x04),
+    (error.ConnectError(osError=errno.ENETUNREACH), 0x03),
+    (error.TimeoutError(), 0x06),
+    (error.TCPTimedOutError(), 0x06),
+    (error.ConnectError(osError=errno.EPERM), 0x01),
+], ids=["refused", "no-route", "host-unreachable", "net-unreachable", "timeout",
+        "tcp-timeout", "other"])
+def test_connect_failure_reply_codes(bytewise, exc, code):
+    factory, reactor = make_factory()
+    client = Client(factory, bytewise)
+    with capturedLogs() as events:
+        client.send(GREETING_NONE)
+        client.take()
+        client.send(CONNECT_IP)
+        Outbound(reactor).refuse(exc)
+        assert client.take() == failure_reply(code)
+        assert client.closing
+        client.lose()
+    [line] = session_lines(events)
+    assert "connect failed" in line and "93.184.216.34:80" in line
+
+
+def test_denied_request(bytewise):
+    rules = RuleSet([compile_rule("no-web", "deny", ports=["80"]),
+                     compile_rule("rest", "allow")])
+    factory, reactor = make_factory(rules=rules)
+    client = Client(factory, bytewise)
+    with capturedLogs() as events:
+        client.send(GREETING_NONE)
+        client.take()
+        client.send(CONNECT_IP)
+        assert client.take() == failure_reply(0x02)
+        assert client.closing
+        assert reactor.tcpClients == []
+        client.lose()
+    [line] = session_lines(events)
+    assert "denied" in line and "no-web" in line
+
+
+def test_default_rules_deny_non_loopback_client(bytewise):
+    factory, reactor = make_factory()
+    client = Client(factory, bytewise, peer=IPv4Address("TCP", "10.1.2.3", 5555))
+    client.send(GREETING_NONE)
+    assert client.take() == b"\x05\x00"
+    client.send(CONNECT_IP)
+    assert client.take() == failure_reply(0x02)
+    assert reactor.tcpClients == []
+
+
+def test_client_leaves_while_connecting_abandons_attempt():
+    factory, reactor = make_factory()
+    client = Client(factory, False)
+    client.send(GREETING_NONE)
+    client.send(CONNECT_IP)
+    out = Outbound(reactor)
+    client.take()
+    client.lose()
+    assert out.connector._disconnected
+    assert client.take() == b""
+    assert factory.sessions == 0
+
+
+# Unsupported commands and malformed requests.
+
+
+@pytest.mark.parametrize("command", [0x02, 0x03, 0x00, 0x09])
+def test_bind_udp_and_unknown_commands_not_supported(bytewise, command):
+    factory, reactor = make_factory()
+    client = Client(factory, bytewise)
+    client.send(GREETING_NONE)
+    client.take()
+    client.send(bytes((5, command)) + CONNECT_IP[2:])
+    assert client.take() == failure_reply(0x07)
+    assert client.closing
+    assert reactor.tcpClients == []
+
+
+def test_rsv_not_zero(bytewise):
+    factory, reactor = make_factory()
+    client = Client(factory, bytewise)
+    client.send(GREETING_NONE)
+    client.take()
+    client.send(b"\x05\x01\x01" + CONNECT_IP[3:])
+    assert client.take() == failure_reply(0x01)
+    assert client.closing
+    assert reactor.tcpClients == []
+
+
+@pytest.mark.parametrize("atyp", [0x00, 0x02, 0x05, 0xFF])
+def test_unknown_atyp(bytewise, atyp):
+    factory, reactor = make_factory()
+    client = Client(factory, bytewise)
+    client.send(GREETING_NONE)
+    client.take()
+    client.send(bytes((5, 1, 0, atyp)) + CONNECT_IP[4:])
+    assert client.take() == failure_reply(0x08)
+    assert client.closing
+    assert reactor.tcpClients == []
+
+
+def test_request_bad_version(bytewise):
+    factory, reactor = make_factory()
+    client = Client(factory, bytewise)
+    client.send(GREETING_NONE)
+    client.take()
+    client.send(b"\x04" + CONNECT_IP[1:])
+    assert client.take() == failure_reply(0x01)
+    assert client.closing
+    assert reactor.tcpClients == []
+
+
+# Timeouts and limits.
+
+
+def test_handshake_timeout_closes():
+    factory, reactor = make_factory(limits=Limits(handshake_timeout=10))
+    client = Client(factory, True)
+    with capturedLogs() as events:
+        client.send(GREETING_NONE)
+        client.send(CONNECT_IP[:4])
+        reactor.advance(9.9)
+        assert not client.closing
+        reactor.advance(0.2)
+        assert client.closing
+        client.lose()
+    [line] = session_lines(events)
+    assert "handshake timeout" in line and "127.0.0.1:40000" in line
+
+
+def test_handshake_timeout_without_any_bytes():
+    factory, reactor = make_factory()
+    client = Client(factory, True)
+    reactor.advance(30)
+    assert client.closing
+    assert client.take() == b""
+
+
+def test_no_handshake_timeout_after_relay_starts():
+    factory, reactor = make_factory(limits=Limits(handshake_timeout=10))
+    client = Client(factory, False)
+    client.send(GREETING_NONE)
+    client.send(CONNECT_IP)
+    out = Outbound(reactor)
+    out.accept()
+    reactor.advance(100)
+    assert not client.closing
+
+
+def test_max_sessions_per_client(bytewise):
+    factory, _ = make_factory(limits=Limits(max_sessions_per_client=2))
+    first = Client(factory, bytewise)
+    second = Client(factory, bytewise)
+    with capturedLogs() as events:
+        third = Client(factory, bytewise)
+        assert third.closing
+        third.send(GREETING_NONE)
+        assert third.take() == b""
+        third.lose()
+    [line] = session_lines(events)
+    assert "refused" in line and "max_sessions_per_client" in line
+    for client in (first, second):
+        assert not client.closing
+        client.send(GREETING_NONE)
+        assert client.take() == b"\x05\x00"
+    other = Client(factory, bytewise, peer=IPv4Address("TCP", "127.0.0.2", 40001))
+    assert not other.closing
+    # A closed session frees its place.
+    first.lose()
+    fourth = Client(factory, bytewise)
+    assert not fourth.closing
+
+
+def test_max_sessions():
+    factory, _ = make_factory(limits=Limits(max_sessions=2))
+    first = Client(factory, False)
+    Client(factory, False, peer=IPv4Address("TCP", "127.0.0.2", 1))
+    assert factory.buildProtocol(IPv4Address("TCP", "127.0.0.3", 2)) is None
+    first.lose()
+    assert factory.buildProtocol(IPv4Address("TCP", "127.0.0.3", 2)) is not None
+
+
+def test_idle_timeout_after_relay():
+    factory, reactor = make_factory(limits=Limits(idle_timeout=5))
+    client = Client(factory, False)
+    client.send(GREETING_NONE)
+    client.send(CONNECT_IP)
+    out = Outbound(reactor)
+    out.accept()
+    with capturedLogs() as events:
+        reactor.advance(4)
+        client.send(b"ping")
+        reactor.advance(4)
+        out.protocol.dataReceived(b"pong")
+        reactor.advance(4)
+        assert not client.closing and not out.transport.disconnecting
+        reactor.advance(1.1)
+        assert client.closing and out.transport.disconnecting
+        out.protocol.connectionLost(Failure(error.ConnectionLost()))
+        client.lose()
+    [line] = session_lines(events)
+    assert "idle timeout" in line and "up=4" in line and "down=4" in line
+
+
+def test_relay_half_close_both_ways():
+    factory, reactor = make_factory()
+    client = Client(factory, False)
+    client.send(GREETING_NONE)
+    client.send(CONNECT_IP)
+    out = Outbound(reactor)
+    out.accept()
+    client.take()
+    client.send(b"request")
+    client.session.readConnectionLost()
+    assert out.transport.value() == b"request"
+    assert out.transport.write_closed and not out.transport.disconnecting
+    out.protocol.dataReceived(b"response")
+    assert client.take() == b"response"
+    out.protocol.readConnectionLost()
+    assert client.closing and out.transport.disconnecting
+
+
+def test_eof_right_after_request_is_passed_on_once_connected():
+    """A client that sends request, data and EOF at once (nc -N < file) loses
+    nothing: the data and the half-close reach the destination."""
+    factory, reactor = make_factory()
+    client = Client(factory, False)
+    client.send(GREETING_NONE + CONNECT_IP + b"all of it")
+    client.session.readConnectionLost()
+    assert not client.closing
+    out = Outbound(reactor)
+    out.accept()
+    assert client.take() == GREETING_NONE[:1] + b"\x00" + SUCCESS_BOUND
+    assert out.transport.value() == b"all of it"
+    assert out.transport.write_closed and not out.transport.disconnecting
+    out.protocol.dataReceived(b"answer")
+    assert client.take() == b"answer"
+
+
+def test_eof_during_greeting_closes():
+    factory, reactor = make_factory()
+    client = Client(factory, False)
+    client.send(GREETING_NONE[:2])
+    client.session.readConnectionLost()
+    assert client.closing and not reactor.tcpClients
+
+
+def test_v4_mapped_peer_counts_as_ipv4():
+    factory, _ = make_factory(limits=Limits(max_sessions_per_client=1))
+    first = Client(factory, False)
+    second = Client(factory, False, peer=IPv6Address("TCP", "::ffff:127.0.0.1", 40002))
+    assert not first.closing
+    assert second.closing
+
+
+# CONNECT by name: resolution through the reactor's resolver.
+
+
+def test_connect_name_resolves_through_reactor_resolver(bytewise):
+    factory, reactor = make_factory()
+    resolver = reactor.nameResolver
+    client = Client(factory, bytewise)
+    with capturedLogs() as events:
+        client.send(GREETING_NONE)
+        client.take()
+        client.send(CONNECT_NAME)
+        # Asked, not answered yet: nothing blocks, nothing is connected.
+        assert [(name, port) for _r, name, port in resolver.queries] == [("example.com", 443)]
+        assert reactor.tcpClients == []
+        assert client.take() == b""
+        resolver.answer("93.184.216.34", "2606:2800:220:1::1")
+        out = Outbound(reactor)
+        assert (out.host, out.port) == ("93.184.216.34", 443)
+        out.accept()
+        assert client.take() == SUCCESS_BOUND
+        out.protocol.connectionLost(Failure(error.ConnectionDone()))
+        client.lose()
+    [line] = session_lines(events)
+    assert "connect example.com:443" in line and line.endswith(" ok")
+
+
+def test_connect_name_without_addresses(bytewise):
+    factory, reactor = make_factory()
+    client = Client(factory, bytewise)
+    client.send(GREETING_NONE)
+    client.take()
+    client.send(CONNECT_NAME)
+    reactor.nameResolver.answer()
+    assert client.take() == failure_reply(0x04)
+    assert client.closing
+    assert reactor.tcpClients == []
+
+
+def test_connect_name_resolution_timeout():
+    factory, reactor = make_factory(limits=Limits(handshake_timeout=60, connect_timeout=5))
+    client = Client(factory, False)
+    client.send(GREETING_NONE)
+    client.take()
+    client.send(CONNECT_NAME)
+    reactor.advance(4.9)
+    assert client.take() == b""
+    reactor.advance(0.2)
+    assert client.take() == failure_reply(0x04)
+    assert client.closing
+    # A late answer changes nothing.
+    reactor.nameResolver.answer("93.184.216.34")
+    assert reactor.tcpClients == []
+
+
+def test_connect_name_resolution_timeout_with_default_limits():
+    """With the default limits a lookup that never answers must still get its
+    failure reply (host unreachable), not a bare close by the handshake timer."""
+    factory, reactor = make_factory()
+    client = Client(factory, False)
+    client.send(GREETING_NONE)
+    client.take()
+    client.send(CONNECT_NAME)
+    reactor.advance(Limits().connect_timeout)
+    assert client.take() == failure_reply(0x04)
+    assert client.closing
+
+
+def test_connect_name_tries_next_address():
+    factory, reactor = make_factory()
+    client = Client(factory, False)
+    client.send(GREETING_NONE)
+    client.take()
+    client.send(CONNECT_NAME)
+    reactor.nameResolver.answer("192.0.2.1", "192.0.2.2")
+    Outbound(reactor, 0).refuse(error.ConnectionRefusedError())
+    assert client.take() == b""
+    assert len(reactor.tcpClients) == 2
+    out = Outbound(reactor, 1)
+    assert out.host == "192.0.2.2"
+    out.accept()
+    assert client.take() == SUCCESS_BOUND
+
+
+def test_connect_name_all_addresses_fail_reports_last_failure():
+    factory, reactor = make_factory()
+    client = Client(factory, False)
+    client.send(GREETING_NONE)
+    client.take()
+    client.send(CONNECT_NAME)
+    reactor.nameResolver.answer("192.0.2.1", "192.0.2.2")
+    Outbound(reactor, 0).refuse(error.TimeoutError())
+    Outbound(reactor, 1).refuse(error.ConnectionRefusedError())
+    assert client.take() == failure_reply(0x05)
+    assert client.closing
+
+
+def test_connect_name_denied_by_resolved_address(bytewise):
+    rules = RuleSet([compile_rule("no-private", "deny", destinations=["10.0.0.0/8"]),
+                     compile_rule("rest", "allow")])
+    factory, reactor = make_factory(rules=rules)
+    client = Client(factory, bytewise)
+    client.send(GREETING_NONE)
+    client.take()
+    client.send(CONNECT_NAME)
+    assert len(reactor.nameResolver.queries) == 1
+    reactor.nameResolver.answer("10.9.9.9")
+    assert client.take() == failure_reply(0x02)
+    assert client.closing
+    assert reactor.tcpClients == []
+
+
+def test_connect_name_denied_before_resolution(bytewise):
+    rules = RuleSet([compile_rule("no-example", "deny", destinations=[".example.com"]),
+                     compile_rule("rest", "allow")])
+    factory, reactor = make_factory(rules=rules)
+    client = Client(factory, bytewise)
+    client.send(GREETING_NONE)
+    client.take()
+    client.send(CONNECT_NAME)
+    assert client.take() == failure_reply(0x02)
+    assert reactor.nameResolver.queries == []
+    assert reactor.tcpClients == []
+
+
+def test_client_leaves_while_resolving():
+    factory, reactor = make_factory()
+    client = Client(factory, False)
+    client.send(GREETING_NONE)
+    client.send(CONNECT_NAME)
+    client.take()
+    client.lose()
+    reactor.nameResolver.answer("93.184.216.34")
+    assert reactor.tcpClients == []
+    assert client.take() == b""
+    assert factory.sessions == 0 and factory.per_client == {}
+
+
+def test_ipv6_peer_in_log_line():
+    factory, reactor = make_factory()
+    client = Client(factory, False, peer=IPv6Address("TCP", "::1", 40000))
+    with capturedLogs() as events:
+        client.send(GREETING_NONE)
+        client.send(b"\x05\x02\x00\x01" + bytes(6))
+        assert client.take() == b"\x05\x00" + failure_reply(0x07)
+        client.lose()
+    [line] = session_lines(events)
+    assert "[::1]:40000" in line and "command not supported" in line and "bind" in line
