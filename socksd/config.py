@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from socksd.proxy.session import Limits
+from socksd.proxy.socks4 import Socks4Policy
 from socksd.rules import RuleSet, compile_rule, default_rules
 
 DEFAULT_LISTEN = ("tcp:1080:interface=127.0.0.1",)
@@ -32,6 +33,7 @@ class Config:
     checkers: tuple[str, ...] = ()
     limits: Limits = Limits()
     rules: RuleSet = field(default_factory=default_rules)
+    socks4: Socks4Policy = Socks4Policy()
 
     def with_command_line(self, listen: list[str], have_auth: bool) -> Config:
         """``--listen`` replaces the listeners; ``--auth`` without explicit
@@ -51,8 +53,15 @@ _SERVER_KEYS = {
 }
 _RULE_KEYS = {
     "action": "string", "from": "strings", "to": "strings", "ports": "ports",
-    "commands": "strings", "users": "strings", "log": "bool",
+    "commands": "strings", "users": "strings", "versions": "integers", "verified": "bool",
+    "log": "bool",
 }
+_SOCKS4_KEYS = {
+    "enabled": "bool", "userid": "string", "whitelist": "strings",
+    "allow_empty_userid": "bool", "ident_port": "port", "ident_timeout": "timeout",
+    "ident_fallback": "string", "ident_case_insensitive": "bool",
+}
+_TABLES = ("server", "socks4", "rules")
 
 
 class _Where:
@@ -117,17 +126,9 @@ def load(path: str) -> Config:
 
 def parse(data: dict[str, Any], where: _Where) -> Config:
     for table in data:
-        if table not in ("server", "rules"):
-            raise where.error("unknown table (known: server, rules)", key=table)
-    server = data.get("server", {})
-    if not isinstance(server, dict):
-        raise where.error("must be a table ([server])", key="server")
-    for key, value in server.items():
-        kind = _SERVER_KEYS.get(key)
-        if kind is None:
-            raise where.error(f"unknown key (known: {', '.join(_SERVER_KEYS)})", "server",
-                              None, key)
-        _check_type(where, value, kind, "server", None, key)
+        if table not in _TABLES:
+            raise where.error(f"unknown table (known: {', '.join(_TABLES)})", key=table)
+    server = _table(data, "server", _SERVER_KEYS, where)
 
     listen = tuple(server.get("listen", DEFAULT_LISTEN))
     if not listen:
@@ -152,9 +153,40 @@ def parse(data: dict[str, Any], where: _Where) -> Config:
 
     limits = {key: server[key] for key in _SERVER_KEYS
               if _SERVER_KEYS[key] in ("seconds", "timeout", "count") and key in server}
+    limits = Limits(**limits)
     rules = _rules(data.get("rules"), where)
     return Config(where.path, listen, methods, "methods" in server,
-                  tuple(server.get("checkers", ())), Limits(**limits), rules)
+                  tuple(server.get("checkers", ())), limits, rules,
+                  _socks4(_table(data, "socks4", _SOCKS4_KEYS, where), limits, where))
+
+
+def _table(data: dict[str, Any], name: str, kinds: dict[str, str],
+           where: _Where) -> dict[str, Any]:
+    table = data.get(name, {})
+    if not isinstance(table, dict):
+        raise where.error(f"must be a table ([{name}])", key=name)
+    for key, value in table.items():
+        kind = kinds.get(key)
+        if kind is None:
+            raise where.error(f"unknown key (known: {', '.join(kinds)})", name, None, key)
+        _check_type(where, value, kind, name, None, key)
+    return table
+
+
+def _socks4(table: dict[str, Any], limits: Limits, where: _Where) -> Socks4Policy:
+    policy = Socks4Policy(**{k: v for k, v in table.items() if k != "whitelist"},
+                          whitelist=frozenset(table.get("whitelist", ())))
+    if policy.userid not in ("trust", "whitelist", "ident"):
+        raise where.error(f"{policy.userid!r} is not \"trust\", \"whitelist\" or \"ident\"",
+                          "socks4", None, "userid")
+    if policy.ident_fallback not in ("refuse", "trust"):
+        raise where.error(f"{policy.ident_fallback!r} is not \"refuse\" or \"trust\"",
+                          "socks4", None, "ident_fallback")
+    if policy.userid == "ident" and policy.ident_timeout >= limits.handshake_timeout:
+        raise where.error(f"{policy.ident_timeout:g} s must be shorter than "
+                          f"server.handshake_timeout ({limits.handshake_timeout:g} s), "
+                          "or clients get no reply", "socks4", None, "ident_timeout")
+    return policy
 
 
 def _rules(raw: Any, where: _Where) -> RuleSet:
@@ -177,7 +209,8 @@ def _rules(raw: Any, where: _Where) -> RuleSet:
         args = dict(action=table["action"], sources=table.get("from"),
                     destinations=table.get("to"), ports=table.get("ports"),
                     commands=table.get("commands"), users=table.get("users"),
-                    log=table.get("log", False))
+                    log=table.get("log", False), versions=table.get("versions"),
+                    verified=table.get("verified"))
         try:
             compiled.append(compile_rule(f"rule {index + 1}", **args))
         except ValueError as e:
@@ -187,13 +220,14 @@ def _rules(raw: Any, where: _Where) -> RuleSet:
 
 def _guilty_key(message: str, table: dict[str, Any]) -> str | None:
     """Which key of a rule a compile_rule error is about."""
-    for key in ("action", "from", "to", "ports", "commands", "users"):
+    for key in ("action", "from", "to", "ports", "commands", "users", "versions"):
         value = table.get(key)
         items = value if isinstance(value, list) else [value]
         if any(item is not None and repr(item) in message for item in items):
             return key
-    if "users" in message:
-        return "users"
+    for key in ("users", "versions"):
+        if key in message:
+            return key
     return None
 
 
@@ -210,6 +244,15 @@ def _check_type(where: _Where, value: Any, kind: str, table: str, index: int | N
                 isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool))
                 for v in value):
             raise bad("a list of ports or \"lo-hi\" ranges")
+    elif kind == "integers":
+        if not isinstance(value, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise bad("a list of integers")
+    elif kind == "port":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("a port number")
+        if not 1 <= value <= 65535:
+            raise where.error(f"{value} is not a port (1-65535)", table, index, key)
     elif kind == "string":
         if not isinstance(value, str):
             raise bad("a string")

@@ -40,6 +40,8 @@ class Rule:
     commands: frozenset[str] | None = None
     users: frozenset[str] | None = None           # names; None = anyone
     anonymous: bool = True                        # does an anonymous user match?
+    versions: frozenset[int] | None = None        # SOCKS versions
+    verified: bool | None = None                  # was the user proven (by ident, a checker)?
     log: bool = False
     label: str = "rule"
 
@@ -48,8 +50,12 @@ class Rule:
         return self.action == "allow"
 
     def matches_request(self, client: IPAddress, user: str | None, command: str,
-                        port: int) -> bool:
+                        port: int, version: int = 5, verified: bool = False) -> bool:
         """Everything but the destination host."""
+        if self.versions is not None and version not in self.versions:
+            return False
+        if self.verified is not None and verified != self.verified:
+            return False
         if self.sources is not None and not any(client in net for net in self.sources):
             return False
         if user is None:
@@ -104,20 +110,21 @@ class RuleSet:
         return len(self.rules)
 
     def decide(self, client: IPAddress, user: str | None, command: str, port: int,
-               name: str | None = None, address: IPAddress | None = None) -> Decision:
+               name: str | None = None, address: IPAddress | None = None, *,
+               version: int = 5, verified: bool = False) -> Decision:
         """Decide for a destination given by name, by address, or both.
 
         A name request is decided after resolution, with both the name and
         the address it resolved to, so network rules apply to names too.
         """
         for rule in self.rules:
-            if rule.matches_request(client, user, command, port) and \
+            if rule.matches_request(client, user, command, port, version, verified) and \
                     rule.matches_destination(name, address):
                 return Decision(rule.allows, rule)
         return _NO_MATCH
 
     def decide_name(self, client: IPAddress, user: str | None, command: str, port: int,
-                    name: str) -> Decision | None:
+                    name: str, *, version: int = 5, verified: bool = False) -> Decision | None:
         """Decide for a name before resolving it, when the name alone is enough.
 
         ``None`` means the first rule that could match tests networks, so the
@@ -125,7 +132,7 @@ class RuleSet:
         early spares a DNS lookup for requests that are denied anyway.
         """
         for rule in self.rules:
-            if not rule.matches_request(client, user, command, port):
+            if not rule.matches_request(client, user, command, port, version, verified):
                 continue
             if rule.matches_destination(name, None):
                 return Decision(rule.allows, rule)
@@ -145,7 +152,8 @@ def default_rules() -> RuleSet:
 def compile_rule(label: str, action: str, sources: Sequence[str] | None = None,
                  destinations: Sequence[str] | None = None,
                  ports: Sequence[str] | None = None, commands: Sequence[str] | None = None,
-                 users: Sequence[str] | None = None, log: bool = False) -> Rule:
+                 users: Sequence[str] | None = None, log: bool = False,
+                 versions: Sequence[int] | None = None, verified: bool | None = None) -> Rule:
     """Build a rule from config strings; raises ValueError naming the bad value."""
     if action not in ("allow", "deny"):
         raise ValueError(f"action must be \"allow\" or \"deny\", not {action!r}")
@@ -191,9 +199,15 @@ def compile_rule(label: str, action: str, sources: Sequence[str] | None = None,
                 raise ValueError("users is empty: the rule could never match")
             if anonymous and not user_names:
                 user_names = frozenset()
+    compiled_versions = None
+    if versions is not None:
+        bad = [v for v in versions if v not in (4, 5)]
+        if bad or not versions:
+            raise ValueError(f"versions are 4 and/or 5, not {bad or versions!r}")
+        compiled_versions = frozenset(versions)
     return Rule(action, compiled_sources, tuple(networks), frozenset(names), tuple(suffixes),
                 any_destination, compiled_ports, compiled_commands, user_names, anonymous,
-                log, label)
+                compiled_versions, verified, log, label)
 
 
 def _network(text: str) -> IPNetwork:

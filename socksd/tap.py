@@ -83,7 +83,7 @@ def makeService(options: Options) -> service.IService:
     portal = Portal(SOCKSRealm(), [FirstOf(options.checkers)]) if options.checkers else None
     registry = method_registry(portal)
     factory = SOCKSServerFactory([registry[name] for name in cfg.methods], cfg.rules,
-                                 cfg.limits)
+                                 cfg.limits, socks4=cfg.socks4)
     top = service.MultiService()
     for description in cfg.listen:
         strports.service(description, factory).setServiceParent(top)

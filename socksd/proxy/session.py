@@ -16,9 +16,10 @@ from socksd import relay
 from socksd.auth import ANONYMOUS, User
 from socksd.auth.methods import Method
 from socksd.proxy import connect
+from socksd.proxy.socks4 import Socks4Handshake, Socks4Policy
 from socksd.proxy.socks5 import Socks5Handshake
 from socksd.rules import IPAddress, RuleSet, parse_ip
-from socksd.wire import socks5
+from socksd.wire import socks4, socks5
 
 log = Logger(namespace="socksd")
 
@@ -51,13 +52,14 @@ class SOCKSServerFactory(ServerFactory):
     noisy = False
 
     def __init__(self, methods: Sequence[Method], rules: RuleSet, limits: Limits = Limits(),
-                 reactor=None) -> None:
+                 reactor=None, socks4: Socks4Policy = Socks4Policy()) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
         self.methods = tuple(methods)
         self.rules = rules
         self.limits = limits
+        self.socks4 = socks4
         self.sessions = 0
         self.per_client: dict[str, int] = {}
 
@@ -106,7 +108,8 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
     def __init__(self, server: SOCKSServerFactory) -> None:
         self.server = server
         self.started = server.reactor.seconds()
-        self.handler: Socks5Handshake | None = None
+        self.handler: Socks4Handshake | Socks5Handshake | None = None
+        self.version = 5
         self.outbound: connect.Outbound | None = None
         self.pending: defer.Deferred | None = None
         self.client: IPAddress = _LOCAL
@@ -165,6 +168,9 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
                 return
             if data[0] == socks5.VERSION:
                 self.handler = Socks5Handshake(self)
+            elif data[0] == socks4.VERSION and self.server.socks4.enabled:
+                self.version = 4
+                self.handler = Socks4Handshake(self)
             else:
                 self.fail("bad request", f"unsupported SOCKS version {data[0]}")
                 return
@@ -240,7 +246,8 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         timeout = server.limits.connect_timeout
         if by_name:
             decision = server.rules.decide_name(self.client, self.user.name, "connect", port,
-                                                host)
+                                                host, version=self.version,
+                                                verified=self.user.verified)
             if decision is not None and not decision.allowed:
                 d = defer.fail(connect.ConnectFailed(connect.DENIED, decision.reason))
             else:
@@ -251,7 +258,8 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
                 d.addCallback(self._connect_first, port, server.reactor.seconds() + timeout)
         else:
             decision = server.rules.decide(self.client, self.user.name, "connect", port,
-                                           None, parse_ip(host))
+                                           None, parse_ip(host), version=self.version,
+                                           verified=self.user.verified)
             if decision.allowed:
                 self._note_rule(decision)
                 d = connect.connect_tcp(server.reactor, host, port, timeout)
@@ -274,7 +282,8 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         allowed, first_denial = [], None
         for host in hosts:
             decision = self.server.rules.decide(self.client, self.user.name, "connect", port,
-                                                name, parse_ip(host))
+                                                name, parse_ip(host), version=self.version,
+                                                verified=self.user.verified)
             if decision.allowed:
                 if not allowed:
                     self._note_rule(decision)
@@ -351,9 +360,10 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
             outbound.partner = outbound.session = outbound.factory = None
             self.partner = self.session = None
         emit = log.info if outcome == "ok" else log.warn
-        emit("{peer} user={user} method={method} {command} {destination} "
+        emit("{peer} socks{version} user={user} method={method} {command} {destination} "
              "up={up} down={down} {duration:.3f}s {outcome}{sep}{detail}",
-             peer=self.peer, user=user, method=self.method, command=self.command,
+             peer=self.peer, version=self.version, user=user, method=self.method,
+             command=self.command,
              destination=self.destination, up=self.received, down=down,
              duration=server.reactor.seconds() - self.started, outcome=outcome,
              sep=": " if self.detail else "", detail=self.detail,
