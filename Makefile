@@ -10,7 +10,7 @@ APT := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get -q -y -o Dpkg::Use-Pty
 
 # Real clients and the real KDC used by the tests.
 TEST_DEBS := curl ncat netcat-openbsd krb5-kdc krb5-admin-server krb5-user libkrb5-dev \
-	apache2-utils procps
+	apache2-utils procps oidentd
 BENCH_DEBS := dante-server procps
 
 .PHONY: run test bench venv install debs-test debs-bench clean

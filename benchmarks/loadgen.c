@@ -4,10 +4,12 @@
  * targets cost a small fraction of the proxy under test, even on two cores.
  * Every subcommand talks to 127.0.0.1 only and prints one result line.
  *
- *   loadgen echo                      epoll echo server; prints its port
+ *   loadgen echo [CLOSE_AFTER]        epoll echo server; prints its port. With
+ *                                     CLOSE_AFTER, it closes a connection once
+ *                                     it has echoed that many bytes
  *   loadgen bulkd                     bulk target; prints its port
  *   loadgen bulk up|down SECS DSTPORT [SOCKSPORT]
- *   loadgen sessions SECS CONC DSTPORT [SOCKSPORT]
+ *   loadgen sessions SECS CONC eof|close DSTPORT [SOCKSPORT]
  *   loadgen hold N CONC DSTPORT [SOCKSPORT]
  *
  * Servers die with their parent (PR_SET_PDEATHSIG), so a killed run.py
@@ -264,10 +266,11 @@ static int cmd_bulk(int argc, char **argv)
 
 /* ---- echo server -------------------------------------------------------- */
 
-struct econn { int fd; int len, off; char buf[4096]; };
+struct econn { int fd; int len, off; long echoed; char buf[4096]; };
 
-__attribute__((noreturn)) static void cmd_echo(void)
+__attribute__((noreturn)) static void cmd_echo(int argc, char **argv)
 {
+    long close_after = argc > 2 ? atol(argv[2]) : 0;
     server_setup();
     int lfd = listen_loopback();
     fcntl(lfd, F_SETFL, O_NONBLOCK);
@@ -288,7 +291,7 @@ __attribute__((noreturn)) static void cmd_echo(void)
                     int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK);
                     if (fd < 0) break;
                     c = malloc(sizeof *c);
-                    c->fd = fd; c->len = c->off = 0;
+                    c->fd = fd; c->len = c->off = 0; c->echoed = 0;
                     struct epoll_event e = {.events = EPOLLIN, .data.ptr = c};
                     epoll_ctl(ep, EPOLL_CTL_ADD, fd, &e);
                 }
@@ -298,7 +301,7 @@ __attribute__((noreturn)) static void cmd_echo(void)
             if (c->len > c->off) {          /* pending echo: wait for EPOLLOUT */
                 ssize_t w = write(c->fd, c->buf + c->off, c->len - c->off);
                 if (w < 0 && errno != EAGAIN) close_it = 1;
-                else if (w > 0) c->off += w;
+                else if (w > 0) { c->off += w; c->echoed += w; }
             } else {
                 ssize_t r = read(c->fd, c->buf, sizeof c->buf);
                 if (r == 0 || (r < 0 && errno != EAGAIN)) close_it = 1;
@@ -306,9 +309,12 @@ __attribute__((noreturn)) static void cmd_echo(void)
                     c->len = r; c->off = 0;
                     ssize_t w = write(c->fd, c->buf, r);
                     if (w < 0 && errno != EAGAIN) close_it = 1;
-                    else if (w > 0) c->off = w;
+                    else if (w > 0) { c->off = w; c->echoed += w; }
                 }
             }
+            /* Echo-and-close: this side closes first, so TIME_WAIT lands on
+             * this listening port, not on anyone's ephemeral ports. */
+            if (close_after && c->echoed >= close_after) close_it = 1;
             if (close_it) {
                 close(c->fd);
                 free(c);
@@ -323,7 +329,7 @@ __attribute__((noreturn)) static void cmd_echo(void)
 
 /* ---- SOCKS5 sessions ---------------------------------------------------- */
 
-enum { S_FREE, S_CONNECTING, S_GREET, S_REPLY, S_ECHO, S_HELD };
+enum { S_FREE, S_CONNECTING, S_GREET, S_REPLY, S_ECHO, S_EOF, S_HELD };
 
 struct sess {
     int fd, state, got;
@@ -331,7 +337,7 @@ struct sess {
     unsigned char buf[300];
 };
 
-static int g_ep, g_dstport, g_socksport, g_hold;
+static int g_ep, g_dstport, g_socksport, g_hold, g_wait_eof;
 static long g_errors;
 static const char PAYLOAD[16] = "0123456789abcdef";
 
@@ -433,11 +439,25 @@ static int sess_step(struct sess *s)
         if (g_hold) {
             s->state = S_HELD;
             sess_watch(s, EPOLL_CTL_MOD, 0);  /* idle: nothing expected */
-        } else {
-            close(s->fd);
-            s->state = S_FREE;
+            return 1;
         }
+        if (g_wait_eof) {
+            s->state = S_EOF;
+            s->got = 0;
+            return 0;
+        }
+        close(s->fd);
+        s->state = S_FREE;
         return 1;
+    case S_EOF: {
+        char c;
+        ssize_t n = read(s->fd, &c, 1);
+        if (n < 0 && errno == EAGAIN) return 0;
+        if (n != 0) { sess_fail(s); return 0; }  /* data after the echo, or error */
+        close(s->fd);
+        s->state = S_FREE;
+        return 1;
+    }
     }
     return 0;
 }
@@ -448,15 +468,18 @@ static int cmp_float(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
-/* Closed-loop: CONC sessions in flight for SECS seconds. Prints:
- * sessions seconds p50_ms p99_ms errors cpu_seconds */
+/* Closed-loop: CONC sessions in flight for SECS seconds. "eof": after the
+ * echo, wait for the target's EOF (passed on by the proxy), then close;
+ * "close": close right after the echo. A session's latency runs from
+ * socket() to close(). Prints: sessions seconds p50_ms p99_ms errors cpu_s */
 static int cmd_sessions(int argc, char **argv)
 {
-    if (argc < 5) return 1;
+    if (argc < 6) return 1;
     double secs = atof(argv[2]);
     int conc = atoi(argv[3]);
-    g_dstport = atoi(argv[4]);
-    g_socksport = argc > 5 ? atoi(argv[5]) : 0;
+    g_wait_eof = strcmp(argv[4], "eof") == 0;
+    g_dstport = atoi(argv[5]);
+    g_socksport = argc > 6 ? atoi(argv[6]) : 0;
     signal(SIGPIPE, SIG_IGN);
     g_ep = epoll_create1(0);
     struct sess *ss = calloc(conc, sizeof *ss);
@@ -535,7 +558,7 @@ static int cmd_hold(int argc, char **argv)
 
 int main(int argc, char **argv)
 {
-    if (argc >= 2 && strcmp(argv[1], "echo") == 0) cmd_echo();
+    if (argc >= 2 && strcmp(argv[1], "echo") == 0) cmd_echo(argc, argv);
     if (argc >= 2 && strcmp(argv[1], "bulkd") == 0) cmd_bulkd();
     if (argc >= 2 && strcmp(argv[1], "bulk") == 0) return cmd_bulk(argc, argv);
     if (argc >= 2 && strcmp(argv[1], "sessions") == 0) return cmd_sessions(argc, argv);

@@ -127,7 +127,7 @@ def load(path: str) -> Config:
 def parse(data: dict[str, Any], where: _Where) -> Config:
     for table in data:
         if table not in _TABLES:
-            raise where.error(f"unknown table (known: {', '.join(_TABLES)})", key=table)
+            raise where.error(f"unknown table (known: {', '.join(_TABLES)})", table)
     server = _table(data, "server", _SERVER_KEYS, where)
 
     listen = tuple(server.get("listen", DEFAULT_LISTEN))
@@ -153,6 +153,10 @@ def parse(data: dict[str, Any], where: _Where) -> Config:
 
     limits = {key: server[key] for key in _SERVER_KEYS
               if _SERVER_KEYS[key] in ("seconds", "timeout", "count") and key in server}
+    for description in server.get("checkers", ()):
+        problem = _checker_problem(description)
+        if problem:
+            raise where.error(f"{description!r}: {problem}", "server", None, "checkers")
     limits = Limits(**limits)
     rules = _rules(data.get("rules"), where)
     return Config(where.path, listen, methods, "methods" in server,
@@ -279,6 +283,19 @@ def _check_type(where: _Where, value: Any, kind: str, table: str, index: int | N
 def _toml_type(value: Any) -> str:
     return {bool: "a boolean", int: "an integer", float: "a float", str: "a string",
             list: "an array", dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def _checker_problem(description: str) -> str | None:
+    """Why strcred would not know this checker string's type, if it would not."""
+    from twisted.cred import strcred
+
+    auth_type = description.split(":", 1)[0]
+    try:
+        strcred.findCheckerFactory(auth_type)
+    except strcred.InvalidAuthType:
+        return (f"unknown checker type {auth_type!r} "
+                "(`twistd socks --help-auth` lists those installed)")
+    return None
 
 
 def _endpoint_problem(description: str) -> str | None:

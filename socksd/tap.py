@@ -6,6 +6,7 @@ import sys
 
 from twisted.application import service, strports
 from twisted.cred import strcred
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.portal import Portal
 from twisted.python import usage
@@ -71,11 +72,23 @@ def build(path: str | None, listen: list[str], auth_checkers: list):
             raise configuration.ConfigError(
                 f"{cfg.path}: server.checkers[{index}]: {description!r}: {e}") from None
     checkers.extend(auth_checkers)
+    for checker in checkers:
+        _bytes_users(checker)
     if "userpass" in cfg.methods and not checkers:
         raise configuration.ConfigError(
             f"{cfg.path or 'command line'}: server.methods: \"userpass\" needs a checker "
             "(server.checkers or --auth)")
     return cfg, checkers
+
+
+def _bytes_users(checker) -> None:
+    """Twisted's ``memory:`` factory stores str names and passwords, while
+    RFC 1929 (like conch and ftp) gives IUsernamePassword bytes: store bytes."""
+    if isinstance(checker, InMemoryUsernamePasswordDatabaseDontUse):
+        checker.users = {
+            (k.encode("utf-8") if isinstance(k, str) else k):
+                (v.encode("utf-8") if isinstance(v, str) else v)
+            for k, v in checker.users.items()}
 
 
 def makeService(options: Options) -> service.IService:

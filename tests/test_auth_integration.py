@@ -253,3 +253,17 @@ def test_help_auth_lists_checkers(tmp_path, plugin_path):
                                                         "PYTHONPATH": plugin_path})
     assert out.returncode == 0, out.stdout + out.stderr
     assert "mychecker" in out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("auth, message", [
+    ("nosuchchecker:x", r"not recognized: nosuchchecker"),
+    ("htpasswd:/nonexistent/users", r"No such file or directory.*/nonexistent/users"),
+])
+def test_bad_auth_option(tmp_path, auth, message):
+    out = subprocess.run([TWISTD, "-n", "--pidfile=", "socks", "--listen",
+                          "tcp:0:interface=127.0.0.1", "--auth", auth],
+                         capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    output = out.stdout + out.stderr
+    assert out.returncode != 0, output
+    assert "Traceback" not in output, output
+    assert re.search(message, output), output

@@ -129,7 +129,16 @@ def test_userpass_without_checker_is_an_error(tmp_path):
 def test_bad_checker_string_is_an_error(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('[server]\nmethods = ["userpass"]\ncheckers = ["nosuchchecker:x"]\n')
-    with pytest.raises(config.ConfigError, match=r"server.checkers\[0\]: 'nosuchchecker:x'"):
+    with pytest.raises(config.ConfigError,
+                       match=r"c.toml:3: server.checkers: 'nosuchchecker:x': unknown checker "
+                             r"type 'nosuchchecker'"):
+        tap.build(str(path), [], [])
+
+
+def test_checker_that_cannot_be_made_is_an_error(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[server]\nmethods = ["userpass"]\ncheckers = ["htpasswd:/nonexistent"]\n')
+    with pytest.raises(config.ConfigError, match=r"server.checkers\[0\]: 'htpasswd:/nonexistent'"):
         tap.build(str(path), [], [])
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 from twisted.cred import error
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
@@ -48,7 +51,10 @@ class HashTests(unittest.SynchronousTestCase):
 
 class CheckerTests(unittest.TestCase):
     def setUp(self):
-        self.path = self.mktemp()
+        # Not self.mktemp(): under pytest that writes into the working directory.
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        self.path = os.path.join(directory, "users")
         with open(self.path, "wb") as f:
             f.write(b"# comment\n\nalice:" + hash_password(b"secret") + b"\n"
                     b"bob:" + hash_password(b"hunter2", "argon2") + b"\n"
@@ -66,7 +72,7 @@ class CheckerTests(unittest.TestCase):
                 await self.checker.requestAvatarId(UsernamePassword(user, password))
 
     def test_missing_file_fails_at_start_up(self):
-        self.assertRaises(OSError, HashedPasswordFile, self.mktemp())
+        self.assertRaises(OSError, HashedPasswordFile, self.path + ".missing")
 
     async def test_portal_chain_and_realm(self):
         memory = InMemoryUsernamePasswordDatabaseDontUse(dave=b"pw")

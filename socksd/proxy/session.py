@@ -154,7 +154,7 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         self.client_key = key
         limit = self.server.limits.max_sessions_per_client
         if self.server.count_client(key, +1) > limit:
-            self.fail("refused", f"max_sessions_per_client ({limit}) reached", abort=True)
+            self.fail("refused", f"max_sessions_per_client ({limit}) reached")
 
     def dataReceived(self, data: bytes) -> None:
         if self.outbound is not None:
