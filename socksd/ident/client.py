@@ -108,10 +108,11 @@ class _IdentFactory(ClientFactory):
         self.client_port = client_port
         self.deferred: defer.Deferred[Identity] = defer.Deferred(self._cancel)
         self.connector = None
+        self.cancelling = False
 
     def finish(self, result: Identity | Failure) -> None:
         """The first result counts; later ones (a close after the reply) don't."""
-        if self.deferred.called:
+        if self.deferred.called or self.cancelling:
             return
         if isinstance(result, Failure):
             self.deferred.errback(result)
@@ -122,6 +123,9 @@ class _IdentFactory(ClientFactory):
         self.finish(Failure(IdentUnavailable(f"no identd: {reason.getErrorMessage()}")))
 
     def _cancel(self, _deferred) -> None:
+        # Closing the connection reports a failure of its own: the
+        # Deferred must fail with CancelledError instead.
+        self.cancelling = True
         if self.connector is not None:
             self.connector.disconnect()
 

@@ -85,7 +85,7 @@ def parse_response(line: bytes) -> UserID | Error:
     try:
         # No charset: RFC 1413 means US-ASCII; UTF-8 is its superset in practice.
         user = raw_user.decode(charset_text or "utf-8")
-    except (UnicodeDecodeError, LookupError):
+    except (UnicodeError, LookupError):  # some codecs raise plain UnicodeError
         user = raw_user.decode("latin-1")
     return UserID(server, client, opsys_text, charset_text, user)
 

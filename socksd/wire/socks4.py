@@ -68,7 +68,7 @@ def parse_request(buf: bytes) -> tuple[Request, int] | None:
         if hostname is None:
             return None
         raw_host, end = hostname
-        host = decode_domain(raw_host, "SOCKS4a host name")
+        host = decode_domain(raw_host, "SOCKS4a host name", REJECTED)
         if host[0] == "." or "\x00" in host:
             raise WireError("SOCKS4a host name is malformed", REJECTED)
         return Request(command, host, port, name, True), end
@@ -86,7 +86,10 @@ def encode_request(command: int, host: str, port: int, userid: str = "",
             raise ValueError("host name must be 1..255 bytes without NUL")
         return (_HEAD.pack(VERSION, command, port, b"\x00\x00\x00\x01") + raw_userid
                 + b"\x00" + raw_host + b"\x00")
-    return _HEAD.pack(VERSION, command, port, socket.inet_aton(host)) + raw_userid + b"\x00"
+    raw_ip = socket.inet_aton(host)
+    if raw_ip[:3] == b"\x00\x00\x00" and raw_ip[3] != 0:
+        raise ValueError(f"{host} is how SOCKS4a marks a request by name")
+    return _HEAD.pack(VERSION, command, port, raw_ip) + raw_userid + b"\x00"
 
 
 def encode_reply(code: int, host: str = "0.0.0.0", port: int = 0) -> bytes:

@@ -127,16 +127,19 @@ def _parse_address(buf: bytes, offset: int, what: str) -> tuple[int, str, int, i
     return atyp, host, port, end + 2
 
 
-def decode_domain(raw: bytes, what: str = "address") -> str:
-    """A domain name as sent on the wire -> str; refuses what no resolver takes."""
+def decode_domain(raw: bytes, what: str = "address", reply: int = GENERAL_FAILURE) -> str:
+    """A domain name as sent on the wire -> str; refuses what no resolver takes.
+
+    ``reply`` is the failure code of the protocol the name came in.
+    """
     if not raw:
-        raise WireError(f"{what}: empty domain name", GENERAL_FAILURE)
+        raise WireError(f"{what}: empty domain name", reply)
     try:
         name = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise WireError(f"{what}: domain name is not UTF-8", GENERAL_FAILURE) from None
+        raise WireError(f"{what}: domain name is not UTF-8", reply) from None
     if not name.isprintable() or " " in name:
-        raise WireError(f"{what}: domain name has control or space characters", GENERAL_FAILURE)
+        raise WireError(f"{what}: domain name has control or space characters", reply)
     return name
 
 
