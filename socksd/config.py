@@ -11,6 +11,8 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from socksd.ident.policy import IdentPolicy, parse_mode
+from socksd.ident.server import IdentdLimits
 from socksd.proxy.session import Limits
 from socksd.proxy.socks4 import Socks4Policy
 from socksd.rules import RuleSet, compile_rule, default_rules
@@ -25,6 +27,16 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
+class IdentdConfig:
+    """The ``[identd]`` table."""
+
+    enabled: bool = True
+    listen: tuple[str, ...] = ("tcp:113",)
+    policy: IdentPolicy = field(default_factory=IdentPolicy)
+    limits: IdentdLimits = IdentdLimits()
+
+
+@dataclass(frozen=True)
 class Config:
     path: str | None = None
     listen: tuple[str, ...] = DEFAULT_LISTEN
@@ -34,6 +46,7 @@ class Config:
     limits: Limits = Limits()
     rules: RuleSet = field(default_factory=default_rules)
     socks4: Socks4Policy = Socks4Policy()
+    identd: IdentdConfig | None = None
 
     def with_command_line(self, listen: list[str], have_auth: bool) -> Config:
         """``--listen`` replaces the listeners; ``--auth`` without explicit
@@ -61,7 +74,14 @@ _SOCKS4_KEYS = {
     "allow_empty_userid": "bool", "ident_port": "port", "ident_timeout": "timeout",
     "ident_fallback": "string", "ident_case_insensitive": "bool",
 }
-_TABLES = ("server", "socks4", "rules")
+_IDENTD_KEYS = {
+    "enabled": "bool", "listen": "strings", "hide": "strings", "reply": "string",
+    "users": "modes", "user_files": "strings", "opsys": "string", "charset": "string",
+    "unknown_error_only": "bool", "hash_key": "string", "proxied_users": "bool",
+    "proxied_reply": "string", "idle_timeout": "seconds", "max_line": "count",
+    "max_connections": "count", "max_connections_per_client": "count",
+}
+_TABLES = ("server", "socks4", "identd", "rules")
 
 
 class _Where:
@@ -159,9 +179,59 @@ def parse(data: dict[str, Any], where: _Where) -> Config:
             raise where.error(f"{description!r}: {problem}", "server", None, "checkers")
     limits = Limits(**limits)
     rules = _rules(data.get("rules"), where)
+    identd = None
+    if "identd" in data:
+        identd = _identd(_table(data, "identd", _IDENTD_KEYS, where), where)
     return Config(where.path, listen, methods, "methods" in server,
                   tuple(server.get("checkers", ())), limits, rules,
-                  _socks4(_table(data, "socks4", _SOCKS4_KEYS, where), limits, where))
+                  _socks4(_table(data, "socks4", _SOCKS4_KEYS, where), limits, where), identd)
+
+
+def _identd(table: dict[str, Any], where: _Where) -> IdentdConfig:
+    def bad(key: str, message: str) -> ConfigError:
+        return where.error(message, "identd", None, key)
+
+    listen = tuple(table.get("listen", IdentdConfig.listen))
+    if not listen:
+        raise bad("listen", "needs at least one endpoint")
+    for desc in listen:
+        problem = _endpoint_problem(desc)
+        if problem:
+            raise bad("listen", f"{desc!r}: {problem}")
+    modes = {}
+    for key in ("reply", "proxied_reply"):
+        try:
+            modes[key] = parse_mode(table.get(key, "name"))
+        except ValueError as e:
+            raise bad(key, str(e)) from None
+    users = {}
+    for user, mode in table.get("users", {}).items():
+        try:
+            users[user] = parse_mode(mode)
+        except ValueError as e:
+            raise where.error(str(e), "identd.users", None, user) from None
+    opsys = table.get("opsys", "UNIX")
+    if not re.match(r"^[\x21-\x7e]{1,40}$", opsys) or ":" in opsys or "," in opsys:
+        raise bad("opsys", f"{opsys!r} is not a token (printable, no ':' or ',')")
+    charset = table.get("charset") or None
+    if charset is not None:
+        try:
+            "x".encode(charset)
+        except LookupError:
+            raise bad("charset", f"unknown charset {charset!r}") from None
+    policy_args: dict[str, Any] = dict(
+        reply=modes["reply"], proxied_reply=modes["proxied_reply"], users=users,
+        hide=frozenset(table.get("hide", ("root",))),
+        user_files=frozenset(table.get("user_files", ())), opsys=opsys, charset=charset,
+        unknown_error_only=table.get("unknown_error_only", False),
+        proxied_users=table.get("proxied_users", True))
+    if "hash_key" in table:
+        policy_args["hash_key"] = table["hash_key"].encode("utf-8")
+    limits = IdentdLimits(**{k: table[k] for k in ("idle_timeout", "max_line",
+                                                   "max_connections",
+                                                   "max_connections_per_client")
+                             if k in table})
+    return IdentdConfig(table.get("enabled", True), listen, IdentPolicy(**policy_args), limits)
 
 
 def _table(data: dict[str, Any], name: str, kinds: dict[str, str],
@@ -260,6 +330,9 @@ def _check_type(where: _Where, value: Any, kind: str, table: str, index: int | N
     elif kind == "string":
         if not isinstance(value, str):
             raise bad("a string")
+    elif kind == "modes":
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise bad("a table of user = \"mode\"")
     elif kind == "bool":
         if not isinstance(value, bool):
             raise bad("true or false")

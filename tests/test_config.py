@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from socksd import config, tap
+from socksd import config
+from socksd.tap import socks as tap
 from socksd.proxy import Limits
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -33,7 +33,7 @@ def test_socks_is_ours_in_either_plugin_order():
     assert names.count("socks") == 1, names
     assert "twisted-socks" in names  # Twisted's example, renamed, still there
     for order in (lambda ms: ms, lambda ms: list(reversed(ms))):
-        assert _socks_maker(order).module == "socksd.tap"
+        assert _socks_maker(order).module == "socksd.tap.socks"
 
 
 def test_installed_normally_not_editable():

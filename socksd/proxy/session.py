@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 from socksd import relay
 from socksd.auth import ANONYMOUS, User
 from socksd.auth.methods import Method
+from socksd.ident.registry import ProxiedConnections
 from socksd.proxy import connect
 from socksd.proxy.socks4 import Socks4Handshake, Socks4Policy
 from socksd.proxy.socks5 import Socks5Handshake
@@ -52,7 +53,8 @@ class SOCKSServerFactory(ServerFactory):
     noisy = False
 
     def __init__(self, methods: Sequence[Method], rules: RuleSet, limits: Limits = Limits(),
-                 reactor=None, socks4: Socks4Policy = Socks4Policy()) -> None:
+                 reactor=None, socks4: Socks4Policy = Socks4Policy(),
+                 registry: ProxiedConnections | None = None) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
@@ -60,6 +62,7 @@ class SOCKSServerFactory(ServerFactory):
         self.rules = rules
         self.limits = limits
         self.socks4 = socks4
+        self.registry = registry      # tell a same-process identd who owns outbound sockets
         self.sessions = 0
         self.per_client: dict[str, int] = {}
 
@@ -124,6 +127,7 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         self.detail = ""
         self.buffered = 0
         self.eof_pending = False
+        self.registered = None
         self.ended = False
 
     def callLater(self, period, func):
@@ -327,6 +331,11 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         idle = self.server.limits.idle_timeout
         self.setTimeout(idle or None)
         relay.join(self, outbound, self, watch_activity=idle > 0)
+        registry = self.server.registry
+        if registry is not None and self.user.name is not None:
+            local, remote = outbound.transport.getHost(), outbound.transport.getPeer()
+            self.registered = registry.add(local.host, local.port, remote.host, remote.port,
+                                           self.user.name)
         if early:
             self.received += len(early)
             outbound.transport.write(early)
@@ -349,6 +358,8 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         server.sessions -= 1
         if self.client_key is not None:
             server.count_client(self.client_key, -1)
+        if self.registered is not None:
+            server.registry.remove(self.registered)
         outcome = self.outcome or "ok"
         user = self.user.name or self.claimed_user or "-"
         down = 0

@@ -1,4 +1,4 @@
-"""twistd plugins: ``twistd socks`` (socksd).
+"""twistd plugins: ``twistd socks`` (socksd) and ``twistd identd``.
 
 Twisted ships a SOCKSv4-only example under the same tapname ``socks``
 (twisted/plugins/twisted_socks.py). twistd gathers every IServiceMaker, sorts
@@ -21,9 +21,16 @@ except ImportError:  # a Twisted without the example: nothing to rename
 else:
     _twisted_socks.TwistedSOCKS.tapname = "twisted-socks"
 
+identd = ServiceMaker(
+    "socksd identd",
+    "socksd.tap.identd",
+    "RFC 1413 ident server (IPv4/IPv6, sock_diag), part of socksd.",
+    "identd",
+)
+
 socksd = ServiceMaker(
     "socksd",
-    "socksd.tap",
+    "socksd.tap.socks",
     "SOCKS4/4a/5 proxy with twisted.cred authentication (socksd).",
     "socks",
 )

@@ -15,7 +15,9 @@ from socksd import config as configuration
 from socksd.auth import SOCKSRealm
 from socksd.auth.checkers import FirstOf
 from socksd.auth.methods import method_registry
+from socksd.ident.registry import ProxiedConnections
 from socksd.proxy import SOCKSServerFactory
+from socksd.tap import identd as identd_tap
 
 
 class Options(usage.Options, strcred.AuthOptionMixin):
@@ -95,9 +97,17 @@ def makeService(options: Options) -> service.IService:
     cfg = options.socks_config
     portal = Portal(SOCKSRealm(), [FirstOf(options.checkers)]) if options.checkers else None
     registry = method_registry(portal)
+    proxied = None
+    identd = cfg.identd if cfg.identd is not None and cfg.identd.enabled else None
+    if identd is not None and identd.policy.proxied_users:
+        proxied = ProxiedConnections()
     factory = SOCKSServerFactory([registry[name] for name in cfg.methods], cfg.rules,
-                                 cfg.limits, socks4=cfg.socks4)
+                                 cfg.limits, socks4=cfg.socks4, registry=proxied)
     top = service.MultiService()
     for description in cfg.listen:
         strports.service(description, factory).setServiceParent(top)
+    if identd is not None:
+        # The identd in the same process answers for the SOCKS users' sockets.
+        for child in identd_tap.make_services(identd, proxied):
+            child.setServiceParent(top)
     return top

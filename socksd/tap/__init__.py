@@ -1,0 +1,1 @@
+"""twistd Options and makeService: ``socks`` (tap.socks) and ``identd`` (tap.identd)."""

@@ -1,0 +1,134 @@
+"""``twistd identd``: the RFC 1413 server on its own.
+
+Flags override the ``[identd]`` table of ``--config``. twistd's own
+``--uid``/``--gid`` drop privileges after the port (113) is bound.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import replace
+
+from twisted.application import service, strports
+from twisted.python import usage
+
+from socksd import config as configuration
+from socksd.ident.policy import parse_mode
+from socksd.ident.server import IdentFactory, answer_query
+from socksd.wire import ident
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE] [--listen ENDPOINT]... [--stdio --local-address A --remote-address B]"
+    longdesc = ("An RFC 1413 ident server answering who owns a TCP connection on this "
+                "host (Linux sock_diag, or /proc/net/tcp*). Default: tcp:113, root hidden.")
+    optParameters = [
+        ["config", "c", None, "TOML configuration file; its [identd] table is used."],
+        ["reply", None, None, "Reply mode for everybody: name, uid, hidden, random, hashed, "
+                              "fixed:TEXT."],
+        ["opsys", None, None, "The operating system field (default UNIX)."],
+        ["local-address", None, None, "--stdio: the address the query was made to."],
+        ["remote-address", None, None, "--stdio: the address the query came from."],
+    ]
+    optFlags = [
+        ["stdio", None, "Answer one query read from stdin on stdout and exit (inetd)."],
+        ["unknown-error-only", None, "Answer UNKNOWN-ERROR for every error."],
+        ["check", None, "Validate the configuration and exit."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self["hide"] = []
+
+    def opt_listen(self, description: str) -> None:
+        """Listen on this Twisted endpoint instead of the config's (repeatable)."""
+        self["listen"].append(description)
+
+    opt_l = opt_listen
+
+    def opt_hide(self, user: str) -> None:
+        """Answer HIDDEN-USER for this user (repeatable; replaces the list)."""
+        self["hide"].append(user)
+
+    def postOptions(self) -> None:
+        try:
+            self.identd = build(self)
+        except configuration.ConfigError as e:
+            sys.exit(f"identd: {e}")
+        if self["check"]:
+            print(f"{self['config'] or 'defaults'}: OK: identd listen "
+                  f"{', '.join(self.identd.listen)}")
+            sys.exit(0)
+        if self["stdio"]:
+            sys.exit(serve_stdio(self.identd, self["local-address"], self["remote-address"]))
+
+
+def build(options: Options) -> configuration.IdentdConfig:
+    cfg = configuration.IdentdConfig()
+    if options["config"]:
+        cfg = configuration.load(options["config"]).identd or cfg
+    changes = {}
+    if options["reply"]:
+        try:
+            changes["reply"] = parse_mode(options["reply"])
+        except ValueError as e:
+            raise configuration.ConfigError(f"--reply: {e}") from None
+    if options["opsys"]:
+        changes["opsys"] = options["opsys"]
+    if options["hide"]:
+        changes["hide"] = frozenset(options["hide"])
+    if options["unknown-error-only"]:
+        changes["unknown_error_only"] = True
+    if changes:
+        cfg = replace(cfg, policy=replace(cfg.policy, **changes))
+    if options["listen"]:
+        cfg = replace(cfg, listen=tuple(options["listen"]))
+    return cfg
+
+
+def serve_stdio(cfg: configuration.IdentdConfig, local: str | None, remote: str | None,
+                stdin=None, stdout=None) -> int:
+    """One query from stdin, its answer on stdout, synchronously (no reactor).
+
+    Under inetd stdin is the connection: its addresses are used unless given.
+    """
+    stdin = stdin or sys.stdin.buffer
+    stdout = stdout or sys.stdout.buffer
+    if local is None or remote is None:
+        try:
+            sock = socket.socket(fileno=os.dup(stdin.fileno()))
+            with sock:
+                local = local or sock.getsockname()[0]
+                remote = remote or sock.getpeername()[0]
+        except (OSError, ValueError):
+            print("identd --stdio: give --local-address and --remote-address "
+                  "(stdin is not a socket)", file=sys.stderr)
+            return 2
+    line = stdin.readline(cfg.limits.max_line + 1)
+    if len(line) > cfg.limits.max_line or not line.endswith(b"\n"):
+        return 1
+    results = []
+    d = answer_query(cfg.policy, None, line.rstrip(b"\r\n"), local, remote,
+                     blocking=lambda f, *a: f(*a))
+    d.addBoth(results.append)
+    reply = results[0]
+    if not isinstance(reply, bytes):
+        reply = b"0, 0 : ERROR : " + ident.UNKNOWN_ERROR.encode() + b"\r\n"
+    stdout.write(reply)
+    stdout.flush()
+    return 0
+
+
+def make_services(cfg: configuration.IdentdConfig, registry=None) -> list[service.IService]:
+    factory = IdentFactory(cfg.policy, cfg.limits, registry=registry)
+    return [strports.service(description, factory) for description in cfg.listen]
+
+
+def makeService(options: Options) -> service.IService:
+    top = service.MultiService()
+    for child in make_services(options.identd):
+        child.setServiceParent(top)
+    return top
