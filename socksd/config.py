@@ -62,7 +62,7 @@ class Config:
 _SERVER_KEYS = {
     "listen": "strings", "methods": "strings", "checkers": "strings",
     "handshake_timeout": "timeout", "connect_timeout": "timeout", "idle_timeout": "seconds",
-    "max_sessions": "count", "max_sessions_per_client": "count",
+    "max_sessions": "count", "max_sessions_per_client": "count", "splice": "bool",
 }
 _RULE_KEYS = {
     "action": "string", "from": "strings", "to": "strings", "ports": "ports",
@@ -172,7 +172,7 @@ def parse(data: dict[str, Any], where: _Where) -> Config:
         raise where.error("lists a method twice", "server", None, "methods")
 
     limits = {key: server[key] for key in _SERVER_KEYS
-              if _SERVER_KEYS[key] in ("seconds", "timeout", "count") and key in server}
+              if _SERVER_KEYS[key] in ("seconds", "timeout", "count", "bool") and key in server}
     for description in server.get("checkers", ()):
         problem = _checker_problem(description)
         if problem:

@@ -74,10 +74,13 @@ class RelayEnd(Protocol):
             self.session.relay_ended()
 
 
-def join(a: RelayEnd, b: RelayEnd, session: RelaySession, watch_activity: bool = False) -> None:
-    """Make ``a`` and ``b`` relay to each other with flow control."""
+def join(a: RelayEnd, b: RelayEnd, session: RelaySession, watch_activity: bool = False,
+         flow_control: bool = True) -> None:
+    """Make ``a`` and ``b`` relay to each other with flow control (which the
+    splice fast path does itself, with ``flow_control=False``)."""
     a.partner, b.partner = b, a
     a.session = b.session = session
     a.watch_activity = b.watch_activity = watch_activity
-    a.transport.registerProducer(b.transport, True)
-    b.transport.registerProducer(a.transport, True)
+    if flow_control:
+        a.transport.registerProducer(b.transport, True)
+        b.transport.registerProducer(a.transport, True)

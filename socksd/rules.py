@@ -18,11 +18,24 @@ ANY_USER = "*"
 ANONYMOUS = "-"
 
 
+_parsed: dict[str, IPAddress] = {}
+
+
 def parse_ip(text: str) -> IPAddress:
-    """An address as a transport reports it; v4-mapped IPv6 becomes IPv4."""
+    """An address as a transport reports it; v4-mapped IPv6 becomes IPv4.
+
+    Remembered (up to a bound): every session parses its client's address
+    and most destinations repeat, and ``ipaddress`` parsing is slow.
+    """
+    address = _parsed.get(text)
+    if address is not None:
+        return address
     address = ipaddress.ip_address(text.split("%", 1)[0])
     if address.version == 6 and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
+        address = address.ipv4_mapped
+    if len(_parsed) >= 4096:
+        _parsed.clear()
+    _parsed[text] = address
     return address
 
 
