@@ -43,7 +43,7 @@ def test_example_uses_every_key_and_is_valid():
     text = EXAMPLE.read_text()
     for key in config._SERVER_KEYS:
         assert f"\n{key} =" in text, key
-    for key in [*config._RULE_KEYS, *config._SOCKS4_KEYS]:
+    for key in [*config._RULE_KEYS, *config._SOCKS4_KEYS, *config._IDENTD_KEYS]:
         assert f"\n{key} =" in text, key
     cfg = config.load(str(EXAMPLE))
     assert cfg.methods == ("userpass",) and cfg.methods_given
