@@ -52,23 +52,27 @@ def _owner(policy: IdentPolicy, conn: lookup.Connection) -> Answer:
 
 
 def answer_query(policy: IdentPolicy, registry: ProxiedConnections | None, line: bytes,
-                 local_host: str, remote_host: str, blocking=None) -> defer.Deferred[bytes]:
+                 local_host: str, remote_host: str, blocking=None,
+                 notes: list[str] | None = None) -> defer.Deferred[bytes]:
     """The reply line for one query made to ``local_host`` from ``remote_host``.
 
-    ``blocking`` runs the owner lookup (default: in a thread).
+    ``blocking`` runs the owner lookup (default: in a thread). ``notes`` gets
+    how the answer was chosen ("random for alice"), for the log: that is how
+    an admin maps a random or hashed reply back to the user.
     """
+    notes = notes if notes is not None else []
     try:
         server_port, client_port = ident.parse_query(line)
     except WireError:
         ports = _echo_ports(line)
         answer = policy.error(ident.INVALID_PORT, "bad query")
-        return defer.succeed(_encode(policy, ports, answer))
+        return defer.succeed(_encode(policy, ports, answer, notes))
     ports = (server_port, client_port)
     if registry is not None and policy.proxied_users:
         user = registry.user_for(local_host, server_port, remote_host, client_port)
         if user is not None:
             answer = policy.apply(policy.proxied_reply, user, None, "SOCKS user")
-            return defer.succeed(_encode(policy, ports, answer))
+            return defer.succeed(_encode(policy, ports, answer, notes))
     conn = lookup.Connection(local_host, server_port, remote_host, client_port)
     run = blocking or threads.deferToThread
     d = defer.maybeDeferred(run, _owner, policy, conn)
@@ -78,7 +82,7 @@ def answer_query(policy: IdentPolicy, registry: ProxiedConnections | None, line:
         return policy.error(ident.UNKNOWN_ERROR, "lookup failed")
 
     d.addErrback(failed)
-    d.addCallback(lambda answer: _encode(policy, ports, answer))
+    d.addCallback(lambda answer: _encode(policy, ports, answer, notes))
     return d
 
 
@@ -89,7 +93,8 @@ def _echo_ports(line: bytes) -> bytes:
     return text or b"0, 0"
 
 
-def _encode(policy: IdentPolicy, ports, answer: Answer) -> bytes:
+def _encode(policy: IdentPolicy, ports, answer: Answer, notes: list[str]) -> bytes:
+    notes.append(answer.note)
     if isinstance(ports, bytes):
         return ports + b" : ERROR : " + answer.error.encode("ascii") + b"\r\n"
     if answer.error is not None:
@@ -144,18 +149,20 @@ class IdentProtocol(LineOnlyReceiver, TimeoutMixin):
         self.busy = True
         line = self.pending.popleft()
         factory = self.factory
+        notes: list[str] = []
         d = answer_query(factory.policy, factory.registry, line, self.local_host,
-                         self.remote_host, factory.blocking)
-        d.addCallback(self._answered, line)
+                         self.remote_host, factory.blocking, notes)
+        d.addCallback(self._answered, line, notes)
 
-    def _answered(self, reply: bytes, line: bytes) -> None:
+    def _answered(self, reply: bytes, line: bytes, notes: list[str]) -> None:
         self.busy = False
         if self.gone:
             return
         self.transport.write(reply)
-        log.info("identd: {peer} asked {query!r}: {reply!r}", peer=self.peer,
+        log.info("identd: {peer} asked {query!r}: {reply!r} ({note})", peer=self.peer,
                  query=line[:40].decode("ascii", "replace"),
-                 reply=reply.rstrip(b"\r\n").decode("utf-8", "replace"))
+                 reply=reply.rstrip(b"\r\n").decode("utf-8", "replace"),
+                 note=notes[0] if notes else "")
         if self.paused and len(self.pending) <= MAX_PENDING // 2:
             self.paused = False
             self.transport.resumeProducing()
