@@ -30,7 +30,7 @@ class ConfigError(Exception):
 class IdentdConfig:
     """The ``[identd]`` table."""
 
-    enabled: bool = True
+    enabled: bool = False     # does `twistd socks` start it too? (twistd identd always does)
     listen: tuple[str, ...] = ("tcp:113",)
     policy: IdentPolicy = field(default_factory=IdentPolicy)
     limits: IdentdLimits = IdentdLimits()
@@ -231,7 +231,8 @@ def _identd(table: dict[str, Any], where: _Where) -> IdentdConfig:
                                                    "max_connections",
                                                    "max_connections_per_client")
                              if k in table})
-    return IdentdConfig(table.get("enabled", True), listen, IdentPolicy(**policy_args), limits)
+    return IdentdConfig(table.get("enabled", False), listen, IdentPolicy(**policy_args),
+                        limits)
 
 
 def _table(data: dict[str, Any], name: str, kinds: dict[str, str],

@@ -14,9 +14,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from twisted.internet import defer, threads
-from twisted.internet.protocol import ServerFactory
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
-from twisted.protocols.basic import LineOnlyReceiver
 from twisted.protocols.policies import TimeoutMixin
 
 from socksd.ident import lookup
@@ -99,15 +98,26 @@ def _encode(policy: IdentPolicy, ports, answer: Answer, notes: list[str]) -> byt
         return ports + b" : ERROR : " + answer.error.encode("ascii") + b"\r\n"
     if answer.error is not None:
         return ident.encode_error(ports[0], ports[1], answer.error)
-    return ident.encode_userid(ports[0], ports[1], answer.user, policy.opsys, policy.charset)
+    try:
+        return ident.encode_userid(ports[0], ports[1], answer.user, policy.opsys,
+                                   policy.charset)
+    except (ValueError, UnicodeError):
+        # A SOCKS user name is any bytes: one the charset cannot carry (or
+        # with CR/LF) gets an error reply, not a broken connection.
+        notes[-1] += f"; {answer.user!r} cannot be sent in {policy.charset or 'UTF-8'}"
+        return ident.encode_error(ports[0], ports[1], ident.UNKNOWN_ERROR)
 
 
-class IdentProtocol(LineOnlyReceiver, TimeoutMixin):
-    delimiter = b"\n"
+class IdentProtocol(Protocol, TimeoutMixin):
+    """Lines end in LF or CR LF; the limit is on a line without its end.
+
+    (Not LineOnlyReceiver: its limit counts the CR of CR LF, and it cannot
+    tell a partial line that may still end in CR LF from one too long.)
+    """
 
     def __init__(self, factory: IdentFactory) -> None:
         self.factory = factory
-        self.MAX_LENGTH = factory.limits.max_line
+        self.buffer = b""
         self.pending: deque[bytes] = deque()
         self.busy = False
         self.paused = False
@@ -135,9 +145,26 @@ class IdentProtocol(LineOnlyReceiver, TimeoutMixin):
             return
         self.setTimeout(factory.limits.idle_timeout or None)
 
+    def dataReceived(self, data: bytes) -> None:
+        limit = self.factory.limits.max_line
+        lines = (self.buffer + data).split(b"\n")
+        self.buffer = lines.pop()
+        for line in lines:
+            if self.gone or self.transport.disconnecting:
+                return  # refused or closing: nothing more is answered
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if len(line) > limit:
+                self.lineLengthExceeded(line)
+                return
+            self.lineReceived(line)
+        partial = self.buffer
+        if len(partial) > limit and not (len(partial) == limit + 1 and partial.endswith(b"\r")):
+            self.lineLengthExceeded(partial)
+
     def lineReceived(self, line: bytes) -> None:
         self.resetTimeout()
-        self.pending.append(line.rstrip(b"\r"))
+        self.pending.append(line)
         if len(self.pending) > MAX_PENDING and not self.paused:
             self.paused = True
             self.transport.pauseProducing()
@@ -170,7 +197,7 @@ class IdentProtocol(LineOnlyReceiver, TimeoutMixin):
 
     def lineLengthExceeded(self, line: bytes) -> None:
         log.warn("identd: {peer} sent a line over {limit} bytes; closing",
-                 peer=self.peer, limit=self.MAX_LENGTH)
+                 peer=self.peer, limit=self.factory.limits.max_line)
         self.transport.loseConnection()
 
     def timeoutConnection(self) -> None:

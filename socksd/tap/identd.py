@@ -107,11 +107,14 @@ def serve_stdio(cfg: configuration.IdentdConfig, local: str | None, remote: str 
             print("identd --stdio: give --local-address and --remote-address "
                   "(stdin is not a socket)", file=sys.stderr)
             return 2
-    line = stdin.readline(cfg.limits.max_line + 1)
-    if len(line) > cfg.limits.max_line or not line.endswith(b"\n"):
+    line = stdin.readline(cfg.limits.max_line + 2)
+    if not line.endswith(b"\n"):
+        return 1
+    line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+    if len(line) > cfg.limits.max_line:
         return 1
     results = []
-    d = answer_query(cfg.policy, None, line.rstrip(b"\r\n"), local, remote,
+    d = answer_query(cfg.policy, None, line, local, remote,
                      blocking=lambda f, *a: f(*a))
     d.addBoth(results.append)
     reply = results[0]

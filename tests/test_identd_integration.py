@@ -1,0 +1,819 @@
+"""`twistd identd` end to end: a real twistd process, real sockets on loopback,
+connections owned by a throwaway system user (made by a forked child that
+setuid()s to it), the stdio/inetd mode, start-up errors, and the two proxy
+integrations: `twistd socks` answering ident queries with the SOCKS user it
+proxies for, and socksd's own SOCKS4 ident verification against this identd.
+
+Needs root (to create the user and act as it); fails, never skips, without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import encodings.idna  # noqa: F401  (loaded before fork: the child cannot import)
+import os
+import pwd
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from python_socks.sync import Proxy
+
+from conftest import PAGE, TWISTD, require
+from socksd.ident.policy import IdentPolicy
+
+IDENT_USER = "socksd-identd-test"
+SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
+REPLY = re.compile(rb"(\d+), (\d+) : (USERID|ERROR) : (.*)")
+
+
+# ---- fixtures and helpers ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ident_user() -> pwd.struct_passwd:
+    """The throwaway system user whose connections the identd must name."""
+    assert os.geteuid() == 0, ("these tests create a system user and act as it: run them "
+                               "as root (CI does)")
+    try:
+        return pwd.getpwnam(IDENT_USER)
+    except KeyError:
+        useradd = shutil.which("useradd", path=SBIN_PATH)
+        assert useradd, "useradd is not installed (Debian package passwd)"
+        proc = subprocess.run([useradd, "--system", "--no-create-home", "--shell",
+                               "/usr/sbin/nologin", IDENT_USER], capture_output=True, text=True)
+        assert proc.returncode in (0, 9), f"useradd: {proc.stderr}"   # 9: already exists
+        return pwd.getpwnam(IDENT_USER)
+
+
+class Twistd:
+    """A running `twistd -n ...` with its log in a file."""
+
+    def __init__(self, tmp: Path, args: list[str], ready: str = r"IdentFactory starting on (\d+)",
+                 count: int = 1) -> None:
+        self.log_path = tmp / f"twistd-{id(self)}.log"
+        self.log_file = open(self.log_path, "wb")
+        self.command = [TWISTD, "-n", "--pidfile=", *args]
+        self.process = subprocess.Popen(self.command, stdout=self.log_file,
+                                        stderr=subprocess.STDOUT, cwd=tmp)
+        self.ports = self.wait_for_ports(ready, count)
+        self.port = self.ports[0]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_ports(self, pattern: str, count: int = 1, timeout: float = 30) -> list[int]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [int(p) for p in re.findall(pattern, self.log())]
+            if len(found) >= count:
+                return found
+            if self.process.poll() is not None:
+                raise AssertionError(f"{self.command} exited with {self.process.returncode}:"
+                                     f"\n{self.log()}")
+            time.sleep(0.05)
+        raise AssertionError(f"{self.command} did not start listening:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log_file.close()
+
+
+@pytest.fixture
+def twistd(tmp_path):
+    started: list[Twistd] = []
+
+    def start(*args: str, **kwargs) -> Twistd:
+        process = Twistd(tmp_path, list(args), **kwargs)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture(scope="module")
+def identd(tmp_path_factory):
+    """One `twistd -n identd` on 127.0.0.1 with the default policy."""
+    process = Twistd(tmp_path_factory.mktemp("identd"),
+                     ["identd", "--listen", "tcp:0:interface=127.0.0.1"])
+    yield process
+    process.stop()
+
+
+def ask(port: int, query: bytes, host: str = "127.0.0.1", timeout: float = 10) -> bytes:
+    """One query to an identd; its reply line without CR LF."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect((host, port))
+        s.sendall(query)
+        data = b""
+        while not data.endswith(b"\r\n"):
+            chunk = s.recv(1000)
+            assert chunk, f"identd closed after {data!r}"
+            data += chunk
+    assert data.count(b"\r\n") == 1, data
+    return data[:-2]
+
+
+def answer(reply: bytes) -> tuple[bytes, bytes]:
+    match = REPLY.fullmatch(reply)
+    assert match, reply
+    return match.group(3), match.group(4)
+
+
+@pytest.fixture
+def sockets():
+    with contextlib.ExitStack() as stack:
+        yield stack
+
+
+def listener(stack, host: str = "127.0.0.1") -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = stack.enter_context(socket.socket(family, socket.SOCK_STREAM))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    sock.listen(16)
+    return sock
+
+
+def free_port(stack, host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = stack.enter_context(socket.socket(family, socket.SOCK_STREAM))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def connection_as(entry: pwd.struct_passwd, listening: socket.socket):
+    """A connection to ``listening`` made and held by a child running as
+    ``entry``; yields the child's local port. A forked child, not a
+    subprocess: the venv's interpreter may be where that user cannot run it."""
+    host, port = listening.getsockname()[:2]
+    report_r, report_w = os.pipe()
+    hold_r, hold_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        status = 1
+        try:
+            os.close(report_r)
+            os.close(hold_w)
+            os.setgroups([])
+            os.setgid(entry.pw_gid)
+            os.setuid(entry.pw_uid)
+            sock = socket.socket(listening.family, socket.SOCK_STREAM)
+            sock.connect((host, port))
+            os.write(report_w, b"%d\n" % sock.getsockname()[1])
+            os.read(hold_r, 1)  # until the parent closes hold_w
+            status = 0
+        except BaseException as e:
+            os.write(report_w, f"error {e!r}\n".encode())
+        finally:
+            os._exit(status)
+    os.close(report_w)
+    os.close(hold_r)
+    accepted = None
+    try:
+        ready, _, _ = select.select([report_r], [], [], 10)
+        assert ready, "child did not connect"
+        line = os.read(report_r, 200).decode()
+        assert not line.startswith("error"), line
+        accepted, _ = listening.accept()
+        yield int(line)
+    finally:
+        os.close(hold_w)
+        os.close(report_r)
+        if accepted is not None:
+            accepted.close()
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+
+
+# ---- the standalone identd over TCP ----------------------------------------------------
+
+def test_connection_of_another_user(identd, ident_user, sockets):
+    lst = listener(sockets)
+    server_port = lst.getsockname()[1]
+    with connection_as(ident_user, lst) as child_port:
+        reply = ask(identd.port, b"%d , %d\r\n" % (child_port, server_port))
+        assert reply == b"%d, %d : USERID : UNIX : %s" % (child_port, server_port,
+                                                          IDENT_USER.encode()), identd.log()
+
+
+def test_several_queries_on_one_connection(identd, ident_user, sockets):
+    lst = listener(sockets)
+    server_port = lst.getsockname()[1]
+    mine = sockets.enter_context(socket.create_connection(lst.getsockname()))
+    sockets.enter_context(lst.accept()[0])
+    my_port = mine.getsockname()[1]
+    nobody = free_port(sockets)
+    with connection_as(ident_user, lst) as child_port:
+        queries = (b"%d,%d\r\n" % (child_port, server_port)
+                   + b"%d, %d\r\n" % (my_port, server_port)
+                   + b"%d, %d\r\n" % (nobody, server_port)
+                   + b"0, 70000\r\n"
+                   + b"%d, %d\r\n" % (child_port, server_port))
+        with socket.create_connection(("127.0.0.1", identd.port), timeout=10) as s:
+            s.sendall(queries)
+            data = b""
+            while data.count(b"\r\n") < 5:
+                chunk = s.recv(4096)
+                assert chunk, data
+                data += chunk
+    user_line = b"%d, %d : USERID : UNIX : %s" % (child_port, server_port, IDENT_USER.encode())
+    assert data.split(b"\r\n")[:-1] == [
+        user_line,
+        b"%d, %d : ERROR : HIDDEN-USER" % (my_port, server_port),
+        b"%d, %d : ERROR : NO-USER" % (nobody, server_port),
+        b"0, 70000 : ERROR : INVALID-PORT",
+        user_line,
+    ]
+
+
+def test_root_connection_is_hidden(identd, sockets):
+    lst = listener(sockets)
+    client = sockets.enter_context(socket.create_connection(lst.getsockname()))
+    server, _ = lst.accept()
+    sockets.enter_context(server)
+    cport, sport = client.getsockname()[1], lst.getsockname()[1]
+    assert ask(identd.port, b"%d, %d\r\n" % (cport, sport)) == \
+        b"%d, %d : ERROR : HIDDEN-USER" % (cport, sport)
+    # The other end of the same connection is root's too.
+    assert ask(identd.port, b"%d, %d\r\n" % (sport, cport)) == \
+        b"%d, %d : ERROR : HIDDEN-USER" % (sport, cport)
+
+
+def test_no_such_connection(identd, sockets):
+    a, b = free_port(sockets), free_port(sockets)
+    assert ask(identd.port, b"%d, %d\r\n" % (a, b)) == b"%d, %d : ERROR : NO-USER" % (a, b)
+
+
+def test_listening_socket_is_no_user(identd, sockets):
+    lst = listener(sockets)
+    nobody = free_port(sockets)
+    port = lst.getsockname()[1]
+    assert ask(identd.port, b"%d, %d\r\n" % (port, nobody)) == \
+        b"%d, %d : ERROR : NO-USER" % (port, nobody)
+
+
+@pytest.mark.parametrize("query,reply", [
+    (b"0, 23\r\n", b"0, 23 : ERROR : INVALID-PORT"),
+    (b"65536,23\r\n", b"65536,23 : ERROR : INVALID-PORT"),
+    (b"abc, def\r\n", b"abc, def : ERROR : INVALID-PORT"),
+])
+def test_invalid_port(identd, query, reply):
+    assert ask(identd.port, query) == reply
+
+
+def test_garbage_does_not_hurt_the_server(identd, ident_user, sockets):
+    with socket.create_connection(("127.0.0.1", identd.port), timeout=10) as s:
+        s.sendall(b"\x00\xff\x16\x03\x01 garbage :: \r\n")
+        data = s.recv(1000)
+        assert data.endswith(b" : ERROR : INVALID-PORT\r\n"), data
+    # A line over the limit (1000) is closed, and the server still answers others.
+    with socket.create_connection(("127.0.0.1", identd.port), timeout=10) as s:
+        s.sendall(b"1" * 5000)
+        s.settimeout(10)
+        rest = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := s.recv(4096):
+                rest += chunk
+        assert rest == b""
+    lst = listener(sockets)
+    with connection_as(ident_user, lst) as child_port:
+        port = lst.getsockname()[1]
+        assert answer(ask(identd.port, b"%d, %d\r\n" % (child_port, port))) == \
+            (b"USERID", b"UNIX : " + IDENT_USER.encode())
+    assert identd.process.poll() is None
+    assert "Traceback" not in identd.log()
+
+
+def test_a_silent_client_does_not_block_others(identd):
+    with socket.create_connection(("127.0.0.1", identd.port), timeout=10) as silent:
+        silent.sendall(b"123")           # no EOL, ever
+        started = time.monotonic()
+        assert ask(identd.port, b"1, 2\r\n") == b"1, 2 : ERROR : NO-USER"
+        assert time.monotonic() - started < 2
+
+
+def test_ipv6(twistd, ident_user, sockets):
+    identd6 = twistd("identd", "--listen", r"tcp6:0:interface=\:\:1")
+    lst = listener(sockets, "::1")
+    port = lst.getsockname()[1]
+    with connection_as(ident_user, lst) as child_port:
+        reply = ask(identd6.port, b"%d, %d\r\n" % (child_port, port), host="::1")
+        assert reply == b"%d, %d : USERID : UNIX : %s" % (child_port, port,
+                                                          IDENT_USER.encode()), identd6.log()
+    a, b = free_port(sockets, "::1"), free_port(sockets, "::1")
+    assert ask(identd6.port, b"%d, %d\r\n" % (a, b), host="::1") == \
+        b"%d, %d : ERROR : NO-USER" % (a, b)
+
+
+def test_dual_stack_listener_answers_ipv4_queries(twistd, ident_user, sockets):
+    """On a dual-stack tcp6 listener an IPv4 querier is ::ffff:127.0.0.1:
+    the lookup must still find the IPv4 connection."""
+    dual = twistd("identd", "--listen", r"tcp6:0:interface=\:\:")
+    lst = listener(sockets)
+    port = lst.getsockname()[1]
+    with connection_as(ident_user, lst) as child_port:
+        reply = ask(dual.port, b"%d, %d\r\n" % (child_port, port), host="127.0.0.1")
+        assert reply == b"%d, %d : USERID : UNIX : %s" % (child_port, port,
+                                                          IDENT_USER.encode()), dual.log()
+
+
+def test_flags_reply_opsys_hide(twistd, ident_user, sockets):
+    server = twistd("identd", "--listen", "tcp:0:interface=127.0.0.1", "--reply", "uid",
+                    "--opsys", "OTHER", "--hide", "nobody")
+    lst = listener(sockets)
+    port = lst.getsockname()[1]
+    root_client = sockets.enter_context(socket.create_connection(lst.getsockname()))
+    sockets.enter_context(lst.accept()[0])
+    root_port = root_client.getsockname()[1]
+    with connection_as(ident_user, lst) as child_port:
+        assert ask(server.port, b"%d, %d\r\n" % (child_port, port)) == \
+            b"%d, %d : USERID : OTHER : %d" % (child_port, port, ident_user.pw_uid)
+    # --hide replaces the default list: root is no longer hidden.
+    assert ask(server.port, b"%d, %d\r\n" % (root_port, port)) == \
+        b"%d, %d : USERID : OTHER : 0" % (root_port, port)
+
+
+def test_config_file_policy(twistd, ident_user, sockets, tmp_path):
+    config = tmp_path / "identd.toml"
+    config.write_text(f"""
+[identd]
+listen = ["tcp:0:interface=127.0.0.1"]
+unknown_error_only = true
+charset = "UTF-8"
+
+[identd.users]
+"{IDENT_USER}" = "fixed:guest"
+""")
+    server = twistd("identd", "--config", str(config))
+    lst = listener(sockets)
+    port = lst.getsockname()[1]
+    with connection_as(ident_user, lst) as child_port:
+        assert ask(server.port, b"%d, %d\r\n" % (child_port, port)) == \
+            b"%d, %d : USERID : UNIX,UTF-8 : guest" % (child_port, port)
+    a, b = free_port(sockets), free_port(sockets)
+    assert ask(server.port, b"%d, %d\r\n" % (a, b)) == b"%d, %d : ERROR : UNKNOWN-ERROR" % (a, b)
+    assert ask(server.port, b"0, 0\r\n") == b"0, 0 : ERROR : UNKNOWN-ERROR"
+
+
+def test_idle_timeout_and_max_line_from_config(twistd, tmp_path):
+    config = tmp_path / "identd.toml"
+    config.write_text('[identd]\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
+                      "idle_timeout = 0.5\nmax_line = 20\n")
+    server = twistd("identd", "--config", str(config))
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        started = time.monotonic()
+        s.sendall(b"1, ")
+        with contextlib.suppress(ConnectionResetError):
+            assert s.recv(100) == b""
+        assert 0.3 < time.monotonic() - started < 5
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"1," + b" " * 30 + b"2\r\n")
+        with contextlib.suppress(ConnectionResetError):
+            assert s.recv(100) == b""
+
+
+def test_per_client_limit_from_config(twistd, tmp_path):
+    config = tmp_path / "identd.toml"
+    config.write_text('[identd]\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
+                      "max_connections_per_client = 2\n")
+    server = twistd("identd", "--config", str(config))
+    with contextlib.ExitStack() as stack:
+        held = [stack.enter_context(socket.create_connection(("127.0.0.1", server.port),
+                                                             timeout=10)) for _ in range(2)]
+        third = stack.enter_context(socket.create_connection(("127.0.0.1", server.port),
+                                                             timeout=10))
+        with contextlib.suppress(OSError):
+            third.sendall(b"1, 2\r\n")
+        with contextlib.suppress(ConnectionResetError):
+            assert third.recv(100) == b""           # closed without an answer
+        for s in held:
+            s.sendall(b"1, 2\r\n")
+            assert s.recv(100) == b"1, 2 : ERROR : NO-USER\r\n"
+
+
+# ---- stdio (inetd) -------------------------------------------------------------------
+
+def run_identd(*args: str, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([TWISTD, "identd", *args], capture_output=True, timeout=30,
+                          cwd=cwd, **kwargs)
+
+
+def test_stdio(ident_user, sockets, tmp_path):
+    lst = listener(sockets)
+    port = lst.getsockname()[1]
+    with connection_as(ident_user, lst) as child_port:
+        out = run_identd("--stdio", "--local-address", "127.0.0.1", "--remote-address",
+                         "127.0.0.1", input=b"%d , %d\r\n" % (child_port, port), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == b"%d, %d : USERID : UNIX : %s\r\n" % (child_port, port,
+                                                              IDENT_USER.encode())
+    assert b"Traceback" not in out.stderr
+
+
+def test_stdio_errors(sockets, tmp_path):
+    a, b = free_port(sockets), free_port(sockets)
+    out = run_identd("--stdio", "--local-address", "127.0.0.1", "--remote-address",
+                     "127.0.0.1", input=b"%d, %d\n" % (a, b), cwd=tmp_path)
+    assert (out.returncode, out.stdout) == (0, b"%d, %d : ERROR : NO-USER\r\n" % (a, b))
+    out = run_identd("--stdio", "--local-address", "127.0.0.1", "--remote-address",
+                     "127.0.0.1", input=b"99999, 1\r\n", cwd=tmp_path)
+    assert (out.returncode, out.stdout) == (0, b"99999, 1 : ERROR : INVALID-PORT\r\n")
+
+
+def test_stdio_without_addresses_on_a_pipe_fails_cleanly(tmp_path):
+    out = run_identd("--stdio", input=b"1, 2\r\n", cwd=tmp_path)
+    assert out.returncode != 0
+    assert out.stdout == b""
+    assert b"--local-address" in out.stderr
+    assert b"Traceback" not in out.stderr
+
+
+def test_stdio_on_an_inetd_socket(ident_user, sockets, tmp_path):
+    """Under inetd stdin and stdout are the accepted connection; the
+    addresses come from it."""
+    lst = listener(sockets)
+    port = lst.getsockname()[1]
+    front = listener(sockets)
+    querier = sockets.enter_context(socket.create_connection(front.getsockname(), timeout=10))
+    accepted, _ = front.accept()
+    sockets.enter_context(accepted)
+    with connection_as(ident_user, lst) as child_port:
+        querier.sendall(b"%d, %d\r\n" % (child_port, port))
+        proc = subprocess.run([TWISTD, "identd", "--stdio"], stdin=accepted, stdout=accepted,
+                              stderr=subprocess.PIPE, timeout=30, cwd=tmp_path)
+        accepted.close()     # (the forked child holds a copy: read to the EOL, not EOF)
+        data = b""
+        while not data.endswith(b"\n") and (chunk := querier.recv(1000)):
+            data += chunk
+    assert proc.returncode == 0, proc.stderr
+    assert data == b"%d, %d : USERID : UNIX : %s\r\n" % (child_port, port, IDENT_USER.encode())
+
+
+# ---- --check and bad configurations -------------------------------------------------------
+
+def test_check_ok(tmp_path):
+    config = tmp_path / "ok.toml"
+    config.write_text('[identd]\nlisten = ["tcp:0:interface=127.0.0.1"]\nreply = "hashed"\n')
+    out = run_identd("--config", str(config), "--check", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert b"OK" in out.stdout and b"tcp:0:interface=127.0.0.1" in out.stdout
+
+
+@pytest.mark.parametrize("table,key", [
+    ('reply = "sometimes"', "identd.reply"),
+    ("max_line = 0", "identd.max_line"),
+    ('listen = ["bogus:1"]', "identd.listen"),
+    ('opsys = "A:B"', "identd.opsys"),
+    ("frobnicate = true", "identd.frobnicate"),
+])
+@pytest.mark.parametrize("check", [True, False])
+def test_bad_config_exits_nonzero_without_traceback(tmp_path, table, key, check):
+    config = tmp_path / "bad.toml"
+    config.write_text(f"[identd]\n{table}\n")
+    args = ["--config", str(config)] + (["--check"] if check else
+                                         ["--listen", "tcp:0:interface=127.0.0.1"])
+    out = subprocess.run([TWISTD, "-n", "--pidfile=", "identd", *args], capture_output=True,
+                         timeout=30, cwd=tmp_path)
+    text = (out.stdout + out.stderr).decode(errors="replace")
+    assert out.returncode != 0, text
+    assert key in text, text
+    assert f"{config}:2" in text, text
+    assert "Traceback" not in text, text
+
+
+def test_bad_reply_flag_and_missing_config(tmp_path):
+    out = run_identd("--reply", "bogus", "--check", cwd=tmp_path)
+    assert out.returncode != 0
+    assert b"--reply" in out.stderr and b"Traceback" not in out.stderr
+    out = run_identd("--config", str(tmp_path / "missing.toml"), "--check", cwd=tmp_path)
+    assert out.returncode != 0
+    assert b"missing.toml" in out.stderr and b"Traceback" not in out.stderr
+
+
+def test_socks_with_bad_identd_table_exits_nonzero(tmp_path):
+    config = tmp_path / "socksd.toml"
+    config.write_text('[identd]\nenabled = true\nproxied_reply = "whatever"\n')
+    out = subprocess.run([TWISTD, "-n", "--pidfile=", "socks", "--config", str(config),
+                          "--check"], capture_output=True, timeout=30, cwd=tmp_path)
+    text = (out.stdout + out.stderr).decode(errors="replace")
+    assert out.returncode != 0, text
+    assert "identd.proxied_reply" in text and "Traceback" not in text, text
+
+
+# ---- the proxy integration (issue 4, item 5) ----------------------------------------------
+
+def proxy_config(extra: str = "") -> str:
+    return ('[server]\nmethods = ["userpass"]\n'
+            'checkers = ["memory:alice:secret:bob:hunter2"]\n\n'
+            '[identd]\nenabled = true\nlisten = ["tcp:0:interface=127.0.0.1"]\n' + extra)
+
+
+@contextlib.contextmanager
+def proxied_session(proxy_port: int, user: str, password: str, target: socket.socket):
+    """An open SOCKS5 CONNECT session to ``target`` (a listener); yields the
+    proxy's outbound source port as the target sees it."""
+    proxy = Proxy.from_url(f"socks5://{user}:{password}@127.0.0.1:{proxy_port}")
+    client = proxy.connect(dest_host="127.0.0.1", dest_port=target.getsockname()[1],
+                           timeout=10)
+    try:
+        target.settimeout(10)
+        inbound, (_host, source_port) = target.accept()
+        try:
+            # Bytes both ways: the relay runs, so the session is registered.
+            client.sendall(b"ping")
+            assert inbound.recv(4) == b"ping"
+            inbound.sendall(b"pong")
+            assert client.recv(4) == b"pong"
+            yield source_port
+        finally:
+            inbound.close()
+    finally:
+        client.close()
+
+
+def identd_port_of(server) -> int:
+    return int(server.wait_for_log(r"IdentFactory starting on (\d+)").group(1))
+
+
+def test_proxied_connection_is_answered_with_the_socks_user(socks_server, sockets):
+    server = socks_server(proxy_config())
+    ident_port = identd_port_of(server)
+    target = listener(sockets)
+    tport = target.getsockname()[1]
+    with proxied_session(server.port, "alice", "secret", target) as alice_port:
+        with proxied_session(server.port, "bob", "hunter2", target) as bob_port:
+            assert ask(ident_port, b"%d, %d\r\n" % (alice_port, tport)) == \
+                b"%d, %d : USERID : UNIX : alice" % (alice_port, tport), server.log()
+            assert ask(ident_port, b"%d , %d\r\n" % (bob_port, tport)) == \
+                b"%d, %d : USERID : UNIX : bob" % (bob_port, tport)
+    # Once the session is over, the registration is gone: never alice again.
+    deadline = time.monotonic() + 5
+    while True:
+        reply = ask(ident_port, b"%d, %d\r\n" % (alice_port, tport))
+        kind, value = answer(reply)
+        if kind == b"ERROR":
+            break
+        assert value != b"UNIX : alice" or time.monotonic() < deadline, reply
+        time.sleep(0.05)
+    assert value in (b"NO-USER", b"HIDDEN-USER"), reply
+
+
+def test_proxy_inbound_side_is_answered_by_the_kernel(socks_server, sockets):
+    """Only the outbound connection is alice's: the client's connection to
+    the proxy is answered as usual (it is root's, this test's own socket)."""
+    server = socks_server(proxy_config())
+    ident_port = identd_port_of(server)
+    target = listener(sockets)
+    proxy = Proxy.from_url(f"socks5://alice:secret@127.0.0.1:{server.port}")
+    client = proxy.connect(dest_host="127.0.0.1", dest_port=target.getsockname()[1],
+                           timeout=10)
+    with client:
+        inbound, _ = target.accept()
+        with inbound:
+            cport = client.getsockname()[1]
+            assert ask(ident_port, b"%d, %d\r\n" % (cport, server.port)) == \
+                b"%d, %d : ERROR : HIDDEN-USER" % (cport, server.port)
+
+
+def test_proxied_users_false_answers_the_real_owner(socks_server, sockets):
+    server = socks_server(proxy_config("proxied_users = false\n"))
+    ident_port = identd_port_of(server)
+    target = listener(sockets)
+    tport = target.getsockname()[1]
+    with proxied_session(server.port, "alice", "secret", target) as source_port:
+        assert ask(ident_port, b"%d, %d\r\n" % (source_port, tport)) == \
+            b"%d, %d : ERROR : HIDDEN-USER" % (source_port, tport)
+
+
+def test_proxied_reply_hashed(socks_server, sockets):
+    server = socks_server(proxy_config('proxied_reply = "hashed"\nhash_key = "k1"\n'))
+    ident_port = identd_port_of(server)
+    target = listener(sockets)
+    tport = target.getsockname()[1]
+    expected = IdentPolicy(hash_key=b"k1").apply("hashed", "alice", None, "test").user
+    with proxied_session(server.port, "alice", "secret", target) as source_port:
+        assert ask(ident_port, b"%d, %d\r\n" % (source_port, tport)) == \
+            b"%d, %d : USERID : UNIX : %s" % (source_port, tport, expected.encode())
+
+
+# ---- socksd's SOCKS4 ident verification against this identd --------------------------------
+
+def socks4_ident_config(ident_port: int) -> str:
+    return (f'[socks4]\nuserid = "ident"\nident_port = {ident_port}\nident_timeout = 3\n\n'
+            '[[rules]]\naction = "allow"\nfrom = ["127.0.0.0/8"]\nversions = [4]\n'
+            "verified = true\n")
+
+
+def curl_as(user: pwd.struct_passwd, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([require("curl"), "-q", "-sS", "--max-time", "15", *args],
+                          capture_output=True, timeout=20, user=user.pw_uid,
+                          group=user.pw_gid, extra_groups=[], cwd="/",
+                          env={"PATH": "/usr/bin:/bin", "HOME": "/"})
+
+
+def test_socks4_ident_verification_against_our_identd(socks_server, identd, http_server,
+                                                      ident_user):
+    server = socks_server(socks4_ident_config(identd.port))
+    url = f"http://127.0.0.1:{http_server}/"
+    out = curl_as(ident_user, "-x", f"socks4://{IDENT_USER}@127.0.0.1:{server.port}", url)
+    assert out.returncode == 0, f"{out.stderr!r}\n{server.log()}\n{identd.log()}"
+    assert out.stdout == PAGE
+    server.wait_for_log(rf"socks4 user={IDENT_USER} method=ident connect "
+                        rf"127\.0\.0\.1:{http_server} .* ok")
+    out = curl_as(ident_user, "-x", f"socks4://someoneelse@127.0.0.1:{server.port}", url)
+    assert out.returncode != 0
+    assert b"(93)" in out.stderr, out.stderr
+
+
+def test_socks4_exact_reply_bytes_against_our_identd(socks_server, identd, http_server,
+                                                     ident_user, sockets):
+    """The raw SOCKS4 exchange made by the throwaway user: 90, then 93."""
+    server = socks_server(socks4_ident_config(identd.port))
+    head = b"\x04\x01" + http_server.to_bytes(2, "big") + socket.inet_aton("127.0.0.1")
+    replies = []
+    for userid in (IDENT_USER.encode(), b"mallory"):
+        replies.append(socks4_as(ident_user, server.port, head + userid + b"\x00"))
+    assert replies[0][:2] == b"\x00\x5a", (replies, server.log())
+    assert replies[1] == b"\x00\x5d" + bytes(6), replies
+
+
+def socks4_as(entry: pwd.struct_passwd, port: int, request: bytes) -> bytes:
+    """A SOCKS4 request sent by a child running as ``entry``: the first 8
+    reply bytes (fewer if the server closes)."""
+    read_r, read_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            os.close(read_r)
+            os.setgroups([])
+            os.setgid(entry.pw_gid)
+            os.setuid(entry.pw_uid)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.settimeout(15)
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(request)
+            reply = b""
+            while len(reply) < 8:
+                chunk = sock.recv(8 - len(reply))
+                if not chunk:
+                    break
+                reply += chunk
+            os.write(read_w, reply)
+            status = 0
+        except BaseException as e:
+            os.write(read_w, f"error {e!r}".encode())
+        finally:
+            os._exit(status)
+    os.close(read_w)
+    try:
+        data = b""
+        while chunk := os.read(read_r, 100):
+            data += chunk
+    finally:
+        os.close(read_r)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, data
+    return data
+
+
+def test_socks4_ident_against_the_identd_in_the_same_process(socks_server, http_server,
+                                                             ident_user, sockets):
+    """One twistd: the proxy's SOCKS4 ident check queries the identd that
+    runs in its own reactor (the lookup must not deadlock the process)."""
+    ident_port = free_port(sockets)
+    sockets.close()     # release it for the identd
+    config = (socks4_ident_config(ident_port)
+              + f'\n[identd]\nenabled = true\nlisten = ["tcp:{ident_port}:interface=127.0.0.1"]\n')
+    server = socks_server(config)
+    assert identd_port_of(server) == ident_port
+    url = f"http://127.0.0.1:{http_server}/"
+    out = curl_as(ident_user, "-x", f"socks4://{IDENT_USER}@127.0.0.1:{server.port}", url)
+    assert out.returncode == 0, f"{out.stderr!r}\n{server.log()}"
+    assert out.stdout == PAGE
+    out = curl_as(ident_user, "-x", f"socks4://root@127.0.0.1:{server.port}", url)
+    assert b"(93)" in out.stderr, out.stderr
+
+
+def test_identd_table_without_enabled_does_not_start_the_identd_in_socks(socks_server):
+    """README: ``enabled`` defaults to false for `twistd socks`, so a config
+    shared with a standalone `twistd identd` does not bind its port twice."""
+    server = socks_server('[identd]\nlisten = ["tcp:0:interface=127.0.0.1"]\n')
+    time.sleep(0.5)
+    assert server.process.poll() is None, server.log()
+    assert "IdentFactory" not in server.log()
+
+
+def test_socks_and_identd_share_one_config_file(twistd, socks_server, tmp_path):
+    """The DESIGN's deployment: `twistd socks --config F` and `twistd identd
+    --config F` side by side; ``enabled = false`` keeps the identd out of the
+    proxy, and the standalone identd serves the table anyway."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    text = f'[identd]\nenabled = false\nlisten = ["tcp:{port}:interface=127.0.0.1"]\n'
+    config = tmp_path / "shared.toml"
+    config.write_text(text)
+    standalone = twistd("identd", "--config", str(config))
+    assert standalone.port == port
+    proxy = socks_server(text)
+    time.sleep(0.5)
+    assert proxy.process.poll() is None, proxy.log()
+    assert "IdentFactory" not in proxy.log()
+    assert ask(port, b"0, 0\r\n") == b"0, 0 : ERROR : INVALID-PORT"
+
+
+def test_check_defaults_to_port_113(tmp_path):
+    out = run_identd("--check", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert b"tcp:113" in out.stdout
+
+
+# ---- privileges and user files ---------------------------------------------------------
+
+def test_drops_privileges_after_binding(twistd, ident_user, sockets):
+    server = twistd(f"--uid={ident_user.pw_uid}", f"--gid={ident_user.pw_gid}", "identd",
+                    "--listen", "tcp:0:interface=127.0.0.1")
+    server.wait_for_ports(r"set uid/gid (\d+)")
+    with open(f"/proc/{server.process.pid}/status") as f:
+        uids = next(line for line in f if line.startswith("Uid:")).split()[1:]
+    assert set(map(int, uids)) == {ident_user.pw_uid}
+    lst = listener(sockets)
+    port = lst.getsockname()[1]
+    root_client = sockets.enter_context(socket.create_connection(lst.getsockname()))
+    sockets.enter_context(lst.accept()[0])
+    root_port = root_client.getsockname()[1]
+    # Unprivileged, it still sees who owns every connection.
+    assert ask(server.port, b"%d, %d\r\n" % (root_port, port)) == \
+        b"%d, %d : ERROR : HIDDEN-USER" % (root_port, port), server.log()
+    with connection_as(ident_user, lst) as child_port:
+        assert ask(server.port, b"%d, %d\r\n" % (child_port, port)) == \
+            b"%d, %d : USERID : UNIX : %s" % (child_port, port, IDENT_USER.encode())
+
+
+@pytest.fixture
+def user_file(ident_user):
+    """Writes ~/.config/socksd-ident for the throwaway user (in its passwd
+    home), removing whatever it created afterwards."""
+    home = Path(ident_user.pw_dir)
+    created: list[Path] = []
+    for directory in (home, home / ".config"):
+        if not directory.exists():
+            directory.mkdir(mode=0o755)
+            os.chown(directory, ident_user.pw_uid, ident_user.pw_gid)
+            created.append(directory)
+    path = home / ".config" / "socksd-ident"
+    assert not path.exists() or path in created, f"{path} exists already"
+
+    def write(text: str) -> Path:
+        path.write_text(text)
+        os.chown(path, ident_user.pw_uid, ident_user.pw_gid)
+        return path
+
+    yield write
+    path.unlink(missing_ok=True)
+    for directory in reversed(created):
+        directory.rmdir()
+
+
+def test_user_file_over_a_real_identd(twistd, ident_user, user_file, sockets, tmp_path):
+    config = tmp_path / "identd.toml"
+    config.write_text('[identd]\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
+                      f'user_files = ["{IDENT_USER}"]\n')
+    server = twistd("identd", "--config", str(config))
+    lst = listener(sockets)
+    port = lst.getsockname()[1]
+    with connection_as(ident_user, lst) as child_port:
+        query = b"%d, %d\r\n" % (child_port, port)
+        assert answer(ask(server.port, query))[1] == b"UNIX : " + IDENT_USER.encode()
+        user_file("fixed:ircnick\n")
+        assert answer(ask(server.port, query))[1] == b"UNIX : ircnick"
+        user_file("hidden\n")
+        assert answer(ask(server.port, query)) == (b"ERROR", b"HIDDEN-USER")
+        user_file("not a mode\n")
+        assert answer(ask(server.port, query))[1] == b"UNIX : " + IDENT_USER.encode()
+
+
+def test_check_the_example_config(tmp_path):
+    example = Path(__file__).resolve().parent.parent / "examples" / "socksd.toml"
+    out = run_identd("--config", str(example), "--check", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert b"tcp:113" in out.stdout

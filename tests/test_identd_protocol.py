@@ -1,0 +1,733 @@
+"""The identd protocol (socksd.ident.server) driven over StringTransport.
+
+The owner lookup is replaced by a fake (``socksd.ident.lookup.lookup`` is
+monkeypatched) so each test says exactly who owns which connection; the
+``blocking`` hook of IdentFactory either runs it inline or hands back
+Deferreds the test fires in the order it chooses. Time is a
+MemoryReactorClock.
+"""
+
+from __future__ import annotations
+
+import io
+import pwd
+import re
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
+
+from socksd.config import IdentdConfig
+from socksd.ident import lookup as lookup_module
+from socksd.ident.lookup import Connection, Owner
+from socksd.ident.policy import IdentPolicy
+from socksd.ident.registry import ProxiedConnections
+from socksd.ident.server import MAX_PENDING, IdentdLimits, IdentFactory, answer_query
+from socksd.tap.identd import serve_stdio
+
+LOCAL = "127.0.0.1"      # the address the ident query arrives on
+REMOTE = "127.0.0.2"     # the querier
+IDENT_PORT = 113
+PEER_PORT = 40000
+
+DAEMON = pwd.getpwnam("daemon")   # a named, non-root account present on Debian
+
+
+def _unused_uid() -> int:
+    uid = 4242424
+    while True:
+        try:
+            pwd.getpwuid(uid)
+        except KeyError:
+            return uid
+        uid += 1
+
+
+NAMELESS_UID = _unused_uid()
+
+
+def inline(f, *args):
+    return f(*args)
+
+
+class FakeLookup:
+    """Stands in for socksd.ident.lookup.lookup: a table of owned connections."""
+
+    def __init__(self) -> None:
+        self.owners: dict[Connection, Owner] = {}
+        self.calls: list[Connection] = []
+        self.error: Exception | None = None
+
+    def own(self, server_port: int, client_port: int, uid: int, local: str = LOCAL,
+            remote: str = REMOTE) -> None:
+        self.owners[Connection(local, server_port, remote, client_port)] = Owner(uid, 1000 + uid)
+
+    def __call__(self, conn: Connection) -> Owner | None:
+        self.calls.append(conn)
+        if self.error is not None:
+            raise self.error
+        return self.owners.get(conn)
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    fake = FakeLookup()
+    monkeypatch.setattr(lookup_module, "lookup", fake)
+    return fake
+
+
+@pytest.fixture
+def log_events():
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+def make_factory(policy: IdentPolicy | None = None, limits: IdentdLimits = IdentdLimits(),
+                 registry: ProxiedConnections | None = None, blocking=inline,
+                 clock: MemoryReactorClock | None = None) -> IdentFactory:
+    return IdentFactory(policy or IdentPolicy(hash_key=b"k"), limits, registry=registry,
+                        reactor=clock or MemoryReactorClock(), blocking=blocking)
+
+
+def connect(factory: IdentFactory, remote: str = REMOTE, local: str = LOCAL,
+            peer_port: int = PEER_PORT):
+    """A protocol of ``factory`` connected from ``remote`` to ``local``:113, or
+    (None, None) when the factory refuses to build one."""
+    cls = IPv6Address if ":" in remote else IPv4Address
+    peer = cls("TCP", remote, peer_port)
+    proto = factory.buildProtocol(peer)
+    if proto is None:
+        return None, None
+    host_cls = IPv6Address if ":" in local else IPv4Address
+    transport = StringTransport(hostAddress=host_cls("TCP", local, IDENT_PORT),
+                                peerAddress=peer)
+    proto.makeConnection(transport)
+    return proto, transport
+
+
+def ask(factory: IdentFactory, data: bytes, **where) -> bytes:
+    proto, transport = connect(factory, **where)
+    proto.dataReceived(data)
+    return transport.value()
+
+
+def lines(output: bytes) -> list[bytes]:
+    assert output.endswith(b"\r\n") or output == b"", output
+    return output.split(b"\r\n")[:-1]
+
+
+# ---- the reply format ---------------------------------------------------------------
+
+@pytest.mark.parametrize("query", [b"6193, 23\r\n", b"6193,23\r\n", b"6193 ,23\r\n",
+                                   b"  6193  ,  23  \r\n", b"6193,\t23\r\n", b"6193, 23\n"])
+def test_query_with_or_without_spaces(fake, query):
+    fake.own(6193, 23, DAEMON.pw_uid)
+    assert ask(make_factory(), query) == b"6193, 23 : USERID : UNIX : daemon\r\n"
+    # local end = the address the query came in on; remote = the querier.
+    assert fake.calls == [Connection(LOCAL, 6193, REMOTE, 23)]
+
+
+def test_no_such_connection_is_no_user(fake):
+    assert ask(make_factory(), b"6193, 23\r\n") == b"6193, 23 : ERROR : NO-USER\r\n"
+
+
+def test_root_is_hidden_by_default(fake):
+    fake.own(6193, 23, 0)
+    assert ask(make_factory(), b"6193, 23\r\n") == b"6193, 23 : ERROR : HIDDEN-USER\r\n"
+
+
+def test_uid_without_a_passwd_entry_is_answered_with_the_number(fake):
+    fake.own(6193, 23, NAMELESS_UID)
+    assert ask(make_factory(), b"6193, 23\r\n") == \
+        b"6193, 23 : USERID : UNIX : %d\r\n" % NAMELESS_UID
+
+
+def test_opsys_and_charset(fake):
+    fake.own(1, 65535, DAEMON.pw_uid)
+    factory = make_factory(IdentPolicy(opsys="OTHER", charset="UTF-8"))
+    assert ask(factory, b"1,65535\r\n") == b"1, 65535 : USERID : OTHER,UTF-8 : daemon\r\n"
+
+
+def test_ipv6_query(fake):
+    fake.own(6193, 23, DAEMON.pw_uid, local="::1", remote="::1")
+    out = ask(make_factory(), b"6193, 23\r\n", remote="::1", local="::1")
+    assert out == b"6193, 23 : USERID : UNIX : daemon\r\n"
+    assert fake.calls == [Connection("::1", 6193, "::1", 23)]
+
+
+def test_v4_mapped_addresses_are_looked_up_as_ipv4(fake):
+    fake.own(6193, 23, DAEMON.pw_uid)
+    out = ask(make_factory(), b"6193, 23\r\n", remote="::ffff:" + REMOTE,
+              local="::ffff:" + LOCAL)
+    assert out == b"6193, 23 : USERID : UNIX : daemon\r\n"
+
+
+def test_lookup_failure_is_unknown_error(fake):
+    fake.error = OSError("netlink went away")
+    assert ask(make_factory(), b"6193, 23\r\n") == b"6193, 23 : ERROR : UNKNOWN-ERROR\r\n"
+
+
+# ---- INVALID-PORT and garbage -------------------------------------------------------
+
+@pytest.mark.parametrize("query,echo", [
+    (b"0, 23", b"0, 23"),
+    (b"23, 0", b"23, 0"),
+    (b"65536, 23", b"65536, 23"),
+    (b"23, 65536", b"23, 65536"),
+    (b"99999, 1", b"99999, 1"),
+    (b"abc, 23", b"abc, 23"),
+    (b"6193", b"6193"),
+    (b"-1, 23", b"-1, 23"),
+    (b"6193, 23, 5", b"6193, 23, 5"),
+    (b"0x10, 23", b"0x10, 23"),
+])
+def test_invalid_port(fake, query, echo):
+    out = ask(make_factory(), query + b"\r\n")
+    assert out == echo + b" : ERROR : INVALID-PORT\r\n"
+    assert fake.calls == []
+
+
+@pytest.mark.parametrize("garbage", [b"", b"\x00\xff\xfe", b":::", b"GET / HTTP/1.0",
+                                     b"\x1b[31m:1,2:", b"\t \t", "é, ü".encode()])
+def test_garbage_gets_one_error_line_and_the_connection_stays_usable(fake, garbage):
+    fake.own(6193, 23, DAEMON.pw_uid)
+    proto, transport = connect(make_factory())
+    proto.dataReceived(garbage + b"\r\n")
+    first = lines(transport.value())
+    assert len(first) == 1
+    pair, kind, token = first[0].split(b" : ")
+    assert (kind, token) == (b"ERROR", b"INVALID-PORT")
+    assert all(0x20 <= c < 0x7F for c in pair)
+    assert not transport.disconnecting
+    proto.dataReceived(b"6193, 23\r\n")
+    assert lines(transport.value())[1] == b"6193, 23 : USERID : UNIX : daemon"
+
+
+def test_garbage_on_one_connection_does_not_block_another(fake):
+    fake.own(6193, 23, DAEMON.pw_uid)
+    factory = make_factory()
+    bad, bad_transport = connect(factory, peer_port=1)
+    good, good_transport = connect(factory, peer_port=2)
+    bad.dataReceived(b"\xff" * 50)                # no EOL: still being read
+    good.dataReceived(b"6193, 23\r\n")
+    assert good_transport.value() == b"6193, 23 : USERID : UNIX : daemon\r\n"
+    assert bad_transport.value() == b""
+
+
+# ---- order of replies ---------------------------------------------------------------
+
+class DeferredLookups:
+    """A ``blocking`` hook that returns Deferreds the test fires when it likes."""
+
+    def __init__(self) -> None:
+        self.waiting: list[tuple[defer.Deferred, object, tuple]] = []
+
+    def __call__(self, f, *args):
+        d = defer.Deferred()
+        self.waiting.append((d, f, args))
+        return d
+
+    def fire_newest_first(self) -> int:
+        """Fire every waiting lookup, the most recently started first (an
+        identd that looks up several queries at once sees them complete in
+        reverse order); repeat until none waits. Returns how many fired."""
+        fired = 0
+        while self.waiting:
+            d, f, args = self.waiting.pop()
+            d.callback(f(*args))
+            fired += 1
+        return fired
+
+
+def test_several_queries_answered_in_order_when_lookups_finish_in_reverse(fake):
+    for port, uid in ((1001, DAEMON.pw_uid), (1002, 0), (1003, NAMELESS_UID)):
+        fake.own(port, 23, uid)
+    lookups = DeferredLookups()
+    proto, transport = connect(make_factory(blocking=lookups))
+    proto.dataReceived(b"1001, 23\r\n1002, 23\r\n1003,23\r\n1004 , 23\r\nxyz\r\n")
+    assert transport.value() == b""        # nothing before the first lookup is done
+    assert lookups.fire_newest_first() == 4
+    assert lines(transport.value()) == [
+        b"1001, 23 : USERID : UNIX : daemon",
+        b"1002, 23 : ERROR : HIDDEN-USER",
+        b"1003, 23 : USERID : UNIX : %d" % NAMELESS_UID,
+        b"1004, 23 : ERROR : NO-USER",
+        b"xyz : ERROR : INVALID-PORT",
+    ]
+
+
+def test_an_immediate_answer_waits_behind_a_pending_lookup(fake):
+    """A proxied-user or INVALID-PORT answer needs no lookup, but a query
+    before it does: the replies still come in query order."""
+    fake.own(1001, 23, DAEMON.pw_uid)
+    registry = ProxiedConnections()
+    registry.add(LOCAL, 1002, REMOTE, 23, "alice")
+    lookups = DeferredLookups()
+    proto, transport = connect(make_factory(registry=registry, blocking=lookups))
+    proto.dataReceived(b"1001, 23\r\n1002, 23\r\n0, 0\r\n")
+    assert transport.value() == b""
+    lookups.fire_newest_first()
+    assert lines(transport.value()) == [
+        b"1001, 23 : USERID : UNIX : daemon",
+        b"1002, 23 : USERID : UNIX : alice",
+        b"0, 0 : ERROR : INVALID-PORT",
+    ]
+
+
+def test_queries_split_across_reads(fake):
+    fake.own(6193, 23, DAEMON.pw_uid)
+    proto, transport = connect(make_factory())
+    for byte in b"6193, 2":
+        proto.dataReceived(bytes([byte]))
+    assert transport.value() == b""
+    proto.dataReceived(b"3\r")
+    assert transport.value() == b""
+    proto.dataReceived(b"\n6193, 24\r\n")
+    assert lines(transport.value()) == [b"6193, 23 : USERID : UNIX : daemon",
+                                        b"6193, 24 : ERROR : NO-USER"]
+
+
+def test_many_pipelined_queries_pause_reading_then_all_are_answered(fake):
+    lookups = DeferredLookups()
+    proto, transport = connect(make_factory(blocking=lookups))
+    count = MAX_PENDING * 3
+    proto.dataReceived(b"".join(b"%d, 23\r\n" % (1000 + i) for i in range(count)))
+    assert transport.producerState == "paused"
+    lookups.fire_newest_first()
+    assert lines(transport.value()) == [b"%d, 23 : ERROR : NO-USER" % (1000 + i)
+                                        for i in range(count)]
+    assert transport.producerState == "producing"
+
+
+def test_reply_after_the_client_left_is_dropped(fake):
+    lookups = DeferredLookups()
+    proto, transport = connect(make_factory(blocking=lookups))
+    proto.dataReceived(b"6193, 23\r\n6194, 23\r\n")
+    proto.connectionLost(Failure(ConnectionError("gone")))
+    lookups.fire_newest_first()
+    assert transport.value() == b""
+
+
+# ---- line length --------------------------------------------------------------------
+
+def test_line_over_max_line_closes():
+    proto, transport = connect(make_factory(limits=IdentdLimits(max_line=20)))
+    proto.dataReceived(b"1" * 30 + b"\r\n")
+    assert transport.disconnecting
+    assert transport.value() == b""
+
+
+def test_unterminated_data_over_max_line_closes():
+    proto, transport = connect(make_factory(limits=IdentdLimits(max_line=20)))
+    proto.dataReceived(b"1, " + b" " * 10)
+    assert not transport.disconnecting
+    proto.dataReceived(b" " * 20)
+    assert transport.disconnecting
+
+
+def test_default_max_line_is_1000():
+    proto, transport = connect(make_factory())
+    proto.dataReceived(b" " * 1001)
+    assert transport.disconnecting
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n"])
+def test_a_line_of_exactly_max_line_bytes_is_answered(fake, eol):
+    """The limit is on the line; its end-of-line (LF or CR LF) is not part of it."""
+    max_line = 40
+    query = b"6193, 23".ljust(max_line)
+    assert len(query) == max_line
+    proto, transport = connect(make_factory(limits=IdentdLimits(max_line=max_line)))
+    proto.dataReceived(query + eol)
+    assert not transport.disconnecting
+    assert transport.value() == b"6193, 23 : ERROR : NO-USER\r\n"
+    proto.dataReceived(b"6193, 23".ljust(max_line + 1) + eol)
+    assert transport.disconnecting
+
+
+def test_long_line_after_good_ones_closes_after_their_answers(fake):
+    proto, transport = connect(make_factory(limits=IdentdLimits(max_line=50)))
+    proto.dataReceived(b"6193, 23\r\n" + b"9" * 60 + b"\r\n6193, 24\r\n")
+    assert transport.value() == b"6193, 23 : ERROR : NO-USER\r\n"
+    assert transport.disconnecting
+
+
+# ---- idle timeout -------------------------------------------------------------------
+
+def test_idle_timeout_closes():
+    clock = MemoryReactorClock()
+    proto, transport = connect(make_factory(limits=IdentdLimits(idle_timeout=60),
+                                            clock=clock))
+    clock.advance(59.5)
+    assert not transport.disconnecting
+    clock.advance(1)
+    assert transport.disconnecting
+
+
+def test_default_idle_timeout_is_60_seconds():
+    clock = MemoryReactorClock()
+    proto, transport = connect(make_factory(clock=clock))
+    clock.advance(59)
+    assert not transport.disconnecting
+    clock.advance(2)
+    assert transport.disconnecting
+
+
+def test_a_partial_line_does_not_keep_the_connection_alive():
+    clock = MemoryReactorClock()
+    proto, transport = connect(make_factory(limits=IdentdLimits(idle_timeout=10),
+                                            clock=clock))
+    for _ in range(12):                      # a byte a second, never an EOL
+        proto.dataReceived(b" ")
+        clock.advance(1)
+    assert transport.disconnecting
+
+
+def test_each_answered_query_restarts_the_idle_timer(fake):
+    clock = MemoryReactorClock()
+    proto, transport = connect(make_factory(limits=IdentdLimits(idle_timeout=10),
+                                            clock=clock))
+    for i in range(5):
+        clock.advance(8)
+        proto.dataReceived(b"6193, %d\r\n" % (23 + i))
+    assert not transport.disconnecting
+    assert len(lines(transport.value())) == 5
+    clock.advance(10.5)
+    assert transport.disconnecting
+
+
+def test_no_timer_left_after_close():
+    clock = MemoryReactorClock()
+    proto, transport = connect(make_factory(limits=IdentdLimits(idle_timeout=10),
+                                            clock=clock))
+    proto.connectionLost(Failure(ConnectionError("bye")))
+    assert [c for c in clock.getDelayedCalls() if c.active()] == []
+
+
+# ---- connection limits --------------------------------------------------------------
+
+def test_per_client_limit():
+    factory = make_factory(limits=IdentdLimits(max_connections_per_client=2))
+    a, ta = connect(factory, peer_port=1)
+    b, tb = connect(factory, peer_port=2)
+    assert not ta.disconnecting and not tb.disconnecting
+    c, tc = connect(factory, peer_port=3)
+    assert tc is None or tc.disconnecting, "a third connection from one address is refused"
+    if c is not None:
+        c.connectionLost(Failure(ConnectionError("refused")))
+    # Another client is not affected.
+    d, td = connect(factory, remote="127.0.0.9", peer_port=4)
+    assert td is not None and not td.disconnecting
+    # When one of the first two leaves, the address may connect again.
+    a.connectionLost(Failure(ConnectionError("bye")))
+    e, te = connect(factory, peer_port=5)
+    assert te is not None and not te.disconnecting
+
+
+def test_per_client_limit_counts_v4_mapped_as_the_same_address():
+    factory = make_factory(limits=IdentdLimits(max_connections_per_client=1))
+    connect(factory, remote=REMOTE, peer_port=1)
+    c, tc = connect(factory, remote="::ffff:" + REMOTE, peer_port=2, local="::ffff:" + LOCAL)
+    assert tc is None or tc.disconnecting
+
+
+def test_refused_client_is_not_answered(fake):
+    fake.own(6193, 23, DAEMON.pw_uid)
+    factory = make_factory(limits=IdentdLimits(max_connections_per_client=1))
+    connect(factory, peer_port=1)
+    c, tc = connect(factory, peer_port=2)
+    if c is not None:
+        c.dataReceived(b"6193, 23\r\n")
+        assert tc.value() == b""
+        assert tc.disconnecting
+
+
+def test_total_limit():
+    factory = make_factory(limits=IdentdLimits(max_connections=3,
+                                               max_connections_per_client=100))
+    protos = [connect(factory, remote=f"127.0.0.{i}", peer_port=i)[0] for i in (1, 2, 3)]
+    assert all(p is not None for p in protos)
+    fourth, t4 = connect(factory, remote="127.0.0.4", peer_port=4)
+    assert t4 is None or t4.disconnecting
+    if fourth is not None:
+        fourth.connectionLost(Failure(ConnectionError("refused")))
+    protos[0].connectionLost(Failure(ConnectionError("bye")))
+    again, ta = connect(factory, remote="127.0.0.4", peer_port=5)
+    assert ta is not None and not ta.disconnecting
+
+
+def test_counters_return_to_zero():
+    factory = make_factory(limits=IdentdLimits(max_connections=2,
+                                               max_connections_per_client=1))
+    made = [connect(factory, peer_port=i) for i in range(1, 5)]
+    for proto, _ in made:
+        if proto is not None:
+            proto.connectionLost(Failure(ConnectionError("bye")))
+    assert factory.connections == 0
+    assert factory.per_client == {}
+
+
+# ---- unknown_error_only -------------------------------------------------------------
+
+def test_unknown_error_only_maps_every_error(fake):
+    fake.own(1002, 23, 0)
+    fake.own(1003, 23, DAEMON.pw_uid)
+    factory = make_factory(IdentPolicy(unknown_error_only=True,
+                                       users={"daemon": "hidden"}))
+    out = ask(factory, b"0, 23\r\nfoo\r\n1001, 23\r\n1002, 23\r\n1003, 23\r\n")
+    assert lines(out) == [
+        b"0, 23 : ERROR : UNKNOWN-ERROR",
+        b"foo : ERROR : UNKNOWN-ERROR",
+        b"1001, 23 : ERROR : UNKNOWN-ERROR",     # NO-USER
+        b"1002, 23 : ERROR : UNKNOWN-ERROR",     # HIDDEN-USER (root)
+        b"1003, 23 : ERROR : UNKNOWN-ERROR",     # HIDDEN-USER (per-user mode)
+    ]
+
+
+def test_unknown_error_only_still_answers_users(fake):
+    fake.own(1003, 23, DAEMON.pw_uid)
+    factory = make_factory(IdentPolicy(unknown_error_only=True))
+    assert ask(factory, b"1003, 23\r\n") == b"1003, 23 : USERID : UNIX : daemon\r\n"
+
+
+# ---- proxied users ------------------------------------------------------------------
+
+@pytest.fixture
+def registry():
+    registry = ProxiedConnections()
+    registry.add(LOCAL, 6193, REMOTE, 23, "alice")
+    return registry
+
+
+def test_proxied_connection_is_answered_with_the_socks_user(fake, registry):
+    fake.own(6193, 23, 0)   # the proxy runs as root: the kernel would say root
+    out = ask(make_factory(registry=registry), b"6193 , 23\r\n")
+    assert out == b"6193, 23 : USERID : UNIX : alice\r\n"
+    assert fake.calls == []
+
+
+def test_proxied_user_only_for_that_exact_connection(fake, registry):
+    fake.own(6193, 23, 0)
+    fake.own(6193, 23, 0, remote="127.0.0.3")
+    fake.own(6194, 23, 0)
+    factory = make_factory(registry=registry)
+    assert ask(factory, b"6193, 24\r\n") == b"6193, 24 : ERROR : NO-USER\r\n"
+    assert ask(factory, b"6194, 23\r\n") == b"6194, 23 : ERROR : HIDDEN-USER\r\n"
+    # The same ports asked by another host are another connection.
+    assert ask(factory, b"6193, 23\r\n", remote="127.0.0.3") == \
+        b"6193, 23 : ERROR : HIDDEN-USER\r\n"
+
+
+def test_proxied_user_over_v4_mapped_addresses(fake, registry):
+    out = ask(make_factory(registry=registry), b"6193, 23\r\n",
+              remote="::ffff:" + REMOTE, local="::ffff:" + LOCAL)
+    assert out == b"6193, 23 : USERID : UNIX : alice\r\n"
+
+
+def test_proxied_user_over_ipv6(fake):
+    registry = ProxiedConnections()
+    registry.add("::1", 6193, "::1", 23, "alice")
+    out = ask(make_factory(registry=registry), b"6193, 23\r\n", remote="::1", local="::1")
+    assert out == b"6193, 23 : USERID : UNIX : alice\r\n"
+
+
+def test_proxied_users_false_ignores_the_registry(fake, registry):
+    fake.own(6193, 23, 0)
+    factory = make_factory(IdentPolicy(proxied_users=False), registry=registry)
+    assert ask(factory, b"6193, 23\r\n") == b"6193, 23 : ERROR : HIDDEN-USER\r\n"
+    fake.own(6193, 23, DAEMON.pw_uid)
+    assert ask(factory, b"6193, 23\r\n") == b"6193, 23 : USERID : UNIX : daemon\r\n"
+
+
+def test_removed_registration_falls_back_to_the_kernel(fake):
+    fake.own(6193, 23, 0)
+    registry = ProxiedConnections()
+    key = registry.add(LOCAL, 6193, REMOTE, 23, "alice")
+    factory = make_factory(registry=registry)
+    assert ask(factory, b"6193, 23\r\n") == b"6193, 23 : USERID : UNIX : alice\r\n"
+    registry.remove(key)
+    assert ask(factory, b"6193, 23\r\n") == b"6193, 23 : ERROR : HIDDEN-USER\r\n"
+
+
+@pytest.mark.parametrize("mode,expected", [
+    ("name", b"USERID : UNIX : alice"),
+    ("hidden", b"ERROR : HIDDEN-USER"),
+    ("fixed:socks-user", b"USERID : UNIX : socks-user"),
+])
+def test_proxied_reply_modes(fake, registry, mode, expected):
+    factory = make_factory(IdentPolicy(proxied_reply=mode), registry=registry)
+    assert ask(factory, b"6193, 23\r\n") == b"6193, 23 : " + expected + b"\r\n"
+
+
+def test_proxied_reply_hashed_is_stable_per_key(fake, registry):
+    def reply(key: bytes) -> bytes:
+        factory = make_factory(IdentPolicy(proxied_reply="hashed", hash_key=key),
+                               registry=registry)
+        return ask(factory, b"6193, 23\r\n")
+
+    first = reply(b"key one")
+    assert re.fullmatch(rb"6193, 23 : USERID : UNIX : h[0-9a-f]{10}\r\n", first), first
+    assert b"alice" not in first
+    assert reply(b"key one") == first
+    assert reply(b"key two") != first
+
+
+def test_proxied_reply_random_hides_the_name(fake, registry):
+    factory = make_factory(IdentPolicy(proxied_reply="random"), registry=registry)
+    first, second = ask(factory, b"6193, 23\r\n"), ask(factory, b"6193, 23\r\n")
+    for out in (first, second):
+        assert re.fullmatch(rb"6193, 23 : USERID : UNIX : u[0-9a-f]{10}\r\n", out), out
+    assert first != second
+
+
+def test_proxied_users_with_unknown_error_only(fake, registry):
+    factory = make_factory(IdentPolicy(proxied_reply="hidden", unknown_error_only=True),
+                           registry=registry)
+    assert ask(factory, b"6193, 23\r\n") == b"6193, 23 : ERROR : UNKNOWN-ERROR\r\n"
+
+
+# ---- logging --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["random", "hashed"])
+def test_random_and_hashed_tokens_are_logged_with_the_real_user(fake, log_events, mode):
+    """Issue 4: a random or hashed token replaces the name, "logged so an admin
+    can map it back": some log line names both the token and the user."""
+    fake.own(6193, 23, DAEMON.pw_uid)
+    out = ask(make_factory(IdentPolicy(reply=mode)), b"6193, 23\r\n")
+    token = out.rstrip(b"\r\n").rsplit(b" : ", 1)[1].decode()
+    assert token != "daemon"
+    texts = [formatEvent(e) for e in log_events]
+    assert any(token in text and "daemon" in text for text in texts), texts
+
+
+def test_each_answer_is_logged_with_peer_and_reply(fake, log_events):
+    fake.own(6193, 23, DAEMON.pw_uid)
+    ask(make_factory(), b"6193, 23\r\n")
+    texts = [formatEvent(e) for e in log_events]
+    assert any(REMOTE in t and "6193, 23 : USERID : UNIX : daemon" in t for t in texts), texts
+
+
+def test_bad_input_logs_no_traceback(fake, log_events):
+    proto, transport = connect(make_factory(limits=IdentdLimits(max_line=10)))
+    proto.dataReceived(b"\xff\xfe, x\r\n" + b"z" * 20)
+    assert transport.disconnecting
+    assert not [e for e in log_events if e.get("log_failure") is not None]
+
+
+# ---- property: arbitrary bytes ------------------------------------------------------
+
+_REPLY = re.compile(rb"[\x20-\x7e]* : (ERROR : [A-Z-]+|USERID : UNIX : [^\r\n]+)")
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(chunks=st.lists(st.one_of(
+    st.binary(max_size=40),
+    st.sampled_from([b"\n", b"\r\n", b"\r", b",", b" ", b"113, 6193", b"0,0", b"65535,1"]),
+    st.builds(lambda a, b: b"%d,%d\r\n" % (a, b), st.integers(-5, 70000),
+              st.integers(-5, 70000)),
+), max_size=25))
+def test_arbitrary_bytes_never_raise_and_every_line_gets_one_reply(fake, chunks):
+    fake.owners.clear()
+    fake.own(113, 6193, DAEMON.pw_uid)
+    fake.own(65535, 1, 0)
+    proto, transport = connect(make_factory(limits=IdentdLimits(max_line=1000)))
+    for chunk in chunks:
+        proto.dataReceived(chunk)
+    data = b"".join(chunks)
+    complete = data.count(b"\n")
+    assert len(data) < 1000              # no line can be over the limit here
+    assert not transport.disconnecting
+    replies = lines(transport.value())
+    assert len(replies) == complete
+    for reply in replies:
+        assert _REPLY.fullmatch(reply), reply
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(min_size=1, max_size=300))
+def test_arbitrary_bytes_over_the_limit_close_without_raising(fake, data):
+    proto, transport = connect(make_factory(limits=IdentdLimits(max_line=16)))
+    proto.dataReceived(data)
+    longest = max(len(part.rstrip(b"\r")) for part in data.split(b"\n"))
+    if longest > 17:   # over the limit even if a CR were allowed
+        assert transport.disconnecting
+    for reply in lines(transport.value()):
+        assert _REPLY.fullmatch(reply), reply
+
+
+# ---- answer_query and stdio ------------------------------------------------------------
+
+def test_answer_query_directly(fake):
+    fake.own(6193, 23, DAEMON.pw_uid)
+    results = []
+    answer_query(IdentPolicy(), None, b"6193, 23", LOCAL, REMOTE,
+                 blocking=inline).addCallback(results.append)
+    assert results == [b"6193, 23 : USERID : UNIX : daemon\r\n"]
+
+
+def test_stdio_answers_one_query(fake):
+    fake.own(6193, 23, DAEMON.pw_uid)
+    out = io.BytesIO()
+    status = serve_stdio(IdentdConfig(), LOCAL, REMOTE, stdin=io.BytesIO(b"6193, 23\r\n"),
+                         stdout=out)
+    assert status == 0
+    assert out.getvalue() == b"6193, 23 : USERID : UNIX : daemon\r\n"
+    assert fake.calls == [Connection(LOCAL, 6193, REMOTE, 23)]
+
+
+def test_stdio_invalid_port(fake):
+    out = io.BytesIO()
+    status = serve_stdio(IdentdConfig(), LOCAL, REMOTE, stdin=io.BytesIO(b"0, 70000\n"),
+                         stdout=out)
+    assert status == 0
+    assert out.getvalue() == b"0, 70000 : ERROR : INVALID-PORT\r\n"
+
+
+def test_stdio_lookup_failure_is_unknown_error(fake):
+    fake.error = OSError("boom")
+    out = io.BytesIO()
+    serve_stdio(IdentdConfig(), LOCAL, REMOTE, stdin=io.BytesIO(b"6193, 23\r\n"), stdout=out)
+    assert out.getvalue() == b"6193, 23 : ERROR : UNKNOWN-ERROR\r\n"
+
+
+def test_stdio_over_long_line_is_not_answered(fake):
+    out = io.BytesIO()
+    status = serve_stdio(IdentdConfig(), LOCAL, REMOTE,
+                         stdin=io.BytesIO(b" " * 2000 + b"1, 2\r\n"), stdout=out)
+    assert status != 0
+    assert out.getvalue() == b""
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n"])
+def test_stdio_line_of_exactly_max_line_bytes_is_answered(fake, eol):
+    """Same limit as over TCP: the query line, not counting its end-of-line."""
+    cfg = IdentdConfig(limits=IdentdLimits(max_line=40))
+    out = io.BytesIO()
+    status = serve_stdio(cfg, LOCAL, REMOTE, stdin=io.BytesIO(b"6193, 23".ljust(40) + eol),
+                         stdout=out)
+    assert (status, out.getvalue()) == (0, b"6193, 23 : ERROR : NO-USER\r\n")
+
+
+def test_a_name_the_charset_cannot_encode_still_gets_a_reply(fake):
+    """RFC 1929 user names are arbitrary bytes: a SOCKS user the configured
+    charset cannot represent must get some answer (an ERROR at least), and
+    the connection must go on answering, not hang until the idle timeout."""
+    registry = ProxiedConnections()
+    registry.add(LOCAL, 6193, REMOTE, 23, "dölf")
+    fake.own(6194, 23, DAEMON.pw_uid)
+    proto, transport = connect(make_factory(IdentPolicy(charset="US-ASCII"),
+                                            registry=registry))
+    proto.dataReceived(b"6193, 23\r\n6194, 23\r\n")
+    replies = lines(transport.value())
+    assert len(replies) == 2, replies
+    assert replies[0].startswith(b"6193, 23 : ")
+    assert replies[1] == b"6194, 23 : USERID : UNIX,US-ASCII : daemon"
