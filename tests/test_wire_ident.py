@@ -236,3 +236,11 @@ def test_constants():
     assert ident.encode_query(6191, 23) == b"6191, 23\r\n"
     assert ident.encode_userid(6193, 23, "stjohns") == b"6193, 23 : USERID : UNIX : stjohns\r\n"
     assert ident.encode_error(6195, 23, "NO-USER") == b"6195, 23 : ERROR : NO-USER\r\n"
+
+
+def test_peer_cannot_pick_a_python_codec():
+    """The charset field names a character set, not any Python codec: a
+    user id in 'unicode_escape' is taken byte for byte, not unescaped."""
+    response = ident.parse_response(b"1, 2 : USERID : UNIX,unicode_escape : a\\x41")
+    assert response.user == "a\\x41"
+    assert ident.parse_response(b"1, 2 : USERID : UNIX,ISO-8859-1 : b\xf6b").user == "b\u00f6b"

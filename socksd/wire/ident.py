@@ -6,6 +6,7 @@ with a length bound (RFC 1413 suggests 1000 octets) and parse them here.
 
 from __future__ import annotations
 
+import codecs
 import re
 from typing import NamedTuple
 
@@ -22,6 +23,8 @@ ERROR_TOKENS = frozenset({INVALID_PORT, NO_USER, HIDDEN_USER, UNKNOWN_ERROR})
 
 _PORTS = re.compile(rb"^[ \t]*(\d{1,5})[ \t]*,[ \t]*(\d{1,5})[ \t]*$")
 _TOKEN = re.compile(r"^[\x21-\x7e]+$")
+_CHARSETS = frozenset({"utf-8", "ascii", "latin-1", "utf-16", "utf-16-le", "utf-16-be",
+                       "koi8-r", "koi8-u", "euc_jp", "shift_jis", "gb2312", "gbk", "big5"})
 
 
 class UserID(NamedTuple):
@@ -82,12 +85,27 @@ def parse_response(line: bytes) -> UserID | Error:
     raw_user = parts[3].lstrip(b" \t")
     if not raw_user or b"\x00" in raw_user or b"\n" in raw_user:
         raise WireError("USERID response with an empty or invalid user id")
-    try:
-        # No charset: RFC 1413 means US-ASCII; UTF-8 is its superset in practice.
-        user = raw_user.decode(charset_text or "utf-8")
-    except (UnicodeError, LookupError):  # some codecs raise plain UnicodeError
-        user = raw_user.decode("latin-1")
+    user = _decode_user(raw_user, charset_text)
     return UserID(server, client, opsys_text, charset_text, user)
+
+
+def _decode_user(raw: bytes, charset: str | None) -> str:
+    """Decode a user id in the charset the identd named, if it is a plain
+    character set: the peer must not pick Python codecs such as
+    unicode_escape. Anything else is taken byte for byte (latin-1)."""
+    # No charset: RFC 1413 means US-ASCII; UTF-8 is its superset in practice.
+    codec = "utf-8"
+    if charset is not None:
+        try:
+            codec = codecs.lookup(charset).name
+        except LookupError:
+            codec = "latin-1"
+        if not (codec in _CHARSETS or codec.startswith(("iso8859-", "cp125"))):
+            codec = "latin-1"
+    try:
+        return raw.decode(codec)
+    except UnicodeError:
+        return raw.decode("latin-1")
 
 
 def encode_userid(server_port: int, client_port: int, user: str, opsys: str = "UNIX",
