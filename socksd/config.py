@@ -15,7 +15,7 @@ from socksd.ident.policy import IdentPolicy, parse_mode
 from socksd.ident.server import IdentdLimits
 from socksd.proxy.session import Limits
 from socksd.proxy.socks4 import Socks4Policy
-from socksd.rules import RuleSet, compile_rule, default_rules
+from socksd.rules import RuleSet, compile_rule, default_rules, port_range
 
 DEFAULT_LISTEN = ("tcp:1080:interface=127.0.0.1",)
 METHODS = ("gssapi", "userpass", "none")
@@ -63,6 +63,8 @@ _SERVER_KEYS = {
     "listen": "strings", "methods": "strings", "checkers": "strings",
     "handshake_timeout": "timeout", "connect_timeout": "timeout", "idle_timeout": "seconds",
     "max_sessions": "count", "max_sessions_per_client": "count", "splice": "bool",
+    "bind_timeout": "timeout", "udp_idle_timeout": "timeout", "bind_ports": "ports",
+    "udp_ports": "ports", "max_datagram": "count",
 }
 _RULE_KEYS = {
     "action": "string", "from": "strings", "to": "strings", "ports": "ports",
@@ -173,6 +175,19 @@ def parse(data: dict[str, Any], where: _Where) -> Config:
 
     limits = {key: server[key] for key in _SERVER_KEYS
               if _SERVER_KEYS[key] in ("seconds", "timeout", "count", "bool") and key in server}
+    for key in ("bind_ports", "udp_ports"):
+        if key in server:
+            try:
+                ranges = tuple(port_range(p) for p in server[key])
+            except ValueError as e:
+                raise where.error(str(e), "server", None, key) from None
+            if not ranges:
+                raise where.error("needs at least one range (\"0\" = any port)", "server",
+                                  None, key)
+            limits[key] = ranges
+    if not 1 <= server.get("max_datagram", 1) <= 65507:
+        raise where.error(f"{server['max_datagram']} is not a UDP payload size (1-65507)",
+                          "server", None, "max_datagram")
     for description in server.get("checkers", ()):
         problem = _checker_problem(description)
         if problem:

@@ -154,6 +154,26 @@ class RuleSet:
         return _NO_MATCH
 
 
+    def could_allow(self, client: IPAddress, user: str | None, command: str, *,
+                    version: int = 5, verified: bool = False) -> bool:
+        """Could some destination be allowed? (For UDP ASSOCIATE, whose
+        destinations come later, one per datagram.)"""
+        for rule in self.rules:
+            if not rule.matches_request(client, user, command, rule_port(rule), version,
+                                        verified):
+                continue
+            if rule.allows:
+                return True
+            if rule.any_destination and rule.ports is None:
+                return False   # denies every destination: nothing after it matters
+        return False
+
+
+def rule_port(rule: Rule) -> int:
+    """A port the rule's port selector matches (any, if it has none)."""
+    return rule.ports[0][0] if rule.ports else 0
+
+
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
@@ -192,7 +212,7 @@ def compile_rule(label: str, action: str, sources: Sequence[str] | None = None,
             names.add(host)
     compiled_ports = None
     if ports is not None:
-        compiled_ports = tuple(_port_range(p) for p in ports)
+        compiled_ports = tuple(port_range(p) for p in ports)
     compiled_commands = None
     if commands is not None:
         unknown = sorted(set(commands) - COMMANDS)
@@ -230,7 +250,7 @@ def _network(text: str) -> IPNetwork:
         raise ValueError(f"{text!r} is not an IP network") from None
 
 
-def _port_range(text: str | int) -> tuple[int, int]:
+def port_range(text: str | int) -> tuple[int, int]:
     if isinstance(text, int):
         lo = hi = text
     else:

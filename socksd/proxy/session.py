@@ -17,6 +17,8 @@ from socksd.auth import ANONYMOUS, User
 from socksd.auth.methods import Method
 from socksd.ident.registry import ProxiedConnections
 from socksd.proxy import connect
+from socksd.proxy.bind import BindWaiter
+from socksd.proxy.udp import UDPRelay
 from socksd.proxy.socks4 import Socks4Handshake, Socks4Policy
 from socksd.proxy.socks5 import Socks5Handshake
 from socksd.rules import IPAddress, RuleSet, parse_ip
@@ -40,6 +42,11 @@ class Limits:
     max_sessions: int = 10000
     max_sessions_per_client: int = 256
     splice: bool = True       # kernel fast path for plain TCP sessions (Linux)
+    bind_timeout: float = 60.0                  # BIND: wait for the incoming connection
+    udp_idle_timeout: float = 300.0             # UDP ASSOCIATE: end after this quiet time
+    bind_ports: tuple[tuple[int, int], ...] = ((0, 0),)   # (0, 0): any free port
+    udp_ports: tuple[tuple[int, int], ...] = ((0, 0),)
+    max_datagram: int = 65507                   # largest UDP payload relayed
 
 
 class SOCKSServerFactory(ServerFactory):
@@ -130,6 +137,7 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         self.eof_pending = False
         self.registered = None
         self.splicer: splice.SpliceRelay | None = None
+        self.udp: UDPRelay | None = None
         self.ended = False
 
     def callLater(self, period, func):
@@ -166,8 +174,9 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         if self.outbound is not None:
             self.relay_data(data)
             return
-        if self.outcome is not None:
-            return  # failed already; closing
+        if self.outcome is not None or self.udp is not None:
+            return  # failed already and closing, or a UDP association's control
+                    # connection, which carries nothing
         if self.handler is None:
             self._identify_client()
             if self.outcome is not None:
@@ -197,7 +206,7 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
             relay.RelayEnd.connectionLost(self, reason)
             return
         self.closed = True
-        if self.outcome is None:
+        if self.outcome is None and self.udp is None:
             self.outcome = "client closed"
             self.detail = "during handshake"
         self._cancel()
@@ -207,10 +216,17 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         pending, self.pending = self.pending, None
         if pending is not None:
             pending.cancel()
+        if self.udp is not None:
+            self.udp.stop()
         if self.handler is not None:
             self.handler.cancel()
 
     def timeoutConnection(self) -> None:
+        if self.udp is not None:
+            self.outcome, self.detail = "udp idle timeout", f"{self.timeOut:g} s"
+            self.udp.stop()
+            self.transport.loseConnection()
+            return
         if self.splicer is not None:
             self.outcome, self.detail = "idle timeout", f"{self.timeOut:g} s"
             self.splicer.abort()
@@ -247,51 +263,93 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
 
     def connect(self, host: str, port: int, by_name: bool) -> defer.Deferred:
         """Check the rules for CONNECT to host:port and open the connection."""
-        self.command = "connect"
-        self.destination = _destination(host, port)
-        server = self.server
-        # The handshake is over; from here connect_timeout bounds the wait,
-        # so the client gets the proper failure reply, not a bare close.
-        self.setTimeout(None)
-        timeout = server.limits.connect_timeout
-        if by_name:
-            decision = server.rules.decide_name(self.client, self.user.name, "connect", port,
-                                                host, version=self.version,
-                                                verified=self.user.verified)
-            if decision is not None and not decision.allowed:
-                d = defer.fail(connect.ConnectFailed(connect.DENIED, decision.reason))
-            else:
-                if decision is not None:
-                    self._note_rule(decision)
-                d = connect.resolve(server.reactor, host, port, timeout)
-                d.addCallback(self._allowed_addresses, host, port, decision is not None)
-                d.addCallback(self._connect_first, port, server.reactor.seconds() + timeout)
-        else:
-            decision = server.rules.decide(self.client, self.user.name, "connect", port,
-                                           None, parse_ip(host), version=self.version,
-                                           verified=self.user.verified)
-            if decision.allowed:
-                self._note_rule(decision)
-                d = connect.connect_tcp(server.reactor, host, port, timeout)
-            else:
-                d = defer.fail(connect.ConnectFailed(connect.DENIED, decision.reason))
+        self._request("connect", host, port)
+        timeout = self.server.limits.connect_timeout
+        d = self._destinations("connect", host, port, by_name, timeout)
+        d.addCallback(self._connect_first, port, self.server.reactor.seconds() + timeout)
         d.addErrback(self._classify)
         self.pending = d
         return d
 
+    def bind(self, host: str, port: int, by_name: bool) -> defer.Deferred:
+        """BIND: check the rules, listen for the one connection expected from
+        host (port is not checked: an FTP server connects from port 20).
+        Fires with a BindWaiter once listening."""
+        self._request("bind", host, port)
+        server = self.server
+        d = self._destinations("bind", host, port, by_name, server.limits.connect_timeout)
+
+        def listen(hosts: list[str]) -> BindWaiter:
+            waiter = BindWaiter(self, parse_ip(hosts[0]))
+            waiter.listen(self.transport.getHost(), server.limits.bind_ports)
+            self.pending = waiter.accepted
+            return waiter
+
+        d.addCallback(listen)
+        d.addErrback(self._classify)
+        self.pending = d
+        return d
+
+    def udp_associate(self, host: str, port: int) -> defer.Deferred:
+        """UDP ASSOCIATE: a relay socket on the address the client reached us
+        on. ``host:port`` is where the client will send from (0s: unknown)."""
+        self._request("udp", host, port)
+        server = self.server
+        rules = server.rules
+        if not rules.could_allow(self.client, self.user.name, "udp", version=self.version,
+                                 verified=self.user.verified):
+            return defer.fail(connect.ConnectFailed(connect.DENIED, "no rule allows udp"))
+        try:
+            self.udp = UDPRelay(self, host, port)
+            bound = self.udp.listen(self.transport.getHost(), server.limits.udp_ports)
+        except connect.ConnectFailed as e:
+            self.udp = None
+            return defer.fail(e)
+        self.setTimeout(server.limits.udp_idle_timeout or None)
+        return defer.succeed(bound)
+
+    def _request(self, command: str, host: str, port: int) -> None:
+        self.command = command
+        self.destination = _destination(host, port)
+        # The handshake is over; from here the command's own timeouts bound
+        # the wait, so the client gets the proper failure reply.
+        self.setTimeout(None)
+
+    def _destinations(self, command: str, host: str, port: int, by_name: bool,
+                      timeout: float) -> defer.Deferred:
+        """The addresses of host that the rules allow for this command."""
+        server = self.server
+        if not by_name:
+            decision = server.rules.decide(self.client, self.user.name, command, port,
+                                           None, parse_ip(host), version=self.version,
+                                           verified=self.user.verified)
+            if not decision.allowed:
+                return defer.fail(connect.ConnectFailed(connect.DENIED, decision.reason))
+            self._note_rule(decision)
+            return defer.succeed([host])
+        decision = server.rules.decide_name(self.client, self.user.name, command, port, host,
+                                            version=self.version, verified=self.user.verified)
+        if decision is not None and not decision.allowed:
+            return defer.fail(connect.ConnectFailed(connect.DENIED, decision.reason))
+        if decision is not None:
+            self._note_rule(decision)
+        d = connect.resolve(server.reactor, host, port, timeout)
+        d.addCallback(self._allowed_addresses, command, host, port, decision is not None)
+        return d
+
     def _note_rule(self, decision) -> None:
         if decision.rule is not None and decision.rule.log:
-            log.info("{peer} {user} connect {destination} allowed by {rule}",
-                     peer=self.peer, user=self.user.name or "-",
+            log.info("{peer} {user} {command} {destination} allowed by {rule}",
+                     peer=self.peer, user=self.user.name or "-", command=self.command,
                      destination=self.destination, rule=decision.reason)
 
-    def _allowed_addresses(self, hosts: list[str], name: str, port: int,
+    def _allowed_addresses(self, hosts: list[str], command: str, name: str, port: int,
                            decided: bool) -> list[str]:
         if decided:
             return hosts
         allowed, first_denial = [], None
         for host in hosts:
-            decision = self.server.rules.decide(self.client, self.user.name, "connect", port,
+            decision = self.server.rules.decide(self.client, self.user.name, command, port,
                                                 name, parse_ip(host), version=self.version,
                                                 verified=self.user.verified)
             if decision.allowed:
@@ -327,7 +385,8 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         return Failure(connect.classify(failure))
 
     def connect_failed(self, failed: connect.ConnectFailed) -> None:
-        self.fail("denied" if failed.reason == connect.DENIED else "connect failed", str(failed))
+        self.fail("denied" if failed.reason == connect.DENIED else f"{self.command} failed",
+                  str(failed))
 
     def start_relay(self, outbound: connect.Outbound, early: bytes = b"") -> None:
         """The reply is written: from now on bytes flow both ways."""
@@ -384,6 +443,12 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
             if self.splicer is not None:
                 self.splicer.session = None
         duration = server.reactor.seconds() - self.started
+        if self.udp is not None:
+            counts = self.udp.counts
+            self.received, down = counts["bytes_up"], counts["bytes_down"]
+            self.detail = (f"{self.detail}; " if self.detail else "") + (
+                f"datagrams up={counts['up']} down={counts['down']} "
+                f"dropped={counts['dropped']} fragments={counts['fragments']}")
         # The text is built here with one f-string and logged as a single
         # field: twisted.logger's str.format-style rendering of a dozen fields
         # was a quarter of the cost of a short session. Observers still get

@@ -73,9 +73,8 @@ class Socks4Handshake:
         session = self.session
         policy = session.server.socks4
         session.method = "ident" if policy.userid == IDENT else policy.userid
-        if request.command != socks4.CONNECT:
-            session.command = "bind" if request.command == socks4.BIND else \
-                f"0x{request.command:02x}"
+        if request.command not in (socks4.CONNECT, socks4.BIND):
+            session.command = f"0x{request.command:02x}"
             self.transport.write(socks4.encode_reply(socks4.REJECTED))
             session.fail("command not supported", session.command)
             return
@@ -130,8 +129,12 @@ class Socks4Handshake:
     def _authenticated(self, user: User, request: socks4.Request) -> None:
         self.userid_check = None
         self.session.authenticated(self.session.method, user)
-        d = self.session.connect(request.host, request.port, request.by_name)
-        d.addCallbacks(self._connected, self._connect_failed)
+        if request.command == socks4.BIND:
+            d = self.session.bind(request.host, request.port, request.by_name)
+            d.addCallbacks(self._bound, self._connect_failed)
+        else:
+            d = self.session.connect(request.host, request.port, request.by_name)
+            d.addCallbacks(self._connected, self._connect_failed)
 
     def _refused(self, failure, userid: str) -> None:
         self.userid_check = None
@@ -148,6 +151,16 @@ class Socks4Handshake:
         self.transport.write(socks4.encode_reply(socks4.GRANTED, bound.host, bound.port))
         early, self.buffer = self.buffer, b""
         self.session.start_relay(outbound, early)
+
+    def _bound(self, waiter) -> None:
+        self.transport.write(socks4.encode_reply(socks4.GRANTED, *waiter.bound))
+        waiter.accepted.addCallbacks(self._bind_accepted, self._connect_failed)
+
+    def _bind_accepted(self, incoming) -> None:
+        peer = incoming.transport.getPeer()
+        self.transport.write(socks4.encode_reply(socks4.GRANTED, peer.host, peer.port))
+        early, self.buffer = self.buffer, b""
+        self.session.start_relay(incoming, early)
 
     def _connect_failed(self, failure) -> None:
         if failure.check(CancelledError):

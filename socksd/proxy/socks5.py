@@ -105,21 +105,44 @@ class Socks5Handshake:
         request, used = parsed
         self.buffer = self.buffer[used:]
         self.state = _WAITING
-        if request.command != socks5.CONNECT:
-            name = {socks5.BIND: "bind", socks5.UDP_ASSOCIATE: "udp"}.get(request.command)
-            self.session.command = name or f"0x{request.command:02x}"
+        by_name = request.atyp == socks5.ATYP_DOMAIN
+        if request.command == socks5.CONNECT:
+            d = self.session.connect(request.host, request.port, by_name)
+            d.addCallbacks(self._connected, self._refused)
+        elif request.command == socks5.BIND:
+            d = self.session.bind(request.host, request.port, by_name)
+            d.addCallbacks(self._bound, self._refused)
+        elif request.command == socks5.UDP_ASSOCIATE:
+            # DST is where the client will send from; a name there says nothing.
+            d = self.session.udp_associate("0.0.0.0" if by_name else request.host,
+                                           request.port)
+            d.addCallbacks(self._associated, self._refused)
+        else:
+            self.session.command = f"0x{request.command:02x}"
             self.transport.write(socks5.encode_reply(socks5.COMMAND_NOT_SUPPORTED))
             self.session.fail("command not supported", self.session.command)
-            return
-        by_name = request.atyp == socks5.ATYP_DOMAIN
-        d = self.session.connect(request.host, request.port, by_name)
-        d.addCallbacks(self._connected, self._refused)
 
     def _connected(self, outbound) -> None:
         bound = outbound.transport.getHost()
         self.transport.write(socks5.encode_reply(socks5.SUCCEEDED, bound.host, bound.port))
         early, self.buffer = self.buffer, b""
         self.session.start_relay(outbound, early)
+
+    def _bound(self, waiter) -> None:
+        """First BIND reply: where the client's peer should connect."""
+        self.transport.write(socks5.encode_reply(socks5.SUCCEEDED, *waiter.bound))
+        waiter.accepted.addCallbacks(self._bind_accepted, self._refused)
+
+    def _bind_accepted(self, incoming) -> None:
+        """Second BIND reply: who connected; then relay."""
+        peer = incoming.transport.getPeer()
+        self.transport.write(socks5.encode_reply(socks5.SUCCEEDED, peer.host, peer.port))
+        early, self.buffer = self.buffer, b""
+        self.session.start_relay(incoming, early)
+
+    def _associated(self, bound) -> None:
+        self.buffer = b""
+        self.transport.write(socks5.encode_reply(socks5.SUCCEEDED, *bound))
 
     def _refused(self, failure) -> None:
         if failure.check(CancelledError):

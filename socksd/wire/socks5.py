@@ -198,3 +198,31 @@ def parse_reply(buf: bytes) -> tuple[Reply, int] | None:
         return None
     atyp, host, port, end = parsed
     return Reply(buf[1], host, port, atyp), end
+
+
+class Datagram(NamedTuple):
+    """A UDP ASSOCIATE datagram: header fields and the payload."""
+
+    frag: int
+    host: str
+    port: int
+    atyp: int
+    data: bytes
+
+
+def parse_udp(datagram: bytes) -> Datagram:
+    """RSV(2) FRAG ATYP DST.ADDR DST.PORT DATA; datagrams come whole, so an
+    incomplete header is malformed rather than "not yet"."""
+    if len(datagram) < 4:
+        raise WireError("UDP datagram shorter than its header")
+    if datagram[0] or datagram[1]:
+        raise WireError("UDP header: reserved bytes are not 0")
+    parsed = _parse_address(datagram, 3, "UDP header")
+    if parsed is None:
+        raise WireError("UDP datagram shorter than its header")
+    atyp, host, port, end = parsed
+    return Datagram(datagram[2], host, port, atyp, bytes(datagram[end:]))
+
+
+def encode_udp(host: str, port: int, data: bytes, frag: int = 0) -> bytes:
+    return bytes((0, 0, frag)) + encode_address(host, port) + data

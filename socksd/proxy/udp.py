@@ -1,0 +1,178 @@
+"""UDP ASSOCIATE: a UDP relay for one SOCKS5 client.
+
+Datagrams from the client (its address only) carry the SOCKS UDP header;
+each destination is checked against the rules (command "udp"), names are
+resolved off the reactor, and both are cached briefly. Answers come back
+only from destinations the client has sent to, checked as "udpreply", and
+are wrapped in a header naming their source.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+from twisted.internet import error
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
+
+from socksd.proxy import connect
+from socksd.proxy.bind import candidate_ports
+from socksd.rules import parse_ip
+from socksd.wire import WireError, socks5
+
+if TYPE_CHECKING:
+    from socksd.proxy.session import Session
+
+log = Logger(namespace="socksd")
+
+CACHE_SIZE = 256
+NAME_TTL = 60.0
+
+
+class _Cache(OrderedDict):
+    """A small LRU map."""
+
+    def put(self, key, value) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        if len(self) > CACHE_SIZE:
+            self.popitem(last=False)
+
+
+class UDPRelay(DatagramProtocol):
+    noisy = False
+
+    def __init__(self, session: Session, host: str, port: int) -> None:
+        self.session = session
+        self.client_ip = str(session.client)
+        # Where the client said it will send from; 0s: not known yet.
+        self.expected_port = port
+        if host not in ("0.0.0.0", "::") and str(parse_ip(host)) != self.client_ip:
+            log.info("{peer} udp: the request names {host}, not the client's own address; "
+                     "datagrams are taken from the client's address only",
+                     peer=session.peer, host=host)
+        self.client_addr: tuple[str, int] | None = None
+        self.decisions: _Cache = _Cache()     # (ip, port, command) -> allowed
+        self.names: _Cache = _Cache()         # name -> (expires, [ips])
+        self.peers: _Cache = _Cache()         # destinations the client sent to
+        self.port = None
+        self.counts = {"up": 0, "down": 0, "dropped": 0, "fragments": 0, "bytes_up": 0,
+                       "bytes_down": 0}
+        self.stopped = False
+
+    def listen(self, local, ranges) -> tuple[str, int]:
+        reactor = self.session.server.reactor
+        interface = getattr(local, "host", "127.0.0.1")
+        for port in candidate_ports(ranges):
+            try:
+                self.port = reactor.listenUDP(port, self, interface=interface,
+                                              maxPacketSize=self.max_datagram + 262)
+                break
+            except error.CannotListenError:
+                continue
+        else:
+            raise connect.ConnectFailed(connect.FAILED, "no free port in udp_ports")
+        return interface, self.port.getHost().port
+
+    @property
+    def max_datagram(self) -> int:
+        return self.session.server.limits.max_datagram
+
+    def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        port, self.port = self.port, None
+        if port is not None:
+            port.stopListening()
+
+    def datagramReceived(self, data: bytes, addr) -> None:
+        if self.stopped:
+            return
+        host, port = addr[0], addr[1]
+        try:
+            source = str(parse_ip(host))
+        except ValueError:
+            self.counts["dropped"] += 1
+            return
+        if source == self.client_ip and (self.client_addr is None or
+                                         self.client_addr == (host, port)) and \
+                (not self.expected_port or port == self.expected_port):
+            self._from_client(data, (host, port))
+        elif (source, port) in self.peers:
+            self._from_peer(data, source, port)
+        else:
+            self.counts["dropped"] += 1   # a stranger
+        self.session.relay_activity()
+
+    def _from_client(self, data: bytes, addr) -> None:
+        self.client_addr = addr
+        try:
+            datagram = socks5.parse_udp(data)
+        except WireError:
+            self.counts["dropped"] += 1
+            return
+        if datagram.frag:
+            # Reassembly is optional in RFC 1928 and we don't do it.
+            self.counts["fragments"] += 1
+            return
+        if len(datagram.data) > self.max_datagram:
+            self.counts["dropped"] += 1
+            return
+        if datagram.atyp == socks5.ATYP_DOMAIN:
+            self._send_to_name(datagram)
+        else:
+            self._send(datagram.data, datagram.host, datagram.port, None)
+
+    def _send_to_name(self, datagram: socks5.Datagram) -> None:
+        reactor = self.session.server.reactor
+        cached = self.names.get(datagram.host)
+        if cached is not None and cached[0] > reactor.seconds():
+            self._send(datagram.data, cached[1][0], datagram.port, datagram.host)
+            return
+        d = connect.resolve(reactor, datagram.host, datagram.port,
+                            self.session.server.limits.connect_timeout)
+
+        def resolved(hosts):
+            self.names.put(datagram.host, (reactor.seconds() + NAME_TTL, hosts))
+            if not self.stopped:
+                self._send(datagram.data, hosts[0], datagram.port, datagram.host)
+
+        def failed(_failure):
+            self.counts["dropped"] += 1
+
+        d.addCallbacks(resolved, failed)
+
+    def _allowed(self, command: str, ip: str, port: int, name: str | None) -> bool:
+        key = (command, ip, port, name)
+        allowed = self.decisions.get(key)
+        if allowed is None:
+            session = self.session
+            allowed = session.server.rules.decide(
+                session.client, session.user.name, command, port, name, parse_ip(ip),
+                version=session.version, verified=session.user.verified).allowed
+            self.decisions.put(key, allowed)
+        return allowed
+
+    def _send(self, data: bytes, ip: str, port: int, name: str | None) -> None:
+        if not port or not self._allowed("udp", ip, port, name):
+            self.counts["dropped"] += 1
+            return
+        try:
+            self.transport.write(data, (ip, port))
+        except (OSError, error.MessageLengthError):
+            self.counts["dropped"] += 1   # e.g. an IPv6 peer on an IPv4 socket
+            return
+        self.peers.put((str(parse_ip(ip)), port), True)
+        self.counts["up"] += 1
+        self.counts["bytes_up"] += len(data)
+
+    def _from_peer(self, data: bytes, ip: str, port: int) -> None:
+        if self.client_addr is None or len(data) > self.max_datagram or \
+                not self._allowed("udpreply", ip, port, None):
+            self.counts["dropped"] += 1
+            return
+        self.transport.write(socks5.encode_udp(ip, port, data), self.client_addr)
+        self.counts["down"] += 1
+        self.counts["bytes_down"] += len(data)
