@@ -25,6 +25,9 @@ class RelaySession:
     def relay_ended(self) -> None:
         """Both ends are closed."""
 
+    def relay_bulk(self) -> None:
+        """An end passed its ``splice_after`` mark: time for a fast path."""
+
 
 @implementer(IHalfCloseableProtocol)
 class RelayEnd(Protocol):
@@ -36,12 +39,15 @@ class RelayEnd(Protocol):
     read_eof = False        # this side sent EOF
     closed = False          # this side's connection is gone
     watch_activity = False  # call session.relay_activity() per chunk
+    splice_after = 0        # tell session.relay_bulk() past this many bytes (0: never)
 
     def relay_data(self, data: bytes) -> None:
         self.received += len(data)
         self.partner.transport.write(data)
         if self.watch_activity:
             self.session.relay_activity()
+        if self.splice_after and self.received >= self.splice_after:
+            self.session.relay_bulk()
 
     dataReceived = relay_data
 

@@ -64,12 +64,18 @@ def _write_buffer_empty(transport) -> bool:
         return False
 
 
+def plain_tcp(a, b) -> bool:
+    """Are both transports bare TCP sockets (no TLS, no PROXY wrapper)?"""
+    return AVAILABLE and type(a) in (tcp.Server, tcp.Client) and \
+        type(b) in (tcp.Server, tcp.Client)
+
+
 def eligible(a, b) -> bool:
     """Can the sessions' transports ``a`` and ``b`` be spliced now?"""
-    if not AVAILABLE:
+    if not plain_tcp(a, b):
         return False
     for t in (a, b):
-        if type(t) not in (tcp.Server, tcp.Client) or t.disconnecting or not t.connected:
+        if t.disconnecting or not t.connected:
             return False
         if not _write_buffer_empty(t):
             t.doWrite()  # flush the SOCKS reply / early data now, in order

@@ -26,6 +26,10 @@ from socksd.wire import socks4, socks5
 
 log = Logger(namespace="socksd")
 
+# A session moves to the splice fast path once either direction has relayed
+# this much: short exchanges never pay for setting it up, bulk ones soon do.
+SPLICE_AFTER = 32768
+
 # More than this many bytes before the relay starts and we stop reading:
 # every handshake message is a few hundred bytes, so only a client pipelining
 # data ahead of the reply gets here, and it waits for the relay's flow control.
@@ -398,12 +402,10 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         if early:
             self.received += len(early)
             outbound.transport.write(early)
-        fast = (self.server.limits.splice and not self.eof_pending
-                and splice.eligible(self.transport, outbound.transport))
-        relay.join(self, outbound, self, watch_activity=idle > 0, flow_control=not fast)
-        if fast:
-            self.splicer = splice.SpliceRelay(self.server.reactor, self, outbound, self)
-            self.splicer.start()
+        relay.join(self, outbound, self, watch_activity=idle > 0)
+        if self.server.limits.splice and splice.plain_tcp(self.transport, outbound.transport):
+            self.splice_after = self.received + SPLICE_AFTER
+            outbound.splice_after = outbound.received + SPLICE_AFTER
         registry = self.server.registry
         if registry is not None and self.user.name is not None:
             local, remote = outbound.transport.getHost(), outbound.transport.getPeer()
@@ -411,13 +413,28 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
                                            self.user.name)
         if self.eof_pending:
             relay.RelayEnd.readConnectionLost(self)
-        elif self.buffered > MAX_HANDSHAKE_BUFFER and not fast:
+        elif self.buffered > MAX_HANDSHAKE_BUFFER:
             self.transport.resumeProducing()
 
     # RelaySession
 
     def relay_activity(self) -> None:
         self.resetTimeout()
+
+    def relay_bulk(self) -> None:
+        """Move this session's bytes to the kernel (splice), if both write
+        buffers can be flushed now; else look again after more bytes."""
+        outbound = self.outbound
+        if self.read_eof or outbound.read_eof or not splice.eligible(self.transport,
+                                                                     outbound.transport):
+            self.splice_after = self.received + SPLICE_AFTER
+            outbound.splice_after = outbound.received + SPLICE_AFTER
+            return
+        self.splice_after = outbound.splice_after = 0
+        self.transport.unregisterProducer()
+        outbound.transport.unregisterProducer()
+        self.splicer = splice.SpliceRelay(self.server.reactor, self, outbound, self)
+        self.splicer.start()
 
     def relay_ended(self) -> None:
         if self.ended:
