@@ -8,12 +8,14 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get -q -y -o Dpkg::Use-Pty=0
 
+# What building the gssapi package needs (krb5-config and headers).
+BUILD_DEBS := libkrb5-dev
 # Real clients and the real KDC used by the tests.
-TEST_DEBS := curl ncat netcat-openbsd krb5-kdc krb5-admin-server krb5-user libkrb5-dev \
+TEST_DEBS := curl ncat netcat-openbsd dante-client krb5-kdc krb5-admin-server krb5-user libkrb5-dev \
 	apache2-utils procps oidentd
 BENCH_DEBS := dante-server procps
 
-.PHONY: run test bench venv install debs-test debs-bench clean
+.PHONY: run test bench venv install debs-build debs-test debs-bench clean
 
 $(VENV)/bin/pip:
 	$(PYTHON) -m venv $(VENV)
@@ -21,11 +23,15 @@ $(VENV)/bin/pip:
 
 # A normal (not editable) install: what users get, plugins included. pip
 # rebuilds a local directory every time, so the venv always has this tree.
-install: $(VENV)/bin/pip
+install: debs-build $(VENV)/bin/pip
 	$(PY) -m pip install -q '.$(EXTRAS)'
 
 run: install
 	$(VENV)/bin/twistd -n --pidfile= socks
+
+debs-build:
+	@missing=$$(for p in $(BUILD_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then $(APT) update && $(APT) install --no-install-recommends $$missing; fi
 
 debs-test:
 	@missing=$$(for p in $(TEST_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \

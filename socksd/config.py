@@ -19,7 +19,7 @@ from socksd.rules import RuleSet, compile_rule, default_rules, port_range
 
 DEFAULT_LISTEN = ("tcp:1080:interface=127.0.0.1",)
 METHODS = ("gssapi", "userpass", "none")
-AVAILABLE_METHODS = ("userpass", "none")
+AVAILABLE_METHODS = METHODS
 
 
 class ConfigError(Exception):
@@ -47,6 +47,7 @@ class Config:
     rules: RuleSet = field(default_factory=default_rules)
     socks4: Socks4Policy = Socks4Policy()
     identd: IdentdConfig | None = None
+    gssapi: Any = None                  # socksd.auth.gss.GSSAPISettings, if configured
 
     def with_command_line(self, listen: list[str], have_auth: bool) -> Config:
         """``--listen`` replaces the listeners; ``--auth`` without explicit
@@ -83,7 +84,11 @@ _IDENTD_KEYS = {
     "proxied_reply": "string", "idle_timeout": "seconds", "max_line": "count",
     "max_connections": "count", "max_connections_per_client": "count",
 }
-_TABLES = ("server", "socks4", "identd", "rules")
+_GSSAPI_KEYS = {
+    "keytab": "string", "service": "string", "host": "string", "levels": "strings",
+    "nec_compat": "bool", "strip_realm": "bool", "principals": "modes",
+}
+_TABLES = ("server", "socks4", "identd", "gssapi", "rules")
 
 
 class _Where:
@@ -197,9 +202,37 @@ def parse(data: dict[str, Any], where: _Where) -> Config:
     identd = None
     if "identd" in data:
         identd = _identd(_table(data, "identd", _IDENTD_KEYS, where), where)
+    gssapi = None
+    if "gssapi" in data:
+        gssapi = _gssapi(_table(data, "gssapi", _GSSAPI_KEYS, where), where)
+    if "gssapi" in methods and gssapi is None:
+        raise where.error("\"gssapi\" needs a [gssapi] table with a keytab", "server", None,
+                          "methods")
     return Config(where.path, listen, methods, "methods" in server,
                   tuple(server.get("checkers", ())), limits, rules,
-                  _socks4(_table(data, "socks4", _SOCKS4_KEYS, where), limits, where), identd)
+                  _socks4(_table(data, "socks4", _SOCKS4_KEYS, where), limits, where), identd,
+                  gssapi)
+
+
+def _gssapi(table: dict[str, Any], where: _Where):
+    from socksd.auth.gss import LEVEL_NAMES, GSSAPISettings
+
+    if "keytab" not in table:
+        raise where.error("missing: the keytab with the service's key", "gssapi", None,
+                          "keytab")
+    levels = []
+    for name in table.get("levels", ("integrity", "confidentiality")):
+        if name not in LEVEL_NAMES:
+            raise where.error(f"{name!r} is not a level ({', '.join(LEVEL_NAMES)}; "
+                              "selective protection is not offered)", "gssapi", None, "levels")
+        levels.append(LEVEL_NAMES[name])
+    if not levels:
+        raise where.error("needs at least one level", "gssapi", None, "levels")
+    return GSSAPISettings(
+        keytab=table["keytab"], service=table.get("service", "rcmd"),
+        host=table.get("host") or None, levels=tuple(sorted(set(levels))),
+        nec_compat=table.get("nec_compat", False), strip_realm=table.get("strip_realm", True),
+        principals=dict(table.get("principals", {})))
 
 
 def _identd(table: dict[str, Any], where: _Where) -> IdentdConfig:
@@ -348,7 +381,7 @@ def _check_type(where: _Where, value: Any, kind: str, table: str, index: int | N
             raise bad("a string")
     elif kind == "modes":
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-            raise bad("a table of user = \"mode\"")
+            raise bad("a table of name = \"value\"")
     elif kind == "bool":
         if not isinstance(value, bool):
             raise bad("true or false")

@@ -27,7 +27,8 @@ class Authenticating(Protocol):
 
     transport: object
 
-    def authenticated(self, method: str, avatar: User, rest: bytes) -> None: ...
+    def authenticated(self, method: str, avatar: User, rest: bytes, layer=None) -> None:
+        """``layer``: a security layer (GSS-API) that wraps all that follows."""
 
     def authentication_failed(self, method: str, user: str | None, reason: str) -> None: ...
 
@@ -126,9 +127,13 @@ class _UserPassNegotiation:
             self.pending.cancel()
 
 
-def method_registry(portal: Portal | None) -> dict[str, Method]:
-    """Every method this build knows, by config name."""
+def method_registry(portal: Portal | None, gssapi_settings=None) -> dict[str, Method]:
+    """Every method this configuration can offer, by config name."""
     registry: dict[str, Method] = {NoAuth.name: NoAuth()}
     if portal is not None:
         registry[UserPass.name] = UserPass(portal)
+    if gssapi_settings is not None:
+        from socksd.auth.gss import GSSAPIMethod
+
+        registry[GSSAPIMethod.name] = GSSAPIMethod(gssapi_settings)
     return registry

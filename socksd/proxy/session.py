@@ -22,7 +22,7 @@ from socksd.proxy.udp import UDPRelay
 from socksd.proxy.socks4 import Socks4Handshake, Socks4Policy
 from socksd.proxy.socks5 import Socks5Handshake
 from socksd.rules import IPAddress, RuleSet, parse_ip
-from socksd.wire import socks4, socks5
+from socksd.wire import WireError, socks4, socks5
 
 log = Logger(namespace="socksd")
 
@@ -142,6 +142,7 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         self.registered = None
         self.splicer: splice.SpliceRelay | None = None
         self.udp: UDPRelay | None = None
+        self.layer = None
         self.ended = False
 
     def callLater(self, period, func):
@@ -175,6 +176,14 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
             self.fail("refused", f"max_sessions_per_client ({limit}) reached")
 
     def dataReceived(self, data: bytes) -> None:
+        if self.layer is not None:
+            try:
+                data = self.layer.decode(data)
+            except WireError as e:
+                self.fail("gssapi", str(e), abort=True)
+                return
+            if not data:
+                return
         if self.outbound is not None:
             self.relay_data(data)
             return
@@ -212,7 +221,8 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         self.closed = True
         if self.outcome is None and self.udp is None:
             self.outcome = "client closed"
-            self.detail = "during handshake"
+            self.detail = ("while waiting for the BIND connection"
+                           if self.command == "bind" else "during handshake")
         self._cancel()
         self.relay_ended()
 
@@ -256,9 +266,14 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
 
     # Called by the version's handshake.
 
-    def authenticated(self, method: str, avatar: User) -> None:
+    def authenticated(self, method: str, avatar: User, layer=None) -> None:
         self.method = method
         self.user = avatar
+        if layer is not None:
+            # GSS-API integrity/confidentiality: from now on the session reads
+            # unwrapped bytes (dataReceived) and its writes are wrapped.
+            self.layer = layer
+            self.transport = layer.wrap_transport(self.transport)
 
     def authentication_failed(self, method: str, user: str | None, reason: str) -> None:
         self.method = method
@@ -284,14 +299,22 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         d = self._destinations("bind", host, port, by_name, server.limits.connect_timeout)
 
         def listen(hosts: list[str]) -> BindWaiter:
-            waiter = BindWaiter(self, parse_ip(hosts[0]))
+            peers = [parse_ip(h) for h in hosts]
+            if self.version == 4:
+                # A SOCKS4 reply can only name an IPv4 listener.
+                peers = [p for p in peers if p.version == 4]
+                if not peers:
+                    raise connect.ConnectFailed(connect.HOST_UNREACHABLE,
+                                                f"{host} has no IPv4 address for SOCKS4")
+            waiter = BindWaiter(self, peers[0])
             waiter.listen(self.transport.getHost(), server.limits.bind_ports)
             self.pending = waiter.accepted
             return waiter
 
+        # pending first: listen() may run at once and replace it with the wait.
+        self.pending = d
         d.addCallback(listen)
         d.addErrback(self._classify)
-        self.pending = d
         return d
 
     def udp_associate(self, host: str, port: int) -> defer.Deferred:

@@ -42,6 +42,10 @@ class Socks5Handshake:
     def transport(self):
         return self.session.transport
 
+    @property
+    def peer(self) -> str:
+        return self.session.peer
+
     def data_received(self, data: bytes) -> None:
         if self.state == _AUTH:
             self.negotiation.data_received(data)
@@ -87,12 +91,13 @@ class Socks5Handshake:
 
     # Called back by the method (see socksd.auth.methods.Authenticating).
 
-    def authenticated(self, method: str, avatar: User, rest: bytes) -> None:
-        self.session.authenticated(method, avatar)
+    def authenticated(self, method: str, avatar: User, rest: bytes, layer=None) -> None:
+        self.session.authenticated(method, avatar, layer)
         self.negotiation = None
         self.state = _REQUEST
         if rest:
-            self.data_received(rest)
+            # Under a security layer the rest is wrapped: the session unwraps it.
+            self.session.dataReceived(rest) if layer is not None else self.data_received(rest)
 
     def authentication_failed(self, method: str, user: str | None, reason: str) -> None:
         self.negotiation = None

@@ -103,7 +103,8 @@ class UDPRelay(DatagramProtocol):
         elif (source, port) in self.peers:
             self._from_peer(data, source, port)
         else:
-            self.counts["dropped"] += 1   # a stranger
+            self.counts["dropped"] += 1   # a stranger: does not keep the association alive
+            return
         self.session.relay_activity()
 
     def _from_client(self, data: bytes, addr) -> None:
@@ -161,8 +162,9 @@ class UDPRelay(DatagramProtocol):
             return
         try:
             self.transport.write(data, (ip, port))
-        except (OSError, error.MessageLengthError):
-            self.counts["dropped"] += 1   # e.g. an IPv6 peer on an IPv4 socket
+        except (OSError, ValueError, error.MessageLengthError):
+            # e.g. an IPv6 destination on an IPv4 relay socket (InvalidAddressError)
+            self.counts["dropped"] += 1
             return
         self.peers.put((str(parse_ip(ip)), port), True)
         self.counts["up"] += 1
@@ -173,6 +175,12 @@ class UDPRelay(DatagramProtocol):
                 not self._allowed("udpreply", ip, port, None):
             self.counts["dropped"] += 1
             return
-        self.transport.write(socks5.encode_udp(ip, port, data), self.client_addr)
+        wrapped = socks5.encode_udp(ip, port, data)
+        try:
+            self.transport.write(wrapped, self.client_addr)
+        except (OSError, ValueError, error.MessageLengthError):
+            # With its header the answer no longer fits in one datagram.
+            self.counts["dropped"] += 1
+            return
         self.counts["down"] += 1
         self.counts["bytes_down"] += len(data)

@@ -76,6 +76,15 @@ def build(path: str | None, listen: list[str], auth_checkers: list):
     checkers.extend(auth_checkers)
     for checker in checkers:
         _bytes_users(checker)
+    if cfg.gssapi is not None:
+        from gssapi.exceptions import GSSError
+
+        try:
+            cfg.gssapi.acceptor_credentials()
+        except GSSError as e:
+            raise configuration.ConfigError(
+                f"{cfg.path}: gssapi.keytab: {cfg.gssapi.keytab}: cannot accept with it: "
+                f"{e.gen_message()}") from None
     if "userpass" in cfg.methods and not checkers:
         raise configuration.ConfigError(
             f"{cfg.path or 'command line'}: server.methods: \"userpass\" needs a checker "
@@ -96,7 +105,7 @@ def _bytes_users(checker) -> None:
 def makeService(options: Options) -> service.IService:
     cfg = options.socks_config
     portal = Portal(SOCKSRealm(), [FirstOf(options.checkers)]) if options.checkers else None
-    registry = method_registry(portal)
+    registry = method_registry(portal, cfg.gssapi if "gssapi" in cfg.methods else None)
     proxied = None
     identd = cfg.identd if cfg.identd is not None and cfg.identd.enabled else None
     if identd is not None and identd.policy.proxied_users:

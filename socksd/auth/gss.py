@@ -1,0 +1,219 @@
+"""GSS-API (RFC 1961): Kerberos authentication for SOCKS5, and the security
+layer (integrity or confidentiality) that wraps everything after it.
+
+The acceptor side runs on python-gssapi (MIT krb5). The security layer is a
+transport wrapper in the spirit of twisted.protocols.tls: the session sees
+plain bytes, the socket carries RFC 1961 MTYP 3 frames.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import gssapi
+from gssapi.exceptions import GSSError
+
+from twisted.logger import Logger
+
+from socksd.auth import User
+from socksd.auth.methods import Authenticating, Method
+from socksd.wire import WireError, rfc1961, socks5
+
+log = Logger(namespace="socksd")
+
+LEVEL_NAMES = {"clear": rfc1961.CLEAR, "integrity": rfc1961.INTEGRITY,
+               "confidentiality": rfc1961.CONFIDENTIALITY}
+
+
+@dataclass(frozen=True)
+class GSSAPISettings:
+    """The config's ``[gssapi]`` table."""
+
+    keytab: str
+    service: str = "rcmd"
+    host: str | None = None          # None: accept any service principal in the keytab
+    levels: tuple[int, ...] = (rfc1961.INTEGRITY, rfc1961.CONFIDENTIALITY)
+    nec_compat: bool = False         # protection octet sent unwrapped (NEC's client)
+    strip_realm: bool = True         # alice@REALM -> alice for rules and logs
+    principals: dict[str, str] = field(default_factory=dict)   # principal -> local name
+
+    def acceptor_credentials(self) -> gssapi.Credentials:
+        """Credentials from the keytab; raises GSSError if it is unusable."""
+        name = None
+        if self.host:
+            name = gssapi.Name(f"{self.service}@{self.host}",
+                               gssapi.NameType.hostbased_service)
+        return gssapi.Credentials(name=name, usage="accept", store={"keytab": self.keytab})
+
+    def local_name(self, principal: str) -> str:
+        if principal in self.principals:
+            return self.principals[principal]
+        if self.strip_realm:
+            return principal.rsplit("@", 1)[0]
+        return principal
+
+    def choose_level(self, asked: int) -> int | None:
+        """The asked level if accepted, else the closest stronger accepted one.
+        Selective protection (3) is refused, as Dante refuses it."""
+        if asked == rfc1961.SELECTIVE:
+            return None
+        for level in sorted(self.levels):
+            if level >= asked:
+                return level
+        return None
+
+
+class GSSAPIMethod(Method):
+    code = socks5.GSSAPI
+    name = "gssapi"
+
+    def __init__(self, settings: GSSAPISettings) -> None:
+        self.settings = settings
+        self.credentials = settings.acceptor_credentials()
+
+    def start(self, session: Authenticating) -> _Negotiation:
+        return _Negotiation(self, session)
+
+
+class _Negotiation:
+    """Context establishment (MTYP 1) then protection level (MTYP 2)."""
+
+    __slots__ = ("method", "session", "buffer", "context", "state")
+
+    def __init__(self, method: GSSAPIMethod, session: Authenticating) -> None:
+        self.method = method
+        self.session = session
+        self.buffer = b""
+        self.context = gssapi.SecurityContext(creds=method.credentials, usage="accept")
+        self.state = rfc1961.CONTEXT
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while self.state is not None:
+            try:
+                parsed = rfc1961.parse_message(self.buffer, self.state)
+            except WireError as e:
+                self._abort(str(e))
+                return
+            if parsed is None:
+                return
+            _mtyp, token, used = parsed
+            self.buffer = self.buffer[used:]
+            try:
+                if self.state == rfc1961.CONTEXT:
+                    self._context(token)
+                else:
+                    self._protection(token)
+            except GSSError as e:
+                self._abort(f"GSS-API: {e.gen_message()}")
+                return
+
+    def _context(self, token: bytes) -> None:
+        out = self.context.step(token)
+        # An output token goes back whatever the state. When the context
+        # completes with none, the client's own context is complete too (it
+        # asked for no mutual authentication) and reads no token: sending an
+        # empty one would be taken for the protection-level reply (curl).
+        if out:
+            self.session.transport.write(rfc1961.encode_message(rfc1961.CONTEXT, out))
+        if self.context.complete:
+            self.state = rfc1961.PROTECTION
+
+    def _protection(self, token: bytes) -> None:
+        settings = self.method.settings
+        nec = settings.nec_compat and len(token) == 1
+        if nec:
+            octet = token
+        else:
+            unwrapped = self.context.unwrap(token)
+            octet = unwrapped.message
+        if len(octet) != 1:
+            self._abort(f"protection level message of {len(octet)} bytes")
+            return
+        level = settings.choose_level(octet[0])
+        if level is None:
+            self._abort(f"protection level {octet[0]} not accepted")
+            return
+        answer = bytes((level,)) if nec else self.context.wrap(bytes((level,)), False).message
+        self.session.transport.write(rfc1961.encode_message(rfc1961.PROTECTION, answer))
+        self.state = None
+        principal = str(self.context.initiator_name)
+        rest, self.buffer = self.buffer, b""
+        layer = SecurityLayer(self.context, level) if level != rfc1961.CLEAR else None
+        avatar = User(settings.local_name(principal))
+        log.info("{peer} gssapi: {principal} as {user}, protection {protection}",
+                 peer=getattr(self.session, "peer", "-"), principal=principal,
+                 user=avatar.name, protection=level)
+        self.session.authenticated(GSSAPIMethod.name, avatar, rest, layer)
+
+    def _abort(self, reason: str) -> None:
+        self.state = None
+        self.session.transport.write(rfc1961.ABORT)
+        self.session.authentication_failed(GSSAPIMethod.name, None, reason)
+
+    def cancel(self) -> None:
+        self.state = None
+
+
+class SecurityLayer:
+    """RFC 1961 encapsulation for one session: unwraps what arrives, wraps
+    what is sent (conf=False for integrity, True for confidentiality)."""
+
+    __slots__ = ("context", "level", "buffer", "max_plain")
+
+    def __init__(self, context: gssapi.SecurityContext, level: int) -> None:
+        self.context = context
+        self.level = level
+        self.buffer = b""
+        encrypt = level == rfc1961.CONFIDENTIALITY
+        # Plaintext per frame such that no wrapped token exceeds 65535 bytes.
+        self.max_plain = context.get_wrap_size_limit(rfc1961.MAX_TOKEN, encrypt)
+
+    def decode(self, data: bytes) -> bytes:
+        """Whole frames received so far -> their plaintext; raises WireError
+        (malformed frame, tampering, replay, wrong protection)."""
+        self.buffer += data
+        out = []
+        while True:
+            parsed = rfc1961.parse_message(self.buffer, rfc1961.ENCAPSULATION)
+            if parsed is None:
+                return b"".join(out)
+            _mtyp, token, used = parsed
+            self.buffer = self.buffer[used:]
+            try:
+                result = self.context.unwrap(token)
+            except GSSError as e:
+                raise WireError(f"GSS-API unwrap failed: {e.gen_message()}") from None
+            if self.level == rfc1961.CONFIDENTIALITY and not result.encrypted:
+                raise WireError("GSS-API: unencrypted frame in a confidential session")
+            out.append(result.message)
+
+    def wrap_transport(self, transport) -> WrappedTransport:
+        return WrappedTransport(transport, self)
+
+    def encode(self, data: bytes) -> bytes:
+        encrypt = self.level == rfc1961.CONFIDENTIALITY
+        frames = []
+        for start in range(0, len(data), self.max_plain):
+            token = self.context.wrap(data[start:start + self.max_plain], encrypt).message
+            frames.append(rfc1961.encode_message(rfc1961.ENCAPSULATION, token))
+        return b"".join(frames)
+
+
+class WrappedTransport:
+    """The transport a session writes to once a security layer is in force:
+    writes are wrapped, everything else is the real transport's."""
+
+    def __init__(self, transport, layer: SecurityLayer) -> None:
+        self._transport = transport
+        self._layer = layer
+
+    def write(self, data: bytes) -> None:
+        if data:
+            self._transport.write(self._layer.encode(data))
+
+    def writeSequence(self, data) -> None:
+        self.write(b"".join(data))
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
