@@ -166,3 +166,45 @@ def echo_server():
     yield server.server_address[1]
     server.shutdown()
     server.server_close()
+
+
+class Kerberos:
+    """A real MIT KDC (k5test) with socksd's service key in its own keytab."""
+
+    def __init__(self, realm) -> None:
+        self.realm = realm
+        self.env = dict(realm.env)
+        self.service_principal = f"rcmd/{realm.hostname}@{realm.realm}"
+        realm.addprinc(f"rcmd/{realm.hostname}")
+        self.keytab = os.path.join(realm.tmpdir, "socksd.keytab")
+        realm.extract_keytab(f"rcmd/{realm.hostname}", self.keytab)
+        self.user = realm.user_princ          # has a ticket in the realm's ccache
+
+    def config(self, levels=("integrity", "confidentiality"), extra: str = "",
+               methods=('"gssapi"',)) -> str:
+        level_list = ", ".join(f'"{level}"' for level in levels)
+        return (f"[server]\nmethods = [{', '.join(methods)}]\n"
+                f'[gssapi]\nkeytab = "{self.keytab}"\nlevels = [{level_list}]\n{extra}')
+
+
+@pytest.fixture(scope="session")
+def kerberos():
+    """One KDC for the whole run (k5test listens on fixed ports from
+    SOCKSD_TEST_KDC_PORTBASE, default 61000). A missing KDC fails."""
+    for program in ("krb5kdc", "kdb5_util", "kadmin.local"):
+        assert shutil.which(program) or os.path.exists(f"/usr/sbin/{program}"), \
+            f"{program} is missing: `make test` installs krb5-kdc and krb5-admin-server"
+    import k5test
+
+    realm = k5test.K5Realm(portbase=int(os.environ.get("SOCKSD_TEST_KDC_PORTBASE", "61000")))
+    saved = {key: os.environ.get(key) for key in realm.env}
+    os.environ.update(realm.env)   # for in-process python-gssapi clients
+    try:
+        yield Kerberos(realm)
+    finally:
+        realm.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
