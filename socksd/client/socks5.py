@@ -1,0 +1,224 @@
+"""A SOCKS5 client endpoint (IStreamClientEndpoint): CONNECT through a proxy
+reached by any endpoint, with no authentication, RFC 1929 username/password
+or RFC 1961 GSS-API (integrity, confidentiality, NEC mode, or clear).
+
+``connect(factory)`` fires with the application's protocol once the proxy
+has connected it; under a GSS-API security layer the protocol's transport
+wraps what it writes and it receives unwrapped bytes, like over TLS.
+"""
+
+from __future__ import annotations
+
+from zope.interface import implementer
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+
+from socksd.wire import WireError, rfc1929, rfc1961, socks5
+
+
+class SOCKSError(Exception):
+    """The proxy refused or failed; ``reply`` is its SOCKS5 reply or status."""
+
+    def __init__(self, message: str, reply: int | None = None) -> None:
+        super().__init__(message)
+        self.reply = reply
+
+
+@implementer(IStreamClientEndpoint)
+class SOCKS5ClientEndpoint:
+    def __init__(self, host: str, port: int, proxy: IStreamClientEndpoint, *,
+                 username: str | None = None, password: str | None = None,
+                 gssapi_service: str | None = None, gssapi_level: int = 2,
+                 nec: bool = False) -> None:
+        """``gssapi_service``: the proxy's service name, e.g. "rcmd@proxy.example"
+        (offering GSS-API); ``gssapi_level``: 0 clear, 1 integrity, 2 confidentiality."""
+        self.host, self.port = host, port
+        self.proxy = proxy
+        self.username, self.password = username, password
+        self.gssapi_service = gssapi_service
+        self.gssapi_level = gssapi_level
+        self.nec = nec
+
+    def methods(self) -> bytes:
+        offered = []
+        if self.gssapi_service:
+            offered.append(socks5.GSSAPI)
+        if self.username is not None:
+            offered.append(socks5.USERPASS)
+        offered.append(socks5.NO_AUTH)
+        return bytes(offered)
+
+    def connect(self, protocolFactory: Factory) -> defer.Deferred:
+        ready: defer.Deferred = defer.Deferred()
+        factory = Factory.forProtocol(lambda: _Handshake(self, protocolFactory, ready))
+        d = self.proxy.connect(factory)
+        d.addErrback(ready.errback)
+        return ready
+
+
+class _Handshake(Protocol):
+    """Speaks SOCKS5 to the proxy, then carries the application's bytes."""
+
+    def __init__(self, endpoint: SOCKS5ClientEndpoint, factory: Factory,
+                 ready: defer.Deferred) -> None:
+        self.endpoint = endpoint
+        self.factory_ = factory
+        self.ready = ready
+        self.buffer = b""
+        self.state = "method"
+        self.context = None
+        self.layer = None
+        self.app: Protocol | None = None
+
+    def connectionMade(self) -> None:
+        self.transport.write(socks5.encode_greeting(self.endpoint.methods()))
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.layer is not None:
+            try:
+                data = self.layer.decode(data)
+            except WireError as e:
+                self._fail(SOCKSError(str(e)))
+                return
+        if self.app is not None:
+            self.app.dataReceived(data)
+            return
+        self.buffer += data
+        try:
+            while self.app is None and self.state is not None and self._step():
+                pass
+        except (WireError, SOCKSError) as e:
+            self._fail(e if isinstance(e, SOCKSError) else SOCKSError(str(e)))
+
+    def _step(self) -> bool:
+        """Handle one message from the buffer; False when more bytes are needed."""
+        if self.state == "method":
+            parsed = socks5.parse_method_selection(self.buffer)
+            if parsed is None:
+                return False
+            method, used = parsed
+            self.buffer = self.buffer[used:]
+            if method == socks5.NO_AUTH:
+                self._request()
+            elif method == socks5.USERPASS and self.endpoint.username is not None:
+                self.state = "userpass"
+                self.transport.write(rfc1929.encode_request(
+                    self.endpoint.username.encode(), (self.endpoint.password or "").encode()))
+            elif method == socks5.GSSAPI and self.endpoint.gssapi_service:
+                self._gss_start()
+            else:
+                raise SOCKSError(f"the proxy accepts none of our methods ({method:#x})", method)
+            return True
+        if self.state == "userpass":
+            parsed = rfc1929.parse_response(self.buffer)
+            if parsed is None:
+                return False
+            status, used = parsed
+            self.buffer = self.buffer[used:]
+            if status != rfc1929.SUCCESS:
+                raise SOCKSError("username/password refused", status)
+            self._request()
+            return True
+        if self.state in ("gss-context", "gss-protection"):
+            expected = rfc1961.CONTEXT if self.state == "gss-context" else rfc1961.PROTECTION
+            parsed = rfc1961.parse_message(self.buffer, expected)
+            if parsed is None:
+                return False
+            _mtyp, token, used = parsed
+            self.buffer = self.buffer[used:]
+            if self.state == "gss-context":
+                self._gss_context(token)
+            else:
+                self._gss_protection(token)
+            return True
+        if self.state == "reply":
+            buffer = self.buffer
+            parsed = socks5.parse_reply(buffer)
+            if parsed is None:
+                return False
+            reply, used = parsed
+            rest, self.buffer = buffer[used:], b""
+            if reply.code != socks5.SUCCEEDED:
+                raise SOCKSError(f"the proxy replied {reply.code:#x}", reply.code)
+            self._connected(rest)
+            return True
+        return False
+
+    def _gss_start(self) -> None:
+        import gssapi
+
+        self.context = gssapi.SecurityContext(
+            name=gssapi.Name(self.endpoint.gssapi_service, gssapi.NameType.hostbased_service),
+            usage="initiate",
+            flags=gssapi.RequirementFlag.mutual_authentication |
+            gssapi.RequirementFlag.integrity | gssapi.RequirementFlag.confidentiality)
+        self.state = "gss-context"
+        self._gss_send(self.context.step())
+
+    def _gss_send(self, token: bytes | None) -> None:
+        if token:
+            self.transport.write(rfc1961.encode_message(rfc1961.CONTEXT, token))
+        if self.context.complete:
+            self.state = "gss-protection"
+            octet = bytes((self.endpoint.gssapi_level,))
+            message = octet if self.endpoint.nec else self.context.wrap(octet, False).message
+            self.transport.write(rfc1961.encode_message(rfc1961.PROTECTION, message))
+
+    def _gss_context(self, token: bytes) -> None:
+        self._gss_send(self.context.step(token))
+
+    def _gss_protection(self, token: bytes) -> None:
+        from socksd.auth.gss import SecurityLayer
+
+        octet = token if self.endpoint.nec else self.context.unwrap(token).message
+        if len(octet) != 1:
+            raise SOCKSError("malformed protection level answer")
+        level = octet[0]
+        if level < self.endpoint.gssapi_level:
+            raise SOCKSError(f"the proxy offers protection {level}, "
+                             f"weaker than {self.endpoint.gssapi_level}")
+        if level in (rfc1961.INTEGRITY, rfc1961.CONFIDENTIALITY):
+            self.layer = SecurityLayer(self.context, level)
+            # What followed the answer is already wrapped.
+            rest, self.buffer = self.buffer, b""
+            self._request()
+            if rest:
+                self.buffer = self.layer.decode(rest)
+        else:
+            self._request()
+
+    def _request(self) -> None:
+        self.state = "reply"
+        self.write(socks5.encode_request(socks5.CONNECT, self.endpoint.host, self.endpoint.port))
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(self.layer.encode(data) if self.layer is not None else data)
+
+    def _connected(self, rest: bytes) -> None:
+        self.state = None
+        transport = self.transport
+        if self.layer is not None:
+            transport = self.layer.wrap_transport(transport)
+        self.app = self.factory_.buildProtocol(transport.getPeer())
+        self.app.makeConnection(transport)
+        ready, self.ready = self.ready, None
+        ready.callback(self.app)
+        if rest:
+            self.app.dataReceived(rest)
+
+    def _fail(self, error: Exception) -> None:
+        self.state = None
+        if self.ready is not None:
+            ready, self.ready = self.ready, None
+            ready.errback(error)
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason=None) -> None:
+        if self.app is not None:
+            self.app.connectionLost(reason)
+        elif self.ready is not None:
+            ready, self.ready = self.ready, None
+            ready.errback(SOCKSError(f"the proxy closed the connection: "
+                                     f"{reason.getErrorMessage() if reason else ''}"))
