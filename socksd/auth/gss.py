@@ -188,6 +188,24 @@ class SecurityLayer:
                 raise WireError("GSS-API: unencrypted frame in a confidential session")
             out.append(result.message)
 
+    def unwrap_datagram(self, datagram: bytes) -> bytes:
+        """A UDP datagram is one whole MTYP 3 frame (RFC 1961 section 6)."""
+        parsed = rfc1961.parse_message(datagram, rfc1961.ENCAPSULATION)
+        if parsed is None or parsed[2] != len(datagram):
+            raise WireError("UDP datagram is not one whole GSS-API frame")
+        try:
+            result = self.context.unwrap(parsed[1])
+        except GSSError as e:
+            raise WireError(f"GSS-API unwrap failed: {e.gen_message()}") from None
+        if self.level == rfc1961.CONFIDENTIALITY and not result.encrypted:
+            raise WireError("GSS-API: unencrypted datagram in a confidential session")
+        return result.message
+
+    def wrap_datagram(self, data: bytes) -> bytes:
+        """Raises ValueError when the wrapped datagram would not fit a frame."""
+        token = self.context.wrap(data, self.level == rfc1961.CONFIDENTIALITY).message
+        return rfc1961.encode_message(rfc1961.ENCAPSULATION, token)
+
     def wrap_transport(self, transport) -> WrappedTransport:
         return WrappedTransport(transport, self)
 

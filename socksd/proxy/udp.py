@@ -109,7 +109,12 @@ class UDPRelay(DatagramProtocol):
 
     def _from_client(self, data: bytes, addr) -> None:
         self.client_addr = addr
+        layer = self.session.layer
         try:
+            if layer is not None:
+                # Under GSS-API protection each datagram, header included, is
+                # one encapsulated frame (RFC 1961 section 6).
+                data = layer.unwrap_datagram(data)
             datagram = socks5.parse_udp(data)
         except WireError:
             self.counts["dropped"] += 1
@@ -177,6 +182,8 @@ class UDPRelay(DatagramProtocol):
             return
         wrapped = socks5.encode_udp(ip, port, data)
         try:
+            if self.session.layer is not None:
+                wrapped = self.session.layer.wrap_datagram(wrapped)
             self.transport.write(wrapped, self.client_addr)
         except (OSError, ValueError, error.MessageLengthError):
             # With its header the answer no longer fits in one datagram.
