@@ -43,8 +43,9 @@ def test_example_uses_every_key_and_is_valid():
     text = EXAMPLE.read_text()
     for key in config._SERVER_KEYS:
         assert f"\n{key} =" in text, key
-    for key in [*config._RULE_KEYS, *config._SOCKS4_KEYS, *config._IDENTD_KEYS]:
-        assert f"\n{key} =" in text, key
+    for key in [*config._RULE_KEYS, *config._SOCKS4_KEYS, *config._IDENTD_KEYS,
+                *config._GSSAPI_KEYS]:
+        assert f"\n{key} =" in text or f".{key}]" in text, key   # a key, or a sub-table
     cfg = config.load(str(EXAMPLE))
     assert cfg.methods == ("userpass",) and cfg.methods_given
     assert len(cfg.rules) == 2

@@ -76,7 +76,7 @@ def build(path: str | None, listen: list[str], auth_checkers: list):
     checkers.extend(auth_checkers)
     for checker in checkers:
         _bytes_users(checker)
-    if cfg.gssapi is not None:
+    if cfg.gssapi is not None and "gssapi" in cfg.methods:
         from gssapi.exceptions import GSSError
 
         try:
