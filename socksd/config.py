@@ -85,8 +85,8 @@ _IDENTD_KEYS = {
     "max_connections": "count", "max_connections_per_client": "count",
 }
 _GSSAPI_KEYS = {
-    "keytab": "string", "service": "string", "host": "string", "levels": "strings",
-    "nec_compat": "bool", "strip_realm": "bool", "principals": "modes",
+    "keytab": "string", "service": "string", "principal": "string", "levels": "strings",
+    "nec_compat": "bool", "principal_map": "string", "principals": "modes",
 }
 _TABLES = ("server", "socks4", "identd", "gssapi", "rules")
 
@@ -206,8 +206,8 @@ def parse(data: dict[str, Any], where: _Where) -> Config:
     if "gssapi" in data:
         gssapi = _gssapi(_table(data, "gssapi", _GSSAPI_KEYS, where), where)
     if "gssapi" in methods and gssapi is None:
-        raise where.error("\"gssapi\" needs a [gssapi] table with a keytab", "server", None,
-                          "methods")
+        raise where.error("\"gssapi\" needs a [gssapi] table (keytab, service, levels)",
+                          "server", None, "methods")
     return Config(where.path, listen, methods, "methods" in server,
                   tuple(server.get("checkers", ())), limits, rules,
                   _socks4(_table(data, "socks4", _SOCKS4_KEYS, where), limits, where), identd,
@@ -217,9 +217,6 @@ def parse(data: dict[str, Any], where: _Where) -> Config:
 def _gssapi(table: dict[str, Any], where: _Where):
     from socksd.auth.gss import LEVEL_NAMES, GSSAPISettings
 
-    if "keytab" not in table:
-        raise where.error("missing: the keytab with the service's key", "gssapi", None,
-                          "keytab")
     levels = []
     for name in table.get("levels", ("integrity", "confidentiality")):
         if name not in LEVEL_NAMES:
@@ -228,12 +225,18 @@ def _gssapi(table: dict[str, Any], where: _Where):
         levels.append(LEVEL_NAMES[name])
     if not levels:
         raise where.error("needs at least one level", "gssapi", None, "levels")
+    principal_map = table.get("principal_map", "strip-realm")
+    if principal_map not in ("strip-realm", "keep"):
+        raise where.error(f"{principal_map!r} is not \"strip-realm\" or \"keep\"", "gssapi",
+                          None, "principal_map")
+    keytab = table.get("keytab") or None
+    if keytab and keytab.startswith("FILE:"):
+        keytab = keytab[5:]
     return GSSAPISettings(
-        keytab=table["keytab"], service=table.get("service", "rcmd"),
-        host=table.get("host") or None, levels=tuple(sorted(set(levels))),
-        nec_compat=table.get("nec_compat", False), strip_realm=table.get("strip_realm", True),
+        keytab=keytab, service=table.get("service", "rcmd"),
+        principal=table.get("principal") or None, levels=tuple(sorted(set(levels))),
+        nec_compat=table.get("nec_compat", False), principal_map=principal_map,
         principals=dict(table.get("principals", {})))
-
 
 def _identd(table: dict[str, Any], where: _Where) -> IdentdConfig:
     def bad(key: str, message: str) -> ConfigError:

@@ -29,26 +29,28 @@ LEVEL_NAMES = {"clear": rfc1961.CLEAR, "integrity": rfc1961.INTEGRITY,
 class GSSAPISettings:
     """The config's ``[gssapi]`` table."""
 
-    keytab: str
-    service: str = "rcmd"
-    host: str | None = None          # None: accept any service principal in the keytab
+    keytab: str | None = None        # None: KRB5_KTNAME, or the system's default keytab
+    service: str = "rcmd"            # accept any key of this service (rcmd/<any host>)
+    principal: str | None = None     # ... or only this principal (rcmd/proxy.example@REALM)
     levels: tuple[int, ...] = (rfc1961.INTEGRITY, rfc1961.CONFIDENTIALITY)
     nec_compat: bool = False         # protection octet sent unwrapped (NEC's client)
-    strip_realm: bool = True         # alice@REALM -> alice for rules and logs
-    principals: dict[str, str] = field(default_factory=dict)   # principal -> local name
+    principal_map: str = "strip-realm"   # or "keep": how alice@REALM becomes a user name
+    principals: dict[str, str] = field(default_factory=dict)   # principal -> local name, first
 
     def acceptor_credentials(self) -> gssapi.Credentials:
         """Credentials from the keytab; raises GSSError if it is unusable."""
-        name = None
-        if self.host:
-            name = gssapi.Name(f"{self.service}@{self.host}",
-                               gssapi.NameType.hostbased_service)
-        return gssapi.Credentials(name=name, usage="accept", store={"keytab": self.keytab})
+        if self.principal:
+            name = gssapi.Name(self.principal, gssapi.NameType.kerberos_principal)
+        else:
+            # "service@" with no host: this service on any of our host names.
+            name = gssapi.Name(f"{self.service}@", gssapi.NameType.hostbased_service)
+        store = {"keytab": self.keytab} if self.keytab else None
+        return gssapi.Credentials(name=name, usage="accept", store=store)
 
     def local_name(self, principal: str) -> str:
         if principal in self.principals:
             return self.principals[principal]
-        if self.strip_realm:
+        if self.principal_map == "strip-realm":
             return principal.rsplit("@", 1)[0]
         return principal
 

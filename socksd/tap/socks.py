@@ -83,7 +83,8 @@ def build(path: str | None, listen: list[str], auth_checkers: list):
             cfg.gssapi.acceptor_credentials()
         except GSSError as e:
             raise configuration.ConfigError(
-                f"{cfg.path}: gssapi.keytab: {cfg.gssapi.keytab}: cannot accept with it: "
+                f"{cfg.path}: gssapi.keytab: {cfg.gssapi.keytab or 'default keytab'}: "
+                f"cannot accept {cfg.gssapi.principal or cfg.gssapi.service} with it: "
                 f"{e.gen_message()}") from None
     if "userpass" in cfg.methods and not checkers:
         raise configuration.ConfigError(
