@@ -19,7 +19,9 @@ def _handshake(s, level: int):
     assert _recv_exact(s, 2) == b"\x05\x01"
     ctx = gssapi.SecurityContext(
         name=gssapi.Name("rcmd@localhost", gssapi.NameType.hostbased_service),
-        usage="initiate", flags=gssapi.RequirementFlag.mutual_authentication)
+        usage="initiate", flags=gssapi.RequirementFlag.mutual_authentication
+        | gssapi.RequirementFlag.replay_detection
+        | gssapi.RequirementFlag.out_of_sequence_detection)
     token = ctx.step()
     while token:
         s.sendall(struct.pack("!BBH", 1, 1, len(token)) + token)

@@ -136,6 +136,14 @@ class _Negotiation:
         if level is None:
             self._abort(f"protection level {octet[0]} not accepted")
             return
+        if level != rfc1961.CLEAR and not (
+                gssapi.RequirementFlag.replay_detection in self.context.actual_flags and
+                gssapi.RequirementFlag.out_of_sequence_detection in self.context.actual_flags):
+            # Kerberos checks wrapped tokens for replay and order only when the
+            # initiator asked it to; without that a replayed frame would be
+            # relayed twice, so a protected session requires both.
+            self._abort("the client did not ask for replay and sequence detection")
+            return
         answer = bytes((level,)) if nec else self.context.wrap(bytes((level,)), False).message
         self.session.transport.write(rfc1961.encode_message(rfc1961.PROTECTION, answer))
         self.state = None
@@ -154,7 +162,10 @@ class _Negotiation:
         self.session.authentication_failed(GSSAPIMethod.name, None, reason)
 
     def cancel(self) -> None:
-        self.state = None
+        """The session ends (timeout, client gone) mid-negotiation: abort."""
+        if self.state is not None:
+            self.state = None
+            self.session.transport.write(rfc1961.ABORT)
 
 
 class SecurityLayer:

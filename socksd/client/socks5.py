@@ -153,6 +153,8 @@ class _Handshake(Protocol):
             name=gssapi.Name(self.endpoint.gssapi_service, gssapi.NameType.hostbased_service),
             usage="initiate",
             flags=gssapi.RequirementFlag.mutual_authentication |
+            gssapi.RequirementFlag.replay_detection |
+            gssapi.RequirementFlag.out_of_sequence_detection |
             gssapi.RequirementFlag.integrity | gssapi.RequirementFlag.confidentiality)
         self.state = "gss-context"
         self._gss_send(self.context.step())

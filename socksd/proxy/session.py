@@ -249,8 +249,12 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
             self.outcome, self.detail = "idle timeout", f"{self.timeOut:g} s"
             self.outbound.transport.abortConnection()
         else:
+            # A graceful close: what _cancel() says (a GSS-API abort) must be
+            # sent, and a handshake leaves little to flush.
             self.outcome, self.detail = "handshake timeout", f"{self.timeOut:g} s"
             self._cancel()
+            self.transport.loseConnection()
+            return
         self.transport.abortConnection()
 
     def fail(self, outcome: str, detail: str = "", abort: bool = False) -> None:
