@@ -32,11 +32,14 @@ from harness import (BenchError, Memory, Server, build_loadgen, cpu_delta, cpu_t
                      free_port, machine_busy, memory, raise_nofile_limit, read_line,
                      start_c_server, wait_for_proxy)
 
+WORKERS = "1"
+
 SOCKSD_CONFIG = """\
 # Written by benchmarks/run.py: limits high enough for the idle-session test.
 [server]
 max_sessions = 100000
 max_sessions_per_client = 100000
+workers = {workers}
 """
 
 DANTE_CONFIG = """\
@@ -74,6 +77,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-dante", action="store_true", help="skip Dante (danted)")
     p.add_argument("--danted", help="danted binary (default: on PATH, else /usr/sbin/danted)")
     p.add_argument("--twistd", help="twistd running socksd (default: next to this Python)")
+    p.add_argument("--workers", default="1",
+                   help='socksd [server] workers: a number or "auto" (default 1)')
     p.add_argument("--rounds", type=int, help="rounds per measurement, median reported (default 3)")
     p.add_argument("--bulk-seconds", type=float, help="seconds per bulk transfer (default 3)")
     p.add_argument("--session-seconds", type=float, help="seconds per sessions round (default 3)")
@@ -90,6 +95,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true",
                    help="keep the temporary directory (configs, proxy logs) and print its path")
     args = p.parse_args(argv)
+    global WORKERS
+    if args.workers != "auto" and not args.workers.isdigit():
+        p.error('--workers takes a number or "auto"')
+    WORKERS = args.workers if args.workers.isdigit() else '"auto"'
     quick = args.quick
     if args.rounds is None:
         args.rounds = 1 if quick else 3
@@ -143,7 +152,7 @@ def find_danted(args) -> str:
 def start_socksd(twistd: str, tmp: Path, echo_port: int, tag: str) -> Via:
     """A fresh twistd socks; cwd is the temp dir so the *installed* socksd runs."""
     config = tmp / "socksd.toml"
-    config.write_text(SOCKSD_CONFIG)
+    config.write_text(SOCKSD_CONFIG.format(workers=WORKERS))
     last: BenchError | None = None
     for _ in range(3):  # a port can be taken between free_port() and bind
         port = free_port()

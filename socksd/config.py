@@ -6,7 +6,9 @@ A bad file never produces a traceback: :class:`ConfigError` says
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 import tomllib
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -48,6 +50,26 @@ class Config:
     socks4: Socks4Policy = Socks4Policy()
     identd: IdentdConfig | None = None
     gssapi: Any = None                  # socksd.auth.gss.GSSAPISettings, if configured
+    workers: int = 1
+
+    def checked(self, where=None) -> Config:
+        """Checks across tables (also after the command line changed listen)."""
+        if self.workers > 1:
+            def error(key: str, message: str) -> ConfigError:
+                if where is not None:
+                    return where.error(message, "server", None, key)
+                return ConfigError(f"{self.path or 'command line'}: server.{key}: {message}")
+
+            for description in self.listen:
+                try:
+                    parse_listener(description)
+                except ValueError as e:
+                    raise error("listen", str(e)) from None
+            if self.identd is not None and self.identd.enabled and \
+                    self.identd.policy.proxied_users:
+                raise error("workers", "identd.proxied_users needs workers = 1 (the identd "
+                                       "must share the process that opens the connections)")
+        return self
 
     def with_command_line(self, listen: list[str], have_auth: bool) -> Config:
         """``--listen`` replaces the listeners; ``--auth`` without explicit
@@ -57,7 +79,7 @@ class Config:
             changes["listen"] = tuple(listen)
         if have_auth and not self.methods_given:
             changes["methods"] = ("userpass",)
-        return replace(self, **changes) if changes else self
+        return replace(self, **changes).checked() if changes else self
 
 
 _SERVER_KEYS = {
@@ -65,7 +87,7 @@ _SERVER_KEYS = {
     "handshake_timeout": "timeout", "connect_timeout": "timeout", "idle_timeout": "seconds",
     "max_sessions": "count", "max_sessions_per_client": "count", "splice": "bool",
     "bind_timeout": "timeout", "udp_idle_timeout": "timeout", "bind_ports": "ports",
-    "udp_ports": "ports", "max_datagram": "count",
+    "udp_ports": "ports", "max_datagram": "count", "workers": "workers",
 }
 _RULE_KEYS = {
     "action": "string", "from": "strings", "to": "strings", "ports": "ports",
@@ -208,10 +230,11 @@ def parse(data: dict[str, Any], where: _Where) -> Config:
     if "gssapi" in methods and gssapi is None:
         raise where.error("\"gssapi\" needs a [gssapi] table (keytab, service, levels)",
                           "server", None, "methods")
+    workers = worker_count(server.get("workers", 1))
     return Config(where.path, listen, methods, "methods" in server,
                   tuple(server.get("checkers", ())), limits, rules,
                   _socks4(_table(data, "socks4", _SOCKS4_KEYS, where), limits, where), identd,
-                  gssapi)
+                  gssapi, workers).checked(where)
 
 
 def _gssapi(table: dict[str, Any], where: _Where):
@@ -379,6 +402,11 @@ def _check_type(where: _Where, value: Any, kind: str, table: str, index: int | N
             raise bad("a port number")
         if not 1 <= value <= 65535:
             raise where.error(f"{value} is not a port (1-65535)", table, index, key)
+    elif kind == "workers":
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int)
+                                or not 1 <= value <= 256):
+            raise where.error(f"{value!r} is not a number of processes (1-256) or \"auto\"",
+                              table, index, key)
     elif kind == "string":
         if not isinstance(value, str):
             raise bad("a string")
@@ -408,6 +436,42 @@ def _check_type(where: _Where, value: Any, kind: str, table: str, index: int | N
 def _toml_type(value: Any) -> str:
     return {bool: "a boolean", int: "an integer", float: "a float", str: "a string",
             list: "an array", dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def parse_listener(description: str) -> tuple[int, str, int, int, bool]:
+    """A tcp/tcp6 endpoint string (optionally haproxy:) -> (family, host,
+    port, backlog, haproxy). Other endpoint types cannot be shared."""
+    haproxy = description.startswith("haproxy:")
+    if haproxy:
+        description = description[len("haproxy:"):]
+    parts, current, escaped = [], "", False
+    for char in description:
+        if escaped:
+            current += char
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
+    kind, args = parts[0], parts[1:]
+    if kind not in ("tcp", "tcp6") or not args:
+        raise ValueError(f"{description!r}: workers > 1 serves tcp:, tcp6: and haproxy:tcp: "
+                         "listeners only")
+    family = socket.AF_INET6 if kind == "tcp6" else socket.AF_INET
+    options = dict(arg.split("=", 1) for arg in args[1:] if "=" in arg)
+    host = options.get("interface", "::" if family == socket.AF_INET6 else "0.0.0.0")
+    return family, host, int(args[0]), int(options.get("backlog", 50)), haproxy
+
+
+def worker_count(value) -> int:
+    """``workers`` from the config: an int, or "auto" for the CPU count."""
+    if value == "auto":
+        return os.cpu_count() or 1
+    return int(value)
 
 
 def _checker_problem(description: str) -> str | None:

@@ -116,6 +116,9 @@ def _destination(host: str, port: int) -> str:
 
 _LOCAL = parse_ip("127.0.0.1")
 
+# Which of `workers = N` processes this is (None: the only one), for logs.
+WORKER: int | None = None
+
 
 class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
     """The client's side of a session, from first byte to the last log line."""
@@ -497,7 +500,8 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         # field: twisted.logger's str.format-style rendering of a dozen fields
         # was a quarter of the cost of a short session. Observers still get
         # every field for structured output.
-        text = (f"{self.peer} socks{self.version} user={user} method={self.method} "
+        text = (f"{'' if WORKER is None else f'w{WORKER} '}"
+                f"{self.peer} socks{self.version} user={user} method={self.method} "
                 f"{self.command} {self.destination} up={self.received} down={down} "
                 f"{duration:.3f}s {outcome}{': ' if self.detail else ''}{self.detail}"
                 f"{' [splice]' if self.splicer is not None else ''}")
@@ -506,4 +510,4 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
              method=self.method, command=self.command, destination=self.destination,
              up=self.received, down=down, duration=duration, outcome=outcome,
              detail=self.detail, verified=self.user.verified,
-             spliced=self.splicer is not None)
+             spliced=self.splicer is not None, worker=WORKER)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from dataclasses import replace
 
 from twisted.application import service, strports
 from twisted.cred import strcred
@@ -18,6 +20,7 @@ from socksd.auth.methods import method_registry
 from socksd.ident.registry import ProxiedConnections
 from socksd.proxy import SOCKSServerFactory
 from socksd.tap import identd as identd_tap
+from socksd.tap.workers import WorkersService
 
 
 class Options(usage.Options, strcred.AuthOptionMixin):
@@ -40,7 +43,12 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["auth_strings"] = []
 
+    def opt_auth(self, description: str) -> None:
+        """A credential checker (strcred string); see --help-auth."""
+        super().opt_auth(description)
+        self["auth_strings"].append(description)   # for workers, which build their own
     def opt_listen(self, description: str) -> None:
         """Listen on this Twisted endpoint instead of the config's (repeatable)."""
         self["listen"].append(description)
@@ -103,19 +111,37 @@ def _bytes_users(checker) -> None:
             for k, v in checker.users.items()}
 
 
+def make_factory(cfg, checkers: list, proxied: ProxiedConnections | None,
+                 share: int = 1) -> SOCKSServerFactory:
+    """The listeners' factory; with ``share`` workers each gets its share
+    of the session limits."""
+    portal = Portal(SOCKSRealm(), [FirstOf(checkers)]) if checkers else None
+    registry = method_registry(portal, cfg.gssapi if "gssapi" in cfg.methods else None)
+    limits = cfg.limits
+    if share > 1:
+        limits = replace(limits, max_sessions=-(-limits.max_sessions // share),
+                         max_sessions_per_client=-(-limits.max_sessions_per_client // share))
+    return SOCKSServerFactory([registry[name] for name in cfg.methods], cfg.rules, limits,
+                              socks4=cfg.socks4, registry=proxied)
+
+
 def makeService(options: Options) -> service.IService:
     cfg = options.socks_config
-    portal = Portal(SOCKSRealm(), [FirstOf(options.checkers)]) if options.checkers else None
-    registry = method_registry(portal, cfg.gssapi if "gssapi" in cfg.methods else None)
     proxied = None
     identd = cfg.identd if cfg.identd is not None and cfg.identd.enabled else None
-    if identd is not None and identd.policy.proxied_users:
+    if identd is not None and identd.policy.proxied_users and cfg.workers == 1:
         proxied = ProxiedConnections()
-    factory = SOCKSServerFactory([registry[name] for name in cfg.methods], cfg.rules,
-                                 cfg.limits, socks4=cfg.socks4, registry=proxied)
     top = service.MultiService()
-    for description in cfg.listen:
-        strports.service(description, factory).setServiceParent(top)
+    if cfg.workers > 1:
+        worker_args = [arg for description in options["auth_strings"]
+                       for arg in ("--auth", description)]
+        if options["config"]:
+            worker_args += ["--config", os.path.abspath(options["config"])]
+        WorkersService(cfg.workers, cfg.listen, worker_args).setServiceParent(top)
+    else:
+        factory = make_factory(cfg, options.checkers, proxied)
+        for description in cfg.listen:
+            strports.service(description, factory).setServiceParent(top)
     if identd is not None:
         # The identd in the same process answers for the SOCKS users' sockets.
         for child in identd_tap.make_services(identd, proxied):

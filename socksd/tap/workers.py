@@ -1,0 +1,161 @@
+"""``workers = N``: N processes serve the same listeners, supervised by the
+twistd process.
+
+The supervisor binds every listener N times with SO_REUSEPORT (in
+privilegedStartService, so port 1080 or 113 can be bound before twistd drops
+privileges) and hands worker i its own set of sockets: the kernel spreads
+new connections over the workers by their addresses, with no thundering herd.
+A worker is ``python -m socksd.tap.worker``, building the same service from
+the same config and adopting its sockets. A worker that dies is restarted on
+the same sockets (connections queued meanwhile wait for it); stopping the
+supervisor stops them all.
+
+Limits are per worker: each enforces max_sessions and max_sessions_per_client
+divided by N (rounded up), so the totals hold when the kernel spreads
+connections evenly, which it does for many clients; one client's
+connections all hash by their source ports, spread evenly too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+
+from twisted.application import service
+from twisted.internet import defer, protocol
+from twisted.logger import Logger
+
+from socksd.config import parse_listener
+
+log = Logger(namespace="socksd")
+
+RESTART_DELAY = 1.0
+MAX_RESTART_DELAY = 30.0
+STOP_TIMEOUT = 10.0
+
+
+def bind_reuseport(family: int, host: str, port: int, backlog: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+class _Worker(protocol.ProcessProtocol):
+    def __init__(self, supervisor: WorkersService, index: int) -> None:
+        self.supervisor = supervisor
+        self.index = index
+        self.started = time.monotonic()
+        self.ended = defer.Deferred()
+
+    def processEnded(self, reason) -> None:
+        self.ended.callback(None)
+        self.supervisor.worker_ended(self, reason)
+
+
+class WorkersService(service.Service):
+    def __init__(self, count: int, listen: tuple[str, ...], worker_args: list[str],
+                 reactor=None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.count = count
+        self.listeners = [parse_listener(d) for d in listen]
+        self.worker_args = worker_args
+        self.sockets: list[list[socket.socket]] = []   # per worker, per listener
+        self.workers: dict[int, _Worker] = {}
+        self.delays: dict[int, float] = {}
+        self.stopping = False
+
+    def privilegedStartService(self) -> None:
+        for _ in range(self.count):
+            row = []
+            for family, host, port, backlog, _haproxy in self.listeners:
+                sock = bind_reuseport(family, host, port, backlog)
+                if port == 0:
+                    # Port 0: the first bind picks it; the others share it.
+                    port = sock.getsockname()[1]
+                row.append(sock)
+            if not self.sockets:
+                self.listeners = [(f, h, row[i].getsockname()[1], b, hp)
+                                  for i, (f, h, _p, b, hp) in enumerate(self.listeners)]
+            self.sockets.append(row)
+        for family, host, port, _backlog, haproxy in self.listeners:
+            log.info("SOCKSServerFactory{proxy} starting on {port} ({n} workers)",
+                     proxy=" (PROXY)" if haproxy else "", port=port, n=self.count)
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        super().startService()
+        for index in range(self.count):
+            self.spawn(index)
+
+    def spawn(self, index: int) -> None:
+        if self.stopping:
+            return
+        sockets = self.sockets[index]
+        child_fds = {0: "r", 1: 1, 2: 2}
+        fds = []
+        for number, (sock, (family, _h, _p, _b, haproxy)) in enumerate(
+                zip(sockets, self.listeners), start=3):
+            child_fds[number] = sock.fileno()
+            fds.append([number, int(family), haproxy])
+        # -P: the working directory is not put on sys.path (a source checkout
+        # there must not shadow the installed socksd); PYTHONPATH still counts.
+        args = [sys.executable, "-P", "-m", "socksd.tap.worker", "--index", str(index),
+                "--workers", str(self.count), "--fds", json.dumps(fds), *self.worker_args]
+        worker = _Worker(self, index)
+        self.workers[index] = worker
+        self.reactor.spawnProcess(worker, sys.executable, args, env=os.environ,
+                                  childFDs=child_fds)
+        log.info("worker {index} started (pid {pid})", index=index,
+                 pid=worker.transport.pid if worker.transport else "?")
+
+    def worker_ended(self, worker: _Worker, reason) -> None:
+        if self.workers.get(worker.index) is worker:
+            del self.workers[worker.index]
+        if self.stopping:
+            return
+        lived = time.monotonic() - worker.started
+        # Back off when a worker keeps dying at start-up.
+        delay = self.delays.get(worker.index, RESTART_DELAY)
+        delay = RESTART_DELAY if lived > 60 else min(delay * 2, MAX_RESTART_DELAY)
+        self.delays[worker.index] = delay
+        log.warn("worker {index} ended ({why}); restarting in {delay:g} s", index=worker.index,
+                 why=reason.getErrorMessage(), delay=delay)
+        self.reactor.callLater(delay, self.spawn, worker.index)
+
+    def stopService(self):
+        self.stopping = True
+        super().stopService()
+        ended = []
+        for worker in list(self.workers.values()):
+            ended.append(worker.ended)
+            try:
+                worker.transport.signalProcess("TERM")
+            except Exception:
+                pass
+
+        def kill_stragglers():
+            for worker in list(self.workers.values()):
+                try:
+                    worker.transport.signalProcess("KILL")
+                except Exception:
+                    pass
+
+        timer = self.reactor.callLater(STOP_TIMEOUT, kill_stragglers)
+
+        def done(_):
+            if timer.active():
+                timer.cancel()
+            for row in self.sockets:
+                for sock in row:
+                    sock.close()
+
+        return defer.DeferredList(ended).addBoth(done)

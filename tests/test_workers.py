@@ -1,0 +1,108 @@
+"""`workers = N`: N processes share the listeners (SO_REUSEPORT), the twistd
+process restarts one that dies and stops them all when it stops."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import time
+
+import pytest
+
+from socksd import config
+
+from conftest import require
+
+
+def _worker_pids(parent: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if int(fields[1]) == parent and b"socksd.tap.worker" in cmdline:
+            pids.append(int(entry))
+    return sorted(pids)
+
+
+def _wait_for(predicate, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("timed out")
+
+
+def _session(port: int, http_port: int) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"\x05\x01\x00")
+        assert s.recv(2) == b"\x05\x00"
+        s.sendall(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1")
+                  + http_port.to_bytes(2, "big"))
+        assert s.recv(10)[:2] == b"\x05\x00"
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        while s.recv(65536):
+            pass
+
+
+def test_workers_serve_restart_and_stop(socks_server, http_server):
+    require("curl")
+    server = socks_server("[server]\nworkers = 2\n")
+    pids = _wait_for(lambda: (p := _worker_pids(server.process.pid)) and len(p) == 2 and p)
+    for _ in range(40):
+        _session(server.port, http_server)
+    server.wait_for_log(r"\] w0 127\.0\.0\.1:\d+ socks5 .* ok")
+    server.wait_for_log(r"\] w1 127\.0\.0\.1:\d+ socks5 .* ok")
+
+    os.kill(pids[0], signal.SIGKILL)
+    server.wait_for_log(r"worker \d ended .*; restarting")
+    restarted = _wait_for(lambda: (p := _worker_pids(server.process.pid)) and len(p) == 2
+                          and pids[0] not in p and p)
+    assert pids[1] in restarted
+    time.sleep(0.5)
+    for _ in range(10):
+        _session(server.port, http_server)
+
+    server.process.send_signal(signal.SIGTERM)
+    server.process.wait(20)
+    assert not any(_alive(pid) for pid in restarted), "workers outlived the supervisor"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[server]\nworkers = 2\nlisten = ["unix:/tmp/x.sock"]\n',
+     "server.listen: 'unix:/tmp/x.sock': workers > 1 serves tcp:"),
+    ('[server]\nworkers = 0\n', "server.workers: 0 is not a number of processes"),
+    ('[server]\nworkers = "many"\n', "server.workers: 'many' is not a number"),
+    ('[server]\nworkers = 2\n[identd]\nenabled = true\n',
+     "server.workers: identd.proxied_users needs workers = 1"),
+])
+def test_workers_config_errors(tmp_path, text, message):
+    path = tmp_path / "w.toml"
+    path.write_text(text)
+    with pytest.raises(config.ConfigError) as info:
+        config.load(str(path))
+    assert message in str(info.value)
+
+
+def test_auto_is_the_cpu_count(tmp_path):
+    path = tmp_path / "w.toml"
+    path.write_text('[server]\nworkers = "auto"\n')
+    assert config.load(str(path)).workers == (os.cpu_count() or 1)
