@@ -15,22 +15,21 @@ import errno
 import socket
 
 import pytest
-from zope.interface import implementer
 
 from twisted.internet import defer, error, udp
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IHostnameResolver, IHostResolution
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
-from socksd.auth.methods import method_registry
-from socksd.proxy import Limits, SOCKSServerFactory
-from socksd.rules import RuleSet, compile_rule, default_rules
+from socksd.proxy import Limits
+from socksd.rules import RuleSet, compile_rule
 from socksd.wire import socks5
 
-PEER = IPv4Address("TCP", "127.0.0.1", 40000)
-LISTEN = IPv4Address("TCP", "127.0.0.1", 1080)
+import fakes
+from fakes import (LISTEN, Client, HalfCloseTransport, failure_reply, fake_reactor,
+                   session_lines)
+from fakes import bytewise  # noqa: F401  (a pytest fixture, used by name)
 
 GREETING = b"\x05\x01\x00"
 # SOCKS5 BIND, expecting a connection from 127.0.0.1 (port 21: the FTP
@@ -43,10 +42,6 @@ UDP_ANY = b"\x05\x03\x00\x01\x00\x00\x00\x00\x00\x00"
 
 REJECTED4 = b"\x00\x5b\x00\x00\x00\x00\x00\x00"
 FIRST_PORT = 50000    # the fake reactor's first "free" port
-
-
-def failure_reply(code: int) -> bytes:
-    return bytes((5, code, 0, 1, 0, 0, 0, 0, 0, 0))
 
 
 def reply5(host: str, port: int) -> bytes:
@@ -148,77 +143,6 @@ class Reactor(MemoryReactorClock):
         return transport
 
 
-@implementer(IHostResolution)
-class _Resolution:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def cancel(self) -> None:
-        pass
-
-
-@implementer(IHostnameResolver)
-class FakeResolver:
-    """A resolver the test answers by hand."""
-
-    def __init__(self) -> None:
-        self.queries: list[tuple[object, str, int]] = []
-
-    def resolveHostName(self, resolutionReceiver, hostName, portNumber=0,
-                        addressTypes=None, transportSemantics="TCP"):
-        self.queries.append((resolutionReceiver, hostName, portNumber))
-        resolutionReceiver.resolutionBegan(_Resolution(hostName))
-        return _Resolution(hostName)
-
-    def answer(self, *hosts: str, index: int = -1) -> None:
-        receiver, _name, port = self.queries[index]
-        for host in hosts:
-            cls = IPv6Address if ":" in host else IPv4Address
-            receiver.addressResolved(cls("TCP", host, port))
-        receiver.resolutionComplete()
-
-    @property
-    def names(self) -> list[str]:
-        return [name for _r, name, _p in self.queries]
-
-
-class HalfCloseTransport(StringTransport):
-    write_closed = False
-
-    def loseWriteConnection(self) -> None:
-        self.write_closed = True
-
-
-class Client:
-    """One client connection to the server factory, fed bytewise or whole."""
-
-    def __init__(self, factory: SOCKSServerFactory, bytewise: bool, peer=PEER,
-                 listen=LISTEN) -> None:
-        self.session = factory.buildProtocol(peer)
-        self.transport = HalfCloseTransport(hostAddress=listen, peerAddress=peer)
-        self.bytewise = bytewise
-        self.session.makeConnection(self.transport)
-
-    def send(self, data: bytes) -> None:
-        if self.bytewise:
-            for i in range(len(data)):
-                self.session.dataReceived(data[i:i + 1])
-        else:
-            self.session.dataReceived(data)
-
-    def take(self) -> bytes:
-        value = self.transport.value()
-        self.transport.clear()
-        return value
-
-    @property
-    def closing(self) -> bool:
-        return self.transport.disconnecting
-
-    def lose(self) -> None:
-        self.session.connectionLost(Failure(error.ConnectionDone()))
-
-
 class Incoming:
     """A connection arriving at the BIND listener the reactor recorded."""
 
@@ -243,17 +167,7 @@ class Incoming:
 
 
 def make_factory(rules=None, limits=Limits()):
-    reactor = Reactor()
-    reactor.nameResolver = FakeResolver()
-    factory = SOCKSServerFactory([method_registry(None)["none"]],
-                                 rules if rules is not None else default_rules(),
-                                 limits, reactor=reactor)
-    return factory, reactor
-
-
-def session_lines(events) -> list[str]:
-    return [formatEvent(e) for e in events
-            if e.get("log_namespace") == "socksd" and "outcome" in e and "up" in e]
+    return fakes.make_factory(rules=rules, limits=limits, reactor=fake_reactor(Reactor))
 
 
 def texts(events) -> list[str]:
@@ -269,11 +183,6 @@ def route_source(ip: str, fallback: str) -> str:
             return probe.getsockname()[0]
     except OSError:
         return fallback
-
-
-@pytest.fixture(params=["bytewise", "whole"])
-def bytewise(request) -> bool:
-    return request.param == "bytewise"
 
 
 def bind5(factory, bytewise: bool, request: bytes = BIND5, **kwargs) -> Client:

@@ -13,25 +13,20 @@ import gssapi
 import pytest
 from gssapi.exceptions import GSSError
 
-from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
-from twisted.cred.portal import Portal
 from twisted.internet import error
-from twisted.internet.address import IPv4Address
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
 from socksd import config as configuration
-from socksd.auth import SOCKSRealm
-from socksd.auth.checkers import FirstOf
 from socksd.auth.gss import GSSAPISettings, SecurityLayer, WrappedTransport
 from socksd.auth.methods import method_registry
-from socksd.proxy import Limits, SOCKSServerFactory
-from socksd.rules import RuleSet, compile_rule, default_rules
+from socksd.proxy import Limits
+from socksd.rules import RuleSet, compile_rule
 
-PEER = IPv4Address("TCP", "127.0.0.1", 40000)
-LISTEN = IPv4Address("TCP", "127.0.0.1", 1080)
-BOUND = IPv4Address("TCP", "10.0.0.5", 51000)
+import fakes
+from fakes import Client, Outbound, alice_portal, session_lines
+from fakes import bytewise  # noqa: F401  (a pytest fixture, used by name)
 
 GREETING_GSSAPI = b"\x05\x01\x01"
 # CONNECT 93.184.216.34:80
@@ -75,71 +70,6 @@ def frames(data: bytes) -> list[tuple[int, bytes]]:
     return out
 
 
-# In-memory client and outbound connection (as in test_session).
-
-
-class HalfCloseTransport(StringTransport):
-    """A StringTransport that records half-closes (TCP shutdown of writing)."""
-
-    write_closed = False
-
-    def loseWriteConnection(self) -> None:
-        self.write_closed = True
-
-
-class Client:
-    """One client connection to the server factory, fed bytewise or whole."""
-
-    def __init__(self, factory: SOCKSServerFactory, bytewise: bool = False) -> None:
-        self.session = factory.buildProtocol(PEER)
-        self.transport = HalfCloseTransport(hostAddress=LISTEN, peerAddress=PEER)
-        self.bytewise = bytewise
-        self.session.makeConnection(self.transport)
-
-    def send(self, data: bytes) -> None:
-        if self.bytewise:
-            for i in range(len(data)):
-                self.session.dataReceived(data[i:i + 1])
-        else:
-            self.session.dataReceived(data)
-
-    def take(self) -> bytes:
-        value = self.transport.value()
-        self.transport.clear()
-        return value
-
-    @property
-    def closing(self) -> bool:
-        return self.transport.disconnecting
-
-    def lose(self) -> None:
-        self.session.connectionLost(Failure(error.ConnectionDone()))
-
-
-class Outbound:
-    """The far side of a CONNECT that the memory reactor was asked to make."""
-
-    def __init__(self, reactor: MemoryReactorClock, index: int = -1) -> None:
-        self.host, self.port, self.factory, _timeout, _bind = reactor.tcpClients[index]
-
-    def accept(self) -> None:
-        peer = IPv4Address("TCP", self.host, self.port)
-        self.protocol = self.factory.buildProtocol(peer)
-        self.transport = HalfCloseTransport(hostAddress=BOUND, peerAddress=peer)
-        self.protocol.makeConnection(self.transport)
-
-    def take(self) -> bytes:
-        value = self.transport.value()
-        self.transport.clear()
-        return value
-
-
-def session_lines(events) -> list[str]:
-    """The formatted one-line-per-session log lines among captured events."""
-    return [formatEvent(e) for e in events
-            if e.get("log_namespace") == "socksd" and "outcome" in e and "up" in e]
-
-
 # The server: settings come from a real config file, as twistd would load them.
 
 
@@ -154,17 +84,10 @@ def load_settings(kerberos, tmp_path, levels=("integrity", "confidentiality"),
 
 def make_factory(settings: GSSAPISettings | None, names=("gssapi",), rules=None,
                  limits=Limits(), portal=None):
-    reactor = MemoryReactorClock()
     registry = method_registry(portal, settings)
-    factory = SOCKSServerFactory([registry[name] for name in names],
-                                 rules if rules is not None else default_rules(), limits,
-                                 reactor=reactor)
-    return factory, reactor
-
-
-def alice_portal() -> Portal:
-    return Portal(SOCKSRealm(), [FirstOf([InMemoryUsernamePasswordDatabaseDontUse(
-        alice=b"secret")])])
+    # A plain memory reactor (its own synchronous resolver): no names to resolve here.
+    return fakes.make_factory([registry[name] for name in names], rules, limits,
+                              reactor=MemoryReactorClock())
 
 
 # The client: a python-gssapi initiator driven by hand.
@@ -253,11 +176,6 @@ def connect(client: Client, initiator: Initiator, reactor) -> Outbound:
     out.accept()
     assert initiator.unwrap(client.take()) == SUCCESS_BOUND
     return out
-
-
-@pytest.fixture(params=["bytewise", "whole"])
-def bytewise(request) -> bool:
-    return request.param == "bytewise"
 
 
 @pytest.fixture

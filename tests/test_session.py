@@ -9,26 +9,19 @@ from __future__ import annotations
 import errno
 
 import pytest
-from zope.interface import implementer
 
-from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
-from twisted.cred.portal import Portal
 from twisted.internet import error
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IHostnameResolver, IHostResolution
-from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
-from socksd.auth import SOCKSRealm
-from socksd.auth.checkers import FirstOf
 from socksd.auth.methods import method_registry
-from socksd.proxy import Limits, SOCKSServerFactory
-from socksd.rules import RuleSet, compile_rule, default_rules
+from socksd.proxy import Limits
+from socksd.rules import RuleSet, compile_rule
 
-PEER = IPv4Address("TCP", "127.0.0.1", 40000)
-LISTEN = IPv4Address("TCP", "127.0.0.1", 1080)
-BOUND = IPv4Address("TCP", "10.0.0.5", 51000)
+from fakes import (Client, Outbound, alice_portal, failure_reply, make_factory,
+                   session_lines)
+from fakes import bytewise  # noqa: F401  (a pytest fixture, used by name)
 
 GREETING_NONE = b"\x05\x01\x00"
 GREETING_USERPASS = b"\x05\x01\x02"
@@ -42,128 +35,9 @@ CONNECT_NAME = b"\x05\x01\x00\x03\x0bexample.com\x01\xbb"
 SUCCESS_BOUND = b"\x05\x00\x00\x01\x0a\x00\x00\x05\xc7\x38"
 
 
-def failure_reply(code: int) -> bytes:
-    return bytes((5, code, 0, 1, 0, 0, 0, 0, 0, 0))
-
-
-@implementer(IHostResolution)
-class _Resolution:
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-@implementer(IHostnameResolver)
-class FakeResolver:
-    """A resolver the test answers by hand: nothing resolves until it says so."""
-
-    def __init__(self) -> None:
-        self.queries: list[tuple[object, str, int]] = []
-
-    def resolveHostName(self, resolutionReceiver, hostName, portNumber=0,
-                        addressTypes=None, transportSemantics="TCP"):
-        resolution = _Resolution(hostName)
-        self.queries.append((resolutionReceiver, hostName, portNumber))
-        resolutionReceiver.resolutionBegan(resolution)
-        return resolution
-
-    def answer(self, *hosts: str, index: int = -1) -> None:
-        receiver, _name, port = self.queries[index]
-        for host in hosts:
-            cls = IPv6Address if ":" in host else IPv4Address
-            receiver.addressResolved(cls("TCP", host, port))
-        receiver.resolutionComplete()
-
-
-class HalfCloseTransport(StringTransport):
-    """A StringTransport that records half-closes (TCP shutdown of writing)."""
-
-    write_closed = False
-
-    def loseWriteConnection(self) -> None:
-        self.write_closed = True
-
-
-class Client:
-    """One client connection to the server factory, fed bytewise or whole."""
-
-    def __init__(self, factory: SOCKSServerFactory, bytewise: bool, peer=PEER) -> None:
-        self.session = factory.buildProtocol(peer)
-        self.transport = HalfCloseTransport(hostAddress=LISTEN, peerAddress=peer)
-        self.bytewise = bytewise
-        if self.session is not None:
-            self.session.makeConnection(self.transport)
-
-    def send(self, data: bytes) -> None:
-        if self.bytewise:
-            for i in range(len(data)):
-                self.session.dataReceived(data[i:i + 1])
-        else:
-            self.session.dataReceived(data)
-
-    def take(self) -> bytes:
-        value = self.transport.value()
-        self.transport.clear()
-        return value
-
-    @property
-    def closing(self) -> bool:
-        return self.transport.disconnecting
-
-    def lose(self) -> None:
-        self.session.connectionLost(Failure(error.ConnectionDone()))
-
-
-class Outbound:
-    """The far side of a CONNECT that the memory reactor was asked to make."""
-
-    def __init__(self, reactor: MemoryReactorClock, index: int = -1, bound=BOUND) -> None:
-        host, port, factory, timeout, bind = reactor.tcpClients[index]
-        self.host, self.port, self.factory, self.timeout, self.bind = \
-            host, port, factory, timeout, bind
-        self.connector = reactor.connectors[index]
-        self.bound = bound
-
-    def accept(self) -> None:
-        cls = IPv6Address if ":" in self.host else IPv4Address
-        peer = cls("TCP", self.host, self.port)
-        self.protocol = self.factory.buildProtocol(peer)
-        self.transport = HalfCloseTransport(hostAddress=self.bound, peerAddress=peer)
-        self.protocol.makeConnection(self.transport)
-
-    def refuse(self, exc: Exception) -> None:
-        self.factory.clientConnectionFailed(self.connector, Failure(exc))
-
-
-def make_factory(methods=None, rules=None, limits=Limits()):
-    reactor = MemoryReactorClock()
-    reactor.nameResolver = FakeResolver()
-    if methods is None:
-        methods = [method_registry(None)["none"]]
-    factory = SOCKSServerFactory(methods, rules if rules is not None else default_rules(),
-                                 limits, reactor=reactor)
-    return factory, reactor
-
-
 def userpass_methods(*names: str):
-    portal = Portal(SOCKSRealm(), [FirstOf([InMemoryUsernamePasswordDatabaseDontUse(
-        alice=b"secret")])])
-    registry = method_registry(portal)
+    registry = method_registry(alice_portal())
     return [registry[name] for name in names]
-
-
-def session_lines(events) -> list[str]:
-    """The formatted one-line-per-session log lines among captured events."""
-    return [formatEvent(e) for e in events
-            if e.get("log_namespace") == "socksd" and "outcome" in e and "up" in e]
-
-
-@pytest.fixture(params=["bytewise", "whole"])
-def bytewise(request) -> bool:
-    return request.param == "bytewise"
 
 
 # Method selection.

@@ -9,23 +9,21 @@ is a connection the memory reactor was asked to make; the tests play it.
 from __future__ import annotations
 
 import pytest
-from zope.interface import implementer
 
 from twisted.internet import error
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IHostnameResolver, IHostResolution
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import capturedLogs, formatEvent
+from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 
 from socksd.auth import ANONYMOUS, User
-from socksd.auth.methods import method_registry
-from socksd.proxy import Limits, SOCKSServerFactory, Socks4Policy
-from socksd.rules import RuleSet, compile_rule, default_rules
+from socksd.proxy import Limits, Socks4Policy
+from socksd.rules import RuleSet, compile_rule
 
-PEER = IPv4Address("TCP", "127.0.0.1", 40000)
-LISTEN = IPv4Address("TCP", "127.0.0.1", 1080)
-BOUND = IPv4Address("TCP", "10.0.0.5", 51000)
+import fakes
+from fakes import BOUND, session_lines
+from fakes import bytewise  # noqa: F401  (a pytest fixture, used by name)
+
 IDENT_PORT = 113
 
 # CONNECT 93.184.216.34:80, USERID "fred".
@@ -50,68 +48,13 @@ def ident_userid(user: str, pair: bytes = b"40000, 1080") -> bytes:
     return pair + b" : USERID : UNIX : " + user.encode() + b"\r\n"
 
 
-# Fakes (as in test_session.py: the resolver and the far side of a CONNECT).
+# The client, the destination and the identd, as the memory reactor records them.
 
 
-@implementer(IHostResolution)
-class _Resolution:
-    def __init__(self, name: str) -> None:
-        self.name = name
+class Client(fakes.Client):
+    """fakes.Client on a plain StringTransport (no half-close)."""
 
-    def cancel(self) -> None:
-        pass
-
-
-@implementer(IHostnameResolver)
-class FakeResolver:
-    """A resolver the test answers by hand: nothing resolves until it says so."""
-
-    def __init__(self) -> None:
-        self.queries: list[tuple[object, str, int]] = []
-
-    def resolveHostName(self, resolutionReceiver, hostName, portNumber=0,
-                        addressTypes=None, transportSemantics="TCP"):
-        resolution = _Resolution(hostName)
-        self.queries.append((resolutionReceiver, hostName, portNumber))
-        resolutionReceiver.resolutionBegan(resolution)
-        return resolution
-
-    def answer(self, *hosts: str, index: int = -1) -> None:
-        receiver, _name, port = self.queries[index]
-        for host in hosts:
-            cls = IPv6Address if ":" in host else IPv4Address
-            receiver.addressResolved(cls("TCP", host, port))
-        receiver.resolutionComplete()
-
-
-class Client:
-    """One client connection to the server factory, fed bytewise or whole."""
-
-    def __init__(self, factory: SOCKSServerFactory, bytewise: bool, peer=PEER,
-                 listen=LISTEN) -> None:
-        self.session = factory.buildProtocol(peer)
-        self.transport = StringTransport(hostAddress=listen, peerAddress=peer)
-        self.bytewise = bytewise
-        self.session.makeConnection(self.transport)
-
-    def send(self, data: bytes) -> None:
-        if self.bytewise:
-            for i in range(len(data)):
-                self.session.dataReceived(data[i:i + 1])
-        else:
-            self.session.dataReceived(data)
-
-    def take(self) -> bytes:
-        value = self.transport.value()
-        self.transport.clear()
-        return value
-
-    @property
-    def closing(self) -> bool:
-        return self.transport.disconnecting
-
-    def lose(self) -> None:
-        self.session.connectionLost(Failure(error.ConnectionDone()))
+    transport_factory = StringTransport
 
 
 def _connections(reactor, ident: bool) -> list[int]:
@@ -119,24 +62,13 @@ def _connections(reactor, ident: bool) -> list[int]:
             if (port == IDENT_PORT) == ident]
 
 
-class Outbound:
-    """The far side of the CONNECT to the destination."""
+class Outbound(fakes.Outbound):
+    """The far side of the CONNECT to the destination (index counts those alone)."""
+
+    transport_factory = StringTransport
 
     def __init__(self, reactor: MemoryReactorClock, index: int = -1, bound=BOUND) -> None:
-        index = _connections(reactor, ident=False)[index]
-        self.host, self.port, self.factory, self.timeout, self.bind = reactor.tcpClients[index]
-        self.connector = reactor.connectors[index]
-        self.bound = bound
-
-    def accept(self) -> None:
-        cls = IPv6Address if ":" in self.host else IPv4Address
-        peer = cls("TCP", self.host, self.port)
-        self.protocol = self.factory.buildProtocol(peer)
-        self.transport = StringTransport(hostAddress=self.bound, peerAddress=peer)
-        self.protocol.makeConnection(self.transport)
-
-    def refuse(self, exc: Exception) -> None:
-        self.factory.clientConnectionFailed(self.connector, Failure(exc))
+        super().__init__(reactor, _connections(reactor, ident=False)[index], bound)
 
 
 def destinations(reactor) -> list[tuple[str, int]]:
@@ -191,25 +123,10 @@ class Identd:
 
 
 def make_factory(policy: Socks4Policy = Socks4Policy(), rules=None, limits=Limits()):
-    reactor = MemoryReactorClock()
-    reactor.nameResolver = FakeResolver()
-    methods = [method_registry(None)["none"]]
-    factory = SOCKSServerFactory(methods, rules if rules is not None else default_rules(),
-                                 limits, reactor=reactor, socks4=policy)
-    return factory, reactor
+    return fakes.make_factory(rules=rules, limits=limits, socks4=policy)
 
 
 IDENT = Socks4Policy(userid="ident")
-
-
-def session_lines(events) -> list[str]:
-    return [formatEvent(e) for e in events
-            if e.get("log_namespace") == "socksd" and "outcome" in e and "up" in e]
-
-
-@pytest.fixture(params=["bytewise", "whole"])
-def bytewise(request) -> bool:
-    return request.param == "bytewise"
 
 
 def granted(client: Client, reactor) -> Outbound:
