@@ -51,6 +51,7 @@ test: debs-test install
 bench: debs-bench install
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
 	$(PY) benchmarks/ident_lookup.py
+	$(PY) benchmarks/gssapi_bulk.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from zope.interface import implementer
 
+from gssapi.exceptions import GSSError
+
 from twisted.internet import defer
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
@@ -75,6 +77,10 @@ class _Handshake(Protocol):
     def connectionMade(self) -> None:
         self.transport.write(socks5.encode_greeting(self.endpoint.methods()))
 
+    def _abort_gss(self) -> None:
+        if self.state in ("gss-context", "gss-protection"):
+            self.transport.write(rfc1961.ABORT)
+
     def dataReceived(self, data: bytes) -> None:
         if self.layer is not None:
             try:
@@ -91,6 +97,8 @@ class _Handshake(Protocol):
                 pass
         except (WireError, SOCKSError) as e:
             self._fail(e if isinstance(e, SOCKSError) else SOCKSError(str(e)))
+        except GSSError as e:   # no ticket, expired, or the proxy's error token
+            self._fail(SOCKSError(f"GSS-API: {e.gen_message()}"))
 
     def _step(self) -> bool:
         """Handle one message from the buffer; False when more bytes are needed."""
@@ -211,6 +219,7 @@ class _Handshake(Protocol):
             self.app.dataReceived(rest)
 
     def _fail(self, error: Exception) -> None:
+        self._abort_gss()   # RFC 1961: tell the proxy why we stop
         self.state = None
         if self.ready is not None:
             ready, self.ready = self.ready, None

@@ -79,6 +79,7 @@ class Socks5Handshake:
                               "offered " + (",".join(str(m) for m in offered) or "nothing"))
             return
         self.transport.write(socks5.method_selection(method.code))
+        self.session.method = method.name   # logged even if the client leaves now
         self.state = _AUTH
         negotiation = method.start(self)
         if self.state == _AUTH:
