@@ -48,7 +48,8 @@ test: EXTRAS = [test]
 test: debs-test install
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-bench: debs-bench install
+bench: EXTRAS = [test]
+bench: debs-test debs-bench install
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
 	$(PY) benchmarks/ident_lookup.py
 	$(PY) benchmarks/gssapi_bulk.py
