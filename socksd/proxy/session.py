@@ -123,30 +123,33 @@ WORKER: int | None = None
 class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
     """The client's side of a session, from first byte to the last log line."""
 
+    # Per-session state starts as these class defaults; an instance stores
+    # only what a session changes, which keeps idle sessions small.
+    handler: Socks4Handshake | Socks5Handshake | None = None
+    version = 5
+    outbound: connect.Outbound | None = None
+    pending: defer.Deferred | None = None
+    client: IPAddress = _LOCAL
+    client_key: str | None = None
+    peer = "-"
+    user: User = ANONYMOUS
+    claimed_user: str | None = None
+    method = "-"
+    command = "-"
+    destination = "-"
+    outcome: str | None = None
+    detail = ""
+    buffered = 0
+    eof_pending = False
+    registered = None
+    splicer: splice.SpliceRelay | None = None
+    udp: UDPRelay | None = None
+    layer = None
+    ended = False
+
     def __init__(self, server: SOCKSServerFactory) -> None:
         self.server = server
         self.started = server.reactor.seconds()
-        self.handler: Socks4Handshake | Socks5Handshake | None = None
-        self.version = 5
-        self.outbound: connect.Outbound | None = None
-        self.pending: defer.Deferred | None = None
-        self.client: IPAddress = _LOCAL
-        self.client_key: str | None = None
-        self.peer = "-"
-        self.user: User = ANONYMOUS
-        self.claimed_user: str | None = None
-        self.method = "-"
-        self.command = "-"
-        self.destination = "-"
-        self.outcome: str | None = None
-        self.detail = ""
-        self.buffered = 0
-        self.eof_pending = False
-        self.registered = None
-        self.splicer: splice.SpliceRelay | None = None
-        self.udp: UDPRelay | None = None
-        self.layer = None
-        self.ended = False
 
     def callLater(self, period, func):
         return self.server.reactor.callLater(period, func)
