@@ -27,6 +27,30 @@ TWISTD = str(BIN / "twistd")
 PAGE = b"socksd test page\n" * 64
 
 
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    """Exactly n bytes from a blocking socket; EOF before is a failure."""
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise AssertionError(f"EOF after {data!r}, wanted {n} bytes")
+        data += chunk
+    return data
+
+
+def recv_until_eof(sock: socket.socket) -> bytes:
+    """Everything until EOF; a reset (abortConnection) also counts as the end."""
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
 def require(program: str) -> str:
     """A real client the tests need; missing means FAIL (never skip)."""
     path = shutil.which(program)

@@ -23,35 +23,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TWISTD, require
+from conftest import TWISTD, recv_exact, recv_until_eof, require
 
 LOOPBACK = "127.0.0.1"
 STRANGER = "127.0.0.2"       # another address on lo: another host, as far as rules go
 
 
 # Helpers.
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise AssertionError(f"EOF after {data!r}, wanted {n} bytes")
-        data += chunk
-    return data
-
-
-def recv_until_eof(sock: socket.socket) -> bytes:
-    data = b""
-    while True:
-        try:
-            chunk = sock.recv(65536)
-        except ConnectionResetError:
-            return data
-        if not chunk:
-            return data
-        data += chunk
 
 
 def read_reply5(sock: socket.socket) -> tuple[int, str, int]:

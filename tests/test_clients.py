@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PAGE, TWISTD, require
+from conftest import PAGE, TWISTD, recv_exact, recv_until_eof, require
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "socksd.toml"
 LOOPBACK_RULE = """
@@ -33,29 +33,6 @@ from = ["127.0.0.0/8", "::1/128"]
 def curl(*args: str, timeout: float = 15) -> subprocess.CompletedProcess:
     return subprocess.run([require("curl"), "-sS", "--max-time", "10", *args],
                           capture_output=True, timeout=timeout)
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise AssertionError(f"EOF after {data!r}, wanted {n} bytes")
-        data += chunk
-    return data
-
-
-def recv_until_eof(sock: socket.socket) -> bytes:
-    """Everything until EOF; a reset (abortConnection) also counts as the end."""
-    data = b""
-    while True:
-        try:
-            chunk = sock.recv(65536)
-        except ConnectionResetError:
-            return data
-        if not chunk:
-            return data
-        data += chunk
 
 
 def socks5_connect(proxy: tuple[str, int], host: str, port: int,

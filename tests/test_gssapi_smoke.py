@@ -7,22 +7,13 @@ import struct
 import gssapi
 import pytest
 
-from conftest import PAGE
-
-
-def _recv_exact(s, n):
-    data = b""
-    while len(data) < n:
-        chunk = s.recv(n - len(data))
-        assert chunk, f"closed after {data!r}"
-        data += chunk
-    return data
+from conftest import PAGE, recv_exact
 
 
 def _frame(s):
-    head = _recv_exact(s, 4)
+    head = recv_exact(s, 4)
     assert head[0] == 1 and head[1] != 0xFF, head
-    return head[1], _recv_exact(s, struct.unpack("!H", head[2:])[0])
+    return head[1], recv_exact(s, struct.unpack("!H", head[2:])[0])
 
 
 @pytest.mark.parametrize("level", [1, 2])
@@ -30,7 +21,7 @@ def test_protected_session_fetches_a_page(kerberos, socks_server, http_server, l
     server = socks_server(kerberos.config(), env=kerberos.env)
     with socket.create_connection(server.address, timeout=10) as s:
         s.sendall(b"\x05\x01\x01")
-        assert _recv_exact(s, 2) == b"\x05\x01"
+        assert recv_exact(s, 2) == b"\x05\x01"
         ctx = gssapi.SecurityContext(
             name=gssapi.Name("rcmd@localhost", gssapi.NameType.hostbased_service),
             usage="initiate", flags=gssapi.RequirementFlag.mutual_authentication

@@ -11,12 +11,13 @@ import pytest
 
 from socksd.wire import socks5
 
-from test_gssapi_smoke import _frame, _recv_exact
+from conftest import recv_exact
+from test_gssapi_smoke import _frame
 
 
 def _handshake(s, level: int):
     s.sendall(b"\x05\x01\x01")
-    assert _recv_exact(s, 2) == b"\x05\x01"
+    assert recv_exact(s, 2) == b"\x05\x01"
     ctx = gssapi.SecurityContext(
         name=gssapi.Name("rcmd@localhost", gssapi.NameType.hostbased_service),
         usage="initiate", flags=gssapi.RequirementFlag.mutual_authentication
