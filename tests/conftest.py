@@ -143,7 +143,7 @@ def socks_server(tmp_path):
         server.stop()
 
 
-class _PageHandler(BaseHTTPRequestHandler):
+class PageHandler(BaseHTTPRequestHandler):
     def do_GET(self):
         self.send_response(200)
         self.send_header("Content-Length", str(len(PAGE)))
@@ -157,7 +157,7 @@ class _PageHandler(BaseHTTPRequestHandler):
 @pytest.fixture
 def http_server():
     """An HTTP server on 127.0.0.1 answering PAGE; yields its port."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _PageHandler)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), PageHandler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

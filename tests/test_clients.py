@@ -13,12 +13,12 @@ import socket
 import subprocess
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from conftest import PAGE, TWISTD, recv_exact, recv_until_eof, require
+from conftest import PAGE, TWISTD, PageHandler, recv_exact, recv_until_eof, require
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "socksd.toml"
 LOOPBACK_RULE = """
@@ -92,21 +92,10 @@ class _IPv6HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
 
 
-class _PageHandler(BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(PAGE)))
-        self.end_headers()
-        self.wfile.write(PAGE)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def http6_server():
     """An HTTP server on [::1] answering PAGE; yields its port."""
-    server = _IPv6HTTPServer(("::1", 0), _PageHandler)
+    server = _IPv6HTTPServer(("::1", 0), PageHandler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server.server_address[1]
