@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -74,3 +76,18 @@ def test_gssapi_refused_level_is_an_error(kerberos, socks_server, http_server):
     result = fetch(server, http_server, env=kerberos.env, gssapi_service="rcmd@localhost",
                    gssapi_level=2)
     assert "error" in result and "SOCKSError" in result["error"], result
+
+
+def test_a_proxy_that_never_answers_times_out(http_server):
+    """Every wait has a timeout: the handshake too, on the client side."""
+    silent = socket.create_server(("127.0.0.1", 0))
+    try:
+        class Proxy:
+            port = silent.getsockname()[1]
+
+        started = time.monotonic()
+        result = fetch(Proxy, http_server, timeout=0.5)
+        assert result["error"].startswith("SOCKSError: no SOCKS answer from the proxy in 0.5 s")
+        assert time.monotonic() - started < 30
+    finally:
+        silent.close()

@@ -16,6 +16,7 @@ from gssapi.exceptions import GSSError
 from twisted.internet import defer
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.policies import TimeoutMixin
 
 from socksd.wire import WireError, rfc1929, rfc1961, socks5
 
@@ -33,15 +34,17 @@ class SOCKS5ClientEndpoint:
     def __init__(self, host: str, port: int, proxy: IStreamClientEndpoint, *,
                  username: str | None = None, password: str | None = None,
                  gssapi_service: str | None = None, gssapi_level: int = 2,
-                 nec: bool = False) -> None:
+                 nec: bool = False, timeout: float = 30.0) -> None:
         """``gssapi_service``: the proxy's service name, e.g. "rcmd@proxy.example"
-        (offering GSS-API); ``gssapi_level``: 0 clear, 1 integrity, 2 confidentiality."""
+        (offering GSS-API); ``gssapi_level``: 0 clear, 1 integrity, 2 confidentiality;
+        ``timeout``: seconds for the whole SOCKS handshake once connected."""
         self.host, self.port = host, port
         self.proxy = proxy
         self.username, self.password = username, password
         self.gssapi_service = gssapi_service
         self.gssapi_level = gssapi_level
         self.nec = nec
+        self.timeout = timeout
 
     def methods(self) -> bytes:
         offered = []
@@ -60,7 +63,7 @@ class SOCKS5ClientEndpoint:
         return ready
 
 
-class _Handshake(Protocol):
+class _Handshake(Protocol, TimeoutMixin):
     """Speaks SOCKS5 to the proxy, then carries the application's bytes."""
 
     def __init__(self, endpoint: SOCKS5ClientEndpoint, factory: Factory,
@@ -75,7 +78,12 @@ class _Handshake(Protocol):
         self.app: Protocol | None = None
 
     def connectionMade(self) -> None:
+        self.setTimeout(self.endpoint.timeout)
         self.transport.write(socks5.encode_greeting(self.endpoint.methods()))
+
+    def timeoutConnection(self) -> None:
+        self._fail(SOCKSError(f"no SOCKS answer from the proxy in {self.timeOut:g} s"))
+        self.transport.abortConnection()
 
     def _abort_gss(self) -> None:
         if self.state in ("gss-context", "gss-protection"):
@@ -207,6 +215,7 @@ class _Handshake(Protocol):
         self.transport.write(self.layer.encode(data) if self.layer is not None else data)
 
     def _connected(self, rest: bytes) -> None:
+        self.setTimeout(None)
         self.state = None
         transport = self.transport
         if self.layer is not None:
@@ -220,6 +229,7 @@ class _Handshake(Protocol):
 
     def _fail(self, error: Exception) -> None:
         self._abort_gss()   # RFC 1961: tell the proxy why we stop
+        self.setTimeout(None)
         self.state = None
         if self.ready is not None:
             ready, self.ready = self.ready, None
@@ -227,6 +237,7 @@ class _Handshake(Protocol):
         self.transport.loseConnection()
 
     def connectionLost(self, reason=None) -> None:
+        self.setTimeout(None)
         if self.app is not None:
             self.app.connectionLost(reason)
         elif self.ready is not None:
