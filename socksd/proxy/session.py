@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from twisted.internet import defer
+from twisted.internet import defer, tcp
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -197,9 +197,12 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
             return  # failed already and closing, or a UDP association's control
                     # connection, which carries nothing
         if self.handler is None:
-            self._identify_client()
-            if self.outcome is not None:
-                return
+            if type(self.transport) is not tcp.Server:
+                # A wrapper (haproxy:) may only now know the real client; a
+                # plain socket's peer was final at connectionMade.
+                self._identify_client()
+                if self.outcome is not None:
+                    return
             if data[0] == socks5.VERSION:
                 self.handler = Socks5Handshake(self)
             elif data[0] == socks4.VERSION and self.server.socks4.enabled:
