@@ -12,8 +12,43 @@ from __future__ import annotations
 
 from zope.interface import implementer
 
+from twisted.internet import tcp
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
+
+_PLAIN_TCP = (tcp.Server, tcp.Client)
+
+
+def buffer_empty(transport) -> bool:
+    """Has Twisted sent everything written to this transport? (private state
+    of FileDescriptor; anything unexpected counts as "no")"""
+    try:
+        return transport._tempDataLen == 0 and len(transport.dataBuffer) == transport.offset
+    except AttributeError:
+        return False
+
+
+def send(transport, data: bytes) -> None:
+    """``transport.write(data)``, sent at once when nothing is queued before it.
+
+    Twisted's ``write`` only queues: the bytes leave on the reactor's next
+    pass, after registering for and waking on writability (two epoll_ctl calls
+    and an event per write). A SOCKS session's writes are small and its
+    socket's buffer is nearly always empty, so trying ``send`` first saves
+    that round trip on every reply and relayed chunk: a fifth of a short
+    session's cost. Order is kept (only when Twisted's buffer is empty), and
+    whatever the socket does not take, or any error, goes the normal way.
+    """
+    if type(transport) in _PLAIN_TCP and transport.connected and \
+            not transport.disconnecting and buffer_empty(transport):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:
+            sent = 0  # EAGAIN, or an error the normal path reports
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
 
 
 class RelaySession:
@@ -43,7 +78,7 @@ class RelayEnd(Protocol):
 
     def relay_data(self, data: bytes) -> None:
         self.received += len(data)
-        self.partner.transport.write(data)
+        send(self.partner.transport, data)
         if self.watch_activity:
             self.session.relay_activity()
         if self.splice_after and self.received >= self.splice_after:

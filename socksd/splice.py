@@ -24,6 +24,8 @@ from zope.interface import implementer
 from twisted.internet import tcp
 from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
 
+from socksd.relay import buffer_empty
+
 AVAILABLE = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
 PIPE_SIZE = 1 << 18
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
@@ -55,15 +57,6 @@ def _give_pipe(pipe: tuple[int, int], empty: bool) -> None:
         os.close(pipe[1])
 
 
-def _write_buffer_empty(transport) -> bool:
-    """Has Twisted sent everything written to this transport? (private state
-    of FileDescriptor; anything unexpected counts as "no")"""
-    try:
-        return transport._tempDataLen == 0 and len(transport.dataBuffer) == transport.offset
-    except AttributeError:
-        return False
-
-
 def plain_tcp(a, b) -> bool:
     """Are both transports bare TCP sockets (no TLS, no PROXY wrapper)?"""
     return AVAILABLE and type(a) in (tcp.Server, tcp.Client) and \
@@ -77,9 +70,9 @@ def eligible(a, b) -> bool:
     for t in (a, b):
         if t.disconnecting or not t.connected:
             return False
-        if not _write_buffer_empty(t):
+        if not buffer_empty(t):
             t.doWrite()  # flush the SOCKS reply / early data now, in order
-            if not _write_buffer_empty(t):
+            if not buffer_empty(t):
                 return False
     return True
 

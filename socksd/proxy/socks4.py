@@ -11,6 +11,7 @@ from twisted.internet.defer import CancelledError
 
 from socksd.auth import ANONYMOUS, User
 from socksd.ident import client as ident_client
+from socksd.relay import send
 from socksd.wire import WireError, socks4
 
 if TYPE_CHECKING:
@@ -148,7 +149,7 @@ class Socks4Handshake:
 
     def _connected(self, outbound) -> None:
         bound = outbound.transport.getHost()
-        self.transport.write(socks4.encode_reply(socks4.GRANTED, bound.host, bound.port))
+        send(self.transport, socks4.encode_reply(socks4.GRANTED, bound.host, bound.port))
         early, self.buffer = self.buffer, b""
         self.session.start_relay(outbound, early)
 

@@ -10,6 +10,7 @@ from twisted.internet.defer import CancelledError
 
 from socksd.auth import User
 from socksd.proxy import connect
+from socksd.relay import send
 from socksd.wire import WireError, socks5
 
 if TYPE_CHECKING:
@@ -78,7 +79,7 @@ class Socks5Handshake:
             self.session.fail("no acceptable method",
                               "offered " + (",".join(str(m) for m in offered) or "nothing"))
             return
-        self.transport.write(socks5.method_selection(method.code))
+        send(self.transport, socks5.method_selection(method.code))
         self.session.method = method.name   # logged even if the client leaves now
         self.state = _AUTH
         negotiation = method.start(self)
@@ -130,7 +131,7 @@ class Socks5Handshake:
 
     def _connected(self, outbound) -> None:
         bound = outbound.transport.getHost()
-        self.transport.write(socks5.encode_reply(socks5.SUCCEEDED, bound.host, bound.port))
+        send(self.transport, socks5.encode_reply(socks5.SUCCEEDED, bound.host, bound.port))
         early, self.buffer = self.buffer, b""
         self.session.start_relay(outbound, early)
 
