@@ -297,8 +297,14 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         """Check the rules for CONNECT to host:port and open the connection."""
         self._request("connect", host, port)
         timeout = self.server.limits.connect_timeout
-        d = self._destinations("connect", host, port, by_name, timeout)
-        d.addCallback(self._connect_first, port, self.server.reactor.seconds() + timeout)
+        deadline = self.server.reactor.seconds() + timeout
+        if by_name:
+            d = self._destinations("connect", host, port, by_name, timeout)
+            d.addCallback(self._connect_first, port, deadline)
+        else:
+            # An address: decided and connected at once, the common case.
+            denied = self._decide_address("connect", host, port)
+            d = defer.fail(denied) if denied else self._connect_first([host], port, deadline)
         d.addErrback(self._classify)
         self.pending = d
         return d
@@ -360,13 +366,8 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         """The addresses of host that the rules allow for this command."""
         server = self.server
         if not by_name:
-            decision = server.rules.decide(self.client, self.user.name, command, port,
-                                           None, parse_ip(host), version=self.version,
-                                           verified=self.user.verified)
-            if not decision.allowed:
-                return defer.fail(connect.ConnectFailed(connect.DENIED, decision.reason))
-            self._note_rule(decision)
-            return defer.succeed([host])
+            denied = self._decide_address(command, host, port)
+            return defer.fail(denied) if denied else defer.succeed([host])
         decision = server.rules.decide_name(self.client, self.user.name, command, port, host,
                                             version=self.version, verified=self.user.verified)
         if decision is not None and not decision.allowed:
@@ -376,6 +377,16 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         d = connect.resolve(server.reactor, host, port, timeout)
         d.addCallback(self._allowed_addresses, command, host, port, decision is not None)
         return d
+
+    def _decide_address(self, command: str, host: str, port: int) -> connect.ConnectFailed | None:
+        """Why the rules deny ``command`` to the address host:port, or None."""
+        decision = self.server.rules.decide(self.client, self.user.name, command, port, None,
+                                            parse_ip(host), version=self.version,
+                                            verified=self.user.verified)
+        if not decision.allowed:
+            return connect.ConnectFailed(connect.DENIED, decision.reason)
+        self._note_rule(decision)
+        return None
 
     def _note_rule(self, decision) -> None:
         if decision.rule is not None and decision.rule.log:
@@ -437,7 +448,7 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         self.setTimeout(idle or None)
         if early:
             self.received += len(early)
-            outbound.transport.write(early)
+            relay.send(outbound.transport, early)
         relay.join(self, outbound, self, watch_activity=idle > 0)
         if self.server.limits.splice and splice.plain_tcp(self.transport, outbound.transport):
             self.splice_after = self.received + SPLICE_AFTER
