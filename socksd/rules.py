@@ -7,6 +7,7 @@ config is loaded, so evaluation is attribute tests and ``ipaddress`` lookups.
 from __future__ import annotations
 
 import ipaddress
+from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -111,13 +112,150 @@ class Decision:
 _NO_MATCH = Decision(False, None)
 
 
+class _Ranges:
+    """Integer ranges -> bit mask of the rules whose ranges contain a value,
+    found by bisection. Built once from (lo, hi, bit) triples by a sweep."""
+
+    __slots__ = ("starts", "masks")
+
+    def __init__(self, ranges: Iterable[tuple[int, int, int]], always: int) -> None:
+        events: dict[int, list[int]] = {}
+        for lo, hi, bit in ranges:
+            events.setdefault(lo, []).append(bit)
+            events.setdefault(hi + 1, []).append(-bit)   # -bit: leaves
+        self.starts = [-1]
+        self.masks = [always]
+        counts: dict[int, int] = {}   # a rule may cover a value by two of its ranges
+        mask = always
+        for point in sorted(events):
+            for bit in events[point]:
+                key = abs(bit)
+                n = counts.get(key, 0) + (1 if bit > 0 else -1)
+                counts[key] = n
+                mask = mask | key if n else mask & ~key
+            self.starts.append(point)
+            self.masks.append(mask | always)
+
+    def __call__(self, value: int) -> int:
+        return self.masks[bisect_right(self.starts, value) - 1]
+
+
+class _Index:
+    """The rules as bit masks (bit i = rule i), one per selector value: a
+    request's candidates are the AND of a few masks and the first match is
+    the lowest bit set. Each lookup is a dict get or a bisection, so the cost
+    barely grows with the number of rules (thousands of client networks,
+    destination block lists, per-user rules). :meth:`Rule.matches_request`
+    and :meth:`Rule.matches_destination` stay the definition; the tests check
+    this index against them."""
+
+    def __init__(self, rules: Sequence[Rule]) -> None:
+        everyone = 0
+        sources = {4: [], 6: []}
+        networks = {4: [], 6: []}
+        ports = []
+        any_source = any_port = any_destination = has_networks = 0
+        self.allows = self.any_user = self.anonymous = 0
+        self.by_user: dict[str, int] = {}
+        self.by_command: dict[str, int] = {}
+        self.any_command = 0
+        self.by_version: dict[int, int] = {}
+        self.any_version = 0
+        self.by_verified = {True: 0, False: 0}
+        self.names: dict[str, int] = {}
+        self.suffixes: dict[str, int] = {}
+        for i, rule in enumerate(rules):
+            bit = 1 << i
+            everyone |= bit
+            if rule.allows:
+                self.allows |= bit
+            if rule.sources is None:
+                any_source |= bit
+            else:
+                for net in rule.sources:
+                    sources[net.version].append((int(net.network_address),
+                                                 int(net.broadcast_address), bit))
+            if rule.users is None:
+                self.any_user |= bit
+            else:
+                for name in rule.users:
+                    self.by_user[name] = self.by_user.get(name, 0) | bit
+            if rule.anonymous:
+                self.anonymous |= bit
+            if rule.commands is None:
+                self.any_command |= bit
+            else:
+                for command in rule.commands:
+                    self.by_command[command] = self.by_command.get(command, 0) | bit
+            if rule.versions is None:
+                self.any_version |= bit
+            else:
+                for version in rule.versions:
+                    self.by_version[version] = self.by_version.get(version, 0) | bit
+            for verified in (True, False):
+                if rule.verified is None or rule.verified == verified:
+                    self.by_verified[verified] |= bit
+            if rule.ports is None:
+                any_port |= bit
+            else:
+                ports.extend((lo, hi, bit) for lo, hi in rule.ports)
+            if rule.any_destination:
+                any_destination |= bit
+            for net in rule.networks:
+                has_networks |= bit
+                networks[net.version].append((int(net.network_address),
+                                              int(net.broadcast_address), bit))
+            for name in rule.names:
+                self.names[name] = self.names.get(name, 0) | bit
+            for suffix in rule.suffixes:
+                self.suffixes[suffix] = self.suffixes.get(suffix, 0) | bit
+        self.everyone = everyone
+        self.sources = {v: _Ranges(r, any_source) for v, r in sources.items()}
+        self.networks = {v: _Ranges(r, 0) for v, r in networks.items()}
+        self.ports = _Ranges(ports, any_port)
+        self.any_destination = any_destination
+        self.has_networks = has_networks
+        # could_allow(): a deny for every destination and port ends the search.
+        self.ends_search = self.allows | (any_destination & any_port)
+
+    def request(self, client: IPAddress, user: str | None, command: str, version: int,
+                verified: bool) -> int:
+        """Rules matching everything but port and destination."""
+        mask = self.sources[client.version](int(client))
+        mask &= self.anonymous if user is None else self.any_user | self.by_user.get(user, 0)
+        mask &= self.any_command | self.by_command.get(command, 0)
+        mask &= self.any_version | self.by_version.get(version, 0)
+        return mask & self.by_verified[bool(verified)]
+
+    def destination(self, name: str | None, address: IPAddress | None) -> int:
+        mask = self.any_destination
+        if address is not None:
+            mask |= self.networks[address.version](int(address))
+        if name is not None:
+            name = name.rstrip(".").lower()
+            mask |= self.names.get(name, 0)
+            if self.suffixes:
+                # ".example.com" matches example.com and every name under it.
+                labels = name.split(".")
+                for i in range(len(labels)):
+                    mask |= self.suffixes.get("." + ".".join(labels[i:]), 0)
+        return mask
+
+
+def _first(mask: int) -> int:
+    """Index of the lowest bit set: the first rule in order."""
+    return (mask & -mask).bit_length() - 1
+
+
 class RuleSet:
     """An ordered list of rules; the first that matches decides."""
 
-    __slots__ = ("rules",)
+    __slots__ = ("rules", "_index", "_decisions")
 
     def __init__(self, rules: Iterable[Rule]) -> None:
         self.rules: tuple[Rule, ...] = tuple(rules)
+        self._index = _Index(self.rules)
+        self._decisions = tuple(Decision(rule.allows, rule) for rule in self.rules)
 
     def __len__(self) -> int:
         return len(self.rules)
@@ -130,11 +268,11 @@ class RuleSet:
         A name request is decided after resolution, with both the name and
         the address it resolved to, so network rules apply to names too.
         """
-        for rule in self.rules:
-            if rule.matches_request(client, user, command, port, version, verified) and \
-                    rule.matches_destination(name, address):
-                return Decision(rule.allows, rule)
-        return _NO_MATCH
+        index = self._index
+        mask = index.request(client, user, command, version, verified) & index.ports(port)
+        if mask:
+            mask &= index.destination(name, address)
+        return self._decisions[_first(mask)] if mask else _NO_MATCH
 
     def decide_name(self, client: IPAddress, user: str | None, command: str, port: int,
                     name: str, *, version: int = 5, verified: bool = False) -> Decision | None:
@@ -144,29 +282,22 @@ class RuleSet:
         name must be resolved and :meth:`decide` asked per address. Deciding
         early spares a DNS lookup for requests that are denied anyway.
         """
-        for rule in self.rules:
-            if not rule.matches_request(client, user, command, port, version, verified):
-                continue
-            if rule.matches_destination(name, None):
-                return Decision(rule.allows, rule)
-            if rule.networks:
-                return None
-        return _NO_MATCH
-
+        index = self._index
+        mask = index.request(client, user, command, version, verified) & index.ports(port)
+        by_name = mask & index.destination(name, None)
+        mask &= by_name | index.has_networks
+        if not mask:
+            return _NO_MATCH
+        first = _first(mask)
+        return self._decisions[first] if by_name >> first & 1 else None
 
     def could_allow(self, client: IPAddress, user: str | None, command: str, *,
                     version: int = 5, verified: bool = False) -> bool:
         """Could some destination be allowed? (For UDP ASSOCIATE, whose
         destinations come later, one per datagram.)"""
-        for rule in self.rules:
-            if not rule.matches_request(client, user, command, rule_port(rule), version,
-                                        verified):
-                continue
-            if rule.allows:
-                return True
-            if rule.any_destination and rule.ports is None:
-                return False   # denies every destination: nothing after it matters
-        return False
+        index = self._index
+        mask = index.request(client, user, command, version, verified) & index.ends_search
+        return bool(mask) and bool(index.allows >> _first(mask) & 1)
 
 
 def rule_port(rule: Rule) -> int:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import ipaddress
+import random
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from socksd.rules import RuleSet, compile_rule, default_rules, parse_ip
+from socksd.rules import COMMANDS, RuleSet, compile_rule, default_rules, parse_ip, rule_port
 
 CLIENT = parse_ip("192.0.2.10")
 
@@ -304,3 +305,128 @@ def test_decide_name_name_rule_matches():
     assert decision is not None and decision.allowed
     decision = rules.decide_name(CLIENT, None, "connect", 80, "other.example")
     assert decision is not None and not decision.allowed
+
+
+# The bit-mask index against the rules' own definition (Rule.matches_*), which
+# is what first-match means: same decision for any rules and any request.
+
+_ADDRESSES = ["10.0.0.1", "10.0.0.200", "10.0.1.5", "192.0.2.10", "127.0.0.1", "0.0.0.0",
+              "255.255.255.255", "::1", "2001:db8::1", "2001:db8:1::7", "fe80::1"]
+_NETWORKS = ["10.0.0.0/8", "10.0.0.0/24", "10.0.0.128/25", "10.0.1.0/24", "192.0.2.10/32",
+             "0.0.0.0/0", "127.0.0.0/8", "::/0", "::1/128", "2001:db8::/32", "2001:db8::/64"]
+_NAMES = ["example.com", "www.example.com", "a.b.example.com", "example.org", "com",
+          "WWW.Example.COM.", "localhost", "x..example.com"]
+_DESTINATIONS = _NETWORKS + ["example.com", "www.example.com", ".example.com", ".com",
+                             ".b.example.com", "localhost", ".org"]
+_USERS = ["alice", "bob", "*", "-"]
+_PORT_RANGES = ["80", "1-1023", "443", "1024-65535", "0", "8000-8080"]
+
+
+def _random_rule(rng: random.Random, label: str):
+    def maybe(make):
+        return None if rng.random() < 0.4 else make()
+
+    def some(pool, most):
+        return rng.sample(pool, rng.randint(1, most))
+
+    return compile_rule(
+        label, rng.choice(["allow", "deny"]),
+        sources=maybe(lambda: some(_NETWORKS, 3)),
+        destinations=maybe(lambda: some(_DESTINATIONS, 4)),
+        ports=maybe(lambda: some(_PORT_RANGES, 3)),
+        commands=maybe(lambda: some(sorted(COMMANDS), 3)),
+        users=maybe(lambda: some(_USERS, 3)),
+        versions=maybe(lambda: rng.choice([[4], [5], [4, 5]])),
+        verified=rng.choice([None, True, False]))
+
+
+# Compiled once: hypothesis draws lists of them (compiling per example was
+# most of these tests' time).
+_RULE_POOL = [_random_rule(random.Random(seed), f"rule {seed}") for seed in range(600)]
+
+
+def rulesets():
+    return st.lists(st.sampled_from(_RULE_POOL), max_size=12)
+
+
+requests = st.fixed_dictionaries({
+    "client": st.sampled_from(_ADDRESSES).map(parse_ip),
+    "user": st.sampled_from([None, "alice", "bob", "carol"]),
+    "command": st.sampled_from(sorted(COMMANDS)),
+    "port": st.sampled_from([0, 22, 80, 443, 1023, 1024, 8080, 65535]),
+    "version": st.sampled_from([4, 5]),
+    "verified": st.booleans(),
+})
+
+
+def reference(rules, r, name, address):
+    for rule in rules:
+        if rule.matches_request(r["client"], r["user"], r["command"], r["port"], r["version"],
+                                r["verified"]) and rule.matches_destination(name, address):
+            return rule
+    return None
+
+
+@settings(max_examples=400)
+@given(rulesets(), requests, st.one_of(st.none(), st.sampled_from(_NAMES)),
+       st.one_of(st.none(), st.sampled_from(_ADDRESSES).map(parse_ip)))
+def test_index_decides_like_first_match(rules, r, name, address):
+    decision = RuleSet(rules).decide(r["client"], r["user"], r["command"], r["port"], name,
+                                     address, version=r["version"], verified=r["verified"])
+    expected = reference(rules, r, name, address)
+    assert decision.rule is expected
+    assert decision.allowed == (expected is not None and expected.allows)
+
+
+@settings(max_examples=400)
+@given(rulesets(), requests, st.sampled_from(_NAMES))
+def test_index_decide_name_like_first_match(rules, r, name):
+    got = RuleSet(rules).decide_name(r["client"], r["user"], r["command"], r["port"], name,
+                                     version=r["version"], verified=r["verified"])
+    for rule in rules:
+        if not rule.matches_request(r["client"], r["user"], r["command"], r["port"],
+                                    r["version"], r["verified"]):
+            continue
+        if rule.matches_destination(name, None):
+            assert got is not None and got.rule is rule
+            return
+        if rule.networks:
+            assert got is None
+            return
+    assert got is not None and got.rule is None and not got.allowed
+
+
+@settings(max_examples=400)
+@given(rulesets(), requests)
+def test_index_could_allow_like_first_match(rules, r):
+    got = RuleSet(rules).could_allow(r["client"], r["user"], r["command"],
+                                     version=r["version"], verified=r["verified"])
+    expected = False
+    for rule in rules:
+        if not rule.matches_request(r["client"], r["user"], r["command"], rule_port(rule),
+                                    r["version"], r["verified"]):
+            continue
+        if rule.allows:
+            expected = True
+            break
+        if rule.any_destination and rule.ports is None:
+            break
+    assert got == expected
+
+
+def test_many_client_networks_cost_one_lookup():
+    """10,000 per-network rules: the index finds the one rule for a client
+    without testing the others (counted, not timed)."""
+    rules = [compile_rule(f"rule {i}", "allow", sources=[f"10.{i // 256}.{i % 256}.0/24"],
+                          destinations=[f"192.168.{i % 256}.0/24"]) for i in range(10000)]
+    tested = []
+    original = type(rules[0]).matches_request
+    ruleset = RuleSet(rules)
+    try:
+        type(rules[0]).matches_request = lambda self, *a: tested.append(self) or original(self, *a)
+        decision = ruleset.decide(parse_ip("10.39.15.7"), None, "connect", 80, None,
+                                  parse_ip(f"192.168.{(39 * 256 + 15) % 256}.1"))
+    finally:
+        type(rules[0]).matches_request = original
+    assert decision.rule is rules[39 * 256 + 15] and decision.allowed
+    assert tested == []
