@@ -7,13 +7,14 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import time
 
 import pytest
 
 from socksd import config
 
-from conftest import require
+from conftest import TWISTD, require
 
 
 def _worker_pids(parent: int) -> list[int]:
@@ -76,6 +77,33 @@ def test_workers_serve_restart_and_stop(socks_server, http_server):
     server.process.send_signal(signal.SIGTERM)
     server.process.wait(20)
     assert not any(_alive(pid) for pid in restarted), "workers outlived the supervisor"
+
+
+def test_worker_logs_reach_the_twistd_log_file(tmp_path, http_server):
+    """Workers publish through the supervisor: with `twistd -l FILE` (and a
+    daemon's /dev/null stdout) their session lines are in FILE."""
+    config = tmp_path / "socksd.toml"
+    config.write_text("[server]\nworkers = 2\n")
+    logfile = tmp_path / "socksd.log"
+    process = subprocess.Popen([TWISTD, "-n", "--pidfile=", "-l", str(logfile), "socks",
+                                "--config", str(config),
+                                "--listen", "tcp:0:interface=127.0.0.1"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               cwd=tmp_path)
+    try:
+        port = int(_wait_for(lambda: logfile.exists() and re.search(
+            r"starting on (\d+) \(2 workers\)", logfile.read_text()))[1])
+        _wait_for(lambda: len(_worker_pids(process.pid)) == 2)
+        time.sleep(0.5)
+        for _ in range(40):
+            _session(port, http_server)
+        for worker in ("w0", "w1"):
+            _wait_for(lambda: re.search(rf"\[socksd#info\] {worker} 127\.0\.0\.1:\d+ "
+                                        rf"socks5 user=- method=none connect .* ok",
+                                        logfile.read_text()))
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(20)
 
 
 def _alive(pid: int) -> bool:

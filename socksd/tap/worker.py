@@ -10,7 +10,7 @@ import socket
 import sys
 
 from twisted.cred import strcred
-from twisted.logger import globalLogBeginner, textFileLogObserver
+from twisted.logger import globalLogBeginner, jsonFileLogObserver
 
 from socksd.proxy import session
 
@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from socksd.tap import socks as socks_tap
 
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)],
+    # Every event goes to the supervisor, which logs it where twistd logs.
+    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout)],
                                      redirectStandardIO=False)
     session.WORKER = args.index
     checkers = [strcred.makeChecker(description) for description in args.auth]

@@ -10,10 +10,15 @@ the same config and adopting its sockets. A worker that dies is restarted on
 the same sockets (connections queued meanwhile wait for it); stopping the
 supervisor stops them all.
 
+A worker's log events come back to the supervisor as JSON records on its
+stdout and are published here, so they reach whatever twistd logs to
+(``-l FILE``, ``--syslog``, stdout) like the supervisor's own.
+
 Limits are per worker: each enforces max_sessions and max_sessions_per_client
-divided by N (rounded up), so the totals hold when the kernel spreads
-connections evenly, which it does for many clients; one client's
-connections all hash by their source ports, spread evenly too.
+divided by N (rounded up, so no worker gets 0), so the totals hold, give or
+take N-1, when the kernel spreads connections evenly, which it does for many
+clients; one client's connections hash by their source ports, spread evenly
+too.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import time
 
 from twisted.application import service
 from twisted.internet import defer, protocol
-from twisted.logger import Logger
+from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 
 from socksd.config import parse_listener
 
@@ -35,6 +40,11 @@ log = Logger(namespace="socksd")
 RESTART_DELAY = 1.0
 MAX_RESTART_DELAY = 30.0
 STOP_TIMEOUT = 10.0
+
+# What jsonFileLogObserver puts before each record, and the most a worker may
+# send without ending a record (a session's record is well under 2 KiB).
+RECORD_SEPARATOR = b"\x1e"
+MAX_RECORD = 1 << 20
 
 
 def bind_reuseport(family: int, host: str, port: int, backlog: int) -> socket.socket:
@@ -53,8 +63,33 @@ class _Worker(protocol.ProcessProtocol):
         self.index = index
         self.started = time.monotonic()
         self.ended = defer.Deferred()
+        self.pending = b""
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        """Log records from the worker (RS JSON NL each; JSON text has no raw
+        newline): publish each as our own event."""
+        records = (self.pending + data).split(b"\n")
+        self.pending = records.pop()
+        if len(self.pending) > MAX_RECORD:
+            log.error("worker {index}: log record over {limit} bytes dropped",
+                      index=self.index, limit=MAX_RECORD)
+            self.pending = b""
+        for record in records:
+            record = record.lstrip(RECORD_SEPARATOR)
+            if record:
+                self._publish(record)
+
+    def _publish(self, record: bytes) -> None:
+        try:
+            event = eventFromJSON(record.decode("utf-8"))
+        except ValueError:
+            log.error("worker {index}: unreadable log record {record!r}",
+                      index=self.index, record=record[:200])
+            return
+        globalLogPublisher(event)
 
     def processEnded(self, reason) -> None:
+        self.pending = b""   # a record cut short by the worker's death
         self.ended.callback(None)
         self.supervisor.worker_ended(self, reason)
 
@@ -100,7 +135,7 @@ class WorkersService(service.Service):
         if self.stopping:
             return
         sockets = self.sockets[index]
-        child_fds = {0: "r", 1: 1, 2: 2}
+        child_fds = {0: "r", 1: "r", 2: 2}   # 1: its log records (see _Worker)
         fds = []
         for number, (sock, (family, _h, _p, _b, haproxy)) in enumerate(
                 zip(sockets, self.listeners), start=3):
