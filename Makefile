@@ -16,7 +16,7 @@ BUILD_DEBS := libkrb5-dev
 TEST_DEBS := curl ncat netcat-openbsd dante-client krb5-kdc krb5-admin-server krb5-user libkrb5-dev \
 	apache2-utils procps oidentd \
 	dpkg-dev build-essential debhelper flex libtool-bin libpam0g-dev libwrap0-dev
-BENCH_DEBS := dante-server procps
+BENCH_DEBS := dante-server dante-client iperf3 procps
 
 .PHONY: run test bench venv install debs-build debs-test debs-bench clean
 

@@ -470,7 +470,7 @@ class Bench:
     def transfer(self, via: Via, direction: str, seconds: float) -> tuple[float, float, float]:
         """One transfer: (bytes, seconds, client CPU seconds)."""
         if via.mode == "c":
-            argv = [str(self.loadgen), "bulk", direction, f"{seconds}", str(self.bulk_port),
+            argv = [str(self.loadgen), "bulk", direction, f"{seconds}", "1", str(self.bulk_port),
                     str(via.port)]
         else:
             argv = [sys.executable, str(Path(__file__).resolve()), "client", direction,

@@ -44,7 +44,8 @@ def build_loadgen(tmp: Path) -> Path:
     if not cc:
         raise BenchError("no C compiler (gcc) found: it builds benchmarks/loadgen.c")
     out = tmp / "loadgen"
-    proc = subprocess.run([cc, "-O2", "-Wall", "-o", str(out), str(HERE / "loadgen.c")],
+    proc = subprocess.run([cc, "-O2", "-Wall", "-pthread", "-o", str(out),
+                           str(HERE / "loadgen.c")],
                           capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
         raise BenchError(f"compiling loadgen.c failed:\n{proc.stderr}")
@@ -66,6 +67,17 @@ def free_port() -> int:
                 continue
             return port
     raise BenchError("no free TCP port found in 20000-32000 on 127.0.0.1")
+
+
+def find_binary(explicit: str | None, name: str, fallback: str, install: str,
+                skip_flag: str) -> str:
+    """``explicit``, else ``name`` on PATH, else ``fallback``; BenchError
+    saying how to install it (or skip the workload) if it is not there."""
+    path = explicit or shutil.which(name) or fallback
+    if not os.access(path, os.X_OK):
+        raise BenchError(f"{name} not found ({path}): install it with `apt-get install "
+                         f"{install}` (make bench does), or pass {skip_flag}")
+    return path
 
 
 # ---- processes ----------------------------------------------------------------
@@ -160,6 +172,26 @@ def _recv_exactly(s: socket.socket, n: int) -> bytes:
     return data
 
 
+def listening(port: int) -> bool:
+    """Whether a socket listens on 127.0.0.1:``port`` (from /proc/net/tcp,
+    without connecting: iperf3 -s would take a probe for a client)."""
+    local = f"{socket.htonl(0x7F000001):08X}:{port:04X}"
+    with open("/proc/net/tcp") as f:
+        next(f)
+        return any(fields[1] == local and fields[3] == "0A"
+                   for fields in (line.split() for line in f))
+
+
+def wait_listening(srv: Server, port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not listening(port):
+        if not srv.alive():
+            raise BenchError(f"{srv.name} exited with status {srv.proc.returncode} at start-up")
+        if time.monotonic() > deadline:
+            raise BenchError(f"{srv.name} is not listening on port {port} after {timeout:g} s")
+        time.sleep(0.05)
+
+
 def wait_for_proxy(srv: Server, port: int, echo_port: int, timeout: float = 20.0) -> None:
     """Until a SOCKS5 session through ``srv`` works (or it died / timed out)."""
     deadline = time.monotonic() + timeout
@@ -213,6 +245,12 @@ def cpu_times(pids: list[int]) -> dict[int, float]:
         if fields:
             out[pid] = sum(int(v) for v in fields[11:15]) / CLK_TCK
     return out
+
+
+def children_cpu() -> float:
+    """CPU seconds of this process's reaped children (subprocess.run's)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:

@@ -7,9 +7,10 @@
  *   loadgen echo [CLOSE_AFTER]        epoll echo server; prints its port. With
  *                                     CLOSE_AFTER, it closes a connection once
  *                                     it has echoed that many bytes
- *   loadgen bulkd                     bulk target; prints its port
- *   loadgen bulk up|down SECS DSTPORT [SOCKSPORT]
- *   loadgen sessions SECS CONC eof|close DSTPORT [SOCKSPORT]
+ *   loadgen bulkd                     bulk target (a thread per connection);
+ *                                     prints its port
+ *   loadgen bulk up|down SECS STREAMS DSTPORT [SOCKSPORT]
+ *   loadgen sessions SECS COUNT CONC eof|close DSTPORT [SOCKSPORT]
  *   loadgen hold N CONC DSTPORT [SOCKSPORT]
  *
  * Servers die with their parent (PR_SET_PDEATHSIG), so a killed run.py
@@ -22,6 +23,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -158,44 +160,61 @@ static void socks_blocking(int fd, int dstport)
 
 /* ---- bulk target ------------------------------------------------------ */
 
-/* One connection at a time (run.py runs one transfer at a time): a 16-byte
- * header 'U' or 'D' + 8-byte microseconds. U: read to EOF, answer the byte
- * count. D: send for that long, then close. */
+/* A connection starts with a 16-byte header 'U' or 'D' + 8-byte
+ * microseconds. U: read to EOF, answer the byte count. D: send for that
+ * long, then close. A thread per connection: the parallel bulk workload has
+ * several at once, and the threads' CPU time is the process's. */
+static void *bulkd_serve(void *arg)
+{
+    int fd = (int)(intptr_t)arg;
+    char *buf = malloc(BULK_BUF);
+    if (!buf) die("malloc");
+    memset(buf, 'x', BULK_BUF);
+    struct timeval tv = {60, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    unsigned char hdr[HDR_LEN];
+    if (read_full(fd, hdr, HDR_LEN) == 0) {
+        uint64_t usec;
+        memcpy(&usec, hdr + 8, 8);
+        if (hdr[0] == 'U') {
+            uint64_t total = 0;
+            for (;;) {
+                ssize_t r = read(fd, buf, BULK_BUF);
+                if (r < 0 && errno == EINTR) continue;
+                if (r <= 0) break;
+                total += r;
+            }
+            write_full(fd, &total, 8);
+        } else if (hdr[0] == 'D') {
+            double end = now() + usec / 1e6;
+            while (now() < end)
+                if (write_full(fd, buf, BULK_BUF) < 0) break;
+        }
+    }
+    close(fd);
+    free(buf);
+    return NULL;
+}
+
 __attribute__((noreturn)) static void cmd_bulkd(void)
 {
     server_setup();
     int lfd = listen_loopback();
-    char *buf = malloc(BULK_BUF);
-    memset(buf, 'x', BULK_BUF);
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
     for (;;) {
         int fd = accept(lfd, NULL, NULL);
         if (fd < 0) {
             if (errno == EINTR) continue;
             die("accept");
         }
-        struct timeval tv = {60, 0};
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-        unsigned char hdr[HDR_LEN];
-        if (read_full(fd, hdr, HDR_LEN) == 0) {
-            uint64_t usec;
-            memcpy(&usec, hdr + 8, 8);
-            if (hdr[0] == 'U') {
-                uint64_t total = 0;
-                for (;;) {
-                    ssize_t r = read(fd, buf, BULK_BUF);
-                    if (r < 0 && errno == EINTR) continue;
-                    if (r <= 0) break;
-                    total += r;
-                }
-                write_full(fd, &total, 8);
-            } else if (hdr[0] == 'D') {
-                double end = now() + usec / 1e6;
-                while (now() < end)
-                    if (write_full(fd, buf, BULK_BUF) < 0) break;
-            }
+        pthread_t t;
+        if (pthread_create(&t, &attr, bulkd_serve, (void *)(intptr_t)fd) != 0) {
+            fprintf(stderr, "loadgen: pthread_create failed\n");
+            close(fd);
         }
-        close(fd);
     }
 }
 
@@ -211,55 +230,133 @@ static int connect_blocking(int port)
     return fd;
 }
 
-/* Prints: bytes seconds cpu_seconds. The clock runs from the header sent
- * to the last byte delivered (upload: the target's count received; download:
- * EOF), so bytes still queued in the proxy are part of the time. */
+/* One stream of the bulk client. Upload: SEND until the deadline, then
+ * shut down the write side and read the target's 8-byte COUNT; download:
+ * read until EOF. */
+enum { B_SEND, B_COUNT, B_RECV, B_DONE };
+
+struct stream {
+    int fd, phase, cnt_got;
+    uint64_t bytes;
+    unsigned char hdr[HDR_LEN], cnt[8];
+};
+
+static void stream_watch(int ep, struct stream *s, int op, uint32_t events)
+{
+    struct epoll_event e = {.events = events, .data.ptr = s};
+    if (epoll_ctl(ep, op, s->fd, &e) < 0) die("epoll_ctl");
+}
+
+/* Connect (and do the SOCKS handshake) blocking; then non-blocking. */
+static void stream_open(struct stream *s, int up, uint64_t usec, int dstport, int socksport)
+{
+    s->fd = connect_blocking(socksport ? socksport : dstport);
+    if (socksport) socks_blocking(s->fd, dstport);
+    s->phase = up ? B_SEND : B_RECV;
+    s->bytes = 0;
+    s->cnt_got = 0;
+    memset(s->hdr, 0, HDR_LEN);  /* sent when the clock starts */
+    s->hdr[0] = up ? 'U' : 'D';
+    memcpy(s->hdr + 8, &usec, 8);
+}
+
+static void stream_finish_upload(int ep, struct stream *s)
+{
+    shutdown(s->fd, SHUT_WR);
+    s->phase = B_COUNT;
+    stream_watch(ep, s, EPOLL_CTL_MOD, EPOLLIN);
+}
+
+/* Handle readiness of one stream; returns 1 when it has just finished. */
+static int stream_step(int ep, struct stream *s, char *buf)
+{
+    ssize_t r;
+    switch (s->phase) {
+    case B_SEND:
+        r = write(s->fd, buf, BULK_BUF);
+        if (r < 0 && (errno == EAGAIN || errno == EINTR)) return 0;
+        if (r <= 0) die("upload");
+        s->bytes += r;
+        return 0;
+    case B_COUNT:
+        r = read(s->fd, s->cnt + s->cnt_got, 8 - s->cnt_got);
+        if (r < 0 && (errno == EAGAIN || errno == EINTR)) return 0;
+        if (r <= 0) die("upload count");
+        if ((s->cnt_got += r) < 8) return 0;
+        uint64_t confirmed;
+        memcpy(&confirmed, s->cnt, 8);
+        if (confirmed != s->bytes) {
+            fprintf(stderr, "loadgen: sent %llu bytes, target got %llu\n",
+                    (unsigned long long)s->bytes, (unsigned long long)confirmed);
+            exit(2);
+        }
+        break;
+    case B_RECV:
+        r = read(s->fd, buf, BULK_BUF);
+        if (r < 0 && (errno == EAGAIN || errno == EINTR)) return 0;
+        if (r < 0) die("download");
+        if (r > 0) { s->bytes += r; return 0; }
+        break;
+    default:
+        return 0;
+    }
+    s->phase = B_DONE;
+    epoll_ctl(ep, EPOLL_CTL_DEL, s->fd, NULL);
+    return 1;
+}
+
+/* STREAMS parallel transfers, driven by one epoll loop. Prints: bytes
+ * seconds cpu_seconds, bytes summed over the streams. The clock runs from
+ * the headers sent to the last byte delivered on the last stream (upload:
+ * every target count received; download: every EOF), so bytes still queued
+ * in the proxy are part of the time. */
 static int cmd_bulk(int argc, char **argv)
 {
-    if (argc < 5) return 1;
+    if (argc < 6) return 1;
     int up = strcmp(argv[2], "up") == 0;
     double secs = atof(argv[3]);
-    int dstport = atoi(argv[4]);
-    int socksport = argc > 5 ? atoi(argv[5]) : 0;
+    int nstreams = atoi(argv[4]), dstport = atoi(argv[5]);
+    int socksport = argc > 6 ? atoi(argv[6]) : 0;
+    if (nstreams < 1 || nstreams > 1024) return 1;
     signal(SIGPIPE, SIG_IGN);
     char *buf = malloc(BULK_BUF);
     memset(buf, 'y', BULK_BUF);
+    struct stream *ss = calloc(nstreams, sizeof *ss);
+    for (int i = 0; i < nstreams; i++)
+        stream_open(&ss[i], up, (uint64_t)(secs * 1e6), dstport, socksport);
 
-    int fd = connect_blocking(socksport ? socksport : dstport);
-    if (socksport) socks_blocking(fd, dstport);
-    unsigned char hdr[HDR_LEN] = {0};
-    hdr[0] = up ? 'U' : 'D';
-    uint64_t usec = secs * 1e6;
-    memcpy(hdr + 8, &usec, 8);
-
-    double cpu0 = cpu_seconds(), t0 = now();
-    uint64_t total = 0;
-    if (write_full(fd, hdr, HDR_LEN) < 0) die("write header");
-    if (up) {
-        double end = t0 + secs;
-        while (now() < end) {
-            if (write_full(fd, buf, BULK_BUF) < 0) die("upload");
-            total += BULK_BUF;
-        }
-        shutdown(fd, SHUT_WR);
-        uint64_t confirmed;
-        if (read_full(fd, &confirmed, 8) < 0) die("upload count");
-        if (confirmed != total) {
-            fprintf(stderr, "loadgen: sent %llu bytes, target got %llu\n",
-                    (unsigned long long)total, (unsigned long long)confirmed);
+    int ep = epoll_create1(0);
+    double cpu0 = cpu_seconds(), t0 = now(), end = t0 + secs, giveup = end + 60;
+    for (int i = 0; i < nstreams; i++) {
+        if (write_full(ss[i].fd, ss[i].hdr, HDR_LEN) < 0) die("write header");
+        fcntl(ss[i].fd, F_SETFL, O_NONBLOCK);
+        stream_watch(ep, &ss[i], EPOLL_CTL_ADD, up ? EPOLLOUT : EPOLLIN);
+    }
+    int left = nstreams, sending = up ? nstreams : 0;
+    struct epoll_event evs[64];
+    while (left > 0) {
+        double t = now();
+        if (t > giveup) {
+            fprintf(stderr, "loadgen: bulk transfer not finished 60 s after its end\n");
             exit(2);
         }
-    } else {
-        for (;;) {
-            ssize_t r = read(fd, buf, BULK_BUF);
-            if (r < 0 && errno == EINTR) continue;
-            if (r < 0) die("download");
-            if (r == 0) break;
-            total += r;
+        if (sending && t >= end) {
+            for (int i = 0; i < nstreams; i++)
+                if (ss[i].phase == B_SEND) stream_finish_upload(ep, &ss[i]);
+            sending = 0;
         }
+        int wait_ms = sending ? (int)((end - t) * 1e3) + 1 : 1000;
+        int n = epoll_wait(ep, evs, 64, wait_ms);
+        if (n < 0 && errno != EINTR) die("epoll_wait");
+        for (int i = 0; i < n; i++)
+            left -= stream_step(ep, evs[i].data.ptr, buf);
     }
     double t1 = now(), cpu1 = cpu_seconds();
-    close(fd);
+    uint64_t total = 0;
+    for (int i = 0; i < nstreams; i++) {
+        total += ss[i].bytes;
+        close(ss[i].fd);
+    }
     printf("%llu %.6f %.6f\n", (unsigned long long)total, t1 - t0, cpu1 - cpu0);
     return 0;
 }
@@ -468,29 +565,39 @@ static int cmp_float(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
-/* Closed-loop: CONC sessions in flight for SECS seconds. "eof": after the
- * echo, wait for the target's EOF (passed on by the proxy), then close;
- * "close": close right after the echo. A session's latency runs from
- * socket() to close(). Prints: sessions seconds p50_ms p99_ms errors cpu_s */
+/* n < limit, where limit 0 means no limit. */
+static int below(long n, long limit)
+{
+    return limit == 0 || n < limit;
+}
+
+/* Closed-loop: CONC sessions in flight for SECS seconds, or until COUNT
+ * sessions have been started and have ended (COUNT 0: no count bound).
+ * "eof": after the echo, wait for the target's EOF (passed on by the proxy),
+ * then close; "close": close right after the echo. A session's latency runs
+ * from socket() to close(). Prints: sessions seconds p50_ms p99_ms errors cpu_s */
 static int cmd_sessions(int argc, char **argv)
 {
-    if (argc < 6) return 1;
+    if (argc < 7) return 1;
     double secs = atof(argv[2]);
-    int conc = atoi(argv[3]);
-    g_wait_eof = strcmp(argv[4], "eof") == 0;
-    g_dstport = atoi(argv[5]);
-    g_socksport = argc > 6 ? atoi(argv[6]) : 0;
+    long max_count = atol(argv[3]);
+    int conc = atoi(argv[4]);
+    g_wait_eof = strcmp(argv[5], "eof") == 0;
+    g_dstport = atoi(argv[6]);
+    g_socksport = argc > 7 ? atoi(argv[7]) : 0;
     signal(SIGPIPE, SIG_IGN);
     g_ep = epoll_create1(0);
     struct sess *ss = calloc(conc, sizeof *ss);
     size_t cap = 1 << 16, count = 0;
     float *lat = malloc(cap * sizeof *lat);
     double cpu0 = cpu_seconds(), t0 = now(), end = t0 + secs, t1;
-    long max_errors = 1000;
-    for (int i = 0; i < conc; i++)
+    long max_errors = 1000, started = 0;
+    /* Every started session ends counted or as an error. */
+    for (int i = 0; i < conc && below(started, max_count); i++, started++)
         if (sess_start(&ss[i]) < 0) g_errors++;
     struct epoll_event evs[256];
-    while ((t1 = now()) < end && g_errors < max_errors) {
+    while ((t1 = now()) < end && g_errors < max_errors &&
+           below((long)count + g_errors, max_count)) {
         int n = epoll_wait(g_ep, evs, 256, 100);
         if (n < 0 && errno != EINTR) die("epoll_wait");
         for (int i = 0; i < n; i++) {
@@ -505,9 +612,11 @@ static int cmd_sessions(int argc, char **argv)
             }
         }
         /* Completed or failed sessions are restarted (bounded by `end`). */
-        for (int i = 0; i < conc; i++)
-            if (ss[i].state == S_FREE && now() < end && sess_start(&ss[i]) < 0)
-                g_errors++;
+        for (int i = 0; i < conc && below(started, max_count); i++)
+            if (ss[i].state == S_FREE && now() < end) {
+                started++;
+                if (sess_start(&ss[i]) < 0) g_errors++;
+            }
     }
     t1 = now();
     double cpu1 = cpu_seconds();

@@ -1,14 +1,19 @@
 """socksd benchmarks, against direct loopback and Dante, in one run.
 
 (a) bulk throughput of one CONNECT stream, upload and download;
-(b) SOCKS5 sessions per second with 50 concurrent clients, and their latency;
-(c) memory per idle relayed session (2,000 of them).
+(b) bulk throughput of 8 parallel streams, aggregate (socksd workers = auto);
+(c) SOCKS5 sessions per second with 50 concurrent clients, and their latency
+    (socksd with workers = 1 and workers = auto);
+(d) memory per idle relayed session (2,000 of them);
+(e) soak: socksd's RSS before and after 100,000 sessions;
+(f) iperf3 through Dante's socksify, -P 1 and -P 8, both directions;
+then a summary of issue 7's targets, met or missed.
 
 Each number is the median of several rounds; baselines (direct loopback,
-Dante) are measured in the same run, rounds interleaved, and the table gives
+Dante) are measured in the same run, rounds interleaved, and the tables give
 ratios. See benchmarks/README.rst. Run from the repository root:
 
-    .venv/bin/python benchmarks/run.py [--quick] [--no-dante]
+    .venv/bin/python benchmarks/run.py [--quick] [--no-dante] [--no-iperf3]
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.metadata
+import json
 import os
 import platform
+import re
 import shutil
 import signal
 import statistics
@@ -27,12 +34,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from harness import (BenchError, Memory, Server, build_loadgen, cpu_delta, cpu_times,
-                     free_port, machine_busy, memory, raise_nofile_limit, read_line,
-                     start_c_server, wait_for_proxy)
+from harness import (BenchError, Memory, Server, build_loadgen, children_cpu, cpu_delta,
+                     cpu_times, descendants, find_binary, free_port, machine_busy, memory,
+                     raise_nofile_limit, read_line, start_c_server, wait_for_proxy,
+                     wait_listening)
 
-WORKERS = "1"
+WORKLOADS = ["bulk", "parallel", "sessions", "memory", "soak", "iperf3"]
 
 SOCKSD_CONFIG = """\
 # Written by benchmarks/run.py: limits high enough for the idle-session test.
@@ -55,12 +64,33 @@ client pass {{
     from: 127.0.0.0/8 to: 0.0.0.0/0
 }}
 socks pass {{
-    from: 127.0.0.0/8 to: 0.0.0.0/0
+    from: 127.0.0.0/8 to: 0.0.0.0/0{session_log}
+}}
+"""
+DANTE_SESSION_LOG = "\n    log: disconnect"  # one line per session at its end, like socksd
+
+# Dante's client library (libdsocks, preloaded by socksify), sending every
+# TCP connection through the proxy. See dante.conf(5) in dante-client.
+SOCKS_CONF = """\
+# Written by benchmarks/run.py for socksify (SOCKS_CONF).
+route {{
+    from: 0.0.0.0/0 to: 0.0.0.0/0 via: 127.0.0.1 port = {port}
+    proxyprotocol: socks_v5
+    method: none
 }}
 """
 
 GEN_BUSY = 80.0     # % of a core: above this a generator may be the bottleneck
 OTHERS_BUSY = 30.0  # % of a core used by processes not in the benchmark: noisy
+ROUTED_CPU = 1.0    # % of a core: a proxy relaying iperf3 uses more than this
+SOAK_CHECKPOINTS = 4
+SOAK_SETTLE = 2.0   # seconds between the last session and a memory reading
+SOAK_TOLERANCE_KIB = 2048
+
+# Issue 7's targets (socksd against Dante and direct, same run).
+BULK_VS_DANTE, BULK_VS_DIRECT, PARALLEL_VS_DANTE = 1.5, 0.5, 1.5
+SESSIONS_VS_DANTE = 1.6
+IDLE_KIB_PER_SESSION = 3.5
 
 
 def log(msg: str) -> None:
@@ -69,55 +99,69 @@ def log(msg: str) -> None:
 
 # ---- settings -------------------------------------------------------------------
 
+QUICK = {"rounds": 1, "bulk_seconds": 1.0, "session_seconds": 1.0, "idle_sessions": 500,
+         "soak_sessions": 10_000, "soak_warmup": 1000, "iperf3_seconds": 1}
+FULL = {"rounds": 3, "bulk_seconds": 2.0, "session_seconds": 2.0, "idle_sessions": 2000,
+        "soak_sessions": 100_000, "soak_warmup": 5000, "iperf3_seconds": 3}
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Benchmark socksd against direct loopback and Dante (danted).")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: 1 round, 1 s transfers and session runs, 500 idle sessions")
+                   help="smoke run: 1 round, 1 s transfers, session runs and iperf3 tests, "
+                        "500 idle sessions, a 10,000-session soak")
     p.add_argument("--no-dante", action="store_true", help="skip Dante (danted)")
+    p.add_argument("--dante-quiet", action="store_true",
+                   help="Dante logs errors only, not one line per session as by default "
+                        "(and as socksd does)")
+    p.add_argument("--no-iperf3", action="store_true",
+                   help="skip the iperf3 workload (needs iperf3 and dante-client's socksify)")
     p.add_argument("--danted", help="danted binary (default: on PATH, else /usr/sbin/danted)")
+    p.add_argument("--iperf3", help="iperf3 binary (default: on PATH, else /usr/bin/iperf3)")
+    p.add_argument("--socksify", help="socksify script (default: on PATH, else /usr/bin/socksify)")
     p.add_argument("--twistd", help="twistd running socksd (default: next to this Python)")
-    p.add_argument("--workers", default="1",
-                   help='socksd [server] workers: a number or "auto" (default 1)')
+    p.add_argument("--workers", default="auto",
+                   help='[server] workers of the multi-process socksd (8 streams, sessions, '
+                        'iperf3 -P 8): a number or "auto" = the CPU count (default auto)')
     p.add_argument("--rounds", type=int, help="rounds per measurement, median reported (default 3)")
-    p.add_argument("--bulk-seconds", type=float, help="seconds per bulk transfer (default 3)")
-    p.add_argument("--session-seconds", type=float, help="seconds per sessions round (default 3)")
+    p.add_argument("--bulk-seconds", type=float, help="seconds per bulk transfer (default 2)")
+    p.add_argument("--streams", type=int, default=8,
+                   help="parallel streams in the parallel bulk workload (default 8)")
+    p.add_argument("--session-seconds", type=float, help="seconds per sessions round (default 2)")
     p.add_argument("--concurrency", type=int, default=50,
-                   help="concurrent clients in the sessions workload (default 50)")
+                   help="concurrent clients in the sessions and soak workloads (default 50)")
     p.add_argument("--client-closes", action="store_true",
                    help="sessions: the client closes right after reading the echo, instead of "
                         "the echo server closing first (TIME_WAIT then piles up on ephemeral "
                         "ports; see README.rst)")
     p.add_argument("--idle-sessions", type=int,
                    help="sessions held open in the memory workload (default 2000)")
-    p.add_argument("--only", action="append", choices=["bulk", "sessions", "memory"],
+    p.add_argument("--soak-sessions", type=int,
+                   help="sessions through socksd in the soak, after the warm-up (default 100000)")
+    p.add_argument("--soak-warmup", type=int,
+                   help="soak warm-up sessions before the baseline reading (default 5000)")
+    p.add_argument("--iperf3-seconds", type=int, help="iperf3 -t per test (default 3)")
+    p.add_argument("--only", action="append", choices=WORKLOADS,
                    help="run only this workload (repeatable)")
     p.add_argument("--keep", action="store_true",
                    help="keep the temporary directory (configs, proxy logs) and print its path")
     args = p.parse_args(argv)
-    global WORKERS
     if args.workers != "auto" and not args.workers.isdigit():
         p.error('--workers takes a number or "auto"')
-    WORKERS = args.workers if args.workers.isdigit() else '"auto"'
-    quick = args.quick
-    if args.rounds is None:
-        args.rounds = 1 if quick else 3
-    if args.bulk_seconds is None:
-        args.bulk_seconds = 1.0 if quick else 3.0
-    if args.session_seconds is None:
-        args.session_seconds = 1.0 if quick else 3.0
-    if args.idle_sessions is None:
-        args.idle_sessions = 500 if quick else 2000
-    if args.rounds < 1 or args.rounds > 50:
-        p.error("--rounds must be 1..50")
-    for name in ("bulk_seconds", "session_seconds"):
-        if not 0.1 <= getattr(args, name) <= 60:
-            p.error(f"--{name.replace('_', '-')} must be 0.1..60")
-    if not 1 <= args.concurrency <= 5000:
-        p.error("--concurrency must be 1..5000")
-    if not 1 <= args.idle_sessions <= 50000:
-        p.error("--idle-sessions must be 1..50000")
-    args.only = set(args.only or ["bulk", "sessions", "memory"])
+    for name, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    checks = [("rounds", 1, 50), ("bulk_seconds", 0.1, 60), ("session_seconds", 0.1, 60),
+              ("streams", 1, 256), ("concurrency", 1, 5000), ("idle_sessions", 1, 50_000),
+              ("soak_sessions", SOAK_CHECKPOINTS, 10_000_000), ("soak_warmup", 1, 1_000_000),
+              ("iperf3_seconds", 1, 60)]
+    for name, lo, hi in checks:
+        if not lo <= getattr(args, name) <= hi:
+            p.error(f"--{name.replace('_', '-')} must be {lo:g}..{hi:g}")
+    args.only = [w for w in WORKLOADS if w in (args.only or WORKLOADS)]
+    if args.no_iperf3 and "iperf3" in args.only:
+        args.only.remove("iperf3")
     return args
 
 
@@ -129,6 +173,7 @@ class Via:
     name: str
     port: int | None = None          # SOCKS port; None = direct
     server: Server | None = None
+    workers: int = 0                 # socksd's worker processes (1: the twistd process)
 
     def pids(self) -> list[int]:
         return self.server.pids() if self.server else []
@@ -141,40 +186,55 @@ def find_twistd(args) -> str:
     return twistd
 
 
-def find_danted(args) -> str:
-    danted = args.danted or shutil.which("danted") or "/usr/sbin/danted"
-    if not os.access(danted, os.X_OK):
-        raise BenchError(f"danted not found ({danted}): install it with "
-                         "`apt-get install dante-server` (make bench does), or pass --no-dante")
-    return danted
+def socksd_name(workers: str) -> str:
+    return "socksd" if workers == "1" else f"socksd {workers}"
 
 
-def start_socksd(twistd: str, tmp: Path, echo_port: int, tag: str) -> Via:
+def start_socksd(twistd: str, tmp: Path, echo_port: int, tag: str, workers: str = "1") -> Via:
     """A fresh twistd socks; cwd is the temp dir so the *installed* socksd runs."""
-    config = tmp / "socksd.toml"
-    config.write_text(SOCKSD_CONFIG.format(workers=WORKERS))
+    config = tmp / f"socksd-{tag}.toml"
+    config.write_text(SOCKSD_CONFIG.format(workers=workers if workers.isdigit() else '"auto"'))
+    logfile = tmp / f"socksd-{tag}.log"
     last: BenchError | None = None
     for _ in range(3):  # a port can be taken between free_port() and bind
         port = free_port()
-        srv = Server("socksd", [twistd, "-n", "--pidfile=", "-l", str(tmp / f"socksd-{tag}.log"),
+        # Workers (workers > 1) log through twistd, into the same file.
+        srv = Server("socksd", [twistd, "-n", "--pidfile=", "-l", str(logfile),
                                 "socks", "--config", str(config),
                                 "--listen", f"tcp:{port}:interface=127.0.0.1"], cwd=tmp)
         try:
             wait_for_proxy(srv, port, echo_port)
-            return Via("socksd", port, srv)
+            return Via(socksd_name(workers), port, srv, wait_for_workers(srv, logfile))
         except BenchError as exc:
             srv.stop()
             last = exc
-    raise BenchError(f"{last}; see {tmp / f'socksd-{tag}.log'} (use --keep)")
+    raise BenchError(f"{last}; see {logfile} (use --keep)")
 
 
-def start_dante(danted: str, tmp: Path, echo_port: int, tag: str) -> Via:
+def wait_for_workers(srv: Server, logfile: Path, timeout: float = 20.0) -> int:
+    """How many processes serve: with workers > 1 twistd logs "(N workers)"
+    and supervises N children; wait until all N are there."""
+    found = re.search(r"\((\d+) workers\)", logfile.read_text())
+    if not found:
+        return 1
+    n = int(found.group(1))
+    deadline = time.monotonic() + timeout
+    while len(descendants(srv.pid)) < n:
+        if time.monotonic() > deadline:
+            raise BenchError(f"socksd logged {n} workers but {len(descendants(srv.pid))} "
+                             f"are running after {timeout:g} s")
+        time.sleep(0.1)
+    return n
+
+
+def start_dante(danted: str, tmp: Path, echo_port: int, tag: str, quiet: bool) -> Via:
     last: BenchError | None = None
     logfile = tmp / f"danted-{tag}.log"
     for _ in range(3):
         port = free_port()
         conf = tmp / f"danted-{tag}.conf"
-        conf.write_text(DANTE_CONFIG.format(log=logfile, port=port))
+        conf.write_text(DANTE_CONFIG.format(log=logfile, port=port,
+                                            session_log="" if quiet else DANTE_SESSION_LOG))
         check = subprocess.run([danted, "-V", "-f", str(conf)], capture_output=True, text=True,
                                timeout=30)
         if check.returncode != 0:
@@ -216,6 +276,9 @@ class Series:
     def hi(self, key: str) -> float:
         return max(s.value[key] for s in self.samples)
 
+    def total(self, key: str) -> float:
+        return sum(s.value[key] for s in self.samples)
+
     def per_cpu(self, key: str) -> float | None:
         """Median of value per proxy CPU-second (a proxy may use several cores)."""
         if self.samples[0].proxy_cpu is None:
@@ -228,35 +291,83 @@ class Series:
         return None if vals[0] is None else statistics.median(vals)
 
 
+Results = dict[str, Series]  # via name -> its samples, in the order measured
+
+
+@dataclass
+class Soak:
+    via: Via
+    warmup: int
+    baseline: Memory
+    checkpoints: list[tuple[int, Memory]]   # (sessions so far, memory then)
+    after: Memory                           # after the last session and a settle
+    runs: Series                            # one sample per checkpoint chunk
+
+    @property
+    def sessions(self) -> int:
+        return self.checkpoints[-1][0]
+
+    @property
+    def delta_kib(self) -> int:
+        return self.after.rss_kib - self.baseline.rss_kib
+
+    @property
+    def returned(self) -> bool:
+        return self.delta_kib <= SOAK_TOLERANCE_KIB
+
+
 class Bench:
     def __init__(self, args, tmp: Path, stack: contextlib.ExitStack) -> None:
         self.args = args
         self.tmp = tmp
         self.stack = stack
         self.twistd = find_twistd(args)
-        self.danted = None if args.no_dante else find_danted(args)
+        self.danted = None if args.no_dante else find_binary(
+            args.danted, "danted", "/usr/sbin/danted", "dante-server", "--no-dante")
+        if "iperf3" in args.only:
+            self.iperf3 = find_binary(args.iperf3, "iperf3", "/usr/bin/iperf3", "iperf3",
+                                      "--no-iperf3")
+            self.socksify = find_binary(args.socksify, "socksify", "/usr/bin/socksify",
+                                        "dante-client", "--no-iperf3")
         self.loadgen = build_loadgen(tmp)
-        # Plain echo for idle sessions and probes; echo-16-then-close for (b).
-        self.echo, self.echo_port = start_c_server(self.loadgen, ["echo"], tmp)
-        stack.callback(self.echo.stop)
-        self.echo16, self.echo16_port = start_c_server(self.loadgen, ["echo", "16"], tmp)
-        stack.callback(self.echo16.stop)
-        self.bulkd, self.bulk_port = start_c_server(self.loadgen, ["bulkd"], tmp)
-        stack.callback(self.bulkd.stop)
-        self.proxies: list[Via] = []
+        # Plain echo for idle sessions and probes; echo-16-then-close for (c).
+        self.echo, self.echo_port = self.c_server(["echo"])
+        self.echo16, self.echo16_port = self.c_server(["echo", "16"])
+        self.bulkd, self.bulk_port = self.c_server(["bulkd"])
+        self.proxies: dict[str, Via] = {}
+        self.iperf3_server: tuple[Server, int] | None = None
 
-    def start_proxies(self) -> list[Via]:
-        """socksd and Dante, kept running for the bulk and sessions workloads."""
-        if not self.proxies:
-            socksd = start_socksd(self.twistd, self.tmp, self.echo_port, "main")
-            self.stack.callback(socksd.server.stop)
-            self.proxies.append(socksd)
-            if self.danted:
-                dante = start_dante(self.danted, self.tmp, self.echo_port, "main")
-                self.stack.callback(dante.server.stop)
-                self.proxies.append(dante)
-        return self.proxies
+    def c_server(self, argv: list[str]) -> tuple[Server, int]:
+        srv, port = start_c_server(self.loadgen, argv, self.tmp)
+        self.stack.callback(srv.stop)
+        return srv, port
 
+    # -- the proxies
+    def start_proxy(self, kind: str, tag: str) -> Via:
+        """A fresh proxy: "Dante", or socksd with ``kind`` as [server] workers."""
+        if kind == "Dante":
+            return start_dante(self.danted, self.tmp, self.echo_port, tag, self.args.dante_quiet)
+        return start_socksd(self.twistd, self.tmp, self.echo_port, tag, kind)
+
+    def proxy(self, kind: str) -> Via:
+        """The proxy of this kind the rate workloads share, started once."""
+        if kind not in self.proxies:
+            via = self.start_proxy(kind, f"main-{kind}")
+            self.stack.callback(via.server.stop)
+            self.proxies[kind] = via
+        return self.proxies[kind]
+
+    def vias(self, *workers: str) -> list[Via]:
+        """direct, socksd with each of these workers settings, and Dante."""
+        socksds = [self.proxy(w) for w in dict.fromkeys(workers)]
+        return [Via("direct"), *socksds, *([self.proxy("Dante")] if self.danted else [])]
+
+    def vias_for_streams(self, streams: int) -> list[Via]:
+        """One stream is served by one process: socksd workers = 1. Several
+        are spread over the workers = --workers (auto) socksd's processes."""
+        return self.vias("1" if streams == 1 else self.args.workers)
+
+    # -- running and accounting
     def loadgen_run(self, argv: list[str], timeout: float) -> list[float]:
         proc = subprocess.run([str(self.loadgen), *argv], capture_output=True, text=True,
                               timeout=timeout)
@@ -277,9 +388,25 @@ class Bench:
         pct = lambda s: 100.0 * s / wall
         return Sample(value, pct(proxy) if via.server else None, pct(gen), pct(tgt), pct(others))
 
-    # -- (a) bulk
-    def bulk_once(self, via: Via, direction: str, seconds: float) -> Sample:
-        argv = ["bulk", direction, f"{seconds}", str(self.bulk_port)]
+    def interleave(self, what: str, vias: list[Via], once: Callable[[Via, float], Sample],
+                   show: Callable[[Sample], str], seconds: float,
+                   warmup: float | None) -> Results:
+        """A warm-up run per via (unless None), then ``--rounds`` rounds, each
+        running every via once, so drifting machine load hits all alike."""
+        if warmup is not None:
+            for via in vias:
+                once(via, warmup)
+        results = {v.name: Series() for v in vias}
+        for r in range(self.args.rounds):
+            for via in vias:
+                s = once(via, seconds)
+                results[via.name].samples.append(s)
+                log(f"  {what} {via.name:11} round {r + 1}/{self.args.rounds}: {show(s)}")
+        return results
+
+    # -- (a), (b) bulk
+    def bulk_once(self, via: Via, direction: str, streams: int, seconds: float) -> Sample:
+        argv = ["bulk", direction, f"{seconds}", str(streams), str(self.bulk_port)]
         if via.port:
             argv.append(str(via.port))
 
@@ -288,51 +415,40 @@ class Bench:
             return {"MiB/s": nbytes / secs / 2**20}, cpu
         return self.measure(via, self.bulkd, run)
 
-    def bulk(self) -> dict[tuple[str, str], Series]:
-        vias = [Via("direct")] + self.start_proxies()
-        results = {(d, v.name): Series() for d in ("upload", "download") for v in vias}
-        for d in ("up", "down"):
-            for via in vias:
-                self.bulk_once(via, d, 0.3)  # warm-up
-        for r in range(self.args.rounds):
-            for d, label in (("up", "upload"), ("down", "download")):
-                for via in vias:
-                    s = self.bulk_once(via, d, self.args.bulk_seconds)
-                    results[(label, via.name)].samples.append(s)
-                    log(f"  bulk {label:8} {via.name:6} round {r + 1}/{self.args.rounds}: "
-                        f"{s.value['MiB/s']:8.1f} MiB/s")
-        return results
+    def bulk(self, streams: int) -> dict[str, Results]:
+        """Direction ("upload", "download") -> results."""
+        vias = self.vias_for_streams(streams)
+        return {label: self.interleave(
+                    f"bulk x{streams} {label:8}", vias,
+                    lambda via, secs, d=d: self.bulk_once(via, d, streams, secs),
+                    lambda s: f"{s.value['MiB/s']:8.1f} MiB/s", self.args.bulk_seconds, 0.3)
+                for d, label in (("up", "upload"), ("down", "download"))}
 
-    # -- (b) sessions
-    def sessions_once(self, via: Via, seconds: float) -> Sample:
+    # -- (c) sessions
+    def sessions_once(self, via: Via, seconds: float, count: int = 0) -> Sample:
+        """Closed-loop sessions for ``seconds``, or until ``count`` (0: no bound)."""
         if self.args.client_closes:
             target, argv = self.echo, ["close", str(self.echo_port)]
         else:
             target, argv = self.echo16, ["eof", str(self.echo16_port)]
-        argv = ["sessions", f"{seconds}", str(self.args.concurrency), *argv]
+        argv = ["sessions", f"{seconds}", str(count), str(self.args.concurrency), *argv]
         if via.port:
             argv.append(str(via.port))
 
         def run():
-            count, secs, p50, p99, errors, cpu = self.loadgen_run(argv, timeout=seconds + 60)
-            return {"sessions/s": count / secs, "p50": p50, "p99": p99, "errors": errors}, cpu
+            n, secs, p50, p99, errors, cpu = self.loadgen_run(argv, timeout=seconds + 60)
+            return {"sessions": n, "sessions/s": n / secs, "p50": p50, "p99": p99,
+                    "errors": errors}, cpu
         return self.measure(via, target, run)
 
-    def sessions(self) -> dict[str, Series]:
-        vias = [Via("direct")] + self.start_proxies()
-        results = {v.name: Series() for v in vias}
-        for via in vias:
-            self.sessions_once(via, 0.5)  # warm-up
-        for r in range(self.args.rounds):
-            for via in vias:
-                s = self.sessions_once(via, self.args.session_seconds)
-                results[via.name].samples.append(s)
-                log(f"  sessions {via.name:6} round {r + 1}/{self.args.rounds}: "
-                    f"{s.value['sessions/s']:8.0f}/s p50 {s.value['p50']:.2f} ms "
-                    f"p99 {s.value['p99']:.2f} ms errors {s.value['errors']:.0f}")
-        return results
+    def sessions(self) -> Results:
+        return self.interleave(
+            "sessions", self.vias("1", self.args.workers), self.sessions_once,
+            lambda s: (f"{s.value['sessions/s']:8.0f}/s p50 {s.value['p50']:.2f} ms "
+                       f"p99 {s.value['p99']:.2f} ms errors {s.value['errors']:.0f}"),
+            self.args.session_seconds, 0.5)
 
-    # -- (c) memory
+    # -- (d) memory
     @contextlib.contextmanager
     def hold(self, via: Via, n: int):
         """``n`` sessions through ``via``, handshake done, 16 bytes echoed, idle."""
@@ -358,9 +474,7 @@ class Bench:
             proc.stderr.close()
 
     def memory_once(self, kind: str, tag: str) -> tuple[Memory, Memory]:
-        start = start_socksd if kind == "socksd" else start_dante
-        binary = self.twistd if kind == "socksd" else self.danted
-        via = start(binary, self.tmp, self.echo_port, tag)
+        via = self.start_proxy("1" if kind == "socksd" else kind, tag)
         try:
             with self.hold(via, 20):  # warm-up: first-use code paths and buffers
                 pass
@@ -387,6 +501,107 @@ class Bench:
                     f"{after.processes} processes")
         return results
 
+    # -- (e) soak
+    def soak_run(self, via: Via, count: int) -> Sample:
+        """Exactly ``count`` sessions (time-bounded generously)."""
+        sample = self.sessions_once(via, max(60.0, count / 200), count)
+        done = sample.value["sessions"] + sample.value["errors"]
+        if done < count:
+            raise BenchError(f"soak: only {done:.0f} of {count} sessions ended through "
+                             f"{via.name} in time")
+        return sample
+
+    def soak(self) -> Soak:
+        """A fresh socksd (workers = 1): warm-up, baseline RSS, the soak in
+        chunks with a reading after each, a settle, the final reading."""
+        via = self.start_proxy("1", "soak")
+        try:
+            self.soak_run(via, self.args.soak_warmup)
+            time.sleep(SOAK_SETTLE)
+            baseline = memory(via.pids())
+            log(f"  soak baseline after {self.args.soak_warmup} sessions: "
+                f"RSS {baseline.rss_kib} KiB")
+            runs, checkpoints, done = Series(), [], 0
+            for k in range(SOAK_CHECKPOINTS):
+                chunk = self.args.soak_sessions * (k + 1) // SOAK_CHECKPOINTS - done
+                runs.samples.append(self.soak_run(via, chunk))
+                done += chunk
+                checkpoints.append((done, memory(via.pids())))
+                log(f"  soak {done:7} sessions: {runs.samples[-1].value['sessions/s']:6.0f}/s, "
+                    f"RSS {checkpoints[-1][1].rss_kib} KiB")
+            time.sleep(SOAK_SETTLE)
+            return Soak(via, self.args.soak_warmup, baseline, checkpoints, memory(via.pids()),
+                        runs)
+        finally:
+            via.server.stop()
+
+    # -- (f) iperf3 through socksify
+    def iperf3_port(self) -> int:
+        """``iperf3 -s`` on 127.0.0.1, started once; it serves one test at a time."""
+        if self.iperf3_server is None:
+            port = free_port()
+            srv = Server("iperf3 -s", [self.iperf3, "-s", "-B", "127.0.0.1", "-p", str(port)],
+                         cwd=self.tmp)
+            self.stack.callback(srv.stop)
+            wait_listening(srv, port)
+            self.iperf3_server = (srv, port)
+        return self.iperf3_server[1]
+
+    def iperf3_client(self, via: Via, parallel: int, reverse: bool,
+                      seconds: int) -> tuple[list[str], dict | None]:
+        """argv and environment: plain iperf3 direct, under socksify via a proxy."""
+        argv = [self.iperf3, "-c", "127.0.0.1", "-p", str(self.iperf3_port()), "-t",
+                str(seconds), "-P", str(parallel), "-J", *(["-R"] if reverse else [])]
+        if not via.port:
+            return argv, None
+        conf = self.tmp / f"socks-{via.name.replace(' ', '-')}.conf"
+        conf.write_text(SOCKS_CONF.format(port=via.port))
+        # Without SOCKS_AUTOADD_LANROUTES=no libdsocks adds "direct" routes
+        # for local networks, and connections to 127.0.0.1 bypass the proxy.
+        env = {**os.environ, "SOCKS_CONF": str(conf), "SOCKS_AUTOADD_LANROUTES": "no"}
+        return [self.socksify, *argv], env
+
+    def iperf3_once(self, via: Via, parallel: int, reverse: bool, seconds: int) -> Sample:
+        argv, env = self.iperf3_client(via, parallel, reverse, seconds)
+
+        def run():
+            cpu0 = children_cpu()
+            proc = subprocess.run(argv, capture_output=True, text=True, env=env,
+                                  timeout=seconds + 60, cwd=self.tmp)
+            cpu = children_cpu() - cpu0
+            return {"Gbit/s": iperf3_received(proc, via.name) / 1e9}, cpu
+        sample = self.measure(via, self.iperf3_server[0], run)
+        if via.server and sample.proxy_cpu < ROUTED_CPU:
+            raise BenchError(f"iperf3 under socksify did not go through {via.name} (it used "
+                             f"{sample.proxy_cpu:.1f}% CPU): socksify does not intercept iperf3 "
+                             "here; check with SOCKS_DEBUG=1, or pass --no-iperf3")
+        return sample
+
+    def iperf3_tests(self) -> dict[tuple[int, str], Results]:
+        """(parallel streams, direction) -> results."""
+        out = {}
+        for parallel in dict.fromkeys((1, self.args.streams)):
+            vias = self.vias_for_streams(parallel)
+            for k, (reverse, label) in enumerate(((False, "upload"), (True, "download"))):
+                out[(parallel, label)] = self.interleave(
+                    f"iperf3 -P {parallel} {label:8}", vias,
+                    lambda via, secs, r=reverse, p=parallel: self.iperf3_once(via, p, r, secs),
+                    lambda s: f"{s.value['Gbit/s']:6.2f} Gbit/s",
+                    self.args.iperf3_seconds, 1 if k == 0 else None)
+        return out
+
+
+def iperf3_received(proc: subprocess.CompletedProcess, where: str) -> float:
+    """sum_received bits/s from ``iperf3 -J``'s output, or iperf3's own error."""
+    try:
+        result = json.loads(proc.stdout)
+    except ValueError:
+        result = {"error": (proc.stderr or proc.stdout).strip()[-500:]}
+    if proc.returncode != 0 or "error" in result:
+        raise BenchError(f"iperf3 via {where} failed (status {proc.returncode}): "
+                         f"{result.get('error')}")
+    return result["end"]["sum_received"]["bits_per_second"]
+
 
 # ---- report ----------------------------------------------------------------------
 
@@ -396,118 +611,136 @@ def fmt_cpu(v: float | None, limit: float | None = None) -> str:
     return f"{v:.0f}%" + ("!" if limit is not None and v > limit else "")
 
 
-def ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}x" if b else "n/a"
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a is not None and b else "n/a"
 
 
-def table(rows: list[list[str]], indent: str = "  ") -> str:
+def table(rows: list[list[str]], indent: str = "  ", left: int = 2) -> str:
+    """Rows of cells, the first the header; the first ``left`` columns flush left."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = []
     for k, r in enumerate(rows):
-        cells = [c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        cells = [c.ljust(w) if i < left else c.rjust(w)
+                 for i, (c, w) in enumerate(zip(r, widths))]
         out.append(indent + "  ".join(cells).rstrip())
         if k == 0:
             out.append(indent + "  ".join("-" * w for w in widths))
     return "\n".join(out)
 
 
-def environment(args, bench: Bench) -> str:
-    def version(dist: str) -> str:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return "?"
-    dante = "not run"
-    if bench.danted:
-        out = subprocess.run([bench.danted, "-v"], capture_output=True, text=True, timeout=10)
-        dante = (out.stdout or out.stderr).split("Copyright")[0].strip().rstrip(".")
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"{os.cpu_count()} CPUs, Linux {platform.release()}, load average {load}; "
-            f"Python {platform.python_version()}, Twisted {version('twisted')}, "
-            f"socksd {version('socksd')}; {dante}\n"
-            f"rounds: {args.rounds} (medians; range = min-max){' [--quick]' if args.quick else ''}")
+CPU_HEADS = ["proxy CPU", "client CPU", "target CPU", "other CPU"]
 
 
-def report_bulk(args, res: dict[tuple[str, str], Series], names: list[str]) -> str:
-    rows = [["direction", "via", "MiB/s", "range", "per proxy CPU-s", "proxy CPU", "client CPU",
-             "target CPU", "other CPU"]]
-    for d in ("upload", "download"):
-        for v in names:
-            s = res[(d, v)]
-            pc = s.per_cpu("MiB/s")
-            rows.append([d, v, f"{s.med('MiB/s'):.0f}", f"{s.lo('MiB/s'):.0f}-{s.hi('MiB/s'):.0f}",
-                         "-" if pc is None else f"{pc:.0f} MiB", fmt_cpu(s.cpu("proxy_cpu")), fmt_cpu(s.cpu("gen_cpu"), GEN_BUSY),
-                         fmt_cpu(s.cpu("target_cpu"), GEN_BUSY),
-                         fmt_cpu(s.cpu("others_cpu"), OTHERS_BUSY)])
-    lines = [f"(a) Bulk throughput, one CONNECT stream, {args.bulk_seconds:g} s per transfer, "
-             "1 MiB writes/reads (MiB/s = 2^20 bytes/s)", table(rows), ""]
-    for d in ("upload", "download"):
-        sd = res[(d, "socksd")].med("MiB/s")
-        parts = [f"socksd/direct {ratio(sd, res[(d, 'direct')].med('MiB/s'))}"]
-        if "Dante" in names:
-            parts.append(f"socksd/Dante {ratio(sd, res[(d, 'Dante')].med('MiB/s'))}")
-            parts.append("socksd/Dante per proxy CPU-s "
-                         + ratio(res[(d, "socksd")].per_cpu("MiB/s"), res[(d, "Dante")].per_cpu("MiB/s")))
-        lines.append(f"  {d:8}  " + "   ".join(parts))
+def cpu_cells(s: Series) -> list[str]:
+    return [fmt_cpu(s.cpu("proxy_cpu")), fmt_cpu(s.cpu("gen_cpu"), GEN_BUSY),
+            fmt_cpu(s.cpu("target_cpu"), GEN_BUSY), fmt_cpu(s.cpu("others_cpu"), OTHERS_BUSY)]
+
+
+def rate_cells(s: Series, key: str, digits: int = 0) -> list[str]:
+    """Median, min-max range, and per proxy CPU-second of ``key``."""
+    pc = s.per_cpu(key)
+    return [f"{s.med(key):.{digits}f}", f"{s.lo(key):.{digits}f}-{s.hi(key):.{digits}f}",
+            "-" if pc is None else f"{pc:.{digits}f}"]
+
+
+def socksd_of(res: Results) -> str:
+    """The socksd row of a rate workload (only one of them has several)."""
+    return next(name for name in res if name.startswith("socksd"))
+
+
+def med(res: Results, name: str, key: str) -> float | None:
+    return res[name].med(key) if name in res else None
+
+
+def ratio_line(res: Results, key: str, sd: str) -> str:
+    """socksd/direct, socksd/Dante and socksd/Dante per proxy CPU-second."""
+    parts = [f"{sd}/direct {ratio(med(res, sd, key), med(res, 'direct', key))}"]
+    if "Dante" in res:
+        parts.append(f"{sd}/Dante {ratio(med(res, sd, key), med(res, 'Dante', key))}")
+        parts.append(f"per proxy CPU-s {ratio(res[sd].per_cpu(key), res['Dante'].per_cpu(key))}")
+    return "   ".join(parts)
+
+
+def rate_report(title: list[str], groups: dict[str, Results], key: str, digits: int) -> str:
+    """A throughput table, a group of rows (direct, socksd, Dante) per label,
+    and the ratio lines under it."""
+    rows = [["", "via", key, "range", "per proxy CPU-s", *CPU_HEADS]]
+    for label, res in groups.items():
+        for name, s in res.items():
+            rows.append([label, name, *rate_cells(s, key, digits), *cpu_cells(s)])
+    lines = [*title, table(rows), ""]
+    width = max(len(label) for label in groups)
+    for label, res in groups.items():
+        lines.append(f"  {label:{width}}  {ratio_line(res, key, socksd_of(res))}")
     return "\n".join(lines)
 
 
-def report_sessions(args, res: dict[str, Series], names: list[str]) -> str:
+def report_bulk(args, res: dict[str, Results], streams: int) -> str:
+    what = ("one CONNECT stream" if streams == 1 else
+            f"{streams} parallel CONNECT streams, aggregate over all of them")
+    return rate_report(
+        [f"{'(a)' if streams == 1 else '(b)'} Bulk throughput, {what}, {args.bulk_seconds:g} s "
+         "per transfer, 1 MiB writes/reads (MiB/s = 2^20 bytes/s)"], res, "MiB/s", 0)
+
+
+def report_sessions(args, res: Results) -> str:
     rows = [["via", "", "sessions/s", "range", "per proxy CPU-s", "p50 ms", "p99 ms", "errors",
-             "proxy CPU", "gen CPU", "echo CPU", "other CPU"]]
-    for v in names:
-        s = res[v]
-        pc = s.per_cpu("sessions/s")
-        rows.append([v, "", f"{s.med('sessions/s'):.0f}",
-                     f"{s.lo('sessions/s'):.0f}-{s.hi('sessions/s'):.0f}",
-                     "-" if pc is None else f"{pc:.0f}",
-                     f"{s.med('p50'):.2f}", f"{s.med('p99'):.2f}",
-                     f"{sum(x.value['errors'] for x in s.samples):.0f}",
-                     fmt_cpu(s.cpu("proxy_cpu")), fmt_cpu(s.cpu("gen_cpu"), GEN_BUSY),
-                     fmt_cpu(s.cpu("target_cpu"), GEN_BUSY),
-                     fmt_cpu(s.cpu("others_cpu"), OTHERS_BUSY)])
+             *CPU_HEADS]]
+    for name, s in res.items():
+        rows.append([name, "", *rate_cells(s, "sessions/s"), f"{s.med('p50'):.2f}",
+                     f"{s.med('p99'):.2f}", f"{s.total('errors'):.0f}", *cpu_cells(s)])
     close = ("client closes right after the echo" if args.client_closes else
              "echo server closes after 16 bytes, proxy passes the EOF on, client closes")
-    lines = [f"(b) Sessions, {args.concurrency} concurrent clients, {args.session_seconds:g} s "
+    lines = [f"(c) Sessions, {args.concurrency} concurrent clients, {args.session_seconds:g} s "
              "per round: connect + greeting (none) + CONNECT + 16-byte echo + close",
              f"    ({close}; latency = socket() to close(); direct = the same without SOCKS)",
              table(rows), ""]
-    sd = res["socksd"]
-    if "Dante" in names:
-        dn = res["Dante"]
-        lines.append(f"  socksd/Dante  sessions/s {ratio(sd.med('sessions/s'), dn.med('sessions/s'))}"
-                     f"   per proxy CPU-s {ratio(sd.per_cpu('sessions/s'), dn.per_cpu('sessions/s'))}"
-                     f"   p50 latency {ratio(sd.med('p50'), dn.med('p50'))}"
-                     f"   p99 latency {ratio(sd.med('p99'), dn.med('p99'))}")
-    lines.append(f"  socksd/direct sessions/s "
-                 f"{ratio(sd.med('sessions/s'), res['direct'].med('sessions/s'))}")
-    for v in names:
-        errors = sum(x.value["errors"] for x in res[v].samples)
-        if errors:
-            lines.append(f"  WARNING: {errors:.0f} sessions failed via {v}: its numbers are not "
-                         "comparable (see its log with --keep;")
+    for sd in (name for name in res if name.startswith("socksd")):
+        for base in [b for b in ("Dante", "direct") if b in res]:
+            lines.append(f"  {sd + '/' + base:18} {sessions_vs(res[sd], res[base])}")
+    for name, s in res.items():
+        if s.total("errors"):
+            lines.append(f"  WARNING: {s.total('errors'):.0f} sessions failed via {name}: its "
+                         "numbers are not comparable (see its log with --keep;")
             lines.append("  Dante bind()s its outgoing sockets, so TIME_WAIT left on 127.0.0.1 "
                          "ports, e.g. by --client-closes, makes it fail)")
     return "\n".join(lines)
 
 
+def sessions_ratio(res: Results, sd: str, base: str) -> str:
+    return ratio(med(res, sd, "sessions/s"), med(res, base, "sessions/s"))
+
+
+def sessions_vs(mine: Series, base: Series) -> str:
+    """Rate, rate per proxy CPU-second (if base is a proxy) and latency ratios."""
+    parts = [f"sessions/s {ratio(mine.med('sessions/s'), base.med('sessions/s'))}"]
+    if base.per_cpu("sessions/s") is not None:
+        parts.append("per proxy CPU-s "
+                     + ratio(mine.per_cpu("sessions/s"), base.per_cpu("sessions/s")))
+    parts += [f"{p} latency {ratio(mine.med(p), base.med(p))}" for p in ("p50", "p99")]
+    return "   ".join(parts)
+
+
+def idle_kib(args, pairs: list[tuple[Memory, Memory]], attr: str = "pss_kib") -> list[float]:
+    return [(getattr(a, attr) - getattr(b, attr)) / args.idle_sessions for b, a in pairs]
+
+
 def report_memory(args, res: dict[str, list[tuple[Memory, Memory]]]) -> str:
-    n = args.idle_sessions
     rows = [["proxy", "", "processes", "PSS before", "PSS after", "KiB/session PSS", "range",
              "KiB/session RSS"]]
-    per = {}
     for kind, pairs in res.items():
-        pss = [(a.pss_kib - b.pss_kib) / n for b, a in pairs]
-        rss = [(a.rss_kib - b.rss_kib) / n for b, a in pairs]
-        per[kind] = statistics.median(pss)
+        pss = idle_kib(args, pairs)
         b, a = pairs[len(pairs) // 2]
         rows.append([kind, "", f"{b.processes}->{a.processes}", f"{b.pss_kib / 1024:.1f} MiB",
-                     f"{a.pss_kib / 1024:.1f} MiB", f"{per[kind]:.1f}",
-                     f"{min(pss):.1f}-{max(pss):.1f}", f"{statistics.median(rss):.1f}"])
-    lines = [f"(c) Memory per idle session: {n} CONNECT sessions open (handshake done, 16 bytes "
-             "relayed, idle); fresh proxy per round", table(rows), ""]
-    if "Dante" in per:
-        lines.append(f"  socksd/Dante  KiB per idle session (PSS) {ratio(per['socksd'], per['Dante'])}")
+                     f"{a.pss_kib / 1024:.1f} MiB", f"{statistics.median(pss):.1f}",
+                     f"{min(pss):.1f}-{max(pss):.1f}",
+                     f"{statistics.median(idle_kib(args, pairs, 'rss_kib')):.1f}"])
+    lines = [f"(d) Memory per idle session: {args.idle_sessions} CONNECT sessions open "
+             "(handshake done, 16 bytes relayed, idle); fresh proxy per round", table(rows), ""]
+    if "Dante" in res:
+        lines.append("  socksd/Dante  KiB per idle session (PSS) "
+                     + ratio(statistics.median(idle_kib(args, res["socksd"])),
+                             statistics.median(idle_kib(args, res["Dante"]))))
     lines += [
         "  PSS = sum of /proc/PID/smaps_rollup Pss over the proxy's processes (socksd: the one",
         "  twistd process; Dante: the mother and every child it forked). PSS divides a shared",
@@ -517,15 +750,172 @@ def report_memory(args, res: dict[str, list[tuple[Memory, Memory]]]) -> str:
     return "\n".join(lines)
 
 
+def report_soak(args, soak: Soak) -> str:
+    rows = [["reading", "", "soak sessions", "RSS KiB", "vs baseline KiB", "PSS KiB"]]
+    readings = [(f"baseline (after {SOAK_SETTLE:g} s settle)", 0, soak.baseline)]
+    readings += [("checkpoint", n, m) for n, m in soak.checkpoints]
+    readings.append((f"after {SOAK_SETTLE:g} s settle", soak.sessions, soak.after))
+    for label, n, m in readings:
+        rows.append([label, "", f"{n}", f"{m.rss_kib}",
+                     f"{m.rss_kib - soak.baseline.rss_kib:+d}", f"{m.pss_kib}"])
+    r = soak.runs
+    errors = r.total("errors")
+    verdict = "returned to baseline" if soak.returned else "did NOT return to baseline"
+    return "\n".join([
+        f"(e) Soak: {soak.sessions} sessions through one fresh socksd (workers = 1), "
+        f"{args.concurrency} concurrent clients, after {soak.warmup} warm-up sessions",
+        "    (sessions as in (c); RSS of the twistd process from /proc/PID/smaps_rollup)",
+        table(rows), "",
+        f"  baseline {soak.baseline.rss_kib} KiB, after {soak.after.rss_kib} KiB, "
+        f"delta {soak.delta_kib:+d} KiB ({soak.delta_kib * 1024 / soak.sessions:+.1f} bytes "
+        f"per session): {verdict}",
+        f"  criterion: after - baseline <= {SOAK_TOLERANCE_KIB} KiB (2 MiB, "
+        f"~{SOAK_TOLERANCE_KIB * 1024 / soak.sessions:.0f} bytes per session over "
+        f"{soak.sessions} sessions)",
+        f"  {r.med('sessions/s'):.0f} sessions/s (median of {len(r.samples)} chunks), "
+        f"p99 {r.med('p99'):.2f} ms, errors {errors:.0f}, "
+        f"socksd CPU {fmt_cpu(r.cpu('proxy_cpu'))}",
+    ])
+
+
+def report_iperf3(args, res: dict[tuple[int, str], Results]) -> str:
+    groups = {f"-P {p} {d}": r for (p, d), r in res.items()}
+    return rate_report(
+        [f"(f) iperf3 {args.iperf3_seconds} s tests (sum_received, Gbit/s = 10^9 bits/s): "
+         "iperf3 -c direct, and under Dante's socksify",
+         "    (libdsocks, preloaded) through socksd and Dante; download = iperf3 -R; "
+         "client CPU includes libdsocks'"], groups, "Gbit/s", 2)
+
+
+# ---- the summary of issue 7's targets ------------------------------------------
+
+@dataclass
+class Target:
+    line: str
+    socksd: str       # socksd's own figure
+    vs_dante: str
+    vs_direct: str
+    target: str
+    met: bool | None  # None: cannot tell (no Dante) or no target
+
+
+def verdict(met: bool | None) -> str:
+    return {True: "met", False: "MISSED", None: "-"}[met]
+
+
+def at_least(a: float | None, b: float | None, factor: float) -> bool | None:
+    return None if a is None or not b else a >= factor * b
+
+
+def rate_target(line: str, res: Results, key: str, digits: int, vs_dante: float | None,
+                vs_direct: float | None = None) -> Target:
+    sd = socksd_of(res)
+    mine, dante, direct = med(res, sd, key), med(res, "Dante", key), med(res, "direct", key)
+    checks = ([at_least(mine, dante, vs_dante)] if vs_dante else []) + \
+             ([at_least(mine, direct, vs_direct)] if vs_direct else [])
+    met = None if not checks or None in checks else all(checks)
+    target = ", ".join(([f">= {vs_dante:g}x Dante"] if vs_dante else []) +
+                        ([f">= {vs_direct:g}x direct"] if vs_direct else [])) or "(no target)"
+    return Target(f"{line} ({sd})", f"{mine:.{digits}f} {key}",
+                  ratio(mine, dante), ratio(mine, direct), target, met)
+
+
+def sessions_target(res: Results, sd: str) -> Target:
+    rate, p99 = med(res, sd, "sessions/s"), med(res, sd, "p99")
+    dante_rate, dante_p99 = med(res, "Dante", "sessions/s"), med(res, "Dante", "p99")
+    met = None if dante_rate is None else bool(at_least(rate, dante_rate, SESSIONS_VS_DANTE)
+                                               and p99 <= dante_p99)
+    return Target(f"sessions/s ({sd})", f"{rate:.0f}/s p99 {p99:.1f} ms",
+                  f"{ratio(rate, dante_rate)} (p99 {ratio(p99, dante_p99)})",
+                  sessions_ratio(res, sd, "direct"),
+                  f">= {SESSIONS_VS_DANTE:g}x Dante, p99 <= Dante's", met)
+
+
+def targets(args, results: dict) -> list[Target]:
+    out = []
+    for streams, key in ((1, "bulk"), (args.streams, "parallel")):
+        for label, res in results.get(key, {}).items():
+            line = f"bulk {'1 stream' if streams == 1 else f'{streams} streams'} {label}"
+            out.append(rate_target(line, res, "MiB/s", 0,
+                                   BULK_VS_DANTE if streams == 1 else PARALLEL_VS_DANTE,
+                                   BULK_VS_DIRECT if streams == 1 else None))
+    if "sessions" in results:
+        res = results["sessions"]
+        out += [sessions_target(res, sd) for sd in res if sd.startswith("socksd")]
+    if "memory" in results:
+        mem = results["memory"]
+        mine = statistics.median(idle_kib(args, mem["socksd"]))
+        dante = statistics.median(idle_kib(args, mem["Dante"])) if "Dante" in mem else None
+        out.append(Target("idle memory per session (socksd)", f"{mine:.1f} KiB",
+                          ratio(mine, dante), "-", f"<= {IDLE_KIB_PER_SESSION:g} KiB/session",
+                          mine <= IDLE_KIB_PER_SESSION))
+    if "soak" in results:
+        soak = results["soak"]
+        out.append(Target(f"soak {soak.sessions} sessions (socksd)",
+                          f"{soak.delta_kib:+d} KiB RSS", "-", "-",
+                          f"back to baseline (<= {SOAK_TOLERANCE_KIB // 1024} MiB over)",
+                          soak.returned))
+    for (parallel, label), res in results.get("iperf3", {}).items():
+        out.append(rate_target(f"iperf3 -P {parallel} {label}", res, "Gbit/s", 2, None))
+    return out
+
+
+def report_summary(args, results: dict) -> str:
+    rows = [["issue 7 target line", "socksd", "socksd/Dante", "socksd/direct", "target",
+             "result"]]
+    found = targets(args, results)
+    rows += [[t.line, t.socksd, t.vs_dante, t.vs_direct, t.target, verdict(t.met)]
+             for t in found]
+    judged = [t for t in found if t.met is not None]
+    missed = sum(not t.met for t in judged)
+    return "\n".join([
+        "Summary: issue 7's targets (medians of this run; the iperf3 lines are a cross-check "
+        "with no target)", table(rows, left=len(rows[0])), "",
+        f"  {len(judged) - missed} of {len(judged)} targets met" +
+        ("; without Dante the ratios to Dante cannot be judged" if args.no_dante else "")])
+
+
+def environment(args, bench: Bench) -> str:
+    def version(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "?"
+    dante = "Dante not run"
+    if bench.danted:
+        out = subprocess.run([bench.danted, "-v"], capture_output=True, text=True, timeout=10)
+        dante = (out.stdout or out.stderr).split("Copyright")[0].strip().rstrip(".")
+        dante += (", logging errors only (--dante-quiet)" if args.dante_quiet else
+                  ", logging one line per session (log: disconnect)")
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (f"{os.cpu_count()} CPUs, Linux {platform.release()}, load average {load}; "
+            f"Python {platform.python_version()}, Twisted {version('twisted')}, "
+            f"socksd {version('socksd')}; {dante}\n"
+            f"rounds: {args.rounds} (medians; range = min-max){' [--quick]' if args.quick else ''}")
+
+
+def workers_note(bench: Bench) -> str:
+    """Which socksd ran with how many worker processes (counted, not assumed)."""
+    parts = []
+    for kind, via in bench.proxies.items():
+        if kind == "Dante":
+            continue
+        setting = kind if kind.isdigit() else f'"{kind}"'
+        serving = (f"{via.workers} worker processes under the supervising twistd"
+                   if via.workers > 1 else "1 process (twistd)")
+        parts.append(f"{via.name} = [server] workers = {setting}: {serving}")
+    return "; ".join(parts)
+
+
 def notes() -> str:
     return "\n".join([
         "CPU columns: CPU seconds / wall seconds, 100% = one core, median of rounds (a proxy's",
         "includes its reaped children). 'per proxy CPU-s' = the rate divided by the proxy's CPU",
-        "use: Dante forks and can use both cores, socksd is one thread. 'other' = the",
-        "machine's busy CPU minus proxy, generator and target: other processes on this shared",
-        "machine, kernel threads, interrupts. '!' marks a generator or target above "
-        f"{GEN_BUSY:.0f}% (it may be",
-        f"the bottleneck) or 'other' above {OTHERS_BUSY:.0f}% (noise: numbers are less reliable).",
+        "use: Dante forks and socksd with workers > 1 runs several processes, so both can use",
+        "both cores. 'other' = the machine's busy CPU minus proxy, generator and target: other",
+        "processes on this shared machine, kernel threads, interrupts. '!' marks a generator or",
+        f"target above {GEN_BUSY:.0f}% (it may be the bottleneck) or 'other' above "
+        f"{OTHERS_BUSY:.0f}% (noise: numbers are less reliable).",
     ])
 
 
@@ -539,6 +929,29 @@ def _terminate(signum, frame):
     raise Terminated(signum)
 
 
+def run_workloads(args, bench: Bench) -> tuple[dict, list[str]]:
+    """Each selected workload: its results (for the summary) and its report."""
+    steps = {
+        "bulk": ("(a) bulk, one stream", lambda: bench.bulk(1),
+                 lambda r: report_bulk(args, r, 1)),
+        "parallel": (f"(b) bulk, {args.streams} streams", lambda: bench.bulk(args.streams),
+                     lambda r: report_bulk(args, r, args.streams)),
+        "sessions": ("(c) sessions", bench.sessions, lambda r: report_sessions(args, r)),
+        "memory": ("(d) memory per idle session", bench.memory,
+                   lambda r: report_memory(args, r)),
+        "soak": ("(e) soak", bench.soak, lambda r: report_soak(args, r)),
+        "iperf3": ("(f) iperf3 through socksify", bench.iperf3_tests,
+                   lambda r: report_iperf3(args, r)),
+    }
+    results, reports = {}, []
+    for name in args.only:
+        title, run, report = steps[name]
+        log(title)
+        results[name] = run()
+        reports.append(report(results[name]))
+    return results, reports
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
@@ -550,7 +963,6 @@ def main(argv: list[str]) -> int:
         raise BenchError(f"RLIMIT_NOFILE hard limit is {nofile}; {args.idle_sessions} idle "
                          f"sessions need about {need} descriptors in the proxy")
     tmp = Path(tempfile.mkdtemp(prefix="socksd-bench-"))
-    out = []
     with contextlib.ExitStack() as stack:
         if args.keep:
             log(f"temporary directory (kept): {tmp}")
@@ -559,21 +971,18 @@ def main(argv: list[str]) -> int:
         t0 = time.monotonic()
         bench = Bench(args, tmp, stack)
         header = environment(args, bench)
-        names = ["direct", "socksd"] + (["Dante"] if bench.danted else [])
-        if "bulk" in args.only:
-            log("(a) bulk throughput")
-            out.append(report_bulk(args, bench.bulk(), names))
-        if "sessions" in args.only:
-            log("(b) sessions")
-            out.append(report_sessions(args, bench.sessions(), names))
-        if "memory" in args.only:
-            log("(c) memory per idle session")
-            out.append(report_memory(args, bench.memory()))
+        results, reports = run_workloads(args, bench)
+        workers = workers_note(bench)
         elapsed = time.monotonic() - t0
-    print(f"socksd benchmarks: {header}\n")
-    print("\n\n".join(out))
+    print(f"socksd benchmarks: {header}")
+    if workers:
+        print(workers)
+    print()
+    print("\n\n".join(reports))
     print()
     print(notes())
+    print()
+    print(report_summary(args, results))
     print(f"total time {elapsed:.0f} s")
     return 0
 
