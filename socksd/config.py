@@ -374,8 +374,8 @@ def _guilty_key(message: str, table: dict[str, Any]) -> str | None:
         items = value if isinstance(value, list) else [value]
         if any(item is not None and repr(item) in message for item in items):
             return key
-    for key in ("users", "versions"):
-        if key in message:
+    for key in ("from", "to", "ports", "commands", "users", "versions"):
+        if message.startswith(f"{key} "):
             return key
     return None
 

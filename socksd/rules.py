@@ -321,6 +321,11 @@ def compile_rule(label: str, action: str, sources: Sequence[str] | None = None,
     """Build a rule from config strings; raises ValueError naming the bad value."""
     if action not in ("allow", "deny"):
         raise ValueError(f"action must be \"allow\" or \"deny\", not {action!r}")
+    for key, value in (("from", sources), ("to", destinations), ("ports", ports),
+                       ("commands", commands)):
+        if value is not None and len(value) == 0:
+            raise ValueError(f"{key} is empty: the rule could never match "
+                             f"(leave {key} out to match any)")
     compiled_sources = None
     if sources is not None:
         compiled_sources = tuple(_network(s) for s in sources)

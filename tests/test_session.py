@@ -583,6 +583,20 @@ def test_connect_name_resolution_timeout_with_default_limits():
     assert client.closing
 
 
+def test_connect_with_no_time_left_gets_ttl_expired():
+    """A connect_timeout smaller than the clock's resolution leaves no time at
+    all: the client still gets its reply (0x06), not a dropped connection."""
+    factory, reactor = make_factory(limits=Limits(connect_timeout=1e-7))
+    reactor.advance(1.7e9)   # now + 1e-7 == now in floating point
+    client = Client(factory, False)
+    client.send(GREETING_NONE)
+    client.take()
+    client.send(CONNECT_IP)
+    assert client.take() == failure_reply(0x06)
+    assert client.closing
+    assert reactor.tcpClients == []
+
+
 def test_connect_name_tries_next_address():
     factory, reactor = make_factory()
     client = Client(factory, False)

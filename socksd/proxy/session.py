@@ -418,8 +418,8 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         """Try the addresses in resolver order until one connects."""
         remaining = deadline - self.server.reactor.seconds()
         if not hosts or remaining <= 0:
-            return last if last is not None else Failure(
-                connect.ConnectFailed(connect.TIMEOUT, "no time left to connect"))
+            return defer.fail(last if last is not None else
+                              connect.ConnectFailed(connect.TIMEOUT, "no time left to connect"))
         d = connect.connect_tcp(self.server.reactor, hosts[0], port, remaining)
 
         def next_address(failure: Failure):
