@@ -106,6 +106,40 @@ def test_worker_logs_reach_the_twistd_log_file(tmp_path, http_server):
         process.wait(20)
 
 
+def _refused_session(port: int, closed_port: int) -> None:
+    """A session that ends at once, with a log line: CONNECT to a closed port."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"\x05\x01\x00")
+        assert s.recv(2) == b"\x05\x00"
+        s.sendall(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1")
+                  + closed_port.to_bytes(2, "big"))
+        assert s.recv(10)[:2] == b"\x05\x05"
+
+
+def test_a_stalled_supervisor_never_blocks_the_workers(socks_server):
+    """Workers log through the supervisor, but never wait for it: while it is
+    stopped (its log sink stalled, say) they go on serving and drop what does
+    not fit their buffer, then say how much was dropped."""
+    server = socks_server("[server]\nworkers = 2\n")
+    _wait_for(lambda: len(_worker_pids(server.process.pid)) == 2)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))   # bound, not listening: connections are refused
+    try:
+        closed_port = closed.getsockname()[1]
+        _refused_session(server.port, closed_port)
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            # Far more log records than the channel's socket and buffer hold.
+            for _ in range(1500):
+                _refused_session(server.port, closed_port)
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+    finally:
+        closed.close()
+    server.wait_for_log(r"w\d \d+ log events dropped: the supervisor did not read them in time")
+    server.wait_for_log(r"\] w\d 127\.0\.0\.1:\d+ socks5 .* connection refused")
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:

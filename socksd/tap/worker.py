@@ -7,12 +7,66 @@ import argparse
 import json
 import os
 import socket
-import sys
+
+from zope.interface import implementer
 
 from twisted.cred import strcred
-from twisted.logger import globalLogBeginner, jsonFileLogObserver
+from twisted.internet import protocol
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import ILogObserver, Logger, eventAsJSON, globalLogBeginner
 
 from socksd.proxy import session
+from socksd.tap.workers import FAILURE_MESSAGE, RECORD_SEPARATOR
+
+log = Logger(namespace="socksd")
+
+
+@implementer(ILogObserver, IPushProducer)
+class LogChannel(protocol.Protocol):
+    """The worker's log, to the supervisor: each event as a JSON record on
+    the socket the supervisor passed as fd 1.
+
+    Writes never block the reactor: when the supervisor stops reading (its
+    own log sink stalls, it is stopped) and Twisted's write buffer fills,
+    records are dropped and counted until it catches up. When the supervisor
+    is gone, so is the worker.
+    """
+
+    paused = False
+    dropped = 0
+
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(self, True)
+
+    def __call__(self, event: dict) -> None:
+        if self.paused or not self.connected:
+            self.dropped += 1
+            return
+        failure = event.get("log_failure")
+        if failure is not None:
+            event = dict(event)
+            event[FAILURE_MESSAGE] = failure.getErrorMessage()
+        self.transport.write(RECORD_SEPARATOR + eventAsJSON(event).encode("utf-8") + b"\n")
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if self.dropped:
+            dropped, self.dropped = self.dropped, 0
+            log.warn("w{worker} {dropped} log events dropped: the supervisor did not read "
+                     "them in time", worker=session.WORKER, dropped=dropped)
+
+    def stopProducing(self) -> None:
+        pass
+
+    def connectionLost(self, reason=None) -> None:
+        from twisted.internet import reactor
+
+        self.connected = False
+        if reactor.running:
+            reactor.stop()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,9 +84,13 @@ def main(argv: list[str] | None = None) -> None:
 
     from socksd.tap import socks as socks_tap
 
-    # Every event goes to the supervisor, which logs it where twistd logs.
-    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout)],
-                                     redirectStandardIO=False)
+    # Every event goes to the supervisor, which logs it where twistd logs;
+    # stray writes to stdout (print in a plugin) go to stderr instead.
+    channel = LogChannel()
+    reactor.adoptStreamConnection(1, socket.AF_UNIX, protocol.Factory.forProtocol(
+        lambda: channel))
+    os.dup2(2, 1)
+    globalLogBeginner.beginLoggingTo([channel], redirectStandardIO=False)
     session.WORKER = args.index
     checkers = [strcred.makeChecker(description) for description in args.auth]
     cfg, checkers = socks_tap.build(args.config, [], checkers)

@@ -10,9 +10,10 @@ the same config and adopting its sockets. A worker that dies is restarted on
 the same sockets (connections queued meanwhile wait for it); stopping the
 supervisor stops them all.
 
-A worker's log events come back to the supervisor as JSON records on its
-stdout and are published here, so they reach whatever twistd logs to
-(``-l FILE``, ``--syslog``, stdout) like the supervisor's own.
+A worker's log events come back to the supervisor as JSON records over a
+socket pair (the worker's fd 1) and are published here, so they reach
+whatever twistd logs to (``-l FILE``, ``--syslog``, stdout) like the
+supervisor's own. The worker never blocks on it (see socksd.tap.worker).
 
 Limits are per worker: each enforces max_sessions and max_sessions_per_client
 divided by N (rounded up, so no worker gets 0), so the totals hold, give or
@@ -45,6 +46,8 @@ STOP_TIMEOUT = 10.0
 # send without ending a record (a session's record is well under 2 KiB).
 RECORD_SEPARATOR = b"\x1e"
 MAX_RECORD = 1 << 20
+# The event key carrying a logged failure's message (see _WorkerLog.publish).
+FAILURE_MESSAGE = "socksd_failure_message"
 
 
 def bind_reuseport(family: int, host: str, port: int, backlog: int) -> socket.socket:
@@ -57,17 +60,16 @@ def bind_reuseport(family: int, host: str, port: int, backlog: int) -> socket.so
     return sock
 
 
-class _Worker(protocol.ProcessProtocol):
-    def __init__(self, supervisor: WorkersService, index: int) -> None:
-        self.supervisor = supervisor
+class _WorkerLog(protocol.Protocol):
+    """The supervisor's end of a worker's log channel: RS JSON NL records
+    (jsonFileLogObserver's format; JSON text has no raw newline), each
+    published as our own event."""
+
+    def __init__(self, index: int) -> None:
         self.index = index
-        self.started = time.monotonic()
-        self.ended = defer.Deferred()
         self.pending = b""
 
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        """Log records from the worker (RS JSON NL each; JSON text has no raw
-        newline): publish each as our own event."""
+    def dataReceived(self, data: bytes) -> None:
         records = (self.pending + data).split(b"\n")
         self.pending = records.pop()
         if len(self.pending) > MAX_RECORD:
@@ -75,21 +77,53 @@ class _Worker(protocol.ProcessProtocol):
                       index=self.index, limit=MAX_RECORD)
             self.pending = b""
         for record in records:
-            record = record.lstrip(RECORD_SEPARATOR)
-            if record:
-                self._publish(record)
+            start = record.rfind(RECORD_SEPARATOR)
+            if start >= 0:
+                self.publish(record[start + 1:])
+            elif record.strip():
+                log.error("worker {index}: not a log record: {record!r}",
+                          index=self.index, record=record[:200])
 
-    def _publish(self, record: bytes) -> None:
+    def publish(self, record: bytes) -> None:
         try:
             event = eventFromJSON(record.decode("utf-8"))
-        except ValueError:
+        except Exception:
+            event = None
+        if not isinstance(event, dict):
             log.error("worker {index}: unreadable log record {record!r}",
                       index=self.index, record=record[:200])
             return
+        failure, message = event.get("log_failure"), event.pop(FAILURE_MESSAGE, None)
+        if failure is not None and message is not None:
+            # JSON keeps a failure's type and frames but not its exception
+            # object; the worker sent the message alongside.
+            failure.value = message
         globalLogPublisher(event)
 
+    def connectionLost(self, reason=None) -> None:
+        if self.pending.strip():
+            log.warn("worker {index}: its last log record was cut short", index=self.index)
+        self.pending = b""
+
+
+class _WorkerLogFactory(protocol.Factory):
+    noisy = False
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def buildProtocol(self, addr) -> _WorkerLog:
+        return _WorkerLog(self.index)
+
+
+class _Worker(protocol.ProcessProtocol):
+    def __init__(self, supervisor: WorkersService, index: int) -> None:
+        self.supervisor = supervisor
+        self.index = index
+        self.started = time.monotonic()
+        self.ended = defer.Deferred()
+
     def processEnded(self, reason) -> None:
-        self.pending = b""   # a record cut short by the worker's death
         self.ended.callback(None)
         self.supervisor.worker_ended(self, reason)
 
@@ -135,7 +169,8 @@ class WorkersService(service.Service):
         if self.stopping:
             return
         sockets = self.sockets[index]
-        child_fds = {0: "r", 1: "r", 2: 2}   # 1: its log records (see _Worker)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        child_fds = {0: "r", 1: theirs.fileno(), 2: 2}   # 1: its log channel
         fds = []
         for number, (sock, (family, _h, _p, _b, haproxy)) in enumerate(
                 zip(sockets, self.listeners), start=3):
@@ -147,8 +182,15 @@ class WorkersService(service.Service):
                 "--workers", str(self.count), "--fds", json.dumps(fds), *self.worker_args]
         worker = _Worker(self, index)
         self.workers[index] = worker
-        self.reactor.spawnProcess(worker, sys.executable, args, env=os.environ,
-                                  childFDs=child_fds)
+        try:
+            self.reactor.spawnProcess(worker, sys.executable, args, env=os.environ,
+                                      childFDs=child_fds)
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX,
+                                           _WorkerLogFactory(index))
+        ours.close()  # Twisted made its own copy of the descriptor
         log.info("worker {index} started (pid {pid})", index=index,
                  pid=worker.transport.pid if worker.transport else "?")
 
