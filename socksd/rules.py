@@ -247,6 +247,13 @@ def _first(mask: int) -> int:
     return (mask & -mask).bit_length() - 1
 
 
+# Up to this many rules are decided through the bit-mask index. Its masks
+# are as long as the rule list, one per selector range, so its memory grows
+# with the square of the rule count (about 27 MiB at 10,000 rules, 195 MiB at
+# 30,000); longer lists are scanned in order instead (about 1.3 us a rule).
+INDEX_MAX_RULES = 10000
+
+
 class RuleSet:
     """An ordered list of rules; the first that matches decides."""
 
@@ -254,8 +261,8 @@ class RuleSet:
 
     def __init__(self, rules: Iterable[Rule]) -> None:
         self.rules: tuple[Rule, ...] = tuple(rules)
-        self._index = _Index(self.rules)
         self._decisions = tuple(Decision(rule.allows, rule) for rule in self.rules)
+        self._index = _Index(self.rules) if len(self.rules) <= INDEX_MAX_RULES else None
 
     def __len__(self) -> int:
         return len(self.rules)
@@ -269,6 +276,9 @@ class RuleSet:
         the address it resolved to, so network rules apply to names too.
         """
         index = self._index
+        if index is None:
+            return self._scan_decide(client, user, command, port, name, address,
+                                     version=version, verified=verified)
         mask = index.request(client, user, command, version, verified) & index.ports(port)
         if mask:
             mask &= index.destination(name, address)
@@ -283,6 +293,9 @@ class RuleSet:
         early spares a DNS lookup for requests that are denied anyway.
         """
         index = self._index
+        if index is None:
+            return self._scan_decide_name(client, user, command, port, name,
+                                          version=version, verified=verified)
         mask = index.request(client, user, command, version, verified) & index.ports(port)
         by_name = mask & index.destination(name, None)
         mask &= by_name | index.has_networks
@@ -296,8 +309,47 @@ class RuleSet:
         """Could some destination be allowed? (For UDP ASSOCIATE, whose
         destinations come later, one per datagram.)"""
         index = self._index
+        if index is None:
+            return self._scan_could_allow(client, user, command, version=version,
+                                          verified=verified)
         mask = index.request(client, user, command, version, verified) & index.ends_search
         return bool(mask) and bool(index.allows >> _first(mask) & 1)
+
+
+    # The same decisions by scanning the rules in order (Rule.matches_*).
+
+    def _scan_decide(self, client: IPAddress, user: str | None, command: str, port: int,
+                     name: str | None = None, address: IPAddress | None = None, *,
+                     version: int = 5, verified: bool = False) -> Decision:
+        for i, rule in enumerate(self.rules):
+            if rule.matches_request(client, user, command, port, version, verified) and \
+                    rule.matches_destination(name, address):
+                return self._decisions[i]
+        return _NO_MATCH
+
+    def _scan_decide_name(self, client: IPAddress, user: str | None, command: str, port: int,
+                          name: str, *, version: int = 5,
+                          verified: bool = False) -> Decision | None:
+        for i, rule in enumerate(self.rules):
+            if not rule.matches_request(client, user, command, port, version, verified):
+                continue
+            if rule.matches_destination(name, None):
+                return self._decisions[i]
+            if rule.networks:
+                return None
+        return _NO_MATCH
+
+    def _scan_could_allow(self, client: IPAddress, user: str | None, command: str, *,
+                          version: int = 5, verified: bool = False) -> bool:
+        for rule in self.rules:
+            if not rule.matches_request(client, user, command, rule_port(rule), version,
+                                        verified):
+                continue
+            if rule.allows:
+                return True
+            if rule.any_destination and rule.ports is None:
+                return False   # denies every destination: nothing after it matters
+        return False
 
 
 def rule_port(rule: Rule) -> int:

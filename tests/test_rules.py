@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import ipaddress
 import random
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from socksd import rules as rules_module
 from socksd.rules import COMMANDS, RuleSet, compile_rule, default_rules, parse_ip, rule_port
 
 CLIENT = parse_ip("192.0.2.10")
@@ -359,6 +361,17 @@ requests = st.fixed_dictionaries({
 })
 
 
+def build(rules, path: str) -> RuleSet:
+    """A RuleSet deciding by the bit-mask index, or by the in-order scan it
+    falls back to for very long rule lists."""
+    limit = rules_module.INDEX_MAX_RULES if path == "index" else -1
+    with mock.patch.object(rules_module, "INDEX_MAX_RULES", limit):
+        return RuleSet(rules)
+
+
+both_paths = pytest.mark.parametrize("path", ["index", "scan"])
+
+
 def reference(rules, r, name, address):
     for rule in rules:
         if rule.matches_request(r["client"], r["user"], r["command"], r["port"], r["version"],
@@ -367,21 +380,23 @@ def reference(rules, r, name, address):
     return None
 
 
+@both_paths
 @settings(max_examples=400)
 @given(rulesets(), requests, st.one_of(st.none(), st.sampled_from(_NAMES)),
        st.one_of(st.none(), st.sampled_from(_ADDRESSES).map(parse_ip)))
-def test_index_decides_like_first_match(rules, r, name, address):
-    decision = RuleSet(rules).decide(r["client"], r["user"], r["command"], r["port"], name,
+def test_index_decides_like_first_match(path, rules, r, name, address):
+    decision = build(rules, path).decide(r["client"], r["user"], r["command"], r["port"], name,
                                      address, version=r["version"], verified=r["verified"])
     expected = reference(rules, r, name, address)
     assert decision.rule is expected
     assert decision.allowed == (expected is not None and expected.allows)
 
 
+@both_paths
 @settings(max_examples=400)
 @given(rulesets(), requests, st.sampled_from(_NAMES))
-def test_index_decide_name_like_first_match(rules, r, name):
-    got = RuleSet(rules).decide_name(r["client"], r["user"], r["command"], r["port"], name,
+def test_index_decide_name_like_first_match(path, rules, r, name):
+    got = build(rules, path).decide_name(r["client"], r["user"], r["command"], r["port"], name,
                                      version=r["version"], verified=r["verified"])
     for rule in rules:
         if not rule.matches_request(r["client"], r["user"], r["command"], r["port"],
@@ -396,10 +411,11 @@ def test_index_decide_name_like_first_match(rules, r, name):
     assert got is not None and got.rule is None and not got.allowed
 
 
+@both_paths
 @settings(max_examples=400)
 @given(rulesets(), requests)
-def test_index_could_allow_like_first_match(rules, r):
-    got = RuleSet(rules).could_allow(r["client"], r["user"], r["command"],
+def test_index_could_allow_like_first_match(path, rules, r):
+    got = build(rules, path).could_allow(r["client"], r["user"], r["command"],
                                      version=r["version"], verified=r["verified"])
     expected = False
     for rule in rules:
