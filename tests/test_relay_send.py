@@ -11,7 +11,7 @@ import pytest
 
 from twisted.internet import tcp
 from twisted.internet.protocol import Protocol
-from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from socksd import relay
 
@@ -21,7 +21,7 @@ def pair():
     a, b = socket.socketpair()
     a.setblocking(False)
     b.settimeout(5)
-    reactor = MemoryReactor()
+    reactor = MemoryReactorClock()
     transport = tcp.Server(a, Protocol(), ("127.0.0.1", 40000), None, 1, reactor)
     yield transport, b, reactor
     a.close()
@@ -106,6 +106,15 @@ def test_closing_transport_goes_the_normal_way(pair):
     transport, peer, reactor = pair
     transport.loseConnection()
     relay.send(transport, b"late")
+    peer.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        peer.recv(100)
+
+
+def test_aborted_transport_sends_nothing(pair):
+    transport, peer, reactor = pair
+    transport.abortConnection()   # closes on the next reactor turn
+    relay.send(transport, b"after abort")
     peer.setblocking(False)
     with pytest.raises(BlockingIOError):
         peer.recv(100)

@@ -246,7 +246,7 @@ class _Connecting:
             self.sock.close()
             self.sock = None
         reason = _ERRNO_REASONS.get(code, FAILED)
-        message = message or os.strerror(code)
+        message = message or (os.strerror(code) if code else "connection failed")
         self.deferred.errback(ConnectFailed(reason, f"{_text(self.address)}: {message}"))
 
     def _timed_out(self, timeout: float) -> None:
