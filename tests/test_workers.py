@@ -44,16 +44,19 @@ def _wait_for(predicate, timeout=15.0):
     raise AssertionError("timed out")
 
 
-def _session(port: int, http_port: int) -> None:
+def _session(port: int, dest_port: int, reply: int = 0x00) -> None:
+    """A SOCKS5 CONNECT to 127.0.0.1:dest_port answered with ``reply``; once
+    connected (to an HTTP server), one GET read to its end."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(b"\x05\x01\x00")
         assert s.recv(2) == b"\x05\x00"
         s.sendall(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1")
-                  + http_port.to_bytes(2, "big"))
-        assert s.recv(10)[:2] == b"\x05\x00"
-        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
-        while s.recv(65536):
-            pass
+                  + dest_port.to_bytes(2, "big"))
+        assert s.recv(10)[:2] == bytes((5, reply))
+        if reply == 0x00:
+            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            while s.recv(65536):
+                pass
 
 
 def test_workers_serve_restart_and_stop(socks_server, http_server):
@@ -106,16 +109,6 @@ def test_worker_logs_reach_the_twistd_log_file(tmp_path, http_server):
         process.wait(20)
 
 
-def _refused_session(port: int, closed_port: int) -> None:
-    """A session that ends at once, with a log line: CONNECT to a closed port."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(b"\x05\x01\x00")
-        assert s.recv(2) == b"\x05\x00"
-        s.sendall(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1")
-                  + closed_port.to_bytes(2, "big"))
-        assert s.recv(10)[:2] == b"\x05\x05"
-
-
 def test_a_stalled_supervisor_never_blocks_the_workers(socks_server):
     """Workers log through the supervisor, but never wait for it: while it is
     stopped (its log sink stalled, say) they go on serving and drop what does
@@ -126,12 +119,12 @@ def test_a_stalled_supervisor_never_blocks_the_workers(socks_server):
     closed.bind(("127.0.0.1", 0))   # bound, not listening: connections are refused
     try:
         closed_port = closed.getsockname()[1]
-        _refused_session(server.port, closed_port)
+        _session(server.port, closed_port, reply=0x05)
         os.kill(server.process.pid, signal.SIGSTOP)
         try:
             # Far more log records than the channel's socket and buffer hold.
             for _ in range(1500):
-                _refused_session(server.port, closed_port)
+                _session(server.port, closed_port, reply=0x05)
         finally:
             os.kill(server.process.pid, signal.SIGCONT)
     finally:
