@@ -26,6 +26,11 @@ TIMEOUT = "timed out"
 FAILED = "general failure"
 
 
+def host_port(host: str, port: int) -> str:
+    """``host:port``, an IPv6 address in brackets, as logs and errors show it."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class ConnectFailed(Exception):
     """A CONNECT that could not be carried out; ``reason`` is one of the above."""
 
@@ -237,7 +242,7 @@ class _Connecting:
             self.reactor.adoptStreamConnection(sock.fileno(), sock.family, factory)
         except OSError as e:  # the peer is already gone (getpeername: ENOTCONN)
             factory.deferred = None
-            self.deferred.errback(ConnectFailed(FAILED, f"{_text(self.address)}: {e.strerror}"))
+            self._fail(e.errno, e.strerror)
         finally:
             sock.close()
 
@@ -247,15 +252,12 @@ class _Connecting:
             self.sock = None
         reason = _ERRNO_REASONS.get(code, FAILED)
         message = message or (os.strerror(code) if code else "connection failed")
-        self.deferred.errback(ConnectFailed(reason, f"{_text(self.address)}: {message}"))
+        self.deferred.errback(ConnectFailed(reason, f"{host_port(*self.address)}: {message}"))
 
     def _timed_out(self, timeout: float) -> None:
         self.timer = None
         self._stop()
-        self.sock.close()
-        self.sock = None
-        self.deferred.errback(ConnectFailed(TIMEOUT, f"{_text(self.address)}: "
-                                                     f"no answer in {timeout:g} s"))
+        self._fail(errno.ETIMEDOUT, f"no answer in {timeout:g} s")
 
     def _cancel(self, _d) -> None:
         if self.sock is not None:
@@ -264,6 +266,3 @@ class _Connecting:
             self.sock = None
 
 
-def _text(address: tuple[str, int]) -> str:
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

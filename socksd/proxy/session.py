@@ -105,13 +105,7 @@ def _address(addr) -> str:
     host = getattr(addr, "host", None)
     if host is None:
         return str(getattr(addr, "name", None) or "unix")
-    if ":" in host:
-        return f"[{host}]:{addr.port}"
-    return f"{host}:{addr.port}"
-
-
-def _destination(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return connect.host_port(host, addr.port)
 
 
 _LOCAL = parse_ip("127.0.0.1")
@@ -356,7 +350,7 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
 
     def _request(self, command: str, host: str, port: int) -> None:
         self.command = command
-        self.destination = _destination(host, port)
+        self.destination = connect.host_port(host, port)
         # The handshake is over; from here the command's own timeouts bound
         # the wait, so the client gets the proper failure reply.
         self.setTimeout(None)
