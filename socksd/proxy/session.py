@@ -433,8 +433,10 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         self.fail("denied" if failed.reason == connect.DENIED else f"{self.command} failed",
                   str(failed))
 
-    def start_relay(self, outbound: connect.Outbound, early: bytes = b"") -> None:
-        """The reply is written: from now on bytes flow both ways."""
+    def start_relay(self, outbound: connect.Outbound, reply: bytes, early: bytes = b"") -> None:
+        """Write the handshake's last reply; from then on bytes flow both
+        ways, starting with ``early`` (what the client sent before it)."""
+        relay.send(self.transport, reply)
         self.pending = None
         self.handler = None
         self.outbound = outbound

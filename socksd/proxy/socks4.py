@@ -11,7 +11,6 @@ from twisted.internet.defer import CancelledError
 
 from socksd.auth import ANONYMOUS, User
 from socksd.ident import client as ident_client
-from socksd.relay import send
 from socksd.wire import WireError, socks4
 
 if TYPE_CHECKING:
@@ -148,20 +147,21 @@ class Socks4Handshake:
                                            str(failure.value))
 
     def _connected(self, outbound) -> None:
-        bound = outbound.transport.getHost()
-        send(self.transport, socks4.encode_reply(socks4.GRANTED, bound.host, bound.port))
-        early, self.buffer = self.buffer, b""
-        self.session.start_relay(outbound, early)
+        self._relay(outbound, outbound.transport.getHost())
 
     def _bound(self, waiter) -> None:
         self.transport.write(socks4.encode_reply(socks4.GRANTED, *waiter.bound))
         waiter.accepted.addCallbacks(self._bind_accepted, self._connect_failed)
 
     def _bind_accepted(self, incoming) -> None:
-        peer = incoming.transport.getPeer()
-        self.transport.write(socks4.encode_reply(socks4.GRANTED, peer.host, peer.port))
+        self._relay(incoming, incoming.transport.getPeer())
+
+    def _relay(self, end, address) -> None:
+        """The last reply names ``address``; then relay, passing on what the
+        client sent early."""
         early, self.buffer = self.buffer, b""
-        self.session.start_relay(incoming, early)
+        self.session.start_relay(
+            end, socks4.encode_reply(socks4.GRANTED, address.host, address.port), early)
 
     def _connect_failed(self, failure) -> None:
         if failure.check(CancelledError):

@@ -130,10 +130,7 @@ class Socks5Handshake:
             self.session.fail("command not supported", self.session.command)
 
     def _connected(self, outbound) -> None:
-        bound = outbound.transport.getHost()
-        send(self.transport, socks5.encode_reply(socks5.SUCCEEDED, bound.host, bound.port))
-        early, self.buffer = self.buffer, b""
-        self.session.start_relay(outbound, early)
+        self._relay(outbound, outbound.transport.getHost())
 
     def _bound(self, waiter) -> None:
         """First BIND reply: where the client's peer should connect."""
@@ -142,10 +139,14 @@ class Socks5Handshake:
 
     def _bind_accepted(self, incoming) -> None:
         """Second BIND reply: who connected; then relay."""
-        peer = incoming.transport.getPeer()
-        self.transport.write(socks5.encode_reply(socks5.SUCCEEDED, peer.host, peer.port))
+        self._relay(incoming, incoming.transport.getPeer())
+
+    def _relay(self, end, address) -> None:
+        """The last reply names ``address`` (where we connected from, or who
+        connected to us); then relay, passing on what the client sent early."""
         early, self.buffer = self.buffer, b""
-        self.session.start_relay(incoming, early)
+        self.session.start_relay(
+            end, socks5.encode_reply(socks5.SUCCEEDED, address.host, address.port), early)
 
     def _associated(self, bound) -> None:
         self.buffer = b""
