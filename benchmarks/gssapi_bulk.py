@@ -38,7 +38,6 @@ import contextlib
 import os
 import resource
 import shutil
-import signal
 import socket
 import statistics
 import struct
@@ -50,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import (BenchError, Server, build_loadgen, cpu_delta, cpu_times, free_port,
-                     machine_busy, start_c_server, wait_for_proxy)
+                     machine_busy, run_main, start_c_server, wait_for_proxy)
 
 HERE = Path(__file__).resolve().parent
 BUSY = 80.0          # % of a core: above this a client or target may be the bottleneck
@@ -582,19 +581,9 @@ def report(args, bench: Bench, res: dict[tuple[str, str], Series]) -> str:
     return "\n".join(lines)
 
 
-class Terminated(Exception):
-    """SIGTERM or SIGHUP: unwind so that every server we started is stopped."""
-
-
-def _terminate(signum, frame):
-    raise Terminated(signum)
-
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGHUP, _terminate)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     tmp = Path(tempfile.mkdtemp(prefix="socksd-gssbench-"))
     with contextlib.ExitStack() as stack:
         if args.keep:
@@ -617,15 +606,4 @@ def main(argv: list[str]) -> int:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["client"]:
         sys.exit(client_main(sys.argv[2:]))
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except BenchError as exc:
-        print(f"benchmarks/gssapi_bulk.py: {exc}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("benchmarks/gssapi_bulk.py: interrupted; servers stopped", file=sys.stderr)
-        sys.exit(130)
-    except Terminated as exc:
-        print(f"benchmarks/gssapi_bulk.py: signal {exc.args[0]}; servers stopped",
-              file=sys.stderr)
-        sys.exit(128 + exc.args[0])
+    run_main("benchmarks/gssapi_bulk.py", main, sys.argv[1:])

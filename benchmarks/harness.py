@@ -16,6 +16,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,3 +291,32 @@ def memory(pids: list[int]) -> Memory:
         pss += int(fields["Pss"].split()[0])
         n += 1
     return Memory(n, rss, pss)
+
+
+# ---- running a benchmark script -------------------------------------------------
+
+class Terminated(Exception):
+    """SIGTERM or SIGHUP: unwind so that every server we started is stopped."""
+
+
+def _terminate(signum, frame):
+    raise Terminated(signum)
+
+
+def run_main(script: str, main, argv: list[str]) -> None:
+    """Run ``main(argv)`` and exit with its status. Signals unwind the stack
+    (every server is stopped by its context); errors are one line on stderr."""
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
+    try:
+        sys.exit(main(argv))
+    except BenchError as exc:
+        print(f"{script}: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"{script}: interrupted; servers stopped", file=sys.stderr)
+        sys.exit(130)
+    except Terminated as exc:
+        print(f"{script}: signal {exc.args[0]}; servers stopped", file=sys.stderr)
+        sys.exit(128 + exc.args[0])

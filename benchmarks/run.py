@@ -26,7 +26,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from typing import Callable
 from harness import (BenchError, Memory, Server, build_loadgen, children_cpu, cpu_delta,
                      cpu_times, descendants, find_binary, free_port, machine_busy, memory,
                      raise_nofile_limit, read_line, start_c_server, wait_for_proxy,
-                     wait_listening)
+                     run_main, wait_listening)
 
 WORKLOADS = ["bulk", "parallel", "sessions", "memory", "soak", "iperf3"]
 
@@ -921,13 +920,6 @@ def notes() -> str:
 
 # ---- main --------------------------------------------------------------------------
 
-class Terminated(Exception):
-    """SIGTERM or SIGHUP: unwind so that every server we started is stopped."""
-
-
-def _terminate(signum, frame):
-    raise Terminated(signum)
-
 
 def run_workloads(args, bench: Bench) -> tuple[dict, list[str]]:
     """Each selected workload: its results (for the summary) and its report."""
@@ -954,9 +946,6 @@ def run_workloads(args, bench: Bench) -> tuple[dict, list[str]]:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGHUP, _terminate)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
     nofile = raise_nofile_limit()
     need = 2 * args.idle_sessions + 200
     if "memory" in args.only and nofile < need:
@@ -988,14 +977,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except BenchError as exc:
-        print(f"benchmarks/run.py: {exc}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("benchmarks/run.py: interrupted; servers stopped", file=sys.stderr)
-        sys.exit(130)
-    except Terminated as exc:
-        print(f"benchmarks/run.py: signal {exc.args[0]}; servers stopped", file=sys.stderr)
-        sys.exit(128 + exc.args[0])
+    run_main("benchmarks/run.py", main, sys.argv[1:])
