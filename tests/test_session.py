@@ -327,48 +327,27 @@ def test_client_leaves_while_connecting_abandons_attempt():
 # Unsupported commands and malformed requests.
 
 
-@pytest.mark.parametrize("command", [0x00, 0x04, 0x09, 0xFF])
-def test_unknown_commands_not_supported(bytewise, command):
+# Each malformed request gets its reply code (commands other than CONNECT,
+# BIND and UDP ASSOCIATE 0x07; RSV not 0 or a bad version 0x01; an unknown
+# ATYP 0x08), then the close, and nothing is connected.
+BAD_REQUESTS = [
+    *(pytest.param(bytes((5, command)) + CONNECT_IP[2:], 0x07, id=f"command-{command:#04x}")
+      for command in (0x00, 0x04, 0x09, 0xFF)),
+    pytest.param(b"\x05\x01\x01" + CONNECT_IP[3:], 0x01, id="rsv-not-zero"),
+    *(pytest.param(bytes((5, 1, 0, atyp)) + CONNECT_IP[4:], 0x08, id=f"atyp-{atyp:#04x}")
+      for atyp in (0x00, 0x02, 0x05, 0xFF)),
+    pytest.param(b"\x04" + CONNECT_IP[1:], 0x01, id="request-version-4"),
+]
+
+
+@pytest.mark.parametrize("request_bytes, reply", BAD_REQUESTS)
+def test_bad_request_gets_its_reply(bytewise, request_bytes, reply):
     factory, reactor = make_factory()
     client = Client(factory, bytewise)
     client.send(GREETING_NONE)
     client.take()
-    client.send(bytes((5, command)) + CONNECT_IP[2:])
-    assert client.take() == failure_reply(0x07)
-    assert client.closing
-    assert reactor.tcpClients == []
-
-
-def test_rsv_not_zero(bytewise):
-    factory, reactor = make_factory()
-    client = Client(factory, bytewise)
-    client.send(GREETING_NONE)
-    client.take()
-    client.send(b"\x05\x01\x01" + CONNECT_IP[3:])
-    assert client.take() == failure_reply(0x01)
-    assert client.closing
-    assert reactor.tcpClients == []
-
-
-@pytest.mark.parametrize("atyp", [0x00, 0x02, 0x05, 0xFF])
-def test_unknown_atyp(bytewise, atyp):
-    factory, reactor = make_factory()
-    client = Client(factory, bytewise)
-    client.send(GREETING_NONE)
-    client.take()
-    client.send(bytes((5, 1, 0, atyp)) + CONNECT_IP[4:])
-    assert client.take() == failure_reply(0x08)
-    assert client.closing
-    assert reactor.tcpClients == []
-
-
-def test_request_bad_version(bytewise):
-    factory, reactor = make_factory()
-    client = Client(factory, bytewise)
-    client.send(GREETING_NONE)
-    client.take()
-    client.send(b"\x04" + CONNECT_IP[1:])
-    assert client.take() == failure_reply(0x01)
+    client.send(request_bytes)
+    assert client.take() == failure_reply(reply)
     assert client.closing
     assert reactor.tcpClients == []
 

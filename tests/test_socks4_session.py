@@ -478,8 +478,9 @@ def test_whitelist_empty_userid_refused(bytewise):
     assert reactor.tcpClients == []
 
 
-def test_trust_empty_userid_refused(bytewise):
-    factory, reactor = make_factory(Socks4Policy(allow_empty_userid=False))
+@pytest.mark.parametrize("userid", ["trust", "ident"])
+def test_empty_userid_refused(bytewise, userid):
+    factory, reactor = make_factory(Socks4Policy(userid=userid, allow_empty_userid=False))
     client = Client(factory, bytewise)
     client.send(CONNECT_ANON)
     assert client.take() == REJECTED
@@ -743,14 +744,6 @@ def test_ident_empty_userid_allowed_skips_ident(bytewise):
     assert _connections(reactor, ident=True) == []
     granted(client, reactor)
     assert client.session.user == ANONYMOUS
-
-
-def test_ident_empty_userid_refused(bytewise):
-    factory, reactor = make_factory(Socks4Policy(userid="ident", allow_empty_userid=False))
-    client = Client(factory, bytewise)
-    client.send(CONNECT_ANON)
-    assert client.take() == REJECTED
-    assert reactor.tcpClients == []
 
 
 def test_ident_4a(bytewise):
