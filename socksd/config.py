@@ -75,6 +75,10 @@ class Config:
         """``--listen`` replaces the listeners; ``--auth`` without explicit
         ``methods`` means "require a password" rather than "ignore it"."""
         changes: dict[str, Any] = {}
+        for description in listen:
+            problem = _endpoint_problem(description)
+            if problem:
+                raise ConfigError(f"--listen: {description!r}: {problem}")
         if listen:
             changes["listen"] = tuple(listen)
         if have_auth and not self.methods_given:
@@ -495,4 +499,6 @@ def _endpoint_problem(description: str) -> str | None:
         endpoints.serverFromString(reactor, description)
     except (ValueError, KeyError, TypeError) as e:
         return f"not a valid Twisted endpoint ({e})"
+    except ImportError as e:   # ssl: without pyOpenSSL, say
+        return f"this endpoint type needs a module that is not installed ({e})"
     return None

@@ -84,7 +84,7 @@ class TwistdSocks:
     def _wait_for_port(self, timeout: float = 30.0) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            match = re.search(r"SOCKSServerFactory(?: \(PROXY\))? starting on (\d+)", self.log())
+            match = re.search(r"SOCKSServerFactory(?: \((?:PROXY|TLS)\))? starting on (\d+)", self.log())
             if match:
                 return int(match.group(1))
             if self.process.poll() is not None:

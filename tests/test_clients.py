@@ -462,3 +462,42 @@ def test_example_config_checks(tmp_path):
     assert "Traceback" not in output
     assert re.search(r"OK: listen tcp:1080:interface=127\.0\.0\.1; methods userpass; "
                      r"1 checker\(s\); 2 rule\(s\)", output), output
+
+
+# ---- listeners: TLS, and bad --listen strings ---------------------------------------
+
+def test_socks5_over_tls_listener(socks_server, echo_server):
+    """``ssl:`` listen endpoints (README): SOCKS5 inside TLS, the relay on the
+    TLS transport (not the splice path, which needs bare sockets)."""
+    import ssl
+    import twisted.test
+
+    pem = Path(twisted.test.__file__).parent / "server.pem"   # Twisted's test key + cert
+    server = socks_server(None, "--listen",
+                          f"ssl:0:interface=127.0.0.1:privateKey={pem}:certKey={pem}")
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    payload = os.urandom(256 * 1024)
+    with socket.create_connection(server.address, timeout=10) as raw, \
+            context.wrap_socket(raw) as tls:
+        tls.sendall(b"\x05\x01\x00")
+        assert recv_exact(tls, 2) == b"\x05\x00"
+        tls.sendall(b"\x05\x01\x00\x01\x7f\x00\x00\x01" + echo_server.to_bytes(2, "big"))
+        reply = recv_exact(tls, 10)
+        assert reply[:4] == b"\x05\x00\x00\x01", reply
+        threading.Thread(target=tls.sendall, args=(payload,), daemon=True).start()
+        assert recv_exact(tls, len(payload)) == payload
+    line = server.wait_for_log(rf"connect 127\.0\.0\.1:{echo_server} up=\d+ down=\d+ .*")
+    assert "[splice]" not in line.group(0)
+
+
+@pytest.mark.parametrize("check", [True, False], ids=["check", "start"])
+@pytest.mark.parametrize("listen, pattern", [
+    ("nonsense:1080", r"--listen: 'nonsense:1080': not a valid Twisted endpoint"),
+    ("tcp:notaport", r"--listen: 'tcp:notaport': not a valid Twisted endpoint"),
+])
+def test_bad_listen_option(tmp_path, check, listen, pattern):
+    """--listen is checked like server.listen: one line, no traceback."""
+    args = ["--listen", listen] + (["--check"] if check else [])
+    _assert_config_error(_run_twistd(*args, cwd=tmp_path), pattern)
