@@ -62,10 +62,11 @@ class TwistdSocks:
     """A running `twistd -n socks` with its log captured in a file."""
 
     def __init__(self, tmp_path: Path, config: str | None, args: list[str],
-                 env: dict[str, str] | None, add_listen: bool = True) -> None:
+                 env: dict[str, str] | None, add_listen: bool = True,
+                 twistd_args: tuple[str, ...] = ()) -> None:
         self.tmp = tmp_path
         self.log_path = tmp_path / f"twistd-{id(self)}.log"
-        command = [TWISTD, "-n", "--pidfile=", "socks"]
+        command = [TWISTD, "-n", "--pidfile=", *twistd_args, "socks"]
         if config is not None:
             self.config_path = tmp_path / f"socksd-{id(self)}.toml"
             self.config_path.write_text(config)
@@ -129,12 +130,13 @@ class TwistdSocks:
 @pytest.fixture
 def socks_server(tmp_path):
     """Start servers with ``socks_server(config_text=None, *args, env=None)``;
-    a free loopback port is used unless args or ``add_listen=False`` say otherwise."""
+    a free loopback port is used unless args or ``add_listen=False`` say otherwise;
+    ``twistd_args`` go before ``socks``."""
     started: list[TwistdSocks] = []
 
     def start(config: str | None = None, *args: str, env: dict[str, str] | None = None,
-              add_listen: bool = True):
-        server = TwistdSocks(tmp_path, config, list(args), env, add_listen)
+              add_listen: bool = True, twistd_args: tuple[str, ...] = ()):
+        server = TwistdSocks(tmp_path, config, list(args), env, add_listen, twistd_args)
         started.append(server)
         return server
 

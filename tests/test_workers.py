@@ -82,6 +82,18 @@ def test_workers_serve_restart_and_stop(socks_server, http_server):
     assert not any(_alive(pid) for pid in restarted), "workers outlived the supervisor"
 
 
+@pytest.mark.parametrize("twistd_args, reactor", [
+    ((), "socksd.tap.reactor.EPollReactor"),
+    (("--reactor", "poll"), "twisted.internet.pollreactor.PollReactor"),
+])
+def test_workers_run_on_the_supervisors_reactor(socks_server, http_server, twistd_args, reactor):
+    server = socks_server("[server]\nworkers = 2\n", twistd_args=twistd_args)
+    server.wait_for_log(rf"reactor class: {re.escape(reactor)}\.")
+    for index in (0, 1):
+        server.wait_for_log(rf"\] w{index} serving on {re.escape(reactor)}\n")
+    _session(server.port, http_server)
+
+
 def test_worker_logs_reach_the_twistd_log_file(tmp_path, http_server):
     """Workers publish through the supervisor: with `twistd -l FILE` (and a
     daemon's /dev/null stdout) their session lines are in FILE."""

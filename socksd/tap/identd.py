@@ -17,6 +17,7 @@ from twisted.python import usage
 from socksd import config as configuration
 from socksd.ident.policy import parse_mode
 from socksd.ident.server import IdentFactory, answer_query
+from socksd.tap import reactor as socksd_reactor
 from socksd.wire import ident
 
 
@@ -54,6 +55,8 @@ class Options(usage.Options):
         self["hide"].append(user)
 
     def postOptions(self) -> None:
+        # First: checking the config builds endpoints, which imports the reactor.
+        socksd_reactor.install_default()
         try:
             self.identd = build(self)
         except configuration.ConfigError as e:

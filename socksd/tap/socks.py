@@ -20,6 +20,7 @@ from socksd.auth.methods import method_registry
 from socksd.ident.registry import ProxiedConnections
 from socksd.proxy import SOCKSServerFactory
 from socksd.tap import identd as identd_tap
+from socksd.tap import reactor as socksd_reactor
 from socksd.tap.workers import WorkersService
 
 
@@ -56,6 +57,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     opt_l = opt_listen
 
     def postOptions(self) -> None:
+        # First: checking the config builds endpoints, which imports the reactor.
+        socksd_reactor.install_default()
         try:
             self.socks_config, self.checkers = build(self["config"], self["listen"],
                                                      self.get("credCheckers", []))

@@ -13,9 +13,12 @@ from zope.interface import implementer
 from twisted.cred import strcred
 from twisted.internet import protocol
 from twisted.internet.interfaces import IPushProducer
+from twisted.internet.main import installReactor
 from twisted.logger import ILogObserver, Logger, eventAsJSON, globalLogBeginner
+from twisted.python.reflect import namedAny
 
 from socksd.proxy import session
+from socksd.tap import reactor as socksd_reactor
 from socksd.tap.workers import FAILURE_MESSAGE, RECORD_SEPARATOR
 
 log = Logger(namespace="socksd")
@@ -76,8 +79,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fds", required=True)
     parser.add_argument("--config")
     parser.add_argument("--auth", action="append", default=[])
+    parser.add_argument("--reactor", help="the supervisor's reactor class, to run on the same")
     args = parser.parse_args(argv)
 
+    if args.reactor:
+        installReactor(namedAny(args.reactor)())
+    else:
+        socksd_reactor.install()
     from twisted.internet import reactor
     # Public API only offers proxyEndpoint(); an adopted port needs the factory.
     from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
@@ -99,6 +107,9 @@ def main(argv: list[str] | None = None) -> None:
         port_factory = HAProxyWrappingFactory(factory) if haproxy else factory
         reactor.adoptStreamPort(fd, socket.AddressFamily(family), port_factory)
         os.close(fd)  # Twisted made its own copy of the descriptor
+    reactor_class = type(reactor)
+    log.info("w{worker} serving on {reactor}", worker=args.index,
+             reactor=f"{reactor_class.__module__}.{reactor_class.__qualname__}")
     reactor.run()   # installs twistd-like SIGTERM/SIGINT handling: stop
 
 

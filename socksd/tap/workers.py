@@ -178,8 +178,11 @@ class WorkersService(service.Service):
             fds.append([number, int(family), haproxy])
         # -P: the working directory is not put on sys.path (a source checkout
         # there must not shadow the installed socksd); PYTHONPATH still counts.
+        reactor_class = type(self.reactor)
         args = [sys.executable, "-P", "-m", "socksd.tap.worker", "--index", str(index),
-                "--workers", str(self.count), "--fds", json.dumps(fds), *self.worker_args]
+                "--workers", str(self.count), "--fds", json.dumps(fds),
+                "--reactor", f"{reactor_class.__module__}.{reactor_class.__qualname__}",
+                *self.worker_args]
         worker = _Worker(self, index)
         self.workers[index] = worker
         try:

@@ -12,6 +12,7 @@ example is no longer called that, in whichever order the modules were found.
 The example stays reachable as ``twistd twisted-socks``.
 """
 
+from twisted.application.reactors import Reactor
 from twisted.application.service import ServiceMaker
 
 try:
@@ -33,4 +34,11 @@ socksd = ServiceMaker(
     "socksd.tap.socks",
     "SOCKS4/4a/5 proxy with twisted.cred authentication (socksd).",
     "socks",
+)
+
+# ``twistd --reactor socksd``: what ``socks`` and ``identd`` install by default.
+socksd_reactor = Reactor(
+    "socksd",
+    "socksd.tap.reactor",
+    "epoll without the per-event legacy log context (socksd's default).",
 )
