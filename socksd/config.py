@@ -499,6 +499,8 @@ def _endpoint_problem(description: str) -> str | None:
         endpoints.serverFromString(reactor, description)
     except (ValueError, KeyError, TypeError) as e:
         return f"not a valid Twisted endpoint ({e})"
-    except ImportError as e:   # ssl: without pyOpenSSL, say
+    except ImportError as e:
+        if description.split(":", 1)[0] == "ssl":
+            return "ssl: endpoints need pyOpenSSL: pip install 'socksd[tls]'"
         return f"this endpoint type needs a module that is not installed ({e})"
     return None

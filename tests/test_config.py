@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,17 @@ def test_errors_name_file_line_key_and_reason(tmp_path, text, expected):
     message = error_of(tmp_path, text)
     assert message.startswith(str(tmp_path / "socksd.toml"))
     assert expected in message
+
+
+def test_ssl_listener_without_pyopenssl(tmp_path, monkeypatch):
+    """Without the tls extra, an ssl: listener is a config error naming the fix."""
+    monkeypatch.setitem(sys.modules, "OpenSSL", None)                # import fails
+    monkeypatch.setitem(sys.modules, "twisted.internet.ssl", None)
+    import twisted.internet
+    monkeypatch.delattr(twisted.internet, "ssl", raising=False)      # the package's attribute
+    message = error_of(tmp_path, '[server]\nlisten = ["ssl:1443:privateKey=k.pem"]\n')
+    assert "server.listen: 'ssl:1443:privateKey=k.pem': ssl: endpoints need pyOpenSSL: " \
+           "pip install 'socksd[tls]'" in message
 
 
 def test_unreadable_file():
