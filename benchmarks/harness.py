@@ -148,16 +148,25 @@ def start_c_server(loadgen: Path, argv: list[str], tmp: Path) -> tuple[Server, i
     return srv, port
 
 
-def socks_probe(port: int, echo_port: int, timeout: float = 2.0) -> None:
-    """One full SOCKS5 CONNECT session through the proxy; raises OSError if not."""
+def socks_probe(port: int, echo_port: int, timeout: float = 2.0, version: int = 5) -> None:
+    """One full SOCKS5 (or SOCKS4) CONNECT session through the proxy; raises
+    OSError if not."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(b"\x05\x01\x00")
-        if _recv_exactly(s, 2) != b"\x05\x00":
-            raise OSError("proxy refused method none")
-        s.sendall(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack("!H", echo_port))
-        reply = _recv_exactly(s, 10)
-        if reply[1] != 0:
-            raise OSError(f"CONNECT failed with reply {reply[1]}")
+        if version == 4:
+            s.sendall(b"\x04\x01" + struct.pack("!H", echo_port)
+                      + socket.inet_aton("127.0.0.1") + b"\x00")
+            reply = _recv_exactly(s, 8)
+            if reply[1] != 90:
+                raise OSError(f"SOCKS4 CONNECT failed with reply {reply[1]}")
+        else:
+            s.sendall(b"\x05\x01\x00")
+            if _recv_exactly(s, 2) != b"\x05\x00":
+                raise OSError("proxy refused method none")
+            s.sendall(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1")
+                      + struct.pack("!H", echo_port))
+            reply = _recv_exactly(s, 10)
+            if reply[1] != 0:
+                raise OSError(f"CONNECT failed with reply {reply[1]}")
         s.sendall(b"x" * 16)
         if _recv_exactly(s, 16) != b"x" * 16:
             raise OSError("echo through the proxy came back wrong")
@@ -193,20 +202,21 @@ def wait_listening(srv: Server, port: int, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def wait_for_proxy(srv: Server, port: int, echo_port: int, timeout: float = 20.0) -> None:
-    """Until a SOCKS5 session through ``srv`` works (or it died / timed out)."""
+def wait_for_proxy(srv: Server, port: int, echo_port: int, timeout: float = 20.0,
+                   version: int = 5) -> None:
+    """Until a SOCKS5 (or 4) session through ``srv`` works (or it died / timed out)."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:
         if not srv.alive():
             raise BenchError(f"{srv.name} exited with status {srv.proc.returncode} at start-up")
         try:
-            socks_probe(port, echo_port)
+            socks_probe(port, echo_port, version=version)
             return
         except OSError as exc:
             last = exc
             time.sleep(0.1)
-    raise BenchError(f"{srv.name} did not serve a SOCKS5 session on port {port} "
+    raise BenchError(f"{srv.name} did not serve a SOCKS{version} session on port {port} "
                      f"within {timeout:g} s ({last})")
 
 

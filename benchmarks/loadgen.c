@@ -10,7 +10,8 @@
  *   loadgen bulkd                     bulk target (a thread per connection);
  *                                     prints its port
  *   loadgen bulk up|down SECS STREAMS DSTPORT [SOCKSPORT]
- *   loadgen sessions SECS COUNT CONC eof|close DSTPORT [SOCKSPORT]
+ *   loadgen sessions SECS COUNT CONC eof|close DSTPORT [SOCKSPORT|4:SOCKSPORT]
+ *                                     (4:PORT speaks SOCKS4 instead of SOCKS5)
  *   loadgen hold N CONC DSTPORT [SOCKSPORT]
  *
  * Servers die with their parent (PR_SET_PDEATHSIG), so a killed run.py
@@ -136,6 +137,13 @@ static int socks_request(unsigned char *req, int dstport)
     req[4] = 127; req[5] = 0; req[6] = 0; req[7] = 1;
     req[8] = dstport >> 8; req[9] = dstport & 0xff;
     return 10;
+}
+
+/* A SOCKS argument: PORT for SOCKS5, 4:PORT for SOCKS4 (sessions only). */
+static int socks_port(const char *arg, int *socks4)
+{
+    *socks4 = strncmp(arg, "4:", 2) == 0;
+    return atoi(*socks4 ? arg + 2 : arg);
 }
 
 /* Blocking SOCKS5 handshake (method none, CONNECT 127.0.0.1:dstport). */
@@ -426,7 +434,7 @@ __attribute__((noreturn)) static void cmd_echo(int argc, char **argv)
 
 /* ---- SOCKS5 sessions ---------------------------------------------------- */
 
-enum { S_FREE, S_CONNECTING, S_GREET, S_REPLY, S_ECHO, S_EOF, S_HELD };
+enum { S_FREE, S_CONNECTING, S_GREET, S_REPLY, S_REPLY4, S_ECHO, S_EOF, S_HELD };
 
 struct sess {
     int fd, state, got;
@@ -434,7 +442,7 @@ struct sess {
     unsigned char buf[300];
 };
 
-static int g_ep, g_dstport, g_socksport, g_hold, g_wait_eof;
+static int g_ep, g_dstport, g_socksport, g_socks4, g_hold, g_wait_eof;
 static long g_errors;
 static const char PAYLOAD[16] = "0123456789abcdef";
 
@@ -495,7 +503,12 @@ static int sess_step(struct sess *s)
         if (err) { sess_fail(s); return 0; }
         int one = 1;
         setsockopt(s->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        if (g_socksport) {
+        if (g_socksport && g_socks4) {
+            /* SOCKS4 CONNECT 127.0.0.1:dstport, empty USERID: one round trip. */
+            unsigned char req[9] = {4, 1, g_dstport >> 8, g_dstport & 0xff, 127, 0, 0, 1, 0};
+            if (send_small(s, req, sizeof req) < 0) { sess_fail(s); return 0; }
+            s->state = S_REPLY4;
+        } else if (g_socksport) {
             if (send_small(s, "\x05\x01\x00", 3) < 0) { sess_fail(s); return 0; }
             s->state = S_GREET;
         } else {
@@ -529,6 +542,14 @@ static int sess_step(struct sess *s)
         s->state = S_ECHO;
         return 0;
     }
+    case S_REPLY4:
+        r = read_until(s, 8);
+        if (r < 0 || (r == 1 && s->buf[1] != 90)) { sess_fail(s); return 0; }
+        if (r == 0) return 0;
+        s->got = 0;
+        if (send_small(s, PAYLOAD, 16) < 0) { sess_fail(s); return 0; }
+        s->state = S_ECHO;
+        return 0;
     case S_ECHO:
         r = read_until(s, 16);
         if (r < 0 || (r == 1 && memcmp(s->buf, PAYLOAD, 16) != 0)) { sess_fail(s); return 0; }
@@ -584,7 +605,7 @@ static int cmd_sessions(int argc, char **argv)
     int conc = atoi(argv[4]);
     g_wait_eof = strcmp(argv[5], "eof") == 0;
     g_dstport = atoi(argv[6]);
-    g_socksport = argc > 7 ? atoi(argv[7]) : 0;
+    g_socksport = argc > 7 ? socks_port(argv[7], &g_socks4) : 0;
     signal(SIGPIPE, SIG_IGN);
     g_ep = epoll_create1(0);
     struct sess *ss = calloc(conc, sizeof *ss);

@@ -40,7 +40,7 @@ from harness import (BenchError, Memory, Server, build_loadgen, children_cpu, cp
                      raise_nofile_limit, read_line, start_c_server, wait_for_proxy,
                      run_main, wait_listening)
 
-WORKLOADS = ["bulk", "parallel", "sessions", "memory", "soak", "iperf3"]
+WORKLOADS = ["bulk", "parallel", "sessions", "sessions4", "memory", "soak", "iperf3"]
 
 SOCKSD_CONFIG = """\
 # Written by benchmarks/run.py: limits high enough for the idle-session test.
@@ -226,6 +226,30 @@ def wait_for_workers(srv: Server, logfile: Path, timeout: float = 20.0) -> int:
     return n
 
 
+TWISTED_EXAMPLE = "Twisted SOCKSv4"
+
+
+def start_twisted_example(twistd: str, tmp: Path, echo_port: int) -> Via:
+    """Twisted's own SOCKSv4 example server (twisted.tap.socks, renamed
+    ``twistd twisted-socks`` by socksd's plugin): the relay any Twisted
+    program gets for free, with Twisted's transports and nothing of socksd's
+    (no rules, limits, timeouts; one legacy log line per session)."""
+    logfile = tmp / "twisted-socks.log"
+    last: BenchError | None = None
+    for _ in range(3):
+        port = free_port()
+        srv = Server("twisted-socks", [twistd, "-n", "--pidfile=", "-l", str(logfile),
+                                       "twisted-socks", "-i", "127.0.0.1", "-p", str(port)],
+                     cwd=tmp)
+        try:
+            wait_for_proxy(srv, port, echo_port, version=4)
+            return Via(TWISTED_EXAMPLE, port, srv)
+        except BenchError as exc:
+            srv.stop()
+            last = exc
+    raise BenchError(f"{last}; see {logfile} (use --keep)")
+
+
 def start_dante(danted: str, tmp: Path, echo_port: int, tag: str, quiet: bool) -> Via:
     last: BenchError | None = None
     logfile = tmp / f"danted-{tag}.log"
@@ -343,7 +367,10 @@ class Bench:
 
     # -- the proxies
     def start_proxy(self, kind: str, tag: str) -> Via:
-        """A fresh proxy: "Dante", or socksd with ``kind`` as [server] workers."""
+        """A fresh proxy: "Dante", Twisted's example, or socksd with ``kind``
+        as [server] workers."""
+        if kind == TWISTED_EXAMPLE:
+            return start_twisted_example(self.twistd, self.tmp, self.echo_port)
         if kind == "Dante":
             return start_dante(self.danted, self.tmp, self.echo_port, tag, self.args.dante_quiet)
         return start_socksd(self.twistd, self.tmp, self.echo_port, tag, kind)
@@ -424,7 +451,8 @@ class Bench:
                 for d, label in (("up", "upload"), ("down", "download"))}
 
     # -- (c) sessions
-    def sessions_once(self, via: Via, seconds: float, count: int = 0) -> Sample:
+    def sessions_once(self, via: Via, seconds: float, count: int = 0,
+                      socks4: bool = False) -> Sample:
         """Closed-loop sessions for ``seconds``, or until ``count`` (0: no bound)."""
         if self.args.client_closes:
             target, argv = self.echo, ["close", str(self.echo_port)]
@@ -432,7 +460,7 @@ class Bench:
             target, argv = self.echo16, ["eof", str(self.echo16_port)]
         argv = ["sessions", f"{seconds}", str(count), str(self.args.concurrency), *argv]
         if via.port:
-            argv.append(str(via.port))
+            argv.append(f"4:{via.port}" if socks4 else str(via.port))
 
         def run():
             n, secs, p50, p99, errors, cpu = self.loadgen_run(argv, timeout=seconds + 60)
@@ -443,9 +471,15 @@ class Bench:
     def sessions(self) -> Results:
         return self.interleave(
             "sessions", self.vias("1", self.args.workers), self.sessions_once,
-            lambda s: (f"{s.value['sessions/s']:8.0f}/s p50 {s.value['p50']:.2f} ms "
-                       f"p99 {s.value['p99']:.2f} ms errors {s.value['errors']:.0f}"),
-            self.args.session_seconds, 0.5)
+            show_session, self.args.session_seconds, 0.5)
+
+    def sessions4(self) -> Results:
+        """SOCKS4 sessions: socksd (workers = 1), Dante and Twisted's example."""
+        vias = [self.proxy("1"), *([self.proxy("Dante")] if self.danted else []),
+                self.proxy(TWISTED_EXAMPLE)]
+        return self.interleave(
+            "sessions4", vias, lambda via, secs: self.sessions_once(via, secs, socks4=True),
+            show_session, self.args.session_seconds, 0.5)
 
     # -- (d) memory
     @contextlib.contextmanager
@@ -682,7 +716,7 @@ def report_bulk(args, res: dict[str, Results], streams: int) -> str:
          "per transfer, 1 MiB writes/reads (MiB/s = 2^20 bytes/s)"], res, "MiB/s", 0)
 
 
-def report_sessions(args, res: Results) -> str:
+def report_sessions(args, res: Results, socks4: bool = False) -> str:
     rows = [["via", "", "sessions/s", "range", "per proxy CPU-s", "p50 ms", "p99 ms", "errors",
              *CPU_HEADS]]
     for name, s in res.items():
@@ -690,13 +724,23 @@ def report_sessions(args, res: Results) -> str:
                      f"{s.med('p99'):.2f}", f"{s.total('errors'):.0f}", *cpu_cells(s)])
     close = ("client closes right after the echo" if args.client_closes else
              "echo server closes after 16 bytes, proxy passes the EOF on, client closes")
-    lines = [f"(c) Sessions, {args.concurrency} concurrent clients, {args.session_seconds:g} s "
-             "per round: connect + greeting (none) + CONNECT + 16-byte echo + close",
-             f"    ({close}; latency = socket() to close(); direct = the same without SOCKS)",
-             table(rows), ""]
-    for sd in (name for name in res if name.startswith("socksd")):
-        for base in [b for b in ("Dante", "direct") if b in res]:
-            lines.append(f"  {sd + '/' + base:18} {sessions_vs(res[sd], res[base])}")
+    if socks4:
+        title = [f"(c4) SOCKS4 sessions, {args.concurrency} concurrent clients, "
+                 f"{args.session_seconds:g} s per round: connect + CONNECT (empty USERID) + "
+                 "16-byte echo + close",
+                 f"    ({close}); {TWISTED_EXAMPLE} = Twisted's example server "
+                 "(twisted.tap.socks): Twisted's transports, none of socksd's work"]
+    else:
+        title = [f"(c) Sessions, {args.concurrency} concurrent clients, "
+                 f"{args.session_seconds:g} s per round: connect + greeting (none) + CONNECT + "
+                 "16-byte echo + close",
+                 f"    ({close}; latency = socket() to close(); direct = the same without SOCKS)"]
+    lines = [*title, table(rows), ""]
+    pairs = [(sd, base) for sd in res if sd.startswith("socksd")
+             for base in ("Dante", TWISTED_EXAMPLE, "direct") if base in res]
+    width = max((len(f"{sd}/{base}") for sd, base in pairs), default=0)
+    for sd, base in pairs:
+        lines.append(f"  {sd + '/' + base:{width}} {sessions_vs(res[sd], res[base])}")
     for name, s in res.items():
         if s.total("errors"):
             lines.append(f"  WARNING: {s.total('errors'):.0f} sessions failed via {name}: its "
@@ -704,6 +748,11 @@ def report_sessions(args, res: Results) -> str:
             lines.append("  Dante bind()s its outgoing sockets, so TIME_WAIT left on 127.0.0.1 "
                          "ports, e.g. by --client-closes, makes it fail)")
     return "\n".join(lines)
+
+
+def show_session(s: Sample) -> str:
+    return (f"{s.value['sessions/s']:8.0f}/s p50 {s.value['p50']:.2f} ms "
+            f"p99 {s.value['p99']:.2f} ms errors {s.value['errors']:.0f}")
 
 
 def sessions_ratio(res: Results, sd: str, base: str) -> str:
@@ -841,6 +890,13 @@ def targets(args, results: dict) -> list[Target]:
     if "sessions" in results:
         res = results["sessions"]
         out += [sessions_target(res, sd) for sd in res if sd.startswith("socksd")]
+    if "sessions4" in results:
+        res = results["sessions4"]
+        rate = med(res, "socksd", "sessions/s")
+        out.append(Target("SOCKS4 sessions/s (socksd)", f"{rate:.0f}/s",
+                          sessions_ratio(res, "socksd", "Dante") if "Dante" in res else "-", "-",
+                          f"(no target; {sessions_ratio(res, 'socksd', TWISTED_EXAMPLE)} "
+                          "Twisted's example)", None))
     if "memory" in results:
         mem = results["memory"]
         mine = statistics.median(idle_kib(args, mem["socksd"]))
@@ -868,8 +924,8 @@ def report_summary(args, results: dict) -> str:
     judged = [t for t in found if t.met is not None]
     missed = sum(not t.met for t in judged)
     return "\n".join([
-        "Summary: issue 7's targets (medians of this run; the iperf3 lines are a cross-check "
-        "with no target)", table(rows, left=len(rows[0])), "",
+        "Summary: issue 7's targets (medians of this run; the iperf3 and SOCKS4 lines are "
+        "cross-checks with no target)", table(rows, left=len(rows[0])), "",
         f"  {len(judged) - missed} of {len(judged)} targets met" +
         ("; without Dante the ratios to Dante cannot be judged" if args.no_dante else "")])
 
@@ -929,6 +985,8 @@ def run_workloads(args, bench: Bench) -> tuple[dict, list[str]]:
         "parallel": (f"(b) bulk, {args.streams} streams", lambda: bench.bulk(args.streams),
                      lambda r: report_bulk(args, r, args.streams)),
         "sessions": ("(c) sessions", bench.sessions, lambda r: report_sessions(args, r)),
+        "sessions4": ("(c4) SOCKS4 sessions", bench.sessions4,
+                      lambda r: report_sessions(args, r, socks4=True)),
         "memory": ("(d) memory per idle session", bench.memory,
                    lambda r: report_memory(args, r)),
         "soak": ("(e) soak", bench.soak, lambda r: report_soak(args, r)),
