@@ -4,10 +4,14 @@ test_socks4_session, test_bind_udp_session, test_gssapi_session).
 A plain module, imported by the tests (``from fakes import ...``): a resolver
 answered by hand, a transport that records half-closes, the client side of a
 session fed bytewise or whole, the far side of a CONNECT the memory reactor
-was asked to make, and a server factory on a memory reactor.
+was asked to make, the checked exchanges the protocol tests share (a refusal
+and its log line, a SOCKS5 client past method selection, a relay, a timeout),
+and a server factory on a memory reactor.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import pytest
 from zope.interface import implementer
@@ -18,7 +22,7 @@ from twisted.internet import error
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IHostnameResolver, IHostResolution
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import formatEvent
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
 from socksd.auth import SOCKSRealm
@@ -163,6 +167,67 @@ class Outbound:
         value = self.transport.value()
         self.transport.clear()
         return value
+
+
+# The checked exchanges. pytest rewrites the asserts of test modules only, so
+# these say themselves what they got.
+
+
+def assert_refused(client: Client, reply: bytes) -> None:
+    """The client got exactly ``reply``, and its connection is closing."""
+    got = client.take()
+    assert got == reply, f"the client got {got!r}, not {reply!r}"
+    assert client.closing, "the client's connection stays open"
+
+
+def refused_session_line(client: Client, messages: Sequence[bytes], reply: bytes,
+                         after_send: Callable[[], object] | None = None) -> str:
+    """Send ``messages`` in turn, then run ``after_send`` (the far end's part,
+    such as a refused connection); expect exactly ``reply`` and the close. The
+    connection then ends: returns the session's one log line."""
+    with capturedLogs() as events:
+        for message in messages:
+            client.send(message)
+        if after_send is not None:
+            after_send()
+        assert_refused(client, reply)
+        client.lose()
+    [line] = session_lines(events)
+    return line
+
+
+def socks5_client(factory: SOCKSServerFactory, request: bytes, bytewise: bool = False,
+                  **options) -> Client:
+    """A new client (options as for Client) that offers method "none", gets
+    it (the reply is checked) and then sends ``request``."""
+    client = Client(factory, bytewise, **options)
+    client.send(b"\x05\x01\x00")
+    got = client.take()
+    assert got == b"\x05\x00", f"method selection {got!r}, not method none"
+    client.send(request)
+    return client
+
+
+def relay_until_far_end_closes(client: Client, out: Outbound) -> None:
+    """The relay carries b"hello" out (5 bytes up) and b"world!" back (6
+    bytes down); when the destination closes, the client's connection closes."""
+    client.send(b"hello")
+    sent = out.transport.value()
+    assert sent == b"hello", f"the destination got {sent!r}"
+    out.protocol.dataReceived(b"world!")
+    got = client.take()
+    assert got == b"world!", f"the client got {got!r}"
+    out.protocol.connectionLost(Failure(error.ConnectionDone()))
+    assert client.closing, "the client's connection stays open after the destination closed"
+
+
+def assert_closes_at(client: Client, reactor: MemoryReactorClock, timeout: float) -> None:
+    """The client's connection is still open 0.1 s before ``timeout`` seconds
+    from now and closing 0.1 s after."""
+    reactor.advance(timeout - 0.1)
+    assert not client.closing, f"closed before {timeout} s"
+    reactor.advance(0.2)
+    assert client.closing, f"still open after {timeout} s"
 
 
 # The server.

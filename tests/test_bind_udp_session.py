@@ -27,8 +27,8 @@ from socksd.rules import RuleSet, compile_rule
 from socksd.wire import socks5
 
 import fakes
-from fakes import (LISTEN, Client, HalfCloseTransport, failure_reply, fake_reactor,
-                   session_lines)
+from fakes import (LISTEN, Client, HalfCloseTransport, assert_refused, failure_reply,
+                   fake_reactor, refused_session_line, session_lines, socks5_client)
 from fakes import bytewise  # noqa: F401  (a pytest fixture, used by name)
 
 GREETING = b"\x05\x01\x00"
@@ -186,11 +186,7 @@ def route_source(ip: str, fallback: str) -> str:
 
 
 def bind5(factory, bytewise: bool, request: bytes = BIND5, **kwargs) -> Client:
-    client = Client(factory, bytewise, **kwargs)
-    client.send(GREETING)
-    assert client.take() == b"\x05\x00"
-    client.send(request)
-    return client
+    return socks5_client(factory, request, bytewise, **kwargs)
 
 
 # SOCKS5 BIND.
@@ -313,8 +309,7 @@ def test_bind5_no_free_port_is_general_failure(bytewise):
     reactor.busy = None
     with capturedLogs() as events:
         client = bind5(factory, bytewise)
-        assert client.take() == failure_reply(0x01)
-        assert client.closing
+        assert_refused(client, failure_reply(0x01))
         client.lose()
     assert reactor.tried and reactor.tcpServers == []
     assert not reactor.getDelayedCalls()
@@ -328,8 +323,7 @@ def test_bind5_denied_by_rules(bytewise):
     factory, reactor = make_factory(rules=rules)
     with capturedLogs() as events:
         client = bind5(factory, bytewise)
-        assert client.take() == failure_reply(0x02)
-        assert client.closing
+        assert_refused(client, failure_reply(0x02))
         client.lose()
     assert reactor.tcpServers == []
     [line] = session_lines(events)
@@ -340,8 +334,8 @@ def test_bind5_connect_only_rule_denies_bind(bytewise):
     rules = RuleSet([compile_rule("connect-only", "allow", commands=["connect"])])
     factory, reactor = make_factory(rules=rules)
     client = bind5(factory, bytewise)
-    assert client.take() == failure_reply(0x02)
-    assert client.closing and reactor.tcpServers == []
+    assert_refused(client, failure_reply(0x02))
+    assert reactor.tcpServers == []
 
 
 def test_bind5_by_name_denied_before_resolution(bytewise):
@@ -363,8 +357,7 @@ def test_bind5_timeout(bytewise):
         assert client.take() == b"" and not client.closing
         assert not reactor.listeners[0].stopped
         reactor.advance(0.2)
-        assert client.take() == failure_reply(0x06)
-        assert client.closing
+        assert_refused(client, failure_reply(0x06))
         assert reactor.listeners[0].stopped, "the listener outlives the BIND timeout"
         client.lose()
     assert not reactor.getDelayedCalls()
@@ -407,29 +400,25 @@ def test_bind5_only_one_connection_is_accepted():
     assert Incoming(reactor, "127.0.0.1", 21).refused
 
 
-def test_bindreply_rule_allows_another_peer(bytewise):
-    rules = RuleSet([compile_rule("helpers", "allow", commands=["bindreply"],
-                                  destinations=["127.0.0.2"]),
+@pytest.mark.parametrize("bindreply_rule, refused, accepted", [
+    # A rule that allows without naming "bindreply" (the loopback one) does
+    # not relax the check: only the bindreply rule lets 127.0.0.2 in.
+    pytest.param(compile_rule("helpers", "allow", commands=["bindreply"],
+                              destinations=["127.0.0.2"]),
+                 ("127.0.0.3", 20), ("127.0.0.2", 4444), id="allows-another-peer"),
+    pytest.param(compile_rule("no-low-ports", "deny", commands=["bindreply"],
+                              ports=["1-1023"]),
+                 ("127.0.0.1", 20), ("127.0.0.1", 2020), id="can-refuse-the-expected-peer"),
+])
+def test_bindreply_rule(bytewise, bindreply_rule, refused, accepted):
+    rules = RuleSet([bindreply_rule,
                      compile_rule("loopback", "allow", sources=["127.0.0.0/8"])])
     factory, reactor = make_factory(rules=rules)
     client = bind5(factory, bytewise)
     client.take()
-    # A rule that allows without naming "bindreply" does not relax the check.
-    assert Incoming(reactor, "127.0.0.3", 20).refused
-    Incoming(reactor, "127.0.0.2", 4444).connect()
-    assert client.take() == reply5("127.0.0.2", 4444)
-
-
-def test_bindreply_rule_can_refuse_the_expected_peer(bytewise):
-    rules = RuleSet([compile_rule("no-low-ports", "deny", commands=["bindreply"],
-                                  ports=["1-1023"]),
-                     compile_rule("loopback", "allow", sources=["127.0.0.0/8"])])
-    factory, reactor = make_factory(rules=rules)
-    client = bind5(factory, bytewise)
-    client.take()
-    assert Incoming(reactor, "127.0.0.1", 20).refused
-    Incoming(reactor, "127.0.0.1", 2020).connect()
-    assert client.take() == reply5("127.0.0.1", 2020)
+    assert Incoming(reactor, *refused).refused
+    Incoming(reactor, *accepted).connect()
+    assert client.take() == reply5(*accepted)
 
 
 def test_bind5_client_leaves_while_waiting_closes_listener():
@@ -557,8 +546,8 @@ def test_bind4_denied_is_91(bytewise):
     factory, reactor = make_factory(rules=rules)
     client = Client(factory, bytewise)
     client.send(BIND4)
-    assert client.take() == REJECTED4
-    assert client.closing and reactor.tcpServers == []
+    assert_refused(client, REJECTED4)
+    assert reactor.tcpServers == []
 
 
 def test_bind4_timeout_is_91():
@@ -567,8 +556,8 @@ def test_bind4_timeout_is_91():
     client.send(BIND4)
     assert client.take() == reply4("127.0.0.1", FIRST_PORT)
     reactor.advance(3)
-    assert client.take() == REJECTED4
-    assert client.closing and reactor.listeners[0].stopped
+    assert_refused(client, REJECTED4)
+    assert reactor.listeners[0].stopped
 
 
 def test_bind4_wrong_peer_refused():
@@ -597,10 +586,7 @@ def test_bind4_client_leaves_while_waiting_closes_listener():
 
 def associate(factory, bytewise: bool = False, request: bytes = UDP_ANY, **kwargs):
     """A client with an association; returns (client, relay, its port)."""
-    client = Client(factory, bytewise, **kwargs)
-    client.send(GREETING)
-    assert client.take() == b"\x05\x00"
-    client.send(request)
+    client = socks5_client(factory, request, bytewise, **kwargs)
     reactor = factory.reactor
     [(_port, relay, _interface, _size)] = reactor.udpPorts
     return client, relay, reactor.udp_listeners[0]
@@ -657,8 +643,8 @@ def test_udp_no_free_port_is_general_failure(bytewise):
     reactor.busy = None
     client = Client(factory, bytewise)
     client.send(GREETING + UDP_ANY)
-    assert client.take() == b"\x05\x00" + failure_reply(0x01)
-    assert client.closing and reactor.udpPorts == []
+    assert_refused(client, b"\x05\x00" + failure_reply(0x01))
+    assert reactor.udpPorts == []
 
 
 @pytest.mark.parametrize("rules", [
@@ -670,14 +656,8 @@ def test_udp_no_free_port_is_general_failure(bytewise):
 def test_udp_denied_when_no_rule_allows_udp(bytewise, rules):
     factory, reactor = make_factory(rules=RuleSet(rules))
     client = Client(factory, bytewise)
-    with capturedLogs() as events:
-        client.send(GREETING)
-        client.send(UDP_ANY)
-        assert client.take() == b"\x05\x00" + failure_reply(0x02)
-        assert client.closing
-        client.lose()
+    line = refused_session_line(client, [GREETING, UDP_ANY], b"\x05\x00" + failure_reply(0x02))
     assert reactor.udpPorts == []
-    [line] = session_lines(events)
     assert "denied" in line and "udp 0.0.0.0:0" in line
 
 

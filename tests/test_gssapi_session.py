@@ -25,7 +25,8 @@ from socksd.proxy import Limits
 from socksd.rules import RuleSet, compile_rule
 
 import fakes
-from fakes import Client, Outbound, alice_portal, session_lines
+from fakes import (Client, Outbound, alice_portal, assert_closes_at, assert_refused,
+                   refused_session_line, session_lines)
 from fakes import bytewise  # noqa: F401  (a pytest fixture, used by name)
 
 GREETING_GSSAPI = b"\x05\x01\x01"
@@ -155,6 +156,29 @@ class Initiator:
         return b"".join(out)
 
 
+def _after_greeting(settings, bytewise=False, limits=Limits()):
+    factory, reactor = make_factory(settings, limits=limits)
+    client = Client(factory, bytewise)
+    client.send(GREETING_GSSAPI)
+    assert client.take() == b"\x05\x01"
+    return client, reactor
+
+
+def _established(kerberos, settings, bytewise=False):
+    """Greeting and context, the protection level not asked yet; returns
+    (client, initiator, reactor)."""
+    client, reactor = _after_greeting(settings, bytewise)
+    initiator = Initiator(kerberos)
+    initiator.establish(client)
+    return client, initiator, reactor
+
+
+def assert_aborted(client: Client) -> None:
+    """The server aborted (see aborted()) and closes the connection."""
+    assert aborted(client.take())
+    assert client.closing
+
+
 def authenticate(kerberos, factory, level: int, bytewise: bool = False, flags=CLIENT_FLAGS):
     """Greeting, context and protection level: a client under a security layer."""
     client = Client(factory, bytewise)
@@ -176,6 +200,27 @@ def connect(client: Client, initiator: Initiator, reactor) -> Outbound:
     out.accept()
     assert initiator.unwrap(client.take()) == SUCCESS_BOUND
     return out
+
+
+def connected_and_closed_session_line(client: Client, initiator: Initiator, reactor) -> str:
+    """CONNECT under the security layer, then the destination and the client
+    close: the session's one log line."""
+    with capturedLogs() as events:
+        out = connect(client, initiator, reactor)
+        out.protocol.connectionLost(Failure(error.ConnectionDone()))
+        client.lose()
+    [line] = session_lines(events)
+    return line
+
+
+def assert_frame_ends_session(client: Client, out: Outbound, data: bytes) -> None:
+    """Under the security layer, data reaches nothing and the session
+    closes; then both connections end."""
+    client.send(data)
+    assert out.take() == b""
+    assert client.closing
+    client.lose()
+    out.protocol.connectionLost(Failure(error.ConnectionDone()))
 
 
 @pytest.fixture
@@ -231,10 +276,7 @@ def test_gssapi_settings_registry_has_method_0x01(settings):
 
 
 def test_context_established_bytewise_with_mutual_authentication(kerberos, settings, bytewise):
-    factory, _ = make_factory(settings)
-    client = Client(factory, bytewise)
-    client.send(GREETING_GSSAPI)
-    assert client.take() == b"\x05\x01"
+    client, _ = _after_greeting(settings, bytewise)
     initiator = Initiator(kerberos)
     token = initiator.ctx.step()
     data = frame(1, token)
@@ -259,10 +301,7 @@ def test_context_established_bytewise_with_mutual_authentication(kerberos, setti
 
 
 def test_no_extra_empty_token_without_mutual_authentication(kerberos, settings, bytewise):
-    factory, _ = make_factory(settings)
-    client = Client(factory, bytewise)
-    client.send(GREETING_GSSAPI)
-    assert client.take() == b"\x05\x01"
+    client, _ = _after_greeting(settings, bytewise)
     initiator = Initiator(kerberos, flags=Flags.replay_detection | Flags.integrity
                           | Flags.confidentiality | Flags.out_of_sequence_detection)
     token = initiator.ctx.step()
@@ -310,12 +349,7 @@ def test_context_and_level_in_one_write(kerberos, settings):
     (("clear",), 0, 0),
 ])
 def test_level_granted(kerberos, tmp_path, levels, asked, granted):
-    factory, _ = make_factory(load_settings(kerberos, tmp_path, levels))
-    client = Client(factory)
-    client.send(GREETING_GSSAPI)
-    client.take()
-    initiator = Initiator(kerberos)
-    initiator.establish(client)
+    client, initiator, _ = _established(kerberos, load_settings(kerberos, tmp_path, levels))
     with capturedLogs() as events:
         answer = initiator.ask_level(client, asked)
     assert initiator.granted(answer) == granted
@@ -338,12 +372,8 @@ def test_level_granted(kerberos, tmp_path, levels, asked, granted):
     (("integrity", "confidentiality"), 255),
 ])
 def test_level_refused_aborts(kerberos, tmp_path, levels, asked):
-    factory, reactor = make_factory(load_settings(kerberos, tmp_path, levels))
-    client = Client(factory)
-    client.send(GREETING_GSSAPI)
-    client.take()
-    initiator = Initiator(kerberos)
-    initiator.establish(client)
+    client, initiator, reactor = _established(kerberos,
+                                              load_settings(kerberos, tmp_path, levels))
     with capturedLogs() as events:
         assert initiator.ask_level(client, asked) == ABORT
         assert client.closing
@@ -359,25 +389,14 @@ def test_level_refused_aborts(kerberos, tmp_path, levels, asked):
 
 
 def test_level_message_of_two_octets_aborts(kerberos, settings):
-    factory, _ = make_factory(settings)
-    client = Client(factory)
-    client.send(GREETING_GSSAPI)
-    client.take()
-    initiator = Initiator(kerberos)
-    initiator.establish(client)
+    client, initiator, _ = _established(kerberos, settings)
     client.send(frame(2, initiator.ctx.wrap(b"\x01\x01", False).message))
-    assert client.take() == ABORT
-    assert client.closing
+    assert_refused(client, ABORT)
 
 
 def test_nec_mode_unwrapped_octet_gets_unwrapped_answer(kerberos, tmp_path, bytewise):
-    factory, reactor = make_factory(load_settings(kerberos, tmp_path,
-                                                  extra="nec_compat = true\n"))
-    client = Client(factory, bytewise)
-    client.send(GREETING_GSSAPI)
-    client.take()
-    initiator = Initiator(kerberos)
-    initiator.establish(client)
+    settings = load_settings(kerberos, tmp_path, extra="nec_compat = true\n")
+    client, initiator, reactor = _established(kerberos, settings, bytewise)
     client.send(b"\x01\x02\x00\x01\x01")
     assert client.take() == b"\x01\x02\x00\x01\x01"
     initiator.level = 1
@@ -393,51 +412,26 @@ def test_nec_mode_unwrapped_octet_gets_unwrapped_answer(kerberos, tmp_path, byte
     (("clear", "integrity"), 0, 0),
 ])
 def test_nec_mode_grants_like_rfc_mode(kerberos, tmp_path, levels, asked, granted):
-    factory, _ = make_factory(load_settings(kerberos, tmp_path, levels,
-                                            extra="nec_compat = true\n"))
-    client = Client(factory)
-    client.send(GREETING_GSSAPI)
-    client.take()
-    Initiator(kerberos).establish(client)
+    settings = load_settings(kerberos, tmp_path, levels, extra="nec_compat = true\n")
+    client, _, _ = _established(kerberos, settings)
     client.send(frame(2, bytes((asked,))))
     assert client.take() == frame(2, bytes((granted,)))
     assert not client.closing
 
 
 def test_nec_mode_still_accepts_the_wrapped_octet(kerberos, tmp_path):
-    factory, _ = make_factory(load_settings(kerberos, tmp_path, extra="nec_compat = true\n"))
-    client = Client(factory)
-    client.send(GREETING_GSSAPI)
-    client.take()
-    initiator = Initiator(kerberos)
-    initiator.establish(client)
+    settings = load_settings(kerberos, tmp_path, extra="nec_compat = true\n")
+    client, initiator, _ = _established(kerberos, settings)
     assert initiator.granted(initiator.ask_level(client, 2)) == 2
 
 
 def test_unwrapped_octet_without_nec_compat_aborts(kerberos, settings):
-    factory, _ = make_factory(settings)
-    client = Client(factory)
-    client.send(GREETING_GSSAPI)
-    client.take()
-    Initiator(kerberos).establish(client)
-    with capturedLogs() as events:
-        client.send(b"\x01\x02\x00\x01\x01")
-        assert client.take() == ABORT
-        assert client.closing
-        client.lose()
-    [line] = session_lines(events)
+    client, _, _ = _established(kerberos, settings)
+    line = refused_session_line(client, [b"\x01\x02\x00\x01\x01"], ABORT)
     assert "method=gssapi" in line and "auth failed" in line and "GSS-API" in line
 
 
 # Aborts during the handshake.
-
-
-def _after_greeting(settings, bytewise=False, limits=Limits()):
-    factory, reactor = make_factory(settings, limits=limits)
-    client = Client(factory, bytewise)
-    client.send(GREETING_GSSAPI)
-    assert client.take() == b"\x05\x01"
-    return client, reactor
 
 
 @pytest.mark.parametrize("data, reason", [
@@ -454,8 +448,7 @@ def test_bad_context_message_aborts(kerberos, settings, bytewise, data, reason):
     client, reactor = _after_greeting(settings, bytewise)
     with capturedLogs() as events:
         client.send(data)
-        assert aborted(client.take())
-        assert client.closing
+        assert_aborted(client)
         client.lose()
     [line] = session_lines(events)
     assert "method=gssapi" in line and "user=-" in line
@@ -465,20 +458,15 @@ def test_bad_context_message_aborts(kerberos, settings, bytewise, data, reason):
 
 @pytest.mark.parametrize("mtyp", [1, 3])
 def test_wrong_mtyp_after_context_aborts(kerberos, settings, mtyp):
-    client, _ = _after_greeting(settings)
-    initiator = Initiator(kerberos)
-    initiator.establish(client)
+    client, initiator, _ = _established(kerberos, settings)
     client.send(frame(mtyp, initiator.ctx.wrap(b"\x01", False).message))
-    assert client.take() == ABORT
-    assert client.closing
+    assert_refused(client, ABORT)
 
 
 def test_garbage_protection_token_aborts(kerberos, settings):
-    client, _ = _after_greeting(settings)
-    Initiator(kerberos).establish(client)
+    client, _, _ = _established(kerberos, settings)
     client.send(frame(2, b"\x05\x04\x00\xff" + b"\x00" * 40))
-    assert client.take() == ABORT
-    assert client.closing
+    assert_refused(client, ABORT)
 
 
 @pytest.fixture(scope="module")
@@ -536,8 +524,7 @@ def test_ticket_for_a_principal_not_in_the_keytab_aborts(kerberos, settings, two
     initiator = Initiator(kerberos, service="socksd-other")
     with capturedLogs() as events:
         client.send(frame(1, initiator.ctx.step()))
-        assert aborted(client.take())
-        assert client.closing
+        assert_aborted(client)
         client.lose()
     [line] = session_lines(events)
     assert "auth failed" in line and "method=gssapi" in line
@@ -548,10 +535,7 @@ def test_stalled_long_frame_ends_at_handshake_timeout(kerberos, settings):
     with capturedLogs() as events:
         client.send(b"\x01\x01\xff\xff" + b"\x00" * 1000)
         assert client.take() == b""
-        reactor.advance(9.9)
-        assert not client.closing
-        reactor.advance(0.2)
-        assert client.closing
+        assert_closes_at(client, reactor, 10)
         client.lose()
     [line] = session_lines(events)
     assert "handshake timeout" in line and "127.0.0.1:40000" in line
@@ -573,8 +557,7 @@ def test_largest_context_frame_is_read_whole(kerberos, settings):
     assert client.take() == b""
     assert not client.closing
     client.send(b"\x00")
-    assert aborted(client.take())
-    assert client.closing
+    assert_aborted(client)
 
 
 def test_client_leaves_during_context(kerberos, settings):
@@ -702,11 +685,7 @@ def test_tampered_frame_ends_the_session(kerberos, settings, level, where):
     token = initiator.ctx.wrap(b"transfer 100 to alice", level == 2).message
     index = {"header": 2, "middle": len(token) // 2, "last": len(token) - 1}[where]
     with capturedLogs() as events:
-        client.send(frame(3, _tampered(token, index)))
-        assert out.take() == b""
-        assert client.closing
-        client.lose()
-        out.protocol.connectionLost(Failure(error.ConnectionDone()))
+        assert_frame_ends_session(client, out, frame(3, _tampered(token, index)))
     assert out.transport.disconnecting
     [line] = session_lines(events)
     assert "method=gssapi" in line and "user=user " in line
@@ -737,11 +716,7 @@ def test_replayed_frame_ends_the_session(kerberos, settings, level):
     with capturedLogs() as events:
         client.send(wrapped)
         assert out.take() == b"pay 100"
-        client.send(wrapped)
-        assert out.take() == b""
-        assert client.closing
-        client.lose()
-        out.protocol.connectionLost(Failure(error.ConnectionDone()))
+        assert_frame_ends_session(client, out, wrapped)
     [line] = session_lines(events)
     assert "unwrap failed" in line and "user=user " in line
 
@@ -756,10 +731,7 @@ def test_replay_is_never_relayed_whatever_the_client_asked(kerberos, settings, f
     initiator asks for it. A client that does not (socksd.client, the smoke
     test) must not leave the session open to replays: the server either
     refuses such a context or still catches the replayed frame."""
-    factory, reactor = make_factory(settings)
-    client = Client(factory)
-    client.send(GREETING_GSSAPI)
-    client.take()
+    client, reactor = _after_greeting(settings)
     initiator = Initiator(kerberos, flags)
     token = initiator.ctx.step()
     client.send(frame(1, token))
@@ -806,11 +778,7 @@ def test_unencrypted_frame_in_confidential_session_ends_it(kerberos, settings):
     client, initiator = authenticate(kerberos, factory, 2)
     out = connect(client, initiator, reactor)
     with capturedLogs() as events:
-        client.send(initiator.wrap(b"plain text", conf=False))
-        assert out.take() == b""
-        assert client.closing
-        client.lose()
-        out.protocol.connectionLost(Failure(error.ConnectionDone()))
+        assert_frame_ends_session(client, out, initiator.wrap(b"plain text", conf=False))
     [line] = session_lines(events)
     assert "unencrypted frame" in line
 
@@ -915,11 +883,7 @@ def test_avatar_is_principal_without_realm_by_default(kerberos, settings):
     client, initiator = authenticate(kerberos, factory, 1)
     assert client.session.user.name == "user"
     assert client.session.user.verified
-    with capturedLogs() as events:
-        out = connect(client, initiator, reactor)
-        out.protocol.connectionLost(Failure(error.ConnectionDone()))
-        client.lose()
-    [line] = session_lines(events)
+    line = connected_and_closed_session_line(client, initiator, reactor)
     assert "socks5 user=user method=gssapi connect" in line
 
 
@@ -928,11 +892,7 @@ def test_principal_map_keep_keeps_the_realm(kerberos, tmp_path):
                                                   extra='principal_map = "keep"\n'))
     client, initiator = authenticate(kerberos, factory, 2)
     assert client.session.user.name == kerberos.user
-    with capturedLogs() as events:
-        out = connect(client, initiator, reactor)
-        out.protocol.connectionLost(Failure(error.ConnectionDone()))
-        client.lose()
-    [line] = session_lines(events)
+    line = connected_and_closed_session_line(client, initiator, reactor)
     assert f"user={kerberos.user} method=gssapi" in line
 
 
@@ -941,11 +901,7 @@ def test_principals_table_maps_names(kerberos, tmp_path):
     factory, reactor = make_factory(load_settings(kerberos, tmp_path, extra=extra))
     client, initiator = authenticate(kerberos, factory, 1)
     assert client.session.user.name == "alice"
-    with capturedLogs() as events:
-        out = connect(client, initiator, reactor)
-        out.protocol.connectionLost(Failure(error.ConnectionDone()))
-        client.lose()
-    [line] = session_lines(events)
+    line = connected_and_closed_session_line(client, initiator, reactor)
     assert "user=alice method=gssapi" in line
 
 

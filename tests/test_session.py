@@ -19,8 +19,9 @@ from socksd.auth.methods import method_registry
 from socksd.proxy import Limits
 from socksd.rules import RuleSet, compile_rule
 
-from fakes import (Client, Outbound, alice_portal, failure_reply, make_factory,
-                   session_lines)
+from fakes import (Client, Outbound, alice_portal, assert_closes_at, assert_refused,
+                   failure_reply, make_factory, refused_session_line,
+                   relay_until_far_end_closes, session_lines, socks5_client)
 from fakes import bytewise  # noqa: F401  (a pytest fixture, used by name)
 
 GREETING_NONE = b"\x05\x01\x00"
@@ -38,6 +39,14 @@ SUCCESS_BOUND = b"\x05\x00\x00\x01\x0a\x00\x00\x05\xc7\x38"
 def userpass_methods(*names: str):
     registry = method_registry(alice_portal())
     return [registry[name] for name in names]
+
+
+def connected(factory) -> tuple[Client, Outbound]:
+    """A client whose CONNECT 93.184.216.34:80 the destination has accepted."""
+    client = socks5_client(factory, CONNECT_IP)
+    out = Outbound(factory.reactor)
+    out.accept()
+    return client, out
 
 
 # Method selection.
@@ -62,12 +71,7 @@ def test_method_none_among_several_offered(bytewise):
 def test_no_acceptable_method(bytewise):
     factory, _ = make_factory()
     client = Client(factory, bytewise)
-    with capturedLogs() as events:
-        client.send(b"\x05\x02\x01\x02")
-        assert client.take() == b"\x05\xff"
-        assert client.closing
-        client.lose()
-    [line] = session_lines(events)
+    line = refused_session_line(client, [b"\x05\x02\x01\x02"], b"\x05\xff")
     assert "no acceptable method" in line
     assert "127.0.0.1:40000" in line
 
@@ -76,8 +80,7 @@ def test_userpass_required_but_only_none_offered(bytewise):
     factory, _ = make_factory(methods=userpass_methods("userpass"))
     client = Client(factory, bytewise)
     client.send(GREETING_NONE)
-    assert client.take() == b"\x05\xff"
-    assert client.closing
+    assert_refused(client, b"\x05\xff")
 
 
 def test_server_preference_order_wins(bytewise):
@@ -119,8 +122,7 @@ def test_userpass_failure(bytewise):
         client.send(GREETING_USERPASS)
         assert client.take() == b"\x05\x02"
         client.send(AUTH_ALICE_WRONG)
-        assert client.take() == b"\x01\x01"
-        assert client.closing
+        assert_refused(client, b"\x01\x01")
         client.send(CONNECT_IP)
         assert client.take() == b""
         assert reactor.tcpClients == []
@@ -141,8 +143,7 @@ def test_userpass_unknown_user_logs_name_not_password(bytewise):
     with capturedLogs() as events:
         client.send(GREETING_USERPASS)
         client.send(b"\x01\x03bob\x0chunter2hunter")
-        assert client.take() == b"\x05\x02\x01\x01"
-        assert client.closing
+        assert_refused(client, b"\x05\x02\x01\x01")
         client.lose()
     [line] = session_lines(events)
     assert "user=bob" in line and "auth failed" in line
@@ -156,8 +157,7 @@ def test_userpass_bad_subnegotiation_version(bytewise):
     client.send(GREETING_USERPASS)
     assert client.take() == b"\x05\x02"
     client.send(b"\x05\x05alice\x06secret")
-    assert client.take() == b"\x01\x01"
-    assert client.closing
+    assert_refused(client, b"\x01\x01")
 
 
 def test_userpass_success_log_line():
@@ -183,11 +183,8 @@ def test_userpass_success_log_line():
 
 def test_connect_ip_reply_and_relay(bytewise):
     factory, reactor = make_factory()
-    client = Client(factory, bytewise)
     with capturedLogs() as events:
-        client.send(GREETING_NONE)
-        assert client.take() == b"\x05\x00"
-        client.send(CONNECT_IP)
+        client = socks5_client(factory, CONNECT_IP, bytewise)
         assert client.take() == b""
         assert len(reactor.tcpClients) == 1
         out = Outbound(reactor)
@@ -195,14 +192,7 @@ def test_connect_ip_reply_and_relay(bytewise):
         out.accept()
         assert client.take() == SUCCESS_BOUND
         assert not client.closing
-
-        client.send(b"hello")
-        assert out.transport.value() == b"hello"
-        out.protocol.dataReceived(b"world!")
-        assert client.take() == b"world!"
-
-        out.protocol.connectionLost(Failure(error.ConnectionDone()))
-        assert client.closing
+        relay_until_far_end_closes(client, out)
         client.lose()
     [line] = session_lines(events)
     assert "127.0.0.1:40000" in line
@@ -213,10 +203,8 @@ def test_connect_ip_reply_and_relay(bytewise):
 
 def test_connect_ipv6_destination_and_bound_address(bytewise):
     factory, reactor = make_factory()
-    client = Client(factory, bytewise)
-    client.send(GREETING_NONE)
-    client.take()
-    client.send(b"\x05\x01\x00\x04" + bytes(15) + b"\x01" + b"\x1f\x90")
+    client = socks5_client(factory, b"\x05\x01\x00\x04" + bytes(15) + b"\x01" + b"\x1f\x90",
+                           bytewise)
     out = Outbound(reactor, bound=IPv6Address("TCP", "2001:db8::7", 443))
     assert (out.host, out.port) == ("::1", 8080)
     out.accept()
@@ -226,10 +214,7 @@ def test_connect_ipv6_destination_and_bound_address(bytewise):
 
 def test_connect_early_data_is_relayed_after_reply(bytewise):
     factory, reactor = make_factory()
-    client = Client(factory, bytewise)
-    client.send(GREETING_NONE)
-    client.take()
-    client.send(CONNECT_IP + b"early")
+    client = socks5_client(factory, CONNECT_IP + b"early", bytewise)
     out = Outbound(reactor)
     out.accept()
     assert client.take() == SUCCESS_BOUND
@@ -272,15 +257,9 @@ def test_greeting_auth_and_request_pipelined_with_userpass():
 def test_connect_failure_reply_codes(bytewise, exc, code):
     factory, reactor = make_factory()
     client = Client(factory, bytewise)
-    with capturedLogs() as events:
-        client.send(GREETING_NONE)
-        client.take()
-        client.send(CONNECT_IP)
-        Outbound(reactor).refuse(exc)
-        assert client.take() == failure_reply(code)
-        assert client.closing
-        client.lose()
-    [line] = session_lines(events)
+    line = refused_session_line(client, [GREETING_NONE, CONNECT_IP],
+                                b"\x05\x00" + failure_reply(code),
+                                after_send=lambda: Outbound(reactor).refuse(exc))
     assert "connect failed" in line and "93.184.216.34:80" in line
 
 
@@ -289,33 +268,23 @@ def test_denied_request(bytewise):
                      compile_rule("rest", "allow")])
     factory, reactor = make_factory(rules=rules)
     client = Client(factory, bytewise)
-    with capturedLogs() as events:
-        client.send(GREETING_NONE)
-        client.take()
-        client.send(CONNECT_IP)
-        assert client.take() == failure_reply(0x02)
-        assert client.closing
-        assert reactor.tcpClients == []
-        client.lose()
-    [line] = session_lines(events)
+    line = refused_session_line(client, [GREETING_NONE, CONNECT_IP],
+                                b"\x05\x00" + failure_reply(0x02))
+    assert reactor.tcpClients == []
     assert "denied" in line and "no-web" in line
 
 
 def test_default_rules_deny_non_loopback_client(bytewise):
     factory, reactor = make_factory()
-    client = Client(factory, bytewise, peer=IPv4Address("TCP", "10.1.2.3", 5555))
-    client.send(GREETING_NONE)
-    assert client.take() == b"\x05\x00"
-    client.send(CONNECT_IP)
+    client = socks5_client(factory, CONNECT_IP, bytewise,
+                           peer=IPv4Address("TCP", "10.1.2.3", 5555))
     assert client.take() == failure_reply(0x02)
     assert reactor.tcpClients == []
 
 
 def test_client_leaves_while_connecting_abandons_attempt():
     factory, reactor = make_factory()
-    client = Client(factory, False)
-    client.send(GREETING_NONE)
-    client.send(CONNECT_IP)
+    client = socks5_client(factory, CONNECT_IP)
     out = Outbound(reactor)
     client.take()
     client.lose()
@@ -343,12 +312,8 @@ BAD_REQUESTS = [
 @pytest.mark.parametrize("request_bytes, reply", BAD_REQUESTS)
 def test_bad_request_gets_its_reply(bytewise, request_bytes, reply):
     factory, reactor = make_factory()
-    client = Client(factory, bytewise)
-    client.send(GREETING_NONE)
-    client.take()
-    client.send(request_bytes)
-    assert client.take() == failure_reply(reply)
-    assert client.closing
+    client = socks5_client(factory, request_bytes, bytewise)
+    assert_refused(client, failure_reply(reply))
     assert reactor.tcpClients == []
 
 
@@ -361,10 +326,7 @@ def test_handshake_timeout_closes():
     with capturedLogs() as events:
         client.send(GREETING_NONE)
         client.send(CONNECT_IP[:4])
-        reactor.advance(9.9)
-        assert not client.closing
-        reactor.advance(0.2)
-        assert client.closing
+        assert_closes_at(client, reactor, 10)
         client.lose()
     [line] = session_lines(events)
     assert "handshake timeout" in line and "127.0.0.1:40000" in line
@@ -380,11 +342,7 @@ def test_handshake_timeout_without_any_bytes():
 
 def test_no_handshake_timeout_after_relay_starts():
     factory, reactor = make_factory(limits=Limits(handshake_timeout=10))
-    client = Client(factory, False)
-    client.send(GREETING_NONE)
-    client.send(CONNECT_IP)
-    out = Outbound(reactor)
-    out.accept()
+    client, _out = connected(factory)
     reactor.advance(100)
     assert not client.closing
 
@@ -424,11 +382,7 @@ def test_max_sessions():
 
 def test_idle_timeout_after_relay():
     factory, reactor = make_factory(limits=Limits(idle_timeout=5))
-    client = Client(factory, False)
-    client.send(GREETING_NONE)
-    client.send(CONNECT_IP)
-    out = Outbound(reactor)
-    out.accept()
+    client, out = connected(factory)
     with capturedLogs() as events:
         reactor.advance(4)
         client.send(b"ping")
@@ -446,11 +400,7 @@ def test_idle_timeout_after_relay():
 
 def test_relay_half_close_both_ways():
     factory, reactor = make_factory()
-    client = Client(factory, False)
-    client.send(GREETING_NONE)
-    client.send(CONNECT_IP)
-    out = Outbound(reactor)
-    out.accept()
+    client, out = connected(factory)
     client.take()
     client.send(b"request")
     client.session.readConnectionLost()
@@ -501,11 +451,8 @@ def test_v4_mapped_peer_counts_as_ipv4():
 def test_connect_name_resolves_through_reactor_resolver(bytewise):
     factory, reactor = make_factory()
     resolver = reactor.nameResolver
-    client = Client(factory, bytewise)
     with capturedLogs() as events:
-        client.send(GREETING_NONE)
-        client.take()
-        client.send(CONNECT_NAME)
+        client = socks5_client(factory, CONNECT_NAME, bytewise)
         # Asked, not answered yet: nothing blocks, nothing is connected.
         assert [(name, port) for _r, name, port in resolver.queries] == [("example.com", 443)]
         assert reactor.tcpClients == []
@@ -523,27 +470,19 @@ def test_connect_name_resolves_through_reactor_resolver(bytewise):
 
 def test_connect_name_without_addresses(bytewise):
     factory, reactor = make_factory()
-    client = Client(factory, bytewise)
-    client.send(GREETING_NONE)
-    client.take()
-    client.send(CONNECT_NAME)
+    client = socks5_client(factory, CONNECT_NAME, bytewise)
     reactor.nameResolver.answer()
-    assert client.take() == failure_reply(0x04)
-    assert client.closing
+    assert_refused(client, failure_reply(0x04))
     assert reactor.tcpClients == []
 
 
 def test_connect_name_resolution_timeout():
     factory, reactor = make_factory(limits=Limits(handshake_timeout=60, connect_timeout=5))
-    client = Client(factory, False)
-    client.send(GREETING_NONE)
-    client.take()
-    client.send(CONNECT_NAME)
+    client = socks5_client(factory, CONNECT_NAME)
     reactor.advance(4.9)
     assert client.take() == b""
     reactor.advance(0.2)
-    assert client.take() == failure_reply(0x04)
-    assert client.closing
+    assert_refused(client, failure_reply(0x04))
     # A late answer changes nothing.
     reactor.nameResolver.answer("93.184.216.34")
     assert reactor.tcpClients == []
@@ -553,13 +492,9 @@ def test_connect_name_resolution_timeout_with_default_limits():
     """With the default limits a lookup that never answers must still get its
     failure reply (host unreachable), not a bare close by the handshake timer."""
     factory, reactor = make_factory()
-    client = Client(factory, False)
-    client.send(GREETING_NONE)
-    client.take()
-    client.send(CONNECT_NAME)
+    client = socks5_client(factory, CONNECT_NAME)
     reactor.advance(Limits().connect_timeout)
-    assert client.take() == failure_reply(0x04)
-    assert client.closing
+    assert_refused(client, failure_reply(0x04))
 
 
 def test_connect_with_no_time_left_gets_ttl_expired():
@@ -567,21 +502,14 @@ def test_connect_with_no_time_left_gets_ttl_expired():
     all: the client still gets its reply (0x06), not a dropped connection."""
     factory, reactor = make_factory(limits=Limits(connect_timeout=1e-7))
     reactor.advance(1.7e9)   # now + 1e-7 == now in floating point
-    client = Client(factory, False)
-    client.send(GREETING_NONE)
-    client.take()
-    client.send(CONNECT_IP)
-    assert client.take() == failure_reply(0x06)
-    assert client.closing
+    client = socks5_client(factory, CONNECT_IP)
+    assert_refused(client, failure_reply(0x06))
     assert reactor.tcpClients == []
 
 
 def test_connect_name_tries_next_address():
     factory, reactor = make_factory()
-    client = Client(factory, False)
-    client.send(GREETING_NONE)
-    client.take()
-    client.send(CONNECT_NAME)
+    client = socks5_client(factory, CONNECT_NAME)
     reactor.nameResolver.answer("192.0.2.1", "192.0.2.2")
     Outbound(reactor, 0).refuse(error.ConnectionRefusedError())
     assert client.take() == b""
@@ -594,29 +522,21 @@ def test_connect_name_tries_next_address():
 
 def test_connect_name_all_addresses_fail_reports_last_failure():
     factory, reactor = make_factory()
-    client = Client(factory, False)
-    client.send(GREETING_NONE)
-    client.take()
-    client.send(CONNECT_NAME)
+    client = socks5_client(factory, CONNECT_NAME)
     reactor.nameResolver.answer("192.0.2.1", "192.0.2.2")
     Outbound(reactor, 0).refuse(error.TimeoutError())
     Outbound(reactor, 1).refuse(error.ConnectionRefusedError())
-    assert client.take() == failure_reply(0x05)
-    assert client.closing
+    assert_refused(client, failure_reply(0x05))
 
 
 def test_connect_name_denied_by_resolved_address(bytewise):
     rules = RuleSet([compile_rule("no-private", "deny", destinations=["10.0.0.0/8"]),
                      compile_rule("rest", "allow")])
     factory, reactor = make_factory(rules=rules)
-    client = Client(factory, bytewise)
-    client.send(GREETING_NONE)
-    client.take()
-    client.send(CONNECT_NAME)
+    client = socks5_client(factory, CONNECT_NAME, bytewise)
     assert len(reactor.nameResolver.queries) == 1
     reactor.nameResolver.answer("10.9.9.9")
-    assert client.take() == failure_reply(0x02)
-    assert client.closing
+    assert_refused(client, failure_reply(0x02))
     assert reactor.tcpClients == []
 
 
@@ -624,10 +544,7 @@ def test_connect_name_denied_before_resolution(bytewise):
     rules = RuleSet([compile_rule("no-example", "deny", destinations=[".example.com"]),
                      compile_rule("rest", "allow")])
     factory, reactor = make_factory(rules=rules)
-    client = Client(factory, bytewise)
-    client.send(GREETING_NONE)
-    client.take()
-    client.send(CONNECT_NAME)
+    client = socks5_client(factory, CONNECT_NAME, bytewise)
     assert client.take() == failure_reply(0x02)
     assert reactor.nameResolver.queries == []
     assert reactor.tcpClients == []
@@ -635,9 +552,7 @@ def test_connect_name_denied_before_resolution(bytewise):
 
 def test_client_leaves_while_resolving():
     factory, reactor = make_factory()
-    client = Client(factory, False)
-    client.send(GREETING_NONE)
-    client.send(CONNECT_NAME)
+    client = socks5_client(factory, CONNECT_NAME)
     client.take()
     client.lose()
     reactor.nameResolver.answer("93.184.216.34")
@@ -649,10 +564,6 @@ def test_client_leaves_while_resolving():
 def test_ipv6_peer_in_log_line():
     factory, reactor = make_factory()
     client = Client(factory, False, peer=IPv6Address("TCP", "::1", 40000))
-    with capturedLogs() as events:
-        client.send(GREETING_NONE)
-        client.send(b"\x05\x09\x00\x01" + bytes(6))
-        assert client.take() == b"\x05\x00" + failure_reply(0x07)
-        client.lose()
-    [line] = session_lines(events)
+    line = refused_session_line(client, [GREETING_NONE, b"\x05\x09\x00\x01" + bytes(6)],
+                                b"\x05\x00" + failure_reply(0x07))
     assert "[::1]:40000" in line and "command not supported" in line and "0x09" in line

@@ -21,7 +21,8 @@ from socksd.proxy import Limits, Socks4Policy
 from socksd.rules import RuleSet, compile_rule
 
 import fakes
-from fakes import BOUND, session_lines
+from fakes import (BOUND, assert_closes_at, assert_refused, refused_session_line,
+                   relay_until_far_end_closes, session_lines)
 from fakes import bytewise  # noqa: F401  (a pytest fixture, used by name)
 
 IDENT_PORT = 113
@@ -122,6 +123,14 @@ class Identd:
         return self.disconnected or (self.transport is not None and self.transport.disconnecting)
 
 
+def answer_identd(reactor, answer: bytes) -> Identd:
+    """The identd socksd asked accepts the connection and answers ``answer``."""
+    identd = Identd(reactor)
+    identd.accept()
+    identd.answer(answer)
+    return identd
+
+
 def make_factory(policy: Socks4Policy = Socks4Policy(), rules=None, limits=Limits()):
     return fakes.make_factory(rules=rules, limits=limits, socks4=policy)
 
@@ -153,12 +162,7 @@ def test_connect_ip_granted_with_bound_address_and_relay(bytewise):
         out.accept()
         assert client.take() == GRANTED_BOUND
         assert client.session.user == User("fred", verified=False)
-        client.send(b"hello")
-        assert out.transport.value() == b"hello"
-        out.protocol.dataReceived(b"world!")
-        assert client.take() == b"world!"
-        out.protocol.connectionLost(Failure(error.ConnectionDone()))
-        assert client.closing
+        relay_until_far_end_closes(client, out)
         client.lose()
     [line] = session_lines(events)
     assert "socks4" in line and "socks5" not in line
@@ -213,13 +217,8 @@ def test_empty_userid_is_anonymous(bytewise):
 def test_connect_failure_is_91(bytewise, exc):
     factory, reactor = make_factory()
     client = Client(factory, bytewise)
-    with capturedLogs() as events:
-        client.send(CONNECT_FRED)
-        Outbound(reactor).refuse(exc)
-        assert client.take() == REJECTED
-        assert client.closing
-        client.lose()
-    [line] = session_lines(events)
+    line = refused_session_line(client, [CONNECT_FRED], REJECTED,
+                                after_send=lambda: Outbound(reactor).refuse(exc))
     assert "socks4" in line and "connect failed" in line and "93.184.216.34:80" in line
 
 
@@ -228,8 +227,7 @@ def test_connect_timeout_is_91():
     client = Client(factory, False)
     client.send(CONNECT_4A)
     reactor.advance(5.1)
-    assert client.take() == REJECTED
-    assert client.closing
+    assert_refused(client, REJECTED)
 
 
 def test_denied_by_rules_is_91(bytewise):
@@ -237,13 +235,8 @@ def test_denied_by_rules_is_91(bytewise):
                      compile_rule("rest", "allow")])
     factory, reactor = make_factory(rules=rules)
     client = Client(factory, bytewise)
-    with capturedLogs() as events:
-        client.send(CONNECT_FRED)
-        assert client.take() == REJECTED
-        assert client.closing
-        assert reactor.tcpClients == []
-        client.lose()
-    [line] = session_lines(events)
+    line = refused_session_line(client, [CONNECT_FRED], REJECTED)
+    assert reactor.tcpClients == []
     assert "socks4" in line and "denied" in line and "no-web" in line
 
 
@@ -261,13 +254,8 @@ def test_default_rules_deny_non_loopback_client(bytewise):
 def test_unknown_commands_are_91(bytewise, request_bytes):
     factory, reactor = make_factory(IDENT)
     client = Client(factory, bytewise)
-    with capturedLogs() as events:
-        client.send(request_bytes)
-        assert client.take() == REJECTED
-        assert client.closing
-        assert reactor.tcpClients == []          # neither an identd nor a destination
-        client.lose()
-    [line] = session_lines(events)
+    line = refused_session_line(client, [request_bytes], REJECTED)
+    assert reactor.tcpClients == []          # neither an identd nor a destination
     assert "socks4" in line and "command not supported" in line
 
 
@@ -283,8 +271,7 @@ def test_unterminated_userid_is_91_and_buffer_stops_growing(bytewise):
         assert client.take() == b""
         assert not client.closing
         client.send(b"u")                       # the 256th byte without NUL
-        assert client.take() == REJECTED
-        assert client.closing
+        assert_refused(client, REJECTED)
         handler = client.session.handler
         held = len(handler.buffer)
         assert held <= 8 + 256
@@ -303,8 +290,7 @@ def test_unterminated_userid_in_one_large_chunk_is_91():
     factory, reactor = make_factory()
     client = Client(factory, False)
     client.send(CONNECT_FRED[:8] + b"u" * 100_000)
-    assert client.take() == REJECTED
-    assert client.closing
+    assert_refused(client, REJECTED)
     held = len(client.session.handler.buffer)
     client.session.dataReceived(b"u" * 100_000)
     assert len(client.session.handler.buffer) == held
@@ -326,8 +312,7 @@ def test_unterminated_4a_host_name_is_91(bytewise):
     assert client.take() == b""
     assert not client.closing
     client.send(b"h")
-    assert client.take() == REJECTED
-    assert client.closing
+    assert_refused(client, REJECTED)
     assert reactor.nameResolver.queries == [] and reactor.tcpClients == []
 
 
@@ -337,8 +322,7 @@ def test_bad_4a_host_name_is_91(bytewise, raw_host):
     factory, reactor = make_factory()
     client = Client(factory, bytewise)
     client.send(b"\x04\x01\x00\x50\x00\x00\x00\x01fred\x00" + raw_host + b"\x00")
-    assert client.take() == REJECTED
-    assert client.closing
+    assert_refused(client, REJECTED)
     assert reactor.nameResolver.queries == [] and reactor.tcpClients == []
 
 
@@ -354,10 +338,7 @@ def test_handshake_timeout_on_partial_request():
     factory, reactor = make_factory(limits=Limits(handshake_timeout=10))
     client = Client(factory, True)
     client.send(CONNECT_FRED[:10])
-    reactor.advance(9.9)
-    assert not client.closing
-    reactor.advance(0.2)
-    assert client.closing
+    assert_closes_at(client, reactor, 10)
 
 
 # SOCKS4a: the host name is resolved through the reactor's resolver.
@@ -395,19 +376,23 @@ def test_4a_name_without_addresses_is_91(bytewise):
     client = Client(factory, bytewise)
     client.send(CONNECT_4A)
     reactor.nameResolver.answer()
-    assert client.take() == REJECTED
-    assert client.closing
+    assert_refused(client, REJECTED)
     assert reactor.tcpClients == []
 
 
-def test_4a_denied_by_name_before_resolution(bytewise):
-    rules = RuleSet([compile_rule("no-example", "deny", destinations=[".example.com"]),
-                     compile_rule("rest", "allow")])
+def assert_4a_denied_before_resolution(rules: RuleSet, bytewise: bool) -> None:
+    """CONNECT_4A gets 91 with the name neither resolved nor connected to."""
     factory, reactor = make_factory(rules=rules)
     client = Client(factory, bytewise)
     client.send(CONNECT_4A)
     assert client.take() == REJECTED
     assert reactor.nameResolver.queries == [] and reactor.tcpClients == []
+
+
+def test_4a_denied_by_name_before_resolution(bytewise):
+    rules = RuleSet([compile_rule("no-example", "deny", destinations=[".example.com"]),
+                     compile_rule("rest", "allow")])
+    assert_4a_denied_before_resolution(rules, bytewise)
 
 
 def test_4a_denied_by_resolved_address(bytewise):
@@ -442,13 +427,9 @@ def test_whitelist_listed_userid_passes(bytewise):
 def test_whitelist_unlisted_userid_is_91(bytewise):
     factory, reactor = make_factory(WHITELIST)
     client = Client(factory, bytewise)
-    with capturedLogs() as events:
-        client.send(b"\x04\x01\x00\x50\x5d\xb8\xd8\x22barney\x00")
-        assert client.take() == REJECTED
-        assert client.closing
-        assert reactor.tcpClients == []
-        client.lose()
-    [line] = session_lines(events)
+    line = refused_session_line(client, [b"\x04\x01\x00\x50\x5d\xb8\xd8\x22barney\x00"],
+                                REJECTED)
+    assert reactor.tcpClients == []
     assert "socks4" in line and "user=barney" in line and "auth failed" in line
 
 
@@ -473,8 +454,7 @@ def test_whitelist_empty_userid_refused(bytewise):
     factory, reactor = make_factory(policy)
     client = Client(factory, bytewise)
     client.send(CONNECT_ANON)
-    assert client.take() == REJECTED
-    assert client.closing
+    assert_refused(client, REJECTED)
     assert reactor.tcpClients == []
 
 
@@ -564,16 +544,9 @@ def test_ident_over_ipv6(bytewise):
 def test_ident_other_user_is_93(bytewise):
     factory, reactor = make_factory(IDENT)
     client = Client(factory, bytewise)
-    with capturedLogs() as events:
-        client.send(CONNECT_FRED)
-        identd = Identd(reactor)
-        identd.accept()
-        identd.answer(ident_userid("barney"))
-        assert client.take() == MISMATCH
-        assert client.closing
-        assert destinations(reactor) == []
-        client.lose()
-    [line] = session_lines(events)
+    line = refused_session_line(client, [CONNECT_FRED], MISMATCH,
+                                after_send=lambda: answer_identd(reactor, ident_userid("barney")))
+    assert destinations(reactor) == []
     assert "socks4" in line and "user=fred" in line and "auth failed" in line
     assert "barney" in line
 
@@ -582,9 +555,7 @@ def test_ident_comparison_is_exact_by_default(bytewise):
     factory, reactor = make_factory(IDENT)
     client = Client(factory, bytewise)
     client.send(CONNECT_FRED)
-    identd = Identd(reactor)
-    identd.accept()
-    identd.answer(ident_userid("FRED"))
+    answer_identd(reactor, ident_userid("FRED"))
     assert client.take() == MISMATCH
 
 
@@ -592,9 +563,7 @@ def test_ident_case_insensitive(bytewise):
     factory, reactor = make_factory(Socks4Policy(userid="ident", ident_case_insensitive=True))
     client = Client(factory, bytewise)
     client.send(CONNECT_FRED)
-    identd = Identd(reactor)
-    identd.accept()
-    identd.answer(ident_userid("FRED"))
+    answer_identd(reactor, ident_userid("FRED"))
     granted(client, reactor)
     assert client.session.user == User("fred", verified=True)
 
@@ -603,9 +572,7 @@ def test_ident_case_insensitive_still_refuses_other_users(bytewise):
     factory, reactor = make_factory(Socks4Policy(userid="ident", ident_case_insensitive=True))
     client = Client(factory, bytewise)
     client.send(CONNECT_FRED)
-    identd = Identd(reactor)
-    identd.accept()
-    identd.answer(ident_userid("FREDDY"))
+    answer_identd(reactor, ident_userid("FREDDY"))
     assert client.take() == MISMATCH
 
 
@@ -614,16 +581,10 @@ def test_ident_case_insensitive_still_refuses_other_users(bytewise):
 def test_ident_error_is_92(bytewise, token):
     factory, reactor = make_factory(IDENT)
     client = Client(factory, bytewise)
-    with capturedLogs() as events:
-        client.send(CONNECT_FRED)
-        identd = Identd(reactor)
-        identd.accept()
-        identd.answer(b"40000, 1080 : ERROR : " + token + b"\r\n")
-        assert client.take() == NO_IDENTD
-        assert client.closing
-        assert destinations(reactor) == []
-        client.lose()
-    [line] = session_lines(events)
+    error_answer = b"40000, 1080 : ERROR : " + token + b"\r\n"
+    line = refused_session_line(client, [CONNECT_FRED], NO_IDENTD,
+                                after_send=lambda: answer_identd(reactor, error_answer))
+    assert destinations(reactor) == []
     assert "socks4" in line and "auth failed" in line and "user=fred" in line
 
 
@@ -632,8 +593,7 @@ def test_ident_refused_is_92(bytewise):
     client = Client(factory, bytewise)
     client.send(CONNECT_FRED)
     Identd(reactor).refuse()
-    assert client.take() == NO_IDENTD
-    assert client.closing
+    assert_refused(client, NO_IDENTD)
     assert destinations(reactor) == []
 
 
@@ -656,11 +616,8 @@ def test_ident_unusable_answer_is_92(bytewise, answer):
     factory, reactor = make_factory(IDENT)
     client = Client(factory, bytewise)
     client.send(CONNECT_FRED)
-    identd = Identd(reactor)
-    identd.accept()
-    identd.answer(answer)
-    assert client.take() == NO_IDENTD
-    assert client.closing
+    identd = answer_identd(reactor, answer)
+    assert_refused(client, NO_IDENTD)
     assert identd.closed
     assert destinations(reactor) == []
 
@@ -677,8 +634,7 @@ def test_ident_no_answer_until_timeout_is_92(bytewise):
         assert client.take() == b""
         assert not client.closing
         reactor.advance(0.1)
-        assert client.take() == NO_IDENTD
-        assert client.closing
+        assert_refused(client, NO_IDENTD)
         assert identd.closed                # the query connection is not left open
         assert destinations(reactor) == []
         # A late answer changes nothing.
@@ -720,9 +676,7 @@ def test_ident_fallback_trust_on_error_token(bytewise):
     factory, reactor = make_factory(Socks4Policy(userid="ident", ident_fallback="trust"))
     client = Client(factory, bytewise)
     client.send(CONNECT_FRED)
-    identd = Identd(reactor)
-    identd.accept()
-    identd.answer(b"40000, 1080 : ERROR : HIDDEN-USER\r\n")
+    answer_identd(reactor, b"40000, 1080 : ERROR : HIDDEN-USER\r\n")
     granted(client, reactor)
     assert client.session.user == User("fred", verified=False)
 
@@ -731,9 +685,7 @@ def test_ident_fallback_trust_does_not_override_mismatch(bytewise):
     factory, reactor = make_factory(Socks4Policy(userid="ident", ident_fallback="trust"))
     client = Client(factory, bytewise)
     client.send(CONNECT_FRED)
-    identd = Identd(reactor)
-    identd.accept()
-    identd.answer(ident_userid("barney"))
+    answer_identd(reactor, ident_userid("barney"))
     assert client.take() == MISMATCH
 
 
@@ -751,9 +703,7 @@ def test_ident_4a(bytewise):
     client = Client(factory, bytewise)
     client.send(CONNECT_4A)
     assert reactor.nameResolver.queries == []   # not before the USERID is verified
-    identd = Identd(reactor)
-    identd.accept()
-    identd.answer(ident_userid("fred"))
+    answer_identd(reactor, ident_userid("fred"))
     reactor.nameResolver.answer("93.184.216.34")
     granted(client, reactor)
 
@@ -823,23 +773,15 @@ def test_rule_for_socks5_only_denies_socks4(bytewise):
     rules = RuleSet([compile_rule("v5", "allow", versions=[5])])
     factory, reactor = make_factory(rules=rules)
     client = Client(factory, bytewise)
-    with capturedLogs() as events:
-        client.send(CONNECT_FRED)
-        assert client.take() == REJECTED
-        assert reactor.tcpClients == []
-        client.lose()
-    [line] = session_lines(events)
+    line = refused_session_line(client, [CONNECT_FRED], REJECTED)
+    assert reactor.tcpClients == []
     assert "socks4" in line and "denied" in line
 
 
 def test_rule_denying_socks4_before_allow_all(bytewise):
     rules = RuleSet([compile_rule("no-v4", "deny", versions=[4]),
                      compile_rule("rest", "allow")])
-    factory, reactor = make_factory(rules=rules)
-    client = Client(factory, bytewise)
-    client.send(CONNECT_4A)
-    assert client.take() == REJECTED
-    assert reactor.nameResolver.queries == [] and reactor.tcpClients == []
+    assert_4a_denied_before_resolution(rules, bytewise)
 
 
 def test_rule_for_socks4_allows_socks4(bytewise):
@@ -883,9 +825,7 @@ def test_verified_rule_allows_ident_verified_user(bytewise):
     factory, reactor = make_factory(IDENT, rules=VERIFIED_ONLY)
     client = Client(factory, bytewise)
     client.send(CONNECT_FRED)
-    identd = Identd(reactor)
-    identd.accept()
-    identd.answer(ident_userid("fred"))
+    answer_identd(reactor, ident_userid("fred"))
     granted(client, reactor)
 
 
@@ -904,9 +844,7 @@ def test_unverified_rule_matches_only_unverified(bytewise):
     factory, reactor = make_factory(IDENT, rules=rules)
     client = Client(factory, bytewise)
     client.send(CONNECT_FRED)
-    identd = Identd(reactor)
-    identd.accept()
-    identd.answer(ident_userid("fred"))
+    answer_identd(reactor, ident_userid("fred"))
     assert client.take() == REJECTED
     assert destinations(reactor) == []
 
