@@ -354,3 +354,40 @@ def test_stalling_identd_exact_reply_bytes(socks_server, stalling_identd):
                              b"\x04\x01\x00\x50\x7f\x00\x00\x01someone\x00")
     assert reply == b"\x00\x5c" + bytes(6)
     assert 0.9 <= time.monotonic() - started < 4
+
+
+def test_identd_never_vouches_for_a_trusted_userid(socks_server):
+    """With the identd in the same process, a SOCKS4 USERID taken on trust
+    (not verified) is not what the identd answers for the outgoing
+    connection: anyone could claim any name. A password user still is."""
+    server = socks_server('[server]\nmethods = ["userpass", "none"]\n'
+                          'checkers = ["memory:alice:secret"]\n\n'
+                          '[identd]\nenabled = true\nlisten = ["tcp:0:interface=127.0.0.1"]\n')
+    ident_port = int(server.wait_for_log(r"IdentFactory starting on (\d+)").group(1))
+    with socket.create_server(("127.0.0.1", 0)) as target:
+        tport = target.getsockname()[1]
+        target.settimeout(10)
+
+        def ident_for(client: socket.socket) -> bytes:
+            inbound, (_host, source_port) = target.accept()
+            with inbound:
+                client.sendall(b"ping")           # the relay runs: the session is set up
+                assert inbound.recv(4) == b"ping"
+                with socket.create_connection(("127.0.0.1", ident_port), timeout=10) as q:
+                    q.sendall(b"%d, %d\r\n" % (source_port, tport))
+                    return q.recv(512).split(b" : ", 1)[1].strip()
+
+        with socket.create_connection(server.address, timeout=10) as client:
+            client.sendall(b"\x04\x01" + tport.to_bytes(2, "big")
+                           + socket.inet_aton("127.0.0.1") + b"mallory\x00")
+            assert client.recv(8)[:2] == b"\x00\x5a"
+            assert ident_for(client) == b"ERROR : HIDDEN-USER"   # socksd's own (root)
+        with socket.create_connection(server.address, timeout=10) as client:
+            client.sendall(b"\x05\x01\x02")
+            assert client.recv(2) == b"\x05\x02"
+            client.sendall(b"\x01\x05alice\x06secret")
+            assert client.recv(2) == b"\x01\x00"
+            client.sendall(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1")
+                           + tport.to_bytes(2, "big"))
+            assert client.recv(10)[:2] == b"\x05\x00"
+            assert ident_for(client) == b"USERID : UNIX : alice"

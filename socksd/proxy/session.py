@@ -450,7 +450,10 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
             self.splice_after = self.received + SPLICE_AFTER
             outbound.splice_after = outbound.received + SPLICE_AFTER
         registry = self.server.registry
-        if registry is not None and self.user.name is not None:
+        # Only a user who proved who they are (password, Kerberos, a client
+        # identd that confirmed the USERID): the identd vouches for this name
+        # to the world, so a SOCKS4 USERID taken on trust must not reach it.
+        if registry is not None and self.user.verified:
             local, remote = outbound.transport.getHost(), outbound.transport.getPeer()
             self.registered = registry.add(local.host, local.port, remote.host, remote.port,
                                            self.user.name)
