@@ -421,6 +421,23 @@ def test_bindreply_rule(bytewise, bindreply_rule, refused, accepted):
     assert client.take() == reply5(*accepted)
 
 
+def allowed_lines(events) -> list[str]:
+    return [formatEvent(e) for e in events if "allowed by" in (formatEvent(e) or "")]
+
+
+def test_bindreply_rule_with_log_logs_the_peer_it_lets_in(bytewise):
+    rules = RuleSet([compile_rule("helpers", "allow", commands=["bindreply"],
+                                  destinations=["127.0.0.2"], log=True),
+                     compile_rule("loopback", "allow", sources=["127.0.0.0/8"])])
+    factory, reactor = make_factory(rules=rules)
+    with capturedLogs() as events:
+        client = bind5(factory, bytewise)
+        client.take()
+        Incoming(reactor, "127.0.0.2", 4444).connect()
+    assert allowed_lines(events) == [
+        "127.0.0.1:40000 - bindreply 127.0.0.2:4444 allowed by helpers (allow)"]
+
+
 def test_bind5_client_leaves_while_waiting_closes_listener():
     factory, reactor = make_factory(limits=Limits(bind_timeout=10))
     with capturedLogs() as events:
@@ -671,6 +688,24 @@ def test_udp_allowed_by_a_rule_for_some_destinations(bytewise):
     relay.datagramReceived(socks5.encode_udp("192.0.2.53", 54, b"q"), ("127.0.0.1", 6000))
     assert port.take() == [(b"q", ("192.0.2.53", 53))]
     assert relay.counts["dropped"] == 1
+
+
+def test_udp_rule_with_log_logs_each_new_address_once(bytewise):
+    rules = RuleSet([compile_rule("dns", "allow", commands=["udp", "udpreply"], ports=["53"],
+                                  log=True),
+                     compile_rule("connect", "allow", commands=["connect"])])
+    factory, reactor = make_factory(rules=rules)
+    with capturedLogs() as events:
+        client, relay, port = associate(factory, bytewise)
+        for _ in range(3):
+            relay.datagramReceived(socks5.encode_udp("192.0.2.53", 53, b"q"),
+                                   ("127.0.0.1", 6000))
+            relay.datagramReceived(b"a", ("192.0.2.53", 53))
+        relay.datagramReceived(socks5.encode_udp("192.0.2.54", 53, b"q"), ("127.0.0.1", 6000))
+    assert allowed_lines(events) == [
+        f"127.0.0.1:40000 - {command} {address}:53 allowed by dns (allow)"
+        for command, address in (("udp", "192.0.2.53"), ("udpreply", "192.0.2.53"),
+                                 ("udp", "192.0.2.54"))]
 
 
 def test_udp_ends_with_control_connection_and_logs_counts():

@@ -271,7 +271,7 @@ def test_denied_request(bytewise):
     line = refused_session_line(client, [GREETING_NONE, CONNECT_IP],
                                 b"\x05\x00" + failure_reply(0x02))
     assert reactor.tcpClients == []
-    assert "denied" in line and "no-web" in line
+    assert line.endswith(" denied: no-web (deny)"), line   # the word once
 
 
 def test_default_rules_deny_non_loopback_client(bytewise):
@@ -345,6 +345,25 @@ def test_no_handshake_timeout_after_relay_starts():
     client, _out = connected(factory)
     reactor.advance(100)
     assert not client.closing
+
+
+@pytest.mark.parametrize("worker, prefix", [(None, ""), (3, "w3 ")])
+def test_max_sessions(monkeypatch, worker, prefix):
+    """Over max_sessions a connection is refused before anything is read (no
+    Session at all), with one line saying so; a closed session frees a place."""
+    from socksd.proxy import session as session_module
+
+    monkeypatch.setattr(session_module, "WORKER", worker)
+    factory, _ = make_factory(limits=Limits(max_sessions=2))
+    first, second = Client(factory), Client(factory)
+    with capturedLogs() as events:
+        third = Client(factory, peer=IPv4Address("TCP", "127.0.0.9", 40009))
+    assert third.session is None
+    [line] = [formatEvent(e) for e in events]
+    assert line == f"{prefix}refused 127.0.0.9:40009: max_sessions (2) reached"
+    assert not first.closing and not second.closing
+    first.lose()
+    assert Client(factory).session is not None
 
 
 def test_max_sessions_per_client(bytewise):

@@ -326,12 +326,13 @@ def test_bad_4a_host_name_is_91(bytewise, raw_host):
     assert reactor.nameResolver.queries == [] and reactor.tcpClients == []
 
 
-def test_socks4_disabled_closes_without_connecting(bytewise):
+def test_socks4_disabled_is_91_without_connecting(bytewise):
     factory, reactor = make_factory(Socks4Policy(enabled=False))
     client = Client(factory, bytewise)
-    client.send(CONNECT_FRED)
-    assert client.closing
+    line = refused_session_line(client, [CONNECT_FRED], REJECTED)
     assert reactor.tcpClients == []
+    assert " socks4 " in line and line.endswith(
+        "bad request: SOCKS4 is disabled ([socks4] enabled = false)"), line
 
 
 def test_handshake_timeout_on_partial_request():

@@ -101,6 +101,7 @@ class BindWaiter(ServerFactory):
                      peer=session.peer, source=addr.host,
                      why=decision.reason if not decision.allowed else "not the expected peer")
             return None
+        session.note_rule(decision, "bindreply", connect.host_port(addr.host, addr.port))
         self.taken = True
         protocol = Incoming()
         protocol.factory = self

@@ -87,7 +87,10 @@ class SOCKSServerFactory(ServerFactory):
 
     def buildProtocol(self, addr):
         if self.sessions >= self.limits.max_sessions:
-            log.warn("refused {peer}: max_sessions ({limit}) reached",
+            # Refused before a byte is read: behind haproxy: this is the
+            # balancer's address, the PROXY header is never looked at.
+            log.warn("{worker}refused {peer}: max_sessions ({limit}) reached",
+                     worker="" if WORKER is None else f"w{WORKER} ",
                      peer=_address(addr), limit=self.limits.max_sessions)
             return None
         return Session(self)
@@ -199,8 +202,12 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
                     return
             if data[0] == socks5.VERSION:
                 self.handler = Socks5Handshake(self)
-            elif data[0] == socks4.VERSION and self.server.socks4.enabled:
+            elif data[0] == socks4.VERSION:
                 self.version = 4
+                if not self.server.socks4.enabled:
+                    self.transport.write(socks4.encode_reply(socks4.REJECTED))
+                    self.fail("bad request", "SOCKS4 is disabled ([socks4] enabled = false)")
+                    return
                 self.handler = Socks4Handshake(self)
             else:
                 self.fail("bad request", f"unsupported SOCKS version {data[0]}")
@@ -367,7 +374,7 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         if decision is not None and not decision.allowed:
             return defer.fail(connect.ConnectFailed(connect.DENIED, decision.reason))
         if decision is not None:
-            self._note_rule(decision)
+            self.note_rule(decision)
         d = connect.resolve(server.reactor, host, port, timeout)
         d.addCallback(self._allowed_addresses, command, host, port, decision is not None)
         return d
@@ -379,14 +386,18 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
                                             verified=self.user.verified)
         if not decision.allowed:
             return connect.ConnectFailed(connect.DENIED, decision.reason)
-        self._note_rule(decision)
+        self.note_rule(decision)
         return None
 
-    def _note_rule(self, decision) -> None:
+    def note_rule(self, decision, command: str | None = None,
+                  destination: str | None = None) -> None:
+        """One line for an allow by a rule with ``log = true``: this request,
+        or (for BIND and UDP) the peer or datagram address it was about."""
         if decision.rule is not None and decision.rule.log:
             log.info("{peer} {user} {command} {destination} allowed by {rule}",
-                     peer=self.peer, user=self.user.name or "-", command=self.command,
-                     destination=self.destination, rule=decision.reason)
+                     peer=self.peer, user=self.user.name or "-",
+                     command=command or self.command,
+                     destination=destination or self.destination, rule=decision.reason)
 
     def _allowed_addresses(self, hosts: list[str], command: str, name: str, port: int,
                            decided: bool) -> list[str]:
@@ -399,7 +410,7 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
                                                 verified=self.user.verified)
             if decision.allowed:
                 if not allowed:
-                    self._note_rule(decision)
+                    self.note_rule(decision)
                 allowed.append(host)
             elif first_denial is None:
                 first_denial = decision
@@ -430,8 +441,10 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         return Failure(connect.classify(failure))
 
     def connect_failed(self, failed: connect.ConnectFailed) -> None:
-        self.fail("denied" if failed.reason == connect.DENIED else f"{self.command} failed",
-                  str(failed))
+        if failed.reason == connect.DENIED:
+            self.fail("denied", failed.detail)   # "rule 2 (deny)": the outcome says denied
+        else:
+            self.fail(f"{self.command} failed", str(failed))
 
     def start_relay(self, outbound: connect.Outbound, reply: bytes, early: bytes = b"") -> None:
         """Write the handshake's last reply; from then on bytes flow both

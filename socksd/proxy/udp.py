@@ -155,9 +155,12 @@ class UDPRelay(DatagramProtocol):
         allowed = self.decisions.get(key)
         if allowed is None:
             session = self.session
-            allowed = session.server.rules.decide(
+            decision = session.server.rules.decide(
                 session.client, session.user.name, command, port, name, parse_ip(ip),
-                version=session.version, verified=session.user.verified).allowed
+                version=session.version, verified=session.user.verified)
+            allowed = decision.allowed
+            if allowed:   # once per address while it is remembered, not per datagram
+                session.note_rule(decision, command, connect.host_port(name or ip, port))
             self.decisions.put(key, allowed)
         return allowed
 
