@@ -137,6 +137,10 @@ class _Where:
                         header = number
                         break
             if header is None:
+                if "." in table and index is None:
+                    # [identd] users = {alice = ...}: the key of the parent table.
+                    parent, _, name = table.rpartition(".")
+                    return self.line_of(parent, None, name)
                 return None
         if key is None:
             return None if header is None else header + 1
@@ -173,8 +177,25 @@ def load(path: str) -> Config:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
+        at = re.search(r" \(at line (\d+), column (\d+)\)$", str(e))
+        if at:
+            raise ConfigError(f"{path}:{at[1]}: not valid TOML: {str(e)[:at.start()]} "
+                              f"(column {at[2]})") from None
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     return parse(data, _Where(path, text))
+
+
+def location(path: str | None, table: str, key: str) -> str:
+    """"FILE:LINE" of a key, for errors found after parsing (checkers,
+    keytabs): the file is read again to find the line."""
+    if path is None:
+        return "command line"
+    try:
+        with open(path, encoding="utf-8") as f:
+            line = _Where(path, f.read()).line_of(table, None, key)
+    except (OSError, UnicodeDecodeError):
+        line = None
+    return f"{path}:{line}" if line else path
 
 
 def parse(data: dict[str, Any], where: _Where) -> Config:
@@ -442,12 +463,13 @@ def _toml_type(value: Any) -> str:
             list: "an array", dict: "a table"}.get(type(value), type(value).__name__)
 
 
-def parse_listener(description: str) -> tuple[int, str, int, int, bool]:
-    """A tcp/tcp6 endpoint string (optionally haproxy:) -> (family, host,
-    port, backlog, haproxy). Other endpoint types cannot be shared."""
-    haproxy = description.startswith("haproxy:")
-    if haproxy:
-        description = description[len("haproxy:"):]
+def _split_endpoint(description: str) -> tuple[str, list[str], dict[str, str], bool]:
+    """An endpoint string -> (type, positional args, keyword args, behind
+    haproxy:), by the rules of Twisted's strports (``:`` separates, ``\\``
+    escapes). Twisted keeps its parser private."""
+    haproxy = False
+    while description.startswith("haproxy:"):
+        haproxy, description = True, description[len("haproxy:"):]
     parts, current, escaped = [], "", False
     for char in description:
         if escaped:
@@ -461,14 +483,22 @@ def parse_listener(description: str) -> tuple[int, str, int, int, bool]:
         else:
             current += char
     parts.append(current)
-    kind, args = parts[0], parts[1:]
-    if kind not in ("tcp", "tcp6") or not args:
-        raise ValueError(f"{description!r}: workers > 1 serves tcp:, tcp6: and haproxy:tcp: "
-                         "listeners only")
+    args = [part for part in parts[1:] if "=" not in part]
+    options = dict(part.split("=", 1) for part in parts[1:] if "=" in part)
+    return parts[0], args, options, haproxy
+
+
+def parse_listener(description: str) -> tuple[int, str, int, int, bool]:
+    """A tcp/tcp6 endpoint string (optionally haproxy:) -> (family, host,
+    port, backlog, haproxy). Other endpoint types cannot be shared."""
+    kind, args, options, haproxy = _split_endpoint(description)
+    if kind not in ("tcp", "tcp6") or not (args or "port" in options):
+        raise ValueError(f"{description.removeprefix('haproxy:')!r}: workers > 1 serves tcp:, "
+                         "tcp6: and haproxy:tcp: listeners only")
     family = socket.AF_INET6 if kind == "tcp6" else socket.AF_INET
-    options = dict(arg.split("=", 1) for arg in args[1:] if "=" in arg)
     host = options.get("interface", "::" if family == socket.AF_INET6 else "0.0.0.0")
-    return family, host, int(args[0]), int(options.get("backlog", 50)), haproxy
+    port = options.get("port", args[0] if args else "")
+    return family, host, int(port), int(options.get("backlog", 50)), haproxy
 
 
 def worker_count(value) -> int:
@@ -495,12 +525,20 @@ def _endpoint_problem(description: str) -> str | None:
     """Why Twisted would refuse this server endpoint string, if it would."""
     from twisted.internet import endpoints, reactor
 
+    kind, args, options, _haproxy = _split_endpoint(description)
     try:
         endpoints.serverFromString(reactor, description)
-    except (ValueError, KeyError, TypeError) as e:
-        return f"not a valid Twisted endpoint ({e})"
     except ImportError as e:
-        if description.split(":", 1)[0] == "ssl":
+        if kind == "ssl":
             return "ssl: endpoints need pyOpenSSL: pip install 'socksd[tls]'"
         return f"this endpoint type needs a module that is not installed ({e})"
+    except OSError as e:   # ssl: reads its key and certificate now
+        return f"cannot read {e.filename or 'a file it names'}: {e.strerror or e}"
+    except Exception as e:  # ValueError, KeyError, or pyOpenSSL's errors for a bad PEM
+        return f"not a valid Twisted endpoint ({e or type(e).__name__})"
+    if kind in ("tcp", "tcp6", "ssl"):
+        # Twisted takes any integer here and only bind() refuses it, at start.
+        port = options.get("port", args[0] if args else "")
+        if not (port.isdigit() and int(port) <= 65535):
+            return f"port {port!r} is not 0-65535"
     return None

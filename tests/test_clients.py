@@ -409,9 +409,15 @@ BAD_CONFIGS = {
                  r"{path}:3: rules\[1\]\.ports: .*80-70000"),
     "unknown-table": ('[server]\nmethods = ["none"]\n\n[sever]\nlisten = []\n',
                       r"{path}(:4)?: sever: unknown table"),
-    "invalid-toml": ('[server\nlisten = []\n', r"{path}: .*TOML"),
+    "invalid-toml": ('[server\nlisten = []\n', r"{path}:1: not valid TOML"),
     "unknown-method": ('[server]\nmethods = ["none", "magic"]\n',
                        r"{path}:2: server\.methods: .*magic"),
+    "listen-port-range": ('[server]\nlisten = ["tcp:99999:interface=127.0.0.1"]\n',
+                          r"{path}:2: server\.listen: .*port '99999' is not 0-65535"),
+    "missing-password-file": ('[server]\nmethods = ["userpass"]\n'
+                              'checkers = ["file:/nonexistent/users"]\n',
+                              r"{path}:3: server\.checkers: file:/nonexistent/users: "
+                              r"cannot read /nonexistent/users"),
 }
 
 
@@ -496,8 +502,28 @@ def test_socks5_over_tls_listener(socks_server, echo_server):
 @pytest.mark.parametrize("listen, pattern", [
     ("nonsense:1080", r"--listen: 'nonsense:1080': not a valid Twisted endpoint"),
     ("tcp:notaport", r"--listen: 'tcp:notaport': not a valid Twisted endpoint"),
+    # Twisted accepts these strings; bind() or the key file would fail at start.
+    ("tcp:99999", r"--listen: 'tcp:99999': port '99999' is not 0-65535"),
+    ("ssl:0:privateKey=/nonexistent/key.pem",
+     r"--listen: 'ssl:0:privateKey=/nonexistent/key.pem': cannot read /nonexistent/key.pem"),
 ])
 def test_bad_listen_option(tmp_path, check, listen, pattern):
     """--listen is checked like server.listen: one line, no traceback."""
     args = ["--listen", listen] + (["--check"] if check else [])
     _assert_config_error(_run_twistd(*args, cwd=tmp_path), pattern)
+
+
+@pytest.mark.parametrize("check", [True, False], ids=["check", "start"])
+@pytest.mark.parametrize("auth, pattern", [
+    ("memory:alice", r"^socksd: --auth 'memory:alice': .*format"),
+    ("nosuchtype:x", r"^socksd: --auth 'nosuchtype:x': .*nosuchtype"),
+    ("file:/nonexistent/users", r"^socksd: --auth: file:/nonexistent/users: "
+                                r"cannot read /nonexistent/users$"),
+])
+def test_bad_auth_option(tmp_path, check, auth, pattern):
+    """A bad --auth is one line (no usage text, no traceback), non-zero exit."""
+    args = ["--auth", auth] + (["--check"] if check else
+                               ["--listen", "tcp:0:interface=127.0.0.1"])
+    out = _run_twistd(*args, cwd=tmp_path)
+    _assert_config_error(out, pattern.replace("^", "(?m)^", 1))
+    assert "Usage:" not in out.stdout + out.stderr

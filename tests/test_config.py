@@ -104,7 +104,7 @@ log = true
     ("[[rules]]\naction = \"allow\"\ncommands = []\n", "rules[1].commands: commands is empty"),
     ("[[rules]]\naction = \"allow\"\nlog = \"yes\"\n", "rules[1].log: must be true or false"),
     ("[[rules]]\naction = \"allow\"\ncolour = \"red\"\n", "socksd.toml:3: rules[1].colour: unknown key"),
-    ("[server\n", "not valid TOML"),
+    ("[server]\n\n[server\n", "socksd.toml:3: not valid TOML: "),
 ])
 def test_errors_name_file_line_key_and_reason(tmp_path, text, expected):
     message = error_of(tmp_path, text)

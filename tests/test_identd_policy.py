@@ -446,10 +446,13 @@ def test_bad_identd_values_name_the_key(tmp_path, line, key):
     assert "Traceback" not in message
 
 
-def test_bad_per_user_mode_names_the_user(tmp_path):
-    message = error_of(tmp_path, '[identd]\n\n[identd.users]\nalice = "name"\n'
-                                 'bob = "sometimes"\n')
-    assert "identd.users.bob" in message, message
+@pytest.mark.parametrize("text, line", [
+    ('[identd]\n\n[identd.users]\nalice = "name"\nbob = "sometimes"\n', 5),
+    ('[identd]\nusers = {alice = "name", bob = "sometimes"}\n', 2),   # inline table
+])
+def test_bad_per_user_mode_names_the_user(tmp_path, text, line):
+    message = error_of(tmp_path, text)
+    assert message.startswith(f"{tmp_path / 'socksd.toml'}:{line}: identd.users.bob: "), message
     assert "sometimes" in message
 
 

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from twisted.application import service, strports
 from twisted.cred import strcred
-from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.checkers import FilePasswordDB, InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.portal import Portal
 from twisted.python import usage
@@ -48,7 +48,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
 
     def opt_auth(self, description: str) -> None:
         """A credential checker (strcred string); see --help-auth."""
-        super().opt_auth(description)
+        try:
+            super().opt_auth(description)
+        except usage.UsageError as e:
+            # One line, like a config error, not buried under the usage text.
+            sys.exit(f"socksd: --auth {description!r}: {e}")
         self["auth_strings"].append(description)   # for workers, which build their own
     def opt_listen(self, description: str) -> None:
         """Listen on this Twisted endpoint instead of the config's (repeatable)."""
@@ -83,10 +87,19 @@ def build(path: str | None, listen: list[str], auth_checkers: list):
             checkers.append(strcred.makeChecker(description))
         except Exception as e:
             raise configuration.ConfigError(
-                f"{cfg.path}: server.checkers[{index}]: {description!r}: {e}") from None
+                f"{configuration.location(cfg.path, 'server', 'checkers')}: "
+                f"server.checkers[{index}]: {description!r}: {e}") from None
     checkers.extend(auth_checkers)
     for checker in checkers:
         _bytes_users(checker)
+        # Twisted's file: checker only warns about a missing file, then
+        # refuses every login; say so at start-up instead.
+        if isinstance(checker, FilePasswordDB) and not os.access(checker.filename, os.R_OK):
+            origin = ("--auth" if checker in auth_checkers else
+                      f"{configuration.location(cfg.path, 'server', 'checkers')}: "
+                      "server.checkers")
+            raise configuration.ConfigError(
+                f"{origin}: file:{checker.filename}: cannot read {checker.filename}")
     if cfg.gssapi is not None and "gssapi" in cfg.methods:
         from gssapi.exceptions import GSSError
 
@@ -94,12 +107,14 @@ def build(path: str | None, listen: list[str], auth_checkers: list):
             cfg.gssapi.acceptor_credentials()
         except GSSError as e:
             raise configuration.ConfigError(
-                f"{cfg.path}: gssapi.keytab: {cfg.gssapi.keytab or 'default keytab'}: "
+                f"{configuration.location(cfg.path, 'gssapi', 'keytab')}: gssapi.keytab: "
+                f"{cfg.gssapi.keytab or 'default keytab'}: "
                 f"cannot accept {cfg.gssapi.principal or cfg.gssapi.service} with it: "
                 f"{e.gen_message()}") from None
     if "userpass" in cfg.methods and not checkers:
         raise configuration.ConfigError(
-            f"{cfg.path or 'command line'}: server.methods: \"userpass\" needs a checker "
+            f"{configuration.location(cfg.path, 'server', 'methods')}: server.methods: "
+            "\"userpass\" needs a checker "
             "(server.checkers or --auth)")
     return cfg, checkers
 
