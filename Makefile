@@ -1,5 +1,5 @@
 # make run   - install into .venv and start the proxy on its embedded default
-# make test  - install test needs (Debian packages when root) and run the suite
+# make test  - install test needs (Debian packages, with sudo unless root) and run the suite
 # make bench - benchmarks against direct loopback and Dante
 
 PYTHON ?= python3
@@ -25,8 +25,10 @@ $(VENV)/bin/pip:
 	$(PY) -m pip install -q --upgrade pip
 
 # A normal (not editable) install: what users get, plugins included. pip
-# rebuilds a local directory every time, so the venv always has this tree.
+# rebuilds a local directory every time, but setuptools builds in ./build
+# and would ship files left there by an older tree: start from none.
 install: debs-build $(VENV)/bin/pip
+	rm -rf build
 	$(PY) -m pip install -q '.$(EXTRAS)'
 
 run: install
