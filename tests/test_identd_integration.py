@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from python_socks.sync import Proxy
 
-from conftest import PAGE, TWISTD, require
+from conftest import PAGE, TWISTD, recv_until_eof, require
 from socksd.ident.policy import IdentPolicy
 
 IDENT_USER = "socksd-identd-test"
@@ -465,6 +465,74 @@ def test_stdio_on_an_inetd_socket(ident_user, sockets, tmp_path):
             data += chunk
     assert proc.returncode == 0, proc.stderr
     assert data == b"%d, %d : USERID : UNIX : %s\r\n" % (child_port, port, IDENT_USER.encode())
+
+
+@pytest.mark.parametrize("option", ["--local-address", "--remote-address"])
+@pytest.mark.parametrize("value,reason", [
+    ("bogus", "'bogus' does not appear to be an IPv4 or IPv6 address"),
+    ("", "'' does not appear to be an IPv4 or IPv6 address"),
+    ("[::1]", "'[::1]' does not appear to be an IPv4 or IPv6 address"),
+    ("127.0.0.1:113", "'127.0.0.1:113' does not appear to be an IPv4 or IPv6 address"),
+    ("fe80::1%nosuch0", "unknown interface in 'fe80::1%nosuch0'"),
+], ids=["name", "empty", "brackets", "with-port", "unknown-scope"])
+def test_stdio_bad_address_is_an_option_error(tmp_path, option, value, reason):
+    """Refused like any bad option: one line naming it, non-zero, nothing
+    answered (it was a traceback, UNKNOWN-ERROR and exit 0)."""
+    addresses = {"--local-address": "127.0.0.1", "--remote-address": "127.0.0.1",
+                 option: value}
+    out = run_identd("--stdio", *(x for pair in addresses.items() for x in pair),
+                     input=b"1, 2\r\n", cwd=tmp_path)
+    assert out.returncode != 0, out
+    assert out.stdout == b""
+    assert out.stderr.decode() == f"identd: {option}: {reason}\n"
+
+
+def test_check_refuses_a_bad_address(tmp_path):
+    out = run_identd("--check", "--local-address", "bogus", cwd=tmp_path)
+    assert out.returncode != 0
+    assert out.stdout == b""
+    assert out.stderr.startswith(b"identd: --local-address: 'bogus'"), out.stderr
+
+
+@pytest.mark.parametrize("host,given", [
+    ("127.0.0.1", "127.0.0.1"),
+    ("127.0.0.1", "::ffff:127.0.0.1"),      # v4-mapped, as a dual-stack inetd sees it
+    ("::1", "::1"),
+    ("::1", "0:0:0:0:0:0:0:1"),
+])
+def test_stdio_address_forms(ident_user, sockets, tmp_path, host, given):
+    """Every form the lookup understands is still accepted and answered."""
+    lst = listener(sockets, host)
+    port = lst.getsockname()[1]
+    with connection_as(ident_user, lst) as child_port:
+        out = run_identd("--stdio", "--local-address", given, "--remote-address", given,
+                         input=b"%d, %d\r\n" % (child_port, port), cwd=tmp_path)
+    assert (out.returncode, out.stderr) == (0, b""), out.stderr
+    assert out.stdout == b"%d, %d : USERID : UNIX : %s\r\n" % (child_port, port,
+                                                              IDENT_USER.encode())
+
+
+@pytest.mark.parametrize("scope", ["lo", "1"])
+def test_stdio_scoped_ipv6_address(sockets, tmp_path, scope):
+    """A link-local address with its %interface (name or index) is an address."""
+    out = run_identd("--stdio", "--local-address", f"fe80::1%{scope}", "--remote-address",
+                     "fe80::2", input=b"1, 2\r\n", cwd=tmp_path)
+    assert (out.returncode, out.stdout, out.stderr) == (0, b"1, 2 : ERROR : NO-USER\r\n", b"")
+
+
+def test_stdio_on_a_unix_socket_fails_cleanly(tmp_path):
+    """Not a TCP connection under inetd: no addresses to take (was an IndexError)."""
+    querier, stdin = socket.socketpair()
+    with querier, stdin:
+        querier.sendall(b"1, 2\r\n")
+        proc = subprocess.run([TWISTD, "identd", "--stdio"], stdin=stdin, stdout=stdin,
+                              stderr=subprocess.PIPE, timeout=30, cwd=tmp_path)
+        stdin.close()
+        assert proc.returncode != 0
+        assert b"--local-address" in proc.stderr and b"Traceback" not in proc.stderr, \
+            proc.stderr
+        querier.settimeout(10)
+        assert recv_until_eof(querier) == b""      # nothing answered
 
 
 # ---- --check and bad configurations -------------------------------------------------------

@@ -88,7 +88,7 @@ class _Query(NamedTuple):
     interface: int        # IPv6 scope (link-local), else 0
 
 
-def _address(host: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+def parse_address(host: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
     """Parse one host; ValueError if it is not an IP address. Returns the
     address (v4-mapped IPv6 turned into IPv4) and the IPv6 scope's ifindex."""
     if not isinstance(host, str):
@@ -117,8 +117,8 @@ def _port(port: int) -> int:
 def _parse(conn: Connection) -> _Query | None:
     """The query for ``conn``; None when the two ends cannot form one
     connection (an IPv4 and a non-mapped IPv6 address)."""
-    local, local_if = _address(conn.local_host)
-    remote, remote_if = _address(conn.remote_host)
+    local, local_if = parse_address(conn.local_host)
+    remote, remote_if = parse_address(conn.remote_host)
     local_port, remote_port = _port(conn.local_port), _port(conn.remote_port)
     if local.version != remote.version:
         return None

@@ -15,6 +15,7 @@ from twisted.application import service, strports
 from twisted.python import usage
 
 from socksd import config as configuration
+from socksd.ident import lookup
 from socksd.ident.policy import parse_mode
 from socksd.ident.server import IdentFactory, answer_query
 from socksd.tap import reactor as socksd_reactor
@@ -59,6 +60,7 @@ class Options(usage.Options):
         socksd_reactor.install_default()
         try:
             self.identd = build(self)
+            check_addresses(self)
         except configuration.ConfigError as e:
             sys.exit(f"identd: {e}")
         if self["check"]:
@@ -92,6 +94,18 @@ def build(options: Options) -> configuration.IdentdConfig:
     return cfg
 
 
+def check_addresses(options: Options) -> None:
+    """ConfigError for a ``--local-address``/``--remote-address`` the lookup
+    cannot use: found here, not as a traceback and an UNKNOWN-ERROR answer."""
+    for option in ("local-address", "remote-address"):
+        if options[option] is not None:
+            try:
+                # The lookup's own parser: IPv4, IPv6, v4-mapped, %scope.
+                lookup.parse_address(options[option])
+            except ValueError as e:
+                raise configuration.ConfigError(f"--{option}: {e}") from None
+
+
 def serve_stdio(cfg: configuration.IdentdConfig, local: str | None, remote: str | None,
                 stdin=None, stdout=None) -> int:
     """One query from stdin, its answer on stdout, synchronously (no reactor).
@@ -104,11 +118,13 @@ def serve_stdio(cfg: configuration.IdentdConfig, local: str | None, remote: str 
         try:
             sock = socket.socket(fileno=os.dup(stdin.fileno()))
             with sock:
+                if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                    raise ValueError("not a TCP socket")
                 local = local or sock.getsockname()[0]
                 remote = remote or sock.getpeername()[0]
         except (OSError, ValueError):
             print("identd --stdio: give --local-address and --remote-address "
-                  "(stdin is not a socket)", file=sys.stderr)
+                  "(stdin is not a TCP socket)", file=sys.stderr)
             return 2
     line = stdin.readline(cfg.limits.max_line + 2)
     if not line.endswith(b"\n"):
