@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import pty
+import select
 import shutil
 import subprocess
 import sys
@@ -41,12 +43,113 @@ class HashTests(unittest.SynchronousTestCase):
     def test_plaintext_is_not_a_hash(self):
         self.assertRaises(ValueError, verify, b"secret", b"secret")
 
-    def test_cli_makes_an_entry(self):
-        out = subprocess.run([sys.executable, "-m", "socksd.auth.passwd", "--argon2", "bob"],
-                             input=b"pw\n", capture_output=True, check=True, timeout=30)
-        name, _, hashed = out.stdout.strip().partition(b":")
-        self.assertEqual(name, b"bob")
-        self.assertTrue(verify(b"pw", hashed))
+
+def passwd_cli(*args: str, input: bytes | None = b"") -> subprocess.CompletedProcess:
+    """`python -m socksd.auth.passwd ARGS` as README shows it, run outside the
+    checkout so that the installed socksd answers, not ./socksd."""
+    with tempfile.TemporaryDirectory() as cwd:
+        return subprocess.run([sys.executable, "-m", "socksd.auth.passwd", *args], input=input,
+                              capture_output=True, timeout=30, cwd=cwd)
+
+
+def passwd_on_a_terminal(user: str, typed: list[bytes]) -> tuple[int, bytes, bytes]:
+    """The helper with a terminal (a pty) as stdin and stdout redirected, as in
+    README's ``... alice >> users``: (exit status, what it printed, what the
+    terminal showed). ``typed`` is answered to each prompt in turn."""
+    out_r, out_w = os.pipe()
+    cwd = tempfile.mkdtemp()
+    pid, master = pty.fork()
+    if pid == 0:  # child: a new session whose controlling terminal is the pty
+        try:
+            os.dup2(out_w, 1)
+            os.chdir(cwd)
+            os.execv(sys.executable, [sys.executable, "-m", "socksd.auth.passwd", user])
+        finally:
+            os._exit(127)
+    os.close(out_w)
+    screen = b""
+    try:
+        typed = list(typed)
+        while True:
+            ready, _, _ = select.select([master], [], [], 30)
+            assert ready, f"no prompt: {screen!r}"
+            try:
+                chunk = os.read(master, 1000)
+            except OSError:     # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            screen += chunk
+            if typed and screen.rstrip().endswith(b":"):
+                os.write(master, typed.pop(0) + b"\n")
+                screen += b"|"      # answered: the next prompt ends in ':' again
+        printed = b""
+        while chunk := os.read(out_r, 1000):
+            printed += chunk
+    finally:
+        os.close(master)
+        os.close(out_r)
+        _, status = os.waitpid(pid, 0)
+        shutil.rmtree(cwd)
+    return os.waitstatus_to_exitcode(status), printed, screen
+
+
+class PasswdCommandTests(unittest.SynchronousTestCase):
+    """`python -m socksd.auth.passwd`, the README's way to make an entry."""
+
+    def assertEntry(self, out: bytes, user: bytes, password: bytes, prefix: bytes):
+        self.assertEqual(out.count(b"\n"), 1, out)
+        name, _, hashed = out.rstrip(b"\n").partition(b":")
+        self.assertEqual(name, user)
+        self.assertTrue(hashed.startswith(prefix), hashed)
+        self.assertTrue(verify(password, hashed))
+
+    def test_documented_uses(self):
+        for args, prefix in [(["alice"], b"$2b$"), (["--argon2", "bob"], b"$argon2id$"),
+                             (["--bcrypt", "carol"], b"$2b$")]:
+            out = passwd_cli(*args, input=b"pw\n")
+            self.assertEqual((out.returncode, out.stderr), (0, b""), args)
+            self.assertEntry(out.stdout, args[-1].encode(), b"pw", prefix)
+
+    def test_help_is_usage_not_a_user(self):
+        for flag in ("--help", "-h"):
+            out = passwd_cli(flag, input=b"pw\n")
+            self.assertEqual(out.returncode, 0, out.stderr)
+            self.assertTrue(out.stdout.startswith(b"usage: python -m socksd.auth.passwd "),
+                            out.stdout)
+            self.assertIn(b"--argon2", out.stdout)
+            self.assertNotIn(flag.encode() + b":$", out.stdout)
+
+    def test_bad_command_lines_make_no_entry(self):
+        for args in (["--frobnicate", "alice"], ["-x"], ["-1"], ["--", "-bob"], ["--", "--help"],
+                     [""], ["a:b"], ["al\nice"], ["alice", "bob"], [],
+                     ["--argon2", "--bcrypt", "alice"]):
+            out = passwd_cli(*args, input=b"pw\n")
+            self.assertEqual((out.returncode, out.stdout), (2, b""), args)
+            self.assertIn(b"usage: python -m socksd.auth.passwd", out.stderr, args)
+            self.assertNotIn(b"Traceback", out.stderr, args)
+
+    def test_empty_password_is_refused(self):
+        for stdin in (b"", b"\n", b"\r\n"):
+            for scheme in ([], ["--argon2"]):
+                out = passwd_cli(*scheme, "alice", input=stdin)
+                self.assertEqual((out.returncode, out.stdout), (1, b""), (stdin, scheme))
+                self.assertEqual(out.stderr, b"python -m socksd.auth.passwd: empty password, "
+                                             b"no entry made\n")
+
+    def test_terminal_prompts_twice(self):
+        status, printed, screen = passwd_on_a_terminal("alice", [b"s3cret", b"s3cret"])
+        self.assertEqual(status, 0, screen)
+        self.assertIn(b"password for alice:", screen)
+        self.assertIn(b"again:", screen)
+        self.assertNotIn(b"s3cret", screen)
+        self.assertEntry(printed, b"alice", b"s3cret", b"$2b$")
+
+    def test_terminal_empty_password_is_refused(self):
+        status, printed, screen = passwd_on_a_terminal("alice", [b""])
+        self.assertEqual((status, printed), (1, b""), screen)
+        self.assertIn(b"empty password", screen)
+        self.assertNotIn(b"again:", screen)
 
 
 class CheckerTests(unittest.TestCase):

@@ -11,6 +11,7 @@ or ``htpasswd -B -c users alice``.
 
 from __future__ import annotations
 
+import argparse
 import getpass
 import sys
 
@@ -110,22 +111,43 @@ class HashedPasswordFile:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m socksd.auth.passwd [--argon2] USER``: print a file entry."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    scheme = "bcrypt"
-    if args and args[0] in ("--argon2", "--bcrypt"):
-        scheme = args.pop(0)[2:]
-    if len(args) != 1 or ":" in args[0]:
-        print("usage: python -m socksd.auth.passwd [--argon2|--bcrypt] USER", file=sys.stderr)
-        return 2
-    if sys.stdin.isatty():
-        password = getpass.getpass(f"password for {args[0]}: ")
-        if getpass.getpass("again: ") != password:
-            print("passwords differ", file=sys.stderr)
-            return 1
-    else:
-        password = sys.stdin.readline().rstrip("\r\n")
-    print(f"{args[0]}:{hash_password(password.encode('utf-8'), scheme).decode('ascii')}")
+    """``python -m socksd.auth.passwd [--argon2|--bcrypt] USER``: print a file entry."""
+    parser = argparse.ArgumentParser(
+        prog="python -m socksd.auth.passwd",
+        description="Print USER:HASH, a line for an htpasswd: file. The password is asked "
+                    "twice on a terminal, else read from the first line of stdin.")
+    schemes = parser.add_mutually_exclusive_group()
+    schemes.add_argument("--bcrypt", dest="scheme", action="store_const", const="bcrypt",
+                         help="a bcrypt hash ($2b$, the default)")
+    schemes.add_argument("--argon2", dest="scheme", action="store_const", const="argon2",
+                         help="an argon2id hash ($argon2id$)")
+    parser.add_argument("user", metavar="USER")
+    parser.set_defaults(scheme="bcrypt")
+    args = parser.parse_args(argv)
+    user = args.user
+    # argparse takes "-1", and anything after "--", as USER: a mistyped
+    # option must not become an entry, nor a name break the file's lines.
+    problem = ("is empty" if not user else
+               "starts with '-' (not an option)" if user.startswith("-") else
+               "contains ':'" if ":" in user else
+               "contains a line break" if "\n" in user or "\r" in user else None)
+    if problem:
+        parser.error(f"user name {user!r} {problem}")
+    try:
+        if sys.stdin.isatty():
+            password = getpass.getpass(f"password for {user}: ")
+            if password and getpass.getpass("again: ") != password:
+                print("passwords differ", file=sys.stderr)
+                return 1
+        else:
+            password = sys.stdin.readline().rstrip("\r\n")
+    except EOFError:
+        password = ""
+    if not password:
+        # An entry with an empty password is a door left open by mistake.
+        print(f"{parser.prog}: empty password, no entry made", file=sys.stderr)
+        return 1
+    print(f"{user}:{hash_password(password.encode('utf-8'), args.scheme).decode('ascii')}")
     return 0
 
 
