@@ -80,7 +80,11 @@ class TwistdSocks:
         self.log_file = open(self.log_path, "wb")
         self.process = subprocess.Popen(command, stdout=self.log_file, stderr=subprocess.STDOUT,
                                         env=full_env, cwd=tmp_path)
-        self.port = self._wait_for_port()
+        try:
+            self.port = self._wait_for_port()
+        except BaseException:
+            self.stop()   # the fixture never got this server: stop it here
+            raise
 
     def _wait_for_port(self, timeout: float = 30.0) -> int:
         deadline = time.monotonic() + timeout
