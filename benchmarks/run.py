@@ -953,7 +953,7 @@ def workers_note(bench: Bench) -> str:
     """Which socksd ran with how many worker processes (counted, not assumed)."""
     parts = []
     for kind, via in bench.proxies.items():
-        if kind == "Dante":
+        if kind in ("Dante", TWISTED_EXAMPLE):
             continue
         setting = kind if kind.isdigit() else f'"{kind}"'
         serving = (f"{via.workers} worker processes under the supervising twistd"
