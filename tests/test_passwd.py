@@ -160,8 +160,7 @@ class CheckerTests(unittest.TestCase):
         self.path = os.path.join(directory, "users")
         with open(self.path, "wb") as f:
             f.write(b"# comment\n\nalice:" + hash_password(b"secret") + b"\n"
-                    b"bob:" + hash_password(b"hunter2", "argon2") + b"\n"
-                    b"carol:plaintext\n")
+                    b"bob:" + hash_password(b"hunter2", "argon2") + b"\n")
         self.checker = HashedPasswordFile(self.path)
 
     async def test_accepts_and_refuses(self):
@@ -169,6 +168,9 @@ class CheckerTests(unittest.TestCase):
             UsernamePassword(b"alice", b"secret")), b"alice")
         self.assertEqual(await self.checker.requestAvatarId(
             UsernamePassword(b"bob", b"hunter2")), b"bob")
+        # Added after start-up: read at login, and a plaintext entry never matches.
+        with open(self.path, "ab") as f:
+            f.write(b"carol:plaintext\n")
         for user, password in [(b"alice", b"wrong"), (b"nobody", b"secret"),
                                (b"carol", b"plaintext")]:
             with self.assertRaises(error.UnauthorizedLogin):
@@ -176,6 +178,20 @@ class CheckerTests(unittest.TestCase):
 
     def test_missing_file_fails_at_start_up(self):
         self.assertRaises(OSError, HashedPasswordFile, self.path + ".missing")
+
+    def test_entries_that_are_not_hashes_fail_at_start_up(self):
+        for line, problem in [(b"carol:plaintext", "the entry for 'carol' is not a bcrypt or "
+                                                   "argon2 hash"),
+                              (b"dave", "no ':' in the entry")]:
+            with open(self.path, "ab") as f:
+                f.write(line + b"\n")
+            with self.assertRaises(ValueError) as raised:
+                HashedPasswordFile(self.path)
+            self.assertIn(f"{self.path}:5: {problem}", str(raised.exception))
+            with open(self.path, "rb") as f:
+                kept = f.readlines()[:-1]
+            with open(self.path, "wb") as f:
+                f.writelines(kept)
 
     async def test_portal_chain_and_realm(self):
         memory = InMemoryUsernamePasswordDatabaseDontUse(dave=b"pw")

@@ -59,20 +59,38 @@ def verify(password: bytes, hashed: bytes) -> bool:
     raise ValueError("not a bcrypt or argon2 hash")
 
 
-def read_entry(path: str, username: bytes) -> bytes | None:
-    """The stored hash for ``username`` in an htpasswd-style file."""
+def _entries(path: str):
+    """(line number, name, hash or None when the line has no ':') of each
+    entry; blank lines and # comments are skipped."""
     with open(path, "rb") as f:
         for number, line in enumerate(f, 1):
             line = line.strip()
-            if not line or line.startswith(b"#"):
-                continue
-            name, sep, hashed = line.partition(b":")
-            if not sep:
-                log.warn("{path}:{line}: no ':' in entry, ignored", path=path, line=number)
-                continue
-            if name == username:
-                return hashed
+            if line and not line.startswith(b"#"):
+                name, sep, hashed = line.partition(b":")
+                yield number, name, hashed if sep else None
+
+
+def read_entry(path: str, username: bytes) -> bytes | None:
+    """The stored hash for ``username`` in an htpasswd-style file."""
+    for number, name, hashed in _entries(path):
+        if hashed is None:
+            log.warn("{path}:{line}: no ':' in entry, ignored", path=path, line=number)
+        elif name == username:
+            return hashed
     return None
+
+
+def check_file(path: str) -> None:
+    """ValueError naming the first line that is not ``user:hash`` with a
+    bcrypt or argon2 hash: a plaintext password there is a mistake to catch
+    at start-up, not at the user's first login."""
+    for number, name, hashed in _entries(path):
+        user = name.decode("utf-8", "replace")
+        if hashed is None:
+            raise ValueError(f"{path}:{number}: no ':' in the entry")
+        if not hashed.startswith(_BCRYPT + _ARGON2):
+            raise ValueError(f"{path}:{number}: the entry for {user!r} is not a bcrypt or "
+                             "argon2 hash (python -m socksd.auth.passwd makes one)")
 
 
 @implementer(ICredentialsChecker)
@@ -81,9 +99,10 @@ class HashedPasswordFile:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        # Fail at start-up, not at the first login, when the file is unreadable.
-        with open(path, "rb"):
-            pass
+        # Fail at start-up, not at the first login, when the file is
+        # unreadable or holds something other than hashes. It is read again
+        # at each login, so later edits apply (and are checked) then.
+        check_file(path)
 
     def _check(self, username: bytes, password: bytes) -> bytes:
         hashed = read_entry(self.path, username)
