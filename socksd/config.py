@@ -75,10 +75,7 @@ class Config:
         """``--listen`` replaces the listeners; ``--auth`` without explicit
         ``methods`` means "require a password" rather than "ignore it"."""
         changes: dict[str, Any] = {}
-        for description in listen:
-            problem = _endpoint_problem(description)
-            if problem:
-                raise ConfigError(f"--listen: {description!r}: {problem}")
+        check_listen_option(listen)
         if listen:
             changes["listen"] = tuple(listen)
         if have_auth and not self.methods_given:
@@ -463,6 +460,14 @@ def _toml_type(value: Any) -> str:
             list: "an array", dict: "a table"}.get(type(value), type(value).__name__)
 
 
+def check_listen_option(listen: list[str]) -> None:
+    """ConfigError for the first ``--listen`` string Twisted would refuse."""
+    for description in listen:
+        problem = _endpoint_problem(description)
+        if problem:
+            raise ConfigError(f"--listen: {description!r}: {problem}")
+
+
 def _split_endpoint(description: str) -> tuple[str, list[str], dict[str, str], bool]:
     """An endpoint string -> (type, positional args, keyword args, behind
     haproxy:), by the rules of Twisted's strports (``:`` separates, ``\\``
@@ -495,10 +500,14 @@ def parse_listener(description: str) -> tuple[int, str, int, int, bool]:
     if kind not in ("tcp", "tcp6") or not (args or "port" in options):
         raise ValueError(f"{description.removeprefix('haproxy:')!r}: workers > 1 serves tcp:, "
                          "tcp6: and haproxy:tcp: listeners only")
-    family = socket.AF_INET6 if kind == "tcp6" else socket.AF_INET
-    host = options.get("interface", "::" if family == socket.AF_INET6 else "0.0.0.0")
-    port = options.get("port", args[0] if args else "")
-    return family, host, int(port), int(options.get("backlog", 50)), haproxy
+    # Twisted's order: tcp:PORT:INTERFACE:BACKLOG, tcp6:PORT:BACKLOG:INTERFACE.
+    names = ("port", "interface", "backlog") if kind == "tcp" else ("port", "backlog",
+                                                                    "interface")
+    given = {**dict(zip(names, args)), **options}
+    host = given.get("interface", "::" if kind == "tcp6" else "0.0.0.0")
+    # Like Twisted's tcp:, an IPv6 interface means an IPv6 socket.
+    family = socket.AF_INET6 if kind == "tcp6" or ":" in host else socket.AF_INET
+    return family, host, int(given["port"]), int(given.get("backlog", 50)), haproxy
 
 
 def worker_count(value) -> int:
@@ -526,6 +535,8 @@ def _endpoint_problem(description: str) -> str | None:
     from twisted.internet import endpoints, reactor
 
     kind, args, options, _haproxy = _split_endpoint(description)
+    if kind == "systemd":
+        return None   # its sockets exist only in the process systemd starts
     try:
         endpoints.serverFromString(reactor, description)
     except ImportError as e:
@@ -539,6 +550,10 @@ def _endpoint_problem(description: str) -> str | None:
     if kind in ("tcp", "tcp6", "ssl"):
         # Twisted takes any integer here and only bind() refuses it, at start.
         port = options.get("port", args[0] if args else "")
-        if not (port.isdigit() and int(port) <= 65535):
+        try:
+            valid = 0 <= int(port) <= 65535   # int(), as Twisted parses it
+        except ValueError:
+            valid = False
+        if not valid:
             return f"port {port!r} is not 0-65535"
     return None

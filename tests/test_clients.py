@@ -513,6 +513,14 @@ def test_bad_listen_option(tmp_path, check, listen, pattern):
     _assert_config_error(_run_twistd(*args, cwd=tmp_path), pattern)
 
 
+@pytest.mark.parametrize("listen", ["tcp: 1080:interface=127.0.0.1",   # int() takes it
+                                    "tcp:port=1_080:interface=127.0.0.1",
+                                    "systemd:domain=INET:index=0"])        # only under systemd
+def test_listen_strings_twisted_takes_pass_the_check(tmp_path, listen):
+    out = _run_twistd("--listen", listen, "--check", cwd=tmp_path)
+    assert out.returncode == 0 and "OK: listen" in out.stdout, out.stdout + out.stderr
+
+
 @pytest.mark.parametrize("check", [True, False], ids=["check", "start"])
 @pytest.mark.parametrize("auth, pattern", [
     ("memory:alice", r"^socksd: --auth 'memory:alice': .*format"),

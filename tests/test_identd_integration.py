@@ -494,6 +494,20 @@ def test_check_refuses_a_bad_address(tmp_path):
     assert out.stderr.startswith(b"identd: --local-address: 'bogus'"), out.stderr
 
 
+@pytest.mark.parametrize("listen, problem", [
+    ("tcp:99999", b"port '99999' is not 0-65535"),
+    ("bogus:1", b"not a valid Twisted endpoint"),
+    ("ssl:1443:privateKey=/nonexistent.pem", b"cannot read /nonexistent.pem"),
+])
+def test_check_refuses_a_bad_listen(tmp_path, listen, problem):
+    """--listen is checked as twistd socks checks it: one line, no traceback."""
+    out = run_identd("--check", "--listen", listen, cwd=tmp_path)
+    assert out.returncode != 0
+    assert out.stderr.startswith(b"identd: --listen: '%s': %s" % (listen.encode(), problem)), \
+        out.stderr
+    assert b"Traceback" not in out.stderr
+
+
 @pytest.mark.parametrize("host,given", [
     ("127.0.0.1", "127.0.0.1"),
     ("127.0.0.1", "::ffff:127.0.0.1"),      # v4-mapped, as a dual-stack inetd sees it

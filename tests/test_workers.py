@@ -173,3 +173,40 @@ def test_auto_is_the_cpu_count(tmp_path):
     path = tmp_path / "w.toml"
     path.write_text('[server]\nworkers = "auto"\n')
     assert config.load(str(path)).workers == (os.cpu_count() or 1)
+
+
+@pytest.mark.parametrize("description, expected", [
+    ("tcp:1080", (socket.AF_INET, "0.0.0.0", 1080, 50, False)),
+    # Twisted's positional order: tcp:PORT:INTERFACE:BACKLOG ...
+    ("tcp:1080:127.0.0.1", (socket.AF_INET, "127.0.0.1", 1080, 50, False)),
+    ("tcp:1080:127.0.0.1:7", (socket.AF_INET, "127.0.0.1", 1080, 7, False)),
+    # ... and tcp6:PORT:BACKLOG:INTERFACE.
+    ("tcp6:1080:7:\\:\\:1", (socket.AF_INET6, "::1", 1080, 7, False)),
+    ("tcp6:port=1080", (socket.AF_INET6, "::", 1080, 50, False)),
+    # tcp: with an IPv6 interface is an IPv6 socket, as in Twisted.
+    ("tcp:1080:interface=\\:\\:1", (socket.AF_INET6, "::1", 1080, 50, False)),
+    ("haproxy:tcp:port=1080:interface=127.0.0.1:backlog=9",
+     (socket.AF_INET, "127.0.0.1", 1080, 9, True)),
+])
+def test_listeners_shared_by_workers_are_read_as_twisted_reads_them(description, expected):
+    """The supervisor binds these itself (SO_REUSEPORT): it must bind what
+    Twisted would, never a wider address than the string names."""
+    assert config.parse_listener(description) == expected
+
+
+def test_workers_bind_the_positional_interface(socks_server):
+    """tcp:PORT:127.0.0.1 with workers: loopback only (it bound 0.0.0.0)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = socks_server("[server]\nworkers = 2\n", "--listen", f"tcp:{port}:127.0.0.1")
+    assert server.port == port
+    listening = []   # (table, local address in /proc's hex) of LISTEN sockets on port
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/net/{table}") as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                    listening.append((table, local.rsplit(":", 1)[0]))
+    # Both workers' sockets (SO_REUSEPORT), each on 127.0.0.1 (0100007F).
+    assert listening == [("tcp", "0100007F")] * 2, listening

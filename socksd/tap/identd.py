@@ -18,7 +18,7 @@ from socksd import config as configuration
 from socksd.ident import lookup
 from socksd.ident.policy import parse_mode
 from socksd.ident.server import IdentFactory, answer_query
-from socksd.tap import reactor as socksd_reactor
+from socksd.tap import install_reactor
 from socksd.wire import ident
 
 
@@ -57,7 +57,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         # First: checking the config builds endpoints, which imports the reactor.
-        socksd_reactor.install_default()
+        install_reactor()
         try:
             self.identd = build(self)
             check_addresses(self)
@@ -90,6 +90,7 @@ def build(options: Options) -> configuration.IdentdConfig:
     if changes:
         cfg = replace(cfg, policy=replace(cfg.policy, **changes))
     if options["listen"]:
+        configuration.check_listen_option(options["listen"])
         cfg = replace(cfg, listen=tuple(options["listen"]))
     return cfg
 

@@ -18,7 +18,9 @@ connection's prefix.
 
 from __future__ import annotations
 
-from twisted.internet import epollreactor
+import sys
+
+from twisted.internet import epollreactor   # Linux; see install_default
 from twisted.internet.main import installReactor
 from twisted.logger import Logger
 
@@ -60,7 +62,5 @@ def install() -> EPollReactor:
 def install_default() -> None:
     """Install ours unless a reactor is already installed (``--reactor``, or
     a program that embeds socksd and chose its own)."""
-    import sys
-
     if "twisted.internet.reactor" not in sys.modules:
         install()

@@ -20,7 +20,7 @@ from socksd.auth.methods import method_registry
 from socksd.ident.registry import ProxiedConnections
 from socksd.proxy import SOCKSServerFactory
 from socksd.tap import identd as identd_tap
-from socksd.tap import reactor as socksd_reactor
+from socksd.tap import install_reactor
 from socksd.tap.workers import WorkersService
 
 
@@ -62,7 +62,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
 
     def postOptions(self) -> None:
         # First: checking the config builds endpoints, which imports the reactor.
-        socksd_reactor.install_default()
+        install_reactor()
         try:
             self.socks_config, self.checkers = build(self["config"], self["listen"],
                                                      self.get("credCheckers", []))
