@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from zope.interface import implementer
 
-from twisted.internet import tcp
+from twisted.internet import error, tcp
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 
@@ -62,6 +62,9 @@ class RelaySession:
     def relay_ended(self) -> None:
         """Both ends are closed."""
 
+    def relay_lost(self, why: str) -> None:
+        """An end failed (reset, error) rather than closing: ``why``."""
+
     def relay_bulk(self) -> None:
         """An end passed its ``splice_after`` mark: time for a fast path."""
 
@@ -109,6 +112,9 @@ class RelayEnd(Protocol):
 
     def connectionLost(self, reason=None) -> None:
         self.closed = True
+        if reason is not None and self.session is not None and \
+                not reason.check(error.ConnectionDone, error.ConnectionAborted):
+            self.session.relay_lost(reason.getErrorMessage())
         partner = self.partner
         if partner is not None and not partner.closed:
             # Deliver what is buffered for the partner, then close it.

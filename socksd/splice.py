@@ -92,15 +92,21 @@ class _Direction:
         self.moved = 0
 
     def readable(self) -> None:
+        if self.relay.finished:
+            return  # aborted by the other half of this same epoll event
         if self.pipe is None:
-            self.pipe = _take_pipe()
+            try:
+                self.pipe = _take_pipe()
+            except OSError as e:   # EMFILE/ENFILE: out of descriptors
+                self.relay.abort(f"no pipe for the relay: {e.strerror}")
+                return
         try:
             n = os.splice(self.src.fd, self.pipe[1], PIPE_SIZE, flags=_FLAGS)
         except OSError as e:
             if e.errno in _AGAIN:
                 self._release_if_empty()
                 return
-            self.relay.abort()
+            self.relay.abort(e.strerror)
             return
         if n == 0:
             self.eof = True
@@ -117,13 +123,15 @@ class _Direction:
 
     def flush(self) -> None:
         relay = self.relay
+        if relay.finished:
+            return  # aborted by the read half of this same epoll event
         try:
             while self.pending:
                 n = os.splice(self.pipe[0], self.dst.fd, self.pending, flags=_FLAGS)
                 self.pending -= n
         except OSError as e:
             if e.errno not in _AGAIN:
-                relay.abort()
+                relay.abort(e.strerror)
                 return
         if self.pending:
             # dst is full: stop reading src until it takes what we hold.
@@ -188,7 +196,7 @@ class _Socket:
         self.incoming.flush()
 
     def connectionLost(self, reason) -> None:
-        self.outgoing.relay.abort()
+        self.outgoing.relay.abort(reason.getErrorMessage())
 
     def logPrefix(self) -> str:
         return "splice"
@@ -229,8 +237,10 @@ class SpliceRelay:
             for end in self.ends:
                 end.transport.loseConnection()
 
-    def abort(self) -> None:
-        """An error on either socket, or the session's idle timeout."""
+    def abort(self, why: str | None = None) -> None:
+        """An error on either socket (``why``), or the session's idle timeout."""
+        if why is not None and self.session is not None:
+            self.session.relay_lost(why)
         if self._stop():
             for end in self.ends:
                 end.transport.abortConnection()

@@ -535,3 +535,38 @@ def test_bad_auth_option(tmp_path, check, auth, pattern):
     out = _run_twistd(*args, cwd=tmp_path)
     _assert_config_error(out, pattern.replace("^", "(?m)^", 1))
     assert "Usage:" not in out.stdout + out.stderr
+
+
+def test_client_reset_in_a_spliced_session_is_logged_not_a_traceback(socks_server):
+    """The destination fills every buffer (so the kernel splice path runs and
+    holds data for the client), then the client resets: one epoll event says
+    both readable and writable. One line per session, 'connection lost'."""
+    server = socks_server()
+    with socket.create_server(("127.0.0.1", 0)) as dest:
+        port = dest.getsockname()[1]
+        for _ in range(10):
+            client = socket.create_connection(server.address, timeout=10)
+            client.sendall(b"\x05\x01\x00")
+            assert recv_exact(client, 2) == b"\x05\x00"
+            client.sendall(b"\x05\x01\x00\x01\x7f\x00\x00\x01" + port.to_bytes(2, "big"))
+            assert recv_exact(client, 10)[:2] == b"\x05\x00"
+            inbound, _ = dest.accept()
+            inbound.setblocking(False)
+            try:
+                while True:
+                    inbound.send(b"y" * 65536)
+            except BlockingIOError:
+                pass
+            time.sleep(0.1)
+            client.close()        # unread data: the kernel sends RST
+            time.sleep(0.1)
+            inbound.close()
+    deadline = time.monotonic() + 10
+    while len(re.findall(rf"connect 127\.0\.0\.1:{port} ", server.log())) < 10:
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
+    log = server.log()
+    assert "Unhandled Error" not in log and "Traceback" not in log, log
+    lines = re.findall(rf"connect 127\.0\.0\.1:{port} .*", log)
+    assert all(" connection lost: " in line for line in lines), lines
+    assert any("[splice]" in line for line in lines), lines

@@ -495,6 +495,10 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         self.splicer = splice.SpliceRelay(self.server.reactor, self, outbound, self)
         self.splicer.start()
 
+    def relay_lost(self, why: str) -> None:
+        if self.outcome is None:
+            self.outcome, self.detail = "connection lost", why
+
     def relay_ended(self) -> None:
         if self.ended:
             return

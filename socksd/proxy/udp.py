@@ -66,8 +66,10 @@ class UDPRelay(DatagramProtocol):
         interface = getattr(local, "host", "127.0.0.1")
         for port in candidate_ports(ranges):
             try:
+                # The largest header (a 255-byte name) is 262 bytes; one byte
+                # more tells an oversized datagram from one recvfrom() cut.
                 self.port = reactor.listenUDP(port, self, interface=interface,
-                                              maxPacketSize=self.max_datagram + 262)
+                                              maxPacketSize=self.max_datagram + 263)
                 break
             except error.CannotListenError:
                 continue
