@@ -570,3 +570,35 @@ def test_client_reset_in_a_spliced_session_is_logged_not_a_traceback(socks_serve
     lines = re.findall(rf"connect 127\.0\.0\.1:{port} .*", log)
     assert all(" connection lost: " in line for line in lines), lines
     assert any("[splice]" in line for line in lines), lines
+
+
+@pytest.mark.parametrize("max_sessions, hard, warned", [
+    (1000, 8192, False),   # soft raised to the hard limit: enough for 1000 sessions
+    (1000, 512, True),     # raised, and still short: said at start
+])
+def test_descriptor_limit_is_raised_for_max_sessions(tmp_path, max_sessions, hard, warned):
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    config = tmp_path / "limits.toml"
+    config.write_text(f"[server]\nmax_sessions = {max_sessions}\n")
+    log_path = tmp_path / "twistd.log"
+    with open(log_path, "wb") as out:
+        process = subprocess.Popen([TWISTD, "-n", "--pidfile=", "socks", "--config", str(config),
+                                    "--listen", "tcp:0:interface=127.0.0.1"], stdout=out,
+                                   stderr=subprocess.STDOUT, cwd=tmp_path, preexec_fn=limit)
+    try:
+        deadline = time.monotonic() + 30
+        while "starting on" not in log_path.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        limits = Path(f"/proc/{process.pid}/limits").read_text()
+        assert re.search(rf"Max open files\s+{hard}\s+{hard}\s", limits), limits
+        warning = (f"max_sessions = {max_sessions} can need {max_sessions * 4 + 64} file "
+                   f"descriptors; the limit is {hard}")
+        assert (warning in log_path.read_text()) == warned, log_path.read_text()
+    finally:
+        process.terminate()
+        process.wait(10)

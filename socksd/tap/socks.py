@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import sys
 from dataclasses import replace
 
@@ -11,6 +12,7 @@ from twisted.cred import strcred
 from twisted.cred.checkers import FilePasswordDB, InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.portal import Portal
+from twisted.logger import Logger
 from twisted.python import usage
 
 from socksd import config as configuration
@@ -22,6 +24,8 @@ from socksd.proxy import SOCKSServerFactory
 from socksd.tap import identd as identd_tap
 from socksd.tap import install_reactor
 from socksd.tap.workers import WorkersService
+
+log = Logger(namespace="socksd")
 
 
 class Options(usage.Options, strcred.AuthOptionMixin):
@@ -143,8 +147,33 @@ def make_factory(cfg, checkers: list, proxied: ProxiedConnections | None,
                               socks4=cfg.socks4, registry=proxied)
 
 
+# Descriptors a session may hold: its two sockets and, while spliced data is
+# in flight, a pipe.
+FDS_PER_SESSION = 4
+
+
+def raise_nofile_limit(max_sessions: int) -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard one, as servers holding many
+    sockets do (the usual soft default, 1024, is 250 sessions); warn when
+    even that is short of what ``max_sessions`` can need. Workers inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = max_sessions * FDS_PER_SESSION + 64
+    if soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, need)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < need:
+        log.warn("max_sessions = {sessions} can need {need} file descriptors; the limit is "
+                 "{limit} (raise it: ulimit -n, or LimitNOFILE= in a systemd unit)",
+                 sessions=max_sessions, need=need, limit=soft)
+
+
 def makeService(options: Options) -> service.IService:
     cfg = options.socks_config
+    raise_nofile_limit(cfg.limits.max_sessions)
     proxied = None
     identd = cfg.identd if cfg.identd is not None and cfg.identd.enabled else None
     if identd is not None and identd.policy.proxied_users and cfg.workers == 1:
