@@ -112,10 +112,13 @@ class RelayEnd(Protocol):
 
     def connectionLost(self, reason=None) -> None:
         self.closed = True
-        if reason is not None and self.session is not None and \
-                not reason.check(error.ConnectionDone, error.ConnectionAborted):
-            self.session.relay_lost(reason.getErrorMessage())
         partner = self.partner
+        finished = self.read_eof and (partner is None or partner.read_eof)
+        if reason is not None and self.session is not None and not finished and \
+                not reason.check(error.ConnectionDone, error.ConnectionAborted):
+            # A reset or error before both directions ended. (After that, a
+            # peer's reset on the last close loses nothing.)
+            self.session.relay_lost(reason.getErrorMessage())
         if partner is not None and not partner.closed:
             # Deliver what is buffered for the partner, then close it.
             partner.transport.loseConnection()

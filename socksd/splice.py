@@ -235,6 +235,7 @@ class SpliceRelay:
         if all(d.done for d in self.directions):
             self._stop()
             for end in self.ends:
+                end.read_eof = True   # as the Twisted relay would have it: both ended
                 end.transport.loseConnection()
 
     def abort(self, why: str | None = None) -> None:

@@ -1077,3 +1077,51 @@ def test_relay_activity_keeps_the_association_alive():
     assert not client.closing
     reactor.advance(10.1)
     assert client.closing and port.stopped
+
+
+def test_relay_name_denied_by_rule_is_not_looked_up():
+    """A datagram to a name the rules deny by name is dropped before any
+    lookup (CONNECT already decides on the name first)."""
+    rules = RuleSet([compile_rule("no-slow", "deny", commands=["udp"],
+                                  destinations=[".slow"]),
+                     compile_rule("rest", "allow", sources=["127.0.0.0/8"])])
+    factory, reactor = make_factory(rules=rules)
+    client, relay, port = associate(factory)
+    for i in range(50):
+        relay.datagramReceived(socks5.encode_udp(f"n{i}.slow", 53, b"q"), ("127.0.0.1", 6000))
+    assert reactor.nameResolver.names == []
+    assert relay.counts["dropped"] == 50
+    relay.datagramReceived(socks5.encode_udp("ok.example", 53, b"q"), ("127.0.0.1", 6000))
+    assert reactor.nameResolver.names == ["ok.example"]
+
+
+def test_relay_lookups_are_bounded_and_count_until_they_finish():
+    """A datagram flood to distinct names starts at most the per-client
+    number of lookups; those count (even past connect_timeout) until the
+    resolver finishes, and the client's CONNECTs by name are refused
+    meanwhile, while another client's are not."""
+    from socksd.proxy import connect
+    limit = connect.MAX_LOOKUPS_PER_CLIENT
+    factory, reactor = make_factory(limits=Limits(connect_timeout=3))
+    resolver = reactor.nameResolver
+    client, relay, port = associate(factory)
+    with capturedLogs() as events:
+        for i in range(200):
+            relay.datagramReceived(socks5.encode_udp(f"n{i}.example", 53, b"q"),
+                                   ("127.0.0.1", 6000))
+    assert len(resolver.queries) == limit
+    assert relay.counts["dropped"] == 200 - limit
+    assert sum("too many name lookups in flight for this client" in t
+               for t in texts(events)) == 1
+    reactor.advance(3.1)        # the relay stops waiting; the lookups go on
+    name = b"www.example"
+    request = b"\x05\x01\x00\x03" + bytes((len(name),)) + name + b"\x00\x50"
+    same = socks5_client(factory, request)
+    assert same.take() == failure_reply(0x04)
+    assert len(resolver.queries) == limit
+    other = socks5_client(factory, request, peer=IPv4Address("TCP", "127.0.0.2", 40000))
+    assert other.take() == b"" and resolver.names[-1] == "www.example"
+    # One lookup of the flood really finishes: the relay may look up again.
+    resolver.answer("192.0.2.53", index=0)
+    relay.datagramReceived(socks5.encode_udp("late.example", 53, b"q"), ("127.0.0.1", 6000))
+    assert resolver.names[-1] == "late.example"

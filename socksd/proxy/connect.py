@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+from weakref import WeakKeyDictionary
 
 from zope.interface import implementer
 
@@ -70,14 +71,73 @@ def classify(failure: Failure) -> ConnectFailed:
     return ConnectFailed(FAILED, detail)
 
 
+# Name lookups in flight. The default resolver runs getaddrinfo in the
+# reactor's thread pool (10 threads) and a running or queued getaddrinfo
+# cannot be cancelled: a lookup the session stopped waiting for (timed out,
+# client gone) still holds a thread or a place in the pool's unbounded queue
+# until it returns. So a lookup counts until it really ends, and a lookup
+# over these bounds fails at once, as a failed lookup does.
+THREAD_POOL_SIZE = 64        # twistd sizes the reactor's pool so (Twisted's default: 10)
+MAX_LOOKUPS = 48             # in total: the rest of the pool is for password hashing
+MAX_LOOKUPS_PER_CLIENT = 16  # per client address: no client takes them all
+
+
+class TooManyLookups(ConnectFailed):
+    """A lookup refused before it started; reported as a failed lookup."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(HOST_UNREACHABLE, detail)
+
+
+class Lookups:
+    """Counts the lookups in flight on one reactor, in total and per client."""
+
+    def __init__(self, limit: int = MAX_LOOKUPS,
+                 per_client: int = MAX_LOOKUPS_PER_CLIENT) -> None:
+        self.limit = limit
+        self.per_client = per_client
+        self.total = 0
+        self.clients: dict[str | None, int] = {}
+
+    def begin(self, client: str | None, name: str) -> None:
+        """Count one more lookup for client, or raise TooManyLookups."""
+        if client is not None and self.clients.get(client, 0) >= self.per_client:
+            raise TooManyLookups(f"{name}: too many name lookups in flight for this client "
+                                 f"({self.per_client})")
+        if self.total >= self.limit:
+            raise TooManyLookups(f"{name}: too many name lookups in flight ({self.limit})")
+        self.total += 1
+        self.clients[client] = self.clients.get(client, 0) + 1
+
+    def end(self, client: str | None) -> None:
+        self.total -= 1
+        count = self.clients[client] - 1
+        if count:
+            self.clients[client] = count
+        else:
+            del self.clients[client]
+
+
+_lookups: WeakKeyDictionary = WeakKeyDictionary()
+
+
+def lookups(reactor) -> Lookups:
+    """The lookup counts of ``reactor`` (whose thread pool the lookups share)."""
+    counts = _lookups.get(reactor)
+    if counts is None:
+        counts = _lookups[reactor] = Lookups()
+    return counts
+
+
 @implementer(IResolutionReceiver)
 class _Addresses:
-    __slots__ = ("name", "hosts", "deferred")
+    __slots__ = ("name", "hosts", "deferred", "done")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, done) -> None:
         self.name = name
         self.hosts: list[str] = []
         self.deferred: defer.Deferred[list[str]] = defer.Deferred()
+        self.done = done     # called once, when the resolver really finishes
 
     def resolutionBegan(self, resolution) -> None:
         pass
@@ -87,6 +147,9 @@ class _Addresses:
             self.hosts.append(address.host)
 
     def resolutionComplete(self) -> None:
+        done, self.done = self.done, None
+        if done is not None:
+            done()
         if self.deferred.called:
             return
         if self.hosts:
@@ -95,14 +158,28 @@ class _Addresses:
             self.deferred.errback(error.DNSLookupError(f"{self.name}: name not found"))
 
 
-def resolve(reactor, name: str, port: int, timeout: float) -> defer.Deferred[list[str]]:
+def resolve(reactor, name: str, port: int, timeout: float,
+            client: str | None = None) -> defer.Deferred[list[str]]:
     """All addresses (IPv4 and IPv6) of ``name``, via the reactor's resolver.
 
     The default resolver runs getaddrinfo in the reactor's thread pool, so the
-    reactor never blocks on DNS; a lookup slower than ``timeout`` fails.
+    reactor never blocks on DNS; a lookup slower than ``timeout`` fails. The
+    lookup counts against ``client``'s and the total bound until the resolver
+    is really done with it, even after the timeout (see MAX_LOOKUPS).
     """
-    receiver = _Addresses(name)
-    reactor.nameResolver.resolveHostName(receiver, name, port)
+    counts = lookups(reactor)
+    try:
+        counts.begin(client, name)
+    except TooManyLookups as e:
+        return defer.fail(e)
+    receiver = _Addresses(name, lambda: counts.end(client))
+    try:
+        reactor.nameResolver.resolveHostName(receiver, name, port)
+    except Exception:
+        if receiver.done is not None:
+            receiver.done = None
+            counts.end(client)
+        return defer.fail()
     if timeout > 0:
         receiver.deferred.addTimeout(timeout, reactor,
                                      onTimeoutCancel=_resolution_timed_out(name, timeout))

@@ -375,7 +375,7 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
             return defer.fail(connect.ConnectFailed(connect.DENIED, decision.reason))
         if decision is not None:
             self.note_rule(decision)
-        d = connect.resolve(server.reactor, host, port, timeout)
+        d = connect.resolve(server.reactor, host, port, timeout, self.client_key)
         d.addCallback(self._allowed_addresses, command, host, port, decision is not None)
         return d
 

@@ -60,6 +60,7 @@ class UDPRelay(DatagramProtocol):
         self.counts = {"up": 0, "down": 0, "dropped": 0, "fragments": 0, "bytes_up": 0,
                        "bytes_down": 0}
         self.stopped = False
+        self.lookups_refused = False
 
     def listen(self, local, ranges) -> tuple[str, int]:
         reactor = self.session.server.reactor
@@ -134,23 +135,47 @@ class UDPRelay(DatagramProtocol):
             self._send(datagram.data, datagram.host, datagram.port, None)
 
     def _send_to_name(self, datagram: socks5.Datagram) -> None:
-        reactor = self.session.server.reactor
-        cached = self.names.get(datagram.host)
+        session = self.session
+        reactor = session.server.reactor
+        name, port = datagram.host, datagram.port
+        cached = self.names.get(name)
         if cached is not None and cached[0] > reactor.seconds():
-            self._send(datagram.data, cached[1][0], datagram.port, datagram.host)
+            self._send(datagram.data, cached[1][0], port, name)
             return
-        d = connect.resolve(reactor, datagram.host, datagram.port,
-                            self.session.server.limits.connect_timeout)
+        if not port or not self._name_allowed(name, port):
+            # Denied by name: dropped without a lookup (as for CONNECT).
+            self.counts["dropped"] += 1
+            return
+        d = connect.resolve(reactor, name, port, session.server.limits.connect_timeout,
+                            session.client_key)
 
         def resolved(hosts):
-            self.names.put(datagram.host, (reactor.seconds() + NAME_TTL, hosts))
+            self.names.put(name, (reactor.seconds() + NAME_TTL, hosts))
             if not self.stopped:
-                self._send(datagram.data, hosts[0], datagram.port, datagram.host)
+                self._send(datagram.data, hosts[0], port, name)
 
-        def failed(_failure):
+        def failed(failure):
             self.counts["dropped"] += 1
+            if failure.check(connect.TooManyLookups) and not self.lookups_refused:
+                self.lookups_refused = True   # once per association, not per datagram
+                log.info("{peer} udp: {detail}; datagrams to names are dropped meanwhile",
+                         peer=session.peer, detail=failure.value.detail)
 
         d.addCallbacks(resolved, failed)
+
+    def _name_allowed(self, name: str, port: int) -> bool:
+        """False when the rules deny "udp" to name whatever its addresses."""
+        key = ("udp", None, port, name)
+        allowed = self.decisions.get(key)
+        if allowed is None:
+            session = self.session
+            decision = session.server.rules.decide_name(
+                session.client, session.user.name, "udp", port, name,
+                version=session.version, verified=session.user.verified)
+            # An allow is noted (and re-decided) per address, in _allowed().
+            allowed = decision is None or decision.allowed
+            self.decisions.put(key, allowed)
+        return allowed
 
     def _allowed(self, command: str, ip: str, port: int, name: str | None) -> bool:
         key = (command, ip, port, name)

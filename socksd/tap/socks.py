@@ -21,6 +21,7 @@ from socksd.auth.checkers import FirstOf
 from socksd.auth.methods import method_registry
 from socksd.ident.registry import ProxiedConnections
 from socksd.proxy import SOCKSServerFactory
+from socksd.proxy.connect import THREAD_POOL_SIZE
 from socksd.tap import identd as identd_tap
 from socksd.tap import install_reactor
 from socksd.tap.workers import WorkersService
@@ -174,6 +175,9 @@ def raise_nofile_limit(max_sessions: int) -> None:
 def makeService(options: Options) -> service.IService:
     cfg = options.socks_config
     raise_nofile_limit(cfg.limits.max_sessions)
+    from twisted.internet import reactor
+
+    reactor.suggestThreadPoolSize(THREAD_POOL_SIZE)   # name lookups: see connect.MAX_LOOKUPS
     proxied = None
     identd = cfg.identd if cfg.identd is not None and cfg.identd.enabled else None
     if identd is not None and identd.policy.proxied_users and cfg.workers == 1:

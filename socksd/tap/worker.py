@@ -18,6 +18,7 @@ from twisted.logger import ILogObserver, Logger, eventAsJSON, globalLogBeginner
 from twisted.python.reflect import namedAny
 
 from socksd.proxy import session
+from socksd.proxy.connect import THREAD_POOL_SIZE
 from socksd.tap import reactor as socksd_reactor
 from socksd.tap.workers import FAILURE_MESSAGE, RECORD_SEPARATOR
 
@@ -87,6 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         socksd_reactor.install()
     from twisted.internet import reactor
+
+    reactor.suggestThreadPoolSize(THREAD_POOL_SIZE)   # name lookups: see connect.MAX_LOOKUPS
+
     # Public API only offers proxyEndpoint(); an adopted port needs the factory.
     from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 
