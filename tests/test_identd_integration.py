@@ -27,6 +27,7 @@ from python_socks.sync import Proxy
 
 from conftest import PAGE, TWISTD, recv_until_eof, require
 from socksd.ident.policy import IdentPolicy
+from socksd.ident.server import MAX_BAD_QUERIES
 
 IDENT_USER = "socksd-identd-test"
 SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
@@ -299,6 +300,26 @@ def test_garbage_does_not_hurt_the_server(identd, ident_user, sockets):
         assert answer(ask(identd.port, b"%d, %d\r\n" % (child_port, port))) == \
             (b"USERID", b"UNIX : " + IDENT_USER.encode())
     assert identd.process.poll() is None
+    assert "Traceback" not in identd.log()
+
+
+@pytest.mark.parametrize("flood", [b"\n" * 65536, (b"A" * 40 + b"\n") * 1600])
+def test_a_flood_of_bad_queries_is_closed_with_one_log_line(identd, flood):
+    """The hostile-client audit's identd flood: a packet of malformed lines
+    used to be answered (and logged) line by line, stalling the reactor for
+    seconds. Now a few are answered, then the connection closes with one
+    log line, and other clients are answered at once."""
+    with socket.create_connection(("127.0.0.1", identd.port), timeout=10) as s:
+        me = s.getsockname()[1]
+        started = time.monotonic()
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            s.sendall(flood)
+        replies = recv_until_eof(s)
+        assert time.monotonic() - started < 5
+    assert replies.count(b"\r\n") == MAX_BAD_QUERIES, replies[:500]
+    assert ask(identd.port, b"1, 2\r\n") == b"1, 2 : ERROR : NO-USER"
+    mine = [line for line in identd.log().splitlines() if f"127.0.0.1:{me} " in line]
+    assert len(mine) == 1 and "malformed" in mine[0], mine
     assert "Traceback" not in identd.log()
 
 

@@ -27,8 +27,11 @@ from socksd.ident import lookup as lookup_module
 from socksd.ident.lookup import Connection, Owner
 from socksd.ident.policy import IdentPolicy
 from socksd.ident.registry import ProxiedConnections
-from socksd.ident.server import MAX_PENDING, IdentdLimits, IdentFactory, answer_query
+from socksd.ident.server import (MAX_BAD_QUERIES, MAX_LINES_PER_TURN, MAX_PENDING,
+                                 IdentdLimits, IdentFactory, answer_query)
 from socksd.tap.identd import serve_stdio
+from socksd.wire import WireError
+from socksd.wire.ident import parse_query
 
 LOCAL = "127.0.0.1"      # the address the ident query arrives on
 REMOTE = "127.0.0.2"     # the querier
@@ -313,6 +316,157 @@ def test_reply_after_the_client_left_is_dropped(fake):
     proto.connectionLost(Failure(ConnectionError("gone")))
     lookups.fire_newest_first()
     assert transport.value() == b""
+
+
+# ---- flooding: back-pressure and bounds --------------------------------------------
+
+class SmallBufferTransport(StringTransport):
+    """A StringTransport with a write buffer of ``size`` bytes that, like a
+    FileDescriptor, pauses its streaming producer when the buffer is over it
+    and resumes it when the peer has read everything (``drain``)."""
+
+    def __init__(self, size: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.size = size
+        self.producer_paused = False
+        self.read_by_peer = b""
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if (self.producer is not None and self.streaming and not self.producer_paused
+                and len(self.value()) > self.size):
+            self.producer_paused = True
+            self.producer.pauseProducing()
+
+    def drain(self) -> None:
+        self.read_by_peer += self.value()
+        self.clear()
+        if self.producer is not None and self.producer_paused:
+            self.producer_paused = False
+            self.producer.resumeProducing()
+
+
+def connect_small(factory: IdentFactory, size: int):
+    peer = IPv4Address("TCP", REMOTE, PEER_PORT)
+    proto = factory.buildProtocol(peer)
+    transport = SmallBufferTransport(size, hostAddress=IPv4Address("TCP", LOCAL, IDENT_PORT),
+                                     peerAddress=peer)
+    proto.makeConnection(transport)
+    return proto, transport
+
+
+def identd_lines(events: list[dict]) -> list[str]:
+    return [formatEvent(e) for e in events if e.get("log_namespace") == "socksd.identd"]
+
+
+def test_the_protocol_is_the_streaming_producer_of_its_transport():
+    proto, transport = connect(make_factory())
+    assert transport.producer is proto
+    assert transport.streaming
+
+
+def test_a_client_that_does_not_read_replies_stops_being_read(fake):
+    """Replies are not buffered without bound: once the write buffer is full
+    no more lines are answered (and the transport stops reading) until the
+    client reads; then the rest is answered, in order."""
+    clock = MemoryReactorClock()
+    proto, transport = connect_small(make_factory(clock=clock), size=200)
+    count = 500
+    proto.dataReceived(b"".join(b"%d, 23\r\n" % (1000 + i) for i in range(count)))
+    clock.advance(0)
+    answered = lines(transport.value())
+    assert 0 < len(answered) < 10                  # ~200 bytes of replies, not 500 replies
+    assert transport.producerState == "paused"     # reading stopped
+    clock.advance(0)
+    assert lines(transport.value()) == answered    # and stays stopped until the client reads
+    for _ in range(count):
+        transport.drain()
+        clock.advance(0)
+    assert lines(transport.read_by_peer) == [b"%d, 23 : ERROR : NO-USER" % (1000 + i)
+                                             for i in range(count)]
+    assert transport.producerState == "producing"
+    assert not transport.disconnecting
+
+
+def test_one_packet_of_queries_is_answered_over_several_reactor_turns(fake, registry):
+    """Proxied-user answers need no lookup: a packet of them is answered
+    MAX_LINES_PER_TURN at a time, reading paused in between."""
+    clock = MemoryReactorClock()
+    proto, transport = connect(make_factory(registry=registry, clock=clock))
+    count = MAX_LINES_PER_TURN * 3 + 1
+    proto.dataReceived(b"6193, 23\r\n" * count)
+    assert len(lines(transport.value())) == MAX_LINES_PER_TURN
+    assert transport.producerState == "paused"
+    for _ in range(3):
+        clock.advance(0)
+    assert lines(transport.value()) == [b"6193, 23 : USERID : UNIX : alice"] * count
+    assert transport.producerState == "producing"
+    assert len(clock.getDelayedCalls()) == 1           # only the idle timer
+
+
+def test_a_client_that_never_reads_is_closed_by_the_idle_timeout(fake):
+    """Paused for writes, nothing more is answered, so nothing restarts the
+    idle timer: the connection does not live on however much it sent."""
+    clock = MemoryReactorClock()
+    proto, transport = connect_small(make_factory(limits=IdentdLimits(idle_timeout=10),
+                                                  clock=clock), size=200)
+    proto.dataReceived(b"1, 2\r\n" * 5000)
+    clock.advance(0)
+    assert transport.producerState == "paused"
+    clock.advance(11)
+    assert transport.disconnecting
+
+
+def test_no_turn_left_after_close(fake, registry):
+    clock = MemoryReactorClock()
+    proto, transport = connect(make_factory(registry=registry, clock=clock))
+    proto.dataReceived(b"6193, 23\r\n" * (MAX_LINES_PER_TURN * 2))
+    proto.connectionLost(Failure(ConnectionError("bye")))
+    assert [c for c in clock.getDelayedCalls() if c.active()] == []
+
+
+@pytest.mark.parametrize("unknown_error_only", [False, True])
+@pytest.mark.parametrize("flood", [b"\n" * 65536, b"A" * 40 + b"\n" * 2000,
+                                   (b"A" * 40 + b"\n") * 1600])
+def test_a_flood_of_bad_queries_is_closed_with_one_log_line(fake, log_events, flood,
+                                                            unknown_error_only):
+    policy = IdentPolicy(hash_key=b"k", unknown_error_only=unknown_error_only)
+    proto, transport = connect(make_factory(policy))
+    proto.dataReceived(flood)
+    replies = lines(transport.value())
+    token = b"UNKNOWN-ERROR" if unknown_error_only else b"INVALID-PORT"
+    assert len(replies) == MAX_BAD_QUERIES
+    assert all(r.endswith(b" : ERROR : " + token) for r in replies), replies
+    assert transport.disconnecting
+    assert transport.producer is None      # or a FileDescriptor would never close
+    proto.connectionLost(Failure(ConnectionError("closed")))
+    logged = identd_lines(log_events)
+    assert len(logged) == 1, logged
+    assert f"{REMOTE}:{PEER_PORT}" in logged[0] and "malformed" in logged[0], logged
+    assert fake.calls == []
+
+
+def test_a_few_bad_queries_are_answered_and_logged_once_at_the_end(fake, log_events):
+    fake.own(6193, 23, DAEMON.pw_uid)
+    proto, transport = connect(make_factory())
+    proto.dataReceived(b"\r\nhello\r\n" * (MAX_BAD_QUERIES // 2) + b"6193, 23\r\n")
+    assert lines(transport.value())[-1] == b"6193, 23 : USERID : UNIX : daemon"
+    assert not transport.disconnecting
+    proto.connectionLost(Failure(ConnectionError("closed")))
+    logged = identd_lines(log_events)
+    assert len(logged) == 2, logged       # the good query, and one line for the bad ones
+    assert f"{REMOTE}:{PEER_PORT}" in logged[1] and "malformed" in logged[1], logged
+
+
+def test_bad_queries_behind_a_lookup_are_answered_in_order_then_closed(fake):
+    lookups = DeferredLookups()
+    proto, transport = connect(make_factory(blocking=lookups))
+    proto.dataReceived(b"6193, 23\r\n" + b"x\r\n" * 100)
+    assert transport.value() == b""
+    lookups.fire_newest_first()
+    assert lines(transport.value()) == [b"6193, 23 : ERROR : NO-USER"] + \
+        [b"x : ERROR : INVALID-PORT"] * MAX_BAD_QUERIES
+    assert transport.disconnecting
 
 
 # ---- line length --------------------------------------------------------------------
@@ -635,18 +789,30 @@ _REPLY = re.compile(rb"[\x20-\x7e]* : (ERROR : [A-Z-]+|USERID : UNIX : [^\r\n]+)
               st.integers(-5, 70000)),
 ), max_size=25))
 def test_arbitrary_bytes_never_raise_and_every_line_gets_one_reply(fake, chunks):
+    """Every line gets one reply, up to the MAX_BAD_QUERIES-th malformed one,
+    which is answered and then closes the connection."""
     fake.owners.clear()
     fake.own(113, 6193, DAEMON.pw_uid)
     fake.own(65535, 1, 0)
-    proto, transport = connect(make_factory(limits=IdentdLimits(max_line=1000)))
+    clock = MemoryReactorClock()
+    proto, transport = connect(make_factory(limits=IdentdLimits(max_line=1000), clock=clock))
     for chunk in chunks:
         proto.dataReceived(chunk)
+        clock.advance(0)
     data = b"".join(chunks)
-    complete = data.count(b"\n")
     assert len(data) < 1000              # no line can be over the limit here
-    assert not transport.disconnecting
+    expected = bad = 0
+    for line in data.split(b"\n")[:-1]:
+        expected += 1
+        try:
+            parse_query(line[:-1] if line.endswith(b"\r") else line)
+        except WireError:
+            bad += 1
+            if bad == MAX_BAD_QUERIES:
+                break
+    assert transport.disconnecting == (bad == MAX_BAD_QUERIES)
     replies = lines(transport.value())
-    assert len(replies) == complete
+    assert len(replies) == expected
     for reply in replies:
         assert _REPLY.fullmatch(reply), reply
 

@@ -10,13 +10,14 @@ has no limits, hence this one.
 from __future__ import annotations
 
 import pwd
-from collections import deque
 from dataclasses import dataclass
 
 from twisted.internet import defer, threads
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
+from zope.interface import implementer
 
 from socksd.ident import lookup
 from socksd.ident.policy import Answer, IdentPolicy
@@ -28,6 +29,19 @@ log = Logger(namespace="socksd.identd")
 
 # Queries waiting behind the one being looked up; past this, stop reading.
 MAX_PENDING = 32
+
+# Malformed queries (INVALID-PORT, or UNKNOWN-ERROR under unknown_error_only,
+# for a line that is not "port , port") a connection may send before it is
+# closed. A real RFC 1413 client never sends one; a human at telnet may
+# mistype once or twice, so the first answers still teach the syntax, but
+# a connection that keeps sending garbage is not a client: answering (and
+# logging) every line of a 64 KiB packet of "\n" cost seconds of reactor time.
+MAX_BAD_QUERIES = 3
+
+# Lines answered in one go before the reactor gets to run other connections:
+# answers that need no lookup (proxied users, bad queries) are synchronous,
+# so without this one packet of queries could hold the reactor for a while.
+MAX_LINES_PER_TURN = 32
 
 
 @dataclass(frozen=True)
@@ -108,24 +122,37 @@ def _encode(policy: IdentPolicy, ports, answer: Answer, notes: list[str]) -> byt
         return ident.encode_error(ports[0], ports[1], ident.UNKNOWN_ERROR)
 
 
+@implementer(IPushProducer)
 class IdentProtocol(Protocol, TimeoutMixin):
     """Lines end in LF or CR LF; the limit is on a line without its end.
 
     (Not LineOnlyReceiver: its limit counts the CR of CR LF, and it cannot
     tell a partial line that may still end in CR LF from one too long.)
+
+    Lines are answered one at a time, in order, straight from the read
+    buffer. Reading stops (the protocol is the streaming producer of its own
+    transport) while the replies' write buffer is full, while too many
+    queries wait behind a lookup, and between turns of MAX_LINES_PER_TURN
+    lines: memory stays bounded however fast a client sends and however
+    slowly it reads.
     """
 
     def __init__(self, factory: IdentFactory) -> None:
         self.factory = factory
         self.buffer = b""
-        self.pending: deque[bytes] = deque()
-        self.busy = False
-        self.paused = False
+        self.offset = 0          # start of the first unanswered line in buffer
+        self.busy = False        # a query is being answered
+        self.working = False     # inside _work (a synchronous answer re-enters it)
+        self.holds: set[str] = set()   # why reading is paused: writes, backlog, turn
+        self.turn = None         # the call that starts the next turn
+        self.bad = 0             # malformed queries so far
+        self.first_bad = b""
+        self.bad_logged = False
         self.gone = False
         self.client_key: str | None = None
 
-    def callLater(self, period, func):
-        return self.factory.reactor.callLater(period, func)
+    def callLater(self, period, func, *args):
+        return self.factory.reactor.callLater(period, func, *args)
 
     def connectionMade(self) -> None:
         factory = self.factory
@@ -143,62 +170,147 @@ class IdentProtocol(Protocol, TimeoutMixin):
                      peer=self.peer, limit=factory.limits.max_connections_per_client)
             self.transport.loseConnection()
             return
+        self.transport.registerProducer(self, True)
         self.setTimeout(factory.limits.idle_timeout or None)
 
+    # IPushProducer: the transport pauses us while its write buffer is full.
+    def pauseProducing(self) -> None:
+        self._hold("writes")
+
+    def resumeProducing(self) -> None:
+        self._release("writes")
+
+    def stopProducing(self) -> None:
+        self.gone = True
+
+    def _hold(self, why: str) -> None:
+        if not self.holds and not self._closing():
+            self.transport.pauseProducing()
+        self.holds.add(why)
+
+    def _release(self, why: str) -> None:
+        if why not in self.holds:
+            return
+        self.holds.discard(why)
+        if not self.holds and not self._closing():
+            self.transport.resumeProducing()
+        self._work()
+
+    def _closing(self) -> bool:
+        return self.gone or bool(self.transport.disconnecting)
+
+    def _close(self) -> None:
+        # A registered producer keeps a FileDescriptor open after
+        # loseConnection (it waits for the producer to finish): let go first.
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+
     def dataReceived(self, data: bytes) -> None:
+        if self._closing():
+            return  # refused or closing: nothing more is answered
+        self.buffer += data
+        self._work()
+
+    def _work(self) -> None:
+        """Answer buffered lines until one needs a lookup, reading is held
+        for writes or the turn, or no complete line is left."""
+        if self.working:
+            return  # a synchronous answer: the loop below goes on
+        self.working = True
+        try:
+            self._answer_lines()
+        finally:
+            self.working = False
+
+    def _answer_lines(self) -> None:
         limit = self.factory.limits.max_line
-        lines = (self.buffer + data).split(b"\n")
-        self.buffer = lines.pop()
-        for line in lines:
-            if self.gone or self.transport.disconnecting:
-                return  # refused or closing: nothing more is answered
+        done = 0
+        while not (self.busy or self._closing() or "writes" in self.holds
+                   or "turn" in self.holds):
+            end = self.buffer.find(b"\n", self.offset)
+            if end < 0:
+                break
+            if done == MAX_LINES_PER_TURN:
+                self._hold("turn")
+                self.turn = self.callLater(0, self._next_turn)
+                break
+            line = self.buffer[self.offset:end]
+            self.offset = end + 1
             if line.endswith(b"\r"):
                 line = line[:-1]
             if len(line) > limit:
                 self.lineLengthExceeded(line)
                 return
+            done += 1
             self.lineReceived(line)
+        if self._closing():
+            return
+        if self.offset:
+            self.buffer = self.buffer[self.offset:]
+            self.offset = 0
         partial = self.buffer
-        if len(partial) > limit and not (len(partial) == limit + 1 and partial.endswith(b"\r")):
-            self.lineLengthExceeded(partial)
+        if b"\n" not in partial:
+            if len(partial) > limit and not (len(partial) == limit + 1
+                                             and partial.endswith(b"\r")):
+                self.lineLengthExceeded(partial)
+            elif "backlog" in self.holds:
+                self._release("backlog")
+        elif (partial.count(b"\n") > MAX_PENDING
+              or len(partial) > MAX_PENDING * (limit + 2)):
+            self._hold("backlog")
+        elif "backlog" in self.holds:
+            self._release("backlog")
+
+    def _next_turn(self) -> None:
+        self.turn = None
+        self._release("turn")
 
     def lineReceived(self, line: bytes) -> None:
         self.resetTimeout()
-        self.pending.append(line)
-        if len(self.pending) > MAX_PENDING and not self.paused:
-            self.paused = True
-            self.transport.pauseProducing()
-        self._next()
-
-    def _next(self) -> None:
-        if self.busy or not self.pending or self.gone:
-            return
+        try:
+            ident.parse_query(line)
+            bad = False
+        except WireError:
+            bad = True
+            self.bad += 1
+            if self.bad == 1:
+                self.first_bad = line
         self.busy = True
-        line = self.pending.popleft()
         factory = self.factory
         notes: list[str] = []
         d = answer_query(factory.policy, factory.registry, line, self.local_host,
                          self.remote_host, factory.blocking, notes)
-        d.addCallback(self._answered, line, notes)
+        d.addCallback(self._answered, line, notes, bad)
 
-    def _answered(self, reply: bytes, line: bytes, notes: list[str]) -> None:
+    def _answered(self, reply: bytes, line: bytes, notes: list[str], bad: bool) -> None:
         self.busy = False
         if self.gone:
             return
         self.transport.write(reply)
-        log.info("identd: {peer} asked {query!r}: {reply!r} ({note})", peer=self.peer,
-                 query=line[:40].decode("ascii", "replace"),
-                 reply=reply.rstrip(b"\r\n").decode("utf-8", "replace"),
-                 note=notes[0] if notes else "")
-        if self.paused and len(self.pending) <= MAX_PENDING // 2:
-            self.paused = False
-            self.transport.resumeProducing()
-        self._next()
+        if not bad:
+            log.info("identd: {peer} asked {query!r}: {reply!r} ({note})", peer=self.peer,
+                     query=line[:40].decode("ascii", "replace"),
+                     reply=reply.rstrip(b"\r\n").decode("utf-8", "replace"),
+                     note=notes[0] if notes else "")
+        elif self.bad >= MAX_BAD_QUERIES:
+            self._log_bad("; closing")
+            self._close()
+            return
+        self._work()
+
+    def _log_bad(self, closing: str = "") -> None:
+        """Malformed queries get one line per connection, not one each."""
+        if self.bad and not self.bad_logged:
+            self.bad_logged = True
+            log.warn("identd: {peer} sent {count} malformed quer{ies} (first {query!r})"
+                     "{closing}", peer=self.peer, count=self.bad,
+                     ies="y" if self.bad == 1 else "ies",
+                     query=self.first_bad[:40].decode("ascii", "replace"), closing=closing)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         log.warn("identd: {peer} sent a line over {limit} bytes; closing",
                  peer=self.peer, limit=self.factory.limits.max_line)
-        self.transport.loseConnection()
+        self._close()
 
     def timeoutConnection(self) -> None:
         self.transport.abortConnection()
@@ -206,6 +318,10 @@ class IdentProtocol(Protocol, TimeoutMixin):
     def connectionLost(self, reason=None) -> None:
         self.gone = True
         self.setTimeout(None)
+        if self.turn is not None and self.turn.active():
+            self.turn.cancel()
+        self.turn = None
+        self._log_bad()
         factory = self.factory
         factory.connections -= 1
         if self.client_key is not None:
