@@ -366,6 +366,23 @@ def test_max_sessions(monkeypatch, worker, prefix):
     assert Client(factory).session is not None
 
 
+def test_refusals_for_one_client_do_not_use_up_max_sessions():
+    """Connections refused for max_sessions_per_client, still closing, do
+    not count against max_sessions: another client still gets in."""
+    factory, _ = make_factory(limits=Limits(max_sessions=3, max_sessions_per_client=1))
+    first = Client(factory)
+    refused = [Client(factory) for _ in range(5)]
+    assert all(client.closing for client in refused)
+    other = Client(factory, peer=IPv4Address("TCP", "127.0.0.2", 40001))
+    assert other.session is not None and not other.closing
+    assert factory.sessions == 2
+    for client in refused:
+        client.lose()
+    first.lose()
+    other.lose()
+    assert factory.sessions == 0 and factory.per_client == {}
+
+
 def test_max_sessions_per_client(bytewise):
     factory, _ = make_factory(limits=Limits(max_sessions_per_client=2))
     first = Client(factory, bytewise)

@@ -143,6 +143,7 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
     udp: UDPRelay | None = None
     layer = None
     ended = False
+    counted = True     # in server.sessions (max_sessions)
 
     def __init__(self, server: SOCKSServerFactory) -> None:
         self.server = server
@@ -176,6 +177,10 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         self.client_key = key
         limit = self.server.limits.max_sessions_per_client
         if self.server.count_client(key, +1) > limit:
+            # Refused: no longer one of max_sessions while it closes, or a
+            # burst from one client would turn others away for that limit.
+            self.server.sessions -= 1
+            self.counted = False
             self.fail("refused", f"max_sessions_per_client ({limit}) reached")
 
     def dataReceived(self, data: bytes) -> None:
@@ -505,7 +510,8 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         self.ended = True
         self.setTimeout(None)
         server = self.server
-        server.sessions -= 1
+        if self.counted:
+            server.sessions -= 1
         if self.client_key is not None:
             server.count_client(self.client_key, -1)
         if self.registered is not None:
