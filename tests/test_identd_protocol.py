@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import capturedLogs, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from socksd.config import IdentdConfig
@@ -521,8 +521,10 @@ def test_idle_timeout_closes():
                                             clock=clock))
     clock.advance(59.5)
     assert not transport.disconnecting
-    clock.advance(1)
+    with capturedLogs() as events:
+        clock.advance(1)
     assert transport.disconnecting
+    assert [formatEvent(e) for e in events] == [f"identd: {proto.peer} idle for 60 s; closing"]
 
 
 def test_default_idle_timeout_is_60_seconds():

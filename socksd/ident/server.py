@@ -313,6 +313,8 @@ class IdentProtocol(Protocol, TimeoutMixin):
         self._close()
 
     def timeoutConnection(self) -> None:
+        log.info("identd: {peer} idle for {timeout:g} s; closing", peer=self.peer,
+                 timeout=self.timeOut)
         self.transport.abortConnection()
 
     def connectionLost(self, reason=None) -> None:

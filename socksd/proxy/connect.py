@@ -189,7 +189,7 @@ def resolve(reactor, name: str, port: int, timeout: float,
 def _resolution_timed_out(name: str, timeout: float):
     def convert(result, _timeout):
         if isinstance(result, Failure) and result.check(defer.CancelledError):
-            return Failure(error.DNSLookupError(f"{name}: no answer in {timeout:g} s"))
+            return Failure(error.DNSLookupError(f"{name}: no answer in {timeout:.3g} s"))
         return result
     return convert
 
@@ -334,7 +334,7 @@ class _Connecting:
     def _timed_out(self, timeout: float) -> None:
         self.timer = None
         self._stop()
-        self._fail(errno.ETIMEDOUT, f"no answer in {timeout:g} s")
+        self._fail(errno.ETIMEDOUT, f"no answer in {timeout:.3g} s")
 
     def _cancel(self, _d) -> None:
         if self.sock is not None:
