@@ -86,7 +86,8 @@ class Config:
 _SERVER_KEYS = {
     "listen": "strings", "methods": "strings", "checkers": "strings",
     "handshake_timeout": "timeout", "connect_timeout": "timeout", "idle_timeout": "seconds",
-    "max_sessions": "count", "max_sessions_per_client": "count", "splice": "bool",
+    "stall_timeout": "seconds", "max_sessions": "count", "max_sessions_per_client": "count",
+    "splice": "bool",
     "bind_timeout": "timeout", "udp_idle_timeout": "timeout", "bind_ports": "ports",
     "udp_ports": "ports", "max_datagram": "count", "workers": "workers",
 }

@@ -13,7 +13,7 @@ from __future__ import annotations
 from zope.interface import implementer
 
 from twisted.internet import error, tcp
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Protocol
 
 _PLAIN_TCP = (tcp.Server, tcp.Client)
@@ -26,6 +26,15 @@ def buffer_empty(transport) -> bool:
         return transport._tempDataLen == 0 and len(transport.dataBuffer) == transport.offset
     except AttributeError:
         return False
+
+
+def buffered(transport) -> int | None:
+    """Bytes Twisted holds for this transport, not yet taken by the socket
+    (private state of FileDescriptor; None when the transport is another kind)."""
+    try:
+        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+    except AttributeError:
+        return None
 
 
 def send(transport, data: bytes) -> None:
@@ -65,11 +74,18 @@ class RelaySession:
     def relay_lost(self, why: str) -> None:
         """An end failed (reset, error) rather than closing: ``why``."""
 
+    def relay_blocked(self) -> None:
+        """A receiver stopped taking bytes (its buffer is full): from now on
+        the session watches that it drains."""
+
+    def relay_drained(self) -> None:
+        """A blocked receiver took everything it was holding."""
+
     def relay_bulk(self) -> None:
         """An end passed its ``splice_after`` mark: time for a fast path."""
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IPushProducer)
 class RelayEnd(Protocol):
     """One side of a relayed session."""
 
@@ -107,6 +123,21 @@ class RelayEnd(Protocol):
         else:
             partner.transport.loseWriteConnection()
 
+    # The producer registered with the partner's transport: its reading is
+    # paused while the partner's receiver is full, and the session is told.
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+        if self.session is not None:
+            self.session.relay_blocked()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+        if self.session is not None:
+            self.session.relay_drained()
+
+    def stopProducing(self) -> None:
+        self.transport.stopProducing()
+
     def writeConnectionLost(self) -> None:
         """Our half-close reached the peer; the other direction may go on."""
 
@@ -134,5 +165,5 @@ def join(a: RelayEnd, b: RelayEnd, session: RelaySession, watch_activity: bool =
     a.session = b.session = session
     a.watch_activity = b.watch_activity = watch_activity
     if flow_control:
-        a.transport.registerProducer(b.transport, True)
-        b.transport.registerProducer(a.transport, True)
+        a.transport.registerProducer(b, True)
+        b.transport.registerProducer(a, True)

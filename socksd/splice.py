@@ -135,6 +135,8 @@ class _Direction:
                 return
         if self.pending:
             # dst is full: stop reading src until it takes what we hold.
+            if not self.dst.writing and relay.session is not None:
+                relay.session.relay_blocked()
             if self.src.reading:
                 relay.reactor.removeReader(self.src)
                 self.src.reading = False
@@ -146,6 +148,8 @@ class _Direction:
         if self.dst.writing:
             relay.reactor.removeWriter(self.dst)
             self.dst.writing = False
+            if relay.session is not None:
+                relay.session.relay_drained()
         if self.eof:
             self._finish()
         elif not self.src.reading:
@@ -237,6 +241,10 @@ class SpliceRelay:
             for end in self.ends:
                 end.read_eof = True   # as the Twisted relay would have it: both ended
                 end.transport.loseConnection()
+
+    def pending(self) -> tuple[int, int]:
+        """Bytes held in each direction's pipe for its receiver."""
+        return tuple(d.pending for d in self.directions)
 
     def abort(self, why: str | None = None) -> None:
         """An error on either socket (``why``), or the session's idle timeout."""

@@ -602,3 +602,68 @@ def test_descriptor_limit_is_raised_for_max_sessions(tmp_path, max_sessions, har
     finally:
         process.terminate()
         process.wait(10)
+
+
+def _connect_and_fill(server, dest):
+    """A CONNECT whose destination then sends until every buffer on the way
+    to the client is full; returns (client, the destination's socket)."""
+    port = dest.getsockname()[1]
+    client = socket.create_connection(server.address, timeout=10)
+    client.sendall(b"\x05\x01\x00")
+    assert recv_exact(client, 2) == b"\x05\x00"
+    client.sendall(b"\x05\x01\x00\x01\x7f\x00\x00\x01" + port.to_bytes(2, "big"))
+    assert recv_exact(client, 10)[:2] == b"\x05\x00"
+    inbound, _ = dest.accept()
+    inbound.setblocking(False)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            inbound.send(b"y" * 65536)
+        except BlockingIOError:
+            time.sleep(0.2)        # let socksd fill its side too, then try again
+            try:
+                inbound.send(b"y" * 65536)
+            except BlockingIOError:
+                break
+    return client, inbound
+
+
+@pytest.mark.parametrize("splice", ["true", "false"])
+def test_a_client_that_never_reads_ends_at_stall_timeout(socks_server, splice):
+    """Every wait has a timeout, even with idle_timeout = 0 (the default)."""
+    server = socks_server(f"[server]\nstall_timeout = 1.0\nsplice = {splice}\n")
+    with socket.create_server(("127.0.0.1", 0)) as dest:
+        client, inbound = _connect_and_fill(server, dest)
+        with client, inbound:
+            line = server.wait_for_log(r"connect 127\.0\.0\.1:\d+ .* stalled: a receiver "
+                                       r"took nothing for 1 s.*", timeout=10).group(0)
+    assert ("[splice]" in line) == (splice == "true"), line
+
+
+def test_a_slow_reader_is_not_a_stall(socks_server):
+    server = socks_server("[server]\nstall_timeout = 1.0\n")
+    with socket.create_server(("127.0.0.1", 0)) as dest:
+        client, inbound = _connect_and_fill(server, dest)
+        with client, inbound:
+            def keep_sending():       # the destination never stops: socksd stays blocked
+                inbound.setblocking(True)
+                try:
+                    while True:
+                        inbound.sendall(b"y" * 65536)
+                except OSError:
+                    pass
+
+            threading.Thread(target=keep_sending, daemon=True).start()
+            # Reads in bursts with pauses: each second something is taken
+            # (kernel buffers are megabytes, so a trickle would not show).
+            client.settimeout(0.05)
+            end = time.monotonic() + 4
+            while time.monotonic() < end:
+                burst = time.monotonic() + 0.3
+                while time.monotonic() < burst:
+                    try:
+                        assert client.recv(1 << 20), "socksd closed the session"
+                    except TimeoutError:
+                        pass
+                time.sleep(0.4)
+            assert "stalled" not in server.log(), server.log()

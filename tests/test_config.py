@@ -63,6 +63,7 @@ connect_timeout = 2.5
 idle_timeout = 60.0
 max_sessions = 7
 max_sessions_per_client = 3
+stall_timeout = 9.5
 [[rules]]
 action = "deny"
 to = [".example.com", "10.0.0.0/8"]
@@ -71,7 +72,7 @@ commands = ["connect"]
 users = ["-"]
 log = true
 """)
-    assert cfg.limits == Limits(5, 2.5, 60.0, 7, 3)
+    assert cfg.limits == Limits(5, 2.5, 60.0, 7, 3, stall_timeout=9.5)
     assert cfg.checkers == ("memory:a:b",)
     rule = cfg.rules.rules[0]
     assert rule.suffixes == (".example.com",) and rule.ports == ((25, 25), (6660, 6669))

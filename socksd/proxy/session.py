@@ -51,6 +51,7 @@ class Limits:
     bind_ports: tuple[tuple[int, int], ...] = ((0, 0),)   # (0, 0): any free port
     udp_ports: tuple[tuple[int, int], ...] = ((0, 0),)
     max_datagram: int = 65507                   # largest UDP payload relayed
+    stall_timeout: float = 300.0    # a receiver may take nothing for this long; 0 = never
 
 
 class SOCKSServerFactory(ServerFactory):
@@ -144,6 +145,8 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
     layer = None
     ended = False
     counted = True     # in server.sessions (max_sessions)
+    stall_check = None  # the pending check that a blocked receiver is draining
+    drains = 0          # times a blocked receiver took all it held
 
     def __init__(self, server: SOCKSServerFactory) -> None:
         self.server = server
@@ -499,6 +502,49 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         outbound.transport.unregisterProducer()
         self.splicer = splice.SpliceRelay(self.server.reactor, self, outbound, self)
         self.splicer.start()
+        self.drains += 1   # a stall check compares pipes now, not Twisted's buffers
+
+    def relay_blocked(self) -> None:
+        timeout = self.server.limits.stall_timeout
+        if timeout and self.stall_check is None and not self.ended:
+            self.stall_check = self.server.reactor.callLater(
+                timeout, self._check_stall, self.drains, self._held())
+
+    def _held(self) -> tuple[int | None, ...]:
+        """Bytes waiting for each receiver (None: cannot tell)."""
+        if self.splicer is not None and not self.splicer.finished:
+            return self.splicer.pending()
+        outbound = self.outbound
+        return (relay.buffered(self.transport),
+                relay.buffered(outbound.transport) if outbound is not None else 0)
+
+    def relay_drained(self) -> None:
+        self.drains += 1
+
+    def _check_stall(self, drains: int, before: tuple[int | None, ...]) -> None:
+        """Every wait has a timeout: a receiver that took nothing of what it
+        was sent for stall_timeout seconds (a client that stopped reading, a
+        destination with a zero window) ends the session, even when
+        idle_timeout is 0. One that drains, however slowly, does not."""
+        self.stall_check = None
+        if self.ended:
+            return
+        now = self._held()
+        stuck = self.drains == drains and any(
+            held and was is not None and held >= was
+            for held, was in zip(now, before) if held is not None)
+        if stuck:
+            if self.outcome is None:
+                timeout = self.server.limits.stall_timeout
+                self.outcome, self.detail = "stalled", f"a receiver took nothing for {timeout:g} s"
+            if self.splicer is not None and not self.splicer.finished:
+                self.splicer.abort()
+            else:
+                self.transport.abortConnection()
+                if self.outbound is not None:
+                    self.outbound.transport.abortConnection()
+        elif any(now):
+            self.relay_blocked()   # still draining: look again later
 
     def relay_lost(self, why: str) -> None:
         if self.outcome is None:
@@ -509,6 +555,9 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
             return
         self.ended = True
         self.setTimeout(None)
+        if self.stall_check is not None and self.stall_check.active():
+            self.stall_check.cancel()
+        self.stall_check = None
         server = self.server
         if self.counted:
             server.sessions -= 1
