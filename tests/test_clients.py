@@ -537,6 +537,30 @@ def test_bad_auth_option(tmp_path, check, auth, pattern):
     assert "Usage:" not in out.stdout + out.stderr
 
 
+def _connect_and_fill(server, dest):
+    """A CONNECT whose destination then sends until every buffer on the way
+    to the client is full; returns (client, the destination's socket)."""
+    port = dest.getsockname()[1]
+    client = socket.create_connection(server.address, timeout=10)
+    client.sendall(b"\x05\x01\x00")
+    assert recv_exact(client, 2) == b"\x05\x00"
+    client.sendall(b"\x05\x01\x00\x01\x7f\x00\x00\x01" + port.to_bytes(2, "big"))
+    assert recv_exact(client, 10)[:2] == b"\x05\x00"
+    inbound, _ = dest.accept()
+    inbound.setblocking(False)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            inbound.send(b"y" * 65536)
+        except BlockingIOError:
+            time.sleep(0.2)        # let socksd fill its side too, then try again
+            try:
+                inbound.send(b"y" * 65536)
+            except BlockingIOError:
+                break
+    return client, inbound
+
+
 def test_client_reset_in_a_spliced_session_is_logged_not_a_traceback(socks_server):
     """The destination fills every buffer (so the kernel splice path runs and
     holds data for the client), then the client resets: one epoll event says
@@ -545,18 +569,7 @@ def test_client_reset_in_a_spliced_session_is_logged_not_a_traceback(socks_serve
     with socket.create_server(("127.0.0.1", 0)) as dest:
         port = dest.getsockname()[1]
         for _ in range(10):
-            client = socket.create_connection(server.address, timeout=10)
-            client.sendall(b"\x05\x01\x00")
-            assert recv_exact(client, 2) == b"\x05\x00"
-            client.sendall(b"\x05\x01\x00\x01\x7f\x00\x00\x01" + port.to_bytes(2, "big"))
-            assert recv_exact(client, 10)[:2] == b"\x05\x00"
-            inbound, _ = dest.accept()
-            inbound.setblocking(False)
-            try:
-                while True:
-                    inbound.send(b"y" * 65536)
-            except BlockingIOError:
-                pass
+            client, inbound = _connect_and_fill(server, dest)
             time.sleep(0.1)
             client.close()        # unread data: the kernel sends RST
             time.sleep(0.1)
@@ -602,30 +615,6 @@ def test_descriptor_limit_is_raised_for_max_sessions(tmp_path, max_sessions, har
     finally:
         process.terminate()
         process.wait(10)
-
-
-def _connect_and_fill(server, dest):
-    """A CONNECT whose destination then sends until every buffer on the way
-    to the client is full; returns (client, the destination's socket)."""
-    port = dest.getsockname()[1]
-    client = socket.create_connection(server.address, timeout=10)
-    client.sendall(b"\x05\x01\x00")
-    assert recv_exact(client, 2) == b"\x05\x00"
-    client.sendall(b"\x05\x01\x00\x01\x7f\x00\x00\x01" + port.to_bytes(2, "big"))
-    assert recv_exact(client, 10)[:2] == b"\x05\x00"
-    inbound, _ = dest.accept()
-    inbound.setblocking(False)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        try:
-            inbound.send(b"y" * 65536)
-        except BlockingIOError:
-            time.sleep(0.2)        # let socksd fill its side too, then try again
-            try:
-                inbound.send(b"y" * 65536)
-            except BlockingIOError:
-                break
-    return client, inbound
 
 
 @pytest.mark.parametrize("splice", ["true", "false"])
