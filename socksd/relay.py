@@ -22,10 +22,7 @@ _PLAIN_TCP = (tcp.Server, tcp.Client)
 def buffer_empty(transport) -> bool:
     """Has Twisted sent everything written to this transport? (private state
     of FileDescriptor; anything unexpected counts as "no")"""
-    try:
-        return transport._tempDataLen == 0 and len(transport.dataBuffer) == transport.offset
-    except AttributeError:
-        return False
+    return buffered(transport) == 0
 
 
 def buffered(transport) -> int | None:

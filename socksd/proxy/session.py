@@ -259,21 +259,24 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
             self.udp.stop()
             self.transport.loseConnection()
             return
-        if self.splicer is not None:
-            self.outcome, self.detail = "idle timeout", f"{self.timeOut:g} s"
-            self.splicer.abort()
-            return
         if self.outbound is not None:
-            self.outcome, self.detail = "idle timeout", f"{self.timeOut:g} s"
-            self.outbound.transport.abortConnection()
-        else:
-            # A graceful close: what _cancel() says (a GSS-API abort) must be
-            # sent, and a handshake leaves little to flush.
-            self.outcome, self.detail = "handshake timeout", f"{self.timeOut:g} s"
-            self._cancel()
-            self.transport.loseConnection()
+            self._abort_relay("idle timeout", f"{self.timeOut:g} s")
             return
-        self.transport.abortConnection()
+        # A graceful close: what _cancel() says (a GSS-API abort) must be
+        # sent, and a handshake leaves little to flush.
+        self.outcome, self.detail = "handshake timeout", f"{self.timeOut:g} s"
+        self._cancel()
+        self.transport.loseConnection()
+
+    def _abort_relay(self, outcome: str, detail: str) -> None:
+        """End a relaying session now: the splice relay, or both transports."""
+        if self.outcome is None:
+            self.outcome, self.detail = outcome, detail
+        if self.splicer is not None and not self.splicer.finished:
+            self.splicer.abort()
+        else:
+            self.outbound.transport.abortConnection()
+            self.transport.abortConnection()
 
     def fail(self, outcome: str, detail: str = "", abort: bool = False) -> None:
         """End the session before the relay; any reply was written already."""
@@ -534,15 +537,8 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
             held and was is not None and held >= was
             for held, was in zip(now, before) if held is not None)
         if stuck:
-            if self.outcome is None:
-                timeout = self.server.limits.stall_timeout
-                self.outcome, self.detail = "stalled", f"a receiver took nothing for {timeout:g} s"
-            if self.splicer is not None and not self.splicer.finished:
-                self.splicer.abort()
-            else:
-                self.transport.abortConnection()
-                if self.outbound is not None:
-                    self.outbound.transport.abortConnection()
+            timeout = self.server.limits.stall_timeout
+            self._abort_relay("stalled", f"a receiver took nothing for {timeout:g} s")
         elif any(now):
             self.relay_blocked()   # still draining: look again later
 
