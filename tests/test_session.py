@@ -366,6 +366,23 @@ def test_max_sessions(monkeypatch, worker, prefix):
     assert Client(factory).session is not None
 
 
+def test_a_flood_of_max_sessions_refusals_is_not_a_flood_of_log():
+    factory, reactor = make_factory(limits=Limits(max_sessions=1))
+    Client(factory)
+    with capturedLogs() as events:
+        for port in range(40000, 40100):
+            assert Client(factory, peer=IPv4Address("TCP", "127.0.0.9", port)).session is None
+        reactor.advance(1.0)
+        assert Client(factory, peer=IPv4Address("TCP", "127.0.0.9", 41000)).session is None
+        reactor.advance(1.0)
+    assert [formatEvent(e) for e in events] == [
+        "refused 127.0.0.9:40000: max_sessions (1) reached",
+        "refused 99 more in the last second: max_sessions (1) reached",
+        "refused 127.0.0.9:41000: max_sessions (1) reached"]
+    # The first client's handshake timeout is left, nothing of the refusals.
+    assert factory._refusals_counted not in [call.func for call in reactor.getDelayedCalls()]
+
+
 def test_refusals_for_one_client_do_not_use_up_max_sessions():
     """Connections refused for max_sessions_per_client, still closing, do
     not count against max_sessions: another client still gets in."""

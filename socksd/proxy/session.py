@@ -78,6 +78,7 @@ class SOCKSServerFactory(ServerFactory):
         self.registry = registry      # tell a same-process identd who owns outbound sockets
         self.sessions = 0
         self.per_client: dict[str, int] = {}
+        self.quiet_refusals: int | None = None   # refusals since the last one logged
 
     def choose_method(self, offered: bytes) -> Method | None:
         """The first of our methods, in our preference order, that the client offers."""
@@ -88,13 +89,30 @@ class SOCKSServerFactory(ServerFactory):
 
     def buildProtocol(self, addr):
         if self.sessions >= self.limits.max_sessions:
-            # Refused before a byte is read: behind haproxy: this is the
-            # balancer's address, the PROXY header is never looked at.
-            log.warn("{worker}refused {peer}: max_sessions ({limit}) reached",
-                     worker="" if WORKER is None else f"w{WORKER} ",
-                     peer=_address(addr), limit=self.limits.max_sessions)
+            self._refused(addr)
             return None
         return Session(self)
+
+    def _refused(self, addr) -> None:
+        """One line for the first refusal, then at most one a second counting
+        the rest: a flood of connections must not become a flood of log.
+        (Refused before a byte is read: behind haproxy: the peer is the
+        balancer, as the PROXY header is never looked at.)"""
+        if self.quiet_refusals is not None:
+            self.quiet_refusals += 1
+            return
+        self.quiet_refusals = 0
+        log.warn("{worker}refused {peer}: max_sessions ({limit}) reached",
+                 worker="" if WORKER is None else f"w{WORKER} ",
+                 peer=_address(addr), limit=self.limits.max_sessions)
+        self.reactor.callLater(1.0, self._refusals_counted)
+
+    def _refusals_counted(self) -> None:
+        count, self.quiet_refusals = self.quiet_refusals, None
+        if count:
+            log.warn("{worker}refused {count} more in the last second: max_sessions ({limit}) "
+                     "reached", worker="" if WORKER is None else f"w{WORKER} ",
+                     count=count, limit=self.limits.max_sessions)
 
     def count_client(self, key: str, delta: int) -> int:
         count = self.per_client.get(key, 0) + delta
