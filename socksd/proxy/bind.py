@@ -90,9 +90,7 @@ class BindWaiter(ServerFactory):
             return None
         session = self.session
         peer = parse_ip(addr.host)
-        decision = session.server.rules.decide(
-            session.client, session.user.name, "bindreply", addr.port, None, peer,
-            version=session.version, verified=session.user.verified)
+        decision = session.decide("bindreply", addr.port, None, peer)
         named = (decision.rule is not None and decision.rule.commands is not None
                  and "bindreply" in decision.rule.commands)
         if not decision.allowed or (peer != self.expected and not self.expected.is_unspecified

@@ -398,8 +398,7 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         if not by_name:
             denied = self._decide_address(command, host, port)
             return defer.fail(denied) if denied else defer.succeed([host])
-        decision = server.rules.decide_name(self.client, self.user.name, command, port, host,
-                                            version=self.version, verified=self.user.verified)
+        decision = self.decide_name(command, port, host)
         if decision is not None and not decision.allowed:
             return defer.fail(connect.ConnectFailed(connect.DENIED, decision.reason))
         if decision is not None:
@@ -410,13 +409,23 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
 
     def _decide_address(self, command: str, host: str, port: int) -> connect.ConnectFailed | None:
         """Why the rules deny ``command`` to the address host:port, or None."""
-        decision = self.server.rules.decide(self.client, self.user.name, command, port, None,
-                                            parse_ip(host), version=self.version,
-                                            verified=self.user.verified)
+        decision = self.decide(command, port, None, parse_ip(host))
         if not decision.allowed:
             return connect.ConnectFailed(connect.DENIED, decision.reason)
         self.note_rule(decision)
         return None
+
+    # The rules, asked for this session's client and user.
+
+    def decide(self, command: str, port: int, name: str | None, address):
+        return self.server.rules.decide(self.client, self.user.name, command, port, name,
+                                        address, version=self.version,
+                                        verified=self.user.verified)
+
+    def decide_name(self, command: str, port: int, name: str):
+        """The decision the name alone settles, or None (its addresses decide)."""
+        return self.server.rules.decide_name(self.client, self.user.name, command, port, name,
+                                             version=self.version, verified=self.user.verified)
 
     def note_rule(self, decision, command: str | None = None,
                   destination: str | None = None) -> None:
@@ -434,9 +443,7 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
             return hosts
         allowed, first_denial = [], None
         for host in hosts:
-            decision = self.server.rules.decide(self.client, self.user.name, command, port,
-                                                name, parse_ip(host), version=self.version,
-                                                verified=self.user.verified)
+            decision = self.decide(command, port, name, parse_ip(host))
             if decision.allowed:
                 if not allowed:
                     self.note_rule(decision)

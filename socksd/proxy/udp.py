@@ -168,10 +168,7 @@ class UDPRelay(DatagramProtocol):
         key = ("udp", None, port, name)
         allowed = self.decisions.get(key)
         if allowed is None:
-            session = self.session
-            decision = session.server.rules.decide_name(
-                session.client, session.user.name, "udp", port, name,
-                version=session.version, verified=session.user.verified)
+            decision = self.session.decide_name("udp", port, name)
             # An allow is noted (and re-decided) per address, in _allowed().
             allowed = decision is None or decision.allowed
             self.decisions.put(key, allowed)
@@ -182,9 +179,7 @@ class UDPRelay(DatagramProtocol):
         allowed = self.decisions.get(key)
         if allowed is None:
             session = self.session
-            decision = session.server.rules.decide(
-                session.client, session.user.name, command, port, name, parse_ip(ip),
-                version=session.version, verified=session.user.verified)
+            decision = session.decide(command, port, name, parse_ip(ip))
             allowed = decision.allowed
             if allowed:   # once per address while it is remembered, not per datagram
                 session.note_rule(decision, command, connect.host_port(name or ip, port))
