@@ -199,15 +199,21 @@ def echo_server():
 
 
 class Kerberos:
-    """A real MIT KDC (k5test) with socksd's service key in its own keytab."""
+    """A real MIT KDC (k5test) with socksd's service key in its own keytab.
+
+    The service is ``rcmd/localhost``, the name clients ask for by
+    ``rcmd@localhost``, plus ``rcmd/127.0.0.1`` for a client that names the
+    proxy by its address (Dante's): see :class:`LocalhostRealm`.
+    """
 
     def __init__(self, realm) -> None:
         self.realm = realm
         self.env = dict(realm.env)
         self.service_principal = f"rcmd/{realm.hostname}@{realm.realm}"
-        realm.addprinc(f"rcmd/{realm.hostname}")
         self.keytab = os.path.join(realm.tmpdir, "socksd.keytab")
-        realm.extract_keytab(f"rcmd/{realm.hostname}", self.keytab)
+        for host in (realm.hostname, "127.0.0.1"):
+            realm.addprinc(f"rcmd/{host}")
+            realm.extract_keytab(f"rcmd/{host}", self.keytab)
         self.user = realm.user_princ          # has a ticket in the realm's ccache
 
     def config(self, levels=("integrity", "confidentiality"), extra: str = "",
@@ -217,6 +223,28 @@ class Kerberos:
                 f'[gssapi]\nkeytab = "{self.keytab}"\nlevels = [{level_list}]\n{extra}')
 
 
+def localhost_realm_class():
+    """k5test's MIT realm, named for ``localhost`` rather than the machine.
+
+    k5test names the KDC's address and its host principals after
+    ``socket.getfqdn()``, and MIT krb5 canonicalizes a host-based service
+    name through the resolver (forward, then reverse). Both depend on the
+    machine: its host name, and what /etc/hosts maps 127.0.0.1 and ::1 back
+    to. Here every name is ``localhost``, taken literally.
+    """
+    from k5test.realm import MITRealm
+
+    class LocalhostRealm(MITRealm):
+        @property
+        def hostname(self) -> str:
+            return "localhost"
+
+    return LocalhostRealm
+
+
+LITERAL_HOST_NAMES = {"libdefaults": {"dns_canonicalize_hostname": "false", "rdns": "false"}}
+
+
 @pytest.fixture(scope="session")
 def kerberos():
     """One KDC for the whole run (k5test listens on fixed ports from
@@ -224,9 +252,9 @@ def kerberos():
     for program in ("krb5kdc", "kdb5_util", "kadmin.local"):
         assert shutil.which(program) or os.path.exists(f"/usr/sbin/{program}"), \
             f"{program} is missing: `make test` installs krb5-kdc and krb5-admin-server"
-    import k5test
-
-    realm = k5test.K5Realm(portbase=int(os.environ.get("SOCKSD_TEST_KDC_PORTBASE", "61000")))
+    realm = localhost_realm_class()(
+        portbase=int(os.environ.get("SOCKSD_TEST_KDC_PORTBASE", "61000")),
+        krb5_conf=LITERAL_HOST_NAMES)
     saved = {key: os.environ.get(key) for key in realm.env}
     os.environ.update(realm.env)   # for in-process python-gssapi clients
     try:
