@@ -975,6 +975,28 @@ def test_relay_ipv6_destination_on_ipv4_socket_is_dropped():
         assert destination.recv(100) == b"v4"
 
 
+def test_relay_sends_a_name_to_its_first_address_of_the_relay_family():
+    """localhost is ::1 and 127.0.0.1 on Debian, ::1 first: an IPv4 relay
+    sends to 127.0.0.1 (it cannot reach ::1), every time, and a name with
+    no address of its family is dropped."""
+    factory, reactor = make_factory()
+    with real_udp(factory, reactor) as (client, relay, port), \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as destination:
+        destination.bind(("127.0.0.1", 0))
+        destination.settimeout(5)
+        target = destination.getsockname()[1]
+        for payload in (b"first", b"cached"):
+            relay.datagramReceived(socks5.encode_udp("localhost", target, payload),
+                                   ("127.0.0.1", 6000))
+            if payload == b"first":
+                reactor.nameResolver.answer("::1", "127.0.0.1")
+            assert destination.recv(100) == payload
+        relay.datagramReceived(socks5.encode_udp("v6only.example", target, b"no"),
+                               ("127.0.0.1", 6000))
+        reactor.nameResolver.answer("::1")
+        assert relay.counts["up"] == 2 and relay.counts["dropped"] == 1
+
+
 def test_relay_resolves_names_and_caches_them():
     factory, reactor = make_factory()
     client, relay, port = associate(factory)

@@ -57,6 +57,7 @@ class UDPRelay(DatagramProtocol):
         self.names: _Cache = _Cache()         # name -> (expires, [ips])
         self.peers: _Cache = _Cache()         # destinations the client sent to
         self.port = None
+        self.ipv6 = False     # the relay socket's family: it sends to that family only
         self.counts = {"up": 0, "down": 0, "dropped": 0, "fragments": 0, "bytes_up": 0,
                        "bytes_down": 0}
         self.stopped = False
@@ -65,6 +66,7 @@ class UDPRelay(DatagramProtocol):
     def listen(self, local, ranges) -> tuple[str, int]:
         reactor = self.session.server.reactor
         interface = getattr(local, "host", "127.0.0.1")
+        self.ipv6 = ":" in interface     # as Twisted's udp.Port chooses its family
         for port in candidate_ports(ranges):
             try:
                 # The largest header (a 255-byte name) is 262 bytes; one byte
@@ -140,7 +142,7 @@ class UDPRelay(DatagramProtocol):
         name, port = datagram.host, datagram.port
         cached = self.names.get(name)
         if cached is not None and cached[0] > reactor.seconds():
-            self._send(datagram.data, cached[1][0], port, name)
+            self._send(datagram.data, cached[1], port, name)
             return
         if not port or not self._name_allowed(name, port):
             # Denied by name: dropped without a lookup (as for CONNECT).
@@ -150,9 +152,14 @@ class UDPRelay(DatagramProtocol):
                             session.client_key)
 
         def resolved(hosts):
-            self.names.put(name, (reactor.seconds() + NAME_TTL, hosts))
+            # A datagram has one try, so it goes to the first address the
+            # relay socket can reach: with localhost as ::1 and 127.0.0.1,
+            # an IPv4 relay sends to 127.0.0.1 whatever the resolver's order.
+            usable = [host for host in hosts if (":" in host) == self.ipv6]
+            first = usable[0] if usable else None
+            self.names.put(name, (reactor.seconds() + NAME_TTL, first))
             if not self.stopped:
-                self._send(datagram.data, hosts[0], port, name)
+                self._send(datagram.data, first, port, name)
 
         def failed(failure):
             self.counts["dropped"] += 1
@@ -186,8 +193,8 @@ class UDPRelay(DatagramProtocol):
             self.decisions.put(key, allowed)
         return allowed
 
-    def _send(self, data: bytes, ip: str, port: int, name: str | None) -> None:
-        if not port or not self._allowed("udp", ip, port, name):
+    def _send(self, data: bytes, ip: str | None, port: int, name: str | None) -> None:
+        if ip is None or not port or not self._allowed("udp", ip, port, name):
             self.counts["dropped"] += 1
             return
         try:
