@@ -13,7 +13,7 @@ BUILD_DEBS := libkrb5-dev
 # Real clients and the real KDC used by the tests; the last line is what
 # tests/dante_gssapi.py needs to rebuild Debian's dante with GSS-API (the
 # independent RFC 1961 peer), once, cached in /var/cache/socksd-tests.
-TEST_DEBS := curl ncat netcat-openbsd dante-client krb5-kdc krb5-admin-server krb5-user libkrb5-dev \
+TEST_DEBS := curl ncat netcat-openbsd socat dante-client krb5-kdc krb5-admin-server krb5-user libkrb5-dev \
 	apache2-utils procps oidentd \
 	dpkg-dev build-essential debhelper flex libtool-bin libpam0g-dev libwrap0-dev
 BENCH_DEBS := dante-server dante-client iperf3 procps

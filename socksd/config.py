@@ -111,6 +111,7 @@ _IDENTD_KEYS = {
 _GSSAPI_KEYS = {
     "keytab": "string", "service": "string", "principal": "string", "levels": "strings",
     "nec_compat": "bool", "principal_map": "string", "principals": "modes",
+    "require_sequence": "bool",
 }
 _TABLES = ("server", "socks4", "identd", "gssapi", "rules")
 
@@ -282,7 +283,8 @@ def _gssapi(table: dict[str, Any], where: _Where):
         keytab=keytab, service=table.get("service", "rcmd"),
         principal=table.get("principal") or None, levels=tuple(sorted(set(levels))),
         nec_compat=table.get("nec_compat", False), principal_map=principal_map,
-        principals=dict(table.get("principals", {})))
+        principals=dict(table.get("principals", {})),
+        require_sequence=table.get("require_sequence", True))
 
 def _identd(table: dict[str, Any], where: _Where) -> IdentdConfig:
     def bad(key: str, message: str) -> ConfigError:

@@ -7,8 +7,10 @@ inside integrity and confidentiality encapsulation."""
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -30,10 +32,12 @@ class Socksified:
 
 
 def socksify(dante, kerberos, tmp_path: Path, port: int, enctype: str | None,
-             *program: str, timeout: float = 30) -> Socksified:
-    """Run ``program`` with every TCP connection routed through socksd at
-    127.0.0.1:``port`` (Dante 1.4 client syntax, socks.conf(5)): SOCKS v5,
-    GSS-API only, service ``rcmd`` at the name of 127.0.0.1 (localhost), and
+             *program: str, timeout: float = 30, udp: bool = False,
+             stdin: bytes | None = None) -> Socksified:
+    """Run ``program`` with every TCP connection (with ``udp``: every UDP
+    socket, by UDP ASSOCIATE) routed through socksd at 127.0.0.1:``port``
+    (Dante 1.4 client syntax, socks.conf(5)): SOCKS v5, GSS-API only,
+    service ``rcmd`` at the name of 127.0.0.1 (localhost), and
     ``gssapi.enctype`` if given (else Dante's default: ask for
     confidentiality, accept integrity). The Kerberos client env (KRB5_CONFIG,
     KRB5CCNAME with the realm user's ticket) goes to the program."""
@@ -43,8 +47,8 @@ def socksify(dante, kerberos, tmp_path: Path, port: int, enctype: str | None,
         f"logoutput: {log}",
         "route {",
         f"  from: 0.0.0.0/0 to: 0.0.0.0/0 via: 127.0.0.1 port = {port}",
-        "  protocol: tcp",
-        "  command: connect",
+        f"  protocol: {'udp' if udp else 'tcp'}",
+        f"  command: {'udpassociate' if udp else 'connect'}",
         "  proxyprotocol: socks_v5",
         "  method: gssapi",
         "  gssapi.servicename: rcmd",
@@ -53,7 +57,7 @@ def socksify(dante, kerberos, tmp_path: Path, port: int, enctype: str | None,
     ]) + "\n")
     result = subprocess.run([str(dante.socksify), *program],
                             env=dante.env(conf, extra=kerberos.env, log=log),
-                            capture_output=True, timeout=timeout)
+                            capture_output=True, timeout=timeout, input=stdin)
     return Socksified(result, log)
 
 
@@ -81,6 +85,46 @@ def test_curl_fetches_a_page_through_dante(kerberos, socks_server, http_server,
                         rf"protection {LEVELS[level]}\n")
     server.wait_for_log(rf"socks5 user=user method=gssapi connect 127\.0\.0\.1:{http_server} "
                         r"up=\d+ down=\d+ \S+ ok")
+
+
+@pytest.mark.parametrize("level", ["integrity", "confidentiality"])
+def test_udp_through_dante(kerberos, socks_server, tmp_path, level):
+    """Dante's client asks for neither replay nor sequence detection (it
+    cannot for datagrams, which are lost and reordered): its UDP ASSOCIATE
+    is served at socksd's default, each datagram one protected frame. socat
+    sends a line to a UDP echo and prints the answer."""
+    dante = dante_gssapi.ensure()
+    server = socks_server(kerberos.config(levels=[level]), env=kerberos.env)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as echo:
+        echo.bind(("127.0.0.1", 0))
+        echo.settimeout(0.2)
+        stop = threading.Event()
+
+        def serve() -> None:
+            while not stop.is_set():
+                try:
+                    data, source = echo.recvfrom(65535)
+                except socket.timeout:
+                    continue
+                echo.sendto(data.upper(), source)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        try:
+            # -t: after stdin's EOF, wait this long for the answer.
+            run = socksify(dante, kerberos, tmp_path, server.port, level, require("socat"),
+                           "-t", "5", "-", f"UDP:127.0.0.1:{echo.getsockname()[1]}",
+                           udp=True, stdin=b"datagram through dante\n")
+        finally:
+            stop.set()
+            thread.join(5)
+    assert run.returncode == 0, details(run, server)
+    assert run.stdout == b"DATAGRAM THROUGH DANTE\n", details(run, server)
+    assert re.search(rf"using gssapi {level} protection \({LEVELS[level]}\)", run.log), \
+        details(run, server)
+    line = server.wait_for_log(r"socks5 user=user method=gssapi udp .*").group(0)
+    assert "datagrams up=1 down=1 dropped=0" in line, line
+    assert "auth failed" not in server.log()
 
 
 def test_defaults_agree_on_confidentiality(kerberos, socks_server, http_server,

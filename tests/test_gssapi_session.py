@@ -721,32 +721,76 @@ def test_replayed_frame_ends_the_session(kerberos, settings, level):
     assert "unwrap failed" in line and "user=user " in line
 
 
-@pytest.mark.parametrize("flags", [
-    Flags.mutual_authentication | Flags.integrity | Flags.confidentiality,
-    Flags.mutual_authentication,
-    Flags.integrity | Flags.confidentiality,
-], ids=["socksd.client-flags", "mutual-only", "no-mutual"])
-def test_replay_is_never_relayed_whatever_the_client_asked(kerberos, settings, flags):
-    """Replay detection in Kerberos per-message tokens is on only when the
-    initiator asks for it. A client that does not (socksd.client, the smoke
-    test) must not leave the session open to replays: the server either
-    refuses such a context or still catches the replayed frame."""
-    client, reactor = _after_greeting(settings)
-    initiator = Initiator(kerberos, flags)
-    token = initiator.ctx.step()
-    client.send(frame(1, token))
-    out = client.take()
-    if out.endswith(ABORT):
-        assert aborted(out) and client.closing
-        return
-    if not initiator.ctx.complete:
-        [(_mtyp, answer)] = frames(out)
-        initiator.ctx.step(answer)
-    answer = initiator.ask_level(client, 1)
-    if answer.endswith(ABORT):
-        assert aborted(answer) and client.closing
-        return
-    assert initiator.granted(answer) == 1
+# What Dante's client asks for: no replay or sequence detection.
+WITHOUT_SEQUENCE = Flags.mutual_authentication | Flags.integrity | Flags.confidentiality
+BIND_IP = b"\x05\x02\x00\x01" + socket.inet_aton("93.184.216.34") + struct.pack("!H", 21)
+
+
+@pytest.mark.parametrize("level", [1, 2])
+@pytest.mark.parametrize("request_,command", [(CONNECT_IP, "connect"), (BIND_IP, "bind")],
+                         ids=["connect", "bind"])
+def test_stream_commands_need_replay_and_sequence_detection(kerberos, settings, level,
+                                                            request_, command):
+    """Kerberos checks wrapped tokens for replay and order only when the
+    initiator asked for it, and the flags are fixed before the command is
+    known: a context without them authenticates, and its CONNECT or BIND is
+    refused with REP 0x02 and a line naming the missing flags."""
+    factory, reactor = make_factory(settings)
+    client, initiator = authenticate(kerberos, factory, level, flags=WITHOUT_SEQUENCE)
+    assert Flags.replay_detection not in initiator.ctx.actual_flags
+    assert Flags.out_of_sequence_detection not in initiator.ctx.actual_flags
+    with capturedLogs() as events:
+        client.send(initiator.wrap(request_))
+        reply = initiator.unwrap(client.take())
+        assert reply[:2] == b"\x05\x02" and client.closing
+        client.lose()
+    assert reactor.tcpClients == [] and reactor.tcpServers == []
+    [line] = session_lines(events)
+    assert f"user=user method=gssapi {command} 93.184.216.34:" in line, line
+    assert line.endswith(f"denied: gssapi: {command} needs replay and sequence detection, "
+                         "the client's context lacks GSS_C_REPLAY_FLAG and "
+                         "GSS_C_SEQUENCE_FLAG ([gssapi] require_sequence)"), line
+
+
+def test_one_missing_flag_is_named(kerberos, settings):
+    factory, _reactor = make_factory(settings)
+    client, initiator = authenticate(kerberos, factory, 1,
+                                     flags=WITHOUT_SEQUENCE | Flags.replay_detection)
+    with capturedLogs() as events:
+        client.send(initiator.wrap(CONNECT_IP))
+        assert initiator.unwrap(client.take())[:2] == b"\x05\x02"
+        client.lose()
+    [line] = session_lines(events)
+    assert "lacks GSS_C_SEQUENCE_FLAG (" in line, line
+
+
+def test_udp_needs_neither_flag(kerberos, settings):
+    """Datagrams are lost and reordered: UDP ASSOCIATE never requires them
+    (the whole association is in test_gssapi_udp and test_gssapi_dante)."""
+    factory, _reactor = make_factory(settings)
+    _client, initiator = authenticate(kerberos, factory, 2, flags=WITHOUT_SEQUENCE)
+    layer = SecurityLayer(initiator.ctx, 2)
+    assert layer.refusal("udp") is None
+    assert "GSS_C_REPLAY_FLAG" in layer.refusal("connect")
+    assert SecurityLayer(initiator.ctx, 2, require_sequence=False).refusal("connect") is None
+
+
+def test_require_sequence_false_serves_a_client_without_them(kerberos, tmp_path):
+    """The operator's choice: then a replayed frame is not caught by
+    Kerberos (the client did not ask), and is relayed."""
+    settings = load_settings(kerberos, tmp_path, extra="require_sequence = false\n")
+    assert settings.require_sequence is False
+    factory, reactor = make_factory(settings)
+    client, initiator = authenticate(kerberos, factory, 1, flags=WITHOUT_SEQUENCE)
+    outbound = connect(client, initiator, reactor)
+    client.send(initiator.wrap(b"data"))
+    assert outbound.take() == b"data"
+
+
+def test_clients_asking_for_both_are_served_at_the_default(kerberos, settings):
+    factory, reactor = make_factory(settings)
+    assert settings.require_sequence is True
+    client, initiator = authenticate(kerberos, factory, 2)
     outbound = connect(client, initiator, reactor)
     wrapped = initiator.wrap(b"pay 100")
     client.send(wrapped)

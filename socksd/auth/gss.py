@@ -36,6 +36,7 @@ class GSSAPISettings:
     nec_compat: bool = False         # protection octet sent unwrapped (NEC's client)
     principal_map: str = "strip-realm"   # or "keep": how alice@REALM becomes a user name
     principals: dict[str, str] = field(default_factory=dict)   # principal -> local name, first
+    require_sequence: bool = True    # CONNECT and BIND need replay + sequence detection
 
     def acceptor_credentials(self) -> gssapi.Credentials:
         """Credentials from the keytab; raises GSSError if it is unusable."""
@@ -136,20 +137,13 @@ class _Negotiation:
         if level is None:
             self._abort(f"protection level {octet[0]} not accepted")
             return
-        if level != rfc1961.CLEAR and not (
-                gssapi.RequirementFlag.replay_detection in self.context.actual_flags and
-                gssapi.RequirementFlag.out_of_sequence_detection in self.context.actual_flags):
-            # Kerberos checks wrapped tokens for replay and order only when the
-            # initiator asked it to; without that a replayed frame would be
-            # relayed twice, so a protected session requires both.
-            self._abort("the client did not ask for replay and sequence detection")
-            return
         answer = bytes((level,)) if nec else self.context.wrap(bytes((level,)), False).message
         self.session.transport.write(rfc1961.encode_message(rfc1961.PROTECTION, answer))
         self.state = None
         principal = str(self.context.initiator_name)
         rest, self.buffer = self.buffer, b""
-        layer = SecurityLayer(self.context, level) if level != rfc1961.CLEAR else None
+        layer = (SecurityLayer(self.context, level, settings.require_sequence)
+                 if level != rfc1961.CLEAR else None)
         avatar = User(settings.local_name(principal))
         log.info("{peer} gssapi: {principal} as {user}, protection {protection}",
                  peer=getattr(self.session, "peer", "-"), principal=principal,
@@ -168,19 +162,47 @@ class _Negotiation:
             self.session.transport.write(rfc1961.ABORT)
 
 
+# What a stream of wrapped frames needs from the context, and how a log line
+# names each flag (RFC 2744's names, as krb5's own messages use them).
+SEQUENCE_FLAGS = ((gssapi.RequirementFlag.replay_detection, "GSS_C_REPLAY_FLAG"),
+                  (gssapi.RequirementFlag.out_of_sequence_detection, "GSS_C_SEQUENCE_FLAG"))
+
+
 class SecurityLayer:
     """RFC 1961 encapsulation for one session: unwraps what arrives, wraps
     what is sent (conf=False for integrity, True for confidentiality)."""
 
-    __slots__ = ("context", "level", "buffer", "max_plain")
+    __slots__ = ("context", "level", "buffer", "max_plain", "require_sequence")
 
-    def __init__(self, context: gssapi.SecurityContext, level: int) -> None:
+    def __init__(self, context: gssapi.SecurityContext, level: int,
+                 require_sequence: bool = True) -> None:
         self.context = context
         self.level = level
         self.buffer = b""
+        self.require_sequence = require_sequence
         encrypt = level == rfc1961.CONFIDENTIALITY
         # Plaintext per frame such that no wrapped token exceeds 65535 bytes.
         self.max_plain = context.get_wrap_size_limit(rfc1961.MAX_TOKEN, encrypt)
+
+    def refusal(self, command: str) -> str | None:
+        """Why ``command`` may not run under this context, or None.
+
+        Kerberos checks wrapped tokens for replay and order only when the
+        initiator asked for it; without that a replayed frame of a TCP stream
+        would be relayed twice, so CONNECT and BIND need both flags. UDP
+        ASSOCIATE does not: datagrams are lost and reordered by nature, and a
+        client cannot ask for ordering there (Dante's does not). The flags are
+        fixed when the context is made, before the command is known, so this
+        is asked at the request.
+        """
+        if not self.require_sequence or command == "udp":
+            return None
+        flags = self.context.actual_flags
+        missing = [name for flag, name in SEQUENCE_FLAGS if flag not in flags]
+        if not missing:
+            return None
+        return (f"gssapi: {command} needs replay and sequence detection, the client's "
+                f"context lacks {' and '.join(missing)} ([gssapi] require_sequence)")
 
     def decode(self, data: bytes) -> bytes:
         """Whole frames received so far -> their plaintext; raises WireError

@@ -326,6 +326,9 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
     def connect(self, host: str, port: int, by_name: bool) -> defer.Deferred:
         """Check the rules for CONNECT to host:port and open the connection."""
         self._request("connect", host, port)
+        refused = self._protection_refuses("connect")
+        if refused is not None:
+            return defer.fail(refused)
         timeout = self.server.limits.connect_timeout
         deadline = self.server.reactor.seconds() + timeout
         if by_name:
@@ -344,6 +347,9 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         host (port is not checked: an FTP server connects from port 20).
         Fires with a BindWaiter once listening."""
         self._request("bind", host, port)
+        refused = self._protection_refuses("bind")
+        if refused is not None:
+            return defer.fail(refused)
         server = self.server
         d = self._destinations("bind", host, port, by_name, server.limits.connect_timeout)
 
@@ -390,6 +396,11 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         # The handshake is over; from here the command's own timeouts bound
         # the wait, so the client gets the proper failure reply.
         self.setTimeout(None)
+
+    def _protection_refuses(self, command: str) -> connect.ConnectFailed | None:
+        """A command the security layer's context is too weak for (REP 0x02)."""
+        why = self.layer.refusal(command) if self.layer is not None else None
+        return None if why is None else connect.ConnectFailed(connect.DENIED, why)
 
     def _destinations(self, command: str, host: str, port: int, by_name: bool,
                       timeout: float) -> defer.Deferred:
