@@ -271,6 +271,46 @@ def test_listening_socket_is_no_user(identd, sockets):
         b"%d, %d : ERROR : NO-USER" % (port, nobody)
 
 
+def half_closed(port: int, data: bytes, client: str) -> bytes:
+    """Send ``data`` to the identd and half-close, as each real client does
+    it; everything it answers until it closes."""
+    if client == "python":
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+            return recv_until_eof(s)
+    command = {"nc -N": [require("nc.openbsd"), "-N", "127.0.0.1", str(port)],
+               "ncat": [require("ncat"), "127.0.0.1", str(port)]}[client]
+    return subprocess.run(command, input=data, capture_output=True, timeout=20).stdout
+
+
+@pytest.mark.parametrize("client", ["nc -N", "ncat", "python"])
+def test_a_query_then_half_close_is_answered(identd, ident_user, sockets, client):
+    """The lookup ends after the client's EOF: the answer must still go out
+    (it used to be lost with the connection, and nothing was logged)."""
+    lst = listener(sockets)
+    server_port = lst.getsockname()[1]
+    with connection_as(ident_user, lst) as child_port:
+        out = half_closed(identd.port, b"%d, %d\r\n" % (child_port, server_port), client)
+    assert out == b"%d, %d : USERID : UNIX : %s\r\n" % (child_port, server_port,
+                                                       IDENT_USER.encode()), identd.log()
+
+
+def test_every_query_before_eof_is_answered_the_last_without_cr_lf(identd, ident_user,
+                                                                   sockets):
+    lst = listener(sockets)
+    server_port = lst.getsockname()[1]
+    nobody = free_port(sockets)
+    with connection_as(ident_user, lst) as child_port:
+        out = half_closed(identd.port, b"%d, %d\r\nxyz\r\n0%d , 00%d" % (
+            nobody, server_port, child_port, server_port), "python")
+    assert out.split(b"\r\n") == [
+        b"%d, %d : ERROR : NO-USER" % (nobody, server_port),
+        b"xyz : ERROR : INVALID-PORT",
+        b"%d, %d : USERID : UNIX : %s" % (child_port, server_port, IDENT_USER.encode()),
+        b""]
+
+
 @pytest.mark.parametrize("query,reply", [
     (b"0, 23\r\n", b"0, 23 : ERROR : INVALID-PORT"),
     (b"65536,23\r\n", b"65536,23 : ERROR : INVALID-PORT"),

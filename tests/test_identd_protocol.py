@@ -137,6 +137,15 @@ def test_query_with_or_without_spaces(fake, query):
     assert fake.calls == [Connection(LOCAL, 6193, REMOTE, 23)]
 
 
+@pytest.mark.parametrize("query", [b"038428 , 0052295\r\n", b"0038428,52295\r\n",
+                                   b"38428, 000000000052295\r\n"])
+def test_leading_zeros_are_decimal(fake, query):
+    """RFC 1413 ports are decimal numbers; leading zeros do not change one
+    (oidentd answers these too). The reply names the ports plainly."""
+    fake.own(38428, 52295, DAEMON.pw_uid)
+    assert ask(make_factory(), query) == b"38428, 52295 : USERID : UNIX : daemon\r\n"
+
+
 def test_no_such_connection_is_no_user(fake):
     assert ask(make_factory(), b"6193, 23\r\n") == b"6193, 23 : ERROR : NO-USER\r\n"
 
@@ -316,6 +325,73 @@ def test_reply_after_the_client_left_is_dropped(fake):
     proto.connectionLost(Failure(ConnectionError("gone")))
     lookups.fire_newest_first()
     assert transport.value() == b""
+
+
+# ---- a client that half-closes after its queries (nc -N, shutdown(SHUT_WR)) -------------
+
+def test_a_query_then_eof_is_answered_when_its_lookup_ends_then_closed(fake):
+    fake.own(6193, 23, DAEMON.pw_uid)
+    lookups = DeferredLookups()
+    proto, transport = connect(make_factory(blocking=lookups))
+    proto.dataReceived(b"6193, 23\r\n")
+    proto.readConnectionLost()
+    assert transport.value() == b"" and not transport.disconnecting
+    lookups.fire_newest_first()
+    assert lines(transport.value()) == [b"6193, 23 : USERID : UNIX : daemon"]
+    assert transport.disconnecting
+
+
+@pytest.mark.parametrize("last", [b"6193, 23", b"6193, 23\r", b"xyz"])
+def test_a_last_line_ended_by_eof_is_answered(fake, last):
+    fake.own(6193, 23, DAEMON.pw_uid)
+    lookups = DeferredLookups()
+    proto, transport = connect(make_factory(blocking=lookups))
+    proto.dataReceived(b"6194, 23\r\n" + last)
+    proto.readConnectionLost()
+    lookups.fire_newest_first()
+    expected = (b"xyz : ERROR : INVALID-PORT" if last == b"xyz"
+                else b"6193, 23 : USERID : UNIX : daemon")
+    assert lines(transport.value()) == [b"6194, 23 : ERROR : NO-USER", expected]
+    assert transport.disconnecting
+
+
+def test_malformed_queries_before_eof_are_answered(fake):
+    proto, transport = connect(make_factory())
+    proto.dataReceived(b"abc, def\r\n0, 23\r\n")
+    proto.readConnectionLost()
+    assert lines(transport.value()) == [b"abc, def : ERROR : INVALID-PORT",
+                                        b"0, 23 : ERROR : INVALID-PORT"]
+    assert transport.disconnecting
+
+
+def test_eof_with_nothing_to_answer_closes_at_once():
+    proto, transport = connect(make_factory())
+    proto.readConnectionLost()
+    assert transport.value() == b"" and transport.disconnecting
+
+
+def test_a_long_last_line_ended_by_eof_is_refused_like_any_other():
+    proto, transport = connect(make_factory(limits=IdentdLimits(max_line=20)))
+    proto.dataReceived(b"1" * 21)
+    proto.readConnectionLost()
+    assert transport.value() == b"" and transport.disconnecting
+
+
+def test_after_eof_reading_is_never_resumed(fake, registry):
+    """The reactor stops reading at EOF; resuming the transport would read
+    the socket again. A packet answered over several turns ends closed, all
+    of it answered, the transport never resumed."""
+    clock = MemoryReactorClock()
+    proto, transport = connect(make_factory(registry=registry, clock=clock))
+    count = MAX_LINES_PER_TURN * 2 + 1
+    proto.dataReceived(b"6193, 23\r\n" * count)
+    proto.readConnectionLost()
+    assert transport.producerState == "paused"
+    for _ in range(2):
+        clock.advance(0)
+    assert lines(transport.value()) == [b"6193, 23 : USERID : UNIX : alice"] * count
+    assert transport.producerState == "paused"
+    assert transport.disconnecting
 
 
 # ---- flooding: back-pressure and bounds --------------------------------------------
@@ -852,6 +928,20 @@ def test_stdio_answers_one_query(fake):
     assert fake.calls == [Connection(LOCAL, 6193, REMOTE, 23)]
 
 
+@pytest.mark.parametrize("query", [b"6193, 23", b"6193, 23\r", b"06193 , 023"])
+def test_stdio_answers_a_query_ended_by_eof(fake, query):
+    fake.own(6193, 23, DAEMON.pw_uid)
+    out = io.BytesIO()
+    status = serve_stdio(IdentdConfig(), LOCAL, REMOTE, stdin=io.BytesIO(query), stdout=out)
+    assert (status, out.getvalue()) == (0, b"6193, 23 : USERID : UNIX : daemon\r\n")
+
+
+def test_stdio_empty_input_is_not_answered(fake):
+    out = io.BytesIO()
+    assert serve_stdio(IdentdConfig(), LOCAL, REMOTE, stdin=io.BytesIO(b""), stdout=out) != 0
+    assert out.getvalue() == b""
+
+
 def test_stdio_invalid_port(fake):
     out = io.BytesIO()
     status = serve_stdio(IdentdConfig(), LOCAL, REMOTE, stdin=io.BytesIO(b"0, 70000\n"),
@@ -867,10 +957,11 @@ def test_stdio_lookup_failure_is_unknown_error(fake):
     assert out.getvalue() == b"6193, 23 : ERROR : UNKNOWN-ERROR\r\n"
 
 
-def test_stdio_over_long_line_is_not_answered(fake):
+@pytest.mark.parametrize("end", [b"\r\n", b""])
+def test_stdio_over_long_line_is_not_answered(fake, end):
     out = io.BytesIO()
     status = serve_stdio(IdentdConfig(), LOCAL, REMOTE,
-                         stdin=io.BytesIO(b" " * 2000 + b"1, 2\r\n"), stdout=out)
+                         stdin=io.BytesIO(b" " * 2000 + b"1, 2" + end), stdout=out)
     assert status != 0
     assert out.getvalue() == b""
 

@@ -13,7 +13,7 @@ import pwd
 from dataclasses import dataclass
 
 from twisted.internet import defer, threads
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -122,9 +122,13 @@ def _encode(policy: IdentPolicy, ports, answer: Answer, notes: list[str]) -> byt
         return ident.encode_error(ports[0], ports[1], ident.UNKNOWN_ERROR)
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHalfCloseableProtocol)
 class IdentProtocol(Protocol, TimeoutMixin):
     """Lines end in LF or CR LF; the limit is on a line without its end.
+
+    A client may half-close after its query (``nc -N``, ``shutdown(SHUT_WR)``):
+    every complete query read is still answered, a last line ended by EOF
+    rather than CR LF too, and then the connection closes, as oidentd does.
 
     (Not LineOnlyReceiver: its limit counts the CR of CR LF, and it cannot
     tell a partial line that may still end in CR LF from one too long.)
@@ -149,6 +153,7 @@ class IdentProtocol(Protocol, TimeoutMixin):
         self.first_bad = b""
         self.bad_logged = False
         self.gone = False
+        self.read_eof = False    # the client half-closed: answer what is left, then close
         self.client_key: str | None = None
 
     def callLater(self, period, func, *args):
@@ -184,7 +189,7 @@ class IdentProtocol(Protocol, TimeoutMixin):
         self.gone = True
 
     def _hold(self, why: str) -> None:
-        if not self.holds and not self._closing():
+        if not self.holds and not self._reading_over():
             self.transport.pauseProducing()
         self.holds.add(why)
 
@@ -192,9 +197,14 @@ class IdentProtocol(Protocol, TimeoutMixin):
         if why not in self.holds:
             return
         self.holds.discard(why)
-        if not self.holds and not self._closing():
+        if not self.holds and not self._reading_over():
             self.transport.resumeProducing()
         self._work()
+
+    def _reading_over(self) -> bool:
+        # After EOF the reactor no longer reads the socket: resuming would
+        # start reading it again and deliver the same EOF a second time.
+        return self.read_eof or self._closing()
 
     def _closing(self) -> bool:
         return self.gone or bool(self.transport.disconnecting)
@@ -210,6 +220,15 @@ class IdentProtocol(Protocol, TimeoutMixin):
             return  # refused or closing: nothing more is answered
         self.buffer += data
         self._work()
+
+    # IHalfCloseableProtocol
+    def readConnectionLost(self) -> None:
+        """The client sent all it will: answer what was read, then close."""
+        self.read_eof = True
+        self._work()
+
+    def writeConnectionLost(self) -> None:
+        """Only after our own loseWriteConnection(), which we never call."""
 
     def _work(self) -> None:
         """Answer buffered lines until one needs a lookup, reading is held
@@ -229,7 +248,9 @@ class IdentProtocol(Protocol, TimeoutMixin):
                    or "turn" in self.holds):
             end = self.buffer.find(b"\n", self.offset)
             if end < 0:
-                break
+                if not self.read_eof or self.offset >= len(self.buffer):
+                    break
+                end = len(self.buffer)     # the last line, ended by EOF, not CR LF
             if done == MAX_LINES_PER_TURN:
                 self._hold("turn")
                 self.turn = self.callLater(0, self._next_turn)
@@ -248,6 +269,10 @@ class IdentProtocol(Protocol, TimeoutMixin):
         if self.offset:
             self.buffer = self.buffer[self.offset:]
             self.offset = 0
+        if self.read_eof:
+            if not (self.busy or self.buffer):
+                self._close()      # every query answered (the writes flush first)
+            return
         partial = self.buffer
         if b"\n" not in partial:
             if len(partial) > limit and not (len(partial) == limit + 1

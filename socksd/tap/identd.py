@@ -127,10 +127,15 @@ def serve_stdio(cfg: configuration.IdentdConfig, local: str | None, remote: str 
             print("identd --stdio: give --local-address and --remote-address "
                   "(stdin is not a TCP socket)", file=sys.stderr)
             return 2
-    line = stdin.readline(cfg.limits.max_line + 2)
-    if not line.endswith(b"\n"):
-        return 1
-    line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+    most = cfg.limits.max_line + 2        # the line and its CR LF
+    line = stdin.readline(most)
+    if line.endswith(b"\n"):
+        line = line[:-1]
+    elif not line or len(line) == most:
+        return 1          # nothing at all, or a line over the limit
+    # else a last line ended by EOF rather than CR LF: answered as over TCP
+    if line.endswith(b"\r"):
+        line = line[:-1]
     if len(line) > cfg.limits.max_line:
         return 1
     results = []

@@ -21,7 +21,8 @@ HIDDEN_USER = "HIDDEN-USER"
 UNKNOWN_ERROR = "UNKNOWN-ERROR"
 ERROR_TOKENS = frozenset({INVALID_PORT, NO_USER, HIDDEN_USER, UNKNOWN_ERROR})
 
-_PORTS = re.compile(rb"^[ \t]*(\d{1,5})[ \t]*,[ \t]*(\d{1,5})[ \t]*$")
+# Leading zeros are decimal too ("038428 , 0052295"; oidentd answers it).
+_PORTS = re.compile(rb"^[ \t]*0*(\d{1,5})[ \t]*,[ \t]*0*(\d{1,5})[ \t]*$")
 _TOKEN = re.compile(r"^[\x21-\x7e]+$")
 _CHARSETS = frozenset({"utf-8", "ascii", "latin-1", "utf-16", "utf-16-le", "utf-16-be",
                        "koi8-r", "koi8-u", "euc_jp", "shift_jis", "gb2312", "gbk", "big5"})
