@@ -124,7 +124,17 @@ def abort(sock: socket.socket) -> None:
 
 
 def fd_count(server) -> int:
-    return len(os.listdir(f"/proc/{server.process.pid}/fd"))
+    """The server's open sockets. Only sockets: twistd opens other
+    descriptors (pipes, epoll) lazily after it starts listening, which made
+    a count taken right after start-up come out short under load."""
+    directory = f"/proc/{server.process.pid}/fd"
+    count = 0
+    for fd in os.listdir(directory):
+        try:
+            count += os.readlink(f"{directory}/{fd}").startswith("socket:")
+        except FileNotFoundError:
+            pass    # closed while we looked
+    return count
 
 
 def wait_for(predicate, within: float, what: str) -> None:
