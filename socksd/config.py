@@ -51,6 +51,43 @@ class Config:
     identd: IdentdConfig | None = None
     gssapi: Any = None                  # socksd.auth.gss.GSSAPISettings, if configured
     workers: int = 1
+    socks4_enabled_given: bool = False  # [socks4] enabled is in the file
+
+    @property
+    def authenticated(self) -> bool:
+        """Does SOCKS5 require authentication (no "none" method)?"""
+        return "none" not in self.methods
+
+    def _socks4_default(self) -> Config:
+        """SOCKS4 has no authentication: where SOCKS5 requires it, SOCKS4 is
+        off unless the file turns it on, or a client would get around the
+        passwords by speaking SOCKS4 with any USERID."""
+        if self.socks4_enabled_given or not self.authenticated or not self.socks4.enabled:
+            return self
+        return replace(self, socks4=replace(self.socks4, enabled=False))
+
+    def socks4_summary(self) -> str:
+        """The SOCKS4 policy in a few words, for --check."""
+        socks4 = self.socks4
+        if not socks4.enabled:
+            if self.socks4_enabled_given:
+                return "socks4 off"
+            return "socks4 off (SOCKS5 requires authentication; [socks4] enabled = true " \
+                   "serves it)"
+        what = {"trust": "USERIDs taken on trust (unverified claims)",
+                "whitelist": f"{len(socks4.whitelist)} whitelisted USERID(s) "
+                             "(unverified claims)",
+                "ident": "USERIDs verified by the client's identd"}[socks4.userid]
+        return f"socks4 userid = {socks4.userid}: {what}"
+
+    def warnings(self) -> list[str]:
+        """What start-up (and --check) should warn about."""
+        found = []
+        if self.socks4.enabled and self.authenticated and self.socks4.userid == "trust":
+            found.append("[socks4] userid = \"trust\" while SOCKS5 requires authentication: "
+                         "SOCKS4 clients are served under any USERID they type; rules "
+                         "naming users match them only with verified = \"any\"")
+        return found
 
     def checked(self, where=None) -> Config:
         """Checks across tables (also after the command line changed listen)."""
@@ -80,7 +117,7 @@ class Config:
             changes["listen"] = tuple(listen)
         if have_auth and not self.methods_given:
             changes["methods"] = ("userpass",)
-        return replace(self, **changes).checked() if changes else self
+        return replace(self, **changes)._socks4_default().checked() if changes else self
 
 
 _SERVER_KEYS = {
@@ -93,7 +130,7 @@ _SERVER_KEYS = {
 }
 _RULE_KEYS = {
     "action": "string", "from": "strings", "to": "strings", "ports": "ports",
-    "commands": "strings", "users": "strings", "versions": "integers", "verified": "bool",
+    "commands": "strings", "users": "strings", "versions": "integers", "verified": "verified",
     "log": "bool",
 }
 _SOCKS4_KEYS = {
@@ -211,7 +248,10 @@ def parse(data: dict[str, Any], where: _Where) -> Config:
         if problem:
             raise where.error(f"{desc!r}: {problem}", "server", None, "listen")
 
-    methods = tuple(server.get("methods", ("none",)))
+    # Checkers without methods mean passwords are required, as --auth does:
+    # never a password file that is silently not asked for.
+    methods = tuple(server.get("methods", ("userpass",) if server.get("checkers")
+                               else ("none",)))
     if not methods:
         raise where.error("needs at least one method", "server", None, "methods")
     for method in methods:
@@ -255,10 +295,11 @@ def parse(data: dict[str, Any], where: _Where) -> Config:
         raise where.error("\"gssapi\" needs a [gssapi] table (keytab, service, levels)",
                           "server", None, "methods")
     workers = worker_count(server.get("workers", 1))
+    socks4 = _table(data, "socks4", _SOCKS4_KEYS, where)
     return Config(where.path, listen, methods, "methods" in server,
                   tuple(server.get("checkers", ())), limits, rules,
-                  _socks4(_table(data, "socks4", _SOCKS4_KEYS, where), limits, where), identd,
-                  gssapi, workers).checked(where)
+                  _socks4(socks4, limits, where), identd, gssapi, workers,
+                  "enabled" in socks4)._socks4_default().checked(where)
 
 
 def _gssapi(table: dict[str, Any], where: _Where):
@@ -441,6 +482,9 @@ def _check_type(where: _Where, value: Any, kind: str, table: str, index: int | N
     elif kind == "bool":
         if not isinstance(value, bool):
             raise bad("true or false")
+    elif kind == "verified":
+        if not isinstance(value, bool) and value != "any":
+            raise where.error(f"{value!r} is not true, false or \"any\"", table, index, key)
     elif kind in ("seconds", "timeout"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number of seconds")

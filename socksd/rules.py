@@ -56,6 +56,10 @@ class Rule:
     anonymous: bool = True                        # does an anonymous user match?
     versions: frozenset[int] | None = None        # SOCKS versions
     verified: bool | None = None                  # was the user proven (by ident, a checker)?
+    # A user matched by name must be proven: a claimed name (a SOCKS4 USERID
+    # taken on trust or from a whitelist) is no identity. verified = "any"
+    # (or an explicit true/false) in the config turns this off.
+    named_verified: bool = False
     log: bool = False
     label: str = "rule"
 
@@ -75,7 +79,8 @@ class Rule:
         if user is None:
             if not self.anonymous:
                 return False
-        elif self.users is not None and user not in self.users:
+        elif self.users is not None and (user not in self.users or
+                                         self.named_verified and not verified):
             return False
         if self.commands is not None and command not in self.commands:
             return False
@@ -157,6 +162,7 @@ class _Index:
         any_source = any_port = any_destination = has_networks = 0
         self.allows = self.any_user = self.anonymous = 0
         self.by_user: dict[str, int] = {}
+        self.by_claimed_user: dict[str, int] = {}    # rules an unverified name matches
         self.by_command: dict[str, int] = {}
         self.any_command = 0
         self.by_version: dict[int, int] = {}
@@ -180,6 +186,8 @@ class _Index:
             else:
                 for name in rule.users:
                     self.by_user[name] = self.by_user.get(name, 0) | bit
+                    if not rule.named_verified:
+                        self.by_claimed_user[name] = self.by_claimed_user.get(name, 0) | bit
             if rule.anonymous:
                 self.anonymous |= bit
             if rule.commands is None:
@@ -222,7 +230,11 @@ class _Index:
                 verified: bool) -> int:
         """Rules matching everything but port and destination."""
         mask = self.sources[client.version](int(client))
-        mask &= self.anonymous if user is None else self.any_user | self.by_user.get(user, 0)
+        if user is None:
+            mask &= self.anonymous
+        else:
+            by_user = self.by_user if verified else self.by_claimed_user
+            mask &= self.any_user | by_user.get(user, 0)
         mask &= self.any_command | self.by_command.get(command, 0)
         mask &= self.any_version | self.by_version.get(version, 0)
         return mask & self.by_verified[bool(verified)]
@@ -369,8 +381,14 @@ def compile_rule(label: str, action: str, sources: Sequence[str] | None = None,
                  destinations: Sequence[str] | None = None,
                  ports: Sequence[str] | None = None, commands: Sequence[str] | None = None,
                  users: Sequence[str] | None = None, log: bool = False,
-                 versions: Sequence[int] | None = None, verified: bool | None = None) -> Rule:
-    """Build a rule from config strings; raises ValueError naming the bad value."""
+                 versions: Sequence[int] | None = None,
+                 verified: bool | str | None = None) -> Rule:
+    """Build a rule from config strings; raises ValueError naming the bad value.
+
+    ``verified``: True (proven users only), False (unproven only), "any"
+    (both), or None: both, except that a user matched by name in ``users``
+    must be proven.
+    """
     if action not in ("allow", "deny"):
         raise ValueError(f"action must be \"allow\" or \"deny\", not {action!r}")
     for key, value in (("from", sources), ("to", destinations), ("ports", ports),
@@ -426,9 +444,13 @@ def compile_rule(label: str, action: str, sources: Sequence[str] | None = None,
         if bad or not versions:
             raise ValueError(f"versions are 4 and/or 5, not {bad or versions!r}")
         compiled_versions = frozenset(versions)
+    if verified not in (None, True, False, "any"):
+        raise ValueError(f"verified is true, false or \"any\", not {verified!r}")
+    named_verified = verified is None and bool(user_names)
     return Rule(action, compiled_sources, tuple(networks), frozenset(names), tuple(suffixes),
                 any_destination, compiled_ports, compiled_commands, user_names, anonymous,
-                compiled_versions, verified, log, label)
+                compiled_versions, None if verified == "any" else verified, named_verified,
+                log, label)
 
 
 def _network(text: str) -> IPNetwork:

@@ -104,6 +104,8 @@ log = true
     ("[[rules]]\naction = \"allow\"\nto = []\n", "rules[1].to: to is empty"),
     ("[[rules]]\naction = \"allow\"\ncommands = []\n", "rules[1].commands: commands is empty"),
     ("[[rules]]\naction = \"allow\"\nlog = \"yes\"\n", "rules[1].log: must be true or false"),
+    ("[[rules]]\naction = \"allow\"\nverified = \"yes\"\n",
+     "socksd.toml:3: rules[1].verified: 'yes' is not true, false or \"any\""),
     ("[[rules]]\naction = \"allow\"\ncolour = \"red\"\n", "socksd.toml:3: rules[1].colour: unknown key"),
     ("[server]\n\n[server\n", "socksd.toml:3: not valid TOML: "),
 ])
@@ -136,6 +138,40 @@ def test_auth_on_command_line_requires_userpass_unless_methods_given(tmp_path):
     path.write_text('[server]\nmethods = ["none", "userpass"]\n')
     cfg, _ = tap.build(str(path), ["tcp:0"], [object()])
     assert cfg.methods == ("none", "userpass") and cfg.listen == ("tcp:0",)
+
+
+def test_checkers_without_methods_require_a_password(tmp_path):
+    """As --auth does: a password file that is never asked for would serve
+    everyone unauthenticated while the operator believes otherwise."""
+    cfg = load_text(tmp_path, '[server]\ncheckers = ["memory:alice:secret"]\n')
+    assert cfg.methods == ("userpass",) and not cfg.socks4.enabled
+    cfg = load_text(tmp_path, '[server]\nmethods = ["none", "userpass"]\n'
+                              'checkers = ["memory:alice:secret"]\n')
+    assert cfg.methods == ("none", "userpass") and cfg.socks4.enabled
+
+
+def test_socks4_follows_socks5_authentication_unless_the_file_says(tmp_path):
+    assert config.Config().socks4.enabled
+    assert not load_text(tmp_path, '[server]\nmethods = ["userpass"]\n').socks4.enabled
+    assert not load_text(tmp_path, '[server]\nmethods = ["gssapi"]\n[gssapi]\n').socks4.enabled
+    cfg = load_text(tmp_path, '[server]\nmethods = ["userpass"]\n[socks4]\nenabled = true\n')
+    assert cfg.socks4.enabled and cfg.warnings()
+    cfg = load_text(tmp_path, '[server]\nmethods = ["userpass"]\n[socks4]\nenabled = true\n'
+                              'userid = "ident"\n')
+    assert cfg.socks4.enabled and not cfg.warnings()
+    cfg, _ = tap.build(None, [], [object()])          # --auth on the embedded default
+    assert not cfg.socks4.enabled
+    path = tmp_path / "on.toml"
+    path.write_text("[socks4]\nenabled = true\n")
+    cfg, _ = tap.build(str(path), [], [object()])
+    assert cfg.socks4.enabled
+
+
+def test_rules_verified_any(tmp_path):
+    cfg = load_text(tmp_path, '[[rules]]\naction = "allow"\nusers = ["alice"]\n'
+                              'verified = "any"\n')
+    [rule] = cfg.rules.rules
+    assert rule.verified is None and not rule.named_verified
 
 
 def test_userpass_without_checker_is_an_error(tmp_path):

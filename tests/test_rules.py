@@ -21,12 +21,17 @@ def ruleset(*rules):
 
 
 def allowed(rules, *, client=CLIENT, user=None, command="connect", port=80, name=None,
-            address=None) -> bool:
+            address=None, verified=None) -> bool:
+    """``verified`` defaults to True for a named user (a password or Kerberos
+    login), as named-user rules need by default."""
     if isinstance(address, str):
         address = parse_ip(address)
     if isinstance(client, str):
         client = parse_ip(client)
-    return rules.decide(client, user, command, port, name, address).allowed
+    if verified is None:
+        verified = user is not None
+    return rules.decide(client, user, command, port, name, address,
+                        verified=verified).allowed
 
 
 # compile_rule errors.
@@ -147,6 +152,35 @@ def test_users_names_match_only_those_names():
     assert not allowed(rules, user="carol")
     assert not allowed(rules, user=None)
     assert not allowed(rules, user="Alice")
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["index", "scan"])
+def test_a_named_user_must_be_verified_by_default(scan):
+    """A SOCKS4 USERID taken on trust, or from a whitelist, is a claim: anyone
+    may type "alice". A rule naming alice matches only a proven alice unless
+    it says verified = "any"; explicit true/false keep their meaning."""
+    rules = ruleset(compile_rule("named", "allow", users=["alice"]),
+                    compile_rule("any", "allow", users=["bob"], verified="any"),
+                    compile_rule("claims", "allow", users=["carol"], verified=False),
+                    compile_rule("everyone", "allow", users=["*"], ports=["8080"]),
+                    compile_rule("anonymous", "allow", users=["-"], ports=["8081"]))
+    if scan:
+        rules._index = None
+    assert allowed(rules, user="alice", verified=True)
+    assert not allowed(rules, user="alice", verified=False)
+    assert allowed(rules, user="bob", verified=True)
+    assert allowed(rules, user="bob", verified=False)
+    assert not allowed(rules, user="carol", verified=True)
+    assert allowed(rules, user="carol", verified=False)
+    # "*" and "-" name nobody: a claimed name matches them as before.
+    assert allowed(rules, user="mallory", verified=False, port=8080)
+    assert allowed(rules, user=None, verified=False, port=8081)
+    assert not allowed(rules, user="mallory", verified=False, port=8081)
+
+
+def test_verified_takes_true_false_or_any():
+    with pytest.raises(ValueError, match="verified"):
+        compile_rule("r", "allow", users=["alice"], verified="yes")
 
 
 def test_users_names_and_anonymous():
@@ -339,7 +373,7 @@ def _random_rule(rng: random.Random, label: str):
         commands=maybe(lambda: some(sorted(COMMANDS), 3)),
         users=maybe(lambda: some(_USERS, 3)),
         versions=maybe(lambda: rng.choice([[4], [5], [4, 5]])),
-        verified=rng.choice([None, True, False]))
+        verified=rng.choice([None, True, False, "any"]))
 
 
 # Compiled once: hypothesis draws lists of them (compiling per example was

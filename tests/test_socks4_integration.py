@@ -391,3 +391,70 @@ def test_identd_never_vouches_for_a_trusted_userid(socks_server):
                            + tport.to_bytes(2, "big"))
             assert client.recv(10)[:2] == b"\x05\x00"
             assert ident_for(client) == b"USERID : UNIX : alice"
+
+
+# SOCKS4 next to SOCKS5 authentication (no way around the passwords).
+
+
+@pytest.mark.parametrize("how", ["--auth", "methods", "checkers only"])
+def test_socks4_is_off_when_socks5_requires_a_password(socks_server, http_server, how):
+    """SOCKS4 has no authentication: a server that requires passwords must
+    not serve `curl -x socks4a://alice@...` on trust."""
+    if how == "--auth":
+        server = socks_server(None, "--auth", "memory:alice:secret")
+    elif how == "methods":
+        server = socks_server('[server]\nmethods = ["userpass"]\n'
+                              'checkers = ["memory:alice:secret"]\n')
+    else:
+        server = socks_server('[server]\ncheckers = ["memory:alice:secret"]\n')
+    out = curl("-x", f"socks4a://alice@127.0.0.1:{server.port}",
+               f"http://localhost:{http_server}/")
+    assert out.returncode != 0 and out.stdout == b""
+    session_line(server, r"socks4 user=- method=- - - .* bad request: SOCKS4 is disabled")
+    # SOCKS5 with the password still works.
+    out = curl("-x", f"socks5h://alice:secret@127.0.0.1:{server.port}",
+               f"http://localhost:{http_server}/")
+    assert out.returncode == 0 and out.stdout == PAGE, out.stderr
+    assert " method=trust " not in server.log()
+
+
+def test_socks4_next_to_passwords_only_when_the_file_says_so(socks_server, http_server):
+    """[socks4] enabled = true turns it back on, and userid = "trust" next
+    to required passwords is warned about at start; a rule naming alice does
+    not match the USERID alice, which is a claim."""
+    server = socks_server('[server]\nmethods = ["userpass"]\n'
+                          'checkers = ["memory:alice:secret"]\n'
+                          '[socks4]\nenabled = true\n'
+                          '[[rules]]\naction = "allow"\nusers = ["alice"]\n')
+    server.wait_for_log(r"\[socks4\] userid = \"trust\" while SOCKS5 requires authentication")
+    out = curl("-x", f"socks4a://alice@127.0.0.1:{server.port}",
+               f"http://localhost:{http_server}/")
+    assert out.returncode != 0
+    session_line(server, rf"socks4 user=alice method=trust connect localhost:{http_server} "
+                         r".* denied: no rule matched")
+    out = curl("-x", f"socks5h://alice:secret@127.0.0.1:{server.port}",
+               f"http://localhost:{http_server}/")
+    assert out.returncode == 0 and out.stdout == PAGE, out.stderr
+
+
+@pytest.mark.parametrize("config,args,expected", [
+    ("", (), "socks4 userid = trust: USERIDs taken on trust (unverified claims)"),
+    ("", ("--auth", "memory:alice:secret"),
+     "socks4 off (SOCKS5 requires authentication; [socks4] enabled = true serves it)"),
+    ('[server]\ncheckers = ["memory:alice:secret"]\n', (),
+     "methods userpass; 1 checker(s); 1 rule(s); socks4 off (SOCKS5 requires"),
+    ('[socks4]\nenabled = false\n', (), "socks4 off\n"),
+    ('[socks4]\nuserid = "ident"\n', (), "socks4 userid = ident: USERIDs verified by"),
+    ('[server]\nmethods = ["userpass"]\n[socks4]\nenabled = true\n',
+     ("--auth", "memory:alice:secret"),
+     'warning: [socks4] userid = "trust" while SOCKS5 requires authentication'),
+])
+def test_check_prints_the_socks4_policy(tmp_path, config, args, expected):
+    from conftest import TWISTD
+
+    path = tmp_path / "socksd.toml"
+    path.write_text(config)
+    out = subprocess.run([TWISTD, "socks", "--config", str(path), *args, "--check"],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert expected in out.stdout, out.stdout

@@ -793,8 +793,10 @@ def test_rule_for_socks4_allows_socks4(bytewise):
     granted(client, reactor)
 
 
-def test_rule_with_users_matches_userid(bytewise):
-    rules = RuleSet([compile_rule("fred", "allow", users=["fred"])])
+def test_rule_with_users_matches_userid_only_when_it_accepts_claims(bytewise):
+    """A trusted USERID is a claim: a rule naming fred matches it only with
+    verified = "any" (anyone can type fred)."""
+    rules = RuleSet([compile_rule("fred", "allow", users=["fred"], verified="any")])
     factory, reactor = make_factory(rules=rules)
     client = Client(factory, bytewise)
     client.send(CONNECT_FRED)
@@ -802,6 +804,17 @@ def test_rule_with_users_matches_userid(bytewise):
     other = Client(factory, bytewise)
     other.send(b"\x04\x01\x00\x50\x5d\xb8\xd8\x22barney\x00")
     assert other.take() == REJECTED
+
+
+@pytest.mark.parametrize("policy", ["trust", "whitelist"])
+def test_rule_naming_a_user_does_not_match_a_claimed_userid(bytewise, policy):
+    rules = RuleSet([compile_rule("fred", "allow", users=["fred"])])
+    factory, reactor = make_factory(WHITELIST if policy == "whitelist" else Socks4Policy(),
+                                    rules=rules)
+    client = Client(factory, bytewise)
+    client.send(CONNECT_FRED)
+    assert client.take() == REJECTED
+    assert reactor.tcpClients == []
 
 
 VERIFIED_ONLY = RuleSet([compile_rule("verified", "allow", verified=True)])

@@ -78,7 +78,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             cfg = self.socks_config
             print(f"{cfg.path or 'embedded default'}: OK: listen {', '.join(cfg.listen)}; "
                   f"methods {', '.join(cfg.methods)}; {len(self.checkers)} checker(s); "
-                  f"{len(cfg.rules)} rule(s)")
+                  f"{len(cfg.rules)} rule(s); {cfg.socks4_summary()}")
+            for warning in cfg.warnings():
+                print(f"warning: {warning}")
             sys.exit(0)
 
 
@@ -174,6 +176,8 @@ def raise_nofile_limit(max_sessions: int) -> None:
 
 def makeService(options: Options) -> service.IService:
     cfg = options.socks_config
+    for warning in cfg.warnings():
+        log.warn("{warning}", warning=warning)
     raise_nofile_limit(cfg.limits.max_sessions)
     from twisted.internet import reactor
 
