@@ -17,7 +17,8 @@ from socksd.ident.policy import IdentPolicy, parse_mode
 from socksd.ident.server import IdentdLimits
 from socksd.proxy.session import Limits
 from socksd.proxy.socks4 import Socks4Policy
-from socksd.rules import RuleSet, compile_rule, default_rules, port_range
+from socksd.rules import SELF, IPAddress, RuleSet, compile_rule, default_rules, parse_ip, \
+    port_range
 
 DEFAULT_LISTEN = ("tcp:1080:interface=127.0.0.1",)
 METHODS = ("gssapi", "userpass", "none")
@@ -410,6 +411,7 @@ def _rules(raw: Any, where: _Where) -> RuleSet:
     if not isinstance(raw, list):
         raise where.error("must be an array of tables ([[rules]])", key="rules")
     compiled = []
+    host: list | None = None
     for index, table in enumerate(raw):
         if not isinstance(table, dict):
             raise where.error("must be a table", "rules", index)
@@ -426,11 +428,33 @@ def _rules(raw: Any, where: _Where) -> RuleSet:
                     commands=table.get("commands"), users=table.get("users"),
                     log=table.get("log", False), versions=table.get("versions"),
                     verified=table.get("verified"))
+        if SELF in (table.get("to") or ()):
+            if host is None:
+                try:
+                    host = host_addresses()
+                except OSError as e:
+                    raise where.error(f"\"self\": cannot read this host's addresses: {e}",
+                                      "rules", index, "to") from None
+            args["host_addresses"] = host
         try:
             compiled.append(compile_rule(f"rule {index + 1}", **args))
         except ValueError as e:
             raise where.error(str(e), "rules", index, _guilty_key(str(e), table)) from None
     return RuleSet(compiled)
+
+
+def host_addresses() -> list[IPAddress]:
+    """Every address of this host's interfaces, up or not (getifaddrs(3), which
+    asks the kernel over netlink), for the destination "self": a connection to
+    any of them reaches this host's own services, loopback or not."""
+    import psutil
+
+    found = []
+    for addresses in psutil.net_if_addrs().values():
+        for entry in addresses:
+            if entry.family in (socket.AF_INET, socket.AF_INET6):
+                found.append(parse_ip(entry.address))
+    return sorted(set(found), key=lambda a: (a.version, int(a)))
 
 
 def _guilty_key(message: str, table: dict[str, Any]) -> str | None:

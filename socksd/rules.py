@@ -17,6 +17,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 COMMANDS = frozenset({"connect", "bind", "udp", "bindreply", "udpreply"})
 ANY_USER = "*"
 ANONYMOUS = "-"
+SELF = "self"      # destination: every address of this host's interfaces
 
 
 _parsed: dict[str, IPAddress] = {}
@@ -38,6 +39,36 @@ def parse_ip(text: str) -> IPAddress:
         _parsed.clear()
     _parsed[text] = address
     return address
+
+
+# Linux delivers a connect() or sendto() aimed at the unspecified address to
+# the local host, past any rule about 127.0.0.0/8 or ::1: nothing legitimate
+# connects there, so it is refused before the rules.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries to where it is delivered:
+    v4-mapped (::ffff:a.b.c.d), IPv4-compatible (::a.b.c.d, not :: or ::1),
+    NAT64 (64:ff9b::a.b.c.d). Rules about an IPv4 network cover these too."""
+    if address.version == 4:
+        return None
+    value = int(address)
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if (value >> 32 == 0 and value > 1) or address in _NAT64:
+        return ipaddress.IPv4Address(value & 0xFFFFFFFF)
+    return None
+
+
+def is_unspecified(address: IPAddress) -> bool:
+    """0.0.0.0/8, ::, and IPv6 forms carrying an address of 0.0.0.0/8."""
+    if address.version == 4:
+        return int(address) < 0x1000000
+    if not int(address):
+        return True
+    embedded = embedded_ipv4(address)
+    return embedded is not None and int(embedded) < 0x1000000
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +122,12 @@ class Rule:
     def matches_destination(self, name: str | None, address: IPAddress | None) -> bool:
         if self.any_destination:
             return True
-        if address is not None and any(address in net for net in self.networks):
-            return True
+        if address is not None:
+            if any(address in net for net in self.networks):
+                return True
+            embedded = embedded_ipv4(address)
+            if embedded is not None and any(embedded in net for net in self.networks):
+                return True
         if name is not None:
             name = name.rstrip(".").lower()
             if name in self.names:
@@ -105,16 +140,22 @@ class Rule:
 @dataclass(frozen=True, slots=True)
 class Decision:
     allowed: bool
-    rule: Rule | None          # None: no rule matched (implicit deny)
+    rule: Rule | None          # None: no rule matched (implicit deny), or refused before them
+    why: str | None = None     # a refusal before the rules
 
     @property
     def reason(self) -> str:
+        if self.why is not None:
+            return self.why
         if self.rule is None:
             return "no rule matched (default deny)"
         return f"{self.rule.label} ({self.rule.action})"
 
 
 _NO_MATCH = Decision(False, None)
+UNSPECIFIED = Decision(False, None, "the unspecified address (0.0.0.0/8, ::) is refused "
+                                    "as a destination")
+_SENT_TO = frozenset({"connect", "udp"})     # commands whose address traffic goes to
 
 
 class _Ranges:
@@ -243,6 +284,10 @@ class _Index:
         mask = self.any_destination
         if address is not None:
             mask |= self.networks[address.version](int(address))
+            if address.version == 6:
+                embedded = embedded_ipv4(address)
+                if embedded is not None:
+                    mask |= self.networks[4](int(embedded))
         if name is not None:
             name = name.rstrip(".").lower()
             mask |= self.names.get(name, 0)
@@ -286,7 +331,12 @@ class RuleSet:
 
         A name request is decided after resolution, with both the name and
         the address it resolved to, so network rules apply to names too.
+        The unspecified address is refused whatever the rules say, as a place
+        to send to (CONNECT, UDP). A BIND's address is not sent to: there
+        0.0.0.0 keeps its meaning, "any peer", and the rules decide.
         """
+        if address is not None and command in _SENT_TO and is_unspecified(address):
+            return UNSPECIFIED
         index = self._index
         if index is None:
             return self._scan_decide(client, user, command, port, name, address,
@@ -333,6 +383,8 @@ class RuleSet:
     def _scan_decide(self, client: IPAddress, user: str | None, command: str, port: int,
                      name: str | None = None, address: IPAddress | None = None, *,
                      version: int = 5, verified: bool = False) -> Decision:
+        if address is not None and command in _SENT_TO and is_unspecified(address):
+            return UNSPECIFIED
         for i, rule in enumerate(self.rules):
             if rule.matches_request(client, user, command, port, version, verified) and \
                     rule.matches_destination(name, address):
@@ -382,12 +434,14 @@ def compile_rule(label: str, action: str, sources: Sequence[str] | None = None,
                  ports: Sequence[str] | None = None, commands: Sequence[str] | None = None,
                  users: Sequence[str] | None = None, log: bool = False,
                  versions: Sequence[int] | None = None,
-                 verified: bool | str | None = None) -> Rule:
+                 verified: bool | str | None = None,
+                 host_addresses: Sequence[IPAddress] = ()) -> Rule:
     """Build a rule from config strings; raises ValueError naming the bad value.
 
     ``verified``: True (proven users only), False (unproven only), "any"
     (both), or None: both, except that a user matched by name in ``users``
-    must be proven.
+    must be proven. ``host_addresses`` are what the destination "self" (this
+    host's interface addresses) stands for.
     """
     if action not in ("allow", "deny"):
         raise ValueError(f"action must be \"allow\" or \"deny\", not {action!r}")
@@ -404,6 +458,11 @@ def compile_rule(label: str, action: str, sources: Sequence[str] | None = None,
     suffixes: list[str] = []
     any_destination = destinations is None
     for item in destinations or ():
+        if item == SELF:
+            if not host_addresses:
+                raise ValueError("\"self\": this host's addresses are not known")
+            networks.extend(ipaddress.ip_network(a) for a in host_addresses)
+            continue
         try:
             networks.append(ipaddress.ip_network(item, strict=False))
             continue

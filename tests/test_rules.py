@@ -298,6 +298,76 @@ def test_default_rules_allow_loopback_clients_only():
     assert allowed(rules, client="127.0.0.1", user="alice", command="bind", port=0)
 
 
+# The unspecified address, IPv6 forms carrying an IPv4 address, "self".
+
+
+@pytest.mark.parametrize("text", ["0.0.0.0", "0.1.2.3", "0.255.255.255", "::",
+                                  "::ffff:0.0.0.0", "::0.0.0.5", "64:ff9b::"])
+def test_unspecified_forms(text):
+    assert rules_module.is_unspecified(ipaddress.ip_address(text))
+
+
+@pytest.mark.parametrize("text", ["1.0.0.0", "127.0.0.1", "::1", "2001:db8::", "64:ff9b::1:0:0"])
+def test_specified_addresses(text):
+    assert not rules_module.is_unspecified(ipaddress.ip_address(text))
+
+
+@pytest.mark.parametrize("path", ["index", "scan"])
+@pytest.mark.parametrize("command,refused", [("connect", True), ("udp", True),
+                                             ("bind", False)])
+def test_unspecified_destination_refused_before_any_rule(path, command, refused):
+    """Linux delivers connect()/sendto() to 0.0.0.0 or :: to the local host.
+    An allow-all cannot let it through; a BIND's 0.0.0.0 means "any peer"
+    (nothing is sent to it) and stays for the rules."""
+    rules = build([compile_rule("all", "allow")], path)
+    for text in ("0.0.0.0", "::", "::ffff:0.0.0.0"):
+        decision = rules.decide(CLIENT, None, command, 80, None, parse_ip(text))
+        assert decision.allowed is not refused, text
+        if refused:
+            assert decision.reason.startswith("the unspecified address"), decision.reason
+
+
+@pytest.mark.parametrize("path", ["index", "scan"])
+@pytest.mark.parametrize("text", ["64:ff9b::7f00:1", "64:ff9b::127.0.0.53", "::127.0.0.1",
+                                  "::ffff:127.0.0.1"])
+def test_ipv4_rules_cover_ipv6_forms_of_their_addresses(path, text):
+    """IPv4-compatible and NAT64 addresses are delivered to the IPv4 address
+    they carry: deny 127.0.0.0/8 covers them (v4-mapped ones too)."""
+    rules = build([compile_rule("no-loopback", "deny", destinations=["127.0.0.0/8"]),
+                   compile_rule("rest", "allow")], path)
+    address = ipaddress.ip_address(text)
+    decision = rules.decide(CLIENT, None, "connect", 80, None, address)
+    assert not decision.allowed and decision.rule.label == "no-loopback"
+    # An IPv6 rule still sees the IPv6 address.
+    six = build([compile_rule("nat64", "deny", destinations=["64:ff9b::/96"]),
+                 compile_rule("rest", "allow")], path)
+    if text.startswith("64:ff9b"):
+        assert not six.decide(CLIENT, None, "connect", 80, None, address).allowed
+
+
+def test_self_stands_for_the_hosts_addresses():
+    host = [parse_ip(a) for a in ("127.0.0.1", "192.0.2.2", "::1", "fd00::2", "fe80::1")]
+    rules = ruleset(compile_rule("no-self", "deny", destinations=["self"], host_addresses=host),
+                    compile_rule("rest", "allow"))
+    for text in ("192.0.2.2", "fd00::2", "127.0.0.1", "::ffff:192.0.2.2", "64:ff9b::c000:202"):
+        assert not allowed(rules, address=text), text
+    assert allowed(rules, address="192.0.2.3")
+    assert allowed(rules, address="127.0.0.2")    # the address, not its network
+    with pytest.raises(ValueError, match="self"):
+        compile_rule("r", "deny", destinations=["self"])
+
+
+def test_config_self_reads_this_hosts_addresses(tmp_path):
+    from socksd import config
+
+    path = tmp_path / "socksd.toml"
+    path.write_text('[[rules]]\naction = "deny"\nto = ["self"]\n')
+    [rule] = config.load(str(path)).rules.rules
+    host = config.host_addresses()
+    assert parse_ip("127.0.0.1") in host and parse_ip("::1") in host
+    assert {net.network_address for net in rule.networks} == set(host)
+
+
 # decide_name.
 
 
@@ -347,7 +417,8 @@ def test_decide_name_name_rule_matches():
 # is what first-match means: same decision for any rules and any request.
 
 _ADDRESSES = ["10.0.0.1", "10.0.0.200", "10.0.1.5", "192.0.2.10", "127.0.0.1", "0.0.0.0",
-              "255.255.255.255", "::1", "2001:db8::1", "2001:db8:1::7", "fe80::1"]
+              "255.255.255.255", "::1", "2001:db8::1", "2001:db8:1::7", "fe80::1",
+              "64:ff9b::7f00:1", "::10.0.0.200", "::", "64:ff9b::", "0.1.2.3"]
 _NETWORKS = ["10.0.0.0/8", "10.0.0.0/24", "10.0.0.128/25", "10.0.1.0/24", "192.0.2.10/32",
              "0.0.0.0/0", "127.0.0.0/8", "::/0", "::1/128", "2001:db8::/32", "2001:db8::/64"]
 _NAMES = ["example.com", "www.example.com", "a.b.example.com", "example.org", "com",
@@ -421,6 +492,10 @@ def reference(rules, r, name, address):
 def test_index_decides_like_first_match(path, rules, r, name, address):
     decision = build(rules, path).decide(r["client"], r["user"], r["command"], r["port"], name,
                                      address, version=r["version"], verified=r["verified"])
+    if address is not None and r["command"] in ("connect", "udp") and \
+            rules_module.is_unspecified(address):
+        assert decision is rules_module.UNSPECIFIED     # before any rule
+        return
     expected = reference(rules, r, name, address)
     assert decision.rule is expected
     assert decision.allowed == (expected is not None and expected.allows)
