@@ -997,6 +997,21 @@ def test_relay_sends_a_name_to_its_first_address_of_the_relay_family():
         assert relay.counts["up"] == 2 and relay.counts["dropped"] == 1
 
 
+@pytest.mark.parametrize("garbage", [b"", b"\x00", b"\x00\x00\x00\x09junk",
+                                     b"\x05\x01\x00\x01" + bytes(6)])
+def test_a_datagram_that_does_not_parse_does_not_pin_the_association(garbage):
+    """DST 0.0.0.0:0: the client's first datagram fixes its port. Garbage from
+    another socket on the client's host must not take the association."""
+    factory, reactor = make_factory()
+    client, relay, port = associate(factory)
+    relay.datagramReceived(garbage, ("127.0.0.1", 7000))
+    assert relay.client_addr is None and relay.counts["dropped"] == 1
+    relay.datagramReceived(socks5.encode_udp("192.0.2.1", 53, b"real"), ("127.0.0.1", 6000))
+    assert port.take() == [(b"real", ("192.0.2.1", 53))]
+    relay.datagramReceived(socks5.encode_udp("192.0.2.1", 53, b"late"), ("127.0.0.1", 7000))
+    assert port.take() == [] and relay.client_addr == ("127.0.0.1", 6000)
+
+
 def test_relay_resolves_names_and_caches_them():
     factory, reactor = make_factory()
     client, relay, port = associate(factory)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 
 import gssapi
 import pytest
@@ -57,8 +58,14 @@ def test_udp_datagrams_are_encapsulated(kerberos, socks_server, level):
         assert reply.code == socks5.SUCCEEDED
         relay = (reply.host, reply.port)
 
-        # A plain (unwrapped) datagram is dropped: it must be protected.
-        client.sendto(socks5.encode_udp("127.0.0.1", echo.getsockname()[1], b"plain"), relay)
+        # A plain (unwrapped) datagram is dropped: it must be protected. Sent
+        # first, from another socket on the client's host, it does not take
+        # the association either (only a datagram that unwraps fixes the port).
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
+            other.bind(("127.0.0.1", 0))
+            other.sendto(socks5.encode_udp("127.0.0.1", echo.getsockname()[1], b"plain"),
+                         relay)
+            time.sleep(0.2)
         # A protected one goes through; the answer comes back protected.
         datagram = socks5.encode_udp("127.0.0.1", echo.getsockname()[1], b"query")
         client.sendto(_frame_of(ctx, datagram, level), relay)

@@ -113,7 +113,6 @@ class UDPRelay(DatagramProtocol):
         self.session.relay_activity()
 
     def _from_client(self, data: bytes, addr) -> None:
-        self.client_addr = addr
         layer = self.session.layer
         try:
             if layer is not None:
@@ -124,6 +123,11 @@ class UDPRelay(DatagramProtocol):
         except WireError:
             self.counts["dropped"] += 1
             return
+        # The client's port is fixed by its first datagram that is one: any
+        # socket on the client's host could send garbage first and take the
+        # association (and, under GSS-API, one that cannot unwrap is not the
+        # client at all).
+        self.client_addr = addr
         if datagram.frag:
             # Reassembly is optional in RFC 1928 and we don't do it.
             self.counts["fragments"] += 1
