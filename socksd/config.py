@@ -128,6 +128,7 @@ _SERVER_KEYS = {
     "splice": "bool",
     "bind_timeout": "timeout", "udp_idle_timeout": "timeout", "bind_ports": "ports",
     "udp_ports": "ports", "max_datagram": "count", "workers": "workers",
+    "ipv6_client_prefix": "prefix",
 }
 _RULE_KEYS = {
     "action": "string", "from": "strings", "to": "strings", "ports": "ports",
@@ -145,6 +146,7 @@ _IDENTD_KEYS = {
     "unknown_error_only": "bool", "hash_key": "string", "proxied_users": "bool",
     "proxied_reply": "string", "idle_timeout": "seconds", "max_line": "count",
     "max_connections": "count", "max_connections_per_client": "count",
+    "ipv6_client_prefix": "prefix",
 }
 _GSSAPI_KEYS = {
     "keytab": "string", "service": "string", "principal": "string", "levels": "strings",
@@ -266,7 +268,8 @@ def parse(data: dict[str, Any], where: _Where) -> Config:
         raise where.error("lists a method twice", "server", None, "methods")
 
     limits = {key: server[key] for key in _SERVER_KEYS
-              if _SERVER_KEYS[key] in ("seconds", "timeout", "count", "bool") and key in server}
+              if _SERVER_KEYS[key] in ("seconds", "timeout", "count", "bool", "prefix")
+              and key in server}
     for key in ("bind_ports", "udp_ports"):
         if key in server:
             try:
@@ -370,7 +373,8 @@ def _identd(table: dict[str, Any], where: _Where) -> IdentdConfig:
         policy_args["hash_key"] = table["hash_key"].encode("utf-8")
     limits = IdentdLimits(**{k: table[k] for k in ("idle_timeout", "max_line",
                                                    "max_connections",
-                                                   "max_connections_per_client")
+                                                   "max_connections_per_client",
+                                                   "ipv6_client_prefix")
                              if k in table})
     return IdentdConfig(table.get("enabled", False), listen, IdentPolicy(**policy_args),
                         limits)
@@ -506,6 +510,10 @@ def _check_type(where: _Where, value: Any, kind: str, table: str, index: int | N
     elif kind == "bool":
         if not isinstance(value, bool):
             raise bad("true or false")
+    elif kind == "prefix":
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 128:
+            raise where.error(f"{value!r} is not an IPv6 prefix length (1-128)", table, index,
+                              key)
     elif kind == "verified":
         if not isinstance(value, bool) and value != "any":
             raise where.error(f"{value!r} is not true, false or \"any\"", table, index, key)

@@ -71,6 +71,16 @@ def is_unspecified(address: IPAddress) -> bool:
     return embedded is not None and int(embedded) < 0x1000000
 
 
+def client_key(address: IPAddress, ipv6_prefix: int = 64) -> str:
+    """Who a client is for per-client limits. An IPv6 host usually holds a
+    whole /64 (SLAAC, privacy addresses): counted per address, one client
+    would get a fresh share of every limit per address it picks."""
+    if address.version == 4 or ipv6_prefix >= 128:
+        return str(address)
+    return str(ipaddress.IPv6Network((int(address) >> (128 - ipv6_prefix) << (128 - ipv6_prefix),
+                                      ipv6_prefix)))
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     """One compiled rule. ``None`` in a selector means "any"."""

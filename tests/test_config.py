@@ -167,6 +167,15 @@ def test_socks4_follows_socks5_authentication_unless_the_file_says(tmp_path):
     assert cfg.socks4.enabled
 
 
+def test_ipv6_client_prefix(tmp_path):
+    assert config.Config().limits.ipv6_client_prefix == 64
+    cfg = load_text(tmp_path, "[server]\nipv6_client_prefix = 128\n"
+                              "[identd]\nipv6_client_prefix = 56\n")
+    assert cfg.limits.ipv6_client_prefix == 128 and cfg.identd.limits.ipv6_client_prefix == 56
+    assert "server.ipv6_client_prefix: 129 is not an IPv6 prefix length (1-128)" in \
+        error_of(tmp_path, "[server]\nipv6_client_prefix = 129\n")
+
+
 def test_rules_verified_any(tmp_path):
     cfg = load_text(tmp_path, '[[rules]]\naction = "allow"\nusers = ["alice"]\n'
                               'verified = "any"\n')

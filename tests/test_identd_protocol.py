@@ -670,6 +670,15 @@ def test_per_client_limit_counts_v4_mapped_as_the_same_address():
     assert tc is None or tc.disconnecting
 
 
+@pytest.mark.parametrize("prefix,refused", [(64, True), (128, False)])
+def test_per_client_limit_counts_an_ipv6_client_per_prefix(prefix, refused):
+    factory = make_factory(limits=IdentdLimits(max_connections_per_client=1,
+                                               ipv6_client_prefix=prefix))
+    connect(factory, remote="2001:db8::1", local="2001:db8::100", peer_port=1)
+    c, tc = connect(factory, remote="2001:db8::2", local="2001:db8::100", peer_port=2)
+    assert (tc is None or tc.disconnecting) == refused
+
+
 def test_refused_client_is_not_answered(fake):
     fake.own(6193, 23, DAEMON.pw_uid)
     factory = make_factory(limits=IdentdLimits(max_connections_per_client=1))

@@ -490,6 +490,21 @@ def test_eof_during_greeting_closes():
     assert client.closing and not reactor.tcpClients
 
 
+@pytest.mark.parametrize("prefix,second_refused", [(64, True), (128, False), (48, True)])
+def test_an_ipv6_client_is_counted_per_prefix(prefix, second_refused):
+    """One host holds a whole /64: per address it would get a fresh share of
+    max_sessions_per_client (and of lookups) for every address it picks."""
+    factory, _ = make_factory(limits=Limits(max_sessions_per_client=1,
+                                            ipv6_client_prefix=prefix))
+    first = Client(factory, False, peer=IPv6Address("TCP", "2001:db8:0:1::1", 40001))
+    second = Client(factory, False, peer=IPv6Address("TCP", "2001:db8:0:1:ffff::2", 40002))
+    other_net = Client(factory, False, peer=IPv6Address("TCP", "2001:db8:0:2::1", 40003))
+    assert not first.closing and second.closing == second_refused
+    assert other_net.closing == (prefix == 48)
+    assert first.session.client_key == ("2001:db8:0:1::1" if prefix == 128 else
+                                        "2001:db8:0:1::/64" if prefix == 64 else "2001:db8::/48")
+
+
 def test_v4_mapped_peer_counts_as_ipv4():
     factory, _ = make_factory(limits=Limits(max_sessions_per_client=1))
     first = Client(factory, False)

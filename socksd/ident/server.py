@@ -22,7 +22,7 @@ from zope.interface import implementer
 from socksd.ident import lookup
 from socksd.ident.policy import Answer, IdentPolicy
 from socksd.ident.registry import ProxiedConnections
-from socksd.rules import parse_ip
+from socksd.rules import client_key, parse_ip
 from socksd.wire import WireError, ident
 
 log = Logger(namespace="socksd.identd")
@@ -50,6 +50,7 @@ class IdentdLimits:
     max_line: int = ident.MAX_LINE
     max_connections: int = 1000
     max_connections_per_client: int = 16
+    ipv6_client_prefix: int = 64     # per-client limits count an IPv6 client per /64
 
 
 def _owner(policy: IdentPolicy, conn: lookup.Connection) -> Answer:
@@ -166,7 +167,8 @@ class IdentProtocol(Protocol, TimeoutMixin):
         self.remote_host = str(parse_ip(peer.host)) if hasattr(peer, "host") else "127.0.0.1"
         host = self.transport.getHost()
         self.local_host = str(parse_ip(host.host)) if hasattr(host, "host") else "127.0.0.1"
-        self.client_key = self.remote_host
+        self.client_key = client_key(parse_ip(self.remote_host),
+                                     factory.limits.ipv6_client_prefix)
         count = factory.per_client.get(self.client_key, 0) + 1
         factory.per_client[self.client_key] = count
         factory.connections += 1

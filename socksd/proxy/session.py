@@ -21,7 +21,7 @@ from socksd.proxy.bind import BindWaiter
 from socksd.proxy.udp import UDPRelay
 from socksd.proxy.socks4 import Socks4Handshake, Socks4Policy
 from socksd.proxy.socks5 import Socks5Handshake
-from socksd.rules import IPAddress, RuleSet, parse_ip
+from socksd.rules import IPAddress, RuleSet, client_key, parse_ip
 from socksd.wire import WireError, socks4, socks5
 
 log = Logger(namespace="socksd")
@@ -52,6 +52,7 @@ class Limits:
     udp_ports: tuple[tuple[int, int], ...] = ((0, 0),)
     max_datagram: int = 65507                   # largest UDP payload relayed
     stall_timeout: float = 300.0    # a receiver may take nothing for this long; 0 = never
+    ipv6_client_prefix: int = 64    # per-client limits count an IPv6 client per /64
 
 
 class SOCKSServerFactory(ServerFactory):
@@ -192,7 +193,7 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         host = getattr(address, "host", None)
         # UNIX-socket clients are local; rules see them as 127.0.0.1.
         self.client = parse_ip(host) if host is not None else _LOCAL
-        key = str(self.client)
+        key = client_key(self.client, self.server.limits.ipv6_client_prefix)
         if self.client_key is not None:
             self.server.count_client(self.client_key, -1)
         self.client_key = key
