@@ -11,6 +11,8 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+from socksd.wire.names import normalize_name
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -478,13 +480,14 @@ def compile_rule(label: str, action: str, sources: Sequence[str] | None = None,
             continue
         except ValueError:
             pass
-        host = item.rstrip(".").lower()
-        if not host or "/" in host or " " in host:
-            raise ValueError(f"{item!r} is neither a network nor a host name")
-        if host.startswith("."):
-            suffixes.append(host)
-        else:
-            names.add(host)
+        # The form names from clients are matched in (socksd.wire.names).
+        try:
+            if item.startswith("."):
+                suffixes.append("." + normalize_name(item[1:]))
+            else:
+                names.add(normalize_name(item))
+        except ValueError as e:
+            raise ValueError(f"{item!r} is neither a network nor a host name ({e})") from None
     compiled_ports = None
     if ports is not None:
         compiled_ports = tuple(port_range(p) for p in ports)

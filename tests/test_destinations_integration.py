@@ -96,7 +96,8 @@ def v6(host: str, port: int) -> bytes:
 
 
 def name(host: str, port: int) -> bytes:
-    return b"\x03" + bytes((len(host),)) + host.encode() + struct.pack("!H", port)
+    raw = host.encode("utf-8")
+    return b"\x03" + bytes((len(raw),)) + raw + struct.pack("!H", port)
 
 
 @pytest.mark.parametrize("address", [
@@ -149,3 +150,28 @@ def test_self_covers_the_hosts_own_addresses(socks_server, service):
     assert socks5(server, b"\x05\x01\x00" + v6("::1", service.port)) == 0x02
     assert service.reached() == []
     server.wait_for_log(r"connect 127\.0\.0\.1:\d+ .*denied: rule 1 \(deny\)")
+
+
+# Names: matched in the form the resolver looks them up in.
+
+
+def test_a_fullwidth_name_meets_the_rule_for_its_normal_form(socks_server, service):
+    """getaddrinfo maps "ｌｏｃａｌｈｏｓｔ" to localhost; the rules must see it so."""
+    server = socks_server(DENY_LOOPBACK.replace('"localhost"', '"LocalHost."'))
+    assert socks5(server, b"\x05\x01\x00" + name("ｌｏｃａｌｈｏｓｔ", service.port)) == 0x02
+    request4a = (b"\x04\x01" + struct.pack("!H", service.port) + b"\x00\x00\x00\x01\x00"
+                 + "ＬＯＣＡＬＨＯＳＴ".encode() + b"\x00")
+    assert socks4(server, request4a) == 91
+    assert service.reached() == []
+    server.wait_for_log(r"socks5 user=- method=none connect localhost:\d+ .*denied: rule 1")
+
+
+@pytest.mark.parametrize("bad", ["a" * 255, "a" * 64 + ".example", "a..example"])
+def test_a_name_no_resolver_takes_is_refused_at_once(socks_server, bad):
+    """A 255-octet label used to reach Twisted's resolver, raise UnicodeError
+    in an unhandled Deferred, and leave the client without an answer until
+    handshake_timeout."""
+    server = socks_server()
+    assert socks5(server, b"\x05\x01\x00" + name(bad, 80)) == 0x04
+    server.wait_for_log(r"socks5 .* bad request: request: bad domain name: ")
+    assert "Unhandled" not in server.log() and "Traceback" not in server.log()

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from socksd.wire import WireError, socks4
+from socksd.wire.names import normalize_name
 
 # Strategies.
 
@@ -36,19 +37,29 @@ userid_bytes = st.binary(max_size=socks4.MAX_FIELD).map(lambda b: b.replace(b"\x
 userids = userid_bytes.map(lambda b: b.decode("utf-8", "surrogateescape"))
 
 
+def _normalizes(name: str) -> bool:
+    try:
+        normalize_name(name)
+    except ValueError:
+        return False
+    return True
+
+
 def _acceptable_name(name: str) -> bool:
     try:
         raw = name.encode("utf-8")
     except UnicodeEncodeError:
         return False
     return (1 <= len(raw) <= socks4.MAX_FIELD and name.isprintable() and " " not in name
-            and not name.startswith("."))
+            and not name.startswith(".") and _normalizes(name))
 
 
 host_names = st.one_of(
     st.from_regex(r"\A[a-z0-9]([a-z0-9-]{0,20}\.){0,5}[a-z]{2,10}\Z"),
-    st.text(min_size=1, max_size=80),
-    st.text(alphabet="abc.-", min_size=200, max_size=255),
+    # Upper case, "_", trailing dots, fullwidth forms and non-ASCII letters:
+    # the parser hands on their normal form (socksd.wire.names).
+    st.text(alphabet="abcXYZ09-_.üßÄｌｏ．", min_size=1, max_size=80),
+    st.text(alphabet="abc.-", min_size=200, max_size=253),
 ).filter(_acceptable_name)
 
 
@@ -88,7 +99,7 @@ def test_4a_request_round_trip(command, name, port, raw_userid):
     assert encoded == (bytes((4, command)) + port.to_bytes(2, "big") + b"\x00\x00\x00\x01"
                        + raw_userid + b"\x00" + name.encode("utf-8") + b"\x00")
     assert socks4.parse_request(encoded) == (
-        socks4.Request(command, name, port, userid, True), len(encoded))
+        socks4.Request(command, normalize_name(name), port, userid, True), len(encoded))
 
 
 @given(st.integers(1, 255), ports, userid_bytes, host_names)
@@ -98,7 +109,7 @@ def test_any_4a_marker_address_means_by_name(x, port, raw_userid, name):
             + name.encode("utf-8") + b"\x00")
     request, used = socks4.parse_request(data)
     assert used == len(data)
-    assert request.by_name and request.host == name and request.port == port
+    assert request.by_name and request.host == normalize_name(name) and request.port == port
     assert request.userid.encode("utf-8", "surrogateescape") == raw_userid
 
 
@@ -280,9 +291,14 @@ def test_userid_256_bytes_without_nul_is_rejected():
 
 def test_host_name_255_bytes_without_nul_yet_is_incomplete():
     head = b"\x04\x01\x00\x50\x00\x00\x00\x01fred\x00"
-    assert socks4.parse_request(head + b"h" * 255) is None
-    request, used = socks4.parse_request(head + b"h" * 255 + b"\x00")
-    assert request.host == "h" * 255 and request.by_name and used == len(head) + 256
+    name = (b"h" * 63 + b".") * 3 + b"h" * 61 + b".."    # 253 octets, a dot, and one more
+    assert socks4.parse_request(head + name) is None
+    with pytest.raises(WireError) as caught:     # complete, and no name (an empty label)
+        socks4.parse_request(head + name + b"\x00")
+    assert caught.value.reply == 91
+    request, used = socks4.parse_request(head + name[:-1] + b"\x00")
+    assert request.host == name[:-2].decode() and request.by_name
+    assert used == len(head) + 255
 
 
 def test_host_name_256_bytes_without_nul_is_rejected():

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from socksd.wire import WireError, socks5
+from socksd.wire.names import normalize_name
 
 # Strategies.
 
@@ -31,6 +32,14 @@ def _is_ip_literal(text: str) -> bool:
     return False
 
 
+def _normalizes(name: str) -> bool:
+    try:
+        normalize_name(name)
+    except ValueError:
+        return False
+    return True
+
+
 def _acceptable_domain(name: str) -> bool:
     raw = name.encode("utf-8", "surrogatepass")
     try:
@@ -38,13 +47,15 @@ def _acceptable_domain(name: str) -> bool:
     except UnicodeEncodeError:
         return False
     return (1 <= len(raw) <= 255 and name.isprintable() and " " not in name
-            and not _is_ip_literal(name))
+            and not _is_ip_literal(name) and _normalizes(name))
 
 
 # Names as a resolver takes them: printable, no spaces, 1..255 UTF-8 bytes.
 domain_names = st.one_of(
     st.from_regex(r"\A[a-z0-9]([a-z0-9-]{0,20}\.){0,5}[a-z]{2,10}\Z"),
-    st.text(min_size=1, max_size=80),
+    # Upper case, "_", trailing dots, fullwidth forms and non-ASCII letters:
+    # the parser hands on their normal form (socksd.wire.names).
+    st.text(alphabet="abcXYZ09-_.üßÄｌｏ．", min_size=1, max_size=80),
 ).filter(_acceptable_domain)
 
 hosts = st.one_of(ipv4_hosts, ipv6_hosts, domain_names)
@@ -52,7 +63,7 @@ hosts = st.one_of(ipv4_hosts, ipv6_hosts, domain_names)
 
 def _same_host(sent: str, parsed: str, atyp: int) -> bool:
     if atyp == socks5.ATYP_DOMAIN:
-        return sent == parsed
+        return normalize_name(sent) == parsed
     return ipaddress.ip_address(sent) == ipaddress.ip_address(parsed)
 
 
@@ -238,9 +249,9 @@ def test_decode_domain_arbitrary_bytes(raw):
     try:
         name = socks5.decode_domain(raw)
     except WireError as e:
-        assert e.reply == socks5.GENERAL_FAILURE
+        assert e.reply == socks5.HOST_UNREACHABLE     # a name no resolver takes
         return
-    assert isinstance(name, str) and name
+    assert isinstance(name, str) and name == normalize_name(name)
 
 
 # Examples with exact bytes from RFC 1928.
@@ -311,12 +322,33 @@ def test_request_bad_version(data):
     assert caught.value.reply == socks5.GENERAL_FAILURE
 
 
-@pytest.mark.parametrize("raw", [b"", b"exa mple.com", b"a\x00b", b"\xff\xfe", b"a\nb"])
+@pytest.mark.parametrize("raw", [b"", b"exa mple.com", b"a\x00b", b"\xff\xfe", b"a\nb",
+                                 b"a" * 255, b"a" * 64 + b".example", b"a..b", b".example",
+                                 (b"a" * 63 + b".") * 3 + b"a" * 62, b"\xe2\x80\xae.example"])
 def test_request_bad_domain(raw):
+    """A name no resolver takes is refused at once with 0x04 (host
+    unreachable): a 255-octet label used to reach the resolver, whose
+    UnicodeError left the client waiting for handshake_timeout."""
     data = b"\x05\x01\x00\x03" + bytes((len(raw),)) + raw + b"\x00\x50"
     with pytest.raises(WireError) as caught:
         socks5.parse_request(data)
-    assert caught.value.reply == socks5.GENERAL_FAILURE
+    assert caught.value.reply == socks5.HOST_UNREACHABLE
+
+
+@pytest.mark.parametrize("sent,normal", [
+    ("WWW.Example.COM.", "www.example.com"), ("ｌｏｃａｌｈｏｓｔ", "localhost"),
+    ("Bücher.Example", "xn--bcher-kva.example"), ("_dmarc.example.com", "_dmarc.example.com"),
+    ("my_host.example", "my_host.example"), ("ＬＯＣＡＬＨＯＳＴ．", "localhost"),
+    ("127.0.0.1", "127.0.0.1"), ("::FFFF:1.2.3.4", "::ffff:102:304"),
+    (("a" * 63 + ".") * 3 + "a" * 61, ("a" * 63 + ".") * 3 + "a" * 61),
+])
+def test_request_domain_in_its_normal_form(sent, normal):
+    """The form rules match and the resolver looks up: getaddrinfo maps
+    fullwidth letters, so a rule about localhost must see localhost."""
+    raw = sent.encode("utf-8")
+    data = b"\x05\x01\x00\x03" + bytes((len(raw),)) + raw + b"\x00\x50"
+    request, _used = socks5.parse_request(data)
+    assert request.host == normal
 
 
 def test_reply_examples():

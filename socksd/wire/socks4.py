@@ -69,8 +69,6 @@ def parse_request(buf: bytes) -> tuple[Request, int] | None:
             return None
         raw_host, end = hostname
         host = decode_domain(raw_host, "SOCKS4a host name", REJECTED)
-        if host[0] == "." or "\x00" in host:
-            raise WireError("SOCKS4a host name is malformed", REJECTED)
         return Request(command, host, port, name, True), end
     return Request(command, socket.inet_ntoa(raw_ip), port, name, False), end
 

@@ -13,6 +13,7 @@ import struct
 from typing import NamedTuple
 
 from socksd.wire.errors import WireError
+from socksd.wire.names import normalize_name
 
 VERSION = 5
 
@@ -127,10 +128,13 @@ def _parse_address(buf: bytes, offset: int, what: str) -> tuple[int, str, int, i
     return atyp, host, port, end + 2
 
 
-def decode_domain(raw: bytes, what: str = "address", reply: int = GENERAL_FAILURE) -> str:
-    """A domain name as sent on the wire -> str; refuses what no resolver takes.
+def decode_domain(raw: bytes, what: str = "address", reply: int = HOST_UNREACHABLE) -> str:
+    """A domain name as sent on the wire -> its normal form (see
+    :mod:`socksd.wire.names`), the one rules match and the resolver looks up;
+    refuses what no resolver takes.
 
-    ``reply`` is the failure code of the protocol the name came in.
+    ``reply`` is the protocol's failure code for a name that cannot be
+    resolved (SOCKS5: host unreachable; SOCKS4: rejected).
     """
     if not raw:
         raise WireError(f"{what}: empty domain name", reply)
@@ -138,9 +142,10 @@ def decode_domain(raw: bytes, what: str = "address", reply: int = GENERAL_FAILUR
         name = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise WireError(f"{what}: domain name is not UTF-8", reply) from None
-    if not name.isprintable() or " " in name:
-        raise WireError(f"{what}: domain name has control or space characters", reply)
-    return name
+    try:
+        return normalize_name(name)
+    except ValueError as e:
+        raise WireError(f"{what}: bad domain name: {e}", reply) from None
 
 
 def parse_request(buf: bytes) -> tuple[Request, int] | None:
