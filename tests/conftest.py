@@ -239,7 +239,31 @@ def localhost_realm_class():
         def hostname(self) -> str:
             return "localhost"
 
+        def __init__(self, *args, **kwargs) -> None:
+            try:
+                super().__init__(*args, **kwargs)
+            except BaseException:
+                # k5test starts the KDC before its first kinit: a realm that
+                # failed half-way must not leave a krb5kdc on the port, where
+                # the next run's kinit would ask it and fail in turn.
+                self.stop()
+                raise
+
     return LocalhostRealm
+
+
+def assert_port_free(port: int) -> None:
+    """krb5kdc binds with SO_REUSEPORT, so a second KDC on the same port
+    starts fine and then answers half the requests from another database:
+    every kinit and ticket then fails at random. Say so plainly instead."""
+    for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError as e:
+                raise AssertionError(
+                    f"port {port} is taken ({e}): another KDC (a stale krb5kdc of an earlier "
+                    f"run?) or another test run; set SOCKSD_TEST_KDC_PORTBASE") from None
 
 
 LITERAL_HOST_NAMES = {"libdefaults": {"dns_canonicalize_hostname": "false", "rdns": "false"}}
@@ -252,9 +276,9 @@ def kerberos():
     for program in ("krb5kdc", "kdb5_util", "kadmin.local"):
         assert shutil.which(program) or os.path.exists(f"/usr/sbin/{program}"), \
             f"{program} is missing: `make test` installs krb5-kdc and krb5-admin-server"
-    realm = localhost_realm_class()(
-        portbase=int(os.environ.get("SOCKSD_TEST_KDC_PORTBASE", "61000")),
-        krb5_conf=LITERAL_HOST_NAMES)
+    portbase = int(os.environ.get("SOCKSD_TEST_KDC_PORTBASE", "61000"))
+    assert_port_free(portbase)
+    realm = localhost_realm_class()(portbase=portbase, krb5_conf=LITERAL_HOST_NAMES)
     saved = {key: os.environ.get(key) for key in realm.env}
     os.environ.update(realm.env)   # for in-process python-gssapi clients
     try:
