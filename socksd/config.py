@@ -6,6 +6,7 @@ A bad file never produces a traceback: :class:`ConfigError` says
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -53,6 +54,20 @@ class Config:
     gssapi: Any = None                  # socksd.auth.gss.GSSAPISettings, if configured
     workers: int = 1
     socks4_enabled_given: bool = False  # [socks4] enabled is in the file
+    trusted_proxies: tuple[Any, ...] = ()   # networks whose PROXY headers are believed
+
+    def proxy_problem(self) -> str | None:
+        """Why a haproxy: listener cannot start: without trusted_proxies any
+        peer's PROXY header would name any client address it likes, for the
+        rules, the per-client limits and the SOCKS4 ident query."""
+        if self.trusted_proxies:
+            return None
+        for description in self.listen:
+            if description.startswith("haproxy:"):
+                return (f"{description!r} takes the client's address from a PROXY header, "
+                        "which any peer can send: name the balancers in "
+                        "server.trusted_proxies or with --trusted-proxy CIDR")
+        return None
 
     @property
     def authenticated(self) -> bool:
@@ -109,13 +124,24 @@ class Config:
                                        "must share the process that opens the connections)")
         return self
 
-    def with_command_line(self, listen: list[str], have_auth: bool) -> Config:
+    def with_command_line(self, listen: list[str], have_auth: bool,
+                          trusted_proxies: list[str] = ()) -> Config:
         """``--listen`` replaces the listeners; ``--auth`` without explicit
-        ``methods`` means "require a password" rather than "ignore it"."""
+        ``methods`` means "require a password" rather than "ignore it";
+        ``--trusted-proxy`` adds to ``trusted_proxies``."""
         changes: dict[str, Any] = {}
         check_listen_option(listen)
         if listen:
             changes["listen"] = tuple(listen)
+        if trusted_proxies:
+            networks = []
+            for text in trusted_proxies:
+                try:
+                    networks.append(ipaddress.ip_network(text, strict=False))
+                except ValueError:
+                    raise ConfigError(f"--trusted-proxy: {text!r} is not an IP network") \
+                        from None
+            changes["trusted_proxies"] = self.trusted_proxies + tuple(networks)
         if have_auth and not self.methods_given:
             changes["methods"] = ("userpass",)
         return replace(self, **changes)._socks4_default().checked() if changes else self
@@ -128,7 +154,7 @@ _SERVER_KEYS = {
     "splice": "bool",
     "bind_timeout": "timeout", "udp_idle_timeout": "timeout", "bind_ports": "ports",
     "udp_ports": "ports", "max_datagram": "count", "workers": "workers",
-    "ipv6_client_prefix": "prefix",
+    "ipv6_client_prefix": "prefix", "trusted_proxies": "strings",
 }
 _RULE_KEYS = {
     "action": "string", "from": "strings", "to": "strings", "ports": "ports",
@@ -299,11 +325,18 @@ def parse(data: dict[str, Any], where: _Where) -> Config:
         raise where.error("\"gssapi\" needs a [gssapi] table (keytab, service, levels)",
                           "server", None, "methods")
     workers = worker_count(server.get("workers", 1))
+    trusted = []
+    for text in server.get("trusted_proxies", ()):
+        try:
+            trusted.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            raise where.error(f"{text!r} is not an IP network", "server", None,
+                              "trusted_proxies") from None
     socks4 = _table(data, "socks4", _SOCKS4_KEYS, where)
     return Config(where.path, listen, methods, "methods" in server,
                   tuple(server.get("checkers", ())), limits, rules,
                   _socks4(socks4, limits, where), identd, gssapi, workers,
-                  "enabled" in socks4)._socks4_default().checked(where)
+                  "enabled" in socks4, tuple(trusted))._socks4_default().checked(where)
 
 
 def _gssapi(table: dict[str, Any], where: _Where):

@@ -10,6 +10,9 @@ from twisted.internet import defer, tcp
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
+# Twisted's public API offers only proxyEndpoint(); the wrapper it puts under
+# a haproxy: listener's protocols is what tells a PROXY connection apart.
+from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
 from twisted.python.failure import Failure
 
 from socksd import relay, splice
@@ -21,7 +24,7 @@ from socksd.proxy.bind import BindWaiter
 from socksd.proxy.udp import UDPRelay
 from socksd.proxy.socks4 import Socks4Handshake, Socks4Policy
 from socksd.proxy.socks5 import Socks5Handshake
-from socksd.rules import IPAddress, RuleSet, client_key, parse_ip
+from socksd.rules import IPAddress, IPNetwork, RuleSet, client_key, parse_ip
 from socksd.wire import WireError, socks4, socks5
 
 log = Logger(namespace="socksd")
@@ -68,7 +71,8 @@ class SOCKSServerFactory(ServerFactory):
 
     def __init__(self, methods: Sequence[Method], rules: RuleSet, limits: Limits = Limits(),
                  reactor=None, socks4: Socks4Policy = Socks4Policy(),
-                 registry: ProxiedConnections | None = None) -> None:
+                 registry: ProxiedConnections | None = None,
+                 trusted_proxies: Sequence[IPNetwork] = ()) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
@@ -80,6 +84,13 @@ class SOCKSServerFactory(ServerFactory):
         self.sessions = 0
         self.per_client: dict[str, int] = {}
         self.quiet_refusals: int | None = None   # refusals since the last one logged
+        # Peers whose PROXY header is believed (haproxy: listeners), and what
+        # was closed without a session line: PROXY LOCAL (a balancer's health
+        # check) and connections from peers that are not trusted.
+        self.trusted_proxies = tuple(trusted_proxies)
+        self.proxy_health_checks = 0
+        self.untrusted_proxies = 0
+        self.quiet_untrusted: int | None = None
 
     def choose_method(self, offered: bytes) -> Method | None:
         """The first of our methods, in our preference order, that the client offers."""
@@ -114,6 +125,33 @@ class SOCKSServerFactory(ServerFactory):
             log.warn("{worker}refused {count} more in the last second: max_sessions ({limit}) "
                      "reached", worker="" if WORKER is None else f"w{WORKER} ",
                      count=count, limit=self.limits.max_sessions)
+
+    def trusts_proxy(self, address) -> bool:
+        host = getattr(address, "host", None)
+        if host is None:
+            return False
+        ip = parse_ip(host)
+        return any(ip in network for network in self.trusted_proxies)
+
+    def untrusted_proxy(self, addr) -> None:
+        """A haproxy: listener reached by a peer whose header is not
+        believed: one line, then at most one a second counting the rest."""
+        self.untrusted_proxies += 1
+        if self.quiet_untrusted is not None:
+            self.quiet_untrusted += 1
+            return
+        self.quiet_untrusted = 0
+        log.warn("{worker}closed {peer}: a PROXY listener, and the peer is not in "
+                 "trusted_proxies", worker="" if WORKER is None else f"w{WORKER} ",
+                 peer=_address(addr))
+        self.reactor.callLater(1.0, self._untrusted_counted)
+
+    def _untrusted_counted(self) -> None:
+        count, self.quiet_untrusted = self.quiet_untrusted, None
+        if count:
+            log.warn("{worker}closed {count} more in the last second: PROXY listener, "
+                     "peers not in trusted_proxies",
+                     worker="" if WORKER is None else f"w{WORKER} ", count=count)
 
     def count_client(self, key: str, delta: int) -> int:
         count = self.per_client.get(key, 0) + delta
@@ -166,6 +204,8 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
     counted = True     # in server.sessions (max_sessions)
     stall_check = None  # the pending check that a blocked receiver is draining
     drains = 0          # times a blocked receiver took all it held
+    proxied: HAProxyProtocolWrapper | None = None   # under a haproxy: listener
+    quiet = False       # ends without a session line (said otherwise, or counted)
 
     def __init__(self, server: SOCKSServerFactory) -> None:
         self.server = server
@@ -178,9 +218,45 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
 
     def connectionMade(self) -> None:
         self.server.sessions += 1
-        self._identify_client()
+        if isinstance(self.transport, HAProxyProtocolWrapper):
+            # The real client is known once the PROXY header is read (the
+            # first data): counting the balancer as the client now would
+            # refuse a burst through it for max_sessions_per_client.
+            self.proxied = self.transport
+            balancer = self.transport.transport.getPeer()
+            self.peer = _address(balancer)
+            if not self.server.trusts_proxy(balancer):
+                self.server.untrusted_proxy(balancer)
+                self.quiet = True
+                self.fail("untrusted proxy", abort=True)
+                return
+            # The wrapper passes on only what follows the header, so a header
+            # alone (a health check's PROXY LOCAL) would reach us as nothing:
+            # look after each of its reads.
+            wrapper_read = self.transport.dataReceived
+
+            def read(data: bytes) -> None:
+                wrapper_read(data)
+                if self.handler is None and self.outcome is None and self._health_check():
+                    self._health_checked()
+
+            self.transport.dataReceived = read
+        else:
+            self._identify_client()
         if self.outcome is None:
             self.setTimeout(self.server.limits.handshake_timeout or None)
+
+    def _health_checked(self) -> None:
+        """Closed without a session line: the factory counts these."""
+        self.quiet = True
+        self.server.proxy_health_checks += 1
+        self.fail("health check")
+
+    def _health_check(self) -> bool:
+        """A PROXY header without a client (v2 LOCAL, v1 UNKNOWN): the
+        balancer checking that we are up. Its info is private in Twisted."""
+        info = getattr(self.proxied, "_proxyInfo", None)
+        return info is not None and info.source is None
 
     def _identify_client(self) -> None:
         """Who the client is, for rules, limits and logs (called again once
@@ -221,6 +297,9 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
             return  # failed already and closing, or a UDP association's control
                     # connection, which carries nothing
         if self.handler is None:
+            if self.proxied is not None and self._health_check():
+                self._health_checked()
+                return
             if type(self.transport) is not tcp.Server:
                 # A wrapper (haproxy:) may only now know the real client; a
                 # plain socket's peer was final at connectionMade.
@@ -256,6 +335,9 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
             relay.RelayEnd.connectionLost(self, reason)
             return
         self.closed = True
+        if self.proxied is not None and self.outcome is None and self._health_check():
+            self.quiet = True        # a PROXY LOCAL header, then the balancer closed
+            self.server.proxy_health_checks += 1
         if self.outcome is None and self.udp is None:
             self.outcome = "client closed"
             self.detail = ("while waiting for the BIND connection"
@@ -363,7 +445,7 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
                     raise connect.ConnectFailed(connect.HOST_UNREACHABLE,
                                                 f"{host} has no IPv4 address for SOCKS4")
             waiter = BindWaiter(self, peers[0])
-            waiter.listen(self.transport.getHost(), server.limits.bind_ports)
+            waiter.listen(self._socket_host(), server.limits.bind_ports)
             self.pending = waiter.accepted
             return waiter
 
@@ -384,12 +466,20 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
             return defer.fail(connect.ConnectFailed(connect.DENIED, "no rule allows udp"))
         try:
             self.udp = UDPRelay(self, host, port)
-            bound = self.udp.listen(self.transport.getHost(), server.limits.udp_ports)
+            bound = self.udp.listen(self._socket_host(), server.limits.udp_ports)
         except connect.ConnectFailed as e:
             self.udp = None
             return defer.fail(e)
         self.setTimeout(server.limits.udp_idle_timeout or None)
         return defer.succeed(bound)
+
+    def _socket_host(self):
+        """This end of the client's connection as the socket has it. Behind a
+        PROXY header getHost() is the header's destination, which a client
+        of the balancer does not choose and we never bind on."""
+        if self.proxied is not None:
+            return self.proxied.transport.getHost()
+        return self.transport.getHost()
 
     def _request(self, command: str, host: str, port: int) -> None:
         self.command = command
@@ -626,6 +716,8 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
                 f"{self.command} {self.destination} up={self.received} down={down} "
                 f"{duration:.3f}s {outcome}{': ' if self.detail else ''}{self.detail}"
                 f"{' [splice]' if self.splicer is not None else ''}")
+        if self.quiet:
+            return
         emit = log.info if outcome == "ok" else log.warn
         emit("{session}", session=text, peer=self.peer, version=self.version, user=user,
              method=self.method, command=self.command, destination=self.destination,

@@ -50,6 +50,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         super().__init__()
         self["listen"] = []
         self["auth_strings"] = []
+        self["trusted_proxies"] = []
+
+    def opt_trusted_proxy(self, network: str) -> None:
+        """A network whose PROXY headers haproxy: listeners believe (repeatable)."""
+        self["trusted_proxies"].append(network)
 
     def opt_auth(self, description: str) -> None:
         """A credential checker (strcred string); see --help-auth."""
@@ -70,7 +75,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         install_reactor()
         try:
             self.socks_config, self.checkers = build(self["config"], self["listen"],
-                                                     self.get("credCheckers", []))
+                                                     self.get("credCheckers", []),
+                                                     self["trusted_proxies"])
         except configuration.ConfigError as e:
             # Not a UsageError: twistd would bury the message under the usage text.
             sys.exit(f"socksd: {e}")
@@ -84,10 +90,16 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             sys.exit(0)
 
 
-def build(path: str | None, listen: list[str], auth_checkers: list):
+def build(path: str | None, listen: list[str], auth_checkers: list,
+          trusted_proxies: list[str] = ()):
     """The validated config and its checkers (config's, then --auth's)."""
     cfg = configuration.load(path) if path else configuration.Config()
-    cfg = cfg.with_command_line(listen, bool(auth_checkers))
+    cfg = cfg.with_command_line(listen, bool(auth_checkers), trusted_proxies)
+    problem = cfg.proxy_problem()
+    if problem:
+        where = "--listen" if listen else \
+            f"{configuration.location(cfg.path, 'server', 'listen')}: server.listen"
+        raise configuration.ConfigError(f"{where}: {problem}")
     checkers = []
     for index, description in enumerate(cfg.checkers):
         try:
@@ -147,7 +159,8 @@ def make_factory(cfg, checkers: list, proxied: ProxiedConnections | None,
         limits = replace(limits, max_sessions=-(-limits.max_sessions // share),
                          max_sessions_per_client=-(-limits.max_sessions_per_client // share))
     return SOCKSServerFactory([registry[name] for name in cfg.methods], cfg.rules, limits,
-                              socks4=cfg.socks4, registry=proxied)
+                              socks4=cfg.socks4, registry=proxied,
+                              trusted_proxies=cfg.trusted_proxies)
 
 
 # Descriptors a session may hold: its two sockets and, while spliced data is
@@ -190,6 +203,8 @@ def makeService(options: Options) -> service.IService:
     if cfg.workers > 1:
         worker_args = [arg for description in options["auth_strings"]
                        for arg in ("--auth", description)]
+        worker_args += [arg for network in options["trusted_proxies"]
+                        for arg in ("--trusted-proxy", network)]
         if options["config"]:
             worker_args += ["--config", os.path.abspath(options["config"])]
         WorkersService(cfg.workers, cfg.listen, worker_args).setServiceParent(top)

@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fds", required=True)
     parser.add_argument("--config")
     parser.add_argument("--auth", action="append", default=[])
+    parser.add_argument("--trusted-proxy", action="append", default=[])
     parser.add_argument("--reactor", help="the supervisor's reactor class, to run on the same")
     args = parser.parse_args(argv)
 
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     globalLogBeginner.beginLoggingTo([channel], redirectStandardIO=False)
     session.WORKER = args.index
     checkers = [strcred.makeChecker(description) for description in args.auth]
-    cfg, checkers = socks_tap.build(args.config, [], checkers)
+    cfg, checkers = socks_tap.build(args.config, [], checkers, args.trusted_proxy)
     factory = socks_tap.make_factory(cfg, checkers, None, share=args.workers)
     for fd, family, haproxy in json.loads(args.fds):
         port_factory = HAProxyWrappingFactory(factory) if haproxy else factory
