@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 from socksd.wire import WireError, socks4
 from socksd.wire.names import normalize_name
 
+from helpers import normalizes
+
 # Strategies.
 
 ports = st.integers(min_value=0, max_value=65535)
@@ -37,21 +39,13 @@ userid_bytes = st.binary(max_size=socks4.MAX_FIELD).map(lambda b: b.replace(b"\x
 userids = userid_bytes.map(lambda b: b.decode("utf-8", "surrogateescape"))
 
 
-def _normalizes(name: str) -> bool:
-    try:
-        normalize_name(name)
-    except ValueError:
-        return False
-    return True
-
-
 def _acceptable_name(name: str) -> bool:
     try:
         raw = name.encode("utf-8")
     except UnicodeEncodeError:
         return False
     return (1 <= len(raw) <= socks4.MAX_FIELD and name.isprintable() and " " not in name
-            and not name.startswith(".") and _normalizes(name))
+            and not name.startswith(".") and normalizes(name))
 
 
 host_names = st.one_of(

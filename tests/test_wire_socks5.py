@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from socksd.wire import WireError, socks5
 from socksd.wire.names import normalize_name
 
+from helpers import normalizes
+
 # Strategies.
 
 ports = st.integers(min_value=0, max_value=65535)
@@ -32,14 +34,6 @@ def _is_ip_literal(text: str) -> bool:
     return False
 
 
-def _normalizes(name: str) -> bool:
-    try:
-        normalize_name(name)
-    except ValueError:
-        return False
-    return True
-
-
 def _acceptable_domain(name: str) -> bool:
     raw = name.encode("utf-8", "surrogatepass")
     try:
@@ -47,7 +41,7 @@ def _acceptable_domain(name: str) -> bool:
     except UnicodeEncodeError:
         return False
     return (1 <= len(raw) <= 255 and name.isprintable() and " " not in name
-            and not _is_ip_literal(name) and _normalizes(name))
+            and not _is_ip_literal(name) and normalizes(name))
 
 
 # Names as a resolver takes them: printable, no spaces, 1..255 UTF-8 bytes.

@@ -19,6 +19,8 @@ from hypothesis import strategies as st
 from socksd.wire import WireError, socks5
 from socksd.wire.names import normalize_name
 
+from helpers import normalizes
+
 # Strategies.
 
 ports = st.integers(min_value=0, max_value=65535)
@@ -38,14 +40,6 @@ def _is_ip_literal(text: str) -> bool:
     return False
 
 
-def _normalizes(name: str) -> bool:
-    try:
-        normalize_name(name)
-    except ValueError:
-        return False
-    return True
-
-
 def _acceptable_domain(name: str) -> bool:
     """What a resolver takes and the codec carries: 1..255 UTF-8 bytes,
     printable, no spaces, and not an IP literal (that would be sent as one)."""
@@ -54,7 +48,7 @@ def _acceptable_domain(name: str) -> bool:
     except UnicodeEncodeError:
         return False
     return (1 <= len(raw) <= 255 and name.isprintable() and " " not in name
-            and not _is_ip_literal(name) and _normalizes(name))
+            and not _is_ip_literal(name) and normalizes(name))
 
 
 domain_names = st.one_of(
