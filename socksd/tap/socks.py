@@ -184,11 +184,11 @@ def makeService(options: Options) -> service.IService:
         proxied = ProxiedConnections()
     top = service.MultiService()
     if cfg.workers > 1:
-        worker_args = [arg for description in options["auth_strings"]
-                       for arg in ("--auth", description)]
+        worker_args = []
         if options["config"]:
             worker_args += ["--config", os.path.abspath(options["config"])]
-        WorkersService(cfg.workers, cfg.listen, worker_args).setServiceParent(top)
+        WorkersService(cfg.workers, cfg.listen, worker_args,
+                       auth=options["auth_strings"]).setServiceParent(top)
     else:
         factory = make_factory(cfg, options.checkers, proxied)
         for description in cfg.listen:
