@@ -23,7 +23,7 @@ from socksd.ident.registry import ProxiedConnections
 from socksd.proxy import SOCKSServerFactory
 from socksd.proxy.connect import THREAD_POOL_SIZE
 from socksd.tap import identd as identd_tap
-from socksd.tap import install_reactor
+from socksd.tap import install_reactor, security
 from socksd.tap.workers import WorkersService
 
 log = Logger(namespace="socksd")
@@ -175,6 +175,7 @@ def raise_nofile_limit(max_sessions: int) -> None:
 def makeService(options: Options) -> service.IService:
     cfg = options.socks_config
     raise_nofile_limit(cfg.limits.max_sessions)
+    security.warn_about_secrets(cfg, options.checkers, options["auth_strings"])
     from twisted.internet import reactor
 
     reactor.suggestThreadPoolSize(THREAD_POOL_SIZE)   # name lookups: see connect.MAX_LOOKUPS
@@ -183,6 +184,7 @@ def makeService(options: Options) -> service.IService:
     if identd is not None and identd.policy.proxied_users and cfg.workers == 1:
         proxied = ProxiedConnections()
     top = service.MultiService()
+    security.RootWarning("socks").setServiceParent(top)
     if cfg.workers > 1:
         worker_args = []
         if options["config"]:
