@@ -17,6 +17,7 @@ from twisted.logger import Logger
 
 from socksd.auth import User
 from socksd.auth.methods import Authenticating, Method
+from socksd.escape import escape
 from socksd.wire import WireError, rfc1961, socks5
 
 log = Logger(namespace="socksd")
@@ -146,8 +147,9 @@ class _Negotiation:
                  if level != rfc1961.CLEAR else None)
         avatar = User(settings.local_name(principal))
         log.info("{peer} gssapi: {principal} as {user}, protection {protection}",
-                 peer=getattr(self.session, "peer", "-"), principal=principal,
-                 user=avatar.name, protection=level)
+                 peer=escape(getattr(self.session, "peer", "-"), spaces=True),
+                 principal=escape(principal, spaces=True),
+                 user=escape(avatar.name, spaces=True), protection=level)
         self.session.authenticated(GSSAPIMethod.name, avatar, rest, layer)
 
     def _abort(self, reason: str) -> None:

@@ -17,6 +17,7 @@ from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 
 from socksd.auth import ANONYMOUS, IUser, User
+from socksd.escape import escape
 from socksd.wire import WireError, rfc1929, socks5
 
 log = Logger()
@@ -118,7 +119,7 @@ class _UserPassNegotiation:
             reason = "bad username or password"
         else:
             reason = f"checker error: {failure.getErrorMessage()}"
-            log.failure("checker failed for {user}", failure, user=name)
+            log.failure("checker failed for {user}", failure, user=escape(name))
         self.session.transport.write(rfc1929.encode_response(rfc1929.FAILURE))
         self.session.authentication_failed(UserPass.name, name, reason)
 

@@ -25,6 +25,8 @@ from twisted.cred.credentials import IUsernamePassword
 from twisted.internet import threads
 from twisted.logger import Logger
 
+from socksd.escape import escape
+
 log = Logger()
 
 _BCRYPT = (b"$2a$", b"$2b$", b"$2y$")
@@ -113,7 +115,7 @@ class HashedPasswordFile:
             ok = verify(password, hashed)
         except ValueError:
             log.warn("{path}: entry for {user} is not a bcrypt or argon2 hash",
-                     path=self.path, user=username.decode("utf-8", "replace"))
+                     path=self.path, user=escape(username.decode("utf-8", "replace")))
             ok = False
         if not ok:
             raise error.UnauthorizedLogin("bad password")

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
+from socksd.escape import escape
 from socksd.ident import lookup
 from socksd.ident.policy import Answer, IdentPolicy
 from socksd.ident.registry import ProxiedConnections
@@ -119,7 +120,7 @@ def _encode(policy: IdentPolicy, ports, answer: Answer, notes: list[str]) -> byt
     except (ValueError, UnicodeError):
         # A SOCKS user name is any bytes: one the charset cannot carry (or
         # with CR/LF) gets an error reply, not a broken connection.
-        notes[-1] += f"; {answer.user!r} cannot be sent in {policy.charset or 'UTF-8'}"
+        notes[-1] += f"; '{answer.user}' cannot be sent in {policy.charset or 'UTF-8'}"
         return ident.encode_error(ports[0], ports[1], ident.UNKNOWN_ERROR)
 
 
@@ -174,7 +175,8 @@ class IdentProtocol(Protocol, TimeoutMixin):
         factory.connections += 1
         if count > factory.limits.max_connections_per_client:
             log.warn("identd: refused {peer}: max_connections_per_client ({limit})",
-                     peer=self.peer, limit=factory.limits.max_connections_per_client)
+                     peer=escape(self.peer, spaces=True),
+                     limit=factory.limits.max_connections_per_client)
             self.transport.loseConnection()
             return
         self.transport.registerProducer(self, True)
@@ -315,10 +317,13 @@ class IdentProtocol(Protocol, TimeoutMixin):
             return
         self.transport.write(reply)
         if not bad:
-            log.info("identd: {peer} asked {query!r}: {reply!r} ({note})", peer=self.peer,
-                     query=line[:40].decode("ascii", "replace"),
-                     reply=reply.rstrip(b"\r\n").decode("utf-8", "replace"),
-                     note=notes[0] if notes else "")
+            # The query is the client's; the reply and note may carry a
+            # SOCKS user's name (proxied_users): all three are escaped.
+            log.info("identd: {peer} asked '{query}': '{reply}' ({note})",
+                     peer=escape(self.peer, spaces=True),
+                     query=escape(line[:40].decode("utf-8", "surrogateescape")),
+                     reply=escape(reply.rstrip(b"\r\n").decode("utf-8", "surrogateescape")),
+                     note=escape(notes[0] if notes else ""))
         elif self.bad >= MAX_BAD_QUERIES:
             self._log_bad("; closing")
             self._close()
@@ -329,18 +334,20 @@ class IdentProtocol(Protocol, TimeoutMixin):
         """Malformed queries get one line per connection, not one each."""
         if self.bad and not self.bad_logged:
             self.bad_logged = True
-            log.warn("identd: {peer} sent {count} malformed quer{ies} (first {query!r})"
-                     "{closing}", peer=self.peer, count=self.bad,
+            log.warn("identd: {peer} sent {count} malformed quer{ies} (first '{query}')"
+                     "{closing}", peer=escape(self.peer, spaces=True), count=self.bad,
                      ies="y" if self.bad == 1 else "ies",
-                     query=self.first_bad[:40].decode("ascii", "replace"), closing=closing)
+                     query=escape(self.first_bad[:40].decode("utf-8", "surrogateescape")),
+                     closing=closing)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         log.warn("identd: {peer} sent a line over {limit} bytes; closing",
-                 peer=self.peer, limit=self.factory.limits.max_line)
+                 peer=escape(self.peer, spaces=True), limit=self.factory.limits.max_line)
         self._close()
 
     def timeoutConnection(self) -> None:
-        log.info("identd: {peer} idle for {timeout:g} s; closing", peer=self.peer,
+        log.info("identd: {peer} idle for {timeout:g} s; closing",
+                 peer=escape(self.peer, spaces=True),
                  timeout=self.timeOut)
         self.transport.abortConnection()
 
@@ -380,6 +387,7 @@ class IdentFactory(ServerFactory):
     def buildProtocol(self, addr):
         if self.connections >= self.limits.max_connections:
             log.warn("identd: refused {peer}: max_connections ({limit})",
-                     peer=getattr(addr, "host", addr), limit=self.limits.max_connections)
+                     peer=escape(str(getattr(addr, "host", addr)), spaces=True),
+                     limit=self.limits.max_connections)
             return None
         return IdentProtocol(self)

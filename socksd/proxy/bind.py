@@ -11,6 +11,7 @@ from twisted.internet import defer, error
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
+from socksd.escape import escape
 from socksd.proxy import connect
 from socksd.relay import RelayEnd
 from socksd.rules import IPAddress, parse_ip
@@ -96,7 +97,7 @@ class BindWaiter(ServerFactory):
         if not decision.allowed or (peer != self.expected and not self.expected.is_unspecified
                                     and not named):
             log.warn("{peer} bind: refused incoming connection from {source}: {why}",
-                     peer=session.peer, source=addr.host,
+                     peer=escape(session.peer, spaces=True), source=escape(addr.host),
                      why=decision.reason if not decision.allowed else "not the expected peer")
             return None
         session.note_rule(decision, "bindreply", connect.host_port(addr.host, addr.port))

@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from socksd import relay, splice
 from socksd.auth import ANONYMOUS, User
 from socksd.auth.methods import Method
+from socksd.escape import escape
 from socksd.ident.registry import ProxiedConnections
 from socksd.proxy import connect
 from socksd.proxy.bind import BindWaiter
@@ -116,7 +117,7 @@ class SOCKSServerFactory(ServerFactory):
         self.quiet_refusals = 0
         log.warn("{worker}refused {peer}: max_sessions ({limit}) reached",
                  worker="" if WORKER is None else f"w{WORKER} ",
-                 peer=_address(addr), limit=self.limits.max_sessions)
+                 peer=escape(_address(addr), spaces=True), limit=self.limits.max_sessions)
         self.reactor.callLater(1.0, self._refusals_counted)
 
     def _refusals_counted(self) -> None:
@@ -535,9 +536,11 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         or (for BIND and UDP) the peer or datagram address it was about."""
         if decision.rule is not None and decision.rule.log:
             log.info("{peer} {user} {command} {destination} allowed by {rule}",
-                     peer=self.peer, user=self.user.name or "-",
+                     peer=escape(self.peer, spaces=True),
+                     user=escape(self.user.name or "-", spaces=True),
                      command=command or self.command,
-                     destination=destination or self.destination, rule=decision.reason)
+                     destination=escape(destination or self.destination, spaces=True),
+                     rule=decision.reason)
 
     def _allowed_addresses(self, hosts: list[str], command: str, name: str, port: int,
                            decided: bool) -> list[str]:
@@ -710,11 +713,14 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         # The text is built here with one f-string and logged as a single
         # field: twisted.logger's str.format-style rendering of a dozen fields
         # was a quarter of the cost of a short session. Observers still get
-        # every field for structured output.
+        # every field for structured output, raw: what a client sent is
+        # escaped in the text only.
         text = (f"{'' if WORKER is None else f'w{WORKER} '}"
-                f"{self.peer} socks{self.version} user={user} method={self.method} "
-                f"{self.command} {self.destination} up={self.received} down={down} "
-                f"{duration:.3f}s {outcome}{': ' if self.detail else ''}{self.detail}"
+                f"{escape(self.peer, spaces=True)} socks{self.version} "
+                f"user={escape(user, spaces=True)} method={self.method} "
+                f"{self.command} {escape(self.destination, spaces=True)} up={self.received} "
+                f"down={down} {duration:.3f}s {outcome}{': ' if self.detail else ''}"
+                f"{escape(self.detail)}"
                 f"{' [splice]' if self.splicer is not None else ''}")
         if self.quiet:
             return

@@ -113,7 +113,8 @@ class Socks4Handshake:
             same = (said.casefold() == userid.casefold() if policy.ident_case_insensitive
                     else said == userid)
             if not same:
-                raise UseridRefused(socks4.IDENT_MISMATCH, f"identd says {said!r}")
+                # Raw: the session's log line escapes its detail.
+                raise UseridRefused(socks4.IDENT_MISMATCH, f"identd says '{said}'")
             return User(userid, verified=True)
 
         def unusable(failure):

@@ -16,6 +16,7 @@ from twisted.internet import error
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
+from socksd.escape import escape
 from socksd.proxy import connect
 from socksd.proxy.bind import candidate_ports
 from socksd.rules import parse_ip
@@ -51,7 +52,7 @@ class UDPRelay(DatagramProtocol):
         if host not in ("0.0.0.0", "::") and str(parse_ip(host)) != self.client_ip:
             log.info("{peer} udp: the request names {host}, not the client's own address; "
                      "datagrams are taken from the client's address only",
-                     peer=session.peer, host=host)
+                     peer=escape(session.peer, spaces=True), host=escape(host))
         self.client_addr: tuple[str, int] | None = None
         self.decisions: _Cache = _Cache()     # (ip, port, command) -> allowed
         self.names: _Cache = _Cache()         # name -> (expires, [ips])
@@ -170,7 +171,8 @@ class UDPRelay(DatagramProtocol):
             if failure.check(connect.TooManyLookups) and not self.lookups_refused:
                 self.lookups_refused = True   # once per association, not per datagram
                 log.info("{peer} udp: {detail}; datagrams to names are dropped meanwhile",
-                         peer=session.peer, detail=failure.value.detail)
+                         peer=escape(session.peer, spaces=True),
+                         detail=escape(failure.value.detail))
 
         d.addCallbacks(resolved, failed)
 

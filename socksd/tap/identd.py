@@ -18,7 +18,7 @@ from socksd import config as configuration
 from socksd.ident import lookup
 from socksd.ident.policy import parse_mode
 from socksd.ident.server import IdentFactory, answer_query
-from socksd.tap import install_reactor
+from socksd.tap import install_reactor, security
 from socksd.wire import ident
 
 
@@ -157,6 +157,7 @@ def make_services(cfg: configuration.IdentdConfig, registry=None) -> list[servic
 
 def makeService(options: Options) -> service.IService:
     top = service.MultiService()
+    security.RootWarning("identd").setServiceParent(top)
     for child in make_services(options.identd):
         child.setServiceParent(top)
     return top

@@ -23,7 +23,7 @@ from socksd.ident.registry import ProxiedConnections
 from socksd.proxy import SOCKSServerFactory
 from socksd.proxy.connect import THREAD_POOL_SIZE
 from socksd.tap import identd as identd_tap
-from socksd.tap import install_reactor
+from socksd.tap import install_reactor, security
 from socksd.tap.workers import WorkersService
 
 log = Logger(namespace="socksd")
@@ -192,6 +192,7 @@ def makeService(options: Options) -> service.IService:
     for warning in cfg.warnings():
         log.warn("{warning}", warning=warning)
     raise_nofile_limit(cfg.limits.max_sessions)
+    security.warn_about_secrets(cfg, options.checkers, options["auth_strings"])
     from twisted.internet import reactor
 
     reactor.suggestThreadPoolSize(THREAD_POOL_SIZE)   # name lookups: see connect.MAX_LOOKUPS
@@ -200,14 +201,14 @@ def makeService(options: Options) -> service.IService:
     if identd is not None and identd.policy.proxied_users and cfg.workers == 1:
         proxied = ProxiedConnections()
     top = service.MultiService()
+    security.RootWarning("socks").setServiceParent(top)
     if cfg.workers > 1:
-        worker_args = [arg for description in options["auth_strings"]
-                       for arg in ("--auth", description)]
-        worker_args += [arg for network in options["trusted_proxies"]
-                        for arg in ("--trusted-proxy", network)]
+        worker_args = [arg for network in options["trusted_proxies"]
+                       for arg in ("--trusted-proxy", network)]
         if options["config"]:
             worker_args += ["--config", os.path.abspath(options["config"])]
-        WorkersService(cfg.workers, cfg.listen, worker_args).setServiceParent(top)
+        WorkersService(cfg.workers, cfg.listen, worker_args,
+                       auth=options["auth_strings"]).setServiceParent(top)
     else:
         factory = make_factory(cfg, options.checkers, proxied)
         for description in cfg.listen:

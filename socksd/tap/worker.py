@@ -1,5 +1,7 @@
 """One worker of ``workers = N`` (see socksd.tap.workers): started by the
-supervisor with its listening sockets as inherited file descriptors."""
+supervisor with its listening sockets as inherited file descriptors, and the
+``--auth`` checker strings as a JSON list on stdin (never on the command line,
+which every local user can read)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import argparse
 import json
 import os
 import socket
+import sys
 
 from zope.interface import implementer
 
@@ -73,13 +76,20 @@ class LogChannel(protocol.Protocol):
             reactor.stop()
 
 
+def read_auth(stdin) -> list[str]:
+    """The supervisor's --auth strings: a JSON list, then EOF."""
+    auth = json.loads(stdin.read() or b"[]")
+    if not (isinstance(auth, list) and all(isinstance(a, str) for a in auth)):
+        raise SystemExit("socksd worker: stdin is not a JSON list of --auth strings")
+    return auth
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m socksd.tap.worker")
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--workers", type=int, required=True)
     parser.add_argument("--fds", required=True)
     parser.add_argument("--config")
-    parser.add_argument("--auth", action="append", default=[])
     parser.add_argument("--trusted-proxy", action="append", default=[])
     parser.add_argument("--reactor", help="the supervisor's reactor class, to run on the same")
     args = parser.parse_args(argv)
@@ -105,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     os.dup2(2, 1)
     globalLogBeginner.beginLoggingTo([channel], redirectStandardIO=False)
     session.WORKER = args.index
-    checkers = [strcred.makeChecker(description) for description in args.auth]
+    checkers = [strcred.makeChecker(description)
+                for description in read_auth(sys.stdin.buffer)]
     cfg, checkers = socks_tap.build(args.config, [], checkers, args.trusted_proxy)
     factory = socks_tap.make_factory(cfg, checkers, None, share=args.workers)
     for fd, family, haproxy in json.loads(args.fds):

@@ -10,6 +10,10 @@ the same config and adopting its sockets. A worker that dies is restarted on
 the same sockets (connections queued meanwhile wait for it); stopping the
 supervisor stops them all.
 
+The ``--auth`` checker strings (``memory:alice:secret``) reach a worker on its
+stdin, a pipe the supervisor writes and closes, not on its command line:
+every local user can read a process's command line (``ps``, /proc/PID/cmdline).
+
 A worker's log events come back to the supervisor as JSON records over a
 socket pair (the worker's fd 1) and are published here, so they reach
 whatever twistd logs to (``-l FILE``, ``--syslog``, stdout) like the
@@ -29,6 +33,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Sequence
 
 from twisted.application import service
 from twisted.internet import defer, protocol
@@ -130,13 +135,14 @@ class _Worker(protocol.ProcessProtocol):
 
 class WorkersService(service.Service):
     def __init__(self, count: int, listen: tuple[str, ...], worker_args: list[str],
-                 reactor=None) -> None:
+                 reactor=None, auth: Sequence[str] = ()) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
         self.count = count
         self.listeners = [parse_listener(d) for d in listen]
         self.worker_args = worker_args
+        self.auth = list(auth)     # --auth strings: secrets, sent on the worker's stdin
         self.sockets: list[list[socket.socket]] = []   # per worker, per listener
         self.workers: dict[int, _Worker] = {}
         self.delays: dict[int, float] = {}
@@ -170,7 +176,7 @@ class WorkersService(service.Service):
             return
         sockets = self.sockets[index]
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        child_fds = {0: "r", 1: theirs.fileno(), 2: 2}   # 1: its log channel
+        child_fds = {0: "w", 1: theirs.fileno(), 2: 2}   # 0: --auth strings; 1: its log
         fds = []
         for number, (sock, (family, _h, _p, _b, haproxy)) in enumerate(
                 zip(sockets, self.listeners), start=3):
@@ -190,6 +196,9 @@ class WorkersService(service.Service):
                                       childFDs=child_fds)
         finally:
             theirs.close()
+        # Written to the pipe and closed; the worker reads to EOF at start.
+        worker.transport.writeToChild(0, json.dumps(self.auth).encode("utf-8"))
+        worker.transport.closeStdin()
         ours.setblocking(False)
         self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX,
                                            _WorkerLogFactory(index))
