@@ -746,6 +746,24 @@ def test_proxied_users_false_answers_the_real_owner(socks_server, sockets):
             b"%d, %d : ERROR : HIDDEN-USER" % (source_port, tport)
 
 
+def test_a_proxied_user_called_root_is_hidden(socks_server, sockets):
+    """hide = ["root"] (the default) holds for SOCKS users: a password
+    user named root is not announced to the servers it connects to."""
+    server = socks_server('[server]\nmethods = ["userpass"]\n'
+                          'checkers = ["memory:root:secret:alice:secret"]\n\n'
+                          '[identd]\nenabled = true\nlisten = ["tcp:0:interface=127.0.0.1"]\n')
+    ident_port = identd_port_of(server)
+    target = listener(sockets)
+    tport = target.getsockname()[1]
+    with proxied_session(server.port, "root", "secret", target) as root_port:
+        with proxied_session(server.port, "alice", "secret", target) as alice_port:
+            assert ask(ident_port, b"%d, %d\r\n" % (root_port, tport)) == \
+                b"%d, %d : ERROR : HIDDEN-USER" % (root_port, tport), server.log()
+            assert ask(ident_port, b"%d, %d\r\n" % (alice_port, tport)) == \
+                b"%d, %d : USERID : UNIX : alice" % (alice_port, tport)
+    server.wait_for_log(r"HIDDEN-USER.*hidden by config \(SOCKS user\)")
+
+
 def test_proxied_reply_hashed(socks_server, sockets):
     server = socks_server(proxy_config('proxied_reply = "hashed"\nhash_key = "k1"\n'))
     ident_port = identd_port_of(server)

@@ -828,6 +828,32 @@ def test_proxied_reply_random_hides_the_name(fake, registry):
     assert first != second
 
 
+def test_a_proxied_user_on_the_hide_list_is_hidden(fake):
+    """A SOCKS user called root was answered as root: hide holds for
+    proxied users as for local ones, whatever proxied_reply says."""
+    registry = ProxiedConnections()
+    registry.add(LOCAL, 6193, REMOTE, 23, "root")
+    registry.add(LOCAL, 6194, REMOTE, 23, "alice")
+    assert ask(make_factory(registry=registry), b"6193, 23\r\n") == \
+        b"6193, 23 : ERROR : HIDDEN-USER\r\n"
+    for mode in ("name", "hashed", "random", "fixed:socks-user", "uid"):
+        factory = make_factory(IdentPolicy(hide=frozenset({"alice"}), proxied_reply=mode),
+                               registry=registry)
+        assert ask(factory, b"6194, 23\r\n") == b"6194, 23 : ERROR : HIDDEN-USER\r\n", mode
+        assert b"USERID" in ask(factory, b"6193, 23\r\n"), mode   # root is not hidden here
+    assert fake.calls == []
+    factory = make_factory(IdentPolicy(unknown_error_only=True), registry=registry)
+    assert ask(factory, b"6193, 23\r\n") == b"6193, 23 : ERROR : UNKNOWN-ERROR\r\n"
+
+
+def test_a_hidden_proxied_user_is_logged_as_such(fake, log_events):
+    registry = ProxiedConnections()
+    registry.add(LOCAL, 6193, REMOTE, 23, "root")
+    ask(make_factory(registry=registry), b"6193, 23\r\n")
+    [line] = identd_lines(log_events)
+    assert "HIDDEN-USER" in line and "hidden by config (SOCKS user)" in line, line
+
+
 def test_proxied_users_with_unknown_error_only(fake, registry):
     factory = make_factory(IdentPolicy(proxied_reply="hidden", unknown_error_only=True),
                            registry=registry)

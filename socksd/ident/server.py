@@ -85,7 +85,7 @@ def answer_query(policy: IdentPolicy, registry: ProxiedConnections | None, line:
     if registry is not None and policy.proxied_users:
         user = registry.user_for(local_host, server_port, remote_host, client_port)
         if user is not None:
-            answer = policy.apply(policy.proxied_reply, user, None, "SOCKS user")
+            answer = policy.answer_proxied(user)
             return defer.succeed(_encode(policy, ports, answer, notes))
     conn = lookup.Connection(local_host, server_port, remote_host, client_port)
     run = blocking or threads.deferToThread
