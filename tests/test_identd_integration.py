@@ -470,6 +470,41 @@ def test_per_client_limit_from_config(twistd, tmp_path):
             assert s.recv(100) == b"1, 2 : ERROR : NO-USER\r\n"
 
 
+def refusals_in_log(log: str, line: str, summary: str) -> tuple[int, int]:
+    """(lines naming one refusal, refusals in all) in a log, where ``line``
+    matches a line for one and ``summary`` one counting more (group 1)."""
+    single = len(re.findall(line, log))
+    return single, single + sum(int(n) for n in re.findall(summary, log))
+
+
+def test_a_flood_over_the_per_client_limit_is_not_a_flood_of_log(twistd, tmp_path):
+    """A line per refused connection was a line per knock: now the first is
+    logged, then a count at most once a second; every refusal is counted."""
+    config = tmp_path / "identd.toml"
+    config.write_text('[identd]\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
+                      "max_connections_per_client = 1\n")
+    server = twistd("identd", "--config", str(config))
+    knocks = 60
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10):
+        for _ in range(knocks):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+                with contextlib.suppress(ConnectionResetError):
+                    assert s.recv(100) == b""           # closed without an answer
+    elapsed = time.monotonic() - started
+    line = r"identd: refused 127\.0\.0\.1:\d+: max_connections_per_client \(1\)"
+    summary = (r"identd: refused (\d+) more in the last second: "
+               r"max_connections_per_client \(1\)")
+    deadline = time.monotonic() + 10
+    while refusals_in_log(server.log(), line, summary)[1] < knocks and \
+            time.monotonic() < deadline:
+        time.sleep(0.1)
+    single, total = refusals_in_log(server.log(), line, summary)
+    assert total == knocks, server.log()
+    # One full line a second at most (and the first), whatever the machine's speed.
+    assert single <= elapsed + 2 < knocks, (single, elapsed, server.log())
+
+
 # ---- stdio (inetd) -------------------------------------------------------------------
 
 def run_identd(*args: str, cwd: Path, **kwargs) -> subprocess.CompletedProcess:

@@ -715,6 +715,51 @@ def test_counters_return_to_zero():
     assert factory.per_client == {}
 
 
+def test_a_flood_over_the_per_client_limit_is_a_line_then_a_count(log_events):
+    """Each refused connection was a line: a client holding its 16 and
+    knocking on was thousands of lines a second."""
+    clock = MemoryReactorClock()
+    factory = make_factory(limits=IdentdLimits(max_connections_per_client=1), clock=clock)
+    connect(factory, peer_port=1)
+    for port in range(2, 102):
+        proto, transport = connect(factory, peer_port=port)
+        assert transport.disconnecting
+        proto.connectionLost(Failure(ConnectionError("refused")))
+    clock.advance(1.0)
+    connect(factory, peer_port=200)[0].connectionLost(Failure(ConnectionError("refused")))
+    clock.advance(1.0)
+    assert identd_lines(log_events) == [
+        f"identd: refused {REMOTE}:2: max_connections_per_client (1)",
+        "identd: refused 99 more in the last second: max_connections_per_client (1)",
+        f"identd: refused {REMOTE}:200: max_connections_per_client (1)"]
+
+
+def test_a_flood_over_the_total_limit_is_a_line_then_a_count(log_events):
+    clock = MemoryReactorClock()
+    factory = make_factory(limits=IdentdLimits(max_connections=1), clock=clock)
+    connect(factory, peer_port=1)
+    for n in range(2, 52):
+        assert connect(factory, remote=f"127.0.1.{n}", peer_port=n) == (None, None)
+    clock.advance(1.0)
+    assert identd_lines(log_events) == [
+        "identd: refused 127.0.1.2: max_connections (1)",
+        "identd: refused 49 more in the last second: max_connections (1)"]
+
+
+def test_stopping_the_identd_sums_up_the_refusals_at_once(log_events):
+    clock = MemoryReactorClock()
+    factory = make_factory(limits=IdentdLimits(max_connections=1), clock=clock)
+    factory.doStart()
+    connect(factory, peer_port=1)
+    for n in range(2, 5):
+        connect(factory, remote=f"127.0.1.{n}", peer_port=n)
+    factory.doStop()
+    assert identd_lines(log_events)[-1] == \
+        "identd: refused 2 more in the last second: max_connections (1)"
+    # The first connection's idle timer is left, nothing of the refusals.
+    assert factory.refused._counted not in [call.func for call in clock.getDelayedCalls()]
+
+
 # ---- unknown_error_only -------------------------------------------------------------
 
 def test_unknown_error_only_maps_every_error(fake):

@@ -22,6 +22,7 @@ from zope.interface import implementer
 from socksd.ident import lookup
 from socksd.ident.policy import Answer, IdentPolicy
 from socksd.ident.registry import ProxiedConnections
+from socksd.logs import RateLimitedLine
 from socksd.rules import client_key, parse_ip
 from socksd.wire import WireError, ident
 
@@ -173,8 +174,9 @@ class IdentProtocol(Protocol, TimeoutMixin):
         factory.per_client[self.client_key] = count
         factory.connections += 1
         if count > factory.limits.max_connections_per_client:
-            log.warn("identd: refused {peer}: max_connections_per_client ({limit})",
-                     peer=self.peer, limit=factory.limits.max_connections_per_client)
+            factory.refused_per_client.emit(
+                "identd: refused {peer}: max_connections_per_client ({limit})",
+                peer=self.peer, limit=factory.limits.max_connections_per_client)
             self.transport.loseConnection()
             return
         self.transport.registerProducer(self, True)
@@ -376,10 +378,22 @@ class IdentFactory(ServerFactory):
         self.blocking = blocking
         self.connections = 0
         self.per_client: dict[str, int] = {}
+        # A flood of connections over the limits is a line, then a count a second.
+        self.refused = RateLimitedLine(
+            reactor, log, "identd: refused {count} more in the last second: "
+                          "max_connections ({limit})")
+        self.refused_per_client = RateLimitedLine(
+            reactor, log, "identd: refused {count} more in the last second: "
+                          "max_connections_per_client ({limit})")
 
     def buildProtocol(self, addr):
         if self.connections >= self.limits.max_connections:
-            log.warn("identd: refused {peer}: max_connections ({limit})",
-                     peer=getattr(addr, "host", addr), limit=self.limits.max_connections)
+            self.refused.emit("identd: refused {peer}: max_connections ({limit})",
+                              peer=getattr(addr, "host", addr),
+                              limit=self.limits.max_connections)
             return None
         return IdentProtocol(self)
+
+    def stopFactory(self) -> None:
+        self.refused.flush()
+        self.refused_per_client.flush()

@@ -16,6 +16,7 @@ from socksd import relay, splice
 from socksd.auth import ANONYMOUS, User
 from socksd.auth.methods import Method
 from socksd.ident.registry import ProxiedConnections
+from socksd.logs import RateLimitedLine
 from socksd.proxy import connect
 from socksd.proxy.bind import BindWaiter
 from socksd.proxy.udp import UDPRelay
@@ -79,7 +80,9 @@ class SOCKSServerFactory(ServerFactory):
         self.registry = registry      # tell a same-process identd who owns outbound sockets
         self.sessions = 0
         self.per_client: dict[str, int] = {}
-        self.quiet_refusals: int | None = None   # refusals since the last one logged
+        self.refusals = RateLimitedLine(
+            reactor, log, "{worker}refused {count} more in the last second: max_sessions "
+                          "({limit}) reached")
 
     def choose_method(self, offered: bytes) -> Method | None:
         """The first of our methods, in our preference order, that the client offers."""
@@ -99,21 +102,9 @@ class SOCKSServerFactory(ServerFactory):
         the rest: a flood of connections must not become a flood of log.
         (Refused before a byte is read: behind haproxy: the peer is the
         balancer, as the PROXY header is never looked at.)"""
-        if self.quiet_refusals is not None:
-            self.quiet_refusals += 1
-            return
-        self.quiet_refusals = 0
-        log.warn("{worker}refused {peer}: max_sessions ({limit}) reached",
-                 worker="" if WORKER is None else f"w{WORKER} ",
-                 peer=_address(addr), limit=self.limits.max_sessions)
-        self.reactor.callLater(1.0, self._refusals_counted)
-
-    def _refusals_counted(self) -> None:
-        count, self.quiet_refusals = self.quiet_refusals, None
-        if count:
-            log.warn("{worker}refused {count} more in the last second: max_sessions ({limit}) "
-                     "reached", worker="" if WORKER is None else f"w{WORKER} ",
-                     count=count, limit=self.limits.max_sessions)
+        self.refusals.emit("{worker}refused {peer}: max_sessions ({limit}) reached",
+                           worker="" if WORKER is None else f"w{WORKER} ",
+                           peer=_address(addr), limit=self.limits.max_sessions)
 
     def count_client(self, key: str, delta: int) -> int:
         count = self.per_client.get(key, 0) + delta
