@@ -177,7 +177,7 @@ _IDENTD_KEYS = {
 _GSSAPI_KEYS = {
     "keytab": "string", "service": "string", "principal": "string", "levels": "strings",
     "nec_compat": "bool", "principal_map": "string", "principals": "modes",
-    "require_sequence": "bool",
+    "require_sequence": "bool", "local_realms": "strings", "allow_anonymous": "bool",
 }
 _TABLES = ("server", "socks4", "identd", "gssapi", "rules")
 
@@ -357,12 +357,23 @@ def _gssapi(table: dict[str, Any], where: _Where):
     keytab = table.get("keytab") or None
     if keytab and keytab.startswith("FILE:"):
         keytab = keytab[5:]
+    realms: dict[str, Any] = {}
+    if "local_realms" in table:
+        if not table["local_realms"]:
+            raise where.error("needs at least one realm (principal_map = \"keep\" strips none)",
+                              "gssapi", None, "local_realms")
+        for realm in table["local_realms"]:
+            if not realm or "@" in realm or not realm.isprintable() or realm != realm.strip():
+                raise where.error(f"{realm!r} is not a realm name (EXAMPLE.COM)", "gssapi",
+                                  None, "local_realms")
+        realms["local_realms"] = frozenset(table["local_realms"])
     return GSSAPISettings(
         keytab=keytab, service=table.get("service", "rcmd"),
         principal=table.get("principal") or None, levels=tuple(sorted(set(levels))),
         nec_compat=table.get("nec_compat", False), principal_map=principal_map,
         principals=dict(table.get("principals", {})),
-        require_sequence=table.get("require_sequence", True))
+        require_sequence=table.get("require_sequence", True),
+        allow_anonymous=table.get("allow_anonymous", False), **realms)
 
 def _identd(table: dict[str, Any], where: _Where) -> IdentdConfig:
     def bad(key: str, message: str) -> ConfigError:

@@ -338,6 +338,37 @@ def test_bind_wrong_peer_refused_right_peer_accepted(socks_server):
                      r"peer", server.log()), server.log()
 
 
+def test_strangers_knocking_on_a_bind_port_are_not_a_flood_of_log(socks_server):
+    """Each stranger was a line: anyone who found a waiting BIND port could
+    fill the log. Now the first is logged, then a count at most once a
+    second, and every knock is counted (the last when the BIND is taken)."""
+    server = socks_server()
+    knocks = 40
+    client, (code, host, port) = socks5_request(server.address, bind5(LOOPBACK))
+    with client:
+        assert code == 0
+        started = time.monotonic()
+        for _ in range(knocks):
+            with connect_from(STRANGER, (host, port)) as stranger:
+                assert closed_by_peer(stranger), "a connection from a stranger was kept"
+        elapsed = time.monotonic() - started
+        with connect_from(LOOPBACK, (host, port)) as peer:
+            assert read_reply5(client) == (0, LOOPBACK, peer.getsockname()[1])
+    line = r"bind: refused incoming connection from 127\.0\.0\.2: not the expected peer"
+    summary = r"bind: refused (\d+) more incoming connections in the last second"
+    deadline = time.monotonic() + 10
+    while True:
+        log = server.log()
+        single = len(re.findall(line, log))
+        total = single + sum(int(n) for n in re.findall(summary, log))
+        if total >= knocks or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert total == knocks, log
+    # One full line a second at most (and the first), whatever the machine's speed.
+    assert single <= elapsed + 2 < knocks, (single, elapsed, log)
+
+
 def test_bindreply_rule_allows_other_peer(socks_server):
     server = socks_server('[[rules]]\naction = "allow"\ncommands = ["bindreply"]\n'
                           'to = ["127.0.0.2"]\n\n'

@@ -390,6 +390,44 @@ def test_bind5_wrong_peer_refused_right_peer_accepted(bytewise):
     assert any("127.0.0.2" in t and "not the expected peer" in t for t in texts(events))
 
 
+def test_strangers_knocking_on_the_bind_port_are_a_line_then_a_count():
+    """Each stranger's connection was a line of its own: anyone could fill
+    the log by knocking on a waiting BIND port."""
+    factory, reactor = make_factory()
+    with capturedLogs() as events:
+        client = bind5(factory, False)
+        client.take()
+        for port in range(1000, 1100):
+            assert Incoming(reactor, "127.0.0.2", port).refused
+        reactor.advance(1.0)
+        assert Incoming(reactor, "127.0.0.3", 20).refused
+        assert Incoming(reactor, "127.0.0.3", 21).refused
+        # The BIND is accepted: the count is logged now, no timer stays behind.
+        Incoming(reactor, "127.0.0.1", 20).connect()
+        assert client.take() == reply5("127.0.0.1", 20)
+    knocks = [t for t in texts(events) if " bind: " in t]
+    peer = client.session.peer
+    assert knocks == [
+        f"{peer} bind: refused incoming connection from 127.0.0.2: not the expected peer",
+        f"{peer} bind: refused 99 more incoming connections in the last second",
+        f"{peer} bind: refused incoming connection from 127.0.0.3: not the expected peer",
+        f"{peer} bind: refused 1 more incoming connections in the last second"]
+    assert not [call for call in reactor.getDelayedCalls() if "_counted" in repr(call.func)]
+
+
+def test_knocks_before_the_client_leaves_are_counted_and_no_timer_is_left():
+    factory, reactor = make_factory()
+    with capturedLogs() as events:
+        client = Client(factory, False)
+        client.send(BIND4)
+        client.take()
+        for port in range(1000, 1010):
+            assert Incoming(reactor, "10.0.0.1", port).refused
+        client.lose()
+    assert any("refused 9 more incoming connections" in t for t in texts(events))
+    assert not reactor.getDelayedCalls()
+
+
 def test_bind5_only_one_connection_is_accepted():
     factory, reactor = make_factory()
     client = bind5(factory, False)

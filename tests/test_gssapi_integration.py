@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import socket
 import socketserver
 import struct
@@ -192,6 +193,36 @@ def test_fetch_page_at_level(kerberos, socks_server, http_server, level):
     server.wait_for_log(rf"gssapi: {kerberos.user} as user, protection {level}")
 
 
+def test_a_principal_of_another_realm_keeps_it_for_the_rules(kerberos, socks_server,
+                                                             http_server):
+    """strip-realm strips only local_realms (by default krb5's default
+    realm): user@KRBTEST.COM, KRBTEST.COM not listed, is not the "user" a
+    rule names, as alice@EVIL.EXAMPLE is not our alice."""
+    rule = ('[[rules]]\naction = "allow"\nfrom = ["127.0.0.0/8"]\nusers = ["user"]\n')
+    config = kerberos.config(extra='local_realms = ["CORP.EXAMPLE"]\n') + rule
+    server = socks_server(config, env=kerberos.env)
+    client = GSSClient(server.address, kerberos)
+    try:
+        assert client.authenticate(2) == 2
+        client.send(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1")
+                    + struct.pack("!H", http_server))
+        assert client.receive_exact(10)[:2] == b"\x05\x02"     # not allowed by ruleset
+    finally:
+        client.close()
+    server.wait_for_log(rf"gssapi: {kerberos.user} as {kerberos.user}, protection 2")
+    server.wait_for_log(rf"socks5 user={kerberos.user} method=gssapi connect .*denied")
+
+    # The default realm is local: the same client is "user" and allowed.
+    server = socks_server(kerberos.config() + rule, env=kerberos.env)
+    client = GSSClient(server.address, kerberos)
+    try:
+        assert client.authenticate(2) == 2
+        assert client.fetch(http_server).endswith(PAGE)
+    finally:
+        client.close()
+    server.wait_for_log(rf"gssapi: {kerberos.user} as user, protection 2")
+
+
 @pytest.mark.parametrize("level", [1, 2])
 def test_one_mib_download_hashed_end_to_end(kerberos, socks_server, blob_server, level):
     server = socks_server(kerberos.config(), env=kerberos.env)
@@ -359,6 +390,11 @@ def test_gssapi_method_without_gssapi_table_is_a_config_error(tmp_path):
     ("levels", "[]", "at least one level"),
     ("principal_map", '"lowercase"', "strip-realm"),
     ("nec_compat", '"yes"', "true or false"),
+    ("local_realms", "[]", "at least one realm"),
+    ("local_realms", '["KRBTEST.COM", "@KRBTEST.COM"]', "not a realm name"),
+    ("local_realms", '[""]', "not a realm name"),
+    ("local_realms", '"KRBTEST.COM"', "list of strings"),
+    ("allow_anonymous", '"yes"', "true or false"),
     ("unknown_key", '"x"', "unknown key"),
 ])
 def test_bad_gssapi_values_are_config_errors(kerberos, tmp_path, key, value, what):
@@ -370,6 +406,41 @@ def test_bad_gssapi_values_are_config_errors(kerberos, tmp_path, key, value, wha
     assert result.returncode != 0
     assert "Traceback" not in output
     assert f"{path}:5: gssapi.{key}" in output and what in output
+
+
+@pytest.fixture
+def no_default_realm(kerberos, tmp_path) -> dict[str, str]:
+    """The KDC fixture's environment with a krb5.conf that names no
+    default_realm (the realm's KDC is still listed)."""
+    with open(kerberos.env["KRB5_CONFIG"]) as f:
+        text = f.read()
+    path = tmp_path / "krb5-no-default-realm.conf"
+    path.write_text(re.sub(r"(?m)^\s*default_realm\s*=.*$", "", text))
+    return {**kerberos.env, "KRB5_CONFIG": str(path)}
+
+
+def test_strip_realm_without_a_default_realm_stops_start_up(kerberos, tmp_path,
+                                                             no_default_realm):
+    """strip-realm strips only local realms; with none known every
+    principal would keep its realm and stop matching the rules' names."""
+    path = _config_file(tmp_path, kerberos.config())
+    for args in (["--config", path, "--check"],
+                 ["--config", path, "--listen", "tcp:0:interface=127.0.0.1"]):
+        result = _twistd(args, no_default_realm)
+        output = result.stdout + result.stderr
+        assert result.returncode != 0, output
+        assert "Traceback" not in output
+        assert f"{path}:" in output and "gssapi.principal_map" in output, output
+        assert "no default realm" in output and "local_realms" in output, output
+
+
+@pytest.mark.parametrize("extra", ['local_realms = ["KRBTEST.COM"]\n',
+                                   'principal_map = "keep"\n'])
+def test_without_a_default_realm_local_realms_or_keep_pass(kerberos, tmp_path,
+                                                          no_default_realm, extra):
+    path = _config_file(tmp_path, kerberos.config(extra=extra))
+    result = _twistd(["--config", path, "--check"], no_default_realm)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 # curl (Debian bookworm's 7.88).

@@ -95,11 +95,14 @@ def make_factory(settings: GSSAPISettings | None, names=("gssapi",), rules=None,
 
 
 class Initiator:
-    def __init__(self, kerberos, flags=CLIENT_FLAGS, service: str = "rcmd") -> None:
+    def __init__(self, kerberos, flags=CLIENT_FLAGS, service: str = "rcmd",
+                 ccache: str | None = None) -> None:
         self.kerberos = kerberos
         name = gssapi.Name(f"{service}@{kerberos.realm.hostname}",
                            gssapi.NameType.hostbased_service)
-        self.ctx = gssapi.SecurityContext(name=name, usage="initiate", flags=flags)
+        creds = (gssapi.Credentials(usage="initiate", store={"ccache": ccache})
+                 if ccache else None)
+        self.ctx = gssapi.SecurityContext(name=name, usage="initiate", flags=flags, creds=creds)
         self.level = None
 
     def establish(self, client: Client) -> list[bytes]:
@@ -179,12 +182,13 @@ def assert_aborted(client: Client) -> None:
     assert client.closing
 
 
-def authenticate(kerberos, factory, level: int, bytewise: bool = False, flags=CLIENT_FLAGS):
+def authenticate(kerberos, factory, level: int, bytewise: bool = False, flags=CLIENT_FLAGS,
+                 ccache: str | None = None):
     """Greeting, context and protection level: a client under a security layer."""
     client = Client(factory, bytewise)
     client.send(GREETING_GSSAPI)
     assert client.take() == b"\x05\x01"
-    initiator = Initiator(kerberos, flags)
+    initiator = Initiator(kerberos, flags, ccache=ccache)
     initiator.establish(client)
     assert initiator.granted(initiator.ask_level(client, level)) == level
     assert not client.closing
@@ -973,6 +977,153 @@ def test_rules_see_the_mapped_name(kerberos, tmp_path):
     reply = initiator.unwrap(client.take())
     assert reply[:2] == b"\x05\x02"           # connection not allowed by ruleset
     assert client.closing
+
+
+# strip-realm strips only the local realms (issue 13, item 8).
+
+
+def test_the_local_realm_is_krb5s_default_realm(kerberos, settings):
+    """Read at start from krb5 (here k5test's krb5.conf, KRB5_CONFIG)."""
+    assert settings.local_realms == frozenset({kerberos.realm.realm}) == {"KRBTEST.COM"}
+
+
+def test_strip_realm_keeps_a_foreign_realm(kerberos, settings):
+    """alice@EVIL.EXAMPLE, from a realm with a cross-realm trust, was
+    "alice": the local alice for every rule and log line."""
+    assert settings.local_name("alice@EVIL.EXAMPLE") == "alice@EVIL.EXAMPLE"
+    assert settings.local_name("alice@KRBTEST.COM.EVIL.EXAMPLE") == \
+        "alice@KRBTEST.COM.EVIL.EXAMPLE"
+    assert settings.local_name("alice@krbtest.com") == "alice@krbtest.com"   # realms are case-exact
+    assert settings.local_name("alice@KRBTEST.COM") == "alice"
+    assert settings.local_name("host/proxy.example@KRBTEST.COM") == "host/proxy.example"
+    # An @ inside the name (escaped, in krb5's display form) is not the realm's.
+    assert settings.local_name("alice\\@EVIL.EXAMPLE@KRBTEST.COM") == "alice\\@EVIL.EXAMPLE"
+    assert settings.local_name("alice\\@KRBTEST.COM@EVIL.EXAMPLE") == \
+        "alice\\@KRBTEST.COM@EVIL.EXAMPLE"
+
+
+def test_principals_table_still_maps_a_foreign_principal(kerberos, tmp_path):
+    settings = load_settings(kerberos, tmp_path,
+                             extra='principals = { "alice@EVIL.EXAMPLE" = "evil-alice" }\n')
+    assert settings.local_name("alice@EVIL.EXAMPLE") == "evil-alice"
+
+
+def test_local_realms_lists_the_realms_stripped(kerberos, tmp_path):
+    settings = load_settings(kerberos, tmp_path,
+                             extra='local_realms = ["KRBTEST.COM", "CORP.EXAMPLE"]\n')
+    assert settings.local_name("alice@CORP.EXAMPLE") == "alice"
+    assert settings.local_name("alice@KRBTEST.COM") == "alice"
+    assert settings.local_name("alice@EVIL.EXAMPLE") == "alice@EVIL.EXAMPLE"
+
+
+def test_a_principal_of_a_realm_not_listed_keeps_it_and_rules_see_that(kerberos, tmp_path):
+    """A real ticket from the KDC, for user@KRBTEST.COM, with KRBTEST.COM
+    not among local_realms: the user is user@KRBTEST.COM, and a rule naming
+    "user" does not match it (as alice@EVIL.EXAMPLE does not match "alice")."""
+    extra = 'local_realms = ["CORP.EXAMPLE"]\n'
+    rules = RuleSet([compile_rule("user only", "allow", users=["user"])])
+    factory, reactor = make_factory(load_settings(kerberos, tmp_path, extra=extra), rules=rules)
+    client, initiator = authenticate(kerberos, factory, 1)
+    assert client.session.user.name == "user@KRBTEST.COM"
+    client.send(initiator.wrap(CONNECT_IP))
+    assert reactor.tcpClients == []
+    assert initiator.unwrap(client.take())[:2] == b"\x05\x02"   # not allowed by ruleset
+    assert client.closing
+
+    rules = RuleSet([compile_rule("user@KRBTEST.COM", "allow", users=["user@KRBTEST.COM"])])
+    factory, reactor = make_factory(load_settings(kerberos, tmp_path, extra=extra), rules=rules)
+    client, initiator = authenticate(kerberos, factory, 2)
+    line = connected_and_closed_session_line(client, initiator, reactor)
+    assert "socks5 user=user@KRBTEST.COM method=gssapi connect" in line
+
+
+@pytest.fixture(scope="module")
+def at_in_name_ccache(kerberos, tmp_path_factory) -> str:
+    """A ticket for the principal whose one name component is
+    "alice@EVIL.EXAMPLE", in the local realm: alice\\@EVIL.EXAMPLE@KRBTEST.COM."""
+    realm = kerberos.realm
+    ccache = f"FILE:{tmp_path_factory.mktemp('at-in-name') / 'ccache'}"
+    # A query string: realm.addprinc() shell-quotes, and kadmin.local would
+    # take the quotes for part of the name.
+    realm.run_kadminl("addprinc -pw alice-password alice\\@EVIL.EXAMPLE")
+    realm.kinit("alice\\@EVIL.EXAMPLE", "alice-password", flags=["-c", ccache])
+    return ccache
+
+
+def test_an_at_sign_in_the_name_is_not_taken_for_the_realm(kerberos, settings,
+                                                           at_in_name_ccache):
+    """A real principal with an @ in its name: strip-realm strips the real
+    realm (KRBTEST.COM) and keeps the name as krb5 displays it, escaped, so
+    it is never the "alice" a rule names."""
+    rules = RuleSet([compile_rule("alice only", "allow", users=["alice"])])
+    factory, reactor = make_factory(settings, rules=rules)
+    client, initiator = authenticate(kerberos, factory, 1, ccache=at_in_name_ccache)
+    assert client.session.user.name == "alice\\@EVIL.EXAMPLE"
+    client.send(initiator.wrap(CONNECT_IP))
+    assert reactor.tcpClients == []
+    assert initiator.unwrap(client.take())[:2] == b"\x05\x02"
+
+
+# Anonymous contexts (GSS_C_ANON_FLAG) are refused unless allow_anonymous.
+
+
+class AnonymousView:
+    """The acceptor's real context, as an anonymous PKINIT client's would
+    look: its actual_flags also carry GSS_C_ANON_FLAG. A stand-in because a
+    real anonymous context needs anonymous PKINIT: Debian's krb5-pkinit
+    package, a KDC certificate and the WELLKNOWN/ANONYMOUS principal, none
+    of which the KDC fixture has. Everything else is the real context."""
+
+    def __init__(self, context) -> None:
+        self._context = context
+
+    @property
+    def actual_flags(self):
+        return self._context.actual_flags | {Flags.anonymity}
+
+    def __getattr__(self, name):
+        return getattr(self._context, name)
+
+
+def _anonymous_client(kerberos, settings):
+    """After the greeting, the negotiation's context seen as anonymous."""
+    client, reactor = _after_greeting(settings)
+    negotiation = client.session.handler.negotiation
+    negotiation.context = AnonymousView(negotiation.context)
+    return client
+
+
+def test_an_anonymous_context_is_refused(kerberos, settings):
+    client = _anonymous_client(kerberos, settings)
+    initiator = Initiator(kerberos)
+    with capturedLogs() as events:
+        client.send(frame(1, initiator.ctx.step()))
+        assert_aborted(client)
+        client.lose()
+    [line] = session_lines(events)
+    assert "method=gssapi" in line and "auth failed" in line, line
+    assert "anonymous" in line and "GSS_C_ANON_FLAG" in line and "allow_anonymous" in line
+    assert client.session.user.name is None
+
+
+def test_allow_anonymous_accepts_it(kerberos, tmp_path):
+    settings = load_settings(kerberos, tmp_path, extra="allow_anonymous = true\n")
+    assert settings.allow_anonymous
+    client = _anonymous_client(kerberos, settings)
+    initiator = Initiator(kerberos)
+    [(_mtyp, answer)] = frames(_take_after(client, frame(1, initiator.ctx.step())))
+    initiator.ctx.step(answer)
+    assert initiator.granted(initiator.ask_level(client, 2)) == 2
+    assert client.session.user.verified and not client.closing
+
+
+def _take_after(client: Client, data: bytes) -> bytes:
+    client.send(data)
+    return client.take()
+
+
+def test_anonymous_is_refused_by_default(settings):
+    assert settings.allow_anonymous is False
 
 
 def test_session_log_after_failed_request_under_the_layer(kerberos, settings):

@@ -212,6 +212,17 @@ class QueryTests(unittest.TestCase):
         yield self.assert_closed(identd)
 
     @defer.inlineCallbacks
+    def test_nul_in_the_charset_is_a_malformed_reply_without_traceback(self):
+        """codecs.lookup raised ValueError for it inside lineReceived: an
+        "Unhandled Error" traceback (trial fails a test that logs one), and
+        the query ended only when the connection dropped."""
+        identd = self.identd(b"6191, 23 : USERID : UNIX,\x00 : eve\r\n")
+        failure = yield self.assertFailure(self.query(identd), IdentUnavailable)
+        self.assertIn("malformed reply", str(failure))
+        self.assertIn("charset", str(failure))
+        yield self.assert_closed(identd)
+
+    @defer.inlineCallbacks
     def test_line_of_1001_bytes_without_eol_is_unavailable(self):
         """The identd keeps the connection open: the bound alone ends the wait."""
         identd = self.identd(b"6191, 23 : USERID : UNIX : " + b"u" * 1001)

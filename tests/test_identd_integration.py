@@ -470,6 +470,41 @@ def test_per_client_limit_from_config(twistd, tmp_path):
             assert s.recv(100) == b"1, 2 : ERROR : NO-USER\r\n"
 
 
+def refusals_in_log(log: str, line: str, summary: str) -> tuple[int, int]:
+    """(lines naming one refusal, refusals in all) in a log, where ``line``
+    matches a line for one and ``summary`` one counting more (group 1)."""
+    single = len(re.findall(line, log))
+    return single, single + sum(int(n) for n in re.findall(summary, log))
+
+
+def test_a_flood_over_the_per_client_limit_is_not_a_flood_of_log(twistd, tmp_path):
+    """A line per refused connection was a line per knock: now the first is
+    logged, then a count at most once a second; every refusal is counted."""
+    config = tmp_path / "identd.toml"
+    config.write_text('[identd]\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
+                      "max_connections_per_client = 1\n")
+    server = twistd("identd", "--config", str(config))
+    knocks = 60
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10):
+        for _ in range(knocks):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+                with contextlib.suppress(ConnectionResetError):
+                    assert s.recv(100) == b""           # closed without an answer
+    elapsed = time.monotonic() - started
+    line = r"identd: refused 127\.0\.0\.1:\d+: max_connections_per_client \(1\)"
+    summary = (r"identd: refused (\d+) more in the last second: "
+               r"max_connections_per_client \(1\)")
+    deadline = time.monotonic() + 10
+    while refusals_in_log(server.log(), line, summary)[1] < knocks and \
+            time.monotonic() < deadline:
+        time.sleep(0.1)
+    single, total = refusals_in_log(server.log(), line, summary)
+    assert total == knocks, server.log()
+    # One full line a second at most (and the first), whatever the machine's speed.
+    assert single <= elapsed + 2 < knocks, (single, elapsed, server.log())
+
+
 # ---- stdio (inetd) -------------------------------------------------------------------
 
 def run_identd(*args: str, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
@@ -744,6 +779,24 @@ def test_proxied_users_false_answers_the_real_owner(socks_server, sockets):
     with proxied_session(server.port, "alice", "secret", target) as source_port:
         assert ask(ident_port, b"%d, %d\r\n" % (source_port, tport)) == \
             b"%d, %d : ERROR : HIDDEN-USER" % (source_port, tport)
+
+
+def test_a_proxied_user_called_root_is_hidden(socks_server, sockets):
+    """hide = ["root"] (the default) holds for SOCKS users: a password
+    user named root is not announced to the servers it connects to."""
+    server = socks_server('[server]\nmethods = ["userpass"]\n'
+                          'checkers = ["memory:root:secret:alice:secret"]\n\n'
+                          '[identd]\nenabled = true\nlisten = ["tcp:0:interface=127.0.0.1"]\n')
+    ident_port = identd_port_of(server)
+    target = listener(sockets)
+    tport = target.getsockname()[1]
+    with proxied_session(server.port, "root", "secret", target) as root_port:
+        with proxied_session(server.port, "alice", "secret", target) as alice_port:
+            assert ask(ident_port, b"%d, %d\r\n" % (root_port, tport)) == \
+                b"%d, %d : ERROR : HIDDEN-USER" % (root_port, tport), server.log()
+            assert ask(ident_port, b"%d, %d\r\n" % (alice_port, tport)) == \
+                b"%d, %d : USERID : UNIX : alice" % (alice_port, tport)
+    server.wait_for_log(r"HIDDEN-USER.*hidden by config \(SOCKS user\)")
 
 
 def test_proxied_reply_hashed(socks_server, sockets):

@@ -715,6 +715,51 @@ def test_counters_return_to_zero():
     assert factory.per_client == {}
 
 
+def test_a_flood_over_the_per_client_limit_is_a_line_then_a_count(log_events):
+    """Each refused connection was a line: a client holding its 16 and
+    knocking on was thousands of lines a second."""
+    clock = MemoryReactorClock()
+    factory = make_factory(limits=IdentdLimits(max_connections_per_client=1), clock=clock)
+    connect(factory, peer_port=1)
+    for port in range(2, 102):
+        proto, transport = connect(factory, peer_port=port)
+        assert transport.disconnecting
+        proto.connectionLost(Failure(ConnectionError("refused")))
+    clock.advance(1.0)
+    connect(factory, peer_port=200)[0].connectionLost(Failure(ConnectionError("refused")))
+    clock.advance(1.0)
+    assert identd_lines(log_events) == [
+        f"identd: refused {REMOTE}:2: max_connections_per_client (1)",
+        "identd: refused 99 more in the last second: max_connections_per_client (1)",
+        f"identd: refused {REMOTE}:200: max_connections_per_client (1)"]
+
+
+def test_a_flood_over_the_total_limit_is_a_line_then_a_count(log_events):
+    clock = MemoryReactorClock()
+    factory = make_factory(limits=IdentdLimits(max_connections=1), clock=clock)
+    connect(factory, peer_port=1)
+    for n in range(2, 52):
+        assert connect(factory, remote=f"127.0.1.{n}", peer_port=n) == (None, None)
+    clock.advance(1.0)
+    assert identd_lines(log_events) == [
+        "identd: refused 127.0.1.2: max_connections (1)",
+        "identd: refused 49 more in the last second: max_connections (1)"]
+
+
+def test_stopping_the_identd_sums_up_the_refusals_at_once(log_events):
+    clock = MemoryReactorClock()
+    factory = make_factory(limits=IdentdLimits(max_connections=1), clock=clock)
+    factory.doStart()
+    connect(factory, peer_port=1)
+    for n in range(2, 5):
+        connect(factory, remote=f"127.0.1.{n}", peer_port=n)
+    factory.doStop()
+    assert identd_lines(log_events)[-1] == \
+        "identd: refused 2 more in the last second: max_connections (1)"
+    # The first connection's idle timer is left, nothing of the refusals.
+    assert factory.refused._counted not in [call.func for call in clock.getDelayedCalls()]
+
+
 # ---- unknown_error_only -------------------------------------------------------------
 
 def test_unknown_error_only_maps_every_error(fake):
@@ -826,6 +871,32 @@ def test_proxied_reply_random_hides_the_name(fake, registry):
     for out in (first, second):
         assert re.fullmatch(rb"6193, 23 : USERID : UNIX : u[0-9a-f]{10}\r\n", out), out
     assert first != second
+
+
+def test_a_proxied_user_on_the_hide_list_is_hidden(fake):
+    """A SOCKS user called root was answered as root: hide holds for
+    proxied users as for local ones, whatever proxied_reply says."""
+    registry = ProxiedConnections()
+    registry.add(LOCAL, 6193, REMOTE, 23, "root")
+    registry.add(LOCAL, 6194, REMOTE, 23, "alice")
+    assert ask(make_factory(registry=registry), b"6193, 23\r\n") == \
+        b"6193, 23 : ERROR : HIDDEN-USER\r\n"
+    for mode in ("name", "hashed", "random", "fixed:socks-user", "uid"):
+        factory = make_factory(IdentPolicy(hide=frozenset({"alice"}), proxied_reply=mode),
+                               registry=registry)
+        assert ask(factory, b"6194, 23\r\n") == b"6194, 23 : ERROR : HIDDEN-USER\r\n", mode
+        assert b"USERID" in ask(factory, b"6193, 23\r\n"), mode   # root is not hidden here
+    assert fake.calls == []
+    factory = make_factory(IdentPolicy(unknown_error_only=True), registry=registry)
+    assert ask(factory, b"6193, 23\r\n") == b"6193, 23 : ERROR : UNKNOWN-ERROR\r\n"
+
+
+def test_a_hidden_proxied_user_is_logged_as_such(fake, log_events):
+    registry = ProxiedConnections()
+    registry.add(LOCAL, 6193, REMOTE, 23, "root")
+    ask(make_factory(registry=registry), b"6193, 23\r\n")
+    [line] = identd_lines(log_events)
+    assert "HIDDEN-USER" in line and "hidden by config (SOCKS user)" in line, line
 
 
 def test_proxied_users_with_unknown_error_only(fake, registry):

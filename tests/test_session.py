@@ -380,7 +380,7 @@ def test_a_flood_of_max_sessions_refusals_is_not_a_flood_of_log():
         "refused 99 more in the last second: max_sessions (1) reached",
         "refused 127.0.0.9:41000: max_sessions (1) reached"]
     # The first client's handshake timeout is left, nothing of the refusals.
-    assert factory._refusals_counted not in [call.func for call in reactor.getDelayedCalls()]
+    assert factory.refusals._counted not in [call.func for call in reactor.getDelayedCalls()]
 
 
 def test_refusals_for_one_client_do_not_use_up_max_sessions():

@@ -356,6 +356,59 @@ def test_stalling_identd_exact_reply_bytes(socks_server, stalling_identd):
     assert 0.9 <= time.monotonic() - started < 4
 
 
+class FixedIdentd:
+    """Answers every query with ``answer`` for its ports (a %-format taking
+    the query's two port bytes), then closes: an identd that says what a
+    test wants."""
+
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.queries: list[bytes] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            with connection:
+                connection.settimeout(10)
+                query = b""
+                while b"\n" not in query:
+                    chunk = connection.recv(100)
+                    if not chunk:
+                        break
+                    query += chunk
+                self.queries.append(query)
+                ports = [p.strip() for p in query.strip().split(b",")]
+                if len(ports) == 2:
+                    connection.sendall(self.answer % tuple(ports))
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_identd_with_a_nul_in_its_charset_is_92_without_traceback(socks_server):
+    """A NUL in the charset field made the ident client raise ValueError
+    (from codecs.lookup): an "Unhandled Error" traceback in socksd's log
+    before the 92. It is a malformed reply, logged on the session's line."""
+    identd = FixedIdentd(b"%s, %s : USERID : UNIX,\x00 : eve\r\n")
+    try:
+        server = socks_server(ident_config(identd.port))
+        reply = _socks4_exchange(server.address, b"\x04\x01\x00\x50\x7f\x00\x00\x01eve\x00")
+        assert reply == b"\x00\x5c" + bytes(6)
+        assert identd.queries, "socksd never queried the identd"
+        session_line(server, r"socks4 user=eve method=ident .*auth failed.*malformed reply")
+    finally:
+        identd.close()
+    log = server.log()
+    assert "Unhandled Error" not in log and "Traceback" not in log, log
+
+
 def test_identd_never_vouches_for_a_trusted_userid(socks_server):
     """With the identd in the same process, a SOCKS4 USERID taken on trust
     (not verified) is not what the identd answers for the outgoing

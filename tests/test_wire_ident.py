@@ -7,6 +7,8 @@ Response: <port-pair> : USERID : <opsys>[,<charset>] : <user-id>
 
 from __future__ import annotations
 
+import codecs
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -207,6 +209,72 @@ def test_undecodable_user_in_named_charset_is_a_wire_error_or_parsed(charset, us
     """An identd naming a codec Python has but that cannot decode the id must
     not make the parser raise anything but WireError (or fall back)."""
     _parse_response_or_wire_error(b"1, 2 : USERID : UNIX, %s : %s" % (charset, user))
+
+
+# The charset field: any bytes there give a UserID or a WireError, nothing else.
+
+
+@pytest.mark.parametrize("charset", [
+    b"\x00", b"UTF-8\x00", b"\x00UTF-8", b"UTF 8", b"UTF-8\xff", b"\xc3\xa9", b"\x1b[31m",
+    b"utf\t8",
+])
+def test_charset_that_is_not_a_token_is_malformed(charset):
+    """A charset names a character set: a NUL (codecs.lookup raised
+    ValueError for it, out of the parser), a blank, a control or a non-ASCII
+    byte is a malformed reply."""
+    with pytest.raises(WireError) as caught:
+        ident.parse_response(b"1, 2 : USERID : UNIX," + charset + b" : eve")
+    assert "charset" in str(caught.value)
+
+
+@pytest.mark.parametrize("charset, user", [
+    (b"US-ASCII", b"r\xc3\xa9my"),
+    (b"UTF-8", b"r\xe9my"),
+    (b"UTF-16", b"abc"),                  # an odd number of bytes
+    (b"Shift_JIS", b"\x81"),
+])
+def test_user_id_invalid_in_the_charset_named_is_malformed(charset, user):
+    with pytest.raises(WireError):
+        ident.parse_response(b"1, 2 : USERID : UNIX, " + charset + b" : " + user)
+
+
+def test_without_a_charset_non_utf8_ids_are_still_taken_byte_for_byte():
+    assert ident.parse_response(b"1, 2 : USERID : UNIX : r\xe9my").user == "r\u00e9my"
+
+
+def test_a_codec_search_function_that_raises_is_a_wire_error():
+    """codecs.lookup runs every search function registered in the process:
+    whatever one raises for a name an identd sent is a malformed reply."""
+    def search(name):
+        if name == "socksd_test_broken":
+            raise RuntimeError("broken codec registry")
+        return None
+
+    codecs.register(search)
+    try:
+        with pytest.raises(WireError):
+            ident.parse_response(b"1, 2 : USERID : UNIX,socksd_test_broken : eve")
+    finally:
+        codecs.unregister(search)
+
+
+charset_fields = st.one_of(
+    st.binary(max_size=40),
+    st.text(st.characters(min_codepoint=0x00, max_codepoint=0x7F), max_size=20).map(
+        lambda t: t.encode("ascii")),
+    st.tuples(st.sampled_from(CHARSETS), st.binary(max_size=3), st.booleans()).map(
+        lambda t: (t[1] + t[0].encode("utf-8", "surrogateescape")) if t[2]
+        else (t[0].encode("utf-8", "surrogateescape") + t[1])),
+)
+
+
+@settings(max_examples=1000)
+@given(charset_fields, st.sampled_from([b"eve", b"r\xc3\xa9my", b"\xff\xfe", b"a:b", b"\x80"]))
+def test_arbitrary_bytes_in_the_charset_field(charset, user):
+    """Whatever the charset field holds, the parser returns a UserID or raises
+    WireError (the ident client turns only that into "malformed reply")."""
+    _parse_response_or_wire_error(b"1, 2 : USERID : UNIX," + charset + b" : " + user)
+    _parse_response_or_wire_error(b"1,2:USERID:UNIX," + charset + b":" + user)
 
 
 # Encoders refuse what cannot be sent.

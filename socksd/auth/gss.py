@@ -26,6 +26,37 @@ LEVEL_NAMES = {"clear": rfc1961.CLEAR, "integrity": rfc1961.INTEGRITY,
                "confidentiality": rfc1961.CONFIDENTIALITY}
 
 
+def split_principal(principal: str) -> tuple[str, str | None]:
+    """``alice@REALM`` -> ("alice", "REALM"). In krb5's display form an @
+    inside a name component is escaped (``a\\@b@REALM``), so the realm
+    follows the first unescaped @."""
+    escaped = False
+    for index, char in enumerate(principal):
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == "@":
+            return principal[:index], principal[index + 1:]
+    return principal, None
+
+
+def default_realm() -> str | None:
+    """krb5's default realm (krb5.conf's ``default_realm``), or None when
+    it names none: a principal name without a realm gets this one."""
+    try:
+        name = gssapi.Name("socksd", gssapi.NameType.kerberos_principal)
+        canonical = name.canonicalize(gssapi.MechType.kerberos)
+    except GSSError:
+        return None
+    return split_principal(str(canonical))[1] or None
+
+
+def default_local_realms() -> frozenset[str]:
+    realm = default_realm()
+    return frozenset({realm}) if realm else frozenset()
+
+
 @dataclass(frozen=True)
 class GSSAPISettings:
     """The config's ``[gssapi]`` table."""
@@ -38,6 +69,9 @@ class GSSAPISettings:
     principal_map: str = "strip-realm"   # or "keep": how alice@REALM becomes a user name
     principals: dict[str, str] = field(default_factory=dict)   # principal -> local name, first
     require_sequence: bool = True    # CONNECT and BIND need replay + sequence detection
+    # The realms strip-realm strips; by default krb5's default realm, read at start.
+    local_realms: frozenset[str] = field(default_factory=default_local_realms)
+    allow_anonymous: bool = False    # accept contexts with GSS_C_ANON_FLAG
 
     def acceptor_credentials(self) -> gssapi.Credentials:
         """Credentials from the keytab; raises GSSError if it is unusable."""
@@ -50,10 +84,15 @@ class GSSAPISettings:
         return gssapi.Credentials(name=name, usage="accept", store=store)
 
     def local_name(self, principal: str) -> str:
+        """The user name rules and logs see. strip-realm strips only a local
+        realm: alice@EVIL.EXAMPLE (a realm that trusts ours, or ours trusts)
+        is not the alice of our realm, so she keeps hers."""
         if principal in self.principals:
             return self.principals[principal]
         if self.principal_map == "strip-realm":
-            return principal.rsplit("@", 1)[0]
+            name, realm = split_principal(principal)
+            if realm is not None and realm in self.local_realms:
+                return name
         return principal
 
     def choose_level(self, asked: int) -> int | None:
@@ -121,6 +160,13 @@ class _Negotiation:
         if out:
             self.session.transport.write(rfc1961.encode_message(rfc1961.CONTEXT, out))
         if self.context.complete:
+            if (gssapi.RequirementFlag.anonymity in self.context.actual_flags
+                    and not self.method.settings.allow_anonymous):
+                # Anonymous PKINIT: the KDC vouches for no one, yet a rule
+                # that allows any authenticated user would let it in.
+                self._abort("anonymous GSS-API context (GSS_C_ANON_FLAG) refused "
+                            "([gssapi] allow_anonymous)")
+                return
             self.state = rfc1961.PROTECTION
 
     def _protection(self, token: bytes) -> None:

@@ -72,6 +72,14 @@ class IdentPolicy:
                 mode, note = own, "user file"
         return self.apply(mode, label, uid, note)
 
+    def answer_proxied(self, user: str) -> Answer:
+        """The answer for a connection socksd opened for SOCKS user ``user``.
+        ``hide`` holds for them as for local users: a SOCKS user may be
+        called ``root`` (a password file's entry, root@REALM in Kerberos)."""
+        if user in self.hide:
+            return self.error(ident.HIDDEN_USER, "hidden by config (SOCKS user)")
+        return self.apply(self.proxied_reply, user, None, "SOCKS user")
+
     def apply(self, mode: str, label: str, uid: int | None, note: str) -> Answer:
         if mode == "hidden":
             return self.error(ident.HIDDEN_USER, f"hidden by {note}")

@@ -23,6 +23,7 @@ from socksd.escape import escape
 from socksd.ident import lookup
 from socksd.ident.policy import Answer, IdentPolicy
 from socksd.ident.registry import ProxiedConnections
+from socksd.logs import RateLimitedLine
 from socksd.rules import client_key, parse_ip
 from socksd.wire import WireError, ident
 
@@ -86,7 +87,7 @@ def answer_query(policy: IdentPolicy, registry: ProxiedConnections | None, line:
     if registry is not None and policy.proxied_users:
         user = registry.user_for(local_host, server_port, remote_host, client_port)
         if user is not None:
-            answer = policy.apply(policy.proxied_reply, user, None, "SOCKS user")
+            answer = policy.answer_proxied(user)
             return defer.succeed(_encode(policy, ports, answer, notes))
     conn = lookup.Connection(local_host, server_port, remote_host, client_port)
     run = blocking or threads.deferToThread
@@ -174,9 +175,9 @@ class IdentProtocol(Protocol, TimeoutMixin):
         factory.per_client[self.client_key] = count
         factory.connections += 1
         if count > factory.limits.max_connections_per_client:
-            log.warn("identd: refused {peer}: max_connections_per_client ({limit})",
-                     peer=escape(self.peer, spaces=True),
-                     limit=factory.limits.max_connections_per_client)
+            factory.refused_per_client.emit(
+                "identd: refused {peer}: max_connections_per_client ({limit})",
+                peer=escape(self.peer, spaces=True), limit=factory.limits.max_connections_per_client)
             self.transport.loseConnection()
             return
         self.transport.registerProducer(self, True)
@@ -383,11 +384,22 @@ class IdentFactory(ServerFactory):
         self.blocking = blocking
         self.connections = 0
         self.per_client: dict[str, int] = {}
+        # A flood of connections over the limits is a line, then a count a second.
+        self.refused = RateLimitedLine(
+            reactor, log, "identd: refused {count} more in the last second: "
+                          "max_connections ({limit})")
+        self.refused_per_client = RateLimitedLine(
+            reactor, log, "identd: refused {count} more in the last second: "
+                          "max_connections_per_client ({limit})")
 
     def buildProtocol(self, addr):
         if self.connections >= self.limits.max_connections:
-            log.warn("identd: refused {peer}: max_connections ({limit})",
-                     peer=escape(str(getattr(addr, "host", addr)), spaces=True),
-                     limit=self.limits.max_connections)
+            self.refused.emit("identd: refused {peer}: max_connections ({limit})",
+                              peer=escape(str(getattr(addr, "host", addr)), spaces=True),
+                              limit=self.limits.max_connections)
             return None
         return IdentProtocol(self)
+
+    def stopFactory(self) -> None:
+        self.refused.flush()
+        self.refused_per_client.flush()

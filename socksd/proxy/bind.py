@@ -12,6 +12,7 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
 from socksd.escape import escape
+from socksd.logs import RateLimitedLine
 from socksd.proxy import connect
 from socksd.relay import RelayEnd
 from socksd.rules import IPAddress, parse_ip
@@ -67,6 +68,10 @@ class BindWaiter(ServerFactory):
         self.timer = None
         self.taken = False
         self.accepted: defer.Deferred[Incoming] = defer.Deferred(lambda d: self.close())
+        # Anyone may knock on the port while it waits: a line, then a count a second.
+        self.knocks = RateLimitedLine(
+            session.server.reactor, log,
+            "{peer} bind: refused {count} more incoming connections in the last second")
 
     def listen(self, local, ranges) -> None:
         server = self.session.server
@@ -96,9 +101,11 @@ class BindWaiter(ServerFactory):
                  and "bindreply" in decision.rule.commands)
         if not decision.allowed or (peer != self.expected and not self.expected.is_unspecified
                                     and not named):
-            log.warn("{peer} bind: refused incoming connection from {source}: {why}",
-                     peer=escape(session.peer, spaces=True), source=escape(addr.host),
-                     why=decision.reason if not decision.allowed else "not the expected peer")
+            self.knocks.emit("{peer} bind: refused incoming connection from {source}: {why}",
+                             peer=escape(session.peer, spaces=True),
+                             source=escape(addr.host),
+                             why=decision.reason if not decision.allowed
+                             else "not the expected peer")
             return None
         session.note_rule(decision, "bindreply", connect.host_port(addr.host, addr.port))
         self.taken = True
@@ -123,6 +130,7 @@ class BindWaiter(ServerFactory):
                 connect.TIMEOUT, f"no connection to the BIND port in {timeout:g} s"))
 
     def _stop_listening(self) -> None:
+        self.knocks.flush()
         port, self.port = self.port, None
         if port is not None:
             port.stopListening()

@@ -20,6 +20,7 @@ from socksd.auth import ANONYMOUS, User
 from socksd.auth.methods import Method
 from socksd.escape import escape
 from socksd.ident.registry import ProxiedConnections
+from socksd.logs import RateLimitedLine
 from socksd.proxy import connect
 from socksd.proxy.bind import BindWaiter
 from socksd.proxy.udp import UDPRelay
@@ -84,14 +85,18 @@ class SOCKSServerFactory(ServerFactory):
         self.registry = registry      # tell a same-process identd who owns outbound sockets
         self.sessions = 0
         self.per_client: dict[str, int] = {}
-        self.quiet_refusals: int | None = None   # refusals since the last one logged
+        self.refusals = RateLimitedLine(
+            reactor, log, "{worker}refused {count} more in the last second: max_sessions "
+                          "({limit}) reached")
         # Peers whose PROXY header is believed (haproxy: listeners), and what
         # was closed without a session line: PROXY LOCAL (a balancer's health
         # check) and connections from peers that are not trusted.
         self.trusted_proxies = tuple(trusted_proxies)
         self.proxy_health_checks = 0
         self.untrusted_proxies = 0
-        self.quiet_untrusted: int | None = None
+        self.untrusted = RateLimitedLine(
+            reactor, log, "{worker}closed {count} more in the last second: PROXY listener, "
+                          "peers not in trusted_proxies")
 
     def choose_method(self, offered: bytes) -> Method | None:
         """The first of our methods, in our preference order, that the client offers."""
@@ -111,21 +116,9 @@ class SOCKSServerFactory(ServerFactory):
         the rest: a flood of connections must not become a flood of log.
         (Refused before a byte is read: behind haproxy: the peer is the
         balancer, as the PROXY header is never looked at.)"""
-        if self.quiet_refusals is not None:
-            self.quiet_refusals += 1
-            return
-        self.quiet_refusals = 0
-        log.warn("{worker}refused {peer}: max_sessions ({limit}) reached",
-                 worker="" if WORKER is None else f"w{WORKER} ",
-                 peer=escape(_address(addr), spaces=True), limit=self.limits.max_sessions)
-        self.reactor.callLater(1.0, self._refusals_counted)
-
-    def _refusals_counted(self) -> None:
-        count, self.quiet_refusals = self.quiet_refusals, None
-        if count:
-            log.warn("{worker}refused {count} more in the last second: max_sessions ({limit}) "
-                     "reached", worker="" if WORKER is None else f"w{WORKER} ",
-                     count=count, limit=self.limits.max_sessions)
+        self.refusals.emit("{worker}refused {peer}: max_sessions ({limit}) reached",
+                           worker="" if WORKER is None else f"w{WORKER} ",
+                           peer=escape(_address(addr), spaces=True), limit=self.limits.max_sessions)
 
     def trusts_proxy(self, address) -> bool:
         host = getattr(address, "host", None)
@@ -138,21 +131,9 @@ class SOCKSServerFactory(ServerFactory):
         """A haproxy: listener reached by a peer whose header is not
         believed: one line, then at most one a second counting the rest."""
         self.untrusted_proxies += 1
-        if self.quiet_untrusted is not None:
-            self.quiet_untrusted += 1
-            return
-        self.quiet_untrusted = 0
-        log.warn("{worker}closed {peer}: a PROXY listener, and the peer is not in "
-                 "trusted_proxies", worker="" if WORKER is None else f"w{WORKER} ",
-                 peer=_address(addr))
-        self.reactor.callLater(1.0, self._untrusted_counted)
-
-    def _untrusted_counted(self) -> None:
-        count, self.quiet_untrusted = self.quiet_untrusted, None
-        if count:
-            log.warn("{worker}closed {count} more in the last second: PROXY listener, "
-                     "peers not in trusted_proxies",
-                     worker="" if WORKER is None else f"w{WORKER} ", count=count)
+        self.untrusted.emit("{worker}closed {peer}: a PROXY listener, and the peer is not in "
+                            "trusted_proxies", worker="" if WORKER is None else f"w{WORKER} ",
+                            peer=escape(_address(addr), spaces=True))
 
     def count_client(self, key: str, delta: int) -> int:
         count = self.per_client.get(key, 0) + delta

@@ -130,6 +130,13 @@ def build(path: str | None, listen: list[str], auth_checkers: list,
                 f"{cfg.gssapi.keytab or 'default keytab'}: "
                 f"cannot accept {cfg.gssapi.principal or cfg.gssapi.service} with it: "
                 f"{e.gen_message()}") from None
+        if cfg.gssapi.principal_map == "strip-realm" and not cfg.gssapi.local_realms:
+            # Without a realm to strip, alice@REALM would quietly stop being
+            # alice for every rule: say so instead.
+            raise configuration.ConfigError(
+                f"{configuration.location(cfg.path, 'gssapi', 'principal_map')}: "
+                "gssapi.principal_map: \"strip-realm\" strips the local realms, and krb5 "
+                "names no default realm: list them in gssapi.local_realms")
     if "userpass" in cfg.methods and not checkers:
         raise configuration.ConfigError(
             f"{configuration.location(cfg.path, 'server', 'methods')}: server.methods: "

@@ -24,6 +24,7 @@ ERROR_TOKENS = frozenset({INVALID_PORT, NO_USER, HIDDEN_USER, UNKNOWN_ERROR})
 # Leading zeros are decimal too ("038428 , 0052295"; oidentd answers it).
 _PORTS = re.compile(rb"^[ \t]*0*(\d{1,5})[ \t]*,[ \t]*0*(\d{1,5})[ \t]*$")
 _TOKEN = re.compile(r"^[\x21-\x7e]+$")
+_TOKEN_BYTES = re.compile(rb"^[\x21-\x7e]+$")
 _CHARSETS = frozenset({"utf-8", "ascii", "latin-1", "utf-16", "utf-16-le", "utf-16-be",
                        "koi8-r", "koi8-u", "euc_jp", "shift_jis", "gb2312", "gbk", "big5"})
 
@@ -78,9 +79,14 @@ def parse_response(line: bytes) -> UserID | Error:
         raise WireError(f"unknown response type: {line[:60]!r}")
     opsys, _, charset = parts[2].partition(b",")
     opsys_text = opsys.strip().decode("ascii", "replace")
-    charset_text = charset.strip().decode("ascii", "replace") or None
     if not opsys_text:
         raise WireError("USERID response without an operating system")
+    charset = charset.strip()
+    # A character set's name is a token (RFC 1413, from RFC 1340's list):
+    # a NUL, a blank or a non-ASCII byte in it is no name at all.
+    if charset and not _TOKEN_BYTES.match(charset):
+        raise WireError(f"USERID response with a malformed charset: {charset[:40]!r}")
+    charset_text = charset.decode("ascii") or None
     # The user id is the rest of the line, colons included; leading blanks
     # separate it from the colon and are not part of it.
     raw_user = parts[3].lstrip(b" \t")
@@ -93,20 +99,31 @@ def parse_response(line: bytes) -> UserID | Error:
 def _decode_user(raw: bytes, charset: str | None) -> str:
     """Decode a user id in the charset the identd named, if it is a plain
     character set: the peer must not pick Python codecs such as
-    unicode_escape. Anything else is taken byte for byte (latin-1)."""
-    # No charset: RFC 1413 means US-ASCII; UTF-8 is its superset in practice.
-    codec = "utf-8"
-    if charset is not None:
+    unicode_escape. A name Python does not know, or a codec that is not a
+    plain character set, is taken byte for byte (latin-1). A user id that is
+    not valid in the plain character set named is a malformed reply, and so
+    is any other failure: this parser raises nothing but WireError."""
+    if charset is None:
+        # No charset: RFC 1413 means US-ASCII; UTF-8 is its superset in
+        # practice, and old identds send their names byte for byte.
         try:
-            codec = codecs.lookup(charset).name
-        except LookupError:
-            codec = "latin-1"
-        if not (codec in _CHARSETS or codec.startswith(("iso8859-", "cp125"))):
-            codec = "latin-1"
+            return raw.decode("utf-8")
+        except UnicodeError:
+            return raw.decode("latin-1")
+    try:
+        codec = codecs.lookup(charset).name
+    except LookupError:
+        codec = "latin-1"
+    except Exception as e:  # noqa: BLE001 - a codec search function is any code
+        raise WireError(f"USERID response with an unusable charset: {charset[:40]!r} "
+                        f"({type(e).__name__})") from None
+    if not (codec in _CHARSETS or codec.startswith(("iso8859-", "cp125"))):
+        codec = "latin-1"
     try:
         return raw.decode(codec)
-    except UnicodeError:
-        return raw.decode("latin-1")
+    except Exception:  # noqa: BLE001 - UnicodeError, or whatever a codec raises
+        raise WireError(f"USERID response with a user id that is not valid {charset[:40]}"
+                        ) from None
 
 
 def encode_userid(server_port: int, client_port: int, user: str, opsys: str = "UNIX",
