@@ -316,3 +316,30 @@ class UnknownUserCostTests(unittest.TestCase):
         self.assertEqual(cost_of(await self.checked_against(HashedPasswordFile(self.path))),
                          ("bcrypt", 12))
 
+
+class LongPasswordTests(unittest.TestCase):
+    """bcrypt reads a password's first 72 bytes; Apache's htpasswd -B cuts it
+    there, and bcrypt 5 raises for longer ones (which failed such a login
+    at once, whatever the password)."""
+
+    async def test_htpasswd_entry_with_a_long_password(self):
+        htpasswd = require("htpasswd")
+        password = b"x" * 60 + b"y" * 40
+        out = subprocess.run([htpasswd, "-nbB", "alice", password.decode()],
+                             capture_output=True, check=True, timeout=30).stdout.strip()
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "users")
+        with open(path, "wb") as f:
+            f.write(out + b"\n")
+        checker = HashedPasswordFile(path)
+        self.assertEqual(await checker.requestAvatarId(UsernamePassword(b"alice", password)),
+                         b"alice")
+        with self.assertRaises(error.UnauthorizedLogin):
+            await checker.requestAvatarId(UsernamePassword(b"alice", b"x" * 60))
+
+    def test_socksd_hashes_long_passwords_like_htpasswd(self):
+        hashed = hash_password(b"z" * 100)
+        self.assertTrue(verify(b"z" * 100, hashed))
+        self.assertTrue(verify(b"z" * 72, hashed))
+        self.assertFalse(verify(b"z" * 71, hashed))

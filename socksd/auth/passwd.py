@@ -38,6 +38,10 @@ _argon2 = argon2.PasswordHasher()
 _BCRYPT_HASH = re.compile(rb"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}")
 _ARGON2_HASH = re.compile(
     rb"\$argon2(?:id|i|d)\$(?:v=\d+\$)?m=\d+,t=\d+,p=\d+\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+")
+# bcrypt uses a password's first 72 bytes: Apache's htpasswd -B cuts it there,
+# bcrypt < 5 did so silently, bcrypt 5 raises instead (which refused such a
+# user's every login, and quickly).
+BCRYPT_MAX_PASSWORD = 72
 # What an unknown user's password is checked against when the file has no
 # well-formed hash: what `python -m socksd.auth.passwd` makes.
 DEFAULT_COST = ("bcrypt", (12,))
@@ -48,7 +52,7 @@ Cost = tuple[str, tuple[int, ...]]
 
 def hash_password(password: bytes, scheme: str = "bcrypt") -> bytes:
     if scheme == "bcrypt":
-        return bcrypt.hashpw(password, bcrypt.gensalt())
+        return bcrypt.hashpw(password[:BCRYPT_MAX_PASSWORD], bcrypt.gensalt())
     if scheme == "argon2":
         return _argon2.hash(password).encode("ascii")
     raise ValueError(f"unknown scheme {scheme!r}: use bcrypt or argon2")
@@ -58,7 +62,7 @@ def verify(password: bytes, hashed: bytes) -> bool:
     """True when ``password`` matches a bcrypt or argon2 hash."""
     if hashed.startswith(_BCRYPT):
         try:
-            return bcrypt.checkpw(password, hashed)
+            return bcrypt.checkpw(password[:BCRYPT_MAX_PASSWORD], hashed)
         except ValueError:
             return False
     if hashed.startswith(_ARGON2):
