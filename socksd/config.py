@@ -155,6 +155,7 @@ _SERVER_KEYS = {
     "bind_timeout": "timeout", "udp_idle_timeout": "timeout", "bind_ports": "ports",
     "udp_ports": "ports", "max_datagram": "count", "workers": "workers",
     "ipv6_client_prefix": "prefix", "trusted_proxies": "strings",
+    "auth_threads": "count", "auth_in_flight": "count", "auth_in_flight_per_client": "count",
 }
 _RULE_KEYS = {
     "action": "string", "from": "strings", "to": "strings", "ports": "ports",

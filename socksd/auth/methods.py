@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import Portal
 from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 
-from socksd.auth import ANONYMOUS, IUser, User
+from socksd.auth import ANONYMOUS, ClientUsernamePassword, IUser, User
+from socksd.auth.hashing import TooManyChecks
 from socksd.wire import WireError, rfc1929, socks5
 
 log = Logger()
@@ -26,6 +26,7 @@ class Authenticating(Protocol):
     """What a method needs of the session it authenticates."""
 
     transport: object
+    client_key: str | None     # the client's address: per-client bounds
 
     def authenticated(self, method: str, avatar: User, rest: bytes, layer=None) -> None:
         """``layer``: a security layer (GSS-API) that wraps all that follows."""
@@ -69,20 +70,21 @@ class UserPass(Method):
         self.portal = portal
 
     def start(self, session: Authenticating) -> "_UserPassNegotiation":
-        return _UserPassNegotiation(self.portal, session)
+        return _UserPassNegotiation(self, session)
 
 
 class _UserPassNegotiation:
-    __slots__ = ("portal", "session", "buffer", "pending")
+    __slots__ = ("method", "session", "buffer", "pending", "name")
 
     # A request is at most 1 + 1 + 255 + 1 + 255 bytes.
     MAX_REQUEST = 513
 
-    def __init__(self, portal: Portal, session: Authenticating) -> None:
-        self.portal = portal
+    def __init__(self, method: UserPass, session: Authenticating) -> None:
+        self.method = method
         self.session = session
         self.buffer = b""
         self.pending = None
+        self.name = ""
 
     def data_received(self, data: bytes) -> None:
         if self.pending is not None:
@@ -101,9 +103,10 @@ class _UserPassNegotiation:
             return
         username, password, used = parsed
         self.buffer = self.buffer[used:]
-        name = username.decode("utf-8", "backslashreplace")
-        self.pending = self.portal.login(UsernamePassword(username, password), None, IUser)
-        self.pending.addCallbacks(self._succeeded, self._failed, errbackArgs=(name,))
+        self.name = username.decode("utf-8", "backslashreplace")
+        credentials = ClientUsernamePassword(username, password, self.session.client_key)
+        self.pending = self.method.portal.login(credentials, None, IUser)
+        self.pending.addCallbacks(self._succeeded, self._failed)
 
     def _succeeded(self, result) -> None:
         _interface, avatar, _logout = result
@@ -111,16 +114,21 @@ class _UserPassNegotiation:
         self.session.transport.write(rfc1929.encode_response(rfc1929.SUCCESS))
         self.session.authenticated(UserPass.name, avatar, rest)
 
-    def _failed(self, failure, name: str) -> None:
+    def _failed(self, failure) -> None:
         if failure.check(CancelledError):
             return  # the session went away while the checker ran
         if failure.check(UnauthorizedLogin, UnhandledCredentials):
             reason = "bad username or password"
+        elif failure.check(TooManyChecks):
+            reason = failure.getErrorMessage()   # refused unchecked
         else:
             reason = f"checker error: {failure.getErrorMessage()}"
-            log.failure("checker failed for {user}", failure, user=name)
+            log.failure("checker failed for {user}", failure, user=self.name)
+        self._refuse(reason)
+
+    def _refuse(self, reason: str) -> None:
         self.session.transport.write(rfc1929.encode_response(rfc1929.FAILURE))
-        self.session.authentication_failed(UserPass.name, name, reason)
+        self.session.authentication_failed(UserPass.name, self.name, reason)
 
     def cancel(self) -> None:
         if self.pending is not None and not self.pending.called:

@@ -3,7 +3,8 @@
 Twisted's ``file:`` checker compares plaintext. This one reads the format of
 Apache's ``htpasswd -B`` (``user:$2y$...``) and argon2 PHC strings
 (``user:$argon2id$...``), re-reading the file on each login so edits apply at
-once. Hashing is deliberately slow, so it runs in a thread, off the reactor.
+once. Hashing is deliberately slow, so it runs off the reactor, in the
+bounded pool of :mod:`socksd.auth.hashing`.
 
 Make an entry with ``python -m socksd.auth.passwd alice >> users`` (prompts)
 or ``htpasswd -B -c users alice``.
@@ -27,8 +28,9 @@ from zope.interface import implementer
 from twisted.cred import error
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
-from twisted.internet import threads
 from twisted.logger import Logger
+
+from socksd.auth import hashing
 
 log = Logger()
 
@@ -169,6 +171,9 @@ class HashedPasswordFile:
     """
 
     credentialInterfaces = (IUsernamePassword,)
+    # The server's bounded pool for the slow part (socksd.auth.hashing);
+    # None: the process-wide default one.
+    hash_pool: hashing.HashPool | None = None
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -234,7 +239,8 @@ class HashedPasswordFile:
             username = username.encode("utf-8")
         if isinstance(password, str):
             password = password.encode("utf-8")
-        return threads.deferToThread(self._check, username, password)
+        pool = self.hash_pool if self.hash_pool is not None else hashing.default_pool()
+        return pool.run(getattr(credentials, "client", None), self._check, username, password)
 
 
 def main(argv: list[str] | None = None) -> int:
