@@ -1,7 +1,8 @@
 """Password checks under load (issue 13): bounded in total and per client,
-never started for a client that left, in threads of their own. RFC 1929
-negotiations over in-memory transports, with socksd's own htpasswd: checker
-doing real bcrypt checks whenever the test lets a "thread" run one."""
+never started for a client that left, in threads of their own; and the
+backoff after a failed login. RFC 1929 negotiations over in-memory
+transports, with socksd's own htpasswd: checker doing real bcrypt checks
+whenever the test lets a "thread" run one."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from socksd import config
 from socksd.auth import ClientUsernamePassword, SOCKSRealm
 from socksd.auth.checkers import FirstOf
 from socksd.auth.hashing import HashPool
-from socksd.auth.methods import UserPass
+from socksd.auth.methods import Backoff, UserPass
 from socksd.auth.passwd import HashedPasswordFile, hash_password
 from socksd.proxy import Limits
 from socksd.tap import socks as tap
@@ -81,13 +82,14 @@ def password_file():
 
 
 def userpass_server(path: str, threads: int = 4, in_flight: int = 16, per_client: int = 2,
-                    limits: Limits = Limits()):
+                    backoff: Backoff | None = None, limits: Limits = Limits()):
     """A factory whose only method is userpass, checked by htpasswd:path
     through a HashPool whose threads are a ManualThreads."""
     manual = ManualThreads()
     checker = HashedPasswordFile(path)
     checker.hash_pool = HashPool(threads, in_flight, per_client, run_in_thread=manual)
-    method = UserPass(Portal(SOCKSRealm(), [FirstOf([checker])]))
+    method = UserPass(Portal(SOCKSRealm(), [FirstOf([checker])]),
+                      backoff if backoff is not None else Backoff(0))
     factory, reactor = make_factory(methods=[method], limits=limits)
     return factory, reactor, manual, checker.hash_pool
 
@@ -209,15 +211,123 @@ class OwnThreadsTests(unittest.TestCase):
         self.assertEqual(pool.started, 1)
 
 
+# Backoff.
+
+
+def memory_server(backoff: Backoff, limits: Limits = Limits()):
+    """userpass with Twisted's memory: checker (no hashing) and a backoff."""
+    checker = InMemoryUsernamePasswordDatabaseDontUse(alice=b"secret")
+    method = UserPass(Portal(SOCKSRealm(), [FirstOf([checker])]), backoff)
+    return make_factory(methods=[method], limits=limits)
+
+
+def test_backoff_delays_the_next_check_from_that_address():
+    factory, reactor = memory_server(Backoff(1.0, 30.0))
+    with capturedLogs() as events:
+        failed = login(factory, ALICE_WRONG, port=1)
+        assert_refused(failed, FAILED)
+        failed.lose()
+    [line] = session_lines(events)
+    assert line.endswith("auth failed: bad username or password (failure 1 in a row from "
+                         "this address: backoff 1 s)"), line
+    waiting = login(factory, port=2)
+    elsewhere = login(factory, host="127.0.0.2")
+    assert elsewhere.take() == OK            # another address is not held back
+    reactor.advance(0.9)
+    assert waiting.take() == b"" and not waiting.closing
+    reactor.advance(0.2)
+    assert waiting.take() == OK              # checked once the backoff is over
+
+
+def test_backoff_doubles_up_to_the_maximum_and_a_success_resets_it():
+    backoff = Backoff(1.0, 5.0)
+    factory, reactor = memory_server(backoff)
+    delays = []
+    for port in range(1, 6):
+        client = login(factory, ALICE_WRONG, port=port)
+        assert_refused(client, FAILED)        # memory: answers at once
+        delay = backoff.wait("127.0.0.1", reactor.seconds())[1]
+        delays.append(delay)
+        reactor.advance(delay)
+    assert delays == [1.0, 2.0, 4.0, 5.0, 5.0]
+    assert login(factory, port=10).take() == OK
+    assert backoff.failures == {}
+    assert_refused(login(factory, ALICE_WRONG, port=11), FAILED)
+    assert backoff.wait("127.0.0.1", reactor.seconds()) == (1, 1.0)
+
+
+def test_overload_refusals_are_not_failures(password_file):
+    backoff = Backoff(1.0, 30.0)
+    factory, reactor, manual, _ = userpass_server(password_file, per_client=1,
+                                                  backoff=backoff)
+    login(factory, port=1)
+    assert_refused(login(factory, port=2), FAILED)    # busy
+    assert backoff.failures == {}
+    manual.finish()
+    assert login(factory, port=3).take() == b""        # checked at once, no backoff
+    assert len(manual.calls) == 2
+
+
+def test_a_backoff_past_the_handshake_timeout_is_refused_at_once():
+    backoff = Backoff(20.0, 30.0)
+    factory, reactor = memory_server(backoff, Limits(handshake_timeout=10.0))
+    assert_refused(login(factory, ALICE_WRONG, port=1), FAILED)
+    with capturedLogs() as events:
+        client = login(factory, port=2)
+        assert_refused(client, FAILED)
+        client.lose()
+    [line] = session_lines(events)
+    assert line.endswith("auth failed: backoff after 1 failed login in a row from this "
+                         "address: 20 s left, past the handshake timeout"), line
+    assert backoff.wait("127.0.0.1", reactor.seconds()) == (1, 20.0)  # not extended
+
+
+def test_a_client_that_leaves_during_its_backoff_gets_nothing_checked():
+    checked = []
+
+    class Counting(InMemoryUsernamePasswordDatabaseDontUse):
+        def requestAvatarId(self, credentials):
+            checked.append(credentials.username)
+            return super().requestAvatarId(credentials)
+
+    method = UserPass(Portal(SOCKSRealm(), [FirstOf([Counting(alice=b"secret")])]),
+                      Backoff(1.0, 30.0))
+    factory, reactor = make_factory(methods=[method])
+    assert_refused(login(factory, ALICE_WRONG, port=1), FAILED)
+    leaving = login(factory, port=2)
+    leaving.lose()
+    reactor.advance(2)
+    assert checked == [b"alice"] and reactor.getDelayedCalls() == []
+
+
+def test_backoff_memory_is_bounded():
+    backoff = Backoff(1.0, 30.0, clients=3)
+    for n in range(5):
+        backoff.failed(f"10.0.0.{n}", 100.0 + n)
+    assert list(backoff.failures) == ["10.0.0.2", "10.0.0.3", "10.0.0.4"]
+    # Forgotten 2 x the maximum after the last failure; a new one starts over.
+    assert backoff.wait("10.0.0.4", 104.0 + 59.9) == (1, 0.0)
+    assert backoff.wait("10.0.0.4", 104.0 + 60.0) == (0, 0.0)
+    backoff.failed("10.0.0.9", 170.0)
+    assert list(backoff.failures) == ["10.0.0.9"]
+    assert backoff.failed("10.0.0.9", 171.0) == (2, 2.0)
+    # Off: nothing remembered.
+    off = Backoff(0)
+    assert off.failed("10.0.0.1", 1.0) == (0, 0.0) and off.failures == {}
+
+
 # Configuration.
 
 
 def test_config_keys_defaults_and_wiring(tmp_path, password_file):
     assert (Limits().auth_threads, Limits().auth_in_flight,
-            Limits().auth_in_flight_per_client) == (4, 16, 2)
+            Limits().auth_in_flight_per_client, Limits().auth_failure_backoff,
+            Limits().auth_failure_backoff_max, Limits().auth_failure_clients) == \
+        (4, 16, 2, 1.0, 30.0, 10000)
     path = tmp_path / "socksd.toml"
     path.write_text("[server]\nmethods = [\"userpass\"]\nauth_threads = 3\nauth_in_flight = 9\n"
-                    "auth_in_flight_per_client = 5\n")
+                    "auth_in_flight_per_client = 5\nauth_failure_backoff = 0.5\n"
+                    "auth_failure_backoff_max = 8\nauth_failure_clients = 7\n")
     cfg = config.load(str(path))
     memory = InMemoryUsernamePasswordDatabaseDontUse(alice=b"secret")
     htpasswd = HashedPasswordFile(password_file)
@@ -225,7 +335,9 @@ def test_config_keys_defaults_and_wiring(tmp_path, password_file):
     pool = htpasswd.hash_pool
     assert (pool.threads, pool.limit, pool.per_client) == (3, 9, 5)
     assert not hasattr(memory, "hash_pool")     # no hashing, no bound
-    assert [method.name for method in factory.methods] == ["userpass"]
+    [method] = factory.methods
+    backoff = method.backoff
+    assert (backoff.first, backoff.longest, backoff.clients) == (0.5, 8, 7)
     # Each of N workers gets its share.
     tap.make_factory(cfg, [htpasswd], None, share=2)
     assert (htpasswd.hash_pool.threads, htpasswd.hash_pool.limit,
@@ -237,6 +349,11 @@ def test_config_keys_defaults_and_wiring(tmp_path, password_file):
     ("auth_in_flight = -1", r":2: server.auth_in_flight: -1 must be at least 1"),
     ("auth_in_flight_per_client = 1.5",
      r":2: server.auth_in_flight_per_client: must be an integer, not a float"),
+    ("auth_failure_backoff = -1", r":2: server.auth_failure_backoff: -1 is out of range"),
+    ("auth_failure_backoff_max = 0", r":2: server.auth_failure_backoff_max: 0 is out of range"),
+    ("auth_failure_clients = 0", r":2: server.auth_failure_clients: 0 must be at least 1"),
+    ("auth_failure_backoff = 40", r":2: server.auth_failure_backoff: 40 s is more than "
+                                  r"server.auth_failure_backoff_max \(30 s\)"),
 ])
 def test_config_errors(tmp_path, text, message):
     path = tmp_path / "socksd.toml"

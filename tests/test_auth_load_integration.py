@@ -1,6 +1,7 @@
 """Password checks under load, against a real `twistd -n socks` (issue 13):
 a flood of logins from one address does not stop another client's login,
-and no check runs for a client that left before it started."""
+no check runs for a client that left before it started, and a failed login
+delays the next one from that address."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import time
 from socksd.wire import rfc1929
 
 from conftest import recv_exact, require
-from test_auth_integration import USERPASS_ONLY, assert_login_works
+from test_auth_integration import USERPASS_ONLY, assert_login_refused, assert_login_works
 
 GREETING_USERPASS = b"\x05\x01\x02"
 FLOOD_SOURCE = "127.0.0.2"     # loopback, but not the address the other clients use
@@ -143,3 +144,12 @@ def test_no_check_runs_for_a_client_that_left(socks_server, tmp_path):
         assert recv_exact(late, 4) == b"\x05\x02\x01\x00"
     assert started.read_bytes() == b"first\nlate\n"
 
+
+def test_a_failed_login_delays_the_next_from_that_address(socks_server, http_server,
+                                                          tmp_path):
+    server = socks_server(USERPASS_ONLY + 'checkers = ["memory:alice:secret"]\n')
+    line = assert_login_refused(server, "alice", "wrong", http_server, tmp_path)
+    assert line.endswith("auth failed: bad username or password (failure 1 in a row from "
+                         "this address: backoff 1 s)"), line
+    # The next login waits out the second, then is checked: no refusal.
+    assert_login_works(server, "alice", "secret", http_server, tmp_path)

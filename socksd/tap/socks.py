@@ -19,7 +19,7 @@ from socksd import config as configuration
 from socksd.auth import SOCKSRealm
 from socksd.auth.checkers import FirstOf
 from socksd.auth.hashing import HashPool
-from socksd.auth.methods import method_registry
+from socksd.auth.methods import Backoff, method_registry
 from socksd.ident.registry import ProxiedConnections
 from socksd.proxy import SOCKSServerFactory
 from socksd.proxy.connect import THREAD_POOL_SIZE
@@ -163,7 +163,10 @@ def make_factory(cfg, checkers: list, proxied: ProxiedConnections | None,
         portal = Portal(SOCKSRealm(), [FirstOf(checkers)])
         use_hash_pool(checkers, HashPool(limits.auth_threads, limits.auth_in_flight,
                                          limits.auth_in_flight_per_client))
-    registry = method_registry(portal, cfg.gssapi if "gssapi" in cfg.methods else None)
+    registry = method_registry(portal, cfg.gssapi if "gssapi" in cfg.methods else None,
+                               Backoff(limits.auth_failure_backoff,
+                                       limits.auth_failure_backoff_max,
+                                       limits.auth_failure_clients))
     return SOCKSServerFactory([registry[name] for name in cfg.methods], cfg.rules, limits,
                               socks4=cfg.socks4, registry=proxied,
                               trusted_proxies=cfg.trusted_proxies)
