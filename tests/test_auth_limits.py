@@ -210,6 +210,17 @@ class OwnThreadsTests(unittest.TestCase):
         self.assertEqual(await check, b"alice")
         self.assertEqual(pool.started, 1)
 
+    async def test_checks_yield_the_cpu_to_the_reactor(self):
+        """Their threads are nicer than the reactor's: when both want the
+        CPU, relaying and answering go first (Linux: a nice value per thread)."""
+        pool = HashPool(threads=1)
+        self.addCleanup(pool.stop)
+        own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        theirs = await pool.run(None, lambda: os.getpriority(os.PRIO_PROCESS,
+                                                             threading.get_native_id()))
+        self.assertEqual(theirs, min(own + 10, 19))
+        self.assertEqual(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), own)
+
 
 # Backoff.
 
