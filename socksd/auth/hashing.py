@@ -18,10 +18,9 @@ names the client (see :class:`socksd.auth.ClientUsernamePassword`).
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
 from functools import partial
-import threading
-from threading import Thread
 from typing import Any, Callable
 
 from twisted.internet import defer, threads
@@ -37,7 +36,7 @@ IN_FLIGHT_PER_CLIENT = 2
 NICENESS = 10
 
 
-class _CheckThread(Thread):
+class _CheckThread(threading.Thread):
     """A daemon thread (a check left running must not keep the process
     alive) that runs at a lower priority than the reactor's (Linux has a
     nice value per thread; elsewhere it stays as it is)."""
@@ -164,18 +163,25 @@ class HashPool:
             pool = ThreadPool(0, self.threads, "socksd-auth")
             pool.threadFactory = _CheckThread  # type: ignore[assignment]
             pool.start()
-            self.shutdown = reactor.addSystemEventTrigger("during", "shutdown", self.stop)
+            self.shutdown = reactor.addSystemEventTrigger("during", "shutdown",
+                                                          self._at_shutdown)
             self.threadpool = pool
         return threads.deferToThreadPool(reactor, self.threadpool, call)
 
+    def _at_shutdown(self) -> None:
+        self.shutdown = None
+        self.stop()
+
     def stop(self) -> None:
-        """Stop the threads (at reactor shutdown), once running checks end."""
+        """Stop the threads, once the running checks end (also done at
+        reactor shutdown)."""
         pool, self.threadpool = self.threadpool, None
-        if pool is not None:
-            shutdown, self.shutdown = self.shutdown, None
-            if shutdown is not None and self.reactor.running:
-                self.reactor.removeSystemEventTrigger(shutdown)
-            pool.stop()
+        if pool is None:
+            return
+        shutdown, self.shutdown = self.shutdown, None
+        if shutdown is not None:
+            self.reactor.removeSystemEventTrigger(shutdown)
+        pool.stop()
 
 
 _default: HashPool | None = None
