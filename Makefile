@@ -55,6 +55,7 @@ bench: debs-test debs-bench install
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
 	$(PY) benchmarks/ident_lookup.py
 	$(PY) benchmarks/gssapi_bulk.py
+	$(PY) benchmarks/auth_flood.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis

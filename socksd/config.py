@@ -155,6 +155,9 @@ _SERVER_KEYS = {
     "bind_timeout": "timeout", "udp_idle_timeout": "timeout", "bind_ports": "ports",
     "udp_ports": "ports", "max_datagram": "count", "workers": "workers",
     "ipv6_client_prefix": "prefix", "trusted_proxies": "strings",
+    "auth_threads": "count", "auth_in_flight": "count", "auth_in_flight_per_client": "count",
+    "auth_failure_backoff": "seconds", "auth_failure_backoff_max": "timeout",
+    "auth_failure_clients": "count",
 }
 _RULE_KEYS = {
     "action": "string", "from": "strings", "to": "strings", "ports": "ports",
@@ -314,6 +317,10 @@ def parse(data: dict[str, Any], where: _Where) -> Config:
         if problem:
             raise where.error(f"{description!r}: {problem}", "server", None, "checkers")
     limits = Limits(**limits)
+    if limits.auth_failure_backoff > limits.auth_failure_backoff_max:
+        raise where.error(f"{limits.auth_failure_backoff:g} s is more than server."
+                          f"auth_failure_backoff_max ({limits.auth_failure_backoff_max:g} s)",
+                          "server", None, "auth_failure_backoff")
     rules = _rules(data.get("rules"), where)
     identd = None
     if "identd" in data:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 import pty
+import re
 import select
 import shutil
 import subprocess
 import sys
 import tempfile
+
+import argon2
+import bcrypt
 
 from twisted.cred import error
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
@@ -16,7 +20,7 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.cred.portal import Portal
 from twisted.trial import unittest
 
-from socksd.auth import ANONYMOUS, IUser, SOCKSRealm, User
+from socksd.auth import ANONYMOUS, IUser, SOCKSRealm, User, passwd
 from socksd.auth.checkers import FirstOf
 from socksd.auth.passwd import HashedPasswordFile, hash_password, verify
 
@@ -205,3 +209,137 @@ class CheckerTests(unittest.TestCase):
         with self.assertRaises(error.UnauthorizedLogin):
             await portal.login(UsernamePassword(b"dave", b"secret"), None, IUser)
         self.assertFalse(ANONYMOUS.verified)
+
+
+def _bcrypt(password: bytes, rounds: int) -> bytes:
+    return bcrypt.hashpw(password, bcrypt.gensalt(rounds))
+
+
+def _argon2(password: bytes, memory: int, passes: int, lanes: int = 1) -> bytes:
+    return argon2.PasswordHasher(time_cost=passes, memory_cost=memory,
+                                 parallelism=lanes).hash(password).encode("ascii")
+
+
+def cost_of(hashed: bytes):
+    """(scheme, cost...) of a well-formed hash, read here independently of
+    socksd's parser; None for anything else."""
+    match = re.fullmatch(rb"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}", hashed)
+    if match:
+        return "bcrypt", int(match[1])
+    match = re.fullmatch(rb"\$(argon2(?:id|i|d))\$v=19\$m=(\d+),t=(\d+),p=(\d+)\$[^$]+\$[^$]+",
+                         hashed)
+    if match:
+        return match[1].decode(), int(match[2]), int(match[3]), int(match[4])
+    return None
+
+
+class UnknownUserCostTests(unittest.TestCase):
+    """An unknown user, or a malformed entry, is checked against a dummy hash
+    of the file's most common (scheme, cost): no timing tells names apart
+    (issue 13). Observed by which hash the check verifies against."""
+
+    def setUp(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        self.path = os.path.join(directory, "users")
+        self.verified: list[bytes] = []
+        real = passwd.verify
+
+        def spy(password: bytes, hashed: bytes) -> bool:
+            self.verified.append(hashed)
+            return real(password, hashed)
+
+        self.patch(passwd, "verify", spy)
+
+    def write(self, *hashes: bytes, extra: bytes = b"") -> None:
+        with open(self.path, "wb") as f:
+            for number, hashed in enumerate(hashes):
+                f.write(b"user%d:%s\n" % (number, hashed))
+            f.write(extra)
+
+    async def checked_against(self, checker, user: bytes = b"nobody") -> bytes:
+        """The one hash a failing login of ``user`` was verified against."""
+        self.verified.clear()
+        with self.assertRaises(error.UnauthorizedLogin):
+            await checker.requestAvatarId(UsernamePassword(user, b"guess"))
+        self.assertEqual(len(self.verified), 1, self.verified)
+        return self.verified[0]
+
+    async def test_bcrypt_file(self):
+        self.write(_bcrypt(b"a", 5), _bcrypt(b"b", 4), _bcrypt(b"c", 5))
+        self.assertEqual(cost_of(await self.checked_against(HashedPasswordFile(self.path))),
+                         ("bcrypt", 5))
+
+    async def test_argon2_file(self):
+        self.write(_argon2(b"a", 8192, 1), _argon2(b"b", 16384, 2), _argon2(b"c", 8192, 1))
+        self.assertEqual(cost_of(await self.checked_against(HashedPasswordFile(self.path))),
+                         ("argon2id", 8192, 1, 1))
+
+    async def test_a_tie_takes_the_costliest(self):
+        self.write(_bcrypt(b"a", 4), _bcrypt(b"b", 6))
+        checker = HashedPasswordFile(self.path)
+        self.assertEqual(cost_of(await self.checked_against(checker)), ("bcrypt", 6))
+        # Across schemes by estimated work: argon2 8 MiB x 1 pass is about
+        # 170 bcrypt iterations' worth, more than cost 4 (16 of them).
+        self.write(_bcrypt(b"a", 4), _argon2(b"b", 8192, 1))
+        self.assertEqual(cost_of(await self.checked_against(checker)),
+                         ("argon2id", 8192, 1, 1))
+
+    async def test_follows_the_file_when_it_changes(self):
+        self.write(_bcrypt(b"a", 4), _bcrypt(b"b", 4), _bcrypt(b"c", 5))
+        checker = HashedPasswordFile(self.path)
+        self.assertEqual(cost_of(await self.checked_against(checker)), ("bcrypt", 4))
+        self.assertEqual(checker.dummy(), checker.dummy())     # made once per change
+        self.write(_bcrypt(b"a", 4), _bcrypt(b"b", 5), _bcrypt(b"c", 5), _bcrypt(b"d", 5))
+        self.assertEqual(cost_of(await self.checked_against(checker)), ("bcrypt", 5))
+        self.write(_argon2(b"a", 8192, 1))
+        self.assertEqual(cost_of(await self.checked_against(checker)),
+                         ("argon2id", 8192, 1, 1))
+
+    async def test_malformed_entries_cost_the_same(self):
+        self.write(_bcrypt(b"a", 5), _bcrypt(b"b", 5), extra=b"carol:$2b$04$tooshort\n")
+        checker = HashedPasswordFile(self.path)
+        dummy = await self.checked_against(checker)
+        self.assertEqual(cost_of(dummy), ("bcrypt", 5))
+        self.assertEqual(await self.checked_against(checker, b"carol"), dummy)
+        # A plaintext entry written after start-up, and an argon2 string
+        # whose parameters do not parse, alike.
+        with open(self.path, "ab") as f:
+            f.write(b"dave:hunter2\n" b"erin:$argon2id$v=19$m=x,t=1,p=1$c2FsdA$aGFzaA\n")
+        dummy = await self.checked_against(checker)
+        self.assertEqual(cost_of(dummy), ("bcrypt", 5))
+        self.assertEqual(await self.checked_against(checker, b"dave"), dummy)
+        self.assertEqual(await self.checked_against(checker, b"erin"), dummy)
+
+    async def test_a_file_without_hashes_uses_the_helpers_default(self):
+        self.write()
+        self.assertEqual(cost_of(await self.checked_against(HashedPasswordFile(self.path))),
+                         ("bcrypt", 12))
+
+
+class LongPasswordTests(unittest.TestCase):
+    """bcrypt reads a password's first 72 bytes; Apache's htpasswd -B cuts it
+    there, and bcrypt 5 raises for longer ones (which failed such a login
+    at once, whatever the password)."""
+
+    async def test_htpasswd_entry_with_a_long_password(self):
+        htpasswd = require("htpasswd")
+        password = b"x" * 60 + b"y" * 40
+        out = subprocess.run([htpasswd, "-nbB", "alice", password.decode()],
+                             capture_output=True, check=True, timeout=30).stdout.strip()
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "users")
+        with open(path, "wb") as f:
+            f.write(out + b"\n")
+        checker = HashedPasswordFile(path)
+        self.assertEqual(await checker.requestAvatarId(UsernamePassword(b"alice", password)),
+                         b"alice")
+        with self.assertRaises(error.UnauthorizedLogin):
+            await checker.requestAvatarId(UsernamePassword(b"alice", b"x" * 60))
+
+    def test_socksd_hashes_long_passwords_like_htpasswd(self):
+        hashed = hash_password(b"z" * 100)
+        self.assertTrue(verify(b"z" * 100, hashed))
+        self.assertTrue(verify(b"z" * 72, hashed))
+        self.assertFalse(verify(b"z" * 71, hashed))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from zope.interface import Attribute, Interface, implementer
 
+from twisted.cred.credentials import UsernamePassword
 from twisted.cred.portal import IRealm
 
 
@@ -33,6 +34,17 @@ class User:
 
 
 ANONYMOUS = User(None, verified=False)
+
+
+class ClientUsernamePassword(UsernamePassword):
+    """RFC 1929's username and password, and who sent them: ``client`` is the
+    session's client key (its address), by which a checker that hashes
+    bounds the work one client can cause (socksd.auth.hashing). Checkers
+    that do not look still see an ordinary IUsernamePassword."""
+
+    def __init__(self, username: bytes, password: bytes, client: str | None) -> None:
+        super().__init__(username, password)
+        self.client = client
 
 
 def avatar_name(avatar_id: bytes | str) -> str:

@@ -3,7 +3,8 @@
 Twisted's ``file:`` checker compares plaintext. This one reads the format of
 Apache's ``htpasswd -B`` (``user:$2y$...``) and argon2 PHC strings
 (``user:$argon2id$...``), re-reading the file on each login so edits apply at
-once. Hashing is deliberately slow, so it runs in a thread, off the reactor.
+once. Hashing is deliberately slow, so it runs off the reactor, in the
+bounded pool of :mod:`socksd.auth.hashing`.
 
 Make an entry with ``python -m socksd.auth.passwd alice >> users`` (prompts)
 or ``htpasswd -B -c users alice``.
@@ -13,7 +14,12 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import os
+import re
 import sys
+import threading
+from collections import Counter
+from typing import Iterable, Iterator
 
 import argon2
 import bcrypt
@@ -22,9 +28,9 @@ from zope.interface import implementer
 from twisted.cred import error
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
-from twisted.internet import threads
 from twisted.logger import Logger
 
+from socksd.auth import hashing
 from socksd.escape import escape
 
 log = Logger()
@@ -32,14 +38,24 @@ log = Logger()
 _BCRYPT = (b"$2a$", b"$2b$", b"$2y$")
 _ARGON2 = (b"$argon2id$", b"$argon2i$", b"$argon2d$")
 _argon2 = argon2.PasswordHasher()
-# Verified against when the user does not exist, so that a missing user
-# costs as much time as a wrong password and names cannot be probed.
-_DUMMY = bcrypt.hashpw(b"socksd-dummy", bcrypt.gensalt(rounds=10))
+_BCRYPT_HASH = re.compile(rb"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}")
+_ARGON2_HASH = re.compile(
+    rb"\$argon2(?:id|i|d)\$(?:v=\d+\$)?m=\d+,t=\d+,p=\d+\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+")
+# bcrypt uses a password's first 72 bytes: Apache's htpasswd -B cuts it there,
+# bcrypt < 5 did so silently, bcrypt 5 raises instead (which refused such a
+# user's every login, and quickly).
+BCRYPT_MAX_PASSWORD = 72
+# What an unknown user's password is checked against when the file has no
+# well-formed hash: what `python -m socksd.auth.passwd` makes.
+DEFAULT_COST = ("bcrypt", (12,))
+_DUMMY_PASSWORD = b"socksd-dummy"
+
+Cost = tuple[str, tuple[int, ...]]
 
 
 def hash_password(password: bytes, scheme: str = "bcrypt") -> bytes:
     if scheme == "bcrypt":
-        return bcrypt.hashpw(password, bcrypt.gensalt())
+        return bcrypt.hashpw(password[:BCRYPT_MAX_PASSWORD], bcrypt.gensalt())
     if scheme == "argon2":
         return _argon2.hash(password).encode("ascii")
     raise ValueError(f"unknown scheme {scheme!r}: use bcrypt or argon2")
@@ -49,7 +65,7 @@ def verify(password: bytes, hashed: bytes) -> bool:
     """True when ``password`` matches a bcrypt or argon2 hash."""
     if hashed.startswith(_BCRYPT):
         try:
-            return bcrypt.checkpw(password, hashed)
+            return bcrypt.checkpw(password[:BCRYPT_MAX_PASSWORD], hashed)
         except ValueError:
             return False
     if hashed.startswith(_ARGON2):
@@ -61,25 +77,73 @@ def verify(password: bytes, hashed: bytes) -> bool:
     raise ValueError("not a bcrypt or argon2 hash")
 
 
-def _entries(path: str):
+def hash_cost(hashed: bytes) -> Cost | None:
+    """The (scheme, cost) of a well-formed hash, e.g. ``("bcrypt", (12,))``
+    (rounds) or ``("argon2id", (65536, 3, 4))`` (KiB, passes, lanes); None
+    for anything a check would reject at once, without hashing."""
+    match = _BCRYPT_HASH.fullmatch(hashed)
+    if match:
+        rounds = int(match[1])
+        return ("bcrypt", (rounds,)) if 4 <= rounds <= 31 else None
+    if _ARGON2_HASH.fullmatch(hashed):
+        try:
+            p = argon2.extract_parameters(hashed.decode("ascii"))
+        except (argon2.exceptions.InvalidHashError, ValueError):
+            return None
+        return f"argon2{p.type.name.lower()}", (p.memory_cost, p.time_cost, p.parallelism)
+    return None
+
+
+def _work(cost: Cost) -> float:
+    """A rough CPU cost in one unit for both schemes, only to break ties:
+    argon2's KiB x passes; each of bcrypt's 2**rounds iterations costs
+    about as much as 48 of those."""
+    scheme, params = cost
+    if scheme == "bcrypt":
+        return 48.0 * 2 ** params[0]
+    return float(params[0] * params[1])
+
+
+def common_cost(hashes: Iterable[bytes]) -> tuple[Cost | None, bytes | None]:
+    """The most common (scheme, cost) among well-formed ``hashes``, on a tie
+    the costliest, and the first hash of it; (None, None) if there is none."""
+    counts: Counter[Cost] = Counter()
+    examples: dict[Cost, bytes] = {}
+    for hashed in hashes:
+        cost = hash_cost(hashed)
+        if cost is not None:
+            counts[cost] += 1
+            examples.setdefault(cost, hashed)
+    if not counts:
+        return None, None
+    best = max(counts, key=lambda cost: (counts[cost], _work(cost), cost))
+    return best, examples[best]
+
+
+def dummy_hash(cost: Cost, example: bytes | None = None) -> bytes:
+    """A new hash of a password nobody has, of ``cost`` (argon2: shaped like
+    ``example``, a hash of that cost)."""
+    scheme, params = cost
+    if scheme == "bcrypt":
+        return bcrypt.hashpw(_DUMMY_PASSWORD, bcrypt.gensalt(rounds=params[0]))
+    hasher = argon2.PasswordHasher.from_parameters(
+        argon2.extract_parameters(example.decode("ascii")))
+    return hasher.hash(_DUMMY_PASSWORD).encode("ascii")
+
+
+def _parse(lines: Iterable[bytes]) -> Iterator[tuple[int, bytes, bytes | None]]:
     """(line number, name, hash or None when the line has no ':') of each
     entry; blank lines and # comments are skipped."""
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if line and not line.startswith(b"#"):
+            name, sep, hashed = line.partition(b":")
+            yield number, name, hashed if sep else None
+
+
+def _entries(path: str):
     with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
-            line = line.strip()
-            if line and not line.startswith(b"#"):
-                name, sep, hashed = line.partition(b":")
-                yield number, name, hashed if sep else None
-
-
-def read_entry(path: str, username: bytes) -> bytes | None:
-    """The stored hash for ``username`` in an htpasswd-style file."""
-    for number, name, hashed in _entries(path):
-        if hashed is None:
-            log.warn("{path}:{line}: no ':' in entry, ignored", path=path, line=number)
-        elif name == username:
-            return hashed
-    return None
+        yield from _parse(f)
 
 
 def check_file(path: str) -> None:
@@ -97,7 +161,20 @@ def check_file(path: str) -> None:
 
 @implementer(ICredentialsChecker)
 class HashedPasswordFile:
+    """The ``htpasswd:`` checker.
+
+    A name that is not in the file, or whose entry is malformed, is checked
+    against a dummy hash of the file's most common (scheme, cost), so that
+    it takes as long as most wrong passwords and names cannot be told apart
+    by timing (a fixed dummy of its own cost told them from every user
+    whose hash costs more or less). The dummy is made again when the file
+    changes.
+    """
+
     credentialInterfaces = (IUsernamePassword,)
+    # The server's bounded pool for the slow part (socksd.auth.hashing);
+    # None: the process-wide default one.
+    hash_pool: hashing.HashPool | None = None
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -105,19 +182,54 @@ class HashedPasswordFile:
         # unreadable or holds something other than hashes. It is read again
         # at each login, so later edits apply (and are checked) then.
         check_file(path)
+        self._lock = threading.Lock()
+        self._dummy: tuple[tuple[int, ...], Cost, bytes] | None = None  # version, cost, hash
+
+    def _read(self) -> tuple[tuple[int, ...], list[tuple[int, bytes, bytes | None]]]:
+        """The file's entries and its version (which changes when it does)."""
+        with open(self.path, "rb") as f:
+            st = os.fstat(f.fileno())
+            entries = list(_parse(f.read().splitlines()))
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns), entries
+
+    def _dummy_for(self, version: tuple[int, ...], entries) -> bytes:
+        with self._lock:   # checks run in several threads
+            if self._dummy is None or self._dummy[0] != version:
+                cost, example = common_cost(hashed for _n, _name, hashed in entries
+                                            if hashed is not None)
+                cost = cost or DEFAULT_COST
+                if self._dummy is not None and self._dummy[1] == cost:
+                    dummy = self._dummy[2]
+                else:
+                    dummy = dummy_hash(cost, example)
+                self._dummy = (version, cost, dummy)
+            return self._dummy[2]
+
+    def dummy(self) -> bytes:
+        """The hash an unknown user's password is checked against now."""
+        return self._dummy_for(*self._read())
 
     def _check(self, username: bytes, password: bytes) -> bytes:
-        hashed = read_entry(self.path, username)
+        version, entries = self._read()
+        # Kept current at every login, so that no particular login pays for
+        # making it after the file changed.
+        dummy = self._dummy_for(version, entries)
+        hashed = None
+        for number, name, entry in entries:
+            if entry is None:
+                log.warn("{path}:{line}: no ':' in entry, ignored", path=self.path, line=number)
+            elif name == username:
+                hashed = entry
+                break
         if hashed is None:
-            verify(password, _DUMMY)
+            verify(password, dummy)
             raise error.UnauthorizedLogin("no such user")
-        try:
-            ok = verify(password, hashed)
-        except ValueError:
+        if hash_cost(hashed) is None:
             log.warn("{path}: entry for {user} is not a bcrypt or argon2 hash",
                      path=self.path, user=escape(username.decode("utf-8", "replace")))
-            ok = False
-        if not ok:
+            verify(password, dummy)
+            raise error.UnauthorizedLogin("malformed entry")
+        if not verify(password, hashed):
             raise error.UnauthorizedLogin("bad password")
         return username
 
@@ -128,7 +240,8 @@ class HashedPasswordFile:
             username = username.encode("utf-8")
         if isinstance(password, str):
             password = password.encode("utf-8")
-        return threads.deferToThread(self._check, username, password)
+        pool = self.hash_pool if self.hash_pool is not None else hashing.default_pool()
+        return pool.run(getattr(credentials, "client", None), self._check, username, password)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,7 +78,8 @@ def classify(failure: Failure) -> ConnectFailed:
 # until it returns. So a lookup counts until it really ends, and a lookup
 # over these bounds fails at once, as a failed lookup does.
 THREAD_POOL_SIZE = 64        # twistd sizes the reactor's pool so (Twisted's default: 10)
-MAX_LOOKUPS = 48             # in total: the rest of the pool is for password hashing
+MAX_LOOKUPS = 48             # in total: the rest is for other threaded work (not
+                             # password hashing: socksd.auth.hashing has its own)
 MAX_LOOKUPS_PER_CLIENT = 16  # per client address: no client takes them all
 
 

@@ -17,6 +17,8 @@ from twisted.python.failure import Failure
 
 from socksd import relay, splice
 from socksd.auth import ANONYMOUS, User
+from socksd.auth import hashing
+from socksd.auth import methods as auth_methods
 from socksd.auth.methods import Method
 from socksd.escape import escape
 from socksd.ident.registry import ProxiedConnections
@@ -58,6 +60,14 @@ class Limits:
     max_datagram: int = 65507                   # largest UDP payload relayed
     stall_timeout: float = 300.0    # a receiver may take nothing for this long; 0 = never
     ipv6_client_prefix: int = 64    # per-client limits count an IPv6 client per /64
+    # Password checks (RFC 1929 logins): threads, checks waiting or running
+    # (in all, per client address), and the backoff after a failed login.
+    auth_threads: int = hashing.THREADS
+    auth_in_flight: int = hashing.IN_FLIGHT
+    auth_in_flight_per_client: int = hashing.IN_FLIGHT_PER_CLIENT
+    auth_failure_backoff: float = auth_methods.BACKOFF      # 0 = none
+    auth_failure_backoff_max: float = auth_methods.BACKOFF_MAX
+    auth_failure_clients: int = auth_methods.BACKOFF_CLIENTS   # addresses remembered
 
 
 class SOCKSServerFactory(ServerFactory):

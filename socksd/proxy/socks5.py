@@ -47,6 +47,20 @@ class Socks5Handshake:
     def peer(self) -> str:
         return self.session.peer
 
+    # What a method needs besides (socksd.auth.methods.Authenticating).
+
+    @property
+    def client_key(self) -> str | None:
+        return self.session.client_key
+
+    @property
+    def reactor(self):
+        return self.session.server.reactor
+
+    @property
+    def handshake_deadline(self) -> float:
+        return self.session.started + self.session.server.limits.handshake_timeout
+
     def data_received(self, data: bytes) -> None:
         if self.state == _AUTH:
             self.negotiation.data_received(data)

@@ -18,7 +18,8 @@ from twisted.python import usage
 from socksd import config as configuration
 from socksd.auth import SOCKSRealm
 from socksd.auth.checkers import FirstOf
-from socksd.auth.methods import method_registry
+from socksd.auth.hashing import HashPool
+from socksd.auth.methods import Backoff, method_registry
 from socksd.ident.registry import ProxiedConnections
 from socksd.proxy import SOCKSServerFactory
 from socksd.proxy.connect import THREAD_POOL_SIZE
@@ -158,16 +159,32 @@ def _bytes_users(checker) -> None:
 def make_factory(cfg, checkers: list, proxied: ProxiedConnections | None,
                  share: int = 1) -> SOCKSServerFactory:
     """The listeners' factory; with ``share`` workers each gets its share
-    of the session limits."""
-    portal = Portal(SOCKSRealm(), [FirstOf(checkers)]) if checkers else None
-    registry = method_registry(portal, cfg.gssapi if "gssapi" in cfg.methods else None)
+    of the session limits and of the password checks' threads and bounds."""
     limits = cfg.limits
     if share > 1:
-        limits = replace(limits, max_sessions=-(-limits.max_sessions // share),
-                         max_sessions_per_client=-(-limits.max_sessions_per_client // share))
+        limits = replace(limits, **{key: -(-getattr(limits, key) // share) for key in (
+            "max_sessions", "max_sessions_per_client", "auth_threads", "auth_in_flight",
+            "auth_in_flight_per_client")})
+    portal = None
+    if checkers:
+        portal = Portal(SOCKSRealm(), [FirstOf(checkers)])
+        use_hash_pool(checkers, HashPool(limits.auth_threads, limits.auth_in_flight,
+                                         limits.auth_in_flight_per_client))
+    registry = method_registry(portal, cfg.gssapi if "gssapi" in cfg.methods else None,
+                               Backoff(limits.auth_failure_backoff,
+                                       limits.auth_failure_backoff_max,
+                                       limits.auth_failure_clients))
     return SOCKSServerFactory([registry[name] for name in cfg.methods], cfg.rules, limits,
                               socks4=cfg.socks4, registry=proxied,
                               trusted_proxies=cfg.trusted_proxies)
+
+
+def use_hash_pool(checkers: list, pool: HashPool) -> None:
+    """Hand the bounded pool to every checker that hashes: those with a
+    ``hash_pool`` attribute (htpasswd:, and any plugin that asks for one)."""
+    for checker in checkers:
+        if hasattr(checker, "hash_pool"):
+            checker.hash_pool = pool
 
 
 # Descriptors a session may hold: its two sockets and, while spliced data is
