@@ -125,31 +125,37 @@ def test_socks4_userid_is_escaped():
     assert event["user"] == USERID.decode("utf-8", "surrogateescape")
 
 
-def test_socks4a_name_is_escaped():
+# Names: socksd.wire.names refuses a name with anything but letters, digits,
+# "-" and "_" before it is looked up, matched or logged (issue 13, item 7):
+# such a name never reaches a line; the refusal's line stays clean.
+
+
+def test_socks4a_name_with_a_line_feed_is_refused_unlogged():
     factory, reactor = fakes.make_factory()
     client = Client(factory)
     with capturedLogs() as events:
         client.send(b"\x04\x01\x00\x50\x00\x00\x00\x01fred\x00" + NAME.encode() + b"\x00")
-        assert reactor.nameResolver.names == [NAME]
+        assert client.take()[:2] == b"\x00\x5b"          # 91
+        assert reactor.nameResolver.names == []
         client.lose()
-    line, event = one_line(events)
-    assert f" socks4 user=fred method=trust connect {NAME_ESCAPED}:80 " in line
-    assert event["destination"] == f"{NAME}:80"
+    line, _event = one_line(events)
+    assert_clean(line)
+    assert "bad domain name" in line and "example" not in line
 
 
-def test_socks5_name_is_escaped():
+def test_socks5_name_with_a_line_feed_is_refused_unlogged():
     factory, reactor = fakes.make_factory()
     raw = NAME.encode()
     request = b"\x05\x01\x00\x03" + bytes((len(raw),)) + raw + struct.pack("!H", 443)
     with capturedLogs() as events:
         client = fakes.socks5_client(factory, request)
         client.lose()
-    line, event = one_line(events)
-    assert f" connect {NAME_ESCAPED}:443 " in line
-    assert event["destination"] == f"{NAME}:443"
+    line, _event = one_line(events)
+    assert_clean(line)
+    assert "bad domain name" in line and "example" not in line
 
 
-def test_udp_name_is_escaped_in_a_logged_rule_line():
+def test_udp_name_with_a_line_feed_is_dropped_unlogged():
     from test_bind_udp_session import associate, make_factory
     rules = RuleSet([compile_rule("dns", "allow", commands=["udp"], ports=["53"], log=True),
                      compile_rule("loopback", "allow", sources=["127.0.0.0/8"])])
@@ -157,10 +163,9 @@ def test_udp_name_is_escaped_in_a_logged_rule_line():
     with capturedLogs() as events:
         client, relay, port = associate(factory)
         relay.datagramReceived(socks5.encode_udp(NAME, 53, b"q"), ("127.0.0.1", 6000))
-        reactor.nameResolver.answer("192.0.2.53")
-    assert port.take() == [(b"q", ("192.0.2.53", 53))]
-    [line] = [formatEvent(e) for e in events if "allowed by" in (formatEvent(e) or "")]
-    assert line == f"127.0.0.1:40000 - udp {NAME_ESCAPED}:53 allowed by dns (allow)"
+    assert port.take() == [] and reactor.nameResolver.names == []
+    assert relay.counts["dropped"] == 1
+    assert not [e for e in events if "allowed by" in (formatEvent(e) or "")]
 
 
 def test_a_user_name_with_a_space_cannot_add_a_field():
@@ -301,18 +306,19 @@ def test_twistd_escapes_a_socks4_userid_and_names(socks_server):
         ("socks5", b"\x05\x01\x00" + b"\x05\x01\x00\x03" + bytes((len(name),)) + name
          + b"\x00\x09"),
     ]
-    refused = {"socks4": b"\x00\x5b" + bytes(6),                       # 91
-               "socks5": b"\x05\x00" + b"\x05\x02\x00\x01" + bytes(6)}   # not allowed
-    for version, request in requests:
+    refused = [b"\x00\x5b" + bytes(6),                          # 91, denied by rule 1
+               b"\x00\x5b" + bytes(6),                          # 91, a name no resolver takes
+               b"\x05\x00" + b"\x05\x04\x00\x01" + bytes(6)]   # 0x04, likewise
+    for (_version, request), answer in zip(requests, refused):
         with socket.create_connection(server.address, timeout=10) as s:
             s.sendall(request)
-            assert recv_until_eof(s) == refused[version]
-    server.wait_for_log(r"(.* denied: .*\n){3}")
+            assert recv_until_eof(s) == answer
+    server.wait_for_log(r"(?s)denied: .*bad domain name.*bad domain name")
     log = server.log()
     assert_log_clean(log)
     lines = session_log_lines(log, "socks4")
     assert len(lines) == 2, lines
     assert f" socks4 user={USERID_ESCAPED} method=trust connect 127.0.0.1:9 " in lines[0]
-    assert f" socks4 user=fred method=trust connect {NAME_ESCAPED}:9 " in lines[1]
+    assert " bad request: SOCKS4a host name: bad domain name: " in lines[1]
     [line] = session_log_lines(log, "socks5")
-    assert f" socks5 user=- method=none connect {NAME_ESCAPED}:9 " in line
+    assert " bad request: request: bad domain name: " in line
