@@ -27,6 +27,8 @@ from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from socksd.inflight import PER_CLIENT, InFlight
+
 # Defaults of [server] auth_threads, auth_in_flight, auth_in_flight_per_client.
 THREADS = 4
 IN_FLIGHT = 16
@@ -69,7 +71,7 @@ class _Job:
         self.deferred: defer.Deferred
 
 
-class HashPool:
+class HashPool(InFlight):
     """Runs password checks in up to ``threads`` threads of its own.
 
     At most ``in_flight`` checks, and ``per_client`` of one client, are
@@ -86,33 +88,30 @@ class HashPool:
                  ) -> None:
         """``run_in_thread(call)`` runs ``call`` off the reactor thread and
         fires with its result (default: this pool's own threads)."""
+        super().__init__(in_flight, per_client)   # counts waiting + running checks
         self.threads = threads
-        self.limit = in_flight
-        self.per_client = per_client
         self.reactor = reactor
         self.run_in_thread = run_in_thread or self._in_own_thread
         self.threadpool: ThreadPool | None = None
         self.shutdown = None                 # our reactor shutdown trigger
-        self.total = 0                       # waiting + running
         self.running = 0
-        self.clients: dict[str | None, int] = {}
         self.waiting: deque[_Job] = deque()
         self.started = 0                     # checks ever started (for tests, benchmarks)
         self.dropped = 0                     # checks dropped unrun: their client left
 
     def run(self, client: str | None, f: Callable[..., Any], *args: Any) -> defer.Deferred:
         """``f(*args)`` in a thread, counted against ``client``."""
-        if client is not None and self.clients.get(client, 0) >= self.per_client:
+        bound = self.full(client)
+        if bound == PER_CLIENT:
             return defer.fail(TooManyChecks(
                 f"busy: {self.per_client} password checks in flight for this client "
                 "(auth_in_flight_per_client)"))
-        if self.total >= self.limit:
+        if bound is not None:
             return defer.fail(TooManyChecks(
                 f"busy: {self.limit} password checks in flight (auth_in_flight)"))
         job = _Job(client, partial(f, *args))
         job.deferred = defer.Deferred(partial(self._cancel, job))
-        self.total += 1
-        self.clients[client] = self.clients.get(client, 0) + 1
+        self.add(client)
         self.waiting.append(job)
         self._dispatch()
         return job.deferred
@@ -131,7 +130,7 @@ class HashPool:
 
     def _finished(self, result: Any, job: _Job) -> None:
         self.running -= 1
-        self._uncount(job.client)
+        self.remove(job.client)
         self._dispatch()
         if not job.deferred.called:          # else cancelled: nobody waits for it
             if isinstance(result, Failure):
@@ -143,15 +142,7 @@ class HashPool:
         if not job.started:
             self.waiting.remove(job)     # at most in_flight long
             self.dropped += 1
-            self._uncount(job.client)
-
-    def _uncount(self, client: str | None) -> None:
-        self.total -= 1
-        count = self.clients[client] - 1
-        if count:
-            self.clients[client] = count
-        else:
-            del self.clients[client]
+            self.remove(job.client)
 
     def _in_own_thread(self, call: Callable[[], Any]) -> defer.Deferred:
         reactor = self.reactor

@@ -16,6 +16,7 @@ from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import ClientFactory
 from twisted.python.failure import Failure
 
+from socksd.inflight import PER_CLIENT, TOTAL, InFlight
 from socksd.relay import RelayEnd
 
 # Why a CONNECT failed, independent of the SOCKS version that reports it.
@@ -90,33 +91,24 @@ class TooManyLookups(ConnectFailed):
         super().__init__(HOST_UNREACHABLE, detail)
 
 
-class Lookups:
+class Lookups(InFlight):
     """Counts the lookups in flight on one reactor, in total and per client."""
 
     def __init__(self, limit: int = MAX_LOOKUPS,
                  per_client: int = MAX_LOOKUPS_PER_CLIENT) -> None:
-        self.limit = limit
-        self.per_client = per_client
-        self.total = 0
-        self.clients: dict[str | None, int] = {}
+        super().__init__(limit, per_client)
 
     def begin(self, client: str | None, name: str) -> None:
         """Count one more lookup for client, or raise TooManyLookups."""
-        if client is not None and self.clients.get(client, 0) >= self.per_client:
+        bound = self.full(client)
+        if bound == PER_CLIENT:
             raise TooManyLookups(f"{name}: too many name lookups in flight for this client "
                                  f"({self.per_client})")
-        if self.total >= self.limit:
+        if bound == TOTAL:
             raise TooManyLookups(f"{name}: too many name lookups in flight ({self.limit})")
-        self.total += 1
-        self.clients[client] = self.clients.get(client, 0) + 1
+        self.add(client)
 
-    def end(self, client: str | None) -> None:
-        self.total -= 1
-        count = self.clients[client] - 1
-        if count:
-            self.clients[client] = count
-        else:
-            del self.clients[client]
+    end = InFlight.remove     # the resolver really finished with it
 
 
 _lookups: WeakKeyDictionary = WeakKeyDictionary()
