@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import socket
 import struct
-import subprocess
 import threading
 import time
 
@@ -14,7 +13,7 @@ import pytest
 
 from socksd.wire import socks4
 
-from conftest import PAGE, TWISTD, recv_exact
+from conftest import PAGE, recv_exact, run_socks
 
 
 def _fake_identd(host: str, answer_user: str):
@@ -191,6 +190,17 @@ def test_a_local_header_is_a_health_check_closed_quietly(socks_server):
     server.wait_for_log(r"127\.0\.0\.5:6000 socks5 user=- method=none connect 127\.0\.0\.1:1 ")
 
 
+def test_a_proxy_source_that_is_no_address_is_a_bad_request(socks_server):
+    """Twisted's v1 parser takes any word for the source address: a trusted
+    balancer's garbled header ended the session with a traceback."""
+    server = socks_server(None, *PROXY_LISTEN, "--trusted-proxy", "127.0.0.1/32")
+    header = f"PROXY TCP4 not-an-ip\x1b[31m 127.0.0.1 5000 {server.port}\r\n".encode()
+    assert closed_at_once(server, header + b"\x05\x01\x00") == b""
+    server.wait_for_log(r"bad request: PROXY header: the source is not an IP address")
+    log = server.log()
+    assert "Traceback" not in log and "Unhandled" not in log and "\x1b" not in log, log
+
+
 def test_bind_and_udp_listen_on_the_sockets_own_address(socks_server):
     """The header's destination is the balancer's idea: a forged 0.0.0.0
     made UDP ASSOCIATE bind a wildcard socket."""
@@ -230,15 +240,13 @@ def test_a_burst_through_the_balancer_is_counted_per_real_client(socks_server):
 def test_a_proxy_listener_needs_trusted_proxies(tmp_path, config, args):
     path = tmp_path / "socksd.toml"
     path.write_text(config)
-    out = subprocess.run([TWISTD, "socks", "--config", str(path), *args, "--check"],
-                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    out = run_socks("--config", str(path), *args, "--check", cwd=tmp_path)
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert "takes the client's address from a PROXY header, which any peer can send: name " \
            "the balancers in server.trusted_proxies or with --trusted-proxy CIDR" in out.stderr
     path.write_text(config + '[server]\ntrusted_proxies = ["10.0.0.0/8"]\n' if not config else
                     config + 'trusted_proxies = ["10.0.0.0/8"]\n')
-    ok = subprocess.run([TWISTD, "socks", "--config", str(path), *args, "--check"],
-                        capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    ok = run_socks("--config", str(path), *args, "--check", cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
 
 

@@ -259,8 +259,13 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
             return
         self.peer = peer
         host = getattr(address, "host", None)
-        # UNIX-socket clients are local; rules see them as 127.0.0.1.
-        self.client = parse_ip(host) if host is not None else _LOCAL
+        try:
+            # UNIX-socket clients are local; rules see them as 127.0.0.1.
+            self.client = parse_ip(host) if host is not None else _LOCAL
+        except ValueError:
+            # Twisted's PROXY v1 parser takes any word for an address.
+            self.fail("bad request", "PROXY header: the source is not an IP address")
+            return
         key = client_key(self.client, self.server.limits.ipv6_client_prefix)
         if self.client_key is not None:
             self.server.count_client(self.client_key, -1)
@@ -327,9 +332,6 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
             relay.RelayEnd.connectionLost(self, reason)
             return
         self.closed = True
-        if self.proxied is not None and self.outcome is None and self._health_check():
-            self.quiet = True        # a PROXY LOCAL header, then the balancer closed
-            self.server.proxy_health_checks += 1
         if self.outcome is None and self.udp is None:
             self.outcome = "client closed"
             self.detail = ("while waiting for the BIND connection"
@@ -706,6 +708,8 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         # was a quarter of the cost of a short session. Observers still get
         # every field for structured output, raw: what a client sent is
         # escaped in the text only.
+        if self.quiet:
+            return     # said otherwise, or only counted
         text = (f"{'' if WORKER is None else f'w{WORKER} '}"
                 f"{escape(self.peer, spaces=True)} socks{self.version} "
                 f"user={escape(user, spaces=True)} method={self.method} "
@@ -713,8 +717,6 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
                 f"down={down} {duration:.3f}s {outcome}{': ' if self.detail else ''}"
                 f"{escape(self.detail)}"
                 f"{' [splice]' if self.splicer is not None else ''}")
-        if self.quiet:
-            return
         emit = log.info if outcome == "ok" else log.warn
         emit("{session}", session=text, peer=self.peer, version=self.version, user=user,
              method=self.method, command=self.command, destination=self.destination,
