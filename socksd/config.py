@@ -6,7 +6,6 @@ A bad file never produces a traceback: :class:`ConfigError` says
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import socket
@@ -18,8 +17,8 @@ from socksd.ident.policy import IdentPolicy, parse_mode
 from socksd.ident.server import IdentdLimits
 from socksd.proxy.session import Limits
 from socksd.proxy.socks4 import Socks4Policy
-from socksd.rules import SELF, IPAddress, RuleSet, compile_rule, default_rules, parse_ip, \
-    port_range
+from socksd.rules import SELF, IPAddress, IPNetwork, RuleSet, compile_rule, default_rules, \
+    parse_ip, parse_network, port_range
 
 DEFAULT_LISTEN = ("tcp:1080:interface=127.0.0.1",)
 METHODS = ("gssapi", "userpass", "none")
@@ -54,7 +53,7 @@ class Config:
     gssapi: Any = None                  # socksd.auth.gss.GSSAPISettings, if configured
     workers: int = 1
     socks4_enabled_given: bool = False  # [socks4] enabled is in the file
-    trusted_proxies: tuple[Any, ...] = ()   # networks whose PROXY headers are believed
+    trusted_proxies: tuple[IPNetwork, ...] = ()   # networks whose PROXY headers are believed
 
     def proxy_problem(self) -> str | None:
         """Why a haproxy: listener cannot start: without trusted_proxies any
@@ -134,14 +133,11 @@ class Config:
         if listen:
             changes["listen"] = tuple(listen)
         if trusted_proxies:
-            networks = []
-            for text in trusted_proxies:
-                try:
-                    networks.append(ipaddress.ip_network(text, strict=False))
-                except ValueError:
-                    raise ConfigError(f"--trusted-proxy: {text!r} is not an IP network") \
-                        from None
-            changes["trusted_proxies"] = self.trusted_proxies + tuple(networks)
+            try:
+                networks = tuple(parse_network(text) for text in trusted_proxies)
+            except ValueError as e:
+                raise ConfigError(f"--trusted-proxy: {e}") from None
+            changes["trusted_proxies"] = self.trusted_proxies + networks
         if have_auth and not self.methods_given:
             changes["methods"] = ("userpass",)
         return replace(self, **changes)._socks4_default().checked() if changes else self
@@ -332,18 +328,15 @@ def parse(data: dict[str, Any], where: _Where) -> Config:
         raise where.error("\"gssapi\" needs a [gssapi] table (keytab, service, levels)",
                           "server", None, "methods")
     workers = worker_count(server.get("workers", 1))
-    trusted = []
-    for text in server.get("trusted_proxies", ()):
-        try:
-            trusted.append(ipaddress.ip_network(text, strict=False))
-        except ValueError:
-            raise where.error(f"{text!r} is not an IP network", "server", None,
-                              "trusted_proxies") from None
+    try:
+        trusted = tuple(parse_network(text) for text in server.get("trusted_proxies", ()))
+    except ValueError as e:
+        raise where.error(str(e), "server", None, "trusted_proxies") from None
     socks4 = _table(data, "socks4", _SOCKS4_KEYS, where)
     return Config(where.path, listen, methods, "methods" in server,
                   tuple(server.get("checkers", ())), limits, rules,
                   _socks4(socks4, limits, where), identd, gssapi, workers,
-                  "enabled" in socks4, tuple(trusted))._socks4_default().checked(where)
+                  "enabled" in socks4, trusted)._socks4_default().checked(where)
 
 
 def _gssapi(table: dict[str, Any], where: _Where):

@@ -395,8 +395,6 @@ class RuleSet:
     def _scan_decide(self, client: IPAddress, user: str | None, command: str, port: int,
                      name: str | None = None, address: IPAddress | None = None, *,
                      version: int = 5, verified: bool = False) -> Decision:
-        if address is not None and command in _SENT_TO and is_unspecified(address):
-            return UNSPECIFIED
         for i, rule in enumerate(self.rules):
             if rule.matches_request(client, user, command, port, version, verified) and \
                     rule.matches_destination(name, address):
@@ -464,7 +462,7 @@ def compile_rule(label: str, action: str, sources: Sequence[str] | None = None,
                              f"(leave {key} out to match any)")
     compiled_sources = None
     if sources is not None:
-        compiled_sources = tuple(_network(s) for s in sources)
+        compiled_sources = tuple(parse_network(s) for s in sources)
     networks: list[IPNetwork] = []
     names: set[str] = set()
     suffixes: list[str] = []
@@ -525,7 +523,8 @@ def compile_rule(label: str, action: str, sources: Sequence[str] | None = None,
                 log, label)
 
 
-def _network(text: str) -> IPNetwork:
+def parse_network(text: str) -> IPNetwork:
+    """A network from the config (host bits allowed); ValueError naming it."""
     try:
         return ipaddress.ip_network(text, strict=False)
     except ValueError:

@@ -166,11 +166,11 @@ class IdentProtocol(Protocol, TimeoutMixin):
         factory = self.factory
         peer = self.transport.getPeer()
         self.peer = f"{getattr(peer, 'host', 'unix')}:{getattr(peer, 'port', 0)}"
-        self.remote_host = str(parse_ip(peer.host)) if hasattr(peer, "host") else "127.0.0.1"
+        remote = parse_ip(peer.host) if hasattr(peer, "host") else parse_ip("127.0.0.1")
+        self.remote_host = str(remote)
         host = self.transport.getHost()
         self.local_host = str(parse_ip(host.host)) if hasattr(host, "host") else "127.0.0.1"
-        self.client_key = client_key(parse_ip(self.remote_host),
-                                     factory.limits.ipv6_client_prefix)
+        self.client_key = client_key(remote, factory.limits.ipv6_client_prefix)
         count = factory.per_client.get(self.client_key, 0) + 1
         factory.per_client[self.client_key] = count
         factory.connections += 1

@@ -55,7 +55,7 @@ class UDPRelay(DatagramProtocol):
                      peer=escape(session.peer, spaces=True), host=escape(host))
         self.client_addr: tuple[str, int] | None = None
         self.decisions: _Cache = _Cache()     # (ip, port, command) -> allowed
-        self.names: _Cache = _Cache()         # name -> (expires, [ips])
+        self.names: _Cache = _Cache()         # name -> (expires, address we send to, or None)
         self.peers: _Cache = _Cache()         # destinations the client sent to
         self.port = None
         self.ipv6 = False     # the relay socket's family: it sends to that family only

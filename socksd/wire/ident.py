@@ -24,7 +24,6 @@ ERROR_TOKENS = frozenset({INVALID_PORT, NO_USER, HIDDEN_USER, UNKNOWN_ERROR})
 # Leading zeros are decimal too ("038428 , 0052295"; oidentd answers it).
 _PORTS = re.compile(rb"^[ \t]*0*(\d{1,5})[ \t]*,[ \t]*0*(\d{1,5})[ \t]*$")
 _TOKEN = re.compile(r"^[\x21-\x7e]+$")
-_TOKEN_BYTES = re.compile(rb"^[\x21-\x7e]+$")
 _CHARSETS = frozenset({"utf-8", "ascii", "latin-1", "utf-16", "utf-16-le", "utf-16-be",
                        "koi8-r", "koi8-u", "euc_jp", "shift_jis", "gb2312", "gbk", "big5"})
 
@@ -82,11 +81,11 @@ def parse_response(line: bytes) -> UserID | Error:
     if not opsys_text:
         raise WireError("USERID response without an operating system")
     charset = charset.strip()
+    charset_text = charset.decode("ascii", "replace") or None
     # A character set's name is a token (RFC 1413, from RFC 1340's list):
     # a NUL, a blank or a non-ASCII byte in it is no name at all.
-    if charset and not _TOKEN_BYTES.match(charset):
+    if charset_text is not None and not _TOKEN.fullmatch(charset_text):
         raise WireError(f"USERID response with a malformed charset: {charset[:40]!r}")
-    charset_text = charset.decode("ascii") or None
     # The user id is the rest of the line, colons included; leading blanks
     # separate it from the colon and are not part of it.
     raw_user = parts[3].lstrip(b" \t")
