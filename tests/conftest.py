@@ -51,6 +51,14 @@ def recv_until_eof(sock: socket.socket) -> bytes:
         data += chunk
 
 
+def run_socks(*args: str, cwd: Path, env: dict[str, str] | None = None,
+              timeout: float = 60) -> subprocess.CompletedProcess:
+    """``twistd -n socks ARGS`` to its end (``--check``, a start-up error),
+    output as text."""
+    return subprocess.run([TWISTD, "-n", "--pidfile=", "socks", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd, env={**os.environ, **(env or {})})
+
+
 def require(program: str) -> str:
     """A real client the tests need; missing means FAIL (never skip)."""
     path = shutil.which(program)

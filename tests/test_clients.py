@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PAGE, TWISTD, PageHandler, recv_exact, recv_until_eof, require
+from conftest import PAGE, TWISTD, PageHandler, recv_exact, recv_until_eof, require, run_socks
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "socksd.toml"
 LOOPBACK_RULE = """
@@ -422,8 +422,7 @@ BAD_CONFIGS = {
 
 
 def _run_twistd(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([TWISTD, "-n", "--pidfile=", "socks", *args], capture_output=True,
-                          text=True, timeout=30, cwd=cwd)
+    return run_socks(*args, cwd=cwd, timeout=30)
 
 
 def _assert_config_error(out: subprocess.CompletedProcess, pattern: str) -> None:

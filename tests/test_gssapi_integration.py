@@ -16,7 +16,7 @@ import threading
 import gssapi
 import pytest
 
-from conftest import PAGE, TWISTD, require
+from conftest import PAGE, require, run_socks
 
 Flags = gssapi.RequirementFlag
 CLIENT_FLAGS = (Flags.mutual_authentication | Flags.replay_detection
@@ -329,8 +329,7 @@ def _config_file(tmp_path, text: str):
 
 
 def _twistd(args, env, timeout=30):
-    return subprocess.run([TWISTD, "-n", "--pidfile=", "socks", *args], env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=timeout)
+    return run_socks(*args, cwd=None, env=env, timeout=timeout)
 
 
 def test_bad_keytab_stops_start_up_with_a_clear_message(kerberos, tmp_path):

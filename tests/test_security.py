@@ -27,6 +27,7 @@ import conftest
 from conftest import TWISTD, require
 from socksd.auth.passwd import hash_password
 from socksd.tap.security import readable_by_others, root_warning
+from test_workers import _wait_for, _worker_pids as worker_pids
 
 ROOT_WARNING = "running as root: twistd was given no -u/--uid"
 READABLE = "is readable by every local user"
@@ -239,19 +240,6 @@ def test_no_warning_when_secrets_are_private(socks_server, kerberos, open_dir, h
 # --auth secrets never on a worker's command line.
 
 
-def worker_pids(parent: int) -> list[int]:
-    from test_workers import _worker_pids
-    return _worker_pids(parent)
-
-
-def wait_for(predicate, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("timed out")
 
 
 def assert_cmdlines_hold_no_secret(pids: list[int]) -> None:
@@ -286,14 +274,15 @@ def test_auth_strings_reach_workers_off_their_command_line(socks_server, http_se
                                                            tmp_path):
     server = socks_server('[server]\nworkers = 2\nmethods = ["userpass"]\n',
                           "--auth", "memory:alice:secret")
-    pids = wait_for(lambda: (p := worker_pids(server.process.pid)) and len(p) == 2 and p)
+    pids = _wait_for(lambda: (p := worker_pids(server.process.pid)) and len(p) == 2 and p,
+                     timeout=20)
     assert_cmdlines_hold_no_secret(pids)
     logins_reach_both_workers(server, http_server, tmp_path)
 
     # A restarted worker is given them again.
     os.kill(pids[0], signal.SIGKILL)
-    restarted = wait_for(lambda: (p := worker_pids(server.process.pid)) and len(p) == 2
-                         and pids[0] not in p and p)
+    restarted = _wait_for(lambda: (p := worker_pids(server.process.pid)) and len(p) == 2
+                          and pids[0] not in p and p, timeout=20)
     assert_cmdlines_hold_no_secret(restarted)
-    wait_for(lambda: server.log().count(" serving on ") == 3)
+    _wait_for(lambda: server.log().count(" serving on ") == 3, timeout=20)
     logins_reach_both_workers(server, http_server, tmp_path, since=len(server.log()))

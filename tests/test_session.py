@@ -348,7 +348,7 @@ def test_no_handshake_timeout_after_relay_starts():
 
 
 @pytest.mark.parametrize("worker, prefix", [(None, ""), (3, "w3 ")])
-def test_max_sessions(monkeypatch, worker, prefix):
+def test_max_sessions_refusal_line(monkeypatch, worker, prefix):
     """Over max_sessions a connection is refused before anything is read (no
     Session at all), with one line saying so; a closed session frees a place."""
     from socksd.proxy import session as session_module

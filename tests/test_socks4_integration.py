@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PAGE, require
+from conftest import PAGE, require, run_socks
 
 IDENT_USER = "socksd-ident-test"
 SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
@@ -303,13 +303,17 @@ def test_oidentd_exact_reply_bytes(socks_server, http_server, oidentd):
     assert reply == b"\x00\x5d" + bytes(6)
 
 
-class StallingIdentd:
-    """Accepts ident queries and never answers."""
+class FakeIdentd:
+    """An identd on 127.0.0.1 that says what a test wants: ``answer`` for
+    every query (a %-format taking the query's two port bytes), then closes;
+    or, without an answer, accepts queries and never says anything."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer: bytes | None = None) -> None:
+        self.answer = answer
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.accepted: list[socket.socket] = []
+        self.queries: list[bytes] = []
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -319,7 +323,21 @@ class StallingIdentd:
                 connection, _ = self.listener.accept()
             except OSError:
                 return
-            self.accepted.append(connection)
+            if self.answer is None:
+                self.accepted.append(connection)     # held open, never answered
+                continue
+            with connection:
+                connection.settimeout(10)
+                query = b""
+                while b"\n" not in query:
+                    chunk = connection.recv(100)
+                    if not chunk:
+                        break
+                    query += chunk
+                self.queries.append(query)
+                ports = [p.strip() for p in query.strip().split(b",")]
+                if len(ports) == 2:
+                    connection.sendall(self.answer % tuple(ports))
 
     def close(self) -> None:
         self.listener.close()
@@ -329,7 +347,7 @@ class StallingIdentd:
 
 @pytest.fixture
 def stalling_identd():
-    identd = StallingIdentd()
+    identd = FakeIdentd()
     yield identd
     identd.close()
 
@@ -356,47 +374,11 @@ def test_stalling_identd_exact_reply_bytes(socks_server, stalling_identd):
     assert 0.9 <= time.monotonic() - started < 4
 
 
-class FixedIdentd:
-    """Answers every query with ``answer`` for its ports (a %-format taking
-    the query's two port bytes), then closes: an identd that says what a
-    test wants."""
-
-    def __init__(self, answer: bytes) -> None:
-        self.answer = answer
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.queries: list[bytes] = []
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                connection, _ = self.listener.accept()
-            except OSError:
-                return
-            with connection:
-                connection.settimeout(10)
-                query = b""
-                while b"\n" not in query:
-                    chunk = connection.recv(100)
-                    if not chunk:
-                        break
-                    query += chunk
-                self.queries.append(query)
-                ports = [p.strip() for p in query.strip().split(b",")]
-                if len(ports) == 2:
-                    connection.sendall(self.answer % tuple(ports))
-
-    def close(self) -> None:
-        self.listener.close()
-
-
 def test_identd_with_a_nul_in_its_charset_is_92_without_traceback(socks_server):
     """A NUL in the charset field made the ident client raise ValueError
     (from codecs.lookup): an "Unhandled Error" traceback in socksd's log
     before the 92. It is a malformed reply, logged on the session's line."""
-    identd = FixedIdentd(b"%s, %s : USERID : UNIX,\x00 : eve\r\n")
+    identd = FakeIdentd(b"%s, %s : USERID : UNIX,\x00 : eve\r\n")
     try:
         server = socks_server(ident_config(identd.port))
         reply = _socks4_exchange(server.address, b"\x04\x01\x00\x50\x7f\x00\x00\x01eve\x00")
@@ -503,11 +485,8 @@ def test_socks4_next_to_passwords_only_when_the_file_says_so(socks_server, http_
      'warning: [socks4] userid = "trust" while SOCKS5 requires authentication'),
 ])
 def test_check_prints_the_socks4_policy(tmp_path, config, args, expected):
-    from conftest import TWISTD
-
     path = tmp_path / "socksd.toml"
     path.write_text(config)
-    out = subprocess.run([TWISTD, "socks", "--config", str(path), *args, "--check"],
-                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    out = run_socks("--config", str(path), *args, "--check", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert expected in out.stdout, out.stdout
