@@ -46,8 +46,8 @@ from pathlib import Path
 
 import bcrypt
 
-from harness import (BenchError, Server, cpu_delta, cpu_times, free_port, run_main,
-                     wait_listening)
+from harness import (BenchError, Server, cpu_delta, cpu_times, free_port, recv_exactly,
+                     run_main, wait_listening)
 
 TARGET_MS = 100.0
 FLOOD_SOURCE = "127.0.0.2"   # the flooding client (loopback, not the measuring client)
@@ -84,27 +84,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def recv_exactly(s: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = s.recv(n - len(data))
-        if not chunk:
-            raise BenchError(f"the proxy closed the connection after {data!r}")
-        data += chunk
-    return data
-
-
 def timed_login(port: int, timeout: float = 60.0) -> tuple[float, float]:
     """Milliseconds from connect to the RFC 1929 answer for bob, who must get
     in, and of those, to the method selection (no password involved)."""
     start = time.perf_counter()
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(GREETING)
-        if recv_exactly(s, 2) != b"\x05\x02":
-            raise BenchError("the proxy did not choose username/password")
-        selected = time.perf_counter()
-        s.sendall(BOB)
-        answer = recv_exactly(s, 2)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.sendall(GREETING)
+            if recv_exactly(s, 2) != b"\x05\x02":
+                raise BenchError("the proxy did not choose username/password")
+            selected = time.perf_counter()
+            s.sendall(BOB)
+            answer = recv_exactly(s, 2)
+    except OSError as e:
+        raise BenchError(f"bob's login: {e}") from None
     end = time.perf_counter()
     if answer != b"\x01\x00":
         raise BenchError(f"bob's login failed: {answer!r}")

@@ -155,24 +155,24 @@ def socks_probe(port: int, echo_port: int, timeout: float = 2.0, version: int = 
         if version == 4:
             s.sendall(b"\x04\x01" + struct.pack("!H", echo_port)
                       + socket.inet_aton("127.0.0.1") + b"\x00")
-            reply = _recv_exactly(s, 8)
+            reply = recv_exactly(s, 8)
             if reply[1] != 90:
                 raise OSError(f"SOCKS4 CONNECT failed with reply {reply[1]}")
         else:
             s.sendall(b"\x05\x01\x00")
-            if _recv_exactly(s, 2) != b"\x05\x00":
+            if recv_exactly(s, 2) != b"\x05\x00":
                 raise OSError("proxy refused method none")
             s.sendall(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1")
                       + struct.pack("!H", echo_port))
-            reply = _recv_exactly(s, 10)
+            reply = recv_exactly(s, 10)
             if reply[1] != 0:
                 raise OSError(f"CONNECT failed with reply {reply[1]}")
         s.sendall(b"x" * 16)
-        if _recv_exactly(s, 16) != b"x" * 16:
+        if recv_exactly(s, 16) != b"x" * 16:
             raise OSError("echo through the proxy came back wrong")
 
 
-def _recv_exactly(s: socket.socket, n: int) -> bytes:
+def recv_exactly(s: socket.socket, n: int) -> bytes:
     data = b""
     while len(data) < n:
         chunk = s.recv(n - len(data))
