@@ -100,6 +100,12 @@ def not_root() -> tuple[str, ...]:
     return NOBODY if os.geteuid() == 0 else ()
 
 
+def root_warnings(log: str) -> list[str]:
+    """Warning lines about root. Not the word "root" anywhere: the project's
+    own path may hold it (a clone in /root puts it in twistd's first line)."""
+    return [line for line in log.splitlines() if "#warn]" in line and "root" in line]
+
+
 def socks5_no_method(server) -> None:
     """A session (no acceptable method) and its line: by then twistd's
     startService has run."""
@@ -120,7 +126,7 @@ def test_twistd_socks_with_uid_does_not_warn(socks_server):
     socks5_no_method(server)
     if os.geteuid() == 0:
         assert "set uid/gid 65534/65534" in server.log()
-    assert "root" not in server.log()
+    assert not root_warnings(server.log())
 
 
 def start_identd(tmp_path: Path, *twistd_args: str) -> tuple[subprocess.Popen, Path]:
@@ -162,7 +168,7 @@ def test_twistd_identd_as_root_warns(as_root, tmp_path):
 
 def test_twistd_identd_with_uid_does_not_warn(tmp_path):
     text = identd_log_after_a_query(tmp_path, *not_root())
-    assert "asked" in text and "root" not in text, text
+    assert "asked" in text and not root_warnings(text), text
 
 
 # Secrets other users can read.
