@@ -18,7 +18,7 @@ TEST_DEBS := curl ncat netcat-openbsd socat dante-client krb5-kdc krb5-admin-ser
 	dpkg-dev build-essential debhelper flex libtool-bin libpam0g-dev libwrap0-dev
 BENCH_DEBS := dante-server dante-client iperf3 procps
 
-.PHONY: run test bench venv install debs-build debs-test debs-bench clean
+.PHONY: run test lint bench venv install debs-build debs-test debs-bench clean
 
 $(VENV)/bin/pip:
 	$(PYTHON) -m venv $(VENV)
@@ -47,8 +47,12 @@ debs-bench:
 	if [ -n "$$missing" ]; then $(APT) update && $(APT) install --no-install-recommends $$missing; fi
 
 test: EXTRAS = [test]
-test: debs-test install
+test: debs-test install lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The gates that hold style before any test runs ([tool.ruff] in pyproject.toml).
+lint:
+	$(VENV)/bin/ruff check socksd tests benchmarks twisted
 
 bench: EXTRAS = [test]
 bench: debs-test debs-bench install

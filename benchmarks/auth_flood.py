@@ -46,8 +46,16 @@ from pathlib import Path
 
 import bcrypt
 
-from harness import (BenchError, Server, cpu_delta, cpu_times, free_port, recv_exactly,
-                     run_main, wait_listening)
+from harness import (
+    BenchError,
+    Server,
+    cpu_delta,
+    cpu_times,
+    free_port,
+    recv_exactly,
+    run_main,
+    wait_listening,
+)
 
 TARGET_MS = 100.0
 FLOOD_SOURCE = "127.0.0.2"   # the flooding client (loopback, not the measuring client)

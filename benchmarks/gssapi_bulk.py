@@ -48,8 +48,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import (BenchError, Server, build_loadgen, cpu_delta, cpu_times, free_port,
-                     machine_busy, run_main, start_c_server, wait_for_proxy)
+from harness import (
+    BenchError,
+    Server,
+    build_loadgen,
+    cpu_delta,
+    cpu_times,
+    free_port,
+    machine_busy,
+    run_main,
+    start_c_server,
+    wait_for_proxy,
+)
 
 HERE = Path(__file__).resolve().parent
 BUSY = 80.0          # % of a core: above this a client or target may be the bottleneck
@@ -493,7 +503,8 @@ class Bench:
         # The client's interpreter start-up and handshake are outside its own
         # count (header to last byte) but inside ``wall``: "other" absorbs them.
         others = max(0.0, machine_busy() - m0 - proxy - target - client)
-        pct = lambda s, over=wall: 100.0 * s / over
+        def pct(s, over=wall):
+            return 100.0 * s / over
         return Sample(nbytes / secs / 1e6, pct(proxy), pct(client, secs), pct(target),
                       pct(others))
 
@@ -527,7 +538,8 @@ def table(rows: list[list[str]], indent: str = "  ") -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = []
     for k, r in enumerate(rows):
-        cells = [c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        cells = [c.ljust(w) if i < 2 else c.rjust(w)
+                 for i, (c, w) in enumerate(zip(r, widths, strict=True))]
         out.append(indent + "  ".join(cells).rstrip())
         if k == 0:
             out.append(indent + "  ".join("-" * w for w in widths))

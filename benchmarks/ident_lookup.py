@@ -72,7 +72,7 @@ def kernel_tcp_counts() -> str:
             for line in f:
                 if line.startswith(prefix):
                     fields = line.split()[1:]
-                    for key, value in zip(fields[::2], fields[1::2]):
+                    for key, value in zip(fields[::2], fields[1::2], strict=True):
                         counts[prefix + key] = int(value)
     return (f"inuse {counts.get('TCP:inuse', 0) + counts.get('TCP6:inuse', 0)}, "
             f"time-wait {counts.get('TCP:tw', 0)}")

@@ -35,10 +35,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from harness import (BenchError, Memory, Server, build_loadgen, children_cpu, cpu_delta,
-                     cpu_times, descendants, find_binary, free_port, machine_busy, memory,
-                     raise_nofile_limit, read_line, start_c_server, wait_for_proxy,
-                     run_main, wait_listening)
+from harness import (
+    BenchError,
+    Memory,
+    Server,
+    build_loadgen,
+    children_cpu,
+    cpu_delta,
+    cpu_times,
+    descendants,
+    find_binary,
+    free_port,
+    machine_busy,
+    memory,
+    raise_nofile_limit,
+    read_line,
+    run_main,
+    start_c_server,
+    wait_for_proxy,
+    wait_listening,
+)
 
 WORKLOADS = ["bulk", "parallel", "sessions", "sessions4", "memory", "soak", "iperf3"]
 
@@ -411,7 +427,8 @@ class Bench:
         proxy = cpu_delta(p0, cpu_times(via.pids())) if via.server else 0.0
         tgt = cpu_delta(t0, cpu_times([target.pid]))
         others = max(0.0, machine_busy() - m0 - proxy - tgt - gen)
-        pct = lambda s: 100.0 * s / wall
+        def pct(s):
+            return 100.0 * s / wall
         return Sample(value, pct(proxy) if via.server else None, pct(gen), pct(tgt), pct(others))
 
     def interleave(self, what: str, vias: list[Via], once: Callable[[Via, float], Sample],
@@ -654,7 +671,7 @@ def table(rows: list[list[str]], indent: str = "  ", left: int = 2) -> str:
     out = []
     for k, r in enumerate(rows):
         cells = [c.ljust(w) if i < left else c.rjust(w)
-                 for i, (c, w) in enumerate(zip(r, widths))]
+                 for i, (c, w) in enumerate(zip(r, widths, strict=True))]
         out.append(indent + "  ".join(cells).rstrip())
         if k == 0:
             out.append(indent + "  ".join("-" * w for w in widths))

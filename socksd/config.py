@@ -17,8 +17,17 @@ from socksd.ident.policy import IdentPolicy, parse_mode
 from socksd.ident.server import IdentdLimits
 from socksd.proxy.session import Limits
 from socksd.proxy.socks4 import Socks4Policy
-from socksd.rules import SELF, IPAddress, IPNetwork, RuleSet, compile_rule, default_rules, \
-    parse_ip, parse_network, port_range
+from socksd.rules import (
+    SELF,
+    IPAddress,
+    IPNetwork,
+    RuleSet,
+    compile_rule,
+    default_rules,
+    parse_ip,
+    parse_network,
+    port_range,
+)
 
 DEFAULT_LISTEN = ("tcp:1080:interface=127.0.0.1",)
 METHODS = ("gssapi", "userpass", "none")
@@ -626,7 +635,7 @@ def parse_listener(description: str) -> tuple[int, str, int, int, bool]:
     # Twisted's order: tcp:PORT:INTERFACE:BACKLOG, tcp6:PORT:BACKLOG:INTERFACE.
     names = ("port", "interface", "backlog") if kind == "tcp" else ("port", "backlog",
                                                                     "interface")
-    given = {**dict(zip(names, args)), **options}
+    given = {**dict(zip(names, args, strict=False)), **options}
     host = given.get("interface", "::" if kind == "tcp6" else "0.0.0.0")
     # Like Twisted's tcp:, an IPv6 interface means an IPv6 socket.
     family = socket.AF_INET6 if kind == "tcp6" or ":" in host else socket.AF_INET

@@ -10,11 +10,10 @@ when both directions are done or either side drops.
 
 from __future__ import annotations
 
-from zope.interface import implementer
-
 from twisted.internet import error, tcp
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Protocol
+from zope.interface import implementer
 
 _PLAIN_TCP = (tcp.Server, tcp.Client)
 

@@ -19,10 +19,9 @@ import fcntl
 import os
 import socket
 
-from zope.interface import implementer
-
 from twisted.internet import tcp
 from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
+from zope.interface import implementer
 
 from socksd.relay import buffer_empty
 
@@ -224,7 +223,7 @@ class SpliceRelay:
         self.finished = False
 
     def start(self) -> None:
-        for end, sock in zip(self.ends, self.sockets):
+        for end, sock in zip(self.ends, self.sockets, strict=True):
             end.transport.stopReading()
             end.transport.stopWriting()
             self.reactor.addReader(sock)

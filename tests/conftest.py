@@ -97,7 +97,8 @@ class TwistdSocks:
     def _wait_for_port(self, timeout: float = 30.0) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            match = re.search(r"SOCKSServerFactory(?: \((?:PROXY|TLS)\))? starting on (\d+)", self.log())
+            match = re.search(r"SOCKSServerFactory(?: \((?:PROXY|TLS)\))? starting on (\d+)",
+                              self.log())
             if match:
                 return int(match.group(1))
             if self.process.poll() is not None:
@@ -137,6 +138,12 @@ class TwistdSocks:
                 self.process.kill()
                 self.process.wait()
         self.log_file.close()
+
+
+@pytest.fixture(params=["bytewise", "whole"])
+def bytewise(request) -> bool:
+    """Feed every exchange one byte at a time, then in one piece (tests/fakes.py)."""
+    return request.param == "bytewise"
 
 
 @pytest.fixture

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import pytest
-from zope.interface import implementer
-
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import Portal
 from twisted.internet import error
@@ -24,6 +21,7 @@ from twisted.internet.interfaces import IHostnameResolver, IHostResolution
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from socksd.auth import SOCKSRealm
 from socksd.auth.checkers import FirstOf
@@ -45,12 +43,6 @@ def session_lines(events) -> list[str]:
     """The formatted one-line-per-session log lines among captured events."""
     return [formatEvent(e) for e in events
             if e.get("log_namespace") == "socksd" and "outcome" in e and "up" in e]
-
-
-@pytest.fixture(params=["bytewise", "whole"])
-def bytewise(request) -> bool:
-    """Feed every exchange one byte at a time, then in one piece."""
-    return request.param == "bytewise"
 
 
 # The resolver.

@@ -14,7 +14,6 @@ import threading
 
 import bcrypt
 import pytest
-
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import Portal
 from twisted.internet import defer
@@ -22,6 +21,7 @@ from twisted.internet.address import IPv4Address
 from twisted.logger import capturedLogs
 from twisted.trial import unittest
 
+from fakes import Client, assert_refused, make_factory, session_lines
 from socksd import config
 from socksd.auth import ClientUsernamePassword, SOCKSRealm
 from socksd.auth.checkers import FirstOf
@@ -31,8 +31,6 @@ from socksd.auth.passwd import HashedPasswordFile, hash_password
 from socksd.proxy import Limits
 from socksd.tap import socks as tap
 from socksd.wire import rfc1929
-
-from fakes import Client, assert_refused, make_factory, session_lines
 
 GREETING_USERPASS = b"\x05\x01\x02"
 ALICE = rfc1929.encode_request(b"alice", b"secret")

@@ -11,9 +11,8 @@ import subprocess
 import textwrap
 import time
 
-from socksd.wire import rfc1929
-
 from conftest import recv_exact, require
+from socksd.wire import rfc1929
 from test_auth_integration import USERPASS_ONLY, assert_login_refused, assert_login_works
 
 GREETING_USERPASS = b"\x05\x01\x02"

@@ -282,8 +282,8 @@ def test_bind_ftp_active_mode_session(socks_server):
             sender.join(10)
         # The listener took one connection and is gone.
         assert_refused((bind_host, bind_port))
-    session_line(server, rf"socks5 user=- method=none bind 127\.0\.0\.1:21 up=200000 "
-                         rf"down=300000 .* ok")
+    session_line(server, r"socks5 user=- method=none bind 127\.0\.0\.1:21 up=200000 "
+                         r"down=300000 .* ok")
 
 
 def test_bind_second_incoming_connection_refused(socks_server):

@@ -15,21 +15,27 @@ import errno
 import socket
 
 import pytest
-
 from twisted.internet import defer, error, udp
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
+import fakes
+from fakes import (
+    LISTEN,
+    Client,
+    HalfCloseTransport,
+    assert_refused,
+    failure_reply,
+    fake_reactor,
+    refused_session_line,
+    session_lines,
+    socks5_client,
+)
 from socksd.proxy import Limits
 from socksd.rules import RuleSet, compile_rule
 from socksd.wire import socks5
-
-import fakes
-from fakes import (LISTEN, Client, HalfCloseTransport, assert_refused, failure_reply,
-                   fake_reactor, refused_session_line, session_lines, socks5_client)
-from fakes import bytewise  # noqa: F401  (a pytest fixture, used by name)
 
 GREETING = b"\x05\x01\x00"
 # SOCKS5 BIND, expecting a connection from 127.0.0.1 (port 21: the FTP

@@ -475,6 +475,7 @@ def test_socks5_over_tls_listener(socks_server, echo_server):
     """``ssl:`` listen endpoints (README): SOCKS5 inside TLS, the relay on the
     TLS transport (not the splice path, which needs bare sockets)."""
     import ssl
+
     import twisted.test
 
     pem = Path(twisted.test.__file__).parent / "server.pem"   # Twisted's test key + cert

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from socksd import config
-from socksd.tap import socks as tap
 from socksd.proxy import Limits
+from socksd.tap import socks as tap
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "socksd.toml"
@@ -81,12 +81,14 @@ log = true
 
 @pytest.mark.parametrize("text, expected", [
     ("[server]\nbogus = 1\n", "socksd.toml:2: server.bogus: unknown key"),
-    ("[server]\n\nmax_sessions = \"x\"\n", "socksd.toml:3: server.max_sessions: must be an integer, not a string"),
+    ("[server]\n\nmax_sessions = \"x\"\n",
+     "socksd.toml:3: server.max_sessions: must be an integer, not a string"),
     ("[server]\nmax_sessions = true\n", "server.max_sessions: must be an integer, not a boolean"),
     ("[server]\nmax_sessions = 0\n", "server.max_sessions: 0 must be at least 1"),
     ("[server]\nidle_timeout = -1\n", "server.idle_timeout: -1 is out of range"),
     ("[server]\nlisten = \"tcp:1080\"\n", "server.listen: must be a list of strings, not a string"),
-    ("[server]\nlisten = [\"nonsense:1080\"]\n", "server.listen: 'nonsense:1080': not a valid Twisted endpoint"),
+    ("[server]\nlisten = [\"nonsense:1080\"]\n",
+     "server.listen: 'nonsense:1080': not a valid Twisted endpoint"),
     ("[server]\nlisten = []\n", "server.listen: needs at least one endpoint"),
     ("[server]\nmethods = [\"kerberos\"]\n", "server.methods: unknown method 'kerberos'"),
     ("[server]\nmethods = [\"none\", \"none\"]\n", "server.methods: lists a method twice"),
@@ -96,8 +98,10 @@ log = true
      "socksd.toml:4: rules[2].action: action must be \"allow\" or \"deny\""),
     ("[[rules]]\naction = \"allow\"\nfrom = [\"10.0.0.300/8\"]\n",
      "socksd.toml:3: rules[1].from: '10.0.0.300/8' is not an IP network"),
-    ("[[rules]]\naction = \"allow\"\nports = [\"80-70\"]\n", "rules[1].ports: '80-70' is not a port range"),
-    ("[[rules]]\naction = \"allow\"\ncommands = [\"shell\"]\n", "rules[1].commands: unknown command 'shell'"),
+    ("[[rules]]\naction = \"allow\"\nports = [\"80-70\"]\n",
+     "rules[1].ports: '80-70' is not a port range"),
+    ("[[rules]]\naction = \"allow\"\ncommands = [\"shell\"]\n",
+     "rules[1].commands: unknown command 'shell'"),
     ("[[rules]]\naction = \"allow\"\nusers = []\n", "rules[1].users: users is empty"),
     ("[[rules]]\naction = \"allow\"\nports = []\n", "rules[1].ports: ports is empty"),
     ("[[rules]]\naction = \"allow\"\nfrom = []\n", "rules[1].from: from is empty"),
@@ -106,7 +110,8 @@ log = true
     ("[[rules]]\naction = \"allow\"\nlog = \"yes\"\n", "rules[1].log: must be true or false"),
     ("[[rules]]\naction = \"allow\"\nverified = \"yes\"\n",
      "socksd.toml:3: rules[1].verified: 'yes' is not true, false or \"any\""),
-    ("[[rules]]\naction = \"allow\"\ncolour = \"red\"\n", "socksd.toml:3: rules[1].colour: unknown key"),
+    ("[[rules]]\naction = \"allow\"\ncolour = \"red\"\n",
+     "socksd.toml:3: rules[1].colour: unknown key"),
     ("[server]\n\n[server\n", "socksd.toml:3: not valid TOML: "),
 ])
 def test_errors_name_file_line_key_and_reason(tmp_path, text, expected):

@@ -12,22 +12,26 @@ import struct
 import gssapi
 import pytest
 from gssapi.exceptions import GSSError
-
 from twisted.internet import error
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
+import fakes
+from fakes import (
+    Client,
+    Outbound,
+    alice_portal,
+    assert_closes_at,
+    assert_refused,
+    refused_session_line,
+    session_lines,
+)
 from socksd import config as configuration
 from socksd.auth.gss import GSSAPISettings, SecurityLayer, WrappedTransport
 from socksd.auth.methods import method_registry
 from socksd.proxy import Limits
 from socksd.rules import RuleSet, compile_rule
-
-import fakes
-from fakes import (Client, Outbound, alice_portal, assert_closes_at, assert_refused,
-                   refused_session_line, session_lines)
-from fakes import bytewise  # noqa: F401  (a pytest fixture, used by name)
 
 GREETING_GSSAPI = b"\x05\x01\x01"
 # CONNECT 93.184.216.34:80

@@ -10,9 +10,8 @@ import time
 import gssapi
 import pytest
 
-from socksd.wire import socks5
-
 from conftest import recv_exact
+from socksd.wire import socks5
 from test_gssapi_smoke import _frame
 
 

@@ -11,9 +11,8 @@ import time
 
 import pytest
 
-from socksd.wire import socks4
-
 from conftest import PAGE, recv_exact, run_socks
+from socksd.wire import socks4
 
 
 def _fake_identd(host: str, answer_user: str):

@@ -16,8 +16,15 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.trial import unittest
 
 from socksd.ident import client
-from socksd.ident.client import (HiddenUser, IdentError, Identity, IdentUnavailable,
-                                 InvalidPort, NoUser, UnknownError)
+from socksd.ident.client import (
+    HiddenUser,
+    IdentError,
+    Identity,
+    IdentUnavailable,
+    InvalidPort,
+    NoUser,
+    UnknownError,
+)
 
 SERVER_PORT = 6191   # the port on the identd's host (the SOCKS client's port)
 CLIENT_PORT = 23     # the port on our side (the SOCKS server's port)

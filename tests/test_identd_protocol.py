@@ -27,8 +27,14 @@ from socksd.ident import lookup as lookup_module
 from socksd.ident.lookup import Connection, Owner
 from socksd.ident.policy import IdentPolicy
 from socksd.ident.registry import ProxiedConnections
-from socksd.ident.server import (MAX_BAD_QUERIES, MAX_LINES_PER_TURN, MAX_PENDING,
-                                 IdentdLimits, IdentFactory, answer_query)
+from socksd.ident.server import (
+    MAX_BAD_QUERIES,
+    MAX_LINES_PER_TURN,
+    MAX_PENDING,
+    IdentdLimits,
+    IdentFactory,
+    answer_query,
+)
 from socksd.tap.identd import serve_stdio
 from socksd.wire import WireError
 from socksd.wire.ident import parse_query

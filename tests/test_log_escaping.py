@@ -17,13 +17,15 @@ import struct
 
 import gssapi
 import pytest
-
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import Portal
 from twisted.internet import error
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
+import fakes
+from conftest import PAGE, recv_exact, recv_until_eof
+from fakes import Client, session_lines
 from socksd.auth import SOCKSRealm
 from socksd.auth.checkers import FirstOf
 from socksd.auth.methods import method_registry
@@ -32,10 +34,6 @@ from socksd.ident.registry import ProxiedConnections
 from socksd.proxy import Socks4Policy
 from socksd.rules import RuleSet, compile_rule
 from socksd.wire import socks5
-
-import fakes
-from conftest import PAGE, recv_exact, recv_until_eof
-from fakes import Client, session_lines
 
 # Looks like the end of one record and a whole second one; no ':' (memory:
 # checker strings split on it).
@@ -183,7 +181,8 @@ def test_a_user_name_with_a_space_cannot_add_a_field():
 def test_what_the_clients_identd_said_is_escaped():
     # socksd.proxy.socks4 / socksd.ident.client: the identd on the client's
     # host is the client's; its answer ends up in the session's line.
-    from test_socks4_session import Client as Client4, answer_identd, ident_userid
+    from test_socks4_session import Client as Client4
+    from test_socks4_session import answer_identd, ident_userid
     factory, reactor = fakes.make_factory(socks4=Socks4Policy(userid="ident"))
     client = Client4(factory)
     with capturedLogs() as events:
@@ -196,8 +195,13 @@ def test_what_the_clients_identd_said_is_escaped():
 
 
 def test_gssapi_principal_is_escaped(kerberos, tmp_path):
-    from test_gssapi_session import (CLIENT_FLAGS, GREETING_GSSAPI, Initiator, load_settings,
-                                     make_factory)
+    from test_gssapi_session import (
+        CLIENT_FLAGS,
+        GREETING_GSSAPI,
+        Initiator,
+        load_settings,
+        make_factory,
+    )
     principal = "e\x1b[31mvil"
     realm = kerberos.realm
     # Double quotes: kadmin's own quoting (k5test's shlex quotes are not).
@@ -309,7 +313,7 @@ def test_twistd_escapes_a_socks4_userid_and_names(socks_server):
     refused = [b"\x00\x5b" + bytes(6),                          # 91, denied by rule 1
                b"\x00\x5b" + bytes(6),                          # 91, a name no resolver takes
                b"\x05\x00" + b"\x05\x04\x00\x01" + bytes(6)]   # 0x04, likewise
-    for (_version, request), answer in zip(requests, refused):
+    for (_version, request), answer in zip(requests, refused, strict=True):
         with socket.create_connection(server.address, timeout=10) as s:
             s.sendall(request)
             assert recv_until_eof(s) == answer

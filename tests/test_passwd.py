@@ -13,18 +13,16 @@ import tempfile
 
 import argon2
 import bcrypt
-
 from twisted.cred import error
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.portal import Portal
 from twisted.trial import unittest
 
+from conftest import require
 from socksd.auth import ANONYMOUS, IUser, SOCKSRealm, User, passwd
 from socksd.auth.checkers import FirstOf
 from socksd.auth.passwd import HashedPasswordFile, hash_password, verify
-
-from conftest import require
 
 
 class HashTests(unittest.SynchronousTestCase):

@@ -7,11 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import socksd
-from twisted.plugin import getPlugins
 from twisted.application.service import IServiceMaker
+from twisted.plugin import getPlugins
 from twisted.scripts.twistd import ServerOptions
 
+import socksd
 from conftest import TWISTD
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 import pytest
-
+from twisted.internet import epollreactor, protocol
 from twisted.internet.test.test_core import SystemEventTestsBuilder
 from twisted.internet.test.test_fdset import ReactorFDSetTestsBuilder
 from twisted.internet.test.test_socket import (
@@ -34,7 +34,6 @@ from twisted.internet.test.test_tcp import (
 from twisted.internet.test.test_threads import ThreadTestsBuilder
 from twisted.internet.test.test_time import TimeTestsBuilder
 from twisted.internet.test.test_unix import UNIXTestsBuilder
-from twisted.internet import epollreactor, protocol
 from twisted.logger import globalLogPublisher
 
 from socksd.tap import reactor as socksd_reactor

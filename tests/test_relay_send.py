@@ -8,7 +8,6 @@ from __future__ import annotations
 import socket
 
 import pytest
-
 from twisted.internet import tcp
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport

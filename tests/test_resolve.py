@@ -8,10 +8,9 @@ from twisted.internet import error
 from twisted.internet.address import IPv4Address
 from twisted.logger import capturedLogs
 
+from fakes import Client, failure_reply, make_factory, session_lines, socks5_client
 from socksd.proxy import Limits, connect
 from socksd.rules import RuleSet, compile_rule
-
-from fakes import Client, failure_reply, make_factory, session_lines, socks5_client
 
 PER_CLIENT = connect.MAX_LOOKUPS_PER_CLIENT
 ALICE = IPv4Address("TCP", "192.0.2.10", 40000)

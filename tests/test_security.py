@@ -27,7 +27,8 @@ import conftest
 from conftest import TWISTD, require
 from socksd.auth.passwd import hash_password
 from socksd.tap.security import readable_by_others, root_warning
-from test_workers import _wait_for, _worker_pids as worker_pids
+from test_workers import _wait_for
+from test_workers import _worker_pids as worker_pids
 
 ROOT_WARNING = "running as root: twistd was given no -u/--uid"
 READABLE = "is readable by every local user"

@@ -9,20 +9,27 @@ from __future__ import annotations
 import errno
 
 import pytest
-
 from twisted.internet import error
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
+from fakes import (
+    Client,
+    Outbound,
+    alice_portal,
+    assert_closes_at,
+    assert_refused,
+    failure_reply,
+    make_factory,
+    refused_session_line,
+    relay_until_far_end_closes,
+    session_lines,
+    socks5_client,
+)
 from socksd.auth.methods import method_registry
 from socksd.proxy import Limits
 from socksd.rules import RuleSet, compile_rule
-
-from fakes import (Client, Outbound, alice_portal, assert_closes_at, assert_refused,
-                   failure_reply, make_factory, refused_session_line,
-                   relay_until_far_end_closes, session_lines, socks5_client)
-from fakes import bytewise  # noqa: F401  (a pytest fixture, used by name)
 
 GREETING_NONE = b"\x05\x01\x00"
 GREETING_USERPASS = b"\x05\x01\x02"

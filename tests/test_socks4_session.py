@@ -9,21 +9,24 @@ is a connection the memory reactor was asked to make; the tests play it.
 from __future__ import annotations
 
 import pytest
-
 from twisted.internet import error
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 
+import fakes
+from fakes import (
+    BOUND,
+    assert_closes_at,
+    assert_refused,
+    refused_session_line,
+    relay_until_far_end_closes,
+    session_lines,
+)
 from socksd.auth import ANONYMOUS, User
 from socksd.proxy import Limits, Socks4Policy
 from socksd.rules import RuleSet, compile_rule
-
-import fakes
-from fakes import (BOUND, assert_closes_at, assert_refused, refused_session_line,
-                   relay_until_far_end_closes, session_lines)
-from fakes import bytewise  # noqa: F401  (a pytest fixture, used by name)
 
 IDENT_PORT = 113
 

@@ -8,11 +8,10 @@ import hashlib
 import os
 import struct
 
-from zope.interface import implementer
-
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.trial import unittest
+from zope.interface import implementer
 
 from socksd import splice
 from socksd.auth.methods import method_registry

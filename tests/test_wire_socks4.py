@@ -13,10 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import normalizes
 from socksd.wire import WireError, socks4
 from socksd.wire.names import normalize_name
-
-from helpers import normalizes
 
 # Strategies.
 

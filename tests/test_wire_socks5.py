@@ -9,10 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import normalizes
 from socksd.wire import WireError, socks5
 from socksd.wire.names import normalize_name
-
-from helpers import normalizes
 
 # Strategies.
 
@@ -309,7 +308,8 @@ def test_request_unknown_atyp_is_address_type_not_supported(atyp):
     assert caught.value.reply == socks5.ADDRESS_TYPE_NOT_SUPPORTED == 0x08
 
 
-@pytest.mark.parametrize("data", [b"\x04", b"\x04\x01\x00", b"\x04\x01\x00\x01\x7f\x00\x00\x01\x00\x50"])
+@pytest.mark.parametrize("data", [b"\x04", b"\x04\x01\x00",
+                                  b"\x04\x01\x00\x01\x7f\x00\x00\x01\x00\x50"])
 def test_request_bad_version(data):
     with pytest.raises(WireError) as caught:
         socks5.parse_request(data)

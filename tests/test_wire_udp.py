@@ -16,10 +16,9 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from helpers import normalizes
 from socksd.wire import WireError, socks5
 from socksd.wire.names import normalize_name
-
-from helpers import normalizes
 
 # Strategies.
 

@@ -6,7 +6,6 @@ what is not a record is reported, not published."""
 from __future__ import annotations
 
 import pytest
-
 from twisted.internet.testing import StringTransport
 from twisted.logger import Logger, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure

@@ -12,9 +12,8 @@ import time
 
 import pytest
 
-from socksd import config
-
 from conftest import TWISTD, require
+from socksd import config
 
 
 def _worker_pids(parent: int) -> list[int]:
@@ -113,7 +112,7 @@ def test_worker_logs_reach_the_twistd_log_file(tmp_path, http_server):
         for _ in range(40):
             _session(port, http_server)
         for worker in ("w0", "w1"):
-            _wait_for(lambda: re.search(rf"\[socksd#info\] {worker} 127\.0\.0\.1:\d+ "
+            _wait_for(lambda worker=worker: re.search(rf"\[socksd#info\] {worker} 127\.0\.0\.1:\d+ "
                                         rf"socks5 user=- method=none connect .* ok",
                                         logfile.read_text()))
     finally:

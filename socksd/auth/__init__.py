@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from zope.interface import Attribute, Interface, implementer
-
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.portal import IRealm
+from zope.interface import Attribute, Interface, implementer
 
 
 class IUser(Interface):
@@ -27,7 +26,8 @@ class User:
         return f"User({self.name!r}, verified={self.verified})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, User) and (self.name, self.verified) == (other.name, other.verified)
+        return (isinstance(other, User)
+                and (self.name, self.verified) == (other.name, other.verified))
 
     def __hash__(self) -> int:
         return hash((self.name, self.verified))

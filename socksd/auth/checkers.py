@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from zope.interface import implementer
-
 from twisted.cred import error
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer
+from zope.interface import implementer
 
 
 @implementer(ICredentialsChecker)

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import gssapi
 from gssapi.exceptions import GSSError
-
 from twisted.logger import Logger
 
 from socksd.auth import User

@@ -23,12 +23,11 @@ from typing import Iterable, Iterator
 
 import argon2
 import bcrypt
-from zope.interface import implementer
-
 from twisted.cred import error
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from socksd.auth import hashing
 from socksd.escape import escape

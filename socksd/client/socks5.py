@@ -9,14 +9,12 @@ wraps what it writes and it receives unwrapped bytes, like over TLS.
 
 from __future__ import annotations
 
-from zope.interface import implementer
-
 from gssapi.exceptions import GSSError
-
 from twisted.internet import defer
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.policies import TimeoutMixin
+from zope.interface import implementer
 
 from socksd.wire import WireError, rfc1929, rfc1961, socks5
 

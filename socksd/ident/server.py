@@ -177,7 +177,8 @@ class IdentProtocol(Protocol, TimeoutMixin):
         if count > factory.limits.max_connections_per_client:
             factory.refused_per_client.emit(
                 "identd: refused {peer}: max_connections_per_client ({limit})",
-                peer=escape(self.peer, spaces=True), limit=factory.limits.max_connections_per_client)
+                peer=escape(self.peer, spaces=True),
+                limit=factory.limits.max_connections_per_client)
             self.transport.loseConnection()
             return
         self.transport.registerProducer(self, True)

@@ -8,13 +8,12 @@ import os
 import socket
 from weakref import WeakKeyDictionary
 
-from zope.interface import implementer
-
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IResolutionReceiver, IWriteDescriptor
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import ClientFactory
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from socksd.inflight import PER_CLIENT, TOTAL, InFlight
 from socksd.relay import RelayEnd

@@ -9,15 +9,15 @@ from typing import Sequence
 from twisted.internet import defer, tcp
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
-from twisted.protocols.policies import TimeoutMixin
+
 # Twisted's public API offers only proxyEndpoint(); the wrapper it puts under
 # a haproxy: listener's protocols is what tells a PROXY connection apart.
 from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
+from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from socksd import relay, splice
-from socksd.auth import ANONYMOUS, User
-from socksd.auth import hashing
+from socksd.auth import ANONYMOUS, User, hashing
 from socksd.auth import methods as auth_methods
 from socksd.auth.methods import Method
 from socksd.escape import escape
@@ -25,9 +25,9 @@ from socksd.ident.registry import ProxiedConnections
 from socksd.logs import RateLimitedLine
 from socksd.proxy import connect
 from socksd.proxy.bind import BindWaiter
-from socksd.proxy.udp import UDPRelay
 from socksd.proxy.socks4 import Socks4Handshake, Socks4Policy
 from socksd.proxy.socks5 import Socks5Handshake
+from socksd.proxy.udp import UDPRelay
 from socksd.rules import IPAddress, IPNetwork, RuleSet, client_key, parse_ip
 from socksd.wire import WireError, socks4, socks5
 
@@ -658,7 +658,7 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         now = self._held()
         stuck = self.drains == drains and any(
             held and was is not None and held >= was
-            for held, was in zip(now, before) if held is not None)
+            for held, was in zip(now, before, strict=True) if held is not None)
         if stuck:
             timeout = self.server.limits.stall_timeout
             self._abort_relay("stalled", f"a receiver took nothing for {timeout:g} s")

@@ -23,7 +23,8 @@ from socksd.wire import ident
 
 
 class Options(usage.Options):
-    synopsis = "[--config FILE] [--listen ENDPOINT]... [--stdio --local-address A --remote-address B]"
+    synopsis = ("[--config FILE] [--listen ENDPOINT]... "
+                "[--stdio --local-address A --remote-address B]")
     longdesc = ("An RFC 1413 ident server answering who owns a TCP connection on this "
                 "host (Linux sock_diag, or /proc/net/tcp*). Default: tcp:113, root hidden.")
     optParameters = [

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import sys
 
-from twisted.internet import epollreactor   # Linux; see install_default
+from twisted.internet import epollreactor  # Linux; see install_default
 from twisted.internet.main import installReactor
 from twisted.logger import Logger
 

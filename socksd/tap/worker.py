@@ -11,14 +11,13 @@ import os
 import socket
 import sys
 
-from zope.interface import implementer
-
 from twisted.cred import strcred
 from twisted.internet import protocol
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.main import installReactor
 from twisted.logger import ILogObserver, Logger, eventAsJSON, globalLogBeginner
 from twisted.python.reflect import namedAny
+from zope.interface import implementer
 
 from socksd.proxy import session
 from socksd.proxy.connect import THREAD_POOL_SIZE

@@ -161,7 +161,7 @@ class WorkersService(service.Service):
                 self.listeners = [(f, h, row[i].getsockname()[1], b, hp)
                                   for i, (f, h, _p, b, hp) in enumerate(self.listeners)]
             self.sockets.append(row)
-        for family, host, port, _backlog, haproxy in self.listeners:
+        for _family, _host, port, _backlog, haproxy in self.listeners:
             log.info("SOCKSServerFactory{proxy} starting on {port} ({n} workers)",
                      proxy=" (PROXY)" if haproxy else "", port=port, n=self.count)
         super().privilegedStartService()
@@ -179,7 +179,7 @@ class WorkersService(service.Service):
         child_fds = {0: "w", 1: theirs.fileno(), 2: 2}   # 0: --auth strings; 1: its log
         fds = []
         for number, (sock, (family, _h, _p, _b, haproxy)) in enumerate(
-                zip(sockets, self.listeners), start=3):
+                zip(sockets, self.listeners, strict=True), start=3):
             child_fds[number] = sock.fileno()
             fds.append([number, int(family), haproxy])
         # -P: the working directory is not put on sys.path (a source checkout

@@ -1,10 +1,9 @@
 """The ``htpasswd:`` checker for ``--auth`` and the config's ``checkers``."""
 
-from zope.interface import implementer
-
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.strcred import ICheckerFactory
 from twisted.plugin import IPlugin
+from zope.interface import implementer
 
 
 @implementer(ICheckerFactory, IPlugin)
