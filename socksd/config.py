@@ -15,7 +15,7 @@ from typing import Any
 
 from socksd.ident.policy import IdentPolicy, parse_mode
 from socksd.ident.server import IdentdLimits
-from socksd.proxy.session import Limits
+from socksd.proxy.limits import Limits
 from socksd.proxy.socks4 import Socks4Policy
 from socksd.rules import (
     SELF,

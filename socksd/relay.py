@@ -10,6 +10,8 @@ when both directions are done or either side drops.
 
 from __future__ import annotations
 
+from typing import Callable
+
 from twisted.internet import error, tcp
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Protocol
@@ -163,3 +165,51 @@ def join(a: RelayEnd, b: RelayEnd, session: RelaySession, watch_activity: bool =
     if flow_control:
         a.transport.registerProducer(b, True)
         b.transport.registerProducer(a, True)
+
+
+class StallWatch:
+    """Every wait has a timeout, a blocked receiver's too: once a receiver
+    stops taking bytes, look again after ``timeout`` seconds; if it took
+    nothing of what it held and never drained meanwhile, call ``stalled``
+    (even with no idle timeout). One that drains, however slowly, is left
+    alone. Serves both relay paths: ``held`` says what each receiver holds,
+    in Twisted's buffers or in the splice pipes."""
+
+    __slots__ = ("reactor", "timeout", "held", "stalled", "check", "drains")
+
+    def __init__(self, reactor, timeout: float,
+                 held: Callable[[], tuple[int | None, ...]],
+                 stalled: Callable[[], None]) -> None:
+        self.reactor = reactor
+        self.timeout = timeout
+        self.held = held          # bytes waiting for each receiver (None: cannot tell)
+        self.stalled = stalled
+        self.check = None         # the pending look
+        self.drains = 0           # times a blocked receiver took all it held
+
+    def blocked(self) -> None:
+        """A receiver's buffer is full."""
+        if self.check is None:
+            self.check = self.reactor.callLater(self.timeout, self._look, self.drains,
+                                                self.held())
+
+    def drained(self) -> None:
+        """A blocked receiver took all it held (or the bytes moved elsewhere,
+        as into splice pipes: the next look compares anew)."""
+        self.drains += 1
+
+    def stop(self) -> None:
+        check, self.check = self.check, None
+        if check is not None and check.active():
+            check.cancel()
+
+    def _look(self, drains: int, before: tuple[int | None, ...]) -> None:
+        self.check = None
+        now = self.held()
+        stuck = self.drains == drains and any(
+            held and was is not None and held >= was
+            for held, was in zip(now, before, strict=True) if held is not None)
+        if stuck:
+            self.stalled()
+        elif any(now):
+            self.blocked()   # still draining: look again later

@@ -355,13 +355,10 @@ def test_no_handshake_timeout_after_relay_starts():
 
 
 @pytest.mark.parametrize("worker, prefix", [(None, ""), (3, "w3 ")])
-def test_max_sessions_refusal_line(monkeypatch, worker, prefix):
+def test_max_sessions_refusal_line(worker, prefix):
     """Over max_sessions a connection is refused before anything is read (no
     Session at all), with one line saying so; a closed session frees a place."""
-    from socksd.proxy import session as session_module
-
-    monkeypatch.setattr(session_module, "WORKER", worker)
-    factory, _ = make_factory(limits=Limits(max_sessions=2))
+    factory, _ = make_factory(limits=Limits(max_sessions=2), worker=worker)
     first, second = Client(factory), Client(factory)
     with capturedLogs() as events:
         third = Client(factory, peer=IPv4Address("TCP", "127.0.0.9", 40009))

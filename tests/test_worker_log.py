@@ -16,7 +16,7 @@ from socksd.tap.workers import MAX_RECORD, _WorkerLog
 
 def worker_bytes(*emit) -> bytes:
     """What a worker's channel sends for the events logged by ``emit``s."""
-    channel = LogChannel()
+    channel = LogChannel(0)
     transport = StringTransport()
     channel.makeConnection(transport)
     log = Logger(namespace="socksd", observer=channel)
@@ -83,7 +83,7 @@ def test_unreadable_and_oversized_records_are_dropped_with_a_line():
 
 
 def test_a_stalled_reader_makes_the_worker_drop_and_count():
-    channel = LogChannel()
+    channel = LogChannel(0)
     transport = StringTransport()
     channel.makeConnection(transport)
     log = Logger(namespace="socksd", observer=channel)

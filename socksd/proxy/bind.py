@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 import socket
-from typing import TYPE_CHECKING
+from typing import Any
 
 from twisted.internet import defer, error
 from twisted.internet.protocol import ServerFactory
@@ -14,11 +14,10 @@ from twisted.logger import Logger
 from socksd.escape import escape
 from socksd.logs import RateLimitedLine
 from socksd.proxy import connect
+from socksd.proxy.client_rules import ClientRules
+from socksd.proxy.limits import Limits
 from socksd.relay import RelayEnd
 from socksd.rules import IPAddress, parse_ip
-
-if TYPE_CHECKING:
-    from socksd.proxy.session import Session
 
 log = Logger(namespace="socksd")
 
@@ -60,8 +59,11 @@ class BindWaiter(ServerFactory):
 
     noisy = False
 
-    def __init__(self, session: Session, expected: IPAddress) -> None:
-        self.session = session
+    def __init__(self, reactor: Any, limits: Limits, rules: ClientRules,
+                 expected: IPAddress) -> None:
+        self.reactor = reactor
+        self.limits = limits
+        self.rules = rules
         self.expected = expected
         self.port = None
         self.bound: tuple[str, int] = ("0.0.0.0", 0)
@@ -70,15 +72,14 @@ class BindWaiter(ServerFactory):
         self.accepted: defer.Deferred[Incoming] = defer.Deferred(lambda d: self.close())
         # Anyone may knock on the port while it waits: a line, then a count a second.
         self.knocks = RateLimitedLine(
-            session.server.reactor, log,
+            reactor, log,
             "{peer} bind: refused {count} more incoming connections in the last second")
 
     def listen(self, local, ranges) -> None:
-        server = self.session.server
         interface = route_source(self.expected, getattr(local, "host", "127.0.0.1"))
         for port in candidate_ports(ranges):
             try:
-                self.port = server.reactor.listenTCP(port, self, backlog=1,
+                self.port = self.reactor.listenTCP(port, self, backlog=1,
                                                      interface=interface)
                 break
             except error.CannotListenError:
@@ -86,28 +87,28 @@ class BindWaiter(ServerFactory):
         else:
             raise connect.ConnectFailed(connect.FAILED, "no free port in bind_ports")
         self.bound = (interface, self.port.getHost().port)
-        timeout = server.limits.bind_timeout
-        self.timer = server.reactor.callLater(timeout, self._timed_out, timeout)
+        timeout = self.limits.bind_timeout
+        self.timer = self.reactor.callLater(timeout, self._timed_out, timeout)
 
     def buildProtocol(self, addr):
         """Accept exactly one connection, from the expected peer (or one a
         "bindreply" rule names), that the rules allow."""
         if self.taken:
             return None
-        session = self.session
+        rules = self.rules
         peer = parse_ip(addr.host)
-        decision = session.decide("bindreply", addr.port, None, peer)
+        decision = rules.decide("bindreply", addr.port, None, peer)
         named = (decision.rule is not None and decision.rule.commands is not None
                  and "bindreply" in decision.rule.commands)
         if not decision.allowed or (peer != self.expected and not self.expected.is_unspecified
                                     and not named):
             self.knocks.emit("{peer} bind: refused incoming connection from {source}: {why}",
-                             peer=escape(session.peer, spaces=True),
+                             peer=escape(rules.peer, spaces=True),
                              source=escape(addr.host),
                              why=decision.reason if not decision.allowed
                              else "not the expected peer")
             return None
-        session.note_rule(decision, "bindreply", connect.host_port(addr.host, addr.port))
+        rules.note(decision, "bindreply", connect.host_port(addr.host, addr.port))
         self.taken = True
         protocol = Incoming()
         protocol.factory = self

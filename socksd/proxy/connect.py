@@ -32,6 +32,14 @@ def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def address_text(addr) -> str:
+    """A Twisted address as logs show it: ``host:port``, a UNIX socket's path."""
+    host = getattr(addr, "host", None)
+    if host is None:
+        return str(getattr(addr, "name", None) or "unix")
+    return host_port(host, addr.port)
+
+
 class ConnectFailed(Exception):
     """A CONNECT that could not be carried out; ``reason`` is one of the above."""
 
@@ -233,6 +241,28 @@ def connect_tcp(reactor, host: str, port: int, timeout: float) -> defer.Deferred
 
 
 # connect(2)'s errors, as Twisted's connectTCP would report them (classify()).
+def connect_first(hosts: list[str], reactor, port: int,
+                  deadline: float) -> defer.Deferred[Outbound]:
+    """Try the addresses in resolver order until one connects by ``deadline``
+    (reactor.seconds()); fails as the last one did."""
+
+    def attempt(remaining_hosts: list[str], last: Failure | None):
+        remaining = deadline - reactor.seconds()
+        if not remaining_hosts or remaining <= 0:
+            return defer.fail(last if last is not None else
+                              ConnectFailed(TIMEOUT, "no time left to connect"))
+
+        def next_address(failure: Failure):
+            if failure.check(defer.CancelledError):
+                return failure
+            return attempt(remaining_hosts[1:], failure)
+
+        d = connect_tcp(reactor, remaining_hosts[0], port, remaining)
+        return d.addErrback(next_address)
+
+    return attempt(hosts, None)
+
+
 _ERRNO_REASONS = {errno.ECONNREFUSED: REFUSED, errno.ETIMEDOUT: TIMEOUT,
                   **{code: HOST_UNREACHABLE for code in _HOST_ERRNOS},
                   **{code: NETWORK_UNREACHABLE for code in _NETWORK_ERRNOS}}

@@ -1,20 +1,25 @@
 """The SOCKS4/4a handshake: one request carrying a USERID, checked by the
-configured policy (trust, whitelist, or RFC 1413 ident), then CONNECT."""
+configured policy (trust, whitelist, or RFC 1413 ident), then CONNECT or
+BIND, carried out by the handshake's owner."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import CancelledError
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from socksd.auth import ANONYMOUS, User
+from socksd.escape import escape
 from socksd.ident import client as ident_client
+from socksd.proxy import connect
+from socksd.proxy.handshake import Requesting, RequestOwner
 from socksd.wire import WireError, socks4
 
-if TYPE_CHECKING:
-    from socksd.proxy.session import Session
+log = Logger(namespace="socksd")
 
 TRUST, WHITELIST, IDENT = "trust", "whitelist", "ident"
 REFUSE = "refuse"
@@ -42,18 +47,16 @@ class UseridRefused(Exception):
         self.reply = reply
 
 
-class Socks4Handshake:
-    __slots__ = ("session", "buffer", "waiting", "userid_check")
+class Socks4Handshake(Requesting):
+    __slots__ = ("policy", "reactor", "method", "waiting", "userid_check")
 
-    def __init__(self, session: Session) -> None:
-        self.session = session
-        self.buffer = b""
+    def __init__(self, owner: RequestOwner, policy: Socks4Policy, reactor: Any) -> None:
+        super().__init__(owner)
+        self.policy = policy
+        self.reactor = reactor
+        self.method = "ident" if policy.userid == IDENT else policy.userid
         self.waiting = False
         self.userid_check: defer.Deferred | None = None
-
-    @property
-    def transport(self):
-        return self.session.transport
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -63,26 +66,27 @@ class Socks4Handshake:
             parsed = socks4.parse_request(self.buffer)
         except WireError as e:
             self.transport.write(socks4.encode_reply(socks4.REJECTED))
-            self.session.fail("bad request", str(e))
+            self.owner.fail("bad request", str(e))
             return
         if parsed is None:
             return
         request, used = parsed
         self.buffer = self.buffer[used:]
         self.waiting = True
-        session = self.session
-        policy = session.server.socks4
-        session.method = "ident" if policy.userid == IDENT else policy.userid
+        owner = self.owner
+        owner.note(method=self.method)
         if request.command not in (socks4.CONNECT, socks4.BIND):
-            session.command = f"0x{request.command:02x}"
+            command = f"0x{request.command:02x}"
+            owner.note(command=command)
             self.transport.write(socks4.encode_reply(socks4.REJECTED))
-            session.fail("command not supported", session.command)
+            owner.fail("command not supported", command)
             return
-        d = self.userid_check = self._check_userid(policy, request.userid)
+        d = self.userid_check = self._check_userid(request.userid)
         d.addCallback(self._authenticated, request)
-        d.addErrback(self._refused, request.userid)
+        d.addErrback(self._userid_refused, request.userid)
 
-    def _check_userid(self, policy: Socks4Policy, userid: str) -> defer.Deferred:
+    def _check_userid(self, userid: str) -> defer.Deferred:
+        policy = self.policy
         if not userid:
             if policy.allow_empty_userid:
                 return defer.succeed(ANONYMOUS)
@@ -93,10 +97,10 @@ class Socks4Handshake:
             if userid in policy.whitelist:
                 return defer.succeed(User(userid, verified=False))
             return defer.fail(UseridRefused(socks4.REJECTED, "USERID not in whitelist"))
-        return self._ask_identd(policy, userid)
+        return self._ask_identd(userid)
 
-    def _ask_identd(self, policy: Socks4Policy, userid: str) -> defer.Deferred:
-        session = self.session
+    def _ask_identd(self, userid: str) -> defer.Deferred:
+        policy = self.policy
         peer = self.transport.getPeer()
         host = self.transport.getHost()
         if getattr(peer, "host", None) is None:
@@ -104,7 +108,7 @@ class Socks4Handshake:
         # No bindAddress: behind a PROXY-protocol balancer getHost() is the
         # balancer's address, not ours; the route to the client picks the
         # same source address the client reached us on in every other case.
-        d = ident_client.query(session.server.reactor, str(session.client), peer.port,
+        d = ident_client.query(self.reactor, str(self.owner.client), peer.port,
                                host.port, port=policy.ident_port,
                                timeout=policy.ident_timeout)
 
@@ -121,7 +125,7 @@ class Socks4Handshake:
             failure.trap(ident_client.IdentUnavailable, ident_client.IdentError)
             reason = f"identd: {failure.getErrorMessage()}"
             if policy.ident_fallback == TRUST:
-                session.detail = reason
+                self.owner.note(detail=reason)
                 return User(userid, verified=False)
             raise UseridRefused(socks4.NO_IDENTD, reason)
 
@@ -129,46 +133,35 @@ class Socks4Handshake:
 
     def _authenticated(self, user: User, request: socks4.Request) -> None:
         self.userid_check = None
-        self.session.authenticated(self.session.method, user)
+        owner = self.owner
+        owner.authenticated(self.method, user)
         if request.command == socks4.BIND:
-            d = self.session.bind(request.host, request.port, request.by_name)
-            d.addCallbacks(self._bound, self._connect_failed)
+            owner.bind(request.host, request.port, request.by_name).addCallbacks(
+                self._bound, self._refused)
         else:
-            d = self.session.connect(request.host, request.port, request.by_name)
-            d.addCallbacks(self._connected, self._connect_failed)
+            owner.connect(request.host, request.port, request.by_name).addCallbacks(
+                self._connected, self._refused)
 
-    def _refused(self, failure, userid: str) -> None:
+    def _userid_refused(self, failure: Failure, userid: str) -> None:
         self.userid_check = None
         if failure.check(CancelledError):
             return
         if not failure.check(UseridRefused):
-            return failure
-        self.transport.write(socks4.encode_reply(failure.value.reply))
-        self.session.authentication_failed(self.session.method, userid or None,
-                                           str(failure.value))
-
-    def _connected(self, outbound) -> None:
-        self._relay(outbound, outbound.transport.getHost())
-
-    def _bound(self, waiter) -> None:
-        self.transport.write(socks4.encode_reply(socks4.GRANTED, *waiter.bound))
-        waiter.accepted.addCallbacks(self._bind_accepted, self._connect_failed)
-
-    def _bind_accepted(self, incoming) -> None:
-        self._relay(incoming, incoming.transport.getPeer())
-
-    def _relay(self, end, address) -> None:
-        """The last reply names ``address``; then relay, passing on what the
-        client sent early."""
-        early, self.buffer = self.buffer, b""
-        self.session.start_relay(
-            end, socks4.encode_reply(socks4.GRANTED, address.host, address.port), early)
-
-    def _connect_failed(self, failure) -> None:
-        if failure.check(CancelledError):
+            # A bug, not the client's doing: it still gets its reply now,
+            # not at the handshake timeout.
+            log.failure("{peer} socks4: checking the USERID failed",
+                        failure, peer=escape(self.owner.peer, spaces=True))
+            self.transport.write(socks4.encode_reply(socks4.REJECTED))
+            self.owner.fail("error", f"checking the USERID: {failure.getErrorMessage()}")
             return
-        self.transport.write(socks4.encode_reply(socks4.REJECTED))
-        self.session.connect_failed(failure.value)
+        self.transport.write(socks4.encode_reply(failure.value.reply))
+        self.owner.authentication_failed(self.method, userid or None, str(failure.value))
+
+    def success(self, host: str, port: int) -> bytes:
+        return socks4.encode_reply(socks4.GRANTED, host, port)
+
+    def failure(self, failed: connect.ConnectFailed) -> bytes:
+        return socks4.encode_reply(socks4.REJECTED)
 
     def cancel(self) -> None:
         check, self.userid_check = self.userid_check, None

@@ -1,20 +1,18 @@
 """The SOCKS5 handshake (RFC 1928): method selection, the method's
 sub-negotiation, the request and its reply. Drives :mod:`socksd.wire.socks5`
-and hands the session its avatar and destination."""
+and asks its owner (:class:`~socksd.proxy.handshake.RequestOwner`) to carry
+the request out."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from twisted.internet.defer import CancelledError
+from typing import Any, Callable
 
 from socksd.auth import User
+from socksd.auth.methods import Method, Negotiation
 from socksd.proxy import connect
+from socksd.proxy.handshake import Requesting, RequestOwner
 from socksd.relay import send
 from socksd.wire import WireError, socks5
-
-if TYPE_CHECKING:
-    from socksd.proxy.session import Session
 
 REPLY_FOR = {
     connect.DENIED: socks5.NOT_ALLOWED,
@@ -28,38 +26,28 @@ REPLY_FOR = {
 _GREETING, _AUTH, _REQUEST, _WAITING = range(4)
 
 
-class Socks5Handshake:
-    """One client's handshake; dropped once the relay starts."""
+class Socks5Handshake(Requesting):
+    """One client's handshake; dropped once the relay starts. It is also
+    what a method authenticates (:class:`~socksd.auth.methods.Authenticating`)."""
 
-    __slots__ = ("session", "state", "buffer", "negotiation")
+    __slots__ = ("choose_method", "reactor", "handshake_deadline", "state", "negotiation")
 
-    def __init__(self, session: Session) -> None:
-        self.session = session
+    def __init__(self, owner: RequestOwner, choose_method: Callable[[bytes], Method | None],
+                 reactor: Any, handshake_deadline: float) -> None:
+        super().__init__(owner)
+        self.choose_method = choose_method
+        self.reactor = reactor                        # the method's clock and timers
+        self.handshake_deadline = handshake_deadline  # reactor.seconds() of the timeout
         self.state = _GREETING
-        self.buffer = b""
-        self.negotiation = None
-
-    @property
-    def transport(self):
-        return self.session.transport
-
-    @property
-    def peer(self) -> str:
-        return self.session.peer
-
-    # What a method needs besides (socksd.auth.methods.Authenticating).
+        self.negotiation: Negotiation | None = None
 
     @property
     def client_key(self) -> str | None:
-        return self.session.client_key
+        return self.owner.client_key
 
     @property
-    def reactor(self):
-        return self.session.server.reactor
-
-    @property
-    def handshake_deadline(self) -> float:
-        return self.session.started + self.session.server.limits.handshake_timeout
+    def peer(self) -> str:
+        return self.owner.peer
 
     def data_received(self, data: bytes) -> None:
         if self.state == _AUTH:
@@ -79,7 +67,7 @@ class Socks5Handshake:
         except WireError as e:
             if e.reply is not None and self.state == _REQUEST:
                 self.transport.write(socks5.encode_reply(e.reply))
-            self.session.fail("bad request", str(e))
+            self.owner.fail("bad request", str(e))
 
     def _greeting(self) -> None:
         parsed = socks5.parse_greeting(self.buffer)
@@ -87,14 +75,14 @@ class Socks5Handshake:
             return
         offered, used = parsed
         self.buffer = self.buffer[used:]
-        method = self.session.server.choose_method(offered)
+        method = self.choose_method(offered)
         if method is None:
             self.transport.write(socks5.method_selection(socks5.NO_ACCEPTABLE))
-            self.session.fail("no acceptable method",
-                              "offered " + (",".join(str(m) for m in offered) or "nothing"))
+            self.owner.fail("no acceptable method",
+                            "offered " + (",".join(str(m) for m in offered) or "nothing"))
             return
         send(self.transport, socks5.method_selection(method.code))
-        self.session.method = method.name   # logged even if the client leaves now
+        self.owner.note(method=method.name)   # logged even if the client leaves now
         self.state = _AUTH
         negotiation = method.start(self)
         if self.state == _AUTH:
@@ -108,16 +96,19 @@ class Socks5Handshake:
     # Called back by the method (see socksd.auth.methods.Authenticating).
 
     def authenticated(self, method: str, avatar: User, rest: bytes, layer=None) -> None:
-        self.session.authenticated(method, avatar, layer)
+        self.owner.authenticated(method, avatar, layer)
         self.negotiation = None
         self.state = _REQUEST
         if rest:
-            # Under a security layer the rest is wrapped: the session unwraps it.
-            self.session.dataReceived(rest) if layer is not None else self.data_received(rest)
+            # Under a security layer the rest is wrapped: the owner unwraps it.
+            if layer is not None:
+                self.owner.received_wrapped(rest)
+            else:
+                self.data_received(rest)
 
     def authentication_failed(self, method: str, user: str | None, reason: str) -> None:
         self.negotiation = None
-        self.session.authentication_failed(method, user, reason)
+        self.owner.authentication_failed(method, user, reason)
 
     def _request(self) -> None:
         parsed = socks5.parse_request(self.buffer)
@@ -127,53 +118,32 @@ class Socks5Handshake:
         self.buffer = self.buffer[used:]
         self.state = _WAITING
         by_name = request.atyp == socks5.ATYP_DOMAIN
+        owner = self.owner
         if request.command == socks5.CONNECT:
-            d = self.session.connect(request.host, request.port, by_name)
-            d.addCallbacks(self._connected, self._refused)
+            owner.connect(request.host, request.port, by_name).addCallbacks(
+                self._connected, self._refused)
         elif request.command == socks5.BIND:
-            d = self.session.bind(request.host, request.port, by_name)
-            d.addCallbacks(self._bound, self._refused)
+            owner.bind(request.host, request.port, by_name).addCallbacks(
+                self._bound, self._refused)
         elif request.command == socks5.UDP_ASSOCIATE:
             # DST is where the client will send from; a name there says nothing.
-            d = self.session.udp_associate("0.0.0.0" if by_name else request.host,
-                                           request.port)
-            d.addCallbacks(self._associated, self._refused)
+            owner.udp_associate("0.0.0.0" if by_name else request.host,
+                                request.port).addCallbacks(self._associated, self._refused)
         else:
-            self.session.command = f"0x{request.command:02x}"
+            command = f"0x{request.command:02x}"
+            owner.note(command=command)
             self.transport.write(socks5.encode_reply(socks5.COMMAND_NOT_SUPPORTED))
-            self.session.fail("command not supported", self.session.command)
+            owner.fail("command not supported", command)
 
-    def _connected(self, outbound) -> None:
-        self._relay(outbound, outbound.transport.getHost())
+    def success(self, host: str, port: int) -> bytes:
+        return socks5.encode_reply(socks5.SUCCEEDED, host, port)
 
-    def _bound(self, waiter) -> None:
-        """First BIND reply: where the client's peer should connect."""
-        self.transport.write(socks5.encode_reply(socks5.SUCCEEDED, *waiter.bound))
-        waiter.accepted.addCallbacks(self._bind_accepted, self._refused)
+    def failure(self, failed: connect.ConnectFailed) -> bytes:
+        return socks5.encode_reply(REPLY_FOR[failed.reason])
 
-    def _bind_accepted(self, incoming) -> None:
-        """Second BIND reply: who connected; then relay."""
-        self._relay(incoming, incoming.transport.getPeer())
-
-    def _relay(self, end, address) -> None:
-        """The last reply names ``address`` (where we connected from, or who
-        connected to us); then relay, passing on what the client sent early."""
-        early, self.buffer = self.buffer, b""
-        self.session.start_relay(
-            end, socks5.encode_reply(socks5.SUCCEEDED, address.host, address.port), early)
-
-    def _associated(self, bound) -> None:
+    def _associated(self, bound: tuple[str, int]) -> None:
         self.buffer = b""
-        self.transport.write(socks5.encode_reply(socks5.SUCCEEDED, *bound))
-
-    def _refused(self, failure) -> None:
-        if failure.check(CancelledError):
-            return  # the client went away while we connected
-        failed = failure.value
-        if not isinstance(failed, connect.ConnectFailed):
-            failed = connect.classify(failure)
-        self.transport.write(socks5.encode_reply(REPLY_FOR[failed.reason]))
-        self.session.connect_failed(failed)
+        self.transport.write(self.success(*bound))
 
     def cancel(self) -> None:
         if self.negotiation is not None:

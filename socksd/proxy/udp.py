@@ -10,7 +10,7 @@ are wrapped in a header naming their source.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import TYPE_CHECKING
+from typing import Any, Callable
 
 from twisted.internet import error
 from twisted.internet.protocol import DatagramProtocol
@@ -19,11 +19,10 @@ from twisted.logger import Logger
 from socksd.escape import escape
 from socksd.proxy import connect
 from socksd.proxy.bind import candidate_ports
+from socksd.proxy.client_rules import ClientRules
+from socksd.proxy.limits import Limits
 from socksd.rules import parse_ip
 from socksd.wire import WireError, socks5
-
-if TYPE_CHECKING:
-    from socksd.proxy.session import Session
 
 log = Logger(namespace="socksd")
 
@@ -44,15 +43,20 @@ class _Cache(OrderedDict):
 class UDPRelay(DatagramProtocol):
     noisy = False
 
-    def __init__(self, session: Session, host: str, port: int) -> None:
-        self.session = session
-        self.client_ip = str(session.client)
+    def __init__(self, reactor: Any, limits: Limits, rules: ClientRules, host: str, port: int,
+                 activity: Callable[[], None], layer: Any = None) -> None:
+        self.reactor = reactor
+        self.limits = limits
+        self.rules = rules
+        self.activity = activity    # a datagram of the association's: it is alive
+        self.layer = layer          # GSS-API protection: every datagram is wrapped
+        self.client_ip = str(rules.client)
         # Where the client said it will send from; 0s: not known yet.
         self.expected_port = port
         if host not in ("0.0.0.0", "::") and str(parse_ip(host)) != self.client_ip:
             log.info("{peer} udp: the request names {host}, not the client's own address; "
                      "datagrams are taken from the client's address only",
-                     peer=escape(session.peer, spaces=True), host=escape(host))
+                     peer=escape(rules.peer, spaces=True), host=escape(host))
         self.client_addr: tuple[str, int] | None = None
         self.decisions: _Cache = _Cache()     # (ip, port, command) -> allowed
         self.names: _Cache = _Cache()         # name -> (expires, address we send to, or None)
@@ -65,7 +69,7 @@ class UDPRelay(DatagramProtocol):
         self.lookups_refused = False
 
     def listen(self, local, ranges) -> tuple[str, int]:
-        reactor = self.session.server.reactor
+        reactor = self.reactor
         interface = getattr(local, "host", "127.0.0.1")
         self.ipv6 = ":" in interface     # as Twisted's udp.Port chooses its family
         for port in candidate_ports(ranges):
@@ -83,7 +87,7 @@ class UDPRelay(DatagramProtocol):
 
     @property
     def max_datagram(self) -> int:
-        return self.session.server.limits.max_datagram
+        return self.limits.max_datagram
 
     def stop(self) -> None:
         if self.stopped:
@@ -111,10 +115,10 @@ class UDPRelay(DatagramProtocol):
         else:
             self.counts["dropped"] += 1   # a stranger: does not keep the association alive
             return
-        self.session.relay_activity()
+        self.activity()
 
     def _from_client(self, data: bytes, addr) -> None:
-        layer = self.session.layer
+        layer = self.layer
         try:
             if layer is not None:
                 # Under GSS-API protection each datagram, header included, is
@@ -142,8 +146,7 @@ class UDPRelay(DatagramProtocol):
             self._send(datagram.data, datagram.host, datagram.port, None)
 
     def _send_to_name(self, datagram: socks5.Datagram) -> None:
-        session = self.session
-        reactor = session.server.reactor
+        reactor = self.reactor
         name, port = datagram.host, datagram.port
         cached = self.names.get(name)
         if cached is not None and cached[0] > reactor.seconds():
@@ -153,8 +156,8 @@ class UDPRelay(DatagramProtocol):
             # Denied by name: dropped without a lookup (as for CONNECT).
             self.counts["dropped"] += 1
             return
-        d = connect.resolve(reactor, name, port, session.server.limits.connect_timeout,
-                            session.client_key)
+        d = connect.resolve(reactor, name, port, self.limits.connect_timeout,
+                            self.rules.client_key)
 
         def resolved(hosts):
             # A datagram has one try, so it goes to the first address the
@@ -171,7 +174,7 @@ class UDPRelay(DatagramProtocol):
             if failure.check(connect.TooManyLookups) and not self.lookups_refused:
                 self.lookups_refused = True   # once per association, not per datagram
                 log.info("{peer} udp: {detail}; datagrams to names are dropped meanwhile",
-                         peer=escape(session.peer, spaces=True),
+                         peer=escape(self.rules.peer, spaces=True),
                          detail=escape(failure.value.detail))
 
         d.addCallbacks(resolved, failed)
@@ -181,7 +184,7 @@ class UDPRelay(DatagramProtocol):
         key = ("udp", None, port, name)
         allowed = self.decisions.get(key)
         if allowed is None:
-            decision = self.session.decide_name("udp", port, name)
+            decision = self.rules.decide_name("udp", port, name)
             # An allow is noted (and re-decided) per address, in _allowed().
             allowed = decision is None or decision.allowed
             self.decisions.put(key, allowed)
@@ -191,11 +194,10 @@ class UDPRelay(DatagramProtocol):
         key = (command, ip, port, name)
         allowed = self.decisions.get(key)
         if allowed is None:
-            session = self.session
-            decision = session.decide(command, port, name, parse_ip(ip))
+            decision = self.rules.decide(command, port, name, parse_ip(ip))
             allowed = decision.allowed
             if allowed:   # once per address while it is remembered, not per datagram
-                session.note_rule(decision, command, connect.host_port(name or ip, port))
+                self.rules.note(decision, command, connect.host_port(name or ip, port))
             self.decisions.put(key, allowed)
         return allowed
 
@@ -220,8 +222,8 @@ class UDPRelay(DatagramProtocol):
             return
         wrapped = socks5.encode_udp(ip, port, data)
         try:
-            if self.session.layer is not None:
-                wrapped = self.session.layer.wrap_datagram(wrapped)
+            if self.layer is not None:
+                wrapped = self.layer.wrap_datagram(wrapped)
             self.transport.write(wrapped, self.client_addr)
         except (OSError, ValueError, error.MessageLengthError):
             # With its header the answer no longer fits in one datagram.

@@ -157,9 +157,10 @@ def _bytes_users(checker) -> None:
 
 
 def make_factory(cfg, checkers: list, proxied: ProxiedConnections | None,
-                 share: int = 1) -> SOCKSServerFactory:
+                 share: int = 1, worker: int | None = None) -> SOCKSServerFactory:
     """The listeners' factory; with ``share`` workers each gets its share
-    of the session limits and of the password checks' threads and bounds."""
+    of the session limits and of the password checks' threads and bounds.
+    ``worker``: which worker process this is, for its lines."""
     limits = cfg.limits
     if share > 1:
         limits = replace(limits, **{key: -(-getattr(limits, key) // share) for key in (
@@ -176,7 +177,7 @@ def make_factory(cfg, checkers: list, proxied: ProxiedConnections | None,
                                        limits.auth_failure_clients))
     return SOCKSServerFactory([registry[name] for name in cfg.methods], cfg.rules, limits,
                               socks4=cfg.socks4, registry=proxied,
-                              trusted_proxies=cfg.trusted_proxies)
+                              trusted_proxies=cfg.trusted_proxies, worker=worker)
 
 
 def use_hash_pool(checkers: list, pool: HashPool) -> None:

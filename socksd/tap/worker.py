@@ -19,7 +19,6 @@ from twisted.logger import ILogObserver, Logger, eventAsJSON, globalLogBeginner
 from twisted.python.reflect import namedAny
 from zope.interface import implementer
 
-from socksd.proxy import session
 from socksd.proxy.connect import THREAD_POOL_SIZE
 from socksd.tap import reactor as socksd_reactor
 from socksd.tap.workers import FAILURE_MESSAGE, RECORD_SEPARATOR
@@ -40,6 +39,9 @@ class LogChannel(protocol.Protocol):
 
     paused = False
     dropped = 0
+
+    def __init__(self, worker: int) -> None:
+        self.worker = worker
 
     def connectionMade(self) -> None:
         self.transport.registerProducer(self, True)
@@ -62,7 +64,7 @@ class LogChannel(protocol.Protocol):
         if self.dropped:
             dropped, self.dropped = self.dropped, 0
             log.warn("w{worker} {dropped} log events dropped: the supervisor did not read "
-                     "them in time", worker=session.WORKER, dropped=dropped)
+                     "them in time", worker=self.worker, dropped=dropped)
 
     def stopProducing(self) -> None:
         pass
@@ -108,16 +110,15 @@ def main(argv: list[str] | None = None) -> None:
 
     # Every event goes to the supervisor, which logs it where twistd logs;
     # stray writes to stdout (print in a plugin) go to stderr instead.
-    channel = LogChannel()
+    channel = LogChannel(args.index)
     reactor.adoptStreamConnection(1, socket.AF_UNIX, protocol.Factory.forProtocol(
         lambda: channel))
     os.dup2(2, 1)
     globalLogBeginner.beginLoggingTo([channel], redirectStandardIO=False)
-    session.WORKER = args.index
     checkers = [strcred.makeChecker(description)
                 for description in read_auth(sys.stdin.buffer)]
     cfg, checkers = socks_tap.build(args.config, [], checkers, args.trusted_proxy)
-    factory = socks_tap.make_factory(cfg, checkers, None, share=args.workers)
+    factory = socks_tap.make_factory(cfg, checkers, None, share=args.workers, worker=args.index)
     for fd, family, haproxy in json.loads(args.fds):
         port_factory = HAProxyWrappingFactory(factory) if haproxy else factory
         reactor.adoptStreamPort(fd, socket.AddressFamily(family), port_factory)

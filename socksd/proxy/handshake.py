@@ -1,0 +1,103 @@
+"""The seam between a SOCKS handshake and the session that owns it.
+
+A handshake (SOCKS4 or SOCKS5) parses what the client sends and asks its
+owner, a :class:`RequestOwner`, to carry the request out; it never touches
+the session's state. :class:`Requesting` holds what both versions do once a
+request is answered: the success reply, then the relay.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.python.failure import Failure
+
+from socksd.auth import User
+from socksd.proxy import connect
+from socksd.proxy.bind import BindWaiter
+from socksd.relay import RelayEnd
+from socksd.rules import IPAddress
+
+
+class RequestOwner(Protocol):
+    """What a handshake may ask of the session it runs in."""
+
+    transport: Any             # the client's connection
+    peer: str                  # the client as logs show it
+    client: IPAddress          # the client's address, as the rules see it
+    client_key: str | None     # the client's address: per-client bounds
+
+    def note(self, *, method: str | None = None, command: str | None = None,
+             detail: str | None = None) -> None:
+        """Write down what the session line reports: the method chosen, the
+        command asked for, a detail (e.g. why a USERID was taken on trust)."""
+
+    def authenticated(self, method: str, avatar: User, layer: Any = None) -> None:
+        """``layer``: a GSS-API security layer that wraps all that follows."""
+
+    def authentication_failed(self, method: str, user: str | None, reason: str) -> None: ...
+
+    def received_wrapped(self, data: bytes) -> None:
+        """Bytes that followed the sub-negotiation under a security layer."""
+
+    def connect(self, host: str, port: int, by_name: bool) -> Deferred[connect.Outbound]: ...
+
+    def bind(self, host: str, port: int, by_name: bool) -> Deferred[BindWaiter]: ...
+
+    def udp_associate(self, host: str, port: int) -> Deferred[tuple[str, int]]: ...
+
+    def start_relay(self, end: RelayEnd, reply: bytes, early: bytes = b"") -> None:
+        """Write the last reply, then relay, starting with ``early``."""
+
+    def connect_failed(self, failed: connect.ConnectFailed) -> None:
+        """The request failed; its reply was written already."""
+
+    def fail(self, outcome: str, detail: str = "", abort: bool = False) -> None:
+        """End the session before the relay; any reply was written already."""
+
+
+class Requesting:
+    """The tail of a handshake: replies to a CONNECT or BIND, then the relay.
+    A subclass says how its version encodes a success and a failure."""
+
+    __slots__ = ("owner", "buffer")
+
+    def __init__(self, owner: RequestOwner) -> None:
+        self.owner = owner
+        self.buffer = b""
+
+    @property
+    def transport(self) -> Any:
+        return self.owner.transport
+
+    def success(self, host: str, port: int) -> bytes:
+        raise NotImplementedError
+
+    def failure(self, failed: connect.ConnectFailed) -> bytes:
+        raise NotImplementedError
+
+    def _connected(self, outbound: connect.Outbound) -> None:
+        self._relay(outbound, outbound.transport.getHost())
+
+    def _bound(self, waiter: BindWaiter) -> None:
+        """First BIND reply: where the client's peer should connect."""
+        self.transport.write(self.success(*waiter.bound))
+        waiter.accepted.addCallbacks(self._bind_accepted, self._refused)
+
+    def _bind_accepted(self, incoming: RelayEnd) -> None:
+        """Second BIND reply: who connected; then relay."""
+        self._relay(incoming, incoming.transport.getPeer())
+
+    def _relay(self, end: RelayEnd, address: Any) -> None:
+        """The last reply names ``address`` (where we connected from, or who
+        connected to us); then relay, passing on what the client sent early."""
+        early, self.buffer = self.buffer, b""
+        self.owner.start_relay(end, self.success(address.host, address.port), early)
+
+    def _refused(self, failure: Failure) -> None:
+        if failure.check(CancelledError):
+            return  # the client went away while we connected
+        failed = connect.classify(failure)
+        self.transport.write(self.failure(failed))
+        self.owner.connect_failed(failed)
