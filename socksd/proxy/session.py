@@ -13,15 +13,15 @@ from twisted.internet import defer, tcp
 # a haproxy: listener's protocols is what tells a PROXY connection apart.
 from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
 from twisted.protocols.policies import TimeoutMixin
-from twisted.python.failure import Failure
 
 from socksd import relay, splice
 from socksd.auth import ANONYMOUS, User
 from socksd.auth.methods import Method
 from socksd.ident.registry import ProxiedConnections
-from socksd.proxy import connect
+from socksd.proxy import requests
 from socksd.proxy.bind import BindWaiter
 from socksd.proxy.client_rules import ClientRules
+from socksd.proxy.connect import DENIED, ConnectFailed, Outbound, address_text, host_port
 from socksd.proxy.limits import Limits
 from socksd.proxy.record import SessionRecord
 from socksd.proxy.socks4 import Socks4Handshake, Socks4Policy
@@ -74,7 +74,7 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
     # only what a session changes, which keeps idle sessions small.
     handler: Socks4Handshake | Socks5Handshake | None = None
     version = 5
-    outbound: connect.Outbound | None = None
+    outbound: Outbound | None = None
     pending: defer.Deferred | None = None
     client: IPAddress = _LOCAL
     client_key: str | None = None
@@ -115,7 +115,7 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
             # refuse a burst through it for max_sessions_per_client.
             self.proxied = self.transport
             balancer = self.transport.transport.getPeer()
-            self.peer = connect.address_text(balancer)
+            self.peer = address_text(balancer)
             if not self.server.trusts_proxy(balancer):
                 self.server.untrusted_proxy(balancer)
                 self.quiet = True
@@ -153,7 +153,7 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         """Who the client is, for rules, limits and logs (called again once
         data arrives, because a PROXY header may have changed the peer)."""
         address = self.transport.getPeer()
-        peer = connect.address_text(address)
+        peer = address_text(address)
         if peer == self.peer:
             return
         self.peer = peer
@@ -318,69 +318,38 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         self.fail("auth failed", reason)
 
     def connect(self, host: str, port: int, by_name: bool) -> defer.Deferred:
-        """Check the rules for CONNECT to host:port and open the connection."""
         rules = self._request("connect", host, port)
         refused = self._protection_refuses("connect")
         if refused is not None:
             return defer.fail(refused)
-        reactor, timeout = self.server.reactor, self.server.limits.connect_timeout
-        deadline = reactor.seconds() + timeout
-        if by_name:
-            d = rules.destinations(reactor, "connect", host, port, by_name, timeout)
-            d.addCallback(connect.connect_first, reactor, port, deadline)
-        else:
-            # An address: decided and connected at once, the common case.
-            denied = rules.refuse_address("connect", host, port)
-            d = defer.fail(denied) if denied else connect.connect_first([host], reactor, port,
-                                                                        deadline)
-        d.addErrback(_classify)
-        self.pending = d
+        server = self.server
+        self.pending = d = requests.open_connection(server.reactor, server.limits, rules,
+                                                    host, port, by_name)
         return d
 
     def bind(self, host: str, port: int, by_name: bool) -> defer.Deferred:
-        """BIND: check the rules, listen for the one connection expected from
-        host (port is not checked: an FTP server connects from port 20).
-        Fires with a BindWaiter once listening."""
         rules = self._request("bind", host, port)
         refused = self._protection_refuses("bind")
         if refused is not None:
             return defer.fail(refused)
         server = self.server
-        d = rules.destinations(server.reactor, "bind", host, port, by_name,
-                               server.limits.connect_timeout)
+        self.pending = d = requests.listen_for(server.reactor, server.limits, rules, host, port,
+                                               by_name, self._socket_host(), self.version == 4)
 
-        def listen(hosts: list[str]) -> BindWaiter:
-            peers = [parse_ip(h) for h in hosts]
-            if self.version == 4:
-                # A SOCKS4 reply can only name an IPv4 listener.
-                peers = [p for p in peers if p.version == 4]
-                if not peers:
-                    raise connect.ConnectFailed(connect.HOST_UNREACHABLE,
-                                                f"{host} has no IPv4 address for SOCKS4")
-            waiter = BindWaiter(server.reactor, server.limits, rules, peers[0])
-            waiter.listen(self._socket_host(), server.limits.bind_ports)
-            self.pending = waiter.accepted
+        def listening(waiter: BindWaiter) -> BindWaiter:
+            self.pending = waiter.accepted    # now the wait for the peer
             return waiter
 
-        # pending first: listen() may run at once and replace it with the wait.
-        self.pending = d
-        d.addCallback(listen)
-        d.addErrback(_classify)
-        return d
+        return d.addCallback(listening)
 
     def udp_associate(self, host: str, port: int) -> defer.Deferred:
-        """UDP ASSOCIATE: a relay socket on the address the client reached us
-        on. ``host:port`` is where the client will send from (0s: unknown)."""
         rules = self._request("udp", host, port)
         server = self.server
-        if not rules.could_allow("udp"):
-            return defer.fail(connect.ConnectFailed(connect.DENIED, "no rule allows udp"))
         try:
-            self.udp = UDPRelay(server.reactor, server.limits, rules, host, port,
-                                self.relay_activity, self.layer)
-            bound = self.udp.listen(self._socket_host(), server.limits.udp_ports)
-        except connect.ConnectFailed as e:
-            self.udp = None
+            self.udp, bound = requests.associate(server.reactor, server.limits, rules, host,
+                                                 port, self._socket_host(),
+                                                 self.relay_activity, self.layer)
+        except ConnectFailed as e:
             return defer.fail(e)
         self.setTimeout(server.limits.udp_idle_timeout or None)
         return defer.succeed(bound)
@@ -397,20 +366,20 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         """The handshake is over: the request is written down, and the rules
         are asked for this client and user from here on."""
         self.command = command
-        self.destination = connect.host_port(host, port)
+        self.destination = host_port(host, port)
         # From here the command's own timeouts bound the wait, so the client
         # gets the proper failure reply.
         self.setTimeout(None)
         return ClientRules(self.server.rules, self.client, self.client_key, self.peer,
                            self.user, self.version)
 
-    def _protection_refuses(self, command: str) -> connect.ConnectFailed | None:
+    def _protection_refuses(self, command: str) -> ConnectFailed | None:
         """A command the security layer's context is too weak for (REP 0x02)."""
         why = self.layer.refusal(command) if self.layer is not None else None
-        return None if why is None else connect.ConnectFailed(connect.DENIED, why)
+        return None if why is None else ConnectFailed(DENIED, why)
 
-    def connect_failed(self, failed: connect.ConnectFailed) -> None:
-        if failed.reason == connect.DENIED:
+    def connect_failed(self, failed: ConnectFailed) -> None:
+        if failed.reason == DENIED:
             self.fail("denied", failed.detail)   # "rule 2 (deny)": the outcome says denied
         else:
             self.fail(f"{self.command} failed", str(failed))
@@ -532,8 +501,3 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
             server.reactor.seconds() - self.started, self.outcome or "ok", detail,
             self.splicer is not None))
 
-
-def _classify(failure: Failure):
-    if failure.check(defer.CancelledError, connect.ConnectFailed):
-        return failure
-    return Failure(connect.classify(failure))

@@ -1,0 +1,75 @@
+"""A client's request carried out, once its handshake is over: the rules
+asked for this client and user (:class:`ClientRules`), then the outgoing
+connection (CONNECT), the listener (BIND) or the relay socket (UDP ASSOCIATE).
+Every failure is a :class:`~socksd.proxy.connect.ConnectFailed`, which each
+SOCKS version turns into its reply."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from socksd.proxy import connect
+from socksd.proxy.bind import BindWaiter
+from socksd.proxy.client_rules import ClientRules
+from socksd.proxy.connect import ConnectFailed
+from socksd.proxy.limits import Limits
+from socksd.proxy.udp import UDPRelay
+from socksd.rules import parse_ip
+
+
+def open_connection(reactor: Any, limits: Limits, rules: ClientRules, host: str, port: int,
+                    by_name: bool) -> defer.Deferred[connect.Outbound]:
+    """CONNECT: the first allowed address of host that connects in time."""
+    timeout = limits.connect_timeout
+    deadline = reactor.seconds() + timeout
+    if by_name:
+        d = rules.destinations(reactor, "connect", host, port, by_name, timeout)
+        d.addCallback(connect.connect_first, reactor, port, deadline)
+    else:
+        # An address: decided and connected at once, the common case.
+        denied = rules.refuse_address("connect", host, port)
+        d = defer.fail(denied) if denied else connect.connect_first([host], reactor, port,
+                                                                    deadline)
+    return d.addErrback(_classify)
+
+
+def listen_for(reactor: Any, limits: Limits, rules: ClientRules, host: str, port: int,
+               by_name: bool, local: Any, ipv4_only: bool) -> defer.Deferred[BindWaiter]:
+    """BIND: listen (on ``local``'s address, or the route to host) for the one
+    connection expected from host; port is not checked (an FTP server
+    connects from port 20). Fires with the waiter once listening."""
+    d = rules.destinations(reactor, "bind", host, port, by_name, limits.connect_timeout)
+
+    def listen(hosts: list[str]) -> BindWaiter:
+        peers = [parse_ip(h) for h in hosts]
+        if ipv4_only:
+            # A SOCKS4 reply can only name an IPv4 listener.
+            peers = [p for p in peers if p.version == 4]
+            if not peers:
+                raise ConnectFailed(connect.HOST_UNREACHABLE,
+                                    f"{host} has no IPv4 address for SOCKS4")
+        waiter = BindWaiter(reactor, limits, rules, peers[0])
+        waiter.listen(local, limits.bind_ports)
+        return waiter
+
+    return d.addCallback(listen).addErrback(_classify)
+
+
+def associate(reactor: Any, limits: Limits, rules: ClientRules, host: str, port: int,
+              local: Any, activity: Callable[[], None],
+              layer: Any = None) -> tuple[UDPRelay, tuple[str, int]]:
+    """UDP ASSOCIATE: a relay socket on ``local``'s address, for datagrams
+    from host:port (0s: not known yet); raises ConnectFailed."""
+    if not rules.could_allow("udp"):
+        raise ConnectFailed(connect.DENIED, "no rule allows udp")
+    relay = UDPRelay(reactor, limits, rules, host, port, activity, layer)
+    return relay, relay.listen(local, limits.udp_ports)
+
+
+def _classify(failure: Failure):
+    if failure.check(defer.CancelledError, ConnectFailed):
+        return failure
+    return Failure(connect.classify(failure))
