@@ -1,5 +1,6 @@
-"""Outgoing connections for CONNECT: resolve, connect with a timeout, and
-say why it failed in words every SOCKS version can turn into its reply."""
+"""Outgoing connections and name lookups for every request (CONNECT; BIND's
+and UDP's names): resolve, connect with a timeout, and say why it failed in
+words every SOCKS version can turn into its reply."""
 
 from __future__ import annotations
 
