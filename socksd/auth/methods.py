@@ -170,7 +170,7 @@ class _UserPassNegotiation:
             return
         if parsed is None:
             return
-        username, password, used = parsed
+        (username, password), used = parsed
         self.buffer = self.buffer[used:]
         self.name = username.decode("utf-8", "backslashreplace")
         self.credentials = ClientUsernamePassword(username, password, self.session.client_key)

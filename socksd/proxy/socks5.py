@@ -85,7 +85,8 @@ class Socks5Handshake:
         parsed = socks5.parse_greeting(self.buffer)
         if parsed is None:
             return
-        offered, used = parsed
+        greeting, used = parsed
+        offered = greeting.methods
         self.buffer = self.buffer[used:]
         method = self.session.server.choose_method(offered)
         if method is None:
