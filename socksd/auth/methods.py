@@ -230,15 +230,3 @@ class _UserPassNegotiation:
         if self.pending is not None and not self.pending.called:
             self.pending.cancel()
 
-
-def method_registry(portal: Portal | None, gssapi_settings=None,
-                    backoff: Backoff | None = None) -> dict[str, Method]:
-    """Every method this configuration can offer, by config name."""
-    registry: dict[str, Method] = {NoAuth.name: NoAuth()}
-    if portal is not None:
-        registry[UserPass.name] = UserPass(portal, backoff)
-    if gssapi_settings is not None:
-        from socksd.auth.gss import GSSAPIMethod
-
-        registry[GSSAPIMethod.name] = GSSAPIMethod(gssapi_settings)
-    return registry
