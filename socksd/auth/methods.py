@@ -21,7 +21,7 @@ from socksd.auth.hashing import TooManyChecks
 from socksd.escape import escape
 from socksd.wire import WireError, rfc1929, socks5
 
-log = Logger()
+log = Logger(namespace="socksd")
 
 
 class Authenticating(Protocol):

@@ -24,7 +24,7 @@ from twisted.internet import epollreactor  # Linux; see install_default
 from twisted.internet.main import installReactor
 from twisted.logger import Logger
 
-log = Logger()
+log = Logger(namespace="socksd")
 
 
 class EPollReactor(epollreactor.EPollReactor):
