@@ -13,6 +13,8 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from socksd.auth.gss import LEVEL_NAMES, GSSAPISettings
+from socksd.auth.registry import METHODS
 from socksd.ident.policy import IdentPolicy, parse_mode
 from socksd.ident.server import IdentdLimits
 from socksd.proxy.limits import Limits
@@ -30,8 +32,6 @@ from socksd.rules import (
 )
 
 DEFAULT_LISTEN = ("tcp:1080:interface=127.0.0.1",)
-METHODS = ("gssapi", "userpass", "none")
-AVAILABLE_METHODS = METHODS
 
 
 class ConfigError(Exception):
@@ -59,7 +59,7 @@ class Config:
     rules: RuleSet = field(default_factory=default_rules)
     socks4: Socks4Policy = Socks4Policy()
     identd: IdentdConfig | None = None
-    gssapi: Any = None                  # socksd.auth.gss.GSSAPISettings, if configured
+    gssapi: GSSAPISettings | None = None   # if configured
     workers: int = 1
     socks4_enabled_given: bool = False  # [socks4] enabled is in the file
     trusted_proxies: tuple[IPNetwork, ...] = ()   # networks whose PROXY headers are believed
@@ -295,9 +295,6 @@ def parse(data: dict[str, Any], where: _Where) -> Config:
         if method not in METHODS:
             raise where.error(f"unknown method {method!r} (known: {', '.join(METHODS)})",
                               "server", None, "methods")
-        if method not in AVAILABLE_METHODS:
-            raise where.error(f"method {method!r} is not available in this version",
-                              "server", None, "methods")
     if len(set(methods)) != len(methods):
         raise where.error("lists a method twice", "server", None, "methods")
 
@@ -348,9 +345,7 @@ def parse(data: dict[str, Any], where: _Where) -> Config:
                   "enabled" in socks4, trusted)._socks4_default().checked(where)
 
 
-def _gssapi(table: dict[str, Any], where: _Where):
-    from socksd.auth.gss import LEVEL_NAMES, GSSAPISettings
-
+def _gssapi(table: dict[str, Any], where: _Where) -> GSSAPISettings:
     levels = []
     for name in table.get("levels", ("integrity", "confidentiality")):
         if name not in LEVEL_NAMES:

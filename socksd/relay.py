@@ -42,8 +42,8 @@ def send(transport, data: bytes) -> None:
     pass, after registering for and waking on writability (two epoll_ctl calls
     and an event per write). A SOCKS session's writes are small and its
     socket's buffer is nearly always empty, so trying ``send`` first saves
-    that round trip on every reply and relayed chunk (a short session made
-    14% fewer Python calls). Order is kept (only when Twisted's buffer is
+    that round trip on every reply and relayed chunk: the writes a short
+    session is made of. Order is kept (only when Twisted's buffer is
     empty); an aborted or TLS transport, whatever the socket does not take,
     and any error go the normal way.
     """

@@ -25,7 +25,7 @@ from zope.interface import implementer
 
 from socksd.auth import SOCKSRealm
 from socksd.auth.checkers import FirstOf
-from socksd.auth.methods import method_registry
+from socksd.auth.registry import method_registry
 from socksd.proxy import Limits, SOCKSServerFactory
 from socksd.rules import default_rules
 

@@ -29,7 +29,7 @@ from fakes import (
 )
 from socksd import config as configuration
 from socksd.auth.gss import GSSAPISettings, SecurityLayer, WrappedTransport
-from socksd.auth.methods import method_registry
+from socksd.auth.registry import method_registry
 from socksd.proxy import Limits
 from socksd.rules import RuleSet, compile_rule
 

@@ -28,7 +28,7 @@ from conftest import PAGE, recv_exact, recv_until_eof
 from fakes import Client, session_lines
 from socksd.auth import SOCKSRealm
 from socksd.auth.checkers import FirstOf
-from socksd.auth.methods import method_registry
+from socksd.auth.registry import method_registry
 from socksd.ident.policy import IdentPolicy
 from socksd.ident.registry import ProxiedConnections
 from socksd.proxy import Socks4Policy

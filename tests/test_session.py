@@ -27,7 +27,7 @@ from fakes import (
     session_lines,
     socks5_client,
 )
-from socksd.auth.methods import method_registry
+from socksd.auth.registry import method_registry
 from socksd.proxy import Limits
 from socksd.rules import RuleSet, compile_rule
 

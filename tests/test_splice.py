@@ -14,7 +14,7 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from socksd import splice
-from socksd.auth.methods import method_registry
+from socksd.auth.registry import method_registry
 from socksd.proxy import Limits, SOCKSServerFactory
 from socksd.rules import default_rules
 

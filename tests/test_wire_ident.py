@@ -52,8 +52,8 @@ def _line(encoded: bytes) -> bytes:
 def test_query_round_trip(server, client):
     encoded = ident.encode_query(server, client)
     assert encoded == f"{server}, {client}\r\n".encode()
-    assert ident.parse_query(_line(encoded)) == (server, client)
-    assert ident.parse_query(encoded[:-2]) == (server, client)
+    assert ident.parse_query(_line(encoded)) == ident.Query(server, client)
+    assert ident.parse_query(encoded[:-2]) == ident.Query(server, client)
 
 
 @given(ports, ports, blanks, blanks, blanks, blanks)

@@ -17,14 +17,14 @@ statuses = st.integers(min_value=0, max_value=255)
 def test_request_round_trip(username, password):
     encoded = rfc1929.encode_request(username, password)
     assert encoded == bytes((1, len(username))) + username + bytes((len(password),)) + password
-    assert rfc1929.parse_request(encoded) == (username, password, len(encoded))
+    assert rfc1929.parse_request(encoded) == (rfc1929.Request(username, password), len(encoded))
 
 
 @given(statuses)
 def test_response_round_trip(status):
     encoded = rfc1929.encode_response(status)
     assert encoded == bytes((1, status))
-    assert rfc1929.parse_response(encoded) == (status, 2)
+    assert rfc1929.parse_response(encoded) == (rfc1929.Response(status), 2)
 
 
 @settings(max_examples=200)
@@ -47,14 +47,14 @@ def test_response_every_proper_prefix_is_incomplete(status):
 def test_request_trailing_bytes_are_left_over(username, password, trailing):
     encoded = rfc1929.encode_request(username, password)
     parsed = rfc1929.parse_request(encoded + trailing)
-    assert parsed == (username, password, len(encoded))
-    assert (encoded + trailing)[parsed[2]:] == trailing
+    assert parsed == (rfc1929.Request(username, password), len(encoded))
+    assert (encoded + trailing)[parsed[1]:] == trailing
 
 
 @given(statuses, st.binary(max_size=64))
 def test_response_trailing_bytes_are_left_over(status, trailing):
     data = rfc1929.encode_response(status) + trailing
-    assert rfc1929.parse_response(data) == (status, 2)
+    assert rfc1929.parse_response(data) == (rfc1929.Response(status), 2)
     assert data[2:] == trailing
 
 
@@ -64,7 +64,9 @@ def _only_wire_errors(parse, data):
     except WireError:
         return
     if result is not None:
-        assert 0 < result[-1] <= len(data)
+        message, used = result
+        assert isinstance(message, (rfc1929.Request, rfc1929.Response))
+        assert 0 < used <= len(data)
 
 
 @settings(max_examples=300)
@@ -90,14 +92,14 @@ def test_parse_response_arbitrary_bytes(data):
 
 def test_request_example():
     data = b"\x01\x05alice\x06secret"
-    assert rfc1929.parse_request(data) == (b"alice", b"secret", 14)
+    assert rfc1929.parse_request(data) == (rfc1929.Request(b"alice", b"secret"), 14)
     assert rfc1929.encode_request(b"alice", b"secret") == data
-    assert rfc1929.parse_request(data + b"\x05\x01") == (b"alice", b"secret", 14)
+    assert rfc1929.parse_request(data + b"\x05\x01") == (rfc1929.Request(b"alice", b"secret"), 14)
 
 
 def test_request_fields_stay_bytes():
     data = b"\x01\x02\xc3\xa9\x02\xff\x00"
-    assert rfc1929.parse_request(data) == (b"\xc3\xa9", b"\xff\x00", 7)
+    assert rfc1929.parse_request(data) == (rfc1929.Request(b"\xc3\xa9", b"\xff\x00"), 7)
 
 
 @pytest.mark.parametrize("data", [b"\x05", b"\x05\x05alice\x06secret", b"\x00\x01a\x01b",
@@ -117,8 +119,8 @@ def test_request_empty_username():
 def test_response_examples():
     assert rfc1929.encode_response(rfc1929.SUCCESS) == b"\x01\x00"
     assert rfc1929.encode_response(rfc1929.FAILURE) == b"\x01\x01"
-    assert rfc1929.parse_response(b"\x01\x00") == (0, 2)
-    assert rfc1929.parse_response(b"\x01\x01") == (1, 2)
+    assert rfc1929.parse_response(b"\x01\x00") == (rfc1929.Response(0), 2)
+    assert rfc1929.parse_response(b"\x01\x01") == (rfc1929.Response(1), 2)
     assert rfc1929.parse_response(b"\x01") is None
     with pytest.raises(WireError):
         rfc1929.parse_response(b"\x05\x00")
@@ -132,3 +134,9 @@ def test_encode_request_limits():
     with pytest.raises(ValueError):
         rfc1929.encode_request(b"alice", b"p" * 256)
     assert rfc1929.encode_request(b"a" * 255, b"p" * 255)[1] == 255
+
+
+def test_request_bad_version_is_refused_from_the_first_byte():
+    with pytest.raises(WireError, match="^username/password: version 5$") as caught:
+        rfc1929.parse_request(b"\x05")
+    assert caught.value.reply == rfc1929.FAILURE

@@ -36,8 +36,8 @@ def test_constants_are_rfc_1961():
 def test_round_trip(mtyp, token):
     encoded = rfc1961.encode_message(mtyp, token)
     assert encoded == bytes((1, mtyp)) + struct.pack("!H", len(token)) + token
-    assert rfc1961.parse_message(encoded) == (mtyp, token, len(encoded))
-    assert rfc1961.parse_message(encoded, mtyp) == (mtyp, token, len(encoded))
+    assert rfc1961.parse_message(encoded) == (rfc1961.Message(mtyp, token), len(encoded))
+    assert rfc1961.parse_message(encoded, mtyp) == (rfc1961.Message(mtyp, token), len(encoded))
 
 
 @pytest.mark.parametrize("mtyp", MTYPS)
@@ -47,7 +47,7 @@ def test_round_trip_boundaries(mtyp, size):
     encoded = rfc1961.encode_message(mtyp, token)
     assert len(encoded) == 4 + size
     assert encoded[2:4] == struct.pack("!H", size)
-    assert rfc1961.parse_message(encoded, mtyp) == (mtyp, token, 4 + size)
+    assert rfc1961.parse_message(encoded, mtyp) == (rfc1961.Message(mtyp, token), 4 + size)
 
 
 @pytest.mark.parametrize("mtyp", MTYPS)
@@ -55,8 +55,8 @@ def test_round_trip_from_bytearray_and_memoryview(mtyp):
     encoded = rfc1961.encode_message(mtyp, b"token")
     for buf in (bytearray(encoded), memoryview(encoded)):
         parsed = rfc1961.parse_message(buf, mtyp)
-        assert parsed == (mtyp, b"token", 9)
-        assert type(parsed[1]) is bytes
+        assert parsed == (rfc1961.Message(mtyp, b"token"), 9)
+        assert type(parsed[0].token) is bytes
 
 
 @settings(max_examples=100)
@@ -81,8 +81,8 @@ def test_trailing_bytes_are_left_over(mtyp, token, trailing):
     encoded = rfc1961.encode_message(mtyp, token)
     data = encoded + trailing
     parsed = rfc1961.parse_message(data, mtyp)
-    assert parsed == (mtyp, token, len(encoded))
-    assert data[parsed[2]:] == trailing
+    assert parsed == (rfc1961.Message(mtyp, token), len(encoded))
+    assert data[parsed[1]:] == trailing
 
 
 @settings(max_examples=50)
@@ -92,8 +92,8 @@ def test_consecutive_frames_parse_one_after_another(frames):
     for mtyp, token in frames:
         parsed = rfc1961.parse_message(data)
         assert parsed is not None
-        assert parsed[:2] == (mtyp, token)
-        data = data[parsed[2]:]
+        assert parsed[0] == rfc1961.Message(mtyp, token)
+        data = data[parsed[1]:]
     assert data == b""
     assert rfc1961.parse_message(data) is None
 
@@ -104,7 +104,9 @@ def _only_wire_errors(data: bytes, expected=None) -> None:
     except WireError:
         return
     if result is not None:
-        mtyp, token, used = result
+        message, used = result
+        assert isinstance(message, rfc1961.Message)
+        mtyp, token = message
         assert mtyp in MTYPS
         if expected is not None:
             assert mtyp == expected
@@ -155,7 +157,8 @@ def test_wrong_version_of_a_whole_frame(version):
 def test_wrong_expected_mtyp_is_an_error(sent, expected):
     frame = rfc1961.encode_message(sent, b"token")
     if sent == expected:
-        assert rfc1961.parse_message(frame, expected) == (sent, b"token", len(frame))
+        assert rfc1961.parse_message(frame, expected) == (rfc1961.Message(sent, b"token"),
+                                                          len(frame))
         return
     # Known as soon as the type octet is in: whole frame or just its head.
     for data in (frame, frame[:2], frame[:4]):

@@ -119,7 +119,7 @@ def test_non_utf8_userid_bytes_survive(raw):
 def test_reply_round_trip(code, host, port):
     encoded = socks4.encode_reply(code, host, port)
     assert encoded == bytes((0, code)) + port.to_bytes(2, "big") + socket.inet_aton(host)
-    assert socks4.parse_reply(encoded) == ((code, host, port), 8)
+    assert socks4.parse_reply(encoded) == (socks4.Reply(code, host, port), 8)
 
 
 @given(codes, st.ip_addresses(v=6).map(str), ports)
@@ -154,7 +154,7 @@ def test_every_proper_prefix_of_a_reply_is_incomplete(code, host, port, trailing
     encoded = socks4.encode_reply(code, host, port)
     for end in range(len(encoded)):
         assert socks4.parse_reply(encoded[:end]) is None
-    assert socks4.parse_reply(encoded + trailing) == ((code, host, port), 8)
+    assert socks4.parse_reply(encoded + trailing) == (socks4.Reply(code, host, port), 8)
 
 
 # Arbitrary bytes: None, a message, or WireError; nothing else.
@@ -166,7 +166,8 @@ def _only_wire_errors(parse, data):
     except WireError:
         return
     if result is not None:
-        _message, used = result
+        message, used = result
+        assert isinstance(message, (socks4.Request, socks4.Reply))
         assert 0 < used <= len(data)
 
 
@@ -334,7 +335,8 @@ def test_reply_examples():
     assert socks4.encode_reply(socks4.NO_IDENTD) == b"\x00\x5c" + bytes(6)
     assert socks4.encode_reply(socks4.IDENT_MISMATCH) == b"\x00\x5d" + bytes(6)
     assert socks4.encode_reply(socks4.GRANTED, "2001:db8::1", 443) == b"\x00\x5a" + bytes(6)
-    assert socks4.parse_reply(b"\x00\x5a\x00\x50\x7f\x00\x00\x01") == ((90, "127.0.0.1", 80), 8)
+    assert socks4.parse_reply(b"\x00\x5a\x00\x50\x7f\x00\x00\x01") == (
+        socks4.Reply(90, "127.0.0.1", 80), 8)
     assert socks4.parse_reply(b"\x00\x5a\x00\x50\x7f\x00\x00") is None
     with pytest.raises(WireError):
         socks4.parse_reply(b"\x04\x5a\x00\x50\x7f\x00\x00\x01")

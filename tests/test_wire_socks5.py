@@ -74,14 +74,14 @@ def _expected_atyp(host: str) -> int:
 def test_greeting_round_trip(methods):
     encoded = socks5.encode_greeting(methods)
     assert encoded == bytes((5, len(methods))) + methods
-    assert socks5.parse_greeting(encoded) == (methods, len(encoded))
+    assert socks5.parse_greeting(encoded) == (socks5.Greeting(methods), len(encoded))
 
 
 @given(st.integers(min_value=0, max_value=255))
 def test_method_selection_round_trip(method):
     encoded = socks5.method_selection(method)
     assert encoded == bytes((5, method))
-    assert socks5.parse_method_selection(encoded) == (method, 2)
+    assert socks5.parse_method_selection(encoded) == (socks5.MethodSelection(method), 2)
 
 
 @given(commands, hosts, ports)
@@ -189,7 +189,9 @@ def _only_wire_errors(parse, data):
     except WireError:
         return
     if result is not None:
-        _message, used = result
+        message, used = result
+        assert isinstance(message, (socks5.Greeting, socks5.MethodSelection, socks5.Request,
+                                    socks5.Reply))
         assert 0 < used <= len(data)
 
 
@@ -252,7 +254,7 @@ def test_decode_domain_arbitrary_bytes(raw):
 
 def test_greeting_example():
     # VER=5, NMETHODS=2, METHODS=00 02
-    assert socks5.parse_greeting(b"\x05\x02\x00\x02") == (b"\x00\x02", 4)
+    assert socks5.parse_greeting(b"\x05\x02\x00\x02") == (socks5.Greeting(b"\x00\x02"), 4)
     assert socks5.parse_greeting(b"\x05\x02\x00") is None
     assert socks5.parse_greeting(b"\x05") is None
     assert socks5.parse_greeting(b"") is None
@@ -268,7 +270,7 @@ def test_method_selection_examples():
     assert socks5.method_selection(socks5.NO_AUTH) == b"\x05\x00"
     assert socks5.method_selection(socks5.NO_ACCEPTABLE) == b"\x05\xff"
     assert socks5.method_selection(socks5.USERPASS) == b"\x05\x02"
-    assert socks5.parse_method_selection(b"\x05\xff") == (0xFF, 2)
+    assert socks5.parse_method_selection(b"\x05\xff") == (socks5.MethodSelection(0xFF), 2)
     assert socks5.parse_method_selection(b"\x05") is None
     with pytest.raises(WireError):
         socks5.parse_method_selection(b"\x04\x00")
@@ -369,3 +371,18 @@ def test_reply_codes_are_rfc_1928_values():
     assert (socks5.ATYP_IPV4, socks5.ATYP_DOMAIN, socks5.ATYP_IPV6) == (1, 3, 4)
     assert (socks5.NO_AUTH, socks5.GSSAPI, socks5.USERPASS, socks5.NO_ACCEPTABLE) == \
         (0, 1, 2, 0xFF)
+
+
+# The version check every parser shares (socksd.wire.errors._check_version).
+
+
+@pytest.mark.parametrize("parse, what, reply", [
+    (socks5.parse_greeting, "not SOCKS5", None),
+    (socks5.parse_request, "request", socks5.GENERAL_FAILURE),
+])
+@pytest.mark.parametrize("version", [0, 4, 6, 0xFF])
+def test_wrong_version_is_refused_from_the_first_byte(parse, what, reply, version):
+    with pytest.raises(WireError, match=f"^{what}: version {version}$") as caught:
+        parse(bytes((version,)))
+    assert caught.value.reply == reply
+    assert parse(b"") is None

@@ -139,7 +139,7 @@ class _Negotiation:
                 return
             if parsed is None:
                 return
-            _mtyp, token, used = parsed
+            (_mtyp, token), used = parsed
             self.buffer = self.buffer[used:]
             try:
                 if self.state == rfc1961.CONTEXT:
@@ -260,7 +260,7 @@ class SecurityLayer:
             parsed = rfc1961.parse_message(self.buffer, rfc1961.ENCAPSULATION)
             if parsed is None:
                 return b"".join(out)
-            _mtyp, token, used = parsed
+            (_mtyp, token), used = parsed
             self.buffer = self.buffer[used:]
             try:
                 result = self.context.unwrap(token)
@@ -273,10 +273,10 @@ class SecurityLayer:
     def unwrap_datagram(self, datagram: bytes) -> bytes:
         """A UDP datagram is one whole MTYP 3 frame (RFC 1961 section 6)."""
         parsed = rfc1961.parse_message(datagram, rfc1961.ENCAPSULATION)
-        if parsed is None or parsed[2] != len(datagram):
+        if parsed is None or parsed[1] != len(datagram):
             raise WireError("UDP datagram is not one whole GSS-API frame")
         try:
-            result = self.context.unwrap(parsed[1])
+            result = self.context.unwrap(parsed[0].token)
         except GSSError as e:
             raise WireError(f"GSS-API unwrap failed: {e.gen_message()}") from None
         if self.level == rfc1961.CONFIDENTIALITY and not result.encrypted:

@@ -21,7 +21,7 @@ from socksd.auth.hashing import TooManyChecks
 from socksd.escape import escape
 from socksd.wire import WireError, rfc1929, socks5
 
-log = Logger()
+log = Logger(namespace="socksd")
 
 
 class Authenticating(Protocol):
@@ -170,7 +170,7 @@ class _UserPassNegotiation:
             return
         if parsed is None:
             return
-        username, password, used = parsed
+        (username, password), used = parsed
         self.buffer = self.buffer[used:]
         self.name = username.decode("utf-8", "backslashreplace")
         self.credentials = ClientUsernamePassword(username, password, self.session.client_key)
@@ -230,15 +230,3 @@ class _UserPassNegotiation:
         if self.pending is not None and not self.pending.called:
             self.pending.cancel()
 
-
-def method_registry(portal: Portal | None, gssapi_settings=None,
-                    backoff: Backoff | None = None) -> dict[str, Method]:
-    """Every method this configuration can offer, by config name."""
-    registry: dict[str, Method] = {NoAuth.name: NoAuth()}
-    if portal is not None:
-        registry[UserPass.name] = UserPass(portal, backoff)
-    if gssapi_settings is not None:
-        from socksd.auth.gss import GSSAPIMethod
-
-        registry[GSSAPIMethod.name] = GSSAPIMethod(gssapi_settings)
-    return registry

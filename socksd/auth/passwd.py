@@ -32,7 +32,7 @@ from zope.interface import implementer
 from socksd.auth import hashing
 from socksd.escape import escape
 
-log = Logger()
+log = Logger(namespace="socksd")
 
 _BCRYPT = (b"$2a$", b"$2b$", b"$2y$")
 _ARGON2 = (b"$argon2id$", b"$argon2i$", b"$argon2d$")

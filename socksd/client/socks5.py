@@ -112,7 +112,8 @@ class _Handshake(Protocol, TimeoutMixin):
             parsed = socks5.parse_method_selection(self.buffer)
             if parsed is None:
                 return False
-            method, used = parsed
+            selection, used = parsed
+            method = selection.method
             self.buffer = self.buffer[used:]
             if method == socks5.NO_AUTH:
                 self._request()
@@ -129,7 +130,8 @@ class _Handshake(Protocol, TimeoutMixin):
             parsed = rfc1929.parse_response(self.buffer)
             if parsed is None:
                 return False
-            status, used = parsed
+            response, used = parsed
+            status = response.status
             self.buffer = self.buffer[used:]
             if status != rfc1929.SUCCESS:
                 raise SOCKSError("username/password refused", status)
@@ -140,7 +142,7 @@ class _Handshake(Protocol, TimeoutMixin):
             parsed = rfc1961.parse_message(self.buffer, expected)
             if parsed is None:
                 return False
-            _mtyp, token, used = parsed
+            (_mtyp, token), used = parsed
             self.buffer = self.buffer[used:]
             if self.state == "gss-context":
                 self._gss_context(token)

@@ -1,1 +1,2 @@
-"""RFC 1413: the ident client used to verify SOCKS4 USERIDs (and, later, the identd)."""
+"""RFC 1413: the identd (server, with its owner lookup and answer policy) and
+the ident client used to verify SOCKS4 USERIDs."""

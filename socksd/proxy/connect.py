@@ -275,8 +275,8 @@ class _Connecting:
 
     What ``reactor.connectTCP`` does, without what a SOCKS CONNECT does not
     use: its Connector (retries, factory start/stop), a reactor turn before
-    connecting, and re-registering the socket three times once connected
-    (11% of a short session's Python calls). The connected socket becomes an
+    connecting, and re-registering the socket three times once connected,
+    work every CONNECT would pay for nothing. The connected socket becomes an
     ordinary Twisted TCP transport through the public
     ``adoptStreamConnection``.
     """

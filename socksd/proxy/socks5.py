@@ -73,7 +73,8 @@ class Socks5Handshake(Requesting):
         parsed = socks5.parse_greeting(self.buffer)
         if parsed is None:
             return
-        offered, used = parsed
+        greeting, used = parsed
+        offered = greeting.methods
         self.buffer = self.buffer[used:]
         method = self.choose_method(offered)
         if method is None:

@@ -19,7 +19,8 @@ from socksd import config as configuration
 from socksd.auth import SOCKSRealm
 from socksd.auth.checkers import FirstOf
 from socksd.auth.hashing import HashPool
-from socksd.auth.methods import Backoff, method_registry
+from socksd.auth.methods import Backoff
+from socksd.auth.registry import method_registry
 from socksd.ident.registry import ProxiedConnections
 from socksd.proxy import SOCKSServerFactory
 from socksd.proxy.connect import THREAD_POOL_SIZE

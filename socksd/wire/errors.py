@@ -1,7 +1,7 @@
 """The one error type of the wire layer.
 
 Every malformed input raises :class:`WireError` (or a subclass) carrying the
-reply code the protocol prescribes for it, so the layer above can answer the
+reply the protocol prescribes for it, so the layer above can answer the
 client properly without knowing why parsing failed.
 """
 
@@ -9,10 +9,18 @@ client properly without knowing why parsing failed.
 class WireError(ValueError):
     """Bytes that do not form a valid message.
 
-    ``reply`` is the protocol's failure code to send back before closing
-    (``None`` where the protocol has no failure reply for the situation).
+    ``reply`` is the protocol's failure reply to send back before closing: a
+    code (SOCKS, RFC 1929), an error token (RFC 1413's ``INVALID-PORT``), or
+    ``None`` where the protocol has no failure reply for the situation.
     """
 
-    def __init__(self, message: str, reply: int | None = None) -> None:
+    def __init__(self, message: str, reply: int | str | None = None) -> None:
         super().__init__(message)
         self.reply = reply
+
+
+def _check_version(buf: bytes, version: int, what: str, reply: int | None = None) -> None:
+    """Refuse a message whose first byte is not ``version`` as soon as that
+    byte is in; an empty buffer passes (the caller answers "need more")."""
+    if buf and buf[0] != version:
+        raise WireError(f"{what}: version {buf[0]}", reply)

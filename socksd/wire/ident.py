@@ -28,6 +28,11 @@ _CHARSETS = frozenset({"utf-8", "ascii", "latin-1", "utf-16", "utf-16-le", "utf-
                        "koi8-r", "koi8-u", "euc_jp", "shift_jis", "gb2312", "gbk", "big5"})
 
 
+class Query(NamedTuple):
+    server_port: int
+    client_port: int
+
+
 class UserID(NamedTuple):
     server_port: int
     client_port: int
@@ -52,9 +57,10 @@ def _ports(raw: bytes) -> tuple[int, int]:
     return server, client
 
 
-def parse_query(line: bytes) -> tuple[int, int]:
-    """``<port-on-server> , <port-on-client>`` -> the two ports."""
-    return _ports(line.rstrip(b"\r"))
+def parse_query(line: bytes) -> Query:
+    """``<port-on-server> , <port-on-client>`` -> the two ports. A line
+    comes whole (the reader frames it), so no count is returned."""
+    return Query(*_ports(line.rstrip(b"\r")))
 
 
 def encode_query(server_port: int, client_port: int) -> bytes:

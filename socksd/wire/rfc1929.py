@@ -2,23 +2,33 @@
 
 from __future__ import annotations
 
-from socksd.wire.errors import WireError
+from typing import NamedTuple
+
+from socksd.wire.errors import WireError, _check_version
 
 VERSION = 0x01
 SUCCESS = 0x00
 FAILURE = 0x01
 
 
-def parse_request(buf: bytes) -> tuple[bytes, bytes, int] | None:
-    """VER ULEN UNAME PLEN PASSWD -> (username, password, consumed).
+class Request(NamedTuple):
+    """A client's username and password; bytes, as RFC 1929 gives them no
+    encoding, and the checker decides how to compare them."""
 
-    Both fields are 1..255 bytes; they stay bytes because RFC 1929 gives them
-    no encoding, and the checker decides how to compare them.
-    """
-    if not buf:
-        return None
-    if buf[0] != VERSION:
-        raise WireError(f"username/password: version {buf[0]}", FAILURE)
+    username: bytes
+    password: bytes
+
+
+class Response(NamedTuple):
+    """The server's verdict: SUCCESS, or any other status for failure."""
+
+    status: int
+
+
+def parse_request(buf: bytes) -> tuple[Request, int] | None:
+    """VER ULEN UNAME PLEN PASSWD -> (Request, consumed); the username is
+    1..255 bytes, the password 0..255."""
+    _check_version(buf, VERSION, "username/password", FAILURE)
     if len(buf) < 2:
         return None
     ulen = buf[1]
@@ -31,7 +41,7 @@ def parse_request(buf: bytes) -> tuple[bytes, bytes, int] | None:
     end = pstart + 1 + plen
     if len(buf) < end:
         return None
-    return bytes(buf[2:pstart]), bytes(buf[pstart + 1:end]), end
+    return Request(bytes(buf[2:pstart]), bytes(buf[pstart + 1:end])), end
 
 
 def encode_request(username: bytes, password: bytes) -> bytes:
@@ -44,9 +54,8 @@ def encode_response(status: int) -> bytes:
     return bytes((VERSION, status))
 
 
-def parse_response(buf: bytes) -> tuple[int, int] | None:
+def parse_response(buf: bytes) -> tuple[Response, int] | None:
     if len(buf) < 2:
         return None
-    if buf[0] != VERSION:
-        raise WireError(f"username/password response: version {buf[0]}")
-    return buf[1], 2
+    _check_version(buf, VERSION, "username/password response")
+    return Response(buf[1]), 2

@@ -8,8 +8,9 @@ protection-level negotiation (MTYP 2) and encapsulated data (MTYP 3);
 from __future__ import annotations
 
 import struct
+from typing import NamedTuple
 
-from socksd.wire.errors import WireError
+from socksd.wire.errors import WireError, _check_version
 
 VERSION = 1
 CONTEXT = 1
@@ -28,14 +29,18 @@ SELECTIVE = 3
 _HEAD = struct.Struct("!BBH")
 
 
-def parse_message(buf: bytes, expected: int | None = None) -> tuple[int, bytes, int] | None:
-    """One frame -> (mtyp, token, consumed); ``expected`` MTYP or WireError."""
+class Message(NamedTuple):
+    """One frame: its message type and its (GSS-API) token."""
+
+    mtyp: int
+    token: bytes
+
+
+def parse_message(buf: bytes, expected: int | None = None) -> tuple[Message, int] | None:
+    """One frame -> (Message, consumed); ``expected`` MTYP or WireError."""
+    _check_version(buf, VERSION, "GSS-API frame")
     if len(buf) < 2:
-        if buf and buf[0] != VERSION:
-            raise WireError(f"GSS-API frame: version {buf[0]}")
         return None
-    if buf[0] != VERSION:
-        raise WireError(f"GSS-API frame: version {buf[0]}")
     mtyp = buf[1]
     if mtyp == ABORT_TYPE:
         raise WireError("GSS-API: the peer aborted")
@@ -49,7 +54,7 @@ def parse_message(buf: bytes, expected: int | None = None) -> tuple[int, bytes, 
     end = 4 + length
     if len(buf) < end:
         return None
-    return mtyp, bytes(buf[4:end]), end
+    return Message(mtyp, bytes(buf[4:end])), end
 
 
 def encode_message(mtyp: int, token: bytes) -> bytes:

@@ -11,7 +11,7 @@ import socket
 import struct
 from typing import NamedTuple
 
-from socksd.wire.errors import WireError
+from socksd.wire.errors import WireError, _check_version
 from socksd.wire.socks5 import decode_domain
 
 VERSION = 4
@@ -39,6 +39,14 @@ class Request(NamedTuple):
     by_name: bool
 
 
+class Reply(NamedTuple):
+    """A server's reply: code (GRANTED, ...) and the bound address (BIND)."""
+
+    code: int
+    host: str
+    port: int
+
+
 def _field(buf: bytes, start: int, what: str) -> tuple[bytes, int] | None:
     """A NUL-terminated field at ``start`` -> (value, index after the NUL)."""
     end = buf.find(b"\x00", start, start + MAX_FIELD + 1)
@@ -50,10 +58,7 @@ def _field(buf: bytes, start: int, what: str) -> tuple[bytes, int] | None:
 
 
 def parse_request(buf: bytes) -> tuple[Request, int] | None:
-    if not buf:
-        return None
-    if buf[0] != VERSION:
-        raise WireError(f"not SOCKS4: version {buf[0]}", REJECTED)
+    _check_version(buf, VERSION, "not SOCKS4", REJECTED)
     if len(buf) < 8:
         return None
     _vn, command, port, raw_ip = _HEAD.unpack_from(buf)
@@ -99,10 +104,9 @@ def encode_reply(code: int, host: str = "0.0.0.0", port: int = 0) -> bytes:
     return _HEAD.pack(REPLY_VERSION, code, port, raw)
 
 
-def parse_reply(buf: bytes) -> tuple[tuple[int, str, int], int] | None:
+def parse_reply(buf: bytes) -> tuple[Reply, int] | None:
     if len(buf) < 8:
         return None
-    vn, code, port, raw = _HEAD.unpack_from(buf)
-    if vn != REPLY_VERSION:
-        raise WireError(f"SOCKS4 reply: version {vn}")
-    return (code, socket.inet_ntoa(raw), port), 8
+    _check_version(buf, REPLY_VERSION, "SOCKS4 reply")
+    _vn, code, port, raw = _HEAD.unpack_from(buf)
+    return Reply(code, socket.inet_ntoa(raw), port), 8

@@ -12,7 +12,7 @@ import socket
 import struct
 from typing import NamedTuple
 
-from socksd.wire.errors import WireError
+from socksd.wire.errors import WireError, _check_version
 from socksd.wire.names import normalize_name
 
 VERSION = 5
@@ -47,6 +47,18 @@ ADDRESS_TYPE_NOT_SUPPORTED = 0x08
 _PORT = struct.Struct("!H")
 
 
+class Greeting(NamedTuple):
+    """A client's version identifier/method selection message."""
+
+    methods: bytes     # the method codes it offers, in its order
+
+
+class MethodSelection(NamedTuple):
+    """The server's choice among the offered methods (NO_ACCEPTABLE: none)."""
+
+    method: int
+
+
 class Request(NamedTuple):
     """A client's request: command, destination and how it was addressed."""
 
@@ -65,18 +77,15 @@ class Reply(NamedTuple):
     atyp: int
 
 
-def parse_greeting(buf: bytes) -> tuple[bytes, int] | None:
-    """Version identifier/method selection message -> (methods, consumed)."""
+def parse_greeting(buf: bytes) -> tuple[Greeting, int] | None:
+    """Version identifier/method selection message -> (Greeting, consumed)."""
+    _check_version(buf, VERSION, "not SOCKS5")
     if len(buf) < 2:
-        if buf and buf[0] != VERSION:
-            raise WireError(f"not SOCKS5: version {buf[0]}")
         return None
-    if buf[0] != VERSION:
-        raise WireError(f"not SOCKS5: version {buf[0]}")
     end = 2 + buf[1]
     if len(buf) < end:
         return None
-    return bytes(buf[2:end]), end
+    return Greeting(bytes(buf[2:end])), end
 
 
 def encode_greeting(methods: bytes) -> bytes:
@@ -89,12 +98,11 @@ def method_selection(method: int) -> bytes:
     return bytes((VERSION, method))
 
 
-def parse_method_selection(buf: bytes) -> tuple[int, int] | None:
+def parse_method_selection(buf: bytes) -> tuple[MethodSelection, int] | None:
     if len(buf) < 2:
         return None
-    if buf[0] != VERSION:
-        raise WireError(f"not SOCKS5: version {buf[0]}")
-    return buf[1], 2
+    _check_version(buf, VERSION, "not SOCKS5")
+    return MethodSelection(buf[1]), 2
 
 
 def _parse_address(buf: bytes, offset: int, what: str) -> tuple[int, str, int, int] | None:
@@ -150,12 +158,9 @@ def decode_domain(raw: bytes, what: str = "address", reply: int = HOST_UNREACHAB
 
 def parse_request(buf: bytes) -> tuple[Request, int] | None:
     """A request (VER CMD RSV ATYP DST.ADDR DST.PORT) -> (Request, consumed)."""
+    _check_version(buf, VERSION, "request", GENERAL_FAILURE)
     if len(buf) < 4:
-        if buf and buf[0] != VERSION:
-            raise WireError(f"request: version {buf[0]}", GENERAL_FAILURE)
         return None
-    if buf[0] != VERSION:
-        raise WireError(f"request: version {buf[0]}", GENERAL_FAILURE)
     if buf[2] != 0:
         raise WireError(f"request: reserved byte is {buf[2]}, not 0", GENERAL_FAILURE)
     parsed = _parse_address(buf, 3, "request")
@@ -194,8 +199,7 @@ def encode_reply(code: int, host: str = "0.0.0.0", port: int = 0) -> bytes:
 def parse_reply(buf: bytes) -> tuple[Reply, int] | None:
     if len(buf) < 4:
         return None
-    if buf[0] != VERSION:
-        raise WireError(f"reply: version {buf[0]}")
+    _check_version(buf, VERSION, "reply")
     if buf[2] != 0:
         raise WireError(f"reply: reserved byte is {buf[2]}, not 0")
     parsed = _parse_address(buf, 3, "reply")
@@ -217,7 +221,8 @@ class Datagram(NamedTuple):
 
 def parse_udp(datagram: bytes) -> Datagram:
     """RSV(2) FRAG ATYP DST.ADDR DST.PORT DATA; datagrams come whole, so an
-    incomplete header is malformed rather than "not yet"."""
+    incomplete header is malformed rather than "not yet", and the whole
+    datagram is used (no count is returned)."""
     if len(datagram) < 4:
         raise WireError("UDP datagram shorter than its header")
     if datagram[0] or datagram[1]:
