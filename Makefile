@@ -50,9 +50,11 @@ test: EXTRAS = [test]
 test: debs-test install lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-# The gates that hold style before any test runs ([tool.ruff] in pyproject.toml).
+# The gates that hold style and layering before any test runs
+# ([tool.ruff] and [tool.importlinter] in pyproject.toml).
 lint:
 	$(VENV)/bin/ruff check socksd tests benchmarks twisted
+	$(VENV)/bin/lint-imports
 
 bench: EXTRAS = [test]
 bench: debs-test debs-bench install
