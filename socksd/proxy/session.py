@@ -191,7 +191,7 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
     registered = None
     splicer: splice.SpliceRelay | None = None
     udp: UDPRelay | None = None
-    layer = None
+    layer = None        # GSS-API protection under the session (its SecurityLayer; UDP uses it)
     ended = False
     counted = True     # in server.sessions (max_sessions)
     stall_check = None  # the pending check that a blocked receiver is draining
@@ -279,14 +279,6 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
             self.fail("refused", f"max_sessions_per_client ({limit}) reached")
 
     def dataReceived(self, data: bytes) -> None:
-        if self.layer is not None:
-            try:
-                data = self.layer.decode(data)
-            except WireError as e:
-                self.fail("gssapi", str(e), abort=True)
-                return
-            if not data:
-                return
         if self.outbound is not None:
             self.relay_data(data)
             return
@@ -328,6 +320,11 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         relay.RelayEnd.readConnectionLost(self)
 
     def connectionLost(self, reason=None) -> None:
+        if self.layer is not None and self.outcome is None and reason is not None and \
+                reason.check(WireError):
+            # The protection under the session refused a frame and aborted
+            # (socksd.protection.ProtectionFailed).
+            self.outcome, self.detail = "gssapi", reason.getErrorMessage()
         if self.outbound is not None:
             relay.RelayEnd.connectionLost(self, reason)
             return
@@ -386,14 +383,17 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
 
     # Called by the version's handshake.
 
-    def authenticated(self, method: str, avatar: User, layer=None) -> None:
+    def authenticated(self, method: str, avatar: User, established=None) -> None:
         self.method = method
         self.user = avatar
-        if layer is not None:
-            # GSS-API integrity/confidentiality: from now on the session reads
-            # unwrapped bytes (dataReceived) and its writes are wrapped.
-            self.layer = layer
-            self.transport = layer.wrap_transport(self.transport)
+        if established is not None:
+            # GSS-API integrity/confidentiality: a wrapper slipped under the
+            # session wraps what it writes and unwraps what it reads. (Imported
+            # here: gssapi is loaded only where it is configured.)
+            from socksd import protection
+
+            self.layer = protection.start(self, established.context, established.level,
+                                          established.require_sequence).layer
 
     def authentication_failed(self, method: str, user: str | None, reason: str) -> None:
         self.method = method

@@ -107,13 +107,17 @@ class Socks5Handshake:
 
     # Called back by the method (see socksd.auth.methods.Authenticating).
 
-    def authenticated(self, method: str, avatar: User, rest: bytes, layer=None) -> None:
-        self.session.authenticated(method, avatar, layer)
+    def authenticated(self, method: str, avatar: User, rest: bytes, established=None) -> None:
+        self.session.authenticated(method, avatar, established)
         self.negotiation = None
         self.state = _REQUEST
         if rest:
-            # Under a security layer the rest is wrapped: the session unwraps it.
-            self.session.dataReceived(rest) if layer is not None else self.data_received(rest)
+            # Under GSS-API protection the rest is wrapped: it goes in beneath
+            # the session, to the wrapper now its transport.
+            if established is not None:
+                self.session.transport.dataReceived(rest)
+            else:
+                self.data_received(rest)
 
     def authentication_failed(self, method: str, user: str | None, reason: str) -> None:
         self.negotiation = None
