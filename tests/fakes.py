@@ -101,7 +101,9 @@ class Client:
 
     ``transport_factory`` makes the session's transport (a subclass may use a
     plain StringTransport). A factory that refuses the connection leaves
-    ``session`` None.
+    ``session`` None. As a socket does, the transport delivers to its
+    ``protocol``: the session, until something (GSS-API protection) is
+    slipped under it.
     """
 
     transport_factory = HalfCloseTransport
@@ -112,14 +114,16 @@ class Client:
         self.transport = self.transport_factory(hostAddress=listen, peerAddress=peer)
         self.bytewise = bytewise
         if self.session is not None:
+            self.transport.protocol = self.session
             self.session.makeConnection(self.transport)
 
     def send(self, data: bytes) -> None:
+        # Looked up per read: what delivers may change between two bytes.
         if self.bytewise:
             for i in range(len(data)):
-                self.session.dataReceived(data[i:i + 1])
+                self.transport.protocol.dataReceived(data[i:i + 1])
         else:
-            self.session.dataReceived(data)
+            self.transport.protocol.dataReceived(data)
 
     def take(self) -> bytes:
         value = self.transport.value()
@@ -131,7 +135,7 @@ class Client:
         return self.transport.disconnecting
 
     def lose(self) -> None:
-        self.session.connectionLost(Failure(error.ConnectionDone()))
+        self.transport.protocol.connectionLost(Failure(error.ConnectionDone()))
 
 
 class Outbound:

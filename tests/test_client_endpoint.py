@@ -1,6 +1,8 @@
 """socksd.client.SOCKS5ClientEndpoint against a real `twistd socks`: no
 authentication, username/password, and GSS-API at every level and in NEC
-mode, through a real KDC."""
+mode, through a real KDC; and in memory, against a proxy played by hand,
+what its GSS-API protection does with a reply read along with the
+protection answer, and with a frame it refuses."""
 
 from __future__ import annotations
 
@@ -12,9 +14,17 @@ import sys
 import time
 from pathlib import Path
 
+import gssapi
 import pytest
+from twisted.internet import defer, error
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from conftest import PAGE
+from socksd import protection
+from socksd.client import SOCKS5ClientEndpoint, SOCKSError
+from socksd.wire import rfc1961, socks5
 
 SCRIPT = str(Path(__file__).with_name("client_fetch.py"))
 
@@ -91,3 +101,99 @@ def test_a_proxy_that_never_answers_times_out(http_server):
         assert time.monotonic() - started < 30
     finally:
         silent.close()
+
+
+# In memory: the proxy's side played by hand with a real acceptor context.
+
+
+class HandPlayedProxy:
+    """An endpoint whose one connection is a StringTransport that delivers
+    to ``transport.protocol``, as a socket does."""
+
+    def connect(self, factory):
+        self.transport = StringTransport()
+        self.transport.protocol = factory.buildProtocol(self.transport.getPeer())
+        self.transport.protocol.makeConnection(self.transport)
+        return defer.succeed(self.transport.protocol)
+
+    def receive(self, data: bytes) -> None:
+        self.transport.protocol.dataReceived(data)
+
+    def take(self) -> bytes:
+        value = self.transport.value()
+        self.transport.clear()
+        return value
+
+
+class App(Protocol):
+    def __init__(self) -> None:
+        self.received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+
+def frame(mtyp: int, token: bytes) -> bytes:
+    return bytes((1, mtyp)) + len(token).to_bytes(2, "big") + token
+
+
+def protected_client(kerberos, level: int = 2):
+    """The client past method selection and context establishment, its
+    protection level asked: (proxy, connect()'s deferred, the acceptor)."""
+    proxy = HandPlayedProxy()
+    endpoint = SOCKS5ClientEndpoint("example.com", 80, proxy,
+                                    gssapi_service=f"rcmd@{kerberos.realm.hostname}",
+                                    gssapi_level=level)
+    d = endpoint.connect(Factory.forProtocol(App))
+    assert proxy.take() == b"\x05\x02\x01\x00"
+    proxy.receive(b"\x05\x01")
+    credentials = gssapi.Credentials(
+        name=gssapi.Name(kerberos.service_principal, gssapi.NameType.kerberos_principal),
+        usage="accept", store={"keytab": kerberos.keytab})
+    acceptor = gssapi.SecurityContext(creds=credentials, usage="accept")
+    [(mtyp, token)] = _frames(proxy.take())
+    assert mtyp == rfc1961.CONTEXT
+    proxy.receive(frame(rfc1961.CONTEXT, acceptor.step(token)))
+    [(mtyp, token)] = _frames(proxy.take())
+    assert mtyp == rfc1961.PROTECTION and acceptor.unwrap(token).message == bytes((level,))
+    return proxy, d, acceptor
+
+
+def _frames(data: bytes) -> list[tuple[int, bytes]]:
+    out = []
+    while data:
+        length = int.from_bytes(data[2:4], "big")
+        out.append((data[1], data[4:4 + length]))
+        data = data[4 + length:]
+    return out
+
+
+def test_reply_read_with_the_protection_answer(kerberos):
+    """Answer, reply and the first data in one read: the part after the
+    answer goes in beneath the new layer, and arrives unwrapped."""
+    proxy, d, acceptor = protected_client(kerberos)
+    layer = protection.SecurityLayer(acceptor, 2)
+    proxy.receive(frame(rfc1961.PROTECTION, acceptor.wrap(b"\x02", False).message)
+                  + layer.encode(socks5.encode_reply(socks5.SUCCEEDED, "10.0.0.5", 51000))
+                  + layer.encode(b"hello"))
+    app = d.result
+    assert app.received == b"hello"
+    assert layer.decode(proxy.take()) == socks5.encode_request(socks5.CONNECT, "example.com", 80)
+    assert isinstance(app.transport, protection.ProtectionWrapper)
+    app.transport.write(b"GET /")
+    raw = proxy.take()
+    assert b"GET" not in raw and layer.decode(raw) == b"GET /"
+
+
+def test_a_refused_frame_fails_the_connect_with_its_reason(kerberos):
+    proxy, d, acceptor = protected_client(kerberos)
+    proxy.receive(frame(rfc1961.PROTECTION, acceptor.wrap(b"\x02", False).message))
+    proxy.take()                                # the wrapped request
+    proxy.receive(socks5.encode_reply(socks5.SUCCEEDED))     # not wrapped
+    assert proxy.transport.disconnected         # aborted
+    assert not d.called
+    proxy.transport.protocol.connectionLost(Failure(error.ConnectionAborted()))
+    failure = d.result
+    d.addErrback(lambda _f: None)
+    assert failure.check(SOCKSError)
+    assert str(failure.value) == "GSS-API frame: version 5"

@@ -15,6 +15,7 @@ from gssapi.exceptions import GSSError
 from twisted.internet import error
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
+from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 from twisted.python.failure import Failure
 
 import fakes
@@ -28,10 +29,12 @@ from fakes import (
     session_lines,
 )
 from socksd import config as configuration
-from socksd.auth.gss import GSSAPISettings, SecurityLayer, WrappedTransport
+from socksd import splice
+from socksd.auth.gss import GSSAPISettings
 from socksd.auth.registry import method_registry
+from socksd.protection import ProtectionWrapper, SecurityLayer
 from socksd.proxy import Limits
-from socksd.rules import RuleSet, compile_rule
+from socksd.rules import RuleSet, compile_rule, parse_network
 
 GREETING_GSSAPI = b"\x05\x01\x01"
 # CONNECT 93.184.216.34:80
@@ -585,7 +588,7 @@ def test_request_and_reply_are_wrapped(kerberos, settings, bytewise, level):
     factory, reactor = make_factory(settings)
     client, initiator = authenticate(kerberos, factory, level, bytewise)
     # A plain SOCKS request is not accepted any more.
-    assert isinstance(client.session.transport, WrappedTransport)
+    assert isinstance(client.session.transport, ProtectionWrapper)
     wrapped = initiator.wrap(CONNECT_IP)
     assert wrapped[:2] == b"\x01\x03"
     client.send(wrapped)
@@ -1157,3 +1160,68 @@ def test_security_layer_wrap_limit_and_round_trip(kerberos, settings):
     assert initiator.unwrap(encoded) == b"x" * (layer.max_plain + 1)
     with pytest.raises(GSSError):
         initiator.ctx.unwrap(parts[0][1])      # a replay is caught by the client too
+
+
+# The protection under the session: beneath it, above a haproxy: wrapper.
+
+
+@pytest.mark.parametrize("when", ["request", "relay"])
+def test_a_refused_frame_is_the_sessions_outcome(kerberos, settings, when):
+    """The wrapper aborts and hands up why: the session ends with outcome
+    "gssapi" and the layer's reason."""
+    factory, reactor = make_factory(settings)
+    client, initiator = authenticate(kerberos, factory, 2)
+    with capturedLogs() as events:
+        out = connect(client, initiator, reactor) if when == "relay" else None
+        client.send(initiator.wrap(CONNECT_IP if out is None else b"data", conf=False))
+        assert client.transport.disconnected, "not aborted"
+        client.lose()
+        if out is not None:
+            assert out.take() == b""
+            out.protocol.connectionLost(Failure(error.ConnectionDone()))
+    if out is None:
+        assert reactor.tcpClients == []
+    [line] = session_lines(events)
+    assert line.endswith("s gssapi: GSS-API: unencrypted frame in a confidential session"), line
+
+
+class ProxiedClient(fakes.Client):
+    """A client behind a haproxy: listener: its transport delivers to the
+    PROXY wrapper, which delivers to the session."""
+
+    def __init__(self, factory) -> None:
+        self.bytewise = False
+        self.proxied = HAProxyWrappingFactory(factory).buildProtocol(fakes.PEER)
+        self.transport = fakes.HalfCloseTransport(hostAddress=fakes.LISTEN,
+                                                  peerAddress=fakes.PEER)
+        self.transport.protocol = self.proxied
+        self.proxied.makeConnection(self.transport)
+        self.session = self.proxied.wrappedProtocol
+
+
+def test_protection_goes_under_the_session_above_haproxy(kerberos, settings):
+    registry = method_registry(None, settings)
+    factory, reactor = fakes.make_factory([registry["gssapi"]], reactor=MemoryReactorClock(),
+                                          trusted_proxies=[parse_network("127.0.0.0/8")])
+    client = ProxiedClient(factory)
+    client.send(b"PROXY TCP4 127.0.0.9 127.0.0.1 5555 1080\r\n" + GREETING_GSSAPI)
+    assert client.take() == b"\x05\x01"
+    initiator = Initiator(kerberos)
+    initiator.establish(client)
+    assert initiator.granted(initiator.ask_level(client, 2)) == 2
+    session = client.session
+    wrapper = session.transport
+    assert isinstance(wrapper, ProtectionWrapper)
+    assert client.proxied.wrappedProtocol is wrapper and wrapper.transport is client.proxied
+    # Still known as proxied, with the real client from the PROXY header.
+    assert session.proxied is client.proxied and session.peer == "127.0.0.9:5555"
+    with capturedLogs() as events:
+        out = connect(client, initiator, reactor)
+        assert not splice.plain_tcp(session.transport, out.transport)
+        client.send(initiator.wrap(b"ping"))
+        assert out.take() == b"ping"
+        out.protocol.connectionLost(Failure(error.ConnectionDone()))
+        client.lose()
+    [line] = session_lines(events)
+    assert line.startswith("127.0.0.9:5555 socks5 user=user method=gssapi connect "), line
+    assert line.endswith(" ok"), line

@@ -48,9 +48,6 @@ class FakeOwner:
     def authentication_failed(self, method, user, reason):
         self._call("authentication_failed", method, user, reason)
 
-    def received_wrapped(self, data):
-        self._call("received_wrapped", data)
-
     def _request(self, *call: Any) -> defer.Deferred:
         self._call(*call)
         self.requests.append(defer.Deferred())
@@ -83,9 +80,8 @@ class FakeEnd:
 
 def test_the_contract_is_what_the_session_and_the_fake_offer():
     for owner in (Session, FakeOwner()):
-        for name in ("note", "authenticated", "authentication_failed", "received_wrapped",
-                     "connect", "bind", "udp_associate", "start_relay", "connect_failed",
-                     "fail"):
+        for name in ("note", "authenticated", "authentication_failed", "connect", "bind",
+                     "udp_associate", "start_relay", "connect_failed", "fail"):
             assert callable(getattr(owner, name)), name
     assert set(RequestOwner.__annotations__) == {"transport", "peer", "client", "client_key"}
 

@@ -1,9 +1,9 @@
-"""GSS-API (RFC 1961): Kerberos authentication for SOCKS5, and the security
-layer (integrity or confidentiality) that wraps everything after it.
+"""GSS-API (RFC 1961): Kerberos authentication for SOCKS5.
 
-The acceptor side runs on python-gssapi (MIT krb5). The security layer is a
-transport wrapper in the spirit of twisted.protocols.tls: the session sees
-plain bytes, the socket carries RFC 1961 MTYP 3 frames.
+The acceptor side runs on python-gssapi (MIT krb5). The negotiation ends by
+handing up what it established (:class:`Established`); the protection that
+wraps everything after it (integrity or confidentiality) is
+:mod:`socksd.protection`, a layer above this one, which the proxy starts.
 """
 
 from __future__ import annotations
@@ -105,6 +105,16 @@ class GSSAPISettings:
         return None
 
 
+@dataclass(frozen=True)
+class Established:
+    """What a negotiation agreed on, for the layer above to protect the
+    session with (socksd.protection.start)."""
+
+    context: gssapi.SecurityContext
+    level: int                  # rfc1961.INTEGRITY or CONFIDENTIALITY
+    require_sequence: bool      # CONNECT and BIND need replay and sequence detection
+
+
 class GSSAPIMethod(Method):
     code = socks5.GSSAPI
     name = "gssapi"
@@ -188,14 +198,14 @@ class _Negotiation:
         self.state = None
         principal = str(self.context.initiator_name)
         rest, self.buffer = self.buffer, b""
-        layer = (SecurityLayer(self.context, level, settings.require_sequence)
-                 if level != rfc1961.CLEAR else None)
+        established = (Established(self.context, level, settings.require_sequence)
+                       if level != rfc1961.CLEAR else None)
         avatar = User(settings.local_name(principal))
         log.info("{peer} gssapi: {principal} as {user}, protection {protection}",
                  peer=escape(getattr(self.session, "peer", "-"), spaces=True),
                  principal=escape(principal, spaces=True),
                  user=escape(avatar.name, spaces=True), protection=level)
-        self.session.authenticated(GSSAPIMethod.name, avatar, rest, layer)
+        self.session.authenticated(GSSAPIMethod.name, avatar, rest, established)
 
     def _abort(self, reason: str) -> None:
         self.state = None
@@ -208,112 +218,3 @@ class _Negotiation:
             self.state = None
             self.session.transport.write(rfc1961.ABORT)
 
-
-# What a stream of wrapped frames needs from the context, and how a log line
-# names each flag (RFC 2744's names, as krb5's own messages use them).
-SEQUENCE_FLAGS = ((gssapi.RequirementFlag.replay_detection, "GSS_C_REPLAY_FLAG"),
-                  (gssapi.RequirementFlag.out_of_sequence_detection, "GSS_C_SEQUENCE_FLAG"))
-
-
-class SecurityLayer:
-    """RFC 1961 encapsulation for one session: unwraps what arrives, wraps
-    what is sent (conf=False for integrity, True for confidentiality)."""
-
-    __slots__ = ("context", "level", "buffer", "max_plain", "require_sequence")
-
-    def __init__(self, context: gssapi.SecurityContext, level: int,
-                 require_sequence: bool = True) -> None:
-        self.context = context
-        self.level = level
-        self.buffer = b""
-        self.require_sequence = require_sequence
-        encrypt = level == rfc1961.CONFIDENTIALITY
-        # Plaintext per frame such that no wrapped token exceeds 65535 bytes.
-        self.max_plain = context.get_wrap_size_limit(rfc1961.MAX_TOKEN, encrypt)
-
-    def refusal(self, command: str) -> str | None:
-        """Why ``command`` may not run under this context, or None.
-
-        Kerberos checks wrapped tokens for replay and order only when the
-        initiator asked for it; without that a replayed frame of a TCP stream
-        would be relayed twice, so CONNECT and BIND need both flags. UDP
-        ASSOCIATE does not: datagrams are lost and reordered by nature, and a
-        client cannot ask for ordering there (Dante's does not). The flags are
-        fixed when the context is made, before the command is known, so this
-        is asked at the request.
-        """
-        if not self.require_sequence or command == "udp":
-            return None
-        flags = self.context.actual_flags
-        missing = [name for flag, name in SEQUENCE_FLAGS if flag not in flags]
-        if not missing:
-            return None
-        return (f"gssapi: {command} needs replay and sequence detection, the client's "
-                f"context lacks {' and '.join(missing)} ([gssapi] require_sequence)")
-
-    def decode(self, data: bytes) -> bytes:
-        """Whole frames received so far -> their plaintext; raises WireError
-        (malformed frame, tampering, replay, wrong protection)."""
-        self.buffer += data
-        out = []
-        while True:
-            parsed = rfc1961.parse_message(self.buffer, rfc1961.ENCAPSULATION)
-            if parsed is None:
-                return b"".join(out)
-            (_mtyp, token), used = parsed
-            self.buffer = self.buffer[used:]
-            try:
-                result = self.context.unwrap(token)
-            except GSSError as e:
-                raise WireError(f"GSS-API unwrap failed: {e.gen_message()}") from None
-            if self.level == rfc1961.CONFIDENTIALITY and not result.encrypted:
-                raise WireError("GSS-API: unencrypted frame in a confidential session")
-            out.append(result.message)
-
-    def unwrap_datagram(self, datagram: bytes) -> bytes:
-        """A UDP datagram is one whole MTYP 3 frame (RFC 1961 section 6)."""
-        parsed = rfc1961.parse_message(datagram, rfc1961.ENCAPSULATION)
-        if parsed is None or parsed[1] != len(datagram):
-            raise WireError("UDP datagram is not one whole GSS-API frame")
-        try:
-            result = self.context.unwrap(parsed[0].token)
-        except GSSError as e:
-            raise WireError(f"GSS-API unwrap failed: {e.gen_message()}") from None
-        if self.level == rfc1961.CONFIDENTIALITY and not result.encrypted:
-            raise WireError("GSS-API: unencrypted datagram in a confidential session")
-        return result.message
-
-    def wrap_datagram(self, data: bytes) -> bytes:
-        """Raises ValueError when the wrapped datagram would not fit a frame."""
-        token = self.context.wrap(data, self.level == rfc1961.CONFIDENTIALITY).message
-        return rfc1961.encode_message(rfc1961.ENCAPSULATION, token)
-
-    def wrap_transport(self, transport) -> WrappedTransport:
-        return WrappedTransport(transport, self)
-
-    def encode(self, data: bytes) -> bytes:
-        encrypt = self.level == rfc1961.CONFIDENTIALITY
-        frames = []
-        for start in range(0, len(data), self.max_plain):
-            token = self.context.wrap(data[start:start + self.max_plain], encrypt).message
-            frames.append(rfc1961.encode_message(rfc1961.ENCAPSULATION, token))
-        return b"".join(frames)
-
-
-class WrappedTransport:
-    """The transport a session writes to once a security layer is in force:
-    writes are wrapped, everything else is the real transport's."""
-
-    def __init__(self, transport, layer: SecurityLayer) -> None:
-        self._transport = transport
-        self._layer = layer
-
-    def write(self, data: bytes) -> None:
-        if data:
-            self._transport.write(self._layer.encode(data))
-
-    def writeSequence(self, data) -> None:
-        self.write(b"".join(data))
-
-    def __getattr__(self, name):
-        return getattr(self._transport, name)

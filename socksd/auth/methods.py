@@ -2,8 +2,8 @@
 
 A method's ``start`` returns a negotiation object that is fed the client's
 bytes until it calls back the session with an avatar (or a failure). The
-session never knows which method ran; later methods (GSS-API) also hand the
-session a transport wrapper.
+session never knows which method ran; GSS-API also hands up what it
+established, from which the layer above starts protection.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ class Authenticating(Protocol):
     reactor: object            # the session's reactor: its clock and timers
     handshake_deadline: float  # when (reactor.seconds()) the handshake times out
 
-    def authenticated(self, method: str, avatar: User, rest: bytes, layer=None) -> None:
-        """``layer``: a security layer (GSS-API) that wraps all that follows."""
+    def authenticated(self, method: str, avatar: User, rest: bytes, established=None) -> None:
+        """``established``: what a GSS-API negotiation agreed on (gss.Established),
+        protecting all that follows, ``rest`` included."""
 
     def authentication_failed(self, method: str, user: str | None, reason: str) -> None: ...
 

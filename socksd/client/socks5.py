@@ -3,8 +3,8 @@ reached by any endpoint, with no authentication, RFC 1929 username/password
 or RFC 1961 GSS-API (integrity, confidentiality, NEC mode, or clear).
 
 ``connect(factory)`` fires with the application's protocol once the proxy
-has connected it; under a GSS-API security layer the protocol's transport
-wraps what it writes and it receives unwrapped bytes, like over TLS.
+has connected it. GSS-API protection (:mod:`socksd.protection`) sits under
+the handshake as TLS would: neither it nor the application sees a frame.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
+from socksd import protection
 from socksd.wire import WireError, rfc1929, rfc1961, socks5
 
 
@@ -72,7 +73,6 @@ class _Handshake(Protocol, TimeoutMixin):
         self.buffer = b""
         self.state = "method"
         self.context = None
-        self.layer = None
         self.app: Protocol | None = None
 
     def connectionMade(self) -> None:
@@ -88,12 +88,6 @@ class _Handshake(Protocol, TimeoutMixin):
             self.transport.write(rfc1961.ABORT)
 
     def dataReceived(self, data: bytes) -> None:
-        if self.layer is not None:
-            try:
-                data = self.layer.decode(data)
-            except WireError as e:
-                self._fail(SOCKSError(str(e)))
-                return
         if self.app is not None:
             self.app.dataReceived(data)
             return
@@ -188,8 +182,6 @@ class _Handshake(Protocol, TimeoutMixin):
         self._gss_send(self.context.step(token))
 
     def _gss_protection(self, token: bytes) -> None:
-        from socksd.auth.gss import SecurityLayer
-
         octet = token if self.endpoint.nec else self.context.unwrap(token).message
         if len(octet) != 1:
             raise SOCKSError("malformed protection level answer")
@@ -197,29 +189,26 @@ class _Handshake(Protocol, TimeoutMixin):
         if level < self.endpoint.gssapi_level:
             raise SOCKSError(f"the proxy offers protection {level}, "
                              f"weaker than {self.endpoint.gssapi_level}")
+        rest = b""
         if level in (rfc1961.INTEGRITY, rfc1961.CONFIDENTIALITY):
-            self.layer = SecurityLayer(self.context, level)
-            # What followed the answer is already wrapped.
+            # What followed the answer was read from below the new layer.
             rest, self.buffer = self.buffer, b""
-            self._request()
-            if rest:
-                self.buffer = self.layer.decode(rest)
-        else:
-            self._request()
+            protection.start(self, self.context, level)
+        self._request()
+        if rest:
+            # Back in through the layer: its plaintext reaches dataReceived
+            # (this one, re-entered), which reads the reply from it.
+            self.transport.dataReceived(rest)
 
     def _request(self) -> None:
         self.state = "reply"
-        self.write(socks5.encode_request(socks5.CONNECT, self.endpoint.host, self.endpoint.port))
-
-    def write(self, data: bytes) -> None:
-        self.transport.write(self.layer.encode(data) if self.layer is not None else data)
+        self.transport.write(socks5.encode_request(socks5.CONNECT, self.endpoint.host,
+                                                   self.endpoint.port))
 
     def _connected(self, rest: bytes) -> None:
         self.setTimeout(None)
         self.state = None
         transport = self.transport
-        if self.layer is not None:
-            transport = self.layer.wrap_transport(transport)
         self.app = self.factory_.buildProtocol(transport.getPeer())
         self.app.makeConnection(transport)
         ready, self.ready = self.ready, None
@@ -242,5 +231,9 @@ class _Handshake(Protocol, TimeoutMixin):
             self.app.connectionLost(reason)
         elif self.ready is not None:
             ready, self.ready = self.ready, None
+            if reason is not None and reason.check(protection.ProtectionFailed):
+                # The layer refused a frame and aborted: say why, as before.
+                ready.errback(SOCKSError(reason.getErrorMessage()))
+                return
             ready.errback(SOCKSError(f"the proxy closed the connection: "
                                      f"{reason.getErrorMessage() if reason else ''}"))

@@ -33,13 +33,11 @@ class RequestOwner(Protocol):
         """Write down what the session line reports: the method chosen, the
         command asked for, a detail (e.g. why a USERID was taken on trust)."""
 
-    def authenticated(self, method: str, avatar: User, layer: Any = None) -> None:
-        """``layer``: a GSS-API security layer that wraps all that follows."""
+    def authenticated(self, method: str, avatar: User, established: Any = None) -> None:
+        """``established``: a GSS-API context and protection level; all that
+        follows is wrapped (the owner slips the protection layer under it)."""
 
     def authentication_failed(self, method: str, user: str | None, reason: str) -> None: ...
-
-    def received_wrapped(self, data: bytes) -> None:
-        """Bytes that followed the sub-negotiation under a security layer."""
 
     def connect(self, host: str, port: int, by_name: bool) -> Deferred[connect.Outbound]: ...
 

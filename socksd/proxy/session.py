@@ -14,7 +14,7 @@ from twisted.internet import defer, tcp
 from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
 from twisted.protocols.policies import TimeoutMixin
 
-from socksd import relay, splice
+from socksd import protection, relay, splice
 from socksd.auth import ANONYMOUS, User
 from socksd.auth.methods import Method
 from socksd.ident.registry import ProxiedConnections
@@ -91,7 +91,7 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
     registered = None
     splicer: splice.SpliceRelay | None = None
     udp: UDPRelay | None = None
-    layer = None
+    layer = None        # GSS-API protection under the session (its SecurityLayer; UDP uses it)
     ended = False
     counted = True     # in server.sessions (max_sessions)
     stall: relay.StallWatch | None = None   # made when a receiver first blocks
@@ -178,14 +178,6 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
             self.fail("refused", f"max_sessions_per_client ({limit}) reached")
 
     def dataReceived(self, data: bytes) -> None:
-        if self.layer is not None:
-            try:
-                data = self.layer.decode(data)
-            except WireError as e:
-                self.fail("gssapi", str(e), abort=True)
-                return
-            if not data:
-                return
         if self.outbound is not None:
             self.relay_data(data)
             return
@@ -234,6 +226,11 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         relay.RelayEnd.readConnectionLost(self)
 
     def connectionLost(self, reason=None) -> None:
+        if self.layer is not None and self.outcome is None and reason is not None and \
+                reason.check(WireError):
+            # The protection under the session refused a frame and aborted
+            # (socksd.protection.ProtectionFailed).
+            self.outcome, self.detail = "gssapi", reason.getErrorMessage()
         if self.outbound is not None:
             relay.RelayEnd.connectionLost(self, reason)
             return
@@ -300,17 +297,14 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         else:
             self.transport.loseConnection()
 
-    def authenticated(self, method: str, avatar: User, layer=None) -> None:
+    def authenticated(self, method: str, avatar: User, established=None) -> None:
         self.method = method
         self.user = avatar
-        if layer is not None:
-            # GSS-API integrity/confidentiality: from now on the session reads
-            # unwrapped bytes (dataReceived) and its writes are wrapped.
-            self.layer = layer
-            self.transport = layer.wrap_transport(self.transport)
-
-    def received_wrapped(self, data: bytes) -> None:
-        self.dataReceived(data)
+        if established is not None:
+            # GSS-API integrity/confidentiality: a wrapper slipped under the
+            # session wraps what it writes and unwraps what it reads.
+            self.layer = protection.start(self, established.context, established.level,
+                                          established.require_sequence).layer
 
     def authentication_failed(self, method: str, user: str | None, reason: str) -> None:
         self.method = method

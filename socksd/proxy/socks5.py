@@ -96,14 +96,15 @@ class Socks5Handshake(Requesting):
 
     # Called back by the method (see socksd.auth.methods.Authenticating).
 
-    def authenticated(self, method: str, avatar: User, rest: bytes, layer=None) -> None:
-        self.owner.authenticated(method, avatar, layer)
+    def authenticated(self, method: str, avatar: User, rest: bytes, established=None) -> None:
+        self.owner.authenticated(method, avatar, established)
         self.negotiation = None
         self.state = _REQUEST
         if rest:
-            # Under a security layer the rest is wrapped: the owner unwraps it.
-            if layer is not None:
-                self.owner.received_wrapped(rest)
+            # Under GSS-API protection the rest is wrapped: it goes in beneath
+            # the owner, to the wrapper that is now its transport.
+            if established is not None:
+                self.transport.dataReceived(rest)
             else:
                 self.data_received(rest)
 

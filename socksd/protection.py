@@ -1,0 +1,273 @@
+"""GSS-API protection (RFC 1961 encapsulation) slipped under a protocol.
+
+Once a GSS-API negotiation has agreed on integrity or confidentiality,
+:func:`start` puts a :class:`ProtectionWrapper` between the protocol and its
+transport, as ``twisted.internet._newtls.startTLS`` puts
+``TLSMemoryBIOProtocol`` under one: the protocol goes on writing and reading
+plain bytes, the socket carries MTYP 3 frames. The server's session and the
+client endpoint share it; UDP datagrams go through the same
+:class:`SecurityLayer`.
+
+Layering: above auth (which hands up the context and level it established),
+below client and proxy (which start it). It imports nothing of either.
+"""
+
+from __future__ import annotations
+
+import gssapi
+from gssapi.exceptions import GSSError
+from twisted.internet.interfaces import (
+    IConsumer,
+    IHalfCloseableProtocol,
+    IProtocol,
+    IPushProducer,
+    ITCPTransport,
+    ITransport,
+)
+from twisted.python.failure import Failure
+from zope.interface import alsoProvides, implementer
+
+from socksd.wire import WireError, rfc1961
+
+
+class ProtectionFailed(WireError):
+    """A frame the layer refused (malformed, tampered, replayed, weaker than
+    agreed). The wrapper aborts the connection and hands this to the
+    protocol's ``connectionLost`` as the reason, as TLS hands up its errors."""
+
+
+# What a stream of wrapped frames needs from the context, and how a log line
+# names each flag (RFC 2744's names, as krb5's own messages use them).
+SEQUENCE_FLAGS = ((gssapi.RequirementFlag.replay_detection, "GSS_C_REPLAY_FLAG"),
+                  (gssapi.RequirementFlag.out_of_sequence_detection, "GSS_C_SEQUENCE_FLAG"))
+
+
+class SecurityLayer:
+    """RFC 1961 encapsulation for one session: unwraps what arrives, wraps
+    what is sent (conf=False for integrity, True for confidentiality)."""
+
+    __slots__ = ("context", "level", "buffer", "max_plain", "require_sequence")
+
+    def __init__(self, context: gssapi.SecurityContext, level: int,
+                 require_sequence: bool = True) -> None:
+        self.context = context
+        self.level = level
+        self.buffer = b""
+        self.require_sequence = require_sequence
+        encrypt = level == rfc1961.CONFIDENTIALITY
+        # Plaintext per frame such that no wrapped token exceeds 65535 bytes.
+        self.max_plain = context.get_wrap_size_limit(rfc1961.MAX_TOKEN, encrypt)
+
+    def refusal(self, command: str) -> str | None:
+        """Why ``command`` may not run under this context, or None.
+
+        Kerberos checks wrapped tokens for replay and order only when the
+        initiator asked for it; without that a replayed frame of a TCP stream
+        would be relayed twice, so CONNECT and BIND need both flags. UDP
+        ASSOCIATE does not: datagrams are lost and reordered by nature, and a
+        client cannot ask for ordering there (Dante's does not). The flags are
+        fixed when the context is made, before the command is known, so this
+        is asked at the request.
+        """
+        if not self.require_sequence or command == "udp":
+            return None
+        flags = self.context.actual_flags
+        missing = [name for flag, name in SEQUENCE_FLAGS if flag not in flags]
+        if not missing:
+            return None
+        return (f"gssapi: {command} needs replay and sequence detection, the client's "
+                f"context lacks {' and '.join(missing)} ([gssapi] require_sequence)")
+
+    def decode(self, data: bytes) -> bytes:
+        """Whole frames received so far -> their plaintext; raises WireError
+        (malformed frame, tampering, replay, wrong protection)."""
+        self.buffer += data
+        out = []
+        while True:
+            parsed = rfc1961.parse_message(self.buffer, rfc1961.ENCAPSULATION)
+            if parsed is None:
+                return b"".join(out)
+            (_mtyp, token), used = parsed
+            self.buffer = self.buffer[used:]
+            try:
+                result = self.context.unwrap(token)
+            except GSSError as e:
+                raise WireError(f"GSS-API unwrap failed: {e.gen_message()}") from None
+            if self.level == rfc1961.CONFIDENTIALITY and not result.encrypted:
+                raise WireError("GSS-API: unencrypted frame in a confidential session")
+            out.append(result.message)
+
+    def unwrap_datagram(self, datagram: bytes) -> bytes:
+        """A UDP datagram is one whole MTYP 3 frame (RFC 1961 section 6)."""
+        parsed = rfc1961.parse_message(datagram, rfc1961.ENCAPSULATION)
+        if parsed is None or parsed[1] != len(datagram):
+            raise WireError("UDP datagram is not one whole GSS-API frame")
+        try:
+            result = self.context.unwrap(parsed[0].token)
+        except GSSError as e:
+            raise WireError(f"GSS-API unwrap failed: {e.gen_message()}") from None
+        if self.level == rfc1961.CONFIDENTIALITY and not result.encrypted:
+            raise WireError("GSS-API: unencrypted datagram in a confidential session")
+        return result.message
+
+    def wrap_datagram(self, data: bytes) -> bytes:
+        """Raises ValueError when the wrapped datagram would not fit a frame."""
+        token = self.context.wrap(data, self.level == rfc1961.CONFIDENTIALITY).message
+        return rfc1961.encode_message(rfc1961.ENCAPSULATION, token)
+
+    def encode(self, data: bytes) -> bytes:
+        encrypt = self.level == rfc1961.CONFIDENTIALITY
+        frames = []
+        for start in range(0, len(data), self.max_plain):
+            token = self.context.wrap(data[start:start + self.max_plain], encrypt).message
+            frames.append(rfc1961.encode_message(rfc1961.ENCAPSULATION, token))
+        return b"".join(frames)
+
+
+@implementer(IProtocol, ITransport, IPushProducer, IConsumer)
+class ProtectionWrapper:
+    """The transport's protocol (it unwraps what arrives) and the protocol's
+    transport (it wraps what is written). Writes go down at once, never
+    buffered here, so producers, pausing and half-closes are the transport's
+    own and pass straight through."""
+
+    def __init__(self, protocol, layer: SecurityLayer) -> None:
+        self.protocol = protocol
+        self.layer = layer
+        self.transport = None
+        self.failure: Failure | None = None    # set once a frame was refused
+        if IHalfCloseableProtocol.providedBy(protocol):
+            # A transport half-closes only a protocol that says it can.
+            alsoProvides(self, IHalfCloseableProtocol)
+
+    def _attach(self, transport) -> None:
+        self.transport = transport
+        if ITCPTransport.providedBy(transport):
+            alsoProvides(self, ITCPTransport)   # the rest of it via __getattr__
+
+    # IProtocol, to the transport below.
+
+    def makeConnection(self, transport) -> None:
+        """For a wrapper in place from the start; :func:`start` slips one
+        under a protocol already connected instead."""
+        self._attach(transport)
+        self.protocol.makeConnection(self)
+
+    def connectionMade(self) -> None:
+        """The protocol above was told by its own makeConnection."""
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.failure is not None:
+            return       # aborting: nothing more reaches the protocol
+        try:
+            plain = self.layer.decode(data)
+        except WireError as e:
+            self.failure = Failure(ProtectionFailed(str(e)))
+            self.transport.abortConnection()
+            return
+        if plain:
+            self.protocol.dataReceived(plain)
+
+    def readConnectionLost(self) -> None:
+        if self.failure is None:
+            self.protocol.readConnectionLost()
+
+    def writeConnectionLost(self) -> None:
+        self.protocol.writeConnectionLost()
+
+    def connectionLost(self, reason: Failure) -> None:
+        # Dropped, as Twisted's own connections drop theirs, so the two
+        # protocols are freed at once, not at the next collection.
+        protocol, self.protocol = self.protocol, None
+        protocol.connectionLost(self.failure if self.failure is not None else reason)
+
+    # ITransport and IConsumer, to the protocol above.
+
+    def write(self, data: bytes) -> None:
+        if data:
+            self.transport.write(self.layer.encode(data))
+
+    def writeSequence(self, data) -> None:
+        self.write(b"".join(data))
+
+    def loseConnection(self) -> None:
+        self.transport.loseConnection()
+
+    def abortConnection(self) -> None:
+        self.transport.abortConnection()
+
+    def loseWriteConnection(self) -> None:
+        self.transport.loseWriteConnection()
+
+    def getPeer(self):
+        return self.transport.getPeer()
+
+    def getHost(self):
+        return self.transport.getHost()
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        self.transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self.transport.unregisterProducer()
+
+    # IPushProducer: the protocol pauses reading from its peer.
+
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.transport.stopProducing()
+
+    def __getattr__(self, name: str):
+        # The rest of the transport (disconnecting, TCP options, ...) is the
+        # one below; "transport" itself is always set, so no recursion.
+        return getattr(self.transport, name)
+
+
+def start(protocol, context: gssapi.SecurityContext, level: int,
+          require_sequence: bool = True) -> ProtectionWrapper:
+    """Slip protection at ``level`` (integrity or confidentiality) under
+    ``protocol``, connected already: from now on what it writes goes out
+    wrapped and it reads plaintext. Bytes read below before this call (past
+    the negotiation) go to the wrapper's ``dataReceived``."""
+    if level not in (rfc1961.INTEGRITY, rfc1961.CONFIDENTIALITY):
+        raise ValueError(f"no encapsulation at protection level {level}")
+    wrapper = ProtectionWrapper(protocol, SecurityLayer(context, level, require_sequence))
+    transport = protocol.transport
+    _deliver_to(wrapper, transport, protocol)
+    wrapper._attach(transport)
+    protocol.transport = wrapper
+    return wrapper
+
+
+_DELIVERING = ("protocol", "wrappedProtocol", "_wrappedProtocol")
+
+
+def _deliver_to(wrapper: ProtectionWrapper, transport, protocol) -> None:
+    """Make whatever hands ``protocol`` its bytes hand them to ``wrapper``.
+
+    Twisted has no public way to ask, so this follows the references that
+    its transports keep: a connection's ``protocol`` (sockets, and what
+    startTLS put there), a ProtocolWrapper's ``wrappedProtocol`` (haproxy:
+    and TLS listeners) and a client endpoint's ``_wrappedProtocol``.
+    """
+    holder, seen = transport, set()
+    while holder is not None and id(holder) not in seen:
+        seen.add(id(holder))
+        # The instance's own attributes: a ProtocolWrapper's __getattr__
+        # would answer for its transport.
+        attributes = getattr(holder, "__dict__", {})
+        deeper = None
+        for name in _DELIVERING:
+            below = attributes.get(name)
+            if below is protocol:
+                setattr(holder, name, wrapper)
+                return
+            if deeper is None:
+                deeper = below
+        holder = deeper
+    raise TypeError(f"cannot tell what delivers {protocol!r}'s bytes in {transport!r}")
