@@ -57,14 +57,14 @@ class IReactor(IReactorCore, IReactorTime, IReactorFDSet, IReactorTCP, IReactorU
 
 
 class IStreamTransport(ITCPTransport, IConsumer, IPushProducer):
-    """A connected stream transport as socksd drives it (TCP, UNIX, TLS, a
-    PROXY or GSS-API wrapper): no one Twisted interface names all of these,
-    nor FileDescriptor's ``connected``/``disconnecting`` flags. Make-believe
-    too, for annotations only."""
+    """A connected stream transport as socksd drives it (TCP or UNIX, or a
+    TLS or PROXY wrapper, which takes on the interfaces of the one below):
+    no one Twisted interface names all of these, nor FileDescriptor's
+    ``connected``/``disconnecting`` flags. Make-believe too, for annotations
+    only."""
 
     connected: int
     disconnecting: int
-
 
 
 def installed_reactor() -> IReactor:

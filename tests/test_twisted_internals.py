@@ -11,9 +11,9 @@ import socket
 import struct
 import subprocess
 import sys
+from importlib.metadata import version
 
 import pytest
-import twisted
 from twisted.internet import epollreactor, tcp
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Protocol, ServerFactory
@@ -38,12 +38,13 @@ def pair():
 def test_the_installed_twisted_was_checked():
     """Outside CHECKED_TWISTED, nobody has read this Twisted's source for
     the internals socksd uses: do that, then widen the range."""
-    found = re.match(r"(\d+)\.(\d+)", twisted.__version__)
-    assert found, twisted.__version__
+    installed = version("Twisted")
+    found = re.match(r"(\d+)\.(\d+)", installed)
+    assert found, installed
     release = (int(found[1]), int(found[2]))
     oldest, newest = internals.CHECKED_TWISTED
     assert oldest <= release <= newest, (
-        f"Twisted {twisted.__version__} is outside the releases socksd.twisted_internals "
+        f"Twisted {installed} is outside the releases socksd.twisted_internals "
         f"was checked against ({oldest[0]}.{oldest[1]} to {newest[0]}.{newest[1]}): re-check "
         "each private name listed in that module against this release's source, then "
         "widen CHECKED_TWISTED")
