@@ -11,6 +11,7 @@ from __future__ import annotations
 from string import Formatter
 from typing import Any
 
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 
@@ -25,7 +26,8 @@ class RateLimitedLine:
     __slots__ = ("reactor", "log", "summary", "summary_fields", "period", "quiet", "fields",
                  "call")
 
-    def __init__(self, reactor, log: Logger, summary: str, period: float = 1.0) -> None:
+    def __init__(self, reactor: IReactorTime, log: Logger, summary: str,
+                 period: float = 1.0) -> None:
         self.reactor = reactor
         self.log = log
         self.summary = summary
@@ -34,7 +36,7 @@ class RateLimitedLine:
         self.period = period
         self.quiet: int | None = None    # lines since the last one logged; None: none logged
         self.fields: dict[str, Any] = {}
-        self.call = None
+        self.call: IDelayedCall | None = None
 
     def emit(self, format: str, **fields: Any) -> None:
         if self.quiet is not None:

@@ -12,30 +12,22 @@ from __future__ import annotations
 
 from typing import Callable
 
-from twisted.internet import error, tcp
+from twisted.internet import error
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-_PLAIN_TCP = (tcp.Server, tcp.Client)
+from socksd.twisted_internals import IStreamTransport, buffered, direct_socket
 
 
-def buffer_empty(transport) -> bool:
-    """Has Twisted sent everything written to this transport? (private state
-    of FileDescriptor; anything unexpected counts as "no")"""
+def buffer_empty(transport: object) -> bool:
+    """Has Twisted sent everything written to this transport? (anything but
+    a FileDescriptor counts as "no")"""
     return buffered(transport) == 0
 
 
-def buffered(transport) -> int | None:
-    """Bytes Twisted holds for this transport, not yet taken by the socket
-    (private state of FileDescriptor; None when the transport is another kind)."""
-    try:
-        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
-    except AttributeError:
-        return None
-
-
-def send(transport, data: bytes) -> None:
+def send(transport: IStreamTransport, data: bytes) -> None:
     """``transport.write(data)``, sent at once when nothing is queued before it.
 
     Twisted's ``write`` only queues: the bytes leave on the reactor's next
@@ -47,11 +39,10 @@ def send(transport, data: bytes) -> None:
     empty); an aborted or TLS transport, whatever the socket does not take,
     and any error go the normal way.
     """
-    if type(transport) in _PLAIN_TCP and transport.connected and \
-            not transport.disconnecting and not transport.TLS and \
-            not getattr(transport, "_aborting", False) and buffer_empty(transport):
+    sock = direct_socket(transport)
+    if sock is not None:
         try:
-            sent = transport.socket.send(data)
+            sent = sock.send(data)
         except OSError:
             sent = 0  # EAGAIN, or an error the normal path reports
         if sent == len(data):
@@ -87,6 +78,7 @@ class RelaySession:
 class RelayEnd(Protocol):
     """One side of a relayed session."""
 
+    transport: IStreamTransport
     partner: RelayEnd | None = None
     session: RelaySession | None = None
     received = 0            # bytes read from this side
@@ -96,12 +88,14 @@ class RelayEnd(Protocol):
     splice_after = 0        # tell session.relay_bulk() past this many bytes (0: never)
 
     def relay_data(self, data: bytes) -> None:
+        partner, session = self.partner, self.session
+        assert partner is not None and session is not None, "relay_data before join()"
         self.received += len(data)
-        send(self.partner.transport, data)
+        send(partner.transport, data)
         if self.watch_activity:
-            self.session.relay_activity()
+            session.relay_activity()
         if self.splice_after and self.received >= self.splice_after:
-            self.session.relay_bulk()
+            session.relay_bulk()
 
     dataReceived = relay_data
 
@@ -139,7 +133,7 @@ class RelayEnd(Protocol):
     def writeConnectionLost(self) -> None:
         """Our half-close reached the peer; the other direction may go on."""
 
-    def connectionLost(self, reason=None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.closed = True
         partner = self.partner
         finished = self.read_eof and (partner is None or partner.read_eof)

@@ -209,9 +209,10 @@ class _Index:
 
     def __init__(self, rules: Sequence[Rule]) -> None:
         everyone = 0
-        sources = {4: [], 6: []}
-        networks = {4: [], 6: []}
-        ports = []
+        # (lo, hi, bit): rule ``bit`` covers lo..hi (per IP version)
+        sources: dict[int, list[tuple[int, int, int]]] = {4: [], 6: []}
+        networks: dict[int, list[tuple[int, int, int]]] = {4: [], 6: []}
+        ports: list[tuple[int, int, int]] = []
         any_source = any_port = any_destination = has_networks = 0
         self.allows = self.any_user = self.anonymous = 0
         self.by_user: dict[str, int] = {}
@@ -516,11 +517,11 @@ def compile_rule(label: str, action: str, sources: Sequence[str] | None = None,
         compiled_versions = frozenset(versions)
     if verified not in (None, True, False, "any"):
         raise ValueError(f"verified is true, false or \"any\", not {verified!r}")
+    compiled_verified = None if isinstance(verified, str) else verified   # "any": either
     named_verified = verified is None and bool(user_names)
     return Rule(action, compiled_sources, tuple(networks), frozenset(names), tuple(suffixes),
                 any_destination, compiled_ports, compiled_commands, user_names, anonymous,
-                compiled_versions, None if verified == "any" else verified, named_verified,
-                log, label)
+                compiled_versions, compiled_verified, named_verified, log, label)
 
 
 def parse_network(text: str) -> IPNetwork:

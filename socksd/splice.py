@@ -20,10 +20,11 @@ import os
 import socket
 
 from twisted.internet import tcp
-from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
+from twisted.internet.interfaces import IReactorFDSet, IReadDescriptor, IWriteDescriptor
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from socksd.relay import buffer_empty
+from socksd.relay import RelayEnd, RelaySession, buffer_empty
 
 AVAILABLE = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
 PIPE_SIZE = 1 << 18
@@ -56,17 +57,18 @@ def _give_pipe(pipe: tuple[int, int], empty: bool) -> None:
         os.close(pipe[1])
 
 
-def plain_tcp(a, b) -> bool:
+def plain_tcp(a: object, b: object) -> bool:
     """Are both transports bare TCP sockets (no TLS, no PROXY wrapper)?"""
     return AVAILABLE and type(a) in (tcp.Server, tcp.Client) and \
         type(b) in (tcp.Server, tcp.Client)
 
 
-def eligible(a, b) -> bool:
+def eligible(a: object, b: object) -> bool:
     """Can the sessions' transports ``a`` and ``b`` be spliced now?"""
     if not plain_tcp(a, b):
         return False
     for t in (a, b):
+        assert isinstance(t, tcp.Connection)   # plain_tcp said so
         if t.disconnecting or not t.connected:
             return False
         if not buffer_empty(t):
@@ -126,6 +128,7 @@ class _Direction:
             return  # aborted by the read half of this same epoll event
         try:
             while self.pending:
+                assert self.pipe is not None   # pending bytes are in a pipe
                 n = os.splice(self.pipe[0], self.dst.fd, self.pending, flags=_FLAGS)
                 self.pending -= n
         except OSError as e:
@@ -181,11 +184,13 @@ class _Socket:
 
     __slots__ = ("sock", "fd", "outgoing", "incoming", "reading", "writing")
 
+    # Set by SpliceRelay, which makes the directions after the sockets.
+    outgoing: _Direction   # this socket -> the other
+    incoming: _Direction   # the other -> this socket
+
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.fd = sock.fileno()
-        self.outgoing: _Direction | None = None   # this socket -> the other
-        self.incoming: _Direction | None = None   # the other -> this socket
         self.reading = False
         self.writing = False
 
@@ -198,7 +203,7 @@ class _Socket:
     def doWrite(self) -> None:
         self.incoming.flush()
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure) -> None:
         self.outgoing.relay.abort(reason.getErrorMessage())
 
     def logPrefix(self) -> str:
@@ -209,13 +214,18 @@ class SpliceRelay:
     """Relays two RelayEnds' TCP sockets in the kernel until both directions
     end, then hands the transports back to Twisted to close them."""
 
-    __slots__ = ("reactor", "ends", "sockets", "directions", "session", "finished")
+    __slots__ = ("reactor", "ends", "transports", "sockets", "directions", "session",
+                 "finished")
 
-    def __init__(self, reactor, a, b, session) -> None:
+    def __init__(self, reactor: IReactorFDSet, a: RelayEnd, b: RelayEnd,
+                 session: RelaySession | None) -> None:
         self.reactor = reactor
         self.ends = (a, b)
         self.session = session
-        sa, sb = _Socket(a.transport.socket), _Socket(b.transport.socket)
+        ta, tb = a.transport, b.transport
+        assert isinstance(ta, tcp.Connection) and isinstance(tb, tcp.Connection)  # eligible()
+        self.transports = (ta, tb)
+        sa, sb = _Socket(ta.socket), _Socket(tb.socket)
         self.sockets = (sa, sb)
         ab, ba = _Direction(self, sa, sb), _Direction(self, sb, sa)
         sa.outgoing, sa.incoming, sb.outgoing, sb.incoming = ab, ba, ba, ab
@@ -223,15 +233,16 @@ class SpliceRelay:
         self.finished = False
 
     def start(self) -> None:
-        for end, sock in zip(self.ends, self.sockets, strict=True):
-            end.transport.stopReading()
-            end.transport.stopWriting()
+        for transport, sock in zip(self.transports, self.sockets, strict=True):
+            transport.stopReading()
+            transport.stopWriting()
             self.reactor.addReader(sock)
             sock.reading = True
         stats["sessions"] += 1
 
     def activity(self) -> None:
-        if self.session.watch_activity:
+        # join() set both ends' watch_activity for the session.
+        if self.session is not None and self.ends[0].watch_activity:
             self.session.relay_activity()
 
     def direction_done(self) -> None:
@@ -243,7 +254,8 @@ class SpliceRelay:
 
     def pending(self) -> tuple[int, int]:
         """Bytes held in each direction's pipe for its receiver."""
-        return tuple(d.pending for d in self.directions)
+        ab, ba = self.directions
+        return ab.pending, ba.pending
 
     def abort(self, why: str | None = None) -> None:
         """An error on either socket (``why``), or the session's idle timeout."""

@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from socksd.inflight import PER_CLIENT, InFlight
+from socksd.twisted_internals import IReactor, installed_reactor
 
 # Defaults of [server] auth_threads, auth_in_flight, auth_in_flight_per_client.
 THREADS = 4
@@ -83,7 +84,7 @@ class HashPool(InFlight):
     """
 
     def __init__(self, threads: int = THREADS, in_flight: int = IN_FLIGHT,
-                 per_client: int = IN_FLIGHT_PER_CLIENT, reactor=None,
+                 per_client: int = IN_FLIGHT_PER_CLIENT, reactor: IReactor | None = None,
                  run_in_thread: Callable[[Callable[[], Any]], defer.Deferred] | None = None
                  ) -> None:
         """``run_in_thread(call)`` runs ``call`` off the reactor thread and
@@ -93,7 +94,7 @@ class HashPool(InFlight):
         self.reactor = reactor
         self.run_in_thread = run_in_thread or self._in_own_thread
         self.threadpool: ThreadPool | None = None
-        self.shutdown = None                 # our reactor shutdown trigger
+        self.shutdown: object = None         # our reactor shutdown trigger
         self.running = 0
         self.waiting: deque[_Job] = deque()
         self.started = 0                     # checks ever started (for tests, benchmarks)
@@ -147,12 +148,10 @@ class HashPool(InFlight):
     def _in_own_thread(self, call: Callable[[], Any]) -> defer.Deferred:
         reactor = self.reactor
         if reactor is None:
-            from twisted.internet import reactor as global_reactor
-
-            reactor = self.reactor = global_reactor
+            reactor = self.reactor = installed_reactor()
         if self.threadpool is None:
             pool = ThreadPool(0, self.threads, "socksd-auth")
-            pool.threadFactory = _CheckThread  # type: ignore[assignment]
+            pool.threadFactory = _CheckThread
             pool.start()
             self.shutdown = reactor.addSystemEventTrigger("during", "shutdown",
                                                           self._at_shutdown)
@@ -170,7 +169,7 @@ class HashPool(InFlight):
         if pool is None:
             return
         shutdown, self.shutdown = self.shutdown, None
-        if shutdown is not None:
+        if shutdown is not None and self.reactor is not None:   # set with shutdown
             self.reactor.removeSystemEventTrigger(shutdown)
         pool.stop()
 

@@ -125,6 +125,8 @@ def dummy_hash(cost: Cost, example: bytes | None = None) -> bytes:
     scheme, params = cost
     if scheme == "bcrypt":
         return bcrypt.hashpw(_DUMMY_PASSWORD, bcrypt.gensalt(rounds=params[0]))
+    if example is None:
+        raise ValueError("an argon2 dummy hash needs an example hash to take its shape from")
     hasher = argon2.PasswordHasher.from_parameters(
         argon2.extract_parameters(example.decode("ascii")))
     return hasher.hash(_DUMMY_PASSWORD).encode("ascii")

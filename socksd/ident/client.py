@@ -11,10 +11,12 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IConnector
 from twisted.internet.protocol import ClientFactory
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 
+from socksd.twisted_internals import IReactor, IStreamTransport
 from socksd.wire import WireError, ident
 
 
@@ -68,6 +70,7 @@ def error_for(token: str) -> IdentError:
 class _IdentQuery(LineOnlyReceiver):
     delimiter = b"\n"
     MAX_LENGTH = ident.MAX_LINE
+    transport: IStreamTransport
 
     def connectionMade(self) -> None:
         self.transport.write(ident.encode_query(self.factory.server_port,
@@ -94,7 +97,7 @@ class _IdentQuery(LineOnlyReceiver):
             f"reply longer than {self.MAX_LENGTH} bytes without end of line")))
         self.transport.abortConnection()
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         # RFC 1413: a close before the end of line means UNKNOWN-ERROR.
         self.factory.finish(Failure(IdentUnavailable("connection closed before a reply")))
 
@@ -107,7 +110,7 @@ class _IdentFactory(ClientFactory):
         self.server_port = server_port
         self.client_port = client_port
         self.deferred: defer.Deferred[Identity] = defer.Deferred(self._cancel)
-        self.connector = None
+        self.connector: IConnector | None = None
         self.cancelling = False
 
     def finish(self, result: Identity | Failure) -> None:
@@ -119,10 +122,10 @@ class _IdentFactory(ClientFactory):
         else:
             self.deferred.callback(result)
 
-    def clientConnectionFailed(self, connector, reason) -> None:
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
         self.finish(Failure(IdentUnavailable(f"no identd: {reason.getErrorMessage()}")))
 
-    def _cancel(self, _deferred) -> None:
+    def _cancel(self, _deferred: defer.Deferred[Identity]) -> None:
         # Closing the connection reports a failure of its own: the
         # Deferred must fail with CancelledError instead.
         self.cancelling = True
@@ -130,8 +133,9 @@ class _IdentFactory(ClientFactory):
             self.connector.disconnect()
 
 
-def query(reactor, host: str, server_port: int, client_port: int, *, port: int = ident.PORT,
-          timeout: float = 10.0, bind_host: str | None = None) -> defer.Deferred[Identity]:
+def query(reactor: IReactor, host: str, server_port: int, client_port: int, *,
+          port: int = ident.PORT, timeout: float = 10.0,
+          bind_host: str | None = None) -> defer.Deferred[Identity]:
     """Ask the identd at ``host:port`` who owns the connection between its
     ``server_port`` and our ``client_port``.
 
@@ -143,7 +147,7 @@ def query(reactor, host: str, server_port: int, client_port: int, *, port: int =
     factory.connector = reactor.connectTCP(host, port, factory, timeout=timeout,
                                            bindAddress=bind)
 
-    def timed_out(result, _timeout):
+    def timed_out(result: Identity | Failure, _timeout: float) -> Identity | Failure:
         if isinstance(result, Failure) and result.check(defer.CancelledError):
             return Failure(IdentUnavailable(f"no answer in {timeout:g} s"))
         return result

@@ -11,12 +11,20 @@ from __future__ import annotations
 
 import pwd
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from twisted.internet import defer, threads
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IPushProducer,
+    IReactorTime,
+)
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from socksd.escape import escape
@@ -25,7 +33,11 @@ from socksd.ident.policy import Answer, IdentPolicy
 from socksd.ident.registry import ProxiedConnections
 from socksd.logs import RateLimitedLine
 from socksd.rules import client_key, parse_ip
+from socksd.twisted_internals import IStreamTransport, installed_reactor
 from socksd.wire import WireError, ident
+
+# Runs the blocking owner lookup: f(*args), or a Deferred firing with it.
+Blocking = Callable[..., Any]
 
 log = Logger(namespace="socksd.identd")
 
@@ -68,7 +80,7 @@ def _owner(policy: IdentPolicy, conn: lookup.Connection) -> Answer:
 
 
 def answer_query(policy: IdentPolicy, registry: ProxiedConnections | None, line: bytes,
-                 local_host: str, remote_host: str, blocking=None,
+                 local_host: str, remote_host: str, blocking: Blocking | None = None,
                  notes: list[str] | None = None) -> defer.Deferred[bytes]:
     """The reply line for one query made to ``local_host`` from ``remote_host``.
 
@@ -80,9 +92,8 @@ def answer_query(policy: IdentPolicy, registry: ProxiedConnections | None, line:
     try:
         server_port, client_port = ident.parse_query(line)
     except WireError:
-        ports = _echo_ports(line)
         answer = policy.error(ident.INVALID_PORT, "bad query")
-        return defer.succeed(_encode(policy, ports, answer, notes))
+        return defer.succeed(_encode(policy, _echo_ports(line), answer, notes))
     ports = (server_port, client_port)
     if registry is not None and policy.proxied_users:
         user = registry.user_for(local_host, server_port, remote_host, client_port)
@@ -93,7 +104,7 @@ def answer_query(policy: IdentPolicy, registry: ProxiedConnections | None, line:
     run = blocking or threads.deferToThread
     d = defer.maybeDeferred(run, _owner, policy, conn)
 
-    def failed(failure):
+    def failed(failure: Failure) -> Answer:
         log.failure("identd: lookup of {conn} failed", failure, conn=conn)
         return policy.error(ident.UNKNOWN_ERROR, "lookup failed")
 
@@ -109,12 +120,16 @@ def _echo_ports(line: bytes) -> bytes:
     return text or b"0, 0"
 
 
-def _encode(policy: IdentPolicy, ports, answer: Answer, notes: list[str]) -> bytes:
+def _encode(policy: IdentPolicy, ports: bytes | tuple[int, int], answer: Answer,
+            notes: list[str]) -> bytes:
+    """The reply line; ``ports`` are an unparseable query's echo (bytes), which
+    only ever gets an error."""
     notes.append(answer.note)
-    if isinstance(ports, bytes):
-        return ports + b" : ERROR : " + answer.error.encode("ascii") + b"\r\n"
     if answer.error is not None:
+        if isinstance(ports, bytes):
+            return ports + b" : ERROR : " + answer.error.encode("ascii") + b"\r\n"
         return ident.encode_error(ports[0], ports[1], answer.error)
+    assert answer.user is not None and not isinstance(ports, bytes), "a user or an error"
     try:
         return ident.encode_userid(ports[0], ports[1], answer.user, policy.opsys,
                                    policy.charset)
@@ -144,6 +159,8 @@ class IdentProtocol(Protocol, TimeoutMixin):
     slowly it reads.
     """
 
+    transport: IStreamTransport
+
     def __init__(self, factory: IdentFactory) -> None:
         self.factory = factory
         self.buffer = b""
@@ -151,7 +168,7 @@ class IdentProtocol(Protocol, TimeoutMixin):
         self.busy = False        # a query is being answered
         self.working = False     # inside _work (a synchronous answer re-enters it)
         self.holds: set[str] = set()   # why reading is paused: writes, backlog, turn
-        self.turn = None         # the call that starts the next turn
+        self.turn: IDelayedCall | None = None   # the call that starts the next turn
         self.bad = 0             # malformed queries so far
         self.first_bad = b""
         self.bad_logged = False
@@ -159,7 +176,7 @@ class IdentProtocol(Protocol, TimeoutMixin):
         self.read_eof = False    # the client half-closed: answer what is left, then close
         self.client_key: str | None = None
 
-    def callLater(self, period, func, *args):
+    def callLater(self, period: float, func: Callable[..., object], *args: object) -> IDelayedCall:
         return self.factory.reactor.callLater(period, func, *args)
 
     def connectionMade(self) -> None:
@@ -353,7 +370,7 @@ class IdentProtocol(Protocol, TimeoutMixin):
                  timeout=self.timeOut)
         self.transport.abortConnection()
 
-    def connectionLost(self, reason=None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.gone = True
         self.setTimeout(None)
         if self.turn is not None and self.turn.active():
@@ -374,10 +391,10 @@ class IdentFactory(ServerFactory):
     noisy = False
 
     def __init__(self, policy: IdentPolicy, limits: IdentdLimits = IdentdLimits(),
-                 registry: ProxiedConnections | None = None, reactor=None,
-                 blocking=None) -> None:
+                 registry: ProxiedConnections | None = None,
+                 reactor: IReactorTime | None = None, blocking: Blocking | None = None) -> None:
         if reactor is None:
-            from twisted.internet import reactor
+            reactor = installed_reactor()
         self.reactor = reactor
         self.policy = policy
         self.limits = limits
@@ -393,7 +410,7 @@ class IdentFactory(ServerFactory):
             reactor, log, "identd: refused {count} more in the last second: "
                           "max_connections_per_client ({limit})")
 
-    def buildProtocol(self, addr):
+    def buildProtocol(self, addr: IAddress | None) -> IdentProtocol | None:
         if self.connections >= self.limits.max_connections:
             self.refused.emit("identd: refused {peer}: max_connections ({limit})",
                               peer=escape(str(getattr(addr, "host", addr)), spaces=True),

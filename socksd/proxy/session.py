@@ -8,10 +8,6 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from twisted.internet import defer, tcp
-
-# Twisted's public API offers only proxyEndpoint(); the wrapper it puts under
-# a haproxy: listener's protocols is what tells a PROXY connection apart.
-from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
 from twisted.protocols.policies import TimeoutMixin
 
 from socksd import protection, relay, splice
@@ -28,6 +24,12 @@ from socksd.proxy.socks4 import Socks4Handshake, Socks4Policy
 from socksd.proxy.socks5 import Socks5Handshake
 from socksd.proxy.udp import UDPRelay
 from socksd.rules import IPAddress, RuleSet, client_key, parse_ip
+from socksd.twisted_internals import (
+    HAProxyProtocolWrapper,
+    after_each_read,
+    is_health_check,
+    is_proxy_wrapper,
+)
 from socksd.wire import WireError, socks4, socks5
 
 # A session moves to the splice fast path once either direction has relayed
@@ -109,12 +111,12 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
 
     def connectionMade(self) -> None:
         self.server.sessions += 1
-        if isinstance(self.transport, HAProxyProtocolWrapper):
+        if is_proxy_wrapper(self.transport):
             # The real client is known once the PROXY header is read (the
             # first data): counting the balancer as the client now would
             # refuse a burst through it for max_sessions_per_client.
-            self.proxied = self.transport
-            balancer = self.transport.transport.getPeer()
+            self.proxied = wrapper = self.transport
+            balancer = wrapper.transport.getPeer()
             self.peer = address_text(balancer)
             if not self.server.trusts_proxy(balancer):
                 self.server.untrusted_proxy(balancer)
@@ -124,30 +126,23 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
             # The wrapper passes on only what follows the header, so a header
             # alone (a health check's PROXY LOCAL) would reach us as nothing:
             # look after each of its reads.
-            wrapper_read = self.transport.dataReceived
-
-            def read(data: bytes) -> None:
-                wrapper_read(data)
-                if self.handler is None and self.outcome is None and self._health_check():
-                    self._health_checked()
-
-            self.transport.dataReceived = read
+            after_each_read(wrapper, self._after_header)
         else:
             self._identify_client()
         if self.outcome is None:
             self.setTimeout(self.server.limits.handshake_timeout or None)
 
-    def _health_checked(self) -> None:
-        """Closed without a session line: the factory counts these."""
+    def _after_header(self) -> bool:
+        """A PROXY header without a client (v2 LOCAL, v1 UNKNOWN) is the
+        balancer checking that we are up: closed without a session line,
+        counted by the factory."""
+        if self.proxied is None or self.handler is not None or self.outcome is not None or \
+                not is_health_check(self.proxied):
+            return False
         self.quiet = True
         self.server.proxy_health_checks += 1
         self.fail("health check")
-
-    def _health_check(self) -> bool:
-        """A PROXY header without a client (v2 LOCAL, v1 UNKNOWN): the
-        balancer checking that we are up. Its info is private in Twisted."""
-        info = getattr(self.proxied, "_proxyInfo", None)
-        return info is not None and info.source is None
+        return True
 
     def _identify_client(self) -> None:
         """Who the client is, for rules, limits and logs (called again once
@@ -196,8 +191,7 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
     def _handshake(self, version: int) -> Socks4Handshake | Socks5Handshake | None:
         """The handshake for the version byte the client opened with."""
         server = self.server
-        if self.proxied is not None and self._health_check():
-            self._health_checked()
+        if self._after_header():
             return None
         if type(self.transport) is not tcp.Server:
             # A wrapper (haproxy:) may only now know the real client; a

@@ -10,13 +10,16 @@ import os
 import socket
 import sys
 from dataclasses import replace
+from typing import Any, BinaryIO
 
 from twisted.application import service, strports
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from socksd import config as configuration
 from socksd.ident import lookup
 from socksd.ident.policy import parse_mode
+from socksd.ident.registry import ProxiedConnections
 from socksd.ident.server import IdentFactory, answer_query
 from socksd.tap import install_reactor, security
 from socksd.wire import ident
@@ -76,7 +79,7 @@ def build(options: Options) -> configuration.IdentdConfig:
     cfg = configuration.IdentdConfig()
     if options["config"]:
         cfg = configuration.load(options["config"]).identd or cfg
-    changes = {}
+    changes: dict[str, Any] = {}   # IdentPolicy fields
     if options["reply"]:
         try:
             changes["reply"] = parse_mode(options["reply"])
@@ -109,7 +112,7 @@ def check_addresses(options: Options) -> None:
 
 
 def serve_stdio(cfg: configuration.IdentdConfig, local: str | None, remote: str | None,
-                stdin=None, stdout=None) -> int:
+                stdin: BinaryIO | None = None, stdout: BinaryIO | None = None) -> int:
     """One query from stdin, its answer on stdout, synchronously (no reactor).
 
     Under inetd stdin is the connection: its addresses are used unless given.
@@ -139,7 +142,7 @@ def serve_stdio(cfg: configuration.IdentdConfig, local: str | None, remote: str 
         line = line[:-1]
     if len(line) > cfg.limits.max_line:
         return 1
-    results = []
+    results: list[bytes | Failure] = []
     d = answer_query(cfg.policy, None, line, local, remote,
                      blocking=lambda f, *a: f(*a))
     d.addBoth(results.append)
@@ -151,7 +154,8 @@ def serve_stdio(cfg: configuration.IdentdConfig, local: str | None, remote: str 
     return 0
 
 
-def make_services(cfg: configuration.IdentdConfig, registry=None) -> list[service.IService]:
+def make_services(cfg: configuration.IdentdConfig,
+                  registry: ProxiedConnections | None = None) -> list[service.IService]:
     factory = IdentFactory(cfg.policy, cfg.limits, registry=registry)
     return [strports.service(description, factory) for description in cfg.listen]
 

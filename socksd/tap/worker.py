@@ -10,18 +10,21 @@ import json
 import os
 import socket
 import sys
+from typing import BinaryIO
 
 from twisted.cred import strcred
 from twisted.internet import protocol
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.main import installReactor
-from twisted.logger import ILogObserver, Logger, eventAsJSON, globalLogBeginner
+from twisted.logger import ILogObserver, LogEvent, Logger, eventAsJSON, globalLogBeginner
+from twisted.python.failure import Failure
 from twisted.python.reflect import namedAny
 from zope.interface import implementer
 
 from socksd.proxy.connect import THREAD_POOL_SIZE
 from socksd.tap import reactor as socksd_reactor
 from socksd.tap.workers import FAILURE_MESSAGE, RECORD_SEPARATOR
+from socksd.twisted_internals import IStreamTransport, installed_reactor, proxy_protocol_factory
 
 log = Logger(namespace="socksd")
 
@@ -37,6 +40,7 @@ class LogChannel(protocol.Protocol):
     is gone, so is the worker.
     """
 
+    transport: IStreamTransport
     paused = False
     dropped = 0
 
@@ -46,7 +50,7 @@ class LogChannel(protocol.Protocol):
     def connectionMade(self) -> None:
         self.transport.registerProducer(self, True)
 
-    def __call__(self, event: dict) -> None:
+    def __call__(self, event: LogEvent) -> None:
         if self.paused or not self.connected:
             self.dropped += 1
             return
@@ -69,15 +73,14 @@ class LogChannel(protocol.Protocol):
     def stopProducing(self) -> None:
         pass
 
-    def connectionLost(self, reason=None) -> None:
-        from twisted.internet import reactor
-
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        reactor = installed_reactor()
         self.connected = False
         if reactor.running:
             reactor.stop()
 
 
-def read_auth(stdin) -> list[str]:
+def read_auth(stdin: BinaryIO) -> list[str]:
     """The supervisor's --auth strings: a JSON list, then EOF."""
     auth = json.loads(stdin.read() or b"[]")
     if not (isinstance(auth, list) and all(isinstance(a, str) for a in auth)):
@@ -99,20 +102,17 @@ def main(argv: list[str] | None = None) -> None:
         installReactor(namedAny(args.reactor)())
     else:
         socksd_reactor.install()
-    from twisted.internet import reactor
-
+    reactor = installed_reactor()
     reactor.suggestThreadPoolSize(THREAD_POOL_SIZE)   # name lookups: see connect.MAX_LOOKUPS
-
-    # Public API only offers proxyEndpoint(); an adopted port needs the factory.
-    from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 
     from socksd.tap import socks as socks_tap
 
     # Every event goes to the supervisor, which logs it where twistd logs;
     # stray writes to stdout (print in a plugin) go to stderr instead.
     channel = LogChannel(args.index)
-    reactor.adoptStreamConnection(1, socket.AF_UNIX, protocol.Factory.forProtocol(
-        lambda: channel))
+    channel_factory = protocol.ServerFactory()
+    channel_factory.protocol = lambda: channel
+    reactor.adoptStreamConnection(1, socket.AF_UNIX, channel_factory)
     os.dup2(2, 1)
     globalLogBeginner.beginLoggingTo([channel], redirectStandardIO=False)
     checkers = [strcred.makeChecker(description)
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg, checkers = socks_tap.build(args.config, [], checkers, args.trusted_proxy)
     factory = socks_tap.make_factory(cfg, checkers, None, share=args.workers, worker=args.index)
     for fd, family, haproxy in json.loads(args.fds):
-        port_factory = HAProxyWrappingFactory(factory) if haproxy else factory
+        port_factory = proxy_protocol_factory(factory) if haproxy else factory
         reactor.adoptStreamPort(fd, socket.AddressFamily(family), port_factory)
         os.close(fd)  # Twisted made its own copy of the descriptor
     reactor_class = type(reactor)

@@ -37,9 +37,12 @@ from collections.abc import Sequence
 
 from twisted.application import service
 from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IAddress, IProcessTransport
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.python.failure import Failure
 
 from socksd.config import parse_listener
+from socksd.twisted_internals import IReactor, installed_reactor
 
 log = Logger(namespace="socksd")
 
@@ -105,40 +108,40 @@ class _WorkerLog(protocol.Protocol):
             failure.value = message
         globalLogPublisher(event)
 
-    def connectionLost(self, reason=None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         if self.pending.strip():
             log.warn("worker {index}: its last log record was cut short", index=self.index)
         self.pending = b""
 
 
-class _WorkerLogFactory(protocol.Factory):
+class _WorkerLogFactory(protocol.ServerFactory):
     noisy = False
 
     def __init__(self, index: int) -> None:
         self.index = index
 
-    def buildProtocol(self, addr) -> _WorkerLog:
+    def buildProtocol(self, addr: IAddress | None) -> _WorkerLog:
         return _WorkerLog(self.index)
 
 
 class _Worker(protocol.ProcessProtocol):
+    transport: IProcessTransport
+
     def __init__(self, supervisor: WorkersService, index: int) -> None:
         self.supervisor = supervisor
         self.index = index
         self.started = time.monotonic()
-        self.ended = defer.Deferred()
+        self.ended: defer.Deferred[None] = defer.Deferred()
 
-    def processEnded(self, reason) -> None:
+    def processEnded(self, reason: Failure) -> None:
         self.ended.callback(None)
         self.supervisor.worker_ended(self, reason)
 
 
 class WorkersService(service.Service):
     def __init__(self, count: int, listen: tuple[str, ...], worker_args: list[str],
-                 reactor=None, auth: Sequence[str] = ()) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
-        self.reactor = reactor
+                 reactor: IReactor | None = None, auth: Sequence[str] = ()) -> None:
+        self.reactor = reactor if reactor is not None else installed_reactor()
         self.count = count
         self.listeners = [parse_listener(d) for d in listen]
         self.worker_args = worker_args
@@ -176,7 +179,8 @@ class WorkersService(service.Service):
             return
         sockets = self.sockets[index]
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        child_fds = {0: "w", 1: theirs.fileno(), 2: 2}   # 0: --auth strings; 1: its log
+        # 0: the --auth strings; 1: its log
+        child_fds: dict[int, int | str] = {0: "w", 1: theirs.fileno(), 2: 2}
         fds = []
         for number, (sock, (family, _h, _p, _b, haproxy)) in enumerate(
                 zip(sockets, self.listeners, strict=True), start=3):
@@ -206,7 +210,7 @@ class WorkersService(service.Service):
         log.info("worker {index} started (pid {pid})", index=index,
                  pid=worker.transport.pid if worker.transport else "?")
 
-    def worker_ended(self, worker: _Worker, reason) -> None:
+    def worker_ended(self, worker: _Worker, reason: Failure) -> None:
         if self.workers.get(worker.index) is worker:
             del self.workers[worker.index]
         if self.stopping:
@@ -220,10 +224,10 @@ class WorkersService(service.Service):
                  why=reason.getErrorMessage(), delay=delay)
         self.reactor.callLater(delay, self.spawn, worker.index)
 
-    def stopService(self):
+    def stopService(self) -> defer.Deferred[None]:
         self.stopping = True
         super().stopService()
-        ended = []
+        ended: list[defer.Deferred[None]] = []
         for worker in list(self.workers.values()):
             ended.append(worker.ended)
             try:
@@ -231,7 +235,7 @@ class WorkersService(service.Service):
             except Exception:
                 pass
 
-        def kill_stragglers():
+        def kill_stragglers() -> None:
             for worker in list(self.workers.values()):
                 try:
                     worker.transport.signalProcess("KILL")
@@ -240,7 +244,7 @@ class WorkersService(service.Service):
 
         timer = self.reactor.callLater(STOP_TIMEOUT, kill_stragglers)
 
-        def done(_):
+        def done(_: object) -> None:
             if timer.active():
                 timer.cancel()
             for row in self.sockets:

@@ -1,0 +1,139 @@
+"""Everything socksd assumes of Twisted beyond its public, documented API.
+
+The functions here lean on private attributes and modules of Twisted that
+may change in any release; the two interfaces name what socksd relies on
+of reactors and transports where Twisted's own annotations say less. They
+live in this one module, the bottom of the layer order (it imports only
+Twisted), so that a Twisted upgrade has one place to re-check:
+tests/test_twisted_internals.py fails on a Twisted outside
+``CHECKED_TWISTED`` and exercises each name against the real classes.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import TYPE_CHECKING, Callable, TypeGuard, cast
+
+from twisted.internet import abstract, tcp
+from twisted.internet.interfaces import (
+    IConsumer,
+    IPushProducer,
+    IReactorCore,
+    IReactorFDSet,
+    IReactorProcess,
+    IReactorSocket,
+    IReactorTCP,
+    IReactorThreads,
+    IReactorTime,
+    IReactorUDP,
+    ITCPTransport,
+)
+from twisted.internet.protocol import ServerFactory
+
+# Twisted's public API offers only proxyEndpoint(); an adopted port (a
+# worker's) needs the factory, and the wrapper it puts under a haproxy:
+# listener's protocols is what tells a PROXY connection apart.
+from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
+
+if TYPE_CHECKING:
+    from twisted.protocols.haproxy._info import ProxyInfo
+
+__all__ = ["CHECKED_TWISTED", "HAProxyProtocolWrapper", "IReactor", "IStreamTransport",
+           "after_each_read", "buffered", "direct_socket", "installed_reactor",
+           "is_health_check", "is_proxy_wrapper", "proxy_info", "proxy_protocol_factory"]
+
+# The oldest and newest Twisted releases (major, minor) whose internals
+# below were read and tested. Outside this range the test fails: re-check
+# each function here against that release's source, then widen the range.
+CHECKED_TWISTED = ((24, 3), (26, 10))
+
+
+class IReactor(IReactorCore, IReactorTime, IReactorFDSet, IReactorTCP, IReactorUDP,
+               IReactorProcess, IReactorSocket, IReactorThreads):
+    """The reactor as socksd uses it: Twisted types the global one with
+    fewer interfaces (``_IReactorCommon``) than its POSIX reactors provide.
+    Make-believe, like ``_IReactorCommon``: no class declares it, so it is
+    for annotations only (``providedBy`` is always false)."""
+
+
+class IStreamTransport(ITCPTransport, IConsumer, IPushProducer):
+    """A connected stream transport as socksd drives it (TCP or UNIX, or a
+    TLS or PROXY wrapper, which takes on the interfaces of the one below):
+    no one Twisted interface names all of these, nor FileDescriptor's
+    ``connected``/``disconnecting`` flags. Make-believe too, for annotations
+    only."""
+
+    connected: int
+    disconnecting: int
+
+
+def installed_reactor() -> IReactor:
+    """The global reactor, imported only now (socksd installs its own
+    first), typed with every interface socksd uses of it."""
+    from twisted.internet import reactor
+
+    return cast(IReactor, reactor)
+
+
+def buffered(transport: object) -> int | None:
+    """Bytes Twisted holds for this transport, not yet taken by the socket
+    (FileDescriptor's write buffer: ``dataBuffer`` past ``offset``, plus
+    ``_tempDataLen`` not yet joined to it); None for another kind of transport."""
+    if not isinstance(transport, abstract.FileDescriptor):
+        return None
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+def direct_socket(transport: object) -> socket.socket | None:
+    """The socket under a bare TCP transport (exactly tcp.Server or
+    tcp.Client) when bytes sent on it directly keep their order: connected,
+    not closing, not aborted (``_aborting``: it closes only on the reactor's
+    next turn and meanwhile looks connected), no TLS, nothing queued in
+    Twisted's write buffer. None otherwise: write through the transport."""
+    if not (type(transport) is tcp.Server or type(transport) is tcp.Client):
+        return None
+    if transport.connected and not transport.disconnecting and not transport.TLS and \
+            not transport._aborting and buffered(transport) == 0:
+        return transport.socket
+    return None
+
+
+def proxy_protocol_factory(factory: ServerFactory) -> ServerFactory:
+    """``factory`` behind the PROXY protocol, for a port listened on without
+    an endpoint (a worker's adopted port), as ``haproxy:`` endpoints wrap it."""
+    # A WrappingFactory is a ClientFactory to Twisted's annotations, yet it is
+    # what proxyEndpoint() listens with: any IProtocolFactory serves a port.
+    return cast(ServerFactory, HAProxyWrappingFactory(factory))
+
+
+def is_proxy_wrapper(transport: object) -> TypeGuard[HAProxyProtocolWrapper]:
+    """Is this the transport of a connection under a ``haproxy:`` listener?"""
+    return isinstance(transport, HAProxyProtocolWrapper)
+
+
+def proxy_info(wrapper: HAProxyProtocolWrapper) -> ProxyInfo | None:
+    """What the PROXY header said (``source``, ``destination``), once the
+    wrapper has read it; None before."""
+    return wrapper._proxyInfo
+
+
+def is_health_check(wrapper: HAProxyProtocolWrapper) -> bool:
+    """A PROXY header without a client (v2 LOCAL, v1 UNKNOWN) was read: the
+    balancer checking that we are up. (The wrapper passes on only what
+    follows the header, so the protocol above sees nothing of it.)"""
+    info = proxy_info(wrapper)
+    return info is not None and info.source is None
+
+
+def after_each_read(wrapper: HAProxyProtocolWrapper, callback: Callable[[], None]) -> None:
+    """Call ``callback()`` after each read the wrapper handles, so the protocol
+    above can look at :func:`proxy_info` even when the read passed it nothing."""
+    read = wrapper.dataReceived
+
+    def watched(data: bytes) -> None:
+        read(data)
+        callback()
+
+    # The transport below looks dataReceived up on each read: an instance
+    # attribute takes the place of the wrapper's method.
+    wrapper.dataReceived = watched  # type: ignore[method-assign]
