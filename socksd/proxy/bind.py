@@ -8,6 +8,7 @@ import socket
 from typing import Any
 
 from twisted.internet import defer, error
+from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
@@ -65,7 +66,7 @@ class BindWaiter(ServerFactory):
         self.limits = limits
         self.rules = rules
         self.expected = expected
-        self.port = None
+        self.port: IListeningPort | None = None
         self.bound: tuple[str, int] = ("0.0.0.0", 0)
         self.timer = None
         self.taken = False
@@ -79,14 +80,15 @@ class BindWaiter(ServerFactory):
         interface = route_source(self.expected, getattr(local, "host", "127.0.0.1"))
         for port in candidate_ports(ranges):
             try:
-                self.port = self.reactor.listenTCP(port, self, backlog=1,
-                                                     interface=interface)
+                listening = self.reactor.listenTCP(port, self, backlog=1,
+                                                   interface=interface)
                 break
             except error.CannotListenError:
                 continue
         else:
             raise connect.ConnectFailed(connect.FAILED, "no free port in bind_ports")
-        self.bound = (interface, self.port.getHost().port)
+        self.port = listening
+        self.bound = (interface, listening.getHost().port)
         timeout = self.limits.bind_timeout
         self.timer = self.reactor.callLater(timeout, self._timed_out, timeout)
 

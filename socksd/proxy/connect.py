@@ -71,7 +71,7 @@ def classify(failure: Failure) -> ConnectFailed:
         return ConnectFailed(TIMEOUT, detail)
     if failure.check(error.DNSLookupError):
         return ConnectFailed(HOST_UNREACHABLE, detail)
-    if failure.check(error.ConnectError):
+    if isinstance(value, error.ConnectError):
         code = value.osError
         if code in _HOST_ERRNOS:
             return ConnectFailed(HOST_UNREACHABLE, detail)
@@ -235,8 +235,8 @@ def connect_tcp(reactor, host: str, port: int, timeout: float) -> defer.Deferred
         if connector is not None:
             connector.disconnect()
 
-    factory = _ConnectFactory(defer.Deferred(cancel))
-    d = factory.deferred
+    d: defer.Deferred[Outbound] = defer.Deferred(cancel)
+    factory = _ConnectFactory(d)
     connector = reactor.connectTCP(host, port, factory, timeout=timeout)
     return d
 
@@ -289,13 +289,13 @@ class _Connecting:
         self.timer = None
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.address = (host, port)
+        self.sock: socket.socket | None = None   # ours until connected or failed
         try:
-            self.sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            sock = self.sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         except OSError as e:
-            self.sock = None
             self._fail(e.errno, e.strerror)
             return
-        code = self.sock.connect_ex(self.address)
+        code = sock.connect_ex(self.address)
         if code == 0:
             self._connected()
         elif code != errno.EINPROGRESS:
@@ -313,6 +313,7 @@ class _Connecting:
 
     def doWrite(self) -> None:
         self._stop()
+        assert self.sock is not None   # the reactor watches only while we have one
         code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code:
             self._fail(code)
@@ -336,6 +337,7 @@ class _Connecting:
 
     def _connected(self) -> None:
         sock, self.sock = self.sock, None
+        assert sock is not None
         factory = _ConnectFactory(self.deferred)
         try:
             # Twisted takes a duplicate of the descriptor; ours is closed.
@@ -350,7 +352,7 @@ class _Connecting:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
-        reason = _ERRNO_REASONS.get(code, FAILED)
+        reason = FAILED if code is None else _ERRNO_REASONS.get(code, FAILED)
         message = message or (os.strerror(code) if code else "connection failed")
         self.deferred.errback(ConnectFailed(reason, f"{host_port(*self.address)}: {message}"))
 

@@ -14,8 +14,8 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.python.failure import Failure
 
 from socksd.auth import User
-from socksd.proxy import connect
 from socksd.proxy.bind import BindWaiter
+from socksd.proxy.connect import ConnectFailed, Outbound, classify
 from socksd.relay import RelayEnd
 from socksd.rules import IPAddress
 
@@ -39,7 +39,7 @@ class RequestOwner(Protocol):
 
     def authentication_failed(self, method: str, user: str | None, reason: str) -> None: ...
 
-    def connect(self, host: str, port: int, by_name: bool) -> Deferred[connect.Outbound]: ...
+    def connect(self, host: str, port: int, by_name: bool) -> Deferred[Outbound]: ...
 
     def bind(self, host: str, port: int, by_name: bool) -> Deferred[BindWaiter]: ...
 
@@ -48,7 +48,7 @@ class RequestOwner(Protocol):
     def start_relay(self, end: RelayEnd, reply: bytes, early: bytes = b"") -> None:
         """Write the last reply, then relay, starting with ``early``."""
 
-    def connect_failed(self, failed: connect.ConnectFailed) -> None:
+    def connect_failed(self, failed: ConnectFailed) -> None:
         """The request failed; its reply was written already."""
 
     def fail(self, outcome: str, detail: str = "", abort: bool = False) -> None:
@@ -72,10 +72,10 @@ class Requesting:
     def success(self, host: str, port: int) -> bytes:
         raise NotImplementedError
 
-    def failure(self, failed: connect.ConnectFailed) -> bytes:
+    def failure(self, failed: ConnectFailed) -> bytes:
         raise NotImplementedError
 
-    def _connected(self, outbound: connect.Outbound) -> None:
+    def _connected(self, outbound: Outbound) -> None:
         self._relay(outbound, outbound.transport.getHost())
 
     def _bound(self, waiter: BindWaiter) -> None:
@@ -96,6 +96,6 @@ class Requesting:
     def _refused(self, failure: Failure) -> None:
         if failure.check(CancelledError):
             return  # the client went away while we connected
-        failed = connect.classify(failure)
+        failed = classify(failure)
         self.transport.write(self.failure(failed))
         self.owner.connect_failed(failed)

@@ -25,9 +25,10 @@ def open_connection(reactor: Any, limits: Limits, rules: ClientRules, host: str,
     """CONNECT: the first allowed address of host that connects in time."""
     timeout = limits.connect_timeout
     deadline = reactor.seconds() + timeout
+    d: defer.Deferred[connect.Outbound]
     if by_name:
-        d = rules.destinations(reactor, "connect", host, port, by_name, timeout)
-        d.addCallback(connect.connect_first, reactor, port, deadline)
+        d = rules.destinations(reactor, "connect", host, port, by_name, timeout).addCallback(
+            connect.connect_first, reactor, port, deadline)
     else:
         # An address: decided and connected at once, the common case.
         denied = rules.refuse_address("connect", host, port)

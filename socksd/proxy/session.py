@@ -17,7 +17,7 @@ from socksd.ident.registry import ProxiedConnections
 from socksd.proxy import requests
 from socksd.proxy.bind import BindWaiter
 from socksd.proxy.client_rules import ClientRules
-from socksd.proxy.connect import DENIED, ConnectFailed, Outbound, address_text, host_port
+from socksd.proxy.connect import DENIED, ConnectFailed, address_text, host_port
 from socksd.proxy.limits import Limits
 from socksd.proxy.record import SessionRecord
 from socksd.proxy.socks4 import Socks4Handshake, Socks4Policy
@@ -76,7 +76,7 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
     # only what a session changes, which keeps idle sessions small.
     handler: Socks4Handshake | Socks5Handshake | None = None
     version = 5
-    outbound: Outbound | None = None
+    outbound: relay.RelayEnd | None = None   # the far end: CONNECT's, or BIND's incoming
     pending: defer.Deferred | None = None
     client: IPAddress = _LOCAL
     client_key: str | None = None
@@ -116,7 +116,7 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
             # first data): counting the balancer as the client now would
             # refuse a burst through it for max_sessions_per_client.
             self.proxied = wrapper = self.transport
-            balancer = wrapper.transport.getPeer()
+            balancer = _below(wrapper).getPeer()
             self.peer = address_text(balancer)
             if not self.server.trusts_proxy(balancer):
                 self.server.untrusted_proxy(balancer)
@@ -132,17 +132,15 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         if self.outcome is None:
             self.setTimeout(self.server.limits.handshake_timeout or None)
 
-    def _after_header(self) -> bool:
+    def _after_header(self) -> None:
         """A PROXY header without a client (v2 LOCAL, v1 UNKNOWN) is the
         balancer checking that we are up: closed without a session line,
         counted by the factory."""
-        if self.proxied is None or self.handler is not None or self.outcome is not None or \
-                not is_health_check(self.proxied):
-            return False
-        self.quiet = True
-        self.server.proxy_health_checks += 1
-        self.fail("health check")
-        return True
+        if self.proxied is not None and self.handler is None and self.outcome is None and \
+                is_health_check(self.proxied):
+            self.quiet = True
+            self.server.proxy_health_checks += 1
+            self.fail("health check")
 
     def _identify_client(self) -> None:
         """Who the client is, for rules, limits and logs (called again once
@@ -191,7 +189,8 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
     def _handshake(self, version: int) -> Socks4Handshake | Socks5Handshake | None:
         """The handshake for the version byte the client opened with."""
         server = self.server
-        if self._after_header():
+        self._after_header()
+        if self.outcome is not None:
             return None
         if type(self.transport) is not tcp.Server:
             # A wrapper (haproxy:) may only now know the real client; a
@@ -267,7 +266,8 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         if self.splicer is not None and not self.splicer.finished:
             self.splicer.abort()
         else:
-            self.outbound.transport.abortConnection()
+            if self.outbound is not None:
+                self.outbound.transport.abortConnection()
             self.transport.abortConnection()
 
     # RequestOwner: called by the version's handshake.
@@ -347,7 +347,7 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         PROXY header getHost() is the header's destination, which a client
         of the balancer does not choose and we never bind on."""
         if self.proxied is not None:
-            return self.proxied.transport.getHost()
+            return _below(self.proxied).getHost()
         return self.transport.getHost()
 
     def _request(self, command: str, host: str, port: int) -> ClientRules:
@@ -390,10 +390,11 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         # Only a user who proved who they are (password, Kerberos, a client
         # identd that confirmed the USERID): the identd vouches for this name
         # to the world, so a SOCKS4 USERID taken on trust must not reach it.
-        if registry is not None and self.user.verified:
+        name = self.user.name
+        if registry is not None and self.user.verified and name:
             local, remote = outbound.transport.getHost(), outbound.transport.getPeer()
             self.registered = registry.add(local.host, local.port, remote.host, remote.port,
-                                           self.user.name)
+                                           name)
         if self.eof_pending:
             relay.RelayEnd.readConnectionLost(self)
         elif self.buffered > MAX_HANDSHAKE_BUFFER:
@@ -408,6 +409,7 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         """Move this session's bytes to the kernel (splice), if both write
         buffers can be flushed now; else look again after more bytes."""
         outbound = self.outbound
+        assert outbound is not None   # the relay has started
         if self.read_eof or outbound.read_eof or not splice.eligible(self.transport,
                                                                      outbound.transport):
             self.splice_after = self.received + SPLICE_AFTER
@@ -462,7 +464,7 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
             server.sessions -= 1
         if self.client_key is not None:
             server.count_client(self.client_key, -1)
-        if self.registered is not None:
+        if self.registered is not None and server.registry is not None:
             server.registry.remove(self.registered)
         down = 0
         outbound = self.outbound
@@ -489,3 +491,9 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
             server.reactor.seconds() - self.started, self.outcome or "ok", detail,
             self.splicer is not None))
 
+
+def _below(wrapper: HAProxyProtocolWrapper) -> Any:
+    """The connection under a PROXY wrapper: the balancer's, not the client's."""
+    below = wrapper.transport
+    assert below is not None   # a wrapper is connected before its protocol
+    return below

@@ -146,7 +146,8 @@ class Socks4Handshake(Requesting):
         self.userid_check = None
         if failure.check(CancelledError):
             return
-        if not failure.check(UseridRefused):
+        refused = failure.value
+        if not isinstance(refused, UseridRefused):
             # A bug, not the client's doing: it still gets its reply now,
             # not at the handshake timeout.
             log.failure("{peer} socks4: checking the USERID failed",
@@ -154,8 +155,8 @@ class Socks4Handshake(Requesting):
             self.transport.write(socks4.encode_reply(socks4.REJECTED))
             self.owner.fail("error", f"checking the USERID: {failure.getErrorMessage()}")
             return
-        self.transport.write(socks4.encode_reply(failure.value.reply))
-        self.owner.authentication_failed(self.method, userid or None, str(failure.value))
+        self.transport.write(socks4.encode_reply(refused.reply))
+        self.owner.authentication_failed(self.method, userid or None, str(refused))
 
     def success(self, host: str, port: int) -> bytes:
         return socks4.encode_reply(socks4.GRANTED, host, port)

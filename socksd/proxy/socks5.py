@@ -51,6 +51,7 @@ class Socks5Handshake(Requesting):
 
     def data_received(self, data: bytes) -> None:
         if self.state == _AUTH:
+            assert self.negotiation is not None   # _AUTH: a method is negotiating
             self.negotiation.data_received(data)
             return
         if self.state == _WAITING:
@@ -65,7 +66,7 @@ class Socks5Handshake(Requesting):
             if self.state == _REQUEST:
                 self._request()
         except WireError as e:
-            if e.reply is not None and self.state == _REQUEST:
+            if isinstance(e.reply, int) and self.state == _REQUEST:
                 self.transport.write(socks5.encode_reply(e.reply))
             self.owner.fail("bad request", str(e))
 
@@ -86,7 +87,7 @@ class Socks5Handshake(Requesting):
         self.owner.note(method=method.name)   # logged even if the client leaves now
         self.state = _AUTH
         negotiation = method.start(self)
-        if self.state == _AUTH:
+        if self.state == _AUTH and negotiation is not None:
             # A sub-negotiation: it gets what followed the greeting. (A method
             # that authenticated at once left it in the buffer as the request.)
             self.negotiation = negotiation

@@ -13,6 +13,7 @@ from collections import OrderedDict
 from typing import Any, Callable
 
 from twisted.internet import error
+from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
@@ -61,7 +62,7 @@ class UDPRelay(DatagramProtocol):
         self.decisions: _Cache = _Cache()     # (ip, port, command) -> allowed
         self.names: _Cache = _Cache()         # name -> (expires, address we send to, or None)
         self.peers: _Cache = _Cache()         # destinations the client sent to
-        self.port = None
+        self.port: IListeningPort | None = None
         self.ipv6 = False     # the relay socket's family: it sends to that family only
         self.counts = {"up": 0, "down": 0, "dropped": 0, "fragments": 0, "bytes_up": 0,
                        "bytes_down": 0}
@@ -76,14 +77,15 @@ class UDPRelay(DatagramProtocol):
             try:
                 # The largest header (a 255-byte name) is 262 bytes; one byte
                 # more tells an oversized datagram from one recvfrom() cut.
-                self.port = reactor.listenUDP(port, self, interface=interface,
+                listening = reactor.listenUDP(port, self, interface=interface,
                                               maxPacketSize=self.max_datagram + 263)
                 break
             except error.CannotListenError:
                 continue
         else:
             raise connect.ConnectFailed(connect.FAILED, "no free port in udp_ports")
-        return interface, self.port.getHost().port
+        self.port = listening
+        return interface, listening.getHost().port
 
     @property
     def max_datagram(self) -> int:
@@ -202,11 +204,13 @@ class UDPRelay(DatagramProtocol):
         return allowed
 
     def _send(self, data: bytes, ip: str | None, port: int, name: str | None) -> None:
-        if ip is None or not port or not self._allowed("udp", ip, port, name):
+        transport = self.transport   # None once stopped
+        if transport is None or ip is None or not port or \
+                not self._allowed("udp", ip, port, name):
             self.counts["dropped"] += 1
             return
         try:
-            self.transport.write(data, (ip, port))
+            transport.write(data, (ip, port))
         except (OSError, ValueError, error.MessageLengthError):
             # e.g. an IPv6 destination on an IPv4 relay socket (InvalidAddressError)
             self.counts["dropped"] += 1
@@ -216,7 +220,8 @@ class UDPRelay(DatagramProtocol):
         self.counts["bytes_up"] += len(data)
 
     def _from_peer(self, data: bytes, ip: str, port: int) -> None:
-        if self.client_addr is None or len(data) > self.max_datagram or \
+        transport = self.transport
+        if transport is None or self.client_addr is None or len(data) > self.max_datagram or \
                 not self._allowed("udpreply", ip, port, None):
             self.counts["dropped"] += 1
             return
@@ -224,7 +229,7 @@ class UDPRelay(DatagramProtocol):
         try:
             if self.layer is not None:
                 wrapped = self.layer.wrap_datagram(wrapped)
-            self.transport.write(wrapped, self.client_addr)
+            transport.write(wrapped, self.client_addr)
         except (OSError, ValueError, error.MessageLengthError):
             # With its header the answer no longer fits in one datagram.
             self.counts["dropped"] += 1
