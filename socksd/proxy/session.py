@@ -10,7 +10,7 @@ from typing import Any, Protocol
 from twisted.internet import defer, tcp
 from twisted.protocols.policies import TimeoutMixin
 
-from socksd import protection, relay, splice
+from socksd import protection, relay
 from socksd.auth import ANONYMOUS, User
 from socksd.auth.methods import Method
 from socksd.ident.registry import ProxiedConnections
@@ -20,6 +20,7 @@ from socksd.proxy.client_rules import ClientRules
 from socksd.proxy.connect import DENIED, ConnectFailed, address_text, host_port
 from socksd.proxy.limits import Limits
 from socksd.proxy.record import SessionRecord
+from socksd.proxy.relaying import ClientEnd, Relaying
 from socksd.proxy.socks4 import Socks4Handshake, Socks4Policy
 from socksd.proxy.socks5 import Socks5Handshake
 from socksd.proxy.udp import UDPRelay
@@ -31,10 +32,6 @@ from socksd.twisted_internals import (
     is_proxy_wrapper,
 )
 from socksd.wire import WireError, socks4, socks5
-
-# A session moves to the splice fast path once either direction has relayed
-# this much: short exchanges never pay for setting it up, bulk ones soon do.
-SPLICE_AFTER = 32768
 
 # More than this many bytes before the relay starts and we stop reading:
 # every handshake message is a few hundred bytes, so only a client pipelining
@@ -68,7 +65,7 @@ class SessionHost(Protocol):
     def record(self, record: SessionRecord) -> None: ...
 
 
-class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
+class Session(ClientEnd, TimeoutMixin):
     """The client's side of a session, from first byte to its record; the
     owner (:class:`~socksd.proxy.handshake.RequestOwner`) of its handshake."""
 
@@ -76,7 +73,7 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
     # only what a session changes, which keeps idle sessions small.
     handler: Socks4Handshake | Socks5Handshake | None = None
     version = 5
-    outbound: relay.RelayEnd | None = None   # the far end: CONNECT's, or BIND's incoming
+    relaying: Relaying | None = None    # from the last reply on
     pending: defer.Deferred | None = None
     client: IPAddress = _LOCAL
     client_key: str | None = None
@@ -90,13 +87,10 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
     detail = ""
     buffered = 0
     eof_pending = False
-    registered = None
-    splicer: splice.SpliceRelay | None = None
     udp: UDPRelay | None = None
     layer = None        # GSS-API protection under the session (its SecurityLayer; UDP uses it)
     ended = False
     counted = True     # in server.sessions (max_sessions)
-    stall: relay.StallWatch | None = None   # made when a receiver first blocks
     proxied: HAProxyProtocolWrapper | None = None   # under a haproxy: listener
     quiet = False       # ends without a session line (said otherwise, or counted)
 
@@ -106,6 +100,14 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
 
     def callLater(self, period, func):
         return self.server.reactor.callLater(period, func)
+
+    @property
+    def reactor(self) -> Any:
+        return self.server.reactor
+
+    @property
+    def stall_timeout(self) -> float:
+        return self.server.limits.stall_timeout
 
     # Connection life.
 
@@ -171,7 +173,7 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
             self.fail("refused", f"max_sessions_per_client ({limit}) reached")
 
     def dataReceived(self, data: bytes) -> None:
-        if self.outbound is not None:
+        if self.relaying is not None:
             self.relay_data(data)
             return
         if self.outcome is not None or self.udp is not None:
@@ -212,7 +214,7 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         return None
 
     def readConnectionLost(self) -> None:
-        if self.outbound is None and self.pending is not None:
+        if self.relaying is None and self.pending is not None:
             # EOF right after the request: pass it on once connected.
             self.eof_pending = True
             return
@@ -224,7 +226,7 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
             # The protection under the session refused a frame and aborted
             # (socksd.protection.ProtectionFailed).
             self.outcome, self.detail = "gssapi", reason.getErrorMessage()
-        if self.outbound is not None:
+        if self.relaying is not None:
             relay.RelayEnd.connectionLost(self, reason)
             return
         self.closed = True
@@ -233,7 +235,7 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
             self.detail = ("while waiting for the BIND connection"
                            if self.command == "bind" else "during handshake")
         self._cancel()
-        self.relay_ended()
+        self.relay_done()
 
     def _cancel(self) -> None:
         pending, self.pending = self.pending, None
@@ -250,8 +252,8 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
             self.udp.stop()
             self.transport.loseConnection()
             return
-        if self.outbound is not None:
-            self._abort_relay("idle timeout", f"{self.timeOut:g} s")
+        if self.relaying is not None:
+            self.relaying.abort("idle timeout", f"{self.timeOut:g} s")
             return
         # A graceful close: what _cancel() says (a GSS-API abort) must be
         # sent, and a handshake leaves little to flush.
@@ -259,16 +261,9 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         self._cancel()
         self.transport.loseConnection()
 
-    def _abort_relay(self, outcome: str, detail: str) -> None:
-        """End a relaying session now: the splice relay, or both transports."""
+    def relay_outcome(self, outcome: str, detail: str) -> None:
         if self.outcome is None:
             self.outcome, self.detail = outcome, detail
-        if self.splicer is not None and not self.splicer.finished:
-            self.splicer.abort()
-        else:
-            if self.outbound is not None:
-                self.outbound.transport.abortConnection()
-            self.transport.abortConnection()
 
     # RequestOwner: called by the version's handshake.
 
@@ -336,7 +331,7 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         try:
             self.udp, bound = requests.associate(server.reactor, server.limits, rules, host,
                                                  port, self._socket_host(),
-                                                 self.relay_activity, self.layer)
+                                                 self.resetTimeout, self.layer)
         except ConnectFailed as e:
             return defer.fail(e)
         self.setTimeout(server.limits.udp_idle_timeout or None)
@@ -376,107 +371,37 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
         relay.send(self.transport, reply)
         self.pending = None
         self.handler = None
-        self.outbound = outbound
-        idle = self.server.limits.idle_timeout
-        self.setTimeout(idle or None)
+        limits = self.server.limits
+        self.setTimeout(limits.idle_timeout or None)
         if early:
             self.received += len(early)
             relay.send(outbound.transport, early)
-        relay.join(self, outbound, self, watch_activity=idle > 0)
-        if self.server.limits.splice and splice.plain_tcp(self.transport, outbound.transport):
-            self.splice_after = self.received + SPLICE_AFTER
-            outbound.splice_after = outbound.received + SPLICE_AFTER
-        registry = self.server.registry
+        self.relaying = relaying = Relaying(self, outbound)
+        relaying.start(limits.idle_timeout, limits.splice)
+        registry, name = self.server.registry, self.user.name
         # Only a user who proved who they are (password, Kerberos, a client
         # identd that confirmed the USERID): the identd vouches for this name
         # to the world, so a SOCKS4 USERID taken on trust must not reach it.
-        name = self.user.name
         if registry is not None and self.user.verified and name:
-            local, remote = outbound.transport.getHost(), outbound.transport.getPeer()
-            self.registered = registry.add(local.host, local.port, remote.host, remote.port,
-                                           name)
+            relaying.register(registry, name)
         if self.eof_pending:
             relay.RelayEnd.readConnectionLost(self)
         elif self.buffered > MAX_HANDSHAKE_BUFFER:
             self.transport.resumeProducing()
 
-    # RelaySession
-
-    def relay_activity(self) -> None:
-        self.resetTimeout()
-
-    def relay_bulk(self) -> None:
-        """Move this session's bytes to the kernel (splice), if both write
-        buffers can be flushed now; else look again after more bytes."""
-        outbound = self.outbound
-        assert outbound is not None   # the relay has started
-        if self.read_eof or outbound.read_eof or not splice.eligible(self.transport,
-                                                                     outbound.transport):
-            self.splice_after = self.received + SPLICE_AFTER
-            outbound.splice_after = outbound.received + SPLICE_AFTER
-            return
-        self.splice_after = outbound.splice_after = 0
-        self.transport.unregisterProducer()
-        outbound.transport.unregisterProducer()
-        self.splicer = splice.SpliceRelay(self.server.reactor, self, outbound, self)
-        self.splicer.start()
-        self.relay_drained()   # a stall check compares pipes now, not Twisted's buffers
-
-    def relay_blocked(self) -> None:
-        timeout = self.server.limits.stall_timeout
-        if not timeout or self.ended:
-            return
-        if self.stall is None:
-            self.stall = relay.StallWatch(self.server.reactor, timeout, self._held,
-                                          self._stalled)
-        self.stall.blocked()
-
-    def relay_drained(self) -> None:
-        if self.stall is not None:
-            self.stall.drained()
-
-    def _held(self) -> tuple[int | None, ...]:
-        """Bytes waiting for each receiver (None: cannot tell)."""
-        if self.splicer is not None and not self.splicer.finished:
-            return self.splicer.pending()
-        outbound = self.outbound
-        return (relay.buffered(self.transport),
-                relay.buffered(outbound.transport) if outbound is not None else 0)
-
-    def _stalled(self) -> None:
-        timeout = self.server.limits.stall_timeout
-        self._abort_relay("stalled", f"a receiver took nothing for {timeout:g} s")
-
-    def relay_lost(self, why: str) -> None:
-        if self.outcome is None:
-            self.outcome, self.detail = "connection lost", why
-
-    def relay_ended(self) -> None:
+    def relay_done(self) -> None:
+        """The end, relayed or not: the counts, and the session's record."""
         if self.ended:
             return
         self.ended = True
         self.setTimeout(None)
-        if self.stall is not None:
-            self.stall.stop()
-            self.stall = None
         server = self.server
         if self.counted:
             server.sessions -= 1
         if self.client_key is not None:
             server.count_client(self.client_key, -1)
-        if self.registered is not None and server.registry is not None:
-            server.registry.remove(self.registered)
-        down = 0
-        outbound = self.outbound
-        if outbound is not None:
-            down = outbound.received
-            # Break the session's reference cycles so it is freed at once,
-            # not at the garbage collector's next pass.
-            outbound.partner = outbound.session = outbound.factory = None
-            self.partner = self.session = None
-            if self.splicer is not None:
-                self.splicer.session = None
-        up, detail = self.received, self.detail
+        relaying = self.relaying
+        up, down, detail = self.received, relaying.down if relaying else 0, self.detail
         if self.udp is not None:
             counts = self.udp.counts
             up, down = counts["bytes_up"], counts["bytes_down"]
@@ -489,7 +414,7 @@ class Session(relay.RelayEnd, relay.RelaySession, TimeoutMixin):
             server.worker, self.peer, self.version, self.user.name or self.claimed_user or "-",
             self.user.verified, self.method, self.command, self.destination, up, down,
             server.reactor.seconds() - self.started, self.outcome or "ok", detail,
-            self.splicer is not None))
+            relaying is not None and relaying.spliced))
 
 
 def _below(wrapper: HAProxyProtocolWrapper) -> Any:
