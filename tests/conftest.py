@@ -16,11 +16,12 @@ import socketserver
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
+from helpers import wait_until
 
 BIN = Path(sys.executable).parent
 TWISTD = str(BIN / "twistd")
@@ -95,16 +96,16 @@ class TwistdSocks:
             raise
 
     def _wait_for_port(self, timeout: float = 30.0) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def listening():
             match = re.search(r"SOCKSServerFactory(?: \((?:PROXY|TLS)\))? starting on (\d+)",
                               self.log())
-            if match:
-                return int(match.group(1))
-            if self.process.poll() is not None:
+            if not match and self.process.poll() is not None:
                 raise AssertionError(f"twistd exited with {self.process.returncode}:\n{self.log()}")
-            time.sleep(0.05)
-        raise AssertionError(f"twistd did not start listening:\n{self.log()}")
+            return match
+
+        match = wait_until(listening, timeout,
+                           lambda: f"twistd to start listening:\n{self.log()}")
+        return int(match.group(1))
 
     @property
     def address(self) -> tuple[str, int]:
@@ -114,13 +115,8 @@ class TwistdSocks:
         return self.log_path.read_text(errors="replace")
 
     def wait_for_log(self, pattern: str, timeout: float = 10.0) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            match = re.search(pattern, self.log())
-            if match:
-                return match
-            time.sleep(0.05)
-        raise AssertionError(f"no log line matching {pattern!r}:\n{self.log()}")
+        return wait_until(lambda: re.search(pattern, self.log()), timeout,
+                          lambda: f"a log line matching {pattern!r}:\n{self.log()}")
 
     def rss_kib(self) -> int:
         with open(f"/proc/{self.process.pid}/status") as f:

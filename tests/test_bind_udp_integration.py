@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TWISTD, recv_exact, recv_until_eof, require
+from helpers import wait_until
 
 LOOPBACK = "127.0.0.1"
 STRANGER = "127.0.0.2"       # another address on lo: another host, as far as rules go
@@ -135,14 +136,6 @@ def fd_count(server) -> int:
         except FileNotFoundError:
             pass    # closed while we looked
     return count
-
-
-def wait_for(predicate, within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def udp_port_free(port: int) -> bool:
@@ -393,7 +386,7 @@ def test_bind_listener_closed_when_client_leaves(socks_server):
     abort(client)
     session_line(server, r"bind 127\.0\.0\.1:21 .*client closed")
     assert_refused((host, port))
-    wait_for(lambda: fd_count(server) == before, 3, "the listener's socket to be closed")
+    wait_until(lambda: fd_count(server) == before, 3, "the listener's socket to be closed")
 
 
 def test_bind_half_close_while_waiting_is_passed_on(socks_server):
@@ -677,8 +670,8 @@ def test_udp_association_torn_down_with_control_connection(socks_server, udp_ech
     assert fd_count(server) == before + 2      # the control connection and the relay socket
     assoc.control.close()
 
-    wait_for(lambda: fd_count(server) == before, 5,
-             f"the process's open files to return to {before}")
+    wait_until(lambda: fd_count(server) == before, 5,
+               f"the process's open files to return to {before}")
     assert udp_port_free(assoc.relay_port), "the relay port is still bound"
     # Nothing answers on it any more.
     assoc.send(header, b"after close")
@@ -701,7 +694,7 @@ def test_udp_idle_timeout(socks_server, udp_echo):
         assoc.control.settimeout(5)
         assert recv_until_eof(assoc.control) == b""
         assert 0.8 < time.monotonic() - start < 4
-        wait_for(lambda: udp_port_free(assoc.relay_port), 3, "the relay port to be closed")
+        wait_until(lambda: udp_port_free(assoc.relay_port), 3, "the relay port to be closed")
     finally:
         assoc.close()
     session_line(server, r"udp 0\.0\.0\.0:0 .*udp idle timeout: 1 s; datagrams up=1 down=1")

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PAGE, TWISTD, PageHandler, recv_exact, recv_until_eof, require, run_socks
+from helpers import wait_until
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "socksd.toml"
 LOOPBACK_RULE = """
@@ -577,10 +578,8 @@ def test_client_reset_in_a_spliced_session_is_logged_not_a_traceback(socks_serve
             client.close()        # unread data: the kernel sends RST
             time.sleep(0.1)
             inbound.close()
-    deadline = time.monotonic() + 10
-    while len(re.findall(rf"connect 127\.0\.0\.1:{port} ", server.log())) < 10:
-        assert time.monotonic() < deadline, server.log()
-        time.sleep(0.05)
+    wait_until(lambda: len(re.findall(rf"connect 127\.0\.0\.1:{port} ", server.log())) >= 10,
+               10, server.log)
     log = server.log()
     assert "Unhandled Error" not in log and "Traceback" not in log, log
     lines = re.findall(rf"connect 127\.0\.0\.1:{port} .*", log)

@@ -18,16 +18,15 @@ import socket
 import stat
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 import conftest
 from conftest import TWISTD, require
+from helpers import wait_until
 from socksd.auth.passwd import hash_password
 from socksd.tap.security import readable_by_others, root_warning
-from test_workers import _wait_for
 from test_workers import _worker_pids as worker_pids
 
 ROOT_WARNING = "running as root: twistd was given no -u/--uid"
@@ -136,14 +135,13 @@ def start_identd(tmp_path: Path, *twistd_args: str) -> tuple[subprocess.Popen, P
         process = subprocess.Popen([conftest.TWISTD, "-n", "--pidfile=", *twistd_args,
                                     "identd", "--listen", "tcp:0:interface=127.0.0.1"],
                                    stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    def listening():
         match = re.search(r"IdentFactory starting on (\d+)", log.read_text())
-        if match:
-            return process, log, int(match[1])
-        assert process.poll() is None, log.read_text()
-        time.sleep(0.05)
-    raise AssertionError(log.read_text())
+        assert match or process.poll() is None, log.read_text()
+        return match
+
+    match = wait_until(listening, 30, log.read_text)
+    return process, log, int(match[1])
 
 
 def identd_log_after_a_query(tmp_path: Path, *twistd_args: str) -> str:
@@ -153,9 +151,7 @@ def identd_log_after_a_query(tmp_path: Path, *twistd_args: str) -> str:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(b"1, 1\r\n")
             assert s.recv(100).endswith(b" : ERROR : NO-USER\r\n")
-        deadline = time.monotonic() + 10
-        while "asked" not in log.read_text() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: "asked" in log.read_text(), 10, log.read_text)
         return log.read_text()
     finally:
         process.send_signal(signal.SIGTERM)
@@ -281,15 +277,15 @@ def test_auth_strings_reach_workers_off_their_command_line(socks_server, http_se
                                                            tmp_path):
     server = socks_server('[server]\nworkers = 2\nmethods = ["userpass"]\n',
                           "--auth", "memory:alice:secret")
-    pids = _wait_for(lambda: (p := worker_pids(server.process.pid)) and len(p) == 2 and p,
-                     timeout=20)
+    pids = wait_until(lambda: (p := worker_pids(server.process.pid)) and len(p) == 2 and p,
+                      timeout=20)
     assert_cmdlines_hold_no_secret(pids)
     logins_reach_both_workers(server, http_server, tmp_path)
 
     # A restarted worker is given them again.
     os.kill(pids[0], signal.SIGKILL)
-    restarted = _wait_for(lambda: (p := worker_pids(server.process.pid)) and len(p) == 2
-                          and pids[0] not in p and p, timeout=20)
+    restarted = wait_until(lambda: (p := worker_pids(server.process.pid)) and len(p) == 2
+                           and pids[0] not in p and p, timeout=20)
     assert_cmdlines_hold_no_secret(restarted)
-    _wait_for(lambda: server.log().count(" serving on ") == 3, timeout=20)
+    wait_until(lambda: server.log().count(" serving on ") == 3, timeout=20)
     logins_reach_both_workers(server, http_server, tmp_path, since=len(server.log()))

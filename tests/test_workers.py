@@ -13,6 +13,7 @@ import time
 import pytest
 
 from conftest import TWISTD, require
+from helpers import wait_until
 from socksd import config
 
 
@@ -33,16 +34,6 @@ def _worker_pids(parent: int) -> list[int]:
     return sorted(pids)
 
 
-def _wait_for(predicate, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("timed out")
-
-
 def _session(port: int, dest_port: int, reply: int = 0x00) -> None:
     """A SOCKS5 CONNECT to 127.0.0.1:dest_port answered with ``reply``; once
     connected (to an HTTP server), one GET read to its end."""
@@ -61,7 +52,7 @@ def _session(port: int, dest_port: int, reply: int = 0x00) -> None:
 def test_workers_serve_restart_and_stop(socks_server, http_server):
     require("curl")
     server = socks_server("[server]\nworkers = 2\n")
-    pids = _wait_for(lambda: (p := _worker_pids(server.process.pid)) and len(p) == 2 and p)
+    pids = wait_until(lambda: (p := _worker_pids(server.process.pid)) and len(p) == 2 and p, 15)
     for _ in range(40):
         _session(server.port, http_server)
     server.wait_for_log(r"\] w0 127\.0\.0\.1:\d+ socks5 .* ok")
@@ -69,8 +60,8 @@ def test_workers_serve_restart_and_stop(socks_server, http_server):
 
     os.kill(pids[0], signal.SIGKILL)
     server.wait_for_log(r"worker \d ended .*; restarting")
-    restarted = _wait_for(lambda: (p := _worker_pids(server.process.pid)) and len(p) == 2
-                          and pids[0] not in p and p)
+    restarted = wait_until(lambda: (p := _worker_pids(server.process.pid)) and len(p) == 2
+                           and pids[0] not in p and p, 15)
     assert pids[1] in restarted
     time.sleep(0.5)
     for _ in range(10):
@@ -105,16 +96,16 @@ def test_worker_logs_reach_the_twistd_log_file(tmp_path, http_server):
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                cwd=tmp_path)
     try:
-        port = int(_wait_for(lambda: logfile.exists() and re.search(
-            r"starting on (\d+) \(2 workers\)", logfile.read_text()))[1])
-        _wait_for(lambda: len(_worker_pids(process.pid)) == 2)
+        port = int(wait_until(lambda: logfile.exists() and re.search(
+            r"starting on (\d+) \(2 workers\)", logfile.read_text()), 15)[1])
+        wait_until(lambda: len(_worker_pids(process.pid)) == 2, 15)
         time.sleep(0.5)
         for _ in range(40):
             _session(port, http_server)
         for worker in ("w0", "w1"):
-            _wait_for(lambda worker=worker: re.search(rf"\[socksd#info\] {worker} 127\.0\.0\.1:\d+ "
-                                        rf"socks5 user=- method=none connect .* ok",
-                                        logfile.read_text()))
+            wait_until(lambda worker=worker: re.search(
+                rf"\[socksd#info\] {worker} 127\.0\.0\.1:\d+ "
+                rf"socks5 user=- method=none connect .* ok", logfile.read_text()), 15)
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(20)
@@ -125,7 +116,7 @@ def test_a_stalled_supervisor_never_blocks_the_workers(socks_server):
     stopped (its log sink stalled, say) they go on serving and drop what does
     not fit their buffer, then say how much was dropped."""
     server = socks_server("[server]\nworkers = 2\n")
-    _wait_for(lambda: len(_worker_pids(server.process.pid)) == 2)
+    wait_until(lambda: len(_worker_pids(server.process.pid)) == 2, 15)
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))   # bound, not listening: connections are refused
     try:
