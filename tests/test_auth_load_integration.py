@@ -10,10 +10,14 @@ import socket
 import subprocess
 import textwrap
 
+import pytest
+
 from conftest import recv_exact, require
 from helpers import wait_until
 from socksd.wire import rfc1929
 from test_auth_integration import USERPASS_ONLY, assert_login_refused, assert_login_works
+
+pytestmark = pytest.mark.integration
 
 GREETING_USERPASS = b"\x05\x01\x02"
 FLOOD_SOURCE = "127.0.0.2"     # loopback, but not the address the other clients use

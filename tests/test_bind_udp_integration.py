@@ -26,6 +26,8 @@ import pytest
 from conftest import TWISTD, recv_exact, recv_until_eof, require
 from helpers import wait_until
 
+pytestmark = pytest.mark.integration
+
 LOOPBACK = "127.0.0.1"
 STRANGER = "127.0.0.2"       # another address on lo: another host, as far as rules go
 

@@ -21,6 +21,8 @@ import pytest
 from conftest import PAGE, TWISTD, PageHandler, recv_exact, recv_until_eof, require, run_socks
 from helpers import wait_until
 
+pytestmark = pytest.mark.integration
+
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "socksd.toml"
 LOOPBACK_RULE = """
 [[rules]]

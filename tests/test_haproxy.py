@@ -15,6 +15,8 @@ from conftest import PAGE, recv_exact, run_socks
 from helpers import wait_until
 from socksd.wire import socks4
 
+pytestmark = pytest.mark.integration
+
 
 def _fake_identd(host: str, answer_user: str):
     """An identd on ``host`` that records the query and names ``answer_user``."""

@@ -29,6 +29,8 @@ from helpers import system_user, wait_until
 from socksd.ident.policy import IdentPolicy
 from socksd.ident.server import MAX_BAD_QUERIES
 
+pytestmark = pytest.mark.integration
+
 IDENT_USER = "socksd-identd-test"
 REPLY = re.compile(rb"(\d+), (\d+) : (USERID|ERROR) : (.*)")
 

@@ -13,6 +13,7 @@ import tempfile
 
 import argon2
 import bcrypt
+import pytest
 from twisted.cred import error
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.credentials import UsernamePassword
@@ -32,6 +33,7 @@ class HashTests(unittest.SynchronousTestCase):
             self.assertTrue(verify(b"secret", hashed))
             self.assertFalse(verify(b"wrong", hashed))
 
+    @pytest.mark.integration
     def test_apache_htpasswd_bcrypt(self):
         htpasswd = require("htpasswd")
         out = subprocess.run([htpasswd, "-nbB", "alice", "secret"], capture_output=True,
@@ -320,6 +322,7 @@ class LongPasswordTests(unittest.TestCase):
     there, and bcrypt 5 raises for longer ones (which failed such a login
     at once, whatever the password)."""
 
+    @pytest.mark.integration
     async def test_htpasswd_entry_with_a_long_password(self):
         htpasswd = require("htpasswd")
         password = b"x" * 60 + b"y" * 40

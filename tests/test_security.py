@@ -115,12 +115,14 @@ def socks5_no_method(server) -> None:
     server.wait_for_log(r"no acceptable method")
 
 
+@pytest.mark.integration
 def test_twistd_socks_as_root_warns(as_root, socks_server):
     server = socks_server()
     line = server.wait_for_log(rf"\[socksd#warn\] {re.escape(ROOT_WARNING)}.*\n")[0]
     assert "-g/--gid" in line
 
 
+@pytest.mark.integration
 def test_twistd_socks_with_uid_does_not_warn(socks_server):
     server = socks_server(None, twistd_args=not_root())
     socks5_no_method(server)
@@ -158,11 +160,13 @@ def identd_log_after_a_query(tmp_path: Path, *twistd_args: str) -> str:
         process.wait(10)
 
 
+@pytest.mark.integration
 def test_twistd_identd_as_root_warns(as_root, tmp_path):
     text = identd_log_after_a_query(tmp_path)
     assert re.search(rf"\[socksd#warn\] {re.escape(ROOT_WARNING)}.* identd ", text), text
 
 
+@pytest.mark.integration
 def test_twistd_identd_with_uid_does_not_warn(tmp_path):
     text = identd_log_after_a_query(tmp_path, *not_root())
     assert "asked" in text and not root_warnings(text), text
@@ -182,6 +186,7 @@ def security_warnings(server) -> list[str]:
         READABLE in line or "command line" in line or "root" in line)]
 
 
+@pytest.mark.integration
 def test_world_readable_password_files_are_named(socks_server, open_dir):
     hashed = htpasswd(open_dir / "users.htpasswd", 0o644)
     plain = open_dir / "users.txt"
@@ -197,6 +202,7 @@ def test_world_readable_password_files_are_named(socks_server, open_dir):
     assert "chmod o-r" in found[0]
 
 
+@pytest.mark.integration
 def test_a_config_holding_memory_passwords_is_named(socks_server, open_dir):
     config = open_dir / "socksd.toml"
     config.write_text('[server]\nmethods = ["userpass"]\ncheckers = ["memory:alice:secret"]\n')
@@ -206,12 +212,14 @@ def test_a_config_holding_memory_passwords_is_named(socks_server, open_dir):
                         rf"{re.escape(str(config))} {READABLE}")
 
 
+@pytest.mark.integration
 def test_memory_on_the_command_line_is_warned_about(socks_server):
     server = socks_server('[server]\nmethods = ["userpass"]\n', "--auth", "memory:alice:secret")
     server.wait_for_log(r"--auth memory:USER:PASSWORD puts the password on twistd's command "
                         r"line, which every local user can read \(ps\); use --auth htpasswd:FILE")
 
 
+@pytest.mark.integration
 def test_world_readable_keytab_is_named(socks_server, kerberos, open_dir):
     keytab = open_dir / "socksd.keytab"
     shutil.copyfile(kerberos.keytab, keytab)
@@ -221,6 +229,7 @@ def test_world_readable_keytab_is_named(socks_server, kerberos, open_dir):
     server.wait_for_log(rf"\[gssapi\] keytab {re.escape(str(keytab))} {READABLE}")
 
 
+@pytest.mark.integration
 def test_no_warning_when_secrets_are_private(socks_server, kerberos, open_dir, http_server):
     keytab = open_dir / "socksd.keytab"
     shutil.copyfile(kerberos.keytab, keytab)
@@ -273,6 +282,7 @@ def logins_reach_both_workers(server, http_server: int, tmp_path: Path, since: i
     raise AssertionError(f"sessions on {seen} only:\n{server.log()}")
 
 
+@pytest.mark.integration
 def test_auth_strings_reach_workers_off_their_command_line(socks_server, http_server,
                                                            tmp_path):
     server = socks_server('[server]\nworkers = 2\nmethods = ["userpass"]\n',

@@ -22,6 +22,8 @@ import pytest
 from conftest import PAGE, require, run_socks
 from helpers import SBIN_PATH, system_user, wait_until
 
+pytestmark = pytest.mark.integration
+
 IDENT_USER = "socksd-ident-test"
 
 

@@ -49,6 +49,7 @@ def _session(port: int, dest_port: int, reply: int = 0x00) -> None:
                 pass
 
 
+@pytest.mark.integration
 def test_workers_serve_restart_and_stop(socks_server, http_server):
     require("curl")
     server = socks_server("[server]\nworkers = 2\n")
@@ -76,6 +77,7 @@ def test_workers_serve_restart_and_stop(socks_server, http_server):
     ((), "socksd.tap.reactor.EPollReactor"),
     (("--reactor", "poll"), "twisted.internet.pollreactor.PollReactor"),
 ])
+@pytest.mark.integration
 def test_workers_run_on_the_supervisors_reactor(socks_server, http_server, twistd_args, reactor):
     server = socks_server("[server]\nworkers = 2\n", twistd_args=twistd_args)
     server.wait_for_log(rf"reactor class: {re.escape(reactor)}\.")
@@ -84,6 +86,7 @@ def test_workers_run_on_the_supervisors_reactor(socks_server, http_server, twist
     _session(server.port, http_server)
 
 
+@pytest.mark.integration
 def test_worker_logs_reach_the_twistd_log_file(tmp_path, http_server):
     """Workers publish through the supervisor: with `twistd -l FILE` (and a
     daemon's /dev/null stdout) their session lines are in FILE."""
@@ -111,6 +114,7 @@ def test_worker_logs_reach_the_twistd_log_file(tmp_path, http_server):
         process.wait(20)
 
 
+@pytest.mark.integration
 def test_a_stalled_supervisor_never_blocks_the_workers(socks_server):
     """Workers log through the supervisor, but never wait for it: while it is
     stopped (its log sink stalled, say) they go on serving and drop what does
@@ -184,6 +188,7 @@ def test_listeners_shared_by_workers_are_read_as_twisted_reads_them(description,
     assert config.parse_listener(description) == expected
 
 
+@pytest.mark.integration
 def test_workers_bind_the_positional_interface(socks_server):
     """tcp:PORT:127.0.0.1 with workers: loopback only (it bound 0.0.0.0)."""
     with socket.socket() as probe:
