@@ -459,6 +459,31 @@ def test_idle_timeout_after_relay():
     assert "idle timeout" in line and "up=4" in line and "down=4" in line
 
 
+@pytest.mark.parametrize("side", ["client", "destination"])
+def test_a_reset_during_the_relay_is_one_connection_lost_line(side):
+    """A reset (not a clean close) ends the session with one line saying so,
+    and no traceback; the kernel's splice path is in test_clients."""
+    factory, reactor = make_factory()
+    client, out = connected(factory)
+    client.take()
+    reset = Failure(error.ConnectionLost())
+    with capturedLogs() as events:
+        client.send(b"request")
+        out.protocol.dataReceived(b"reply")
+        if side == "client":
+            client.session.connectionLost(reset)
+            assert out.transport.disconnecting
+            out.protocol.connectionLost(Failure(error.ConnectionDone()))
+        else:
+            out.protocol.connectionLost(reset)
+            assert client.closing
+            client.lose()
+    [line] = session_lines(events)
+    assert f" connection lost: {reset.getErrorMessage()}" in line, line
+    assert "up=7 down=5" in line, line
+    assert not [e for e in events if "log_failure" in e], events
+
+
 # Stalls: a receiver that takes nothing ends the session at stall_timeout, even
 # with idle_timeout 0; one that drains, however slowly, does not. The kernel's
 # part (real buffers, the splice path) is in test_clients (integration).
