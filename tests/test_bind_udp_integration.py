@@ -351,17 +351,17 @@ def test_strangers_knocking_on_a_bind_port_are_not_a_flood_of_log(socks_server):
             assert read_reply5(client) == (0, LOOPBACK, peer.getsockname()[1])
     line = r"bind: refused incoming connection from 127\.0\.0\.2: not the expected peer"
     summary = r"bind: refused (\d+) more incoming connections in the last second"
-    deadline = time.monotonic() + 10
-    while True:
+
+    def counted() -> tuple[int, int]:
         log = server.log()
         single = len(re.findall(line, log))
-        total = single + sum(int(n) for n in re.findall(summary, log))
-        if total >= knocks or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert total == knocks, log
+        return single, single + sum(int(n) for n in re.findall(summary, log))
+
+    wait_until(lambda: counted()[1] >= knocks, 10, server.log)
+    single, total = counted()
+    assert total == knocks, server.log()
     # One full line a second at most (and the first), whatever the machine's speed.
-    assert single <= elapsed + 2 < knocks, (single, elapsed, log)
+    assert single <= elapsed + 2 < knocks, (single, elapsed, server.log())
 
 
 def test_bindreply_rule_allows_other_peer(socks_server):
@@ -476,11 +476,12 @@ def ftp_server(tmp_path):
                                     "-r", str(root)], stdout=log, stderr=subprocess.STDOUT,
                                    cwd=tmp_path)
     try:
-        deadline = time.monotonic() + 20
-        while f"FTPFactory starting on {port}" not in log_path.read_text(errors="replace"):
-            assert process.poll() is None, log_path.read_text(errors="replace")
-            assert time.monotonic() < deadline, log_path.read_text(errors="replace")
-            time.sleep(0.05)
+        def listening() -> bool:
+            log = log_path.read_text(errors="replace")
+            assert f"FTPFactory starting on {port}" in log or process.poll() is None, log
+            return f"FTPFactory starting on {port}" in log
+
+        wait_until(listening, 20, lambda: log_path.read_text(errors="replace"))
         yield port, contents
     finally:
         process.terminate()

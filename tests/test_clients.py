@@ -607,10 +607,12 @@ def test_descriptor_limit_is_raised_for_max_sessions(tmp_path, max_sessions, har
                                     "--listen", "tcp:0:interface=127.0.0.1"], stdout=out,
                                    stderr=subprocess.STDOUT, cwd=tmp_path, preexec_fn=limit)
     try:
-        deadline = time.monotonic() + 30
-        while "starting on" not in log_path.read_text():
-            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.05)
+        def listening() -> bool:
+            log = log_path.read_text()
+            assert "starting on" in log or process.poll() is None, log
+            return "starting on" in log
+
+        wait_until(listening, 30, log_path.read_text)
         limits = Path(f"/proc/{process.pid}/limits").read_text()
         assert re.search(rf"Max open files\s+{hard}\s+{hard}\s", limits), limits
         warning = (f"max_sessions = {max_sessions} can need {max_sessions * 4 + 64} file "

@@ -448,10 +448,8 @@ def test_a_flood_over_the_per_client_limit_is_not_a_flood_of_log(twistd, tmp_pat
     line = r"identd: refused 127\.0\.0\.1:\d+: max_connections_per_client \(1\)"
     summary = (r"identd: refused (\d+) more in the last second: "
                r"max_connections_per_client \(1\)")
-    deadline = time.monotonic() + 10
-    while refusals_in_log(server.log(), line, summary)[1] < knocks and \
-            time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: refusals_in_log(server.log(), line, summary)[1] >= knocks, 10,
+               server.log)
     single, total = refusals_in_log(server.log(), line, summary)
     assert total == knocks, server.log()
     # One full line a second at most (and the first), whatever the machine's speed.
