@@ -16,15 +16,70 @@ import socketserver
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from helpers import wait_until
+
 BIN = Path(sys.executable).parent
 TWISTD = str(BIN / "twistd")
 PAGE = b"socksd test page\n" * 64
+
+
+# The integration line (pyproject.toml's `integration` marker): a test that
+# starts twistd, a KDC or an outside program carries the marker, so that
+# ``pytest -m "not integration"`` is the quick unit run. Held by tool: an
+# unmarked test that asks for one of these fixtures, or starts a program other
+# than this interpreter, fails.
+
+INTEGRATION_FIXTURES = frozenset({"socks_server", "kerberos"})
+# Programs a unit test may start: our own code under this interpreter, and
+# useradd for the throwaway user a fork-as-user test acts as.
+UNIT_PROGRAMS = frozenset({sys.executable, "useradd"})
+
+_unit_test: str | None = None    # the node id of the running unmarked test
+
+
+def _starts(executable, args) -> str:
+    if executable is not None:
+        return os.fsdecode(executable)
+    if isinstance(args, (str, bytes, os.PathLike)):
+        return os.fsdecode(args).split()[0]
+    return os.fsdecode(args[0])
+
+
+def _guard_subprocesses(event: str, details: tuple) -> None:
+    """An audit hook: an unmarked test may not start an outside program."""
+    if event != "subprocess.Popen" or _unit_test is None:
+        return
+    program = _starts(details[0], details[1])
+    if program in UNIT_PROGRAMS or os.path.basename(program) in UNIT_PROGRAMS:
+        return
+    raise AssertionError(f"{_unit_test} starts {program}: a test that runs twistd, a KDC or "
+                         "an outside program carries @pytest.mark.integration")
+
+
+sys.addaudithook(_guard_subprocesses)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    global _unit_test
+    if item.get_closest_marker("integration") is not None:
+        _unit_test = None
+        return
+    _unit_test = item.nodeid
+    used = INTEGRATION_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+    if used:
+        pytest.fail(f"uses {', '.join(sorted(used))} (twistd or a KDC) without "
+                    "@pytest.mark.integration", pytrace=False)
+
+
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    global _unit_test
+    _unit_test = None
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -95,16 +150,16 @@ class TwistdSocks:
             raise
 
     def _wait_for_port(self, timeout: float = 30.0) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def listening():
             match = re.search(r"SOCKSServerFactory(?: \((?:PROXY|TLS)\))? starting on (\d+)",
                               self.log())
-            if match:
-                return int(match.group(1))
-            if self.process.poll() is not None:
+            if not match and self.process.poll() is not None:
                 raise AssertionError(f"twistd exited with {self.process.returncode}:\n{self.log()}")
-            time.sleep(0.05)
-        raise AssertionError(f"twistd did not start listening:\n{self.log()}")
+            return match
+
+        match = wait_until(listening, timeout,
+                           lambda: f"twistd to start listening:\n{self.log()}")
+        return int(match.group(1))
 
     @property
     def address(self) -> tuple[str, int]:
@@ -114,13 +169,8 @@ class TwistdSocks:
         return self.log_path.read_text(errors="replace")
 
     def wait_for_log(self, pattern: str, timeout: float = 10.0) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            match = re.search(pattern, self.log())
-            if match:
-                return match
-            time.sleep(0.05)
-        raise AssertionError(f"no log line matching {pattern!r}:\n{self.log()}")
+        return wait_until(lambda: re.search(pattern, self.log()), timeout,
+                          lambda: f"a log line matching {pattern!r}:\n{self.log()}")
 
     def rss_kib(self) -> int:
         with open(f"/proc/{self.process.pid}/status") as f:

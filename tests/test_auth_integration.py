@@ -14,6 +14,8 @@ import pytest
 
 from conftest import PAGE, TWISTD, require
 
+pytestmark = pytest.mark.integration
+
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "socksd.toml"
 USERPASS_ONLY = '[server]\nmethods = ["userpass"]\n'
 # The one wrong password the tests use: it must never appear in a log.

@@ -9,11 +9,15 @@ import re
 import socket
 import subprocess
 import textwrap
-import time
+
+import pytest
 
 from conftest import recv_exact, require
+from helpers import wait_until
 from socksd.wire import rfc1929
 from test_auth_integration import USERPASS_ONLY, assert_login_refused, assert_login_works
+
+pytestmark = pytest.mark.integration
 
 GREETING_USERPASS = b"\x05\x01\x02"
 FLOOD_SOURCE = "127.0.0.2"     # loopback, but not the address the other clients use
@@ -108,13 +112,6 @@ GATED = textwrap.dedent('''
 ''')
 
 
-def wait_for(predicate, what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
-
-
 def test_no_check_runs_for_a_client_that_left(socks_server, tmp_path):
     """One thread, held by the first login; three more clients send a login
     and leave while theirs wait for it. Once the thread is free, a new
@@ -129,8 +126,8 @@ def test_no_check_runs_for_a_client_that_left(socks_server, tmp_path):
               "auth_threads = 1\nauth_in_flight_per_client = 8\n")
     server = socks_server(config, env={"PYTHONPATH": str(tmp_path / "plugin-root")})
     first = send_login(server, b"first")
-    wait_for(lambda: started.exists() and started.read_bytes() == b"first\n",
-             "the first check did not start")
+    wait_until(lambda: started.exists() and started.read_bytes() == b"first\n", 20,
+               "the first check to start")
     for n in range(3):
         with send_login(server, b"gone%d" % n) as gone:
             port = gone.getsockname()[1]

@@ -24,6 +24,9 @@ from pathlib import Path
 import pytest
 
 from conftest import TWISTD, recv_exact, recv_until_eof, require
+from helpers import wait_until
+
+pytestmark = pytest.mark.integration
 
 LOOPBACK = "127.0.0.1"
 STRANGER = "127.0.0.2"       # another address on lo: another host, as far as rules go
@@ -135,14 +138,6 @@ def fd_count(server) -> int:
         except FileNotFoundError:
             pass    # closed while we looked
     return count
-
-
-def wait_for(predicate, within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def udp_port_free(port: int) -> bool:
@@ -356,17 +351,17 @@ def test_strangers_knocking_on_a_bind_port_are_not_a_flood_of_log(socks_server):
             assert read_reply5(client) == (0, LOOPBACK, peer.getsockname()[1])
     line = r"bind: refused incoming connection from 127\.0\.0\.2: not the expected peer"
     summary = r"bind: refused (\d+) more incoming connections in the last second"
-    deadline = time.monotonic() + 10
-    while True:
+
+    def counted() -> tuple[int, int]:
         log = server.log()
         single = len(re.findall(line, log))
-        total = single + sum(int(n) for n in re.findall(summary, log))
-        if total >= knocks or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert total == knocks, log
+        return single, single + sum(int(n) for n in re.findall(summary, log))
+
+    wait_until(lambda: counted()[1] >= knocks, 10, server.log)
+    single, total = counted()
+    assert total == knocks, server.log()
     # One full line a second at most (and the first), whatever the machine's speed.
-    assert single <= elapsed + 2 < knocks, (single, elapsed, log)
+    assert single <= elapsed + 2 < knocks, (single, elapsed, server.log())
 
 
 def test_bindreply_rule_allows_other_peer(socks_server):
@@ -393,7 +388,7 @@ def test_bind_listener_closed_when_client_leaves(socks_server):
     abort(client)
     session_line(server, r"bind 127\.0\.0\.1:21 .*client closed")
     assert_refused((host, port))
-    wait_for(lambda: fd_count(server) == before, 3, "the listener's socket to be closed")
+    wait_until(lambda: fd_count(server) == before, 3, "the listener's socket to be closed")
 
 
 def test_bind_half_close_while_waiting_is_passed_on(socks_server):
@@ -481,11 +476,12 @@ def ftp_server(tmp_path):
                                     "-r", str(root)], stdout=log, stderr=subprocess.STDOUT,
                                    cwd=tmp_path)
     try:
-        deadline = time.monotonic() + 20
-        while f"FTPFactory starting on {port}" not in log_path.read_text(errors="replace"):
-            assert process.poll() is None, log_path.read_text(errors="replace")
-            assert time.monotonic() < deadline, log_path.read_text(errors="replace")
-            time.sleep(0.05)
+        def listening() -> bool:
+            log = log_path.read_text(errors="replace")
+            assert f"FTPFactory starting on {port}" in log or process.poll() is None, log
+            return f"FTPFactory starting on {port}" in log
+
+        wait_until(listening, 20, lambda: log_path.read_text(errors="replace"))
         yield port, contents
     finally:
         process.terminate()
@@ -677,8 +673,8 @@ def test_udp_association_torn_down_with_control_connection(socks_server, udp_ech
     assert fd_count(server) == before + 2      # the control connection and the relay socket
     assoc.control.close()
 
-    wait_for(lambda: fd_count(server) == before, 5,
-             f"the process's open files to return to {before}")
+    wait_until(lambda: fd_count(server) == before, 5,
+               f"the process's open files to return to {before}")
     assert udp_port_free(assoc.relay_port), "the relay port is still bound"
     # Nothing answers on it any more.
     assoc.send(header, b"after close")
@@ -701,7 +697,7 @@ def test_udp_idle_timeout(socks_server, udp_echo):
         assoc.control.settimeout(5)
         assert recv_until_eof(assoc.control) == b""
         assert 0.8 < time.monotonic() - start < 4
-        wait_for(lambda: udp_port_free(assoc.relay_port), 3, "the relay port to be closed")
+        wait_until(lambda: udp_port_free(assoc.relay_port), 3, "the relay port to be closed")
     finally:
         assoc.close()
     session_line(server, r"udp 0\.0\.0\.0:0 .*udp idle timeout: 1 s; datagrams up=1 down=1")

@@ -43,10 +43,12 @@ def page_ok(result: dict) -> None:
     assert result["tail"].encode("latin-1") == PAGE[-64:]
 
 
+@pytest.mark.integration
 def test_no_authentication(socks_server, http_server):
     page_ok(fetch(socks_server(), http_server))
 
 
+@pytest.mark.integration
 def test_username_password(socks_server, http_server):
     server = socks_server('[server]\nmethods = ["userpass"]\ncheckers = ["memory:alice:secret"]\n')
     page_ok(fetch(server, http_server, username="alice", password="secret"))
@@ -54,6 +56,7 @@ def test_username_password(socks_server, http_server):
     assert refused["error"].startswith("SOCKSError: username/password refused")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("level", [1, 2])
 def test_gssapi_levels(kerberos, socks_server, http_server, level):
     server = socks_server(kerberos.config(), env=kerberos.env)
@@ -62,6 +65,7 @@ def test_gssapi_levels(kerberos, socks_server, http_server, level):
     server.wait_for_log(rf"gssapi: user@\S+ as user, protection {level}")
 
 
+@pytest.mark.integration
 def test_gssapi_clear_only_when_allowed(kerberos, socks_server, http_server):
     allowed = socks_server(kerberos.config(levels=("clear", "integrity")), env=kerberos.env)
     page_ok(fetch(allowed, http_server, env=kerberos.env, gssapi_service="rcmd@localhost",
@@ -74,6 +78,7 @@ def test_gssapi_clear_only_when_allowed(kerberos, socks_server, http_server):
     stronger.wait_for_log(r"protection 1")
 
 
+@pytest.mark.integration
 def test_gssapi_nec_mode(kerberos, socks_server, http_server):
     server = socks_server(kerberos.config(extra="nec_compat = true\n"), env=kerberos.env)
     page_ok(fetch(server, http_server, env=kerberos.env, gssapi_service="rcmd@localhost",
@@ -81,6 +86,7 @@ def test_gssapi_nec_mode(kerberos, socks_server, http_server):
     server.wait_for_log(r"protection 2")
 
 
+@pytest.mark.integration
 def test_gssapi_refused_level_is_an_error(kerberos, socks_server, http_server):
     server = socks_server(kerberos.config(levels=("integrity",)), env=kerberos.env)
     result = fetch(server, http_server, env=kerberos.env, gssapi_service="rcmd@localhost",

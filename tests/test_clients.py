@@ -19,6 +19,9 @@ from pathlib import Path
 import pytest
 
 from conftest import PAGE, TWISTD, PageHandler, recv_exact, recv_until_eof, require, run_socks
+from helpers import wait_until
+
+pytestmark = pytest.mark.integration
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "socksd.toml"
 LOOPBACK_RULE = """
@@ -577,10 +580,8 @@ def test_client_reset_in_a_spliced_session_is_logged_not_a_traceback(socks_serve
             client.close()        # unread data: the kernel sends RST
             time.sleep(0.1)
             inbound.close()
-    deadline = time.monotonic() + 10
-    while len(re.findall(rf"connect 127\.0\.0\.1:{port} ", server.log())) < 10:
-        assert time.monotonic() < deadline, server.log()
-        time.sleep(0.05)
+    wait_until(lambda: len(re.findall(rf"connect 127\.0\.0\.1:{port} ", server.log())) >= 10,
+               10, server.log)
     log = server.log()
     assert "Unhandled Error" not in log and "Traceback" not in log, log
     lines = re.findall(rf"connect 127\.0\.0\.1:{port} .*", log)
@@ -606,10 +607,12 @@ def test_descriptor_limit_is_raised_for_max_sessions(tmp_path, max_sessions, har
                                     "--listen", "tcp:0:interface=127.0.0.1"], stdout=out,
                                    stderr=subprocess.STDOUT, cwd=tmp_path, preexec_fn=limit)
     try:
-        deadline = time.monotonic() + 30
-        while "starting on" not in log_path.read_text():
-            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.05)
+        def listening() -> bool:
+            log = log_path.read_text()
+            assert "starting on" in log or process.poll() is None, log
+            return "starting on" in log
+
+        wait_until(listening, 30, log_path.read_text)
         limits = Path(f"/proc/{process.pid}/limits").read_text()
         assert re.search(rf"Max open files\s+{hard}\s+{hard}\s", limits), limits
         warning = (f"max_sessions = {max_sessions} can need {max_sessions * 4 + 64} file "

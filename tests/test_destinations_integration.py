@@ -13,6 +13,8 @@ import pytest
 
 from conftest import recv_exact
 
+pytestmark = pytest.mark.integration
+
 DENY_LOOPBACK = """
 [[rules]]
 action = "deny"

@@ -18,6 +18,8 @@ import pytest
 import dante_gssapi
 from conftest import PAGE, require
 
+pytestmark = pytest.mark.integration
+
 LEVELS = {"integrity": 1, "confidentiality": 2}
 
 

@@ -18,6 +18,8 @@ import pytest
 
 from conftest import PAGE, require, run_socks
 
+pytestmark = pytest.mark.integration
+
 Flags = gssapi.RequirementFlag
 CLIENT_FLAGS = (Flags.mutual_authentication | Flags.replay_detection
                 | Flags.out_of_sequence_detection | Flags.integrity | Flags.confidentiality)

@@ -36,6 +36,8 @@ from socksd.protection import ProtectionWrapper, SecurityLayer
 from socksd.proxy import Limits
 from socksd.rules import RuleSet, compile_rule, parse_network
 
+pytestmark = pytest.mark.integration
+
 GREETING_GSSAPI = b"\x05\x01\x01"
 # CONNECT 93.184.216.34:80
 CONNECT_IP = b"\x05\x01\x00\x01" + socket.inet_aton("93.184.216.34") + struct.pack("!H", 80)

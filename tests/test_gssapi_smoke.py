@@ -9,6 +9,8 @@ import pytest
 
 from conftest import PAGE, recv_exact
 
+pytestmark = pytest.mark.integration
+
 
 def _frame(s):
     head = recv_exact(s, 4)

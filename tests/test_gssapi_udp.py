@@ -14,6 +14,8 @@ from conftest import recv_exact
 from socksd.wire import socks5
 from test_gssapi_smoke import _frame
 
+pytestmark = pytest.mark.integration
+
 
 def _handshake(s, level: int):
     s.sendall(b"\x05\x01\x01")

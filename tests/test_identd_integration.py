@@ -14,8 +14,6 @@ import encodings.idna  # noqa: F401  (loaded before fork: the child cannot impor
 import os
 import pwd
 import re
-import select
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,11 +24,14 @@ import pytest
 from python_socks.sync import Proxy
 
 from conftest import PAGE, TWISTD, recv_until_eof, require
+from helpers import connection_as as held_connection_as
+from helpers import system_user, wait_until
 from socksd.ident.policy import IdentPolicy
 from socksd.ident.server import MAX_BAD_QUERIES
 
+pytestmark = pytest.mark.integration
+
 IDENT_USER = "socksd-identd-test"
-SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
 REPLY = re.compile(rb"(\d+), (\d+) : (USERID|ERROR) : (.*)")
 
 
@@ -39,17 +40,7 @@ REPLY = re.compile(rb"(\d+), (\d+) : (USERID|ERROR) : (.*)")
 @pytest.fixture(scope="module")
 def ident_user() -> pwd.struct_passwd:
     """The throwaway system user whose connections the identd must name."""
-    assert os.geteuid() == 0, ("these tests create a system user and act as it: run them "
-                               "as root (CI does)")
-    try:
-        return pwd.getpwnam(IDENT_USER)
-    except KeyError:
-        useradd = shutil.which("useradd", path=SBIN_PATH)
-        assert useradd, "useradd is not installed (Debian package passwd)"
-        proc = subprocess.run([useradd, "--system", "--no-create-home", "--shell",
-                               "/usr/sbin/nologin", IDENT_USER], capture_output=True, text=True)
-        assert proc.returncode in (0, 9), f"useradd: {proc.stderr}"   # 9: already exists
-        return pwd.getpwnam(IDENT_USER)
+    return system_user(IDENT_USER)
 
 
 class Twistd:
@@ -69,16 +60,15 @@ class Twistd:
         return self.log_path.read_text(errors="replace")
 
     def wait_for_ports(self, pattern: str, count: int = 1, timeout: float = 30) -> list[int]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def listening():
             found = [int(p) for p in re.findall(pattern, self.log())]
-            if len(found) >= count:
-                return found
-            if self.process.poll() is not None:
+            if len(found) < count and self.process.poll() is not None:
                 raise AssertionError(f"{self.command} exited with {self.process.returncode}:"
                                      f"\n{self.log()}")
-            time.sleep(0.05)
-        raise AssertionError(f"{self.command} did not start listening:\n{self.log()}")
+            return found if len(found) >= count else None
+
+        return wait_until(listening, timeout,
+                          lambda: f"{self.command} to start listening:\n{self.log()}")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -161,47 +151,10 @@ def free_port(stack, host: str = "127.0.0.1") -> int:
 
 @contextlib.contextmanager
 def connection_as(entry: pwd.struct_passwd, listening: socket.socket):
-    """A connection to ``listening`` made and held by a child running as
-    ``entry``; yields the child's local port. A forked child, not a
-    subprocess: the venv's interpreter may be where that user cannot run it."""
-    host, port = listening.getsockname()[:2]
-    report_r, report_w = os.pipe()
-    hold_r, hold_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: never return into pytest
-        status = 1
-        try:
-            os.close(report_r)
-            os.close(hold_w)
-            os.setgroups([])
-            os.setgid(entry.pw_gid)
-            os.setuid(entry.pw_uid)
-            sock = socket.socket(listening.family, socket.SOCK_STREAM)
-            sock.connect((host, port))
-            os.write(report_w, b"%d\n" % sock.getsockname()[1])
-            os.read(hold_r, 1)  # until the parent closes hold_w
-            status = 0
-        except BaseException as e:
-            os.write(report_w, f"error {e!r}\n".encode())
-        finally:
-            os._exit(status)
-    os.close(report_w)
-    os.close(hold_r)
-    accepted = None
-    try:
-        ready, _, _ = select.select([report_r], [], [], 10)
-        assert ready, "child did not connect"
-        line = os.read(report_r, 200).decode()
-        assert not line.startswith("error"), line
-        accepted, _ = listening.accept()
-        yield int(line)
-    finally:
-        os.close(hold_w)
-        os.close(report_r)
-        if accepted is not None:
-            accepted.close()
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
+    """A connection to ``listening`` held by a child running as ``entry``;
+    yields the child's local port (helpers.connection_as)."""
+    with held_connection_as(entry, listening) as held:
+        yield held.port
 
 
 # ---- the standalone identd over TCP ----------------------------------------------------
@@ -495,10 +448,8 @@ def test_a_flood_over_the_per_client_limit_is_not_a_flood_of_log(twistd, tmp_pat
     line = r"identd: refused 127\.0\.0\.1:\d+: max_connections_per_client \(1\)"
     summary = (r"identd: refused (\d+) more in the last second: "
                r"max_connections_per_client \(1\)")
-    deadline = time.monotonic() + 10
-    while refusals_in_log(server.log(), line, summary)[1] < knocks and \
-            time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: refusals_in_log(server.log(), line, summary)[1] >= knocks, 10,
+               server.log)
     single, total = refusals_in_log(server.log(), line, summary)
     assert total == knocks, server.log()
     # One full line a second at most (and the first), whatever the machine's speed.

@@ -194,6 +194,7 @@ def test_what_the_clients_identd_said_is_escaped():
     assert event["detail"] == "identd says 'barney\u3164\\x1b'"
 
 
+@pytest.mark.integration
 def test_gssapi_principal_is_escaped(kerberos, tmp_path):
     from test_gssapi_session import (
         CLIENT_FLAGS,
@@ -279,6 +280,7 @@ def assert_log_clean(log: str) -> None:
     assert "\n\t" not in log, log    # twistd's mark of a message that held a line feed
 
 
+@pytest.mark.integration
 def test_twistd_escapes_a_forged_user_name(socks_server, http_server):
     toml_name = FORGED.replace("\n", "\\n").replace("\x1b", "\\u001b")
     server = socks_server(f'[server]\nmethods = ["userpass"]\n'
@@ -299,6 +301,7 @@ def test_twistd_escapes_a_forged_user_name(socks_server, http_server):
     assert_log_clean(log)
 
 
+@pytest.mark.integration
 def test_twistd_escapes_a_socks4_userid_and_names(socks_server):
     # Port 9 is denied whatever the name: no lookup, a line at once.
     server = socks_server('[[rules]]\naction = "deny"\nports = [9]\n'

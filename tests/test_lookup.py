@@ -9,13 +9,11 @@ import errno
 import os
 import pwd
 import random
-import select
 import socket
-import subprocess
-import time
 
 import pytest
 
+from helpers import connection_as, system_user, wait_until
 from socksd.ident import lookup as L
 from socksd.ident.lookup import Connection, Owner, lookup, lookup_netlink, lookup_proc, user_name
 
@@ -80,13 +78,14 @@ def free_port(stack, family, host):
 
 
 def wait_for_state(query, state, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        diag = L._diag_one(L._parse(query))
-        if diag is not None and diag.state == state:
-            return diag
-        time.sleep(0.01)
-    raise AssertionError(f"{query} never reached TCP state {state}: last {diag}")
+    last = []
+
+    def reached():
+        last.append(diag := L._diag_one(L._parse(query)))
+        return diag is not None and diag.state == state and diag
+
+    return wait_until(reached, timeout, lambda: f"{query} to reach TCP state {state}: "
+                                                f"last {last[-1]}", interval=0.01)
 
 
 # ---- one connection, both ends ------------------------------------------------------
@@ -109,65 +108,20 @@ def test_netlink_is_used_here():
 
 
 def test_inode_and_uid_of_a_connection_owned_by_another_user(method, sockets):
-    try:
-        entry = pwd.getpwnam(TEST_USER)
-    except KeyError:
-        proc = subprocess.run(["useradd", "--system", "--no-create-home", TEST_USER],
-                              capture_output=True, text=True)
-        assert proc.returncode in (0, 9), f"useradd (needs root): {proc.stderr}"  # 9: exists
-        entry = pwd.getpwnam(TEST_USER)
+    entry = system_user(TEST_USER)
     assert entry.pw_uid != os.getuid()
 
     lst = listener(sockets, socket.AF_INET, "127.0.0.1")
     port = lst.getsockname()[1]
-    # A forked child (not `python -c` under subprocess(user=...)): the venv's
-    # interpreter may live where the test user cannot execute it (/root).
-    report_r, report_w = os.pipe()
-    hold_r, hold_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: never return into pytest
-        status = 1
-        try:
-            os.close(report_r)
-            os.close(hold_w)
-            os.setgroups([])
-            os.setgid(entry.pw_gid)
-            os.setuid(entry.pw_uid)
-            # After setuid nothing more can be imported from the root-only
-            # stdlib: a bytes host needs no idna codec.
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.connect((b"127.0.0.1", port))
-            os.write(report_w, f"{sock.getsockname()[1]} {inode(sock)}\n".encode())
-            os.read(hold_r, 1)  # until the parent closes hold_w
-            status = 0
-        except BaseException as e:
-            os.write(report_w, f"error {e!r}\n".encode())
-        finally:
-            os._exit(status)
-    os.close(report_w)
-    os.close(hold_r)
-    try:
-        ready, _, _ = select.select([report_r], [], [], 10)
-        assert ready, "child did not connect"
-        line = os.read(report_r, 200).decode()
-        assert not line.startswith("error"), line
-        child_port, child_inode = map(int, line.split())
-        server, _ = lst.accept()
-        sockets.enter_context(server)
-
-        child_view = Connection("127.0.0.1", child_port, "127.0.0.1", port)
+    with connection_as(entry, lst) as child:
+        child_view = Connection("127.0.0.1", child.port, "127.0.0.1", port)
         owner = method(child_view)
-        assert owner == Owner(entry.pw_uid, child_inode)
+        assert owner == Owner(entry.pw_uid, child.inode)
         assert user_name(owner.uid) == TEST_USER
         # Our end of the same connection is still ours.
-        our_view = Connection("127.0.0.1", port, "127.0.0.1", child_port)
-        assert method(our_view) == Owner(os.getuid(), inode(server))
+        our_view = Connection("127.0.0.1", port, "127.0.0.1", child.port)
+        assert method(our_view) == Owner(os.getuid(), inode(child.accepted))
         assert user_name(os.getuid()) == pwd.getpwuid(os.getuid()).pw_name
-    finally:
-        os.close(hold_w)
-        os.close(report_r)
-        _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
 
 
 # ---- v4-mapped ---------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import pty
 import re
@@ -10,9 +12,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from unittest import mock
 
 import argon2
 import bcrypt
+import pytest
 from twisted.cred import error
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.credentials import UsernamePassword
@@ -32,6 +36,7 @@ class HashTests(unittest.SynchronousTestCase):
             self.assertTrue(verify(b"secret", hashed))
             self.assertFalse(verify(b"wrong", hashed))
 
+    @pytest.mark.integration
     def test_apache_htpasswd_bcrypt(self):
         htpasswd = require("htpasswd")
         out = subprocess.run([htpasswd, "-nbB", "alice", "secret"], capture_output=True,
@@ -52,6 +57,23 @@ def passwd_cli(*args: str, input: bytes | None = b"") -> subprocess.CompletedPro
     with tempfile.TemporaryDirectory() as cwd:
         return subprocess.run([sys.executable, "-m", "socksd.auth.passwd", *args], input=input,
                               capture_output=True, timeout=30, cwd=cwd)
+
+
+def passwd_main(*args: str, input: bytes = b"") -> subprocess.CompletedProcess:
+    """What `python -m socksd.auth.passwd ARGS` does (passwd.main), run in this
+    process: stdin a pipe (not a terminal) holding ``input``, the exit status
+    and output as passwd_cli has them. The real command line is
+    test_documented_uses' and the terminal tests'."""
+    stdin = io.TextIOWrapper(io.BytesIO(input), encoding="utf-8", newline="\n")
+    out, err = io.StringIO(), io.StringIO()
+    with mock.patch.object(sys, "stdin", stdin), contextlib.redirect_stdout(out), \
+            contextlib.redirect_stderr(err):
+        try:
+            status = passwd.main(list(args))
+        except SystemExit as e:   # argparse's usage errors and --help
+            status = e.code
+    return subprocess.CompletedProcess(args, status, out.getvalue().encode(),
+                                       err.getvalue().encode())
 
 
 def passwd_on_a_terminal(user: str, typed: list[bytes]) -> tuple[int, bytes, bytes]:
@@ -115,7 +137,7 @@ class PasswdCommandTests(unittest.SynchronousTestCase):
 
     def test_help_is_usage_not_a_user(self):
         for flag in ("--help", "-h"):
-            out = passwd_cli(flag, input=b"pw\n")
+            out = passwd_main(flag, input=b"pw\n")
             self.assertEqual(out.returncode, 0, out.stderr)
             self.assertTrue(out.stdout.startswith(b"usage: python -m socksd.auth.passwd "),
                             out.stdout)
@@ -126,7 +148,7 @@ class PasswdCommandTests(unittest.SynchronousTestCase):
         for args in (["--frobnicate", "alice"], ["-x"], ["-1"], ["--", "-bob"], ["--", "--help"],
                      [""], ["a:b"], ["al\nice"], ["alice", "bob"], [],
                      ["--argon2", "--bcrypt", "alice"]):
-            out = passwd_cli(*args, input=b"pw\n")
+            out = passwd_main(*args, input=b"pw\n")
             self.assertEqual((out.returncode, out.stdout), (2, b""), args)
             self.assertIn(b"usage: python -m socksd.auth.passwd", out.stderr, args)
             self.assertNotIn(b"Traceback", out.stderr, args)
@@ -134,7 +156,7 @@ class PasswdCommandTests(unittest.SynchronousTestCase):
     def test_empty_password_is_refused(self):
         for stdin in (b"", b"\n", b"\r\n"):
             for scheme in ([], ["--argon2"]):
-                out = passwd_cli(*scheme, "alice", input=stdin)
+                out = passwd_main(*scheme, "alice", input=stdin)
                 self.assertEqual((out.returncode, out.stdout), (1, b""), (stdin, scheme))
                 self.assertEqual(out.stderr, b"python -m socksd.auth.passwd: empty password, "
                                              b"no entry made\n")
@@ -160,9 +182,11 @@ class CheckerTests(unittest.TestCase):
         directory = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, directory)
         self.path = os.path.join(directory, "users")
+        # Cheap costs: nothing checked here depends on them (HashTests and
+        # the command tests check socksd's own hashes).
         with open(self.path, "wb") as f:
-            f.write(b"# comment\n\nalice:" + hash_password(b"secret") + b"\n"
-                    b"bob:" + hash_password(b"hunter2", "argon2") + b"\n")
+            f.write(b"# comment\n\nalice:" + _bcrypt(b"secret", 4) + b"\n"
+                    b"bob:" + _argon2(b"hunter2", 64, 1) + b"\n")
         self.checker = HashedPasswordFile(self.path)
 
     async def test_accepts_and_refuses(self):
@@ -320,6 +344,7 @@ class LongPasswordTests(unittest.TestCase):
     there, and bcrypt 5 raises for longer ones (which failed such a login
     at once, whatever the password)."""
 
+    @pytest.mark.integration
     async def test_htpasswd_entry_with_a_long_password(self):
         htpasswd = require("htpasswd")
         password = b"x" * 60 + b"y" * 40

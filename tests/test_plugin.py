@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
 from twisted.scripts.twistd import ServerOptions
@@ -49,6 +50,7 @@ def _speaks_socks5(port: int) -> None:
         assert s.recv(2) == b"\x05\x00"
 
 
+@pytest.mark.integration
 def test_twistd_socks_subprocess_from_normal_install(socks_server, tmp_path):
     config = '[server]\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
     assert TWISTD.startswith(sys.prefix)
@@ -56,6 +58,7 @@ def test_twistd_socks_subprocess_from_normal_install(socks_server, tmp_path):
     _speaks_socks5(server.port)
 
 
+@pytest.mark.integration
 def test_twistd_socks_with_source_tree_on_path(socks_server):
     """An editable-style layout: the project's own twisted/plugins directory is
     a second plugin directory, found after Twisted's own."""
@@ -63,6 +66,7 @@ def test_twistd_socks_with_source_tree_on_path(socks_server):
     _speaks_socks5(server.port)
 
 
+@pytest.mark.integration
 def test_twistd_twisted_socks_is_the_renamed_example():
     out = subprocess.run([TWISTD, "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0
@@ -72,6 +76,7 @@ def test_twistd_twisted_socks_is_the_renamed_example():
     assert "SOCKSv4" in lines["twisted-socks"]
 
 
+@pytest.mark.integration
 def test_embedded_default_listens_on_loopback_1080(socks_server):
     server = socks_server(None, add_listen=False)
     assert server.port == 1080

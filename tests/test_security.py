@@ -18,16 +18,15 @@ import socket
 import stat
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 import conftest
 from conftest import TWISTD, require
+from helpers import wait_until
 from socksd.auth.passwd import hash_password
 from socksd.tap.security import readable_by_others, root_warning
-from test_workers import _wait_for
 from test_workers import _worker_pids as worker_pids
 
 ROOT_WARNING = "running as root: twistd was given no -u/--uid"
@@ -116,12 +115,14 @@ def socks5_no_method(server) -> None:
     server.wait_for_log(r"no acceptable method")
 
 
+@pytest.mark.integration
 def test_twistd_socks_as_root_warns(as_root, socks_server):
     server = socks_server()
     line = server.wait_for_log(rf"\[socksd#warn\] {re.escape(ROOT_WARNING)}.*\n")[0]
     assert "-g/--gid" in line
 
 
+@pytest.mark.integration
 def test_twistd_socks_with_uid_does_not_warn(socks_server):
     server = socks_server(None, twistd_args=not_root())
     socks5_no_method(server)
@@ -136,14 +137,13 @@ def start_identd(tmp_path: Path, *twistd_args: str) -> tuple[subprocess.Popen, P
         process = subprocess.Popen([conftest.TWISTD, "-n", "--pidfile=", *twistd_args,
                                     "identd", "--listen", "tcp:0:interface=127.0.0.1"],
                                    stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    def listening():
         match = re.search(r"IdentFactory starting on (\d+)", log.read_text())
-        if match:
-            return process, log, int(match[1])
-        assert process.poll() is None, log.read_text()
-        time.sleep(0.05)
-    raise AssertionError(log.read_text())
+        assert match or process.poll() is None, log.read_text()
+        return match
+
+    match = wait_until(listening, 30, log.read_text)
+    return process, log, int(match[1])
 
 
 def identd_log_after_a_query(tmp_path: Path, *twistd_args: str) -> str:
@@ -153,20 +153,20 @@ def identd_log_after_a_query(tmp_path: Path, *twistd_args: str) -> str:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(b"1, 1\r\n")
             assert s.recv(100).endswith(b" : ERROR : NO-USER\r\n")
-        deadline = time.monotonic() + 10
-        while "asked" not in log.read_text() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: "asked" in log.read_text(), 10, log.read_text)
         return log.read_text()
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(10)
 
 
+@pytest.mark.integration
 def test_twistd_identd_as_root_warns(as_root, tmp_path):
     text = identd_log_after_a_query(tmp_path)
     assert re.search(rf"\[socksd#warn\] {re.escape(ROOT_WARNING)}.* identd ", text), text
 
 
+@pytest.mark.integration
 def test_twistd_identd_with_uid_does_not_warn(tmp_path):
     text = identd_log_after_a_query(tmp_path, *not_root())
     assert "asked" in text and not root_warnings(text), text
@@ -186,6 +186,7 @@ def security_warnings(server) -> list[str]:
         READABLE in line or "command line" in line or "root" in line)]
 
 
+@pytest.mark.integration
 def test_world_readable_password_files_are_named(socks_server, open_dir):
     hashed = htpasswd(open_dir / "users.htpasswd", 0o644)
     plain = open_dir / "users.txt"
@@ -201,6 +202,7 @@ def test_world_readable_password_files_are_named(socks_server, open_dir):
     assert "chmod o-r" in found[0]
 
 
+@pytest.mark.integration
 def test_a_config_holding_memory_passwords_is_named(socks_server, open_dir):
     config = open_dir / "socksd.toml"
     config.write_text('[server]\nmethods = ["userpass"]\ncheckers = ["memory:alice:secret"]\n')
@@ -210,12 +212,14 @@ def test_a_config_holding_memory_passwords_is_named(socks_server, open_dir):
                         rf"{re.escape(str(config))} {READABLE}")
 
 
+@pytest.mark.integration
 def test_memory_on_the_command_line_is_warned_about(socks_server):
     server = socks_server('[server]\nmethods = ["userpass"]\n', "--auth", "memory:alice:secret")
     server.wait_for_log(r"--auth memory:USER:PASSWORD puts the password on twistd's command "
                         r"line, which every local user can read \(ps\); use --auth htpasswd:FILE")
 
 
+@pytest.mark.integration
 def test_world_readable_keytab_is_named(socks_server, kerberos, open_dir):
     keytab = open_dir / "socksd.keytab"
     shutil.copyfile(kerberos.keytab, keytab)
@@ -225,6 +229,7 @@ def test_world_readable_keytab_is_named(socks_server, kerberos, open_dir):
     server.wait_for_log(rf"\[gssapi\] keytab {re.escape(str(keytab))} {READABLE}")
 
 
+@pytest.mark.integration
 def test_no_warning_when_secrets_are_private(socks_server, kerberos, open_dir, http_server):
     keytab = open_dir / "socksd.keytab"
     shutil.copyfile(kerberos.keytab, keytab)
@@ -277,19 +282,20 @@ def logins_reach_both_workers(server, http_server: int, tmp_path: Path, since: i
     raise AssertionError(f"sessions on {seen} only:\n{server.log()}")
 
 
+@pytest.mark.integration
 def test_auth_strings_reach_workers_off_their_command_line(socks_server, http_server,
                                                            tmp_path):
     server = socks_server('[server]\nworkers = 2\nmethods = ["userpass"]\n',
                           "--auth", "memory:alice:secret")
-    pids = _wait_for(lambda: (p := worker_pids(server.process.pid)) and len(p) == 2 and p,
-                     timeout=20)
+    pids = wait_until(lambda: (p := worker_pids(server.process.pid)) and len(p) == 2 and p,
+                      timeout=20)
     assert_cmdlines_hold_no_secret(pids)
     logins_reach_both_workers(server, http_server, tmp_path)
 
     # A restarted worker is given them again.
     os.kill(pids[0], signal.SIGKILL)
-    restarted = _wait_for(lambda: (p := worker_pids(server.process.pid)) and len(p) == 2
-                          and pids[0] not in p and p, timeout=20)
+    restarted = wait_until(lambda: (p := worker_pids(server.process.pid)) and len(p) == 2
+                           and pids[0] not in p and p, timeout=20)
     assert_cmdlines_hold_no_secret(restarted)
-    _wait_for(lambda: server.log().count(" serving on ") == 3, timeout=20)
+    wait_until(lambda: server.log().count(" serving on ") == 3, timeout=20)
     logins_reach_both_workers(server, http_server, tmp_path, since=len(server.log()))

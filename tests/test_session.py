@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 
 from fakes import (
     Client,
+    HalfCloseTransport,
     Outbound,
     alice_portal,
     assert_closes_at,
@@ -453,6 +454,141 @@ def test_idle_timeout_after_relay():
         client.lose()
     [line] = session_lines(events)
     assert "idle timeout" in line and "up=4" in line and "down=4" in line
+
+
+@pytest.mark.parametrize("side", ["client", "destination"])
+def test_a_reset_during_the_relay_is_one_connection_lost_line(side):
+    """A reset (not a clean close) ends the session with one line saying so,
+    and no traceback; the kernel's splice path is in test_clients."""
+    factory, reactor = make_factory()
+    client, out = connected(factory)
+    client.take()
+    reset = Failure(error.ConnectionLost())
+    with capturedLogs() as events:
+        client.send(b"request")
+        out.protocol.dataReceived(b"reply")
+        if side == "client":
+            client.session.connectionLost(reset)
+            assert out.transport.disconnecting
+            out.protocol.connectionLost(Failure(error.ConnectionDone()))
+        else:
+            out.protocol.connectionLost(reset)
+            assert client.closing
+            client.lose()
+    [line] = session_lines(events)
+    assert f" connection lost: {reset.getErrorMessage()}" in line, line
+    assert "up=7 down=5" in line, line
+    assert not [e for e in events if "log_failure" in e], events
+
+
+# Stalls: a receiver that takes nothing ends the session at stall_timeout, even
+# with idle_timeout 0; one that drains, however slowly, does not. The kernel's
+# part (real buffers, the splice path) is in test_clients (integration).
+
+
+class HoldingTransport(HalfCloseTransport):
+    """A send buffer that holds what the test says, reported as Twisted's
+    FileDescriptor reports it (socksd.relay.buffered); like FileDescriptor,
+    it pauses its streaming producer when full and resumes it once empty."""
+
+    dataBuffer = b""
+    offset = 0
+    _tempDataLen = 0
+
+    def fill(self, n: int = 65536) -> None:
+        self._tempDataLen += n
+        self.producer.pauseProducing()
+
+    def drain(self, n: int | None = None) -> None:
+        self._tempDataLen -= self._tempDataLen if n is None else n
+        if self._tempDataLen == 0:
+            self.producer.resumeProducing()
+
+
+class HoldingClient(Client):
+    transport_factory = HoldingTransport
+
+
+class HoldingOutbound(Outbound):
+    transport_factory = HoldingTransport
+
+
+def holding_session(side: str):
+    """A relaying session (stall_timeout 1 s, no idle timeout) and the
+    transport of its receiving ``side`` ("client" or "destination")."""
+    factory, reactor = make_factory(limits=Limits(stall_timeout=1.0))
+    client = HoldingClient(factory)
+    client.send(GREETING_NONE)
+    client.send(CONNECT_IP)
+    out = HoldingOutbound(reactor)
+    out.accept()
+    assert client.take() == b"\x05\x00" + SUCCESS_BOUND
+    return reactor, client, out, (client.transport if side == "client" else out.transport)
+
+
+def end_session(client, out) -> None:
+    out.protocol.connectionLost(Failure(error.ConnectionAborted()))
+    client.session.connectionLost(Failure(error.ConnectionAborted()))
+
+
+@pytest.mark.parametrize("side", ["client", "destination"])
+def test_a_receiver_that_takes_nothing_ends_at_stall_timeout(side):
+    reactor, client, out, receiver = holding_session(side)
+    with capturedLogs() as events:
+        receiver.fill()
+        reactor.advance(0.9)
+        assert not client.closing and not out.transport.disconnecting
+        reactor.advance(0.2)
+        assert client.transport.disconnected and out.transport.disconnected   # aborted
+        end_session(client, out)
+    [line] = session_lines(events)
+    assert " stalled: a receiver took nothing for 1 s" in line, line
+
+
+@pytest.mark.parametrize("side", ["client", "destination"])
+def test_a_slow_reader_is_not_a_stall(side):
+    """It empties its buffer in bursts with pauses, and the sender fills it
+    again at once; stopped, it is a stall."""
+    reactor, client, out, receiver = holding_session(side)
+    with capturedLogs() as events:
+        receiver.fill()
+        for _ in range(10):
+            reactor.advance(0.4)
+            receiver.drain()
+            receiver.fill()
+        assert not client.closing and not out.transport.disconnecting
+        reactor.pump([0.1] * 21)   # two looks: the first may still see the last drain
+        assert client.transport.disconnected and out.transport.disconnected   # aborted
+        end_session(client, out)
+    [line] = session_lines(events)
+    assert " stalled: " in line, line
+
+
+@pytest.mark.parametrize("side", ["client", "destination"])
+def test_a_receiver_that_takes_a_little_at_a_time_is_not_a_stall(side):
+    """Its buffer never empties (no resume), but it shrinks between looks."""
+    reactor, client, out, receiver = holding_session(side)
+    with capturedLogs() as events:
+        receiver.fill()
+        for _ in range(10):
+            reactor.advance(0.4)
+            receiver.drain(1000)
+        assert not client.closing and not out.transport.disconnecting
+        reactor.pump([0.1] * 21)   # two looks: the first may still see the last drain
+        assert client.transport.disconnected and out.transport.disconnected   # aborted
+        end_session(client, out)
+    [line] = session_lines(events)
+    assert " stalled: " in line, line
+
+
+def test_a_drained_receiver_leaves_no_stall_check():
+    """Once nothing is held, nothing is watched: an idle session stays open."""
+    reactor, client, out, receiver = holding_session("client")
+    receiver.fill()
+    receiver.drain()
+    reactor.advance(1.1)
+    assert not reactor.getDelayedCalls()
+    assert not client.closing and not out.transport.disconnecting
 
 
 def test_relay_half_close_both_ways():

@@ -1,6 +1,10 @@
 import subprocess
 
+import pytest
+
 from conftest import PAGE, require
+
+pytestmark = pytest.mark.integration
 
 
 def test_curl_socks5h_through_default(socks_server, http_server):

@@ -20,9 +20,11 @@ from pathlib import Path
 import pytest
 
 from conftest import PAGE, require, run_socks
+from helpers import SBIN_PATH, system_user, wait_until
+
+pytestmark = pytest.mark.integration
 
 IDENT_USER = "socksd-ident-test"
-SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
 
 
 def require_sbin(program: str) -> str:
@@ -157,15 +159,7 @@ def test_unterminated_userid_gets_91_and_close(socks_server):
 @pytest.fixture(scope="module")
 def ident_user() -> str:
     """The throwaway system user whose connections oidentd will name."""
-    assert os.geteuid() == 0, ("the ident tests create a system user and run clients as it: "
-                               "run them as root (CI does)")
-    try:
-        pwd.getpwnam(IDENT_USER)
-    except KeyError:
-        useradd = require_sbin("useradd")
-        subprocess.run([useradd, "--system", "--no-create-home", "--shell",
-                        "/usr/sbin/nologin", IDENT_USER], check=True, capture_output=True)
-    return IDENT_USER
+    return system_user(IDENT_USER).pw_name
 
 
 class Oidentd:
@@ -189,17 +183,17 @@ class Oidentd:
         self._wait_until_listening()
 
     def _wait_until_listening(self, timeout: float = 10) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def listening() -> bool:
             if self.process.poll() is not None:
                 raise AssertionError(f"oidentd exited with {self.process.returncode}:\n"
                                      f"{self.log()}")
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
+                return True
             except OSError:
-                time.sleep(0.05)
-        raise AssertionError(f"oidentd did not listen on {self.port}:\n{self.log()}")
+                return False
+
+        wait_until(listening, timeout, lambda: f"oidentd on {self.port}:\n{self.log()}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

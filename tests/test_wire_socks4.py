@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import normalizes
+from helpers import normalizes, only_wire_errors
 from socksd.wire import WireError, socks4
 from socksd.wire.names import normalize_name
 
@@ -160,21 +160,10 @@ def test_every_proper_prefix_of_a_reply_is_incomplete(code, host, port, trailing
 # Arbitrary bytes: None, a message, or WireError; nothing else.
 
 
-def _only_wire_errors(parse, data):
-    try:
-        result = parse(data)
-    except WireError:
-        return
-    if result is not None:
-        message, used = result
-        assert isinstance(message, (socks4.Request, socks4.Reply))
-        assert 0 < used <= len(data)
-
-
 @settings(max_examples=500)
 @given(st.binary(max_size=600))
 def test_parse_request_arbitrary_bytes(data):
-    _only_wire_errors(socks4.parse_request, data)
+    only_wire_errors(socks4.parse_request, data)
 
 
 @settings(max_examples=500)
@@ -184,20 +173,20 @@ def test_parse_request_arbitrary_bytes(data):
 def test_parse_request_arbitrary_fields(command, port, dstip, tail):
     """Past the fixed header, so USERID and host name parsing see the noise."""
     data = bytes((4, command)) + port.to_bytes(2, "big") + dstip + tail
-    _only_wire_errors(socks4.parse_request, data)
+    only_wire_errors(socks4.parse_request, data)
 
 
 @settings(max_examples=500)
 @given(userid_bytes, st.binary(max_size=300))
 def test_parse_request_arbitrary_host_name_bytes(raw_userid, raw_host):
     data = b"\x04\x01\x00\x50\x00\x00\x00\x01" + raw_userid + b"\x00" + raw_host + b"\x00"
-    _only_wire_errors(socks4.parse_request, data)
+    only_wire_errors(socks4.parse_request, data)
 
 
 @settings(max_examples=300)
 @given(st.binary(max_size=300))
 def test_parse_reply_arbitrary_bytes(data):
-    _only_wire_errors(socks4.parse_reply, data)
+    only_wire_errors(socks4.parse_reply, data)
 
 
 @settings(max_examples=200)

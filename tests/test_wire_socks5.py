@@ -3,54 +3,20 @@
 from __future__ import annotations
 
 import ipaddress
-import socket
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import normalizes
+from helpers import domain_names, ipv4_hosts, ipv6_hosts, only_wire_errors, ports
 from socksd.wire import WireError, socks5
 from socksd.wire.names import normalize_name
 
 # Strategies.
 
-ports = st.integers(min_value=0, max_value=65535)
 method_lists = st.binary(min_size=1, max_size=255)
 commands = st.integers(min_value=0, max_value=255)
 codes = st.integers(min_value=0, max_value=255)
-ipv4_hosts = st.ip_addresses(v=4).map(str)
-ipv6_hosts = st.ip_addresses(v=6).map(str)
-
-
-def _is_ip_literal(text: str) -> bool:
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            socket.inet_pton(family, text)
-            return True
-        except (OSError, ValueError):
-            pass
-    return False
-
-
-def _acceptable_domain(name: str) -> bool:
-    raw = name.encode("utf-8", "surrogatepass")
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return (1 <= len(raw) <= 255 and name.isprintable() and " " not in name
-            and not _is_ip_literal(name) and normalizes(name))
-
-
-# Names as a resolver takes them: printable, no spaces, 1..255 UTF-8 bytes.
-domain_names = st.one_of(
-    st.from_regex(r"\A[a-z0-9]([a-z0-9-]{0,20}\.){0,5}[a-z]{2,10}\Z"),
-    # Upper case, "_", trailing dots, fullwidth forms and non-ASCII letters:
-    # the parser hands on their normal form (socksd.wire.names).
-    st.text(alphabet="abcXYZ09-_.üßÄｌｏ．", min_size=1, max_size=80),
-).filter(_acceptable_domain)
-
 hosts = st.one_of(ipv4_hosts, ipv6_hosts, domain_names)
 
 
@@ -183,40 +149,28 @@ def test_trailing_bytes_are_left_over(message, trailing):
 # Arbitrary bytes: None, a message, or WireError; nothing else.
 
 
-def _only_wire_errors(parse, data):
-    try:
-        result = parse(data)
-    except WireError:
-        return
-    if result is not None:
-        message, used = result
-        assert isinstance(message, (socks5.Greeting, socks5.MethodSelection, socks5.Request,
-                                    socks5.Reply))
-        assert 0 < used <= len(data)
-
-
 @settings(max_examples=300)
 @given(st.binary(max_size=300))
 def test_parse_greeting_arbitrary_bytes(data):
-    _only_wire_errors(socks5.parse_greeting, data)
+    only_wire_errors(socks5.parse_greeting, data)
 
 
 @settings(max_examples=300)
 @given(st.binary(max_size=300))
 def test_parse_method_selection_arbitrary_bytes(data):
-    _only_wire_errors(socks5.parse_method_selection, data)
+    only_wire_errors(socks5.parse_method_selection, data)
 
 
 @settings(max_examples=300)
 @given(st.binary(max_size=300))
 def test_parse_request_arbitrary_bytes(data):
-    _only_wire_errors(socks5.parse_request, data)
+    only_wire_errors(socks5.parse_request, data)
 
 
 @settings(max_examples=300)
 @given(st.binary(max_size=300))
 def test_parse_reply_arbitrary_bytes(data):
-    _only_wire_errors(socks5.parse_reply, data)
+    only_wire_errors(socks5.parse_reply, data)
 
 
 # Arbitrary bytes that look like the start of a message reach deeper branches.
@@ -227,15 +181,15 @@ def test_parse_reply_arbitrary_bytes(data):
        st.binary(max_size=300))
 def test_parse_request_arbitrary_address(command, atyp, tail):
     data = bytes((5, command, 0, atyp)) + tail
-    _only_wire_errors(socks5.parse_request, data)
-    _only_wire_errors(socks5.parse_reply, data)
+    only_wire_errors(socks5.parse_request, data)
+    only_wire_errors(socks5.parse_reply, data)
 
 
 @settings(max_examples=300)
 @given(st.integers(0, 255), st.binary(max_size=255), ports)
 def test_parse_request_arbitrary_domain_bytes(length, raw, port):
     data = bytes((5, 1, 0, 3, length)) + raw + port.to_bytes(2, "big")
-    _only_wire_errors(socks5.parse_request, data)
+    only_wire_errors(socks5.parse_request, data)
 
 
 @settings(max_examples=300)

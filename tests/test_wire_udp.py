@@ -16,46 +16,14 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from helpers import normalizes
+from helpers import domain_names, ipv4_hosts, ipv6_hosts, ports
 from socksd.wire import WireError, socks5
 from socksd.wire.names import normalize_name
 
 # Strategies.
 
-ports = st.integers(min_value=0, max_value=65535)
 frags = st.integers(min_value=0, max_value=255)
 payloads = st.binary(max_size=2048)
-ipv4_hosts = st.ip_addresses(v=4).map(str)
-ipv6_hosts = st.ip_addresses(v=6).map(str)
-
-
-def _is_ip_literal(text: str) -> bool:
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            socket.inet_pton(family, text)
-            return True
-        except (OSError, ValueError):
-            pass
-    return False
-
-
-def _acceptable_domain(name: str) -> bool:
-    """What a resolver takes and the codec carries: 1..255 UTF-8 bytes,
-    printable, no spaces, and not an IP literal (that would be sent as one)."""
-    try:
-        raw = name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return (1 <= len(raw) <= 255 and name.isprintable() and " " not in name
-            and not _is_ip_literal(name) and normalizes(name))
-
-
-domain_names = st.one_of(
-    st.from_regex(r"\A[a-z0-9]([a-z0-9-]{0,20}\.){0,5}[a-z]{2,10}\Z"),
-    # Upper case, "_", trailing dots, fullwidth forms and non-ASCII letters:
-    # the parser hands on their normal form (socksd.wire.names).
-    st.text(alphabet="abcXYZ09-_.üßÄｌｏ．", min_size=1, max_size=80),
-).filter(_acceptable_domain)
 
 
 # Round trips.

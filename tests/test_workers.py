@@ -13,6 +13,7 @@ import time
 import pytest
 
 from conftest import TWISTD, require
+from helpers import wait_until
 from socksd import config
 
 
@@ -33,16 +34,6 @@ def _worker_pids(parent: int) -> list[int]:
     return sorted(pids)
 
 
-def _wait_for(predicate, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("timed out")
-
-
 def _session(port: int, dest_port: int, reply: int = 0x00) -> None:
     """A SOCKS5 CONNECT to 127.0.0.1:dest_port answered with ``reply``; once
     connected (to an HTTP server), one GET read to its end."""
@@ -58,10 +49,11 @@ def _session(port: int, dest_port: int, reply: int = 0x00) -> None:
                 pass
 
 
+@pytest.mark.integration
 def test_workers_serve_restart_and_stop(socks_server, http_server):
     require("curl")
     server = socks_server("[server]\nworkers = 2\n")
-    pids = _wait_for(lambda: (p := _worker_pids(server.process.pid)) and len(p) == 2 and p)
+    pids = wait_until(lambda: (p := _worker_pids(server.process.pid)) and len(p) == 2 and p, 15)
     for _ in range(40):
         _session(server.port, http_server)
     server.wait_for_log(r"\] w0 127\.0\.0\.1:\d+ socks5 .* ok")
@@ -69,8 +61,8 @@ def test_workers_serve_restart_and_stop(socks_server, http_server):
 
     os.kill(pids[0], signal.SIGKILL)
     server.wait_for_log(r"worker \d ended .*; restarting")
-    restarted = _wait_for(lambda: (p := _worker_pids(server.process.pid)) and len(p) == 2
-                          and pids[0] not in p and p)
+    restarted = wait_until(lambda: (p := _worker_pids(server.process.pid)) and len(p) == 2
+                           and pids[0] not in p and p, 15)
     assert pids[1] in restarted
     time.sleep(0.5)
     for _ in range(10):
@@ -85,6 +77,7 @@ def test_workers_serve_restart_and_stop(socks_server, http_server):
     ((), "socksd.tap.reactor.EPollReactor"),
     (("--reactor", "poll"), "twisted.internet.pollreactor.PollReactor"),
 ])
+@pytest.mark.integration
 def test_workers_run_on_the_supervisors_reactor(socks_server, http_server, twistd_args, reactor):
     server = socks_server("[server]\nworkers = 2\n", twistd_args=twistd_args)
     server.wait_for_log(rf"reactor class: {re.escape(reactor)}\.")
@@ -93,6 +86,7 @@ def test_workers_run_on_the_supervisors_reactor(socks_server, http_server, twist
     _session(server.port, http_server)
 
 
+@pytest.mark.integration
 def test_worker_logs_reach_the_twistd_log_file(tmp_path, http_server):
     """Workers publish through the supervisor: with `twistd -l FILE` (and a
     daemon's /dev/null stdout) their session lines are in FILE."""
@@ -105,27 +99,28 @@ def test_worker_logs_reach_the_twistd_log_file(tmp_path, http_server):
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                cwd=tmp_path)
     try:
-        port = int(_wait_for(lambda: logfile.exists() and re.search(
-            r"starting on (\d+) \(2 workers\)", logfile.read_text()))[1])
-        _wait_for(lambda: len(_worker_pids(process.pid)) == 2)
+        port = int(wait_until(lambda: logfile.exists() and re.search(
+            r"starting on (\d+) \(2 workers\)", logfile.read_text()), 15)[1])
+        wait_until(lambda: len(_worker_pids(process.pid)) == 2, 15)
         time.sleep(0.5)
         for _ in range(40):
             _session(port, http_server)
         for worker in ("w0", "w1"):
-            _wait_for(lambda worker=worker: re.search(rf"\[socksd#info\] {worker} 127\.0\.0\.1:\d+ "
-                                        rf"socks5 user=- method=none connect .* ok",
-                                        logfile.read_text()))
+            wait_until(lambda worker=worker: re.search(
+                rf"\[socksd#info\] {worker} 127\.0\.0\.1:\d+ "
+                rf"socks5 user=- method=none connect .* ok", logfile.read_text()), 15)
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(20)
 
 
+@pytest.mark.integration
 def test_a_stalled_supervisor_never_blocks_the_workers(socks_server):
     """Workers log through the supervisor, but never wait for it: while it is
     stopped (its log sink stalled, say) they go on serving and drop what does
     not fit their buffer, then say how much was dropped."""
     server = socks_server("[server]\nworkers = 2\n")
-    _wait_for(lambda: len(_worker_pids(server.process.pid)) == 2)
+    wait_until(lambda: len(_worker_pids(server.process.pid)) == 2, 15)
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))   # bound, not listening: connections are refused
     try:
@@ -193,6 +188,7 @@ def test_listeners_shared_by_workers_are_read_as_twisted_reads_them(description,
     assert config.parse_listener(description) == expected
 
 
+@pytest.mark.integration
 def test_workers_bind_the_positional_interface(socks_server):
     """tcp:PORT:127.0.0.1 with workers: loopback only (it bound 0.0.0.0)."""
     with socket.socket() as probe:
