@@ -174,6 +174,7 @@ def _frames(data: bytes) -> list[tuple[int, bytes]]:
     return out
 
 
+@pytest.mark.integration
 def test_reply_read_with_the_protection_answer(kerberos):
     """Answer, reply and the first data in one read: the part after the
     answer goes in beneath the new layer, and arrives unwrapped."""
@@ -191,6 +192,7 @@ def test_reply_read_with_the_protection_answer(kerberos):
     assert b"GET" not in raw and layer.decode(raw) == b"GET /"
 
 
+@pytest.mark.integration
 def test_a_refused_frame_fails_the_connect_with_its_reason(kerberos):
     proxy, d, acceptor = protected_client(kerberos)
     proxy.receive(frame(rfc1961.PROTECTION, acceptor.wrap(b"\x02", False).message))

@@ -34,6 +34,9 @@ from fakes import HalfCloseTransport
 from socksd import protection, relay, splice
 from socksd.wire import WireError
 
+# A real GSS-API context pair needs the KDC fixture.
+pytestmark = pytest.mark.integration
+
 Flags = gssapi.RequirementFlag
 FLAGS = (Flags.mutual_authentication | Flags.replay_detection
          | Flags.out_of_sequence_detection | Flags.integrity | Flags.confidentiality)

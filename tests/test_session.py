@@ -28,6 +28,7 @@ from fakes import (
     session_lines,
     socks5_client,
 )
+from socksd import relay
 from socksd.auth.registry import method_registry
 from socksd.proxy import Limits
 from socksd.rules import RuleSet, compile_rule
@@ -487,22 +488,30 @@ def test_a_reset_during_the_relay_is_one_connection_lost_line(side):
 
 
 class HoldingTransport(HalfCloseTransport):
-    """A send buffer that holds what the test says, reported as Twisted's
-    FileDescriptor reports it (socksd.relay.buffered); like FileDescriptor,
-    it pauses its streaming producer when full and resumes it once empty."""
+    """A send buffer that holds what the test says, reported by
+    socksd.relay.buffered as Twisted's FileDescriptor's is (see held_bytes);
+    like FileDescriptor, it pauses its streaming producer when full and
+    resumes it once empty."""
 
-    dataBuffer = b""
-    offset = 0
-    _tempDataLen = 0
+    held = 0
 
     def fill(self, n: int = 65536) -> None:
-        self._tempDataLen += n
+        self.held += n
         self.producer.pauseProducing()
 
     def drain(self, n: int | None = None) -> None:
-        self._tempDataLen -= self._tempDataLen if n is None else n
-        if self._tempDataLen == 0:
+        self.held -= self.held if n is None else n
+        if self.held == 0:
             self.producer.resumeProducing()
+
+
+@pytest.fixture(autouse=True)
+def held_bytes(monkeypatch):
+    """relay.buffered reads a FileDescriptor's private buffer (checked against
+    the real one in test_twisted_internals); a HoldingTransport says its own."""
+    real = relay.buffered
+    monkeypatch.setattr(relay, "buffered", lambda transport: transport.held if isinstance(
+        transport, HoldingTransport) else real(transport))
 
 
 class HoldingClient(Client):
