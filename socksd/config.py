@@ -11,7 +11,7 @@ import re
 import socket
 import tomllib
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Sequence
 
 from socksd.auth.gss import LEVEL_NAMES, GSSAPISettings
 from socksd.auth.registry import METHODS
@@ -113,7 +113,7 @@ class Config:
                          "naming users match them only with verified = \"any\"")
         return found
 
-    def checked(self, where=None) -> Config:
+    def checked(self, where: _Where | None = None) -> Config:
         """Checks across tables (also after the command line changed listen)."""
         if self.workers > 1:
             def error(key: str, message: str) -> ConfigError:
@@ -133,7 +133,7 @@ class Config:
         return self
 
     def with_command_line(self, listen: list[str], have_auth: bool,
-                          trusted_proxies: list[str] = ()) -> Config:
+                          trusted_proxies: Sequence[str] = ()) -> Config:
         """``--listen`` replaces the listeners; ``--auth`` without explicit
         ``methods`` means "require a password" rather than "ignore it";
         ``--trusted-proxy`` adds to ``trusted_proxies``."""
@@ -298,9 +298,9 @@ def parse(data: dict[str, Any], where: _Where) -> Config:
     if len(set(methods)) != len(methods):
         raise where.error("lists a method twice", "server", None, "methods")
 
-    limits = {key: server[key] for key in _SERVER_KEYS
-              if _SERVER_KEYS[key] in ("seconds", "timeout", "count", "bool", "prefix")
-              and key in server}
+    given = {key: server[key] for key in _SERVER_KEYS
+             if _SERVER_KEYS[key] in ("seconds", "timeout", "count", "bool", "prefix")
+             and key in server}
     for key in ("bind_ports", "udp_ports"):
         if key in server:
             try:
@@ -310,7 +310,7 @@ def parse(data: dict[str, Any], where: _Where) -> Config:
             if not ranges:
                 raise where.error("needs at least one range (\"0\" = any port)", "server",
                                   None, key)
-            limits[key] = ranges
+            given[key] = ranges
     if not 1 <= server.get("max_datagram", 1) <= 65507:
         raise where.error(f"{server['max_datagram']} is not a UDP payload size (1-65507)",
                           "server", None, "max_datagram")
@@ -318,7 +318,7 @@ def parse(data: dict[str, Any], where: _Where) -> Config:
         problem = _checker_problem(description)
         if problem:
             raise where.error(f"{description!r}: {problem}", "server", None, "checkers")
-    limits = Limits(**limits)
+    limits = Limits(**given)
     if limits.auth_failure_backoff > limits.auth_failure_backoff_max:
         raise where.error(f"{limits.auth_failure_backoff:g} s is more than server."
                           f"auth_failure_backoff_max ({limits.auth_failure_backoff_max:g} s)",
@@ -637,7 +637,7 @@ def parse_listener(description: str) -> tuple[int, str, int, int, bool]:
     return family, host, int(given["port"]), int(given.get("backlog", 50)), haproxy
 
 
-def worker_count(value) -> int:
+def worker_count(value: int | str) -> int:
     """``workers`` from the config: an int, or "auto" for the CPU count."""
     if value == "auto":
         return os.cpu_count() or 1

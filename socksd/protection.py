@@ -14,19 +14,25 @@ below client and proxy (which start it). It imports nothing of either.
 
 from __future__ import annotations
 
+from typing import Any, Iterable, cast
+
 import gssapi
 from gssapi.exceptions import GSSError
 from twisted.internet.interfaces import (
+    IAddress,
     IConsumer,
     IHalfCloseableProtocol,
+    IProducer,
     IProtocol,
     IPushProducer,
     ITCPTransport,
     ITransport,
 )
+from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import alsoProvides, implementer
 
+from socksd.twisted_internals import IStreamTransport
 from socksd.wire import WireError, rfc1961
 
 
@@ -82,7 +88,7 @@ class SecurityLayer:
         """Whole frames received so far -> their plaintext; raises WireError
         (malformed frame, tampering, replay, wrong protection)."""
         self.buffer += data
-        out = []
+        out: list[bytes] = []
         while True:
             parsed = rfc1961.parse_message(self.buffer, rfc1961.ENCAPSULATION)
             if parsed is None:
@@ -131,27 +137,36 @@ class ProtectionWrapper:
     buffered here, so producers, pausing and half-closes are the transport's
     own and pass straight through."""
 
-    def __init__(self, protocol, layer: SecurityLayer) -> None:
-        self.protocol = protocol
+    # The transport below, from :func:`start` or makeConnection, before which
+    # neither it nor the protocol above calls the wrapper.
+    transport: IStreamTransport
+
+    def __init__(self, protocol: IProtocol, layer: SecurityLayer) -> None:
+        # None once the connection is lost (see connectionLost).
+        self.protocol: IProtocol | None = protocol
         self.layer = layer
-        self.transport = None
         self.failure: Failure | None = None    # set once a frame was refused
         if IHalfCloseableProtocol.providedBy(protocol):
             # A transport half-closes only a protocol that says it can.
             alsoProvides(self, IHalfCloseableProtocol)
 
-    def _attach(self, transport) -> None:
+    def _attach(self, transport: IStreamTransport) -> None:
         self.transport = transport
         if ITCPTransport.providedBy(transport):
             alsoProvides(self, ITCPTransport)   # the rest of it via __getattr__
 
+    def _above(self) -> IProtocol:
+        # The transport calls nothing after connectionLost, which drops it.
+        assert self.protocol is not None, "called after connectionLost"
+        return self.protocol
+
     # IProtocol, to the transport below.
 
-    def makeConnection(self, transport) -> None:
+    def makeConnection(self, transport: ITransport) -> None:
         """For a wrapper in place from the start; :func:`start` slips one
         under a protocol already connected instead."""
-        self._attach(transport)
-        self.protocol.makeConnection(self)
+        self._attach(_stream(transport))
+        self._above().makeConnection(self)
 
     def connectionMade(self) -> None:
         """The protocol above was told by its own makeConnection."""
@@ -166,19 +181,22 @@ class ProtectionWrapper:
             self.transport.abortConnection()
             return
         if plain:
-            self.protocol.dataReceived(plain)
+            self._above().dataReceived(plain)
+
+    # IHalfCloseableProtocol: the transport calls these only when the wrapper
+    # provides it, which it does only over a protocol that does.
 
     def readConnectionLost(self) -> None:
         if self.failure is None:
-            self.protocol.readConnectionLost()
+            IHalfCloseableProtocol(self._above()).readConnectionLost()
 
     def writeConnectionLost(self) -> None:
-        self.protocol.writeConnectionLost()
+        IHalfCloseableProtocol(self._above()).writeConnectionLost()
 
     def connectionLost(self, reason: Failure) -> None:
         # Dropped, as Twisted's own connections drop theirs, so the two
         # protocols are freed at once, not at the next collection.
-        protocol, self.protocol = self.protocol, None
+        protocol, self.protocol = self._above(), None
         protocol.connectionLost(self.failure if self.failure is not None else reason)
 
     # ITransport and IConsumer, to the protocol above.
@@ -187,7 +205,7 @@ class ProtectionWrapper:
         if data:
             self.transport.write(self.layer.encode(data))
 
-    def writeSequence(self, data) -> None:
+    def writeSequence(self, data: Iterable[bytes]) -> None:
         self.write(b"".join(data))
 
     def loseConnection(self) -> None:
@@ -199,13 +217,13 @@ class ProtectionWrapper:
     def loseWriteConnection(self) -> None:
         self.transport.loseWriteConnection()
 
-    def getPeer(self):
+    def getPeer(self) -> IAddress:
         return self.transport.getPeer()
 
-    def getHost(self):
+    def getHost(self) -> IAddress:
         return self.transport.getHost()
 
-    def registerProducer(self, producer, streaming: bool) -> None:
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
         self.transport.registerProducer(producer, streaming)
 
     def unregisterProducer(self) -> None:
@@ -222,13 +240,24 @@ class ProtectionWrapper:
     def stopProducing(self) -> None:
         self.transport.stopProducing()
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         # The rest of the transport (disconnecting, TCP options, ...) is the
-        # one below; "transport" itself is always set, so no recursion.
-        return getattr(self.transport, name)
+        # one below. Before it is attached there is none: looked up in the
+        # instance's own attributes, "transport" cannot recurse here.
+        below = self.__dict__.get("transport")
+        if below is None:
+            raise AttributeError(name)
+        return getattr(below, name)
 
 
-def start(protocol, context: gssapi.SecurityContext, level: int,
+def _stream(transport: ITransport) -> IStreamTransport:
+    """The transport of a protocol protection runs under: a TCP or UNIX
+    connection, or a TLS or PROXY wrapper of one, which Twisted's annotations
+    call an ITransport (IStreamTransport is for annotations only: no check)."""
+    return cast(IStreamTransport, transport)
+
+
+def start(protocol: Protocol, context: gssapi.SecurityContext, level: int,
           require_sequence: bool = True) -> ProtectionWrapper:
     """Slip protection at ``level`` (integrity or confidentiality) under
     ``protocol``, connected already: from now on what it writes goes out
@@ -236,10 +265,12 @@ def start(protocol, context: gssapi.SecurityContext, level: int,
     the negotiation) go to the wrapper's ``dataReceived``."""
     if level not in (rfc1961.INTEGRITY, rfc1961.CONFIDENTIALITY):
         raise ValueError(f"no encapsulation at protection level {level}")
-    wrapper = ProtectionWrapper(protocol, SecurityLayer(context, level, require_sequence))
     transport = protocol.transport
+    if transport is None:
+        raise TypeError(f"{protocol!r} is not connected: nothing to slip protection under")
+    wrapper = ProtectionWrapper(protocol, SecurityLayer(context, level, require_sequence))
     _deliver_to(wrapper, transport, protocol)
-    wrapper._attach(transport)
+    wrapper._attach(_stream(transport))
     protocol.transport = wrapper
     return wrapper
 
@@ -247,7 +278,7 @@ def start(protocol, context: gssapi.SecurityContext, level: int,
 _DELIVERING = ("protocol", "wrappedProtocol", "_wrappedProtocol")
 
 
-def _deliver_to(wrapper: ProtectionWrapper, transport, protocol) -> None:
+def _deliver_to(wrapper: ProtectionWrapper, transport: ITransport, protocol: Protocol) -> None:
     """Make whatever hands ``protocol`` its bytes hand them to ``wrapper``.
 
     Twisted has no public way to ask, so this follows the references that
@@ -255,13 +286,14 @@ def _deliver_to(wrapper: ProtectionWrapper, transport, protocol) -> None:
     startTLS put there), a ProtocolWrapper's ``wrappedProtocol`` (haproxy:
     and TLS listeners) and a client endpoint's ``_wrappedProtocol``.
     """
-    holder, seen = transport, set()
+    holder: object = transport        # transports and protocols, whatever Twisted chains
+    seen: set[int] = set()
     while holder is not None and id(holder) not in seen:
         seen.add(id(holder))
         # The instance's own attributes: a ProtocolWrapper's __getattr__
         # would answer for its transport.
         attributes = getattr(holder, "__dict__", {})
-        deeper = None
+        deeper: object = None
         for name in _DELIVERING:
             below = attributes.get(name)
             if below is protocol:

@@ -1,9 +1,9 @@
 """GSS-API (RFC 1961): Kerberos authentication for SOCKS5.
 
 The acceptor side runs on python-gssapi (MIT krb5). The negotiation ends by
-handing up what it established (:class:`Established`); the protection that
-wraps everything after it (integrity or confidentiality) is
-:mod:`socksd.protection`, a layer above this one, which the proxy starts.
+handing up what it established (:class:`~socksd.auth.methods.Established`);
+the protection that wraps everything after it (integrity or confidentiality)
+is :mod:`socksd.protection`, a layer above this one, which the proxy starts.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from gssapi.exceptions import GSSError
 from twisted.logger import Logger
 
 from socksd.auth import User
-from socksd.auth.methods import Authenticating, Method
+from socksd.auth.methods import Authenticating, Established, Method
 from socksd.escape import escape
 from socksd.wire import WireError, rfc1961, socks5
 
@@ -79,7 +79,9 @@ class GSSAPISettings:
         else:
             # "service@" with no host: this service on any of our host names.
             name = gssapi.Name(f"{self.service}@", gssapi.NameType.hostbased_service)
-        store = {"keytab": self.keytab} if self.keytab else None
+        # As gssapi annotates it: a dict is invariant, a dict[str, str] would not do.
+        store: dict[bytes | str, bytes | str] | None = (
+            {"keytab": self.keytab} if self.keytab else None)
         return gssapi.Credentials(name=name, usage="accept", store=store)
 
     def local_name(self, principal: str) -> str:
@@ -105,16 +107,6 @@ class GSSAPISettings:
         return None
 
 
-@dataclass(frozen=True)
-class Established:
-    """What a negotiation agreed on, for the layer above to protect the
-    session with (socksd.protection.start)."""
-
-    context: gssapi.SecurityContext
-    level: int                  # rfc1961.INTEGRITY or CONFIDENTIALITY
-    require_sequence: bool      # CONNECT and BIND need replay and sequence detection
-
-
 class GSSAPIMethod(Method):
     code = socks5.GSSAPI
     name = "gssapi"
@@ -137,7 +129,7 @@ class _Negotiation:
         self.session = session
         self.buffer = b""
         self.context = gssapi.SecurityContext(creds=method.credentials, usage="accept")
-        self.state = rfc1961.CONTEXT
+        self.state: int | None = rfc1961.CONTEXT    # the MTYP expected; None once done
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -200,12 +192,12 @@ class _Negotiation:
         rest, self.buffer = self.buffer, b""
         established = (Established(self.context, level, settings.require_sequence)
                        if level != rfc1961.CLEAR else None)
-        avatar = User(settings.local_name(principal))
+        name = settings.local_name(principal)
         log.info("{peer} gssapi: {principal} as {user}, protection {protection}",
                  peer=escape(getattr(self.session, "peer", "-"), spaces=True),
                  principal=escape(principal, spaces=True),
-                 user=escape(avatar.name, spaces=True), protection=level)
-        self.session.authenticated(GSSAPIMethod.name, avatar, rest, established)
+                 user=escape(name, spaces=True), protection=level)
+        self.session.authenticated(GSSAPIMethod.name, User(name), rest, established)
 
     def _abort(self, reason: str) -> None:
         self.state = None

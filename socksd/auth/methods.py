@@ -9,32 +9,63 @@ established, from which the layer above starts protection.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import Portal
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITransport
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Interface
 
 from socksd.auth import ANONYMOUS, ClientUsernamePassword, IUser, User
 from socksd.auth.hashing import TooManyChecks
 from socksd.escape import escape
 from socksd.wire import WireError, rfc1929, socks5
 
+if TYPE_CHECKING:
+    import gssapi
+
 log = Logger(namespace="socksd")
 
 
+@dataclass(frozen=True)
+class Established:
+    """What a GSS-API negotiation agreed on, for the layer above to protect
+    the session with (socksd.protection.start). Here, not in gss.py, as
+    part of the seam that hands it up (:meth:`Authenticating.authenticated`)."""
+
+    context: gssapi.SecurityContext
+    level: int                  # rfc1961.INTEGRITY or CONFIDENTIALITY
+    require_sequence: bool      # CONNECT and BIND need replay and sequence detection
+
+
 class Authenticating(Protocol):
-    """What a method needs of the session it authenticates."""
+    """What a method needs of the session it authenticates (read only: the
+    handshake answers some of these from its session)."""
 
-    transport: object
-    client_key: str | None     # the client's address: per-client bounds and backoff
-    reactor: object            # the session's reactor: its clock and timers
-    handshake_deadline: float  # when (reactor.seconds()) the handshake times out
+    @property
+    def transport(self) -> ITransport:
+        """The client's connection: the method's replies go here."""
 
-    def authenticated(self, method: str, avatar: User, rest: bytes, established=None) -> None:
-        """``established``: what a GSS-API negotiation agreed on (gss.Established),
-        protecting all that follows, ``rest`` included."""
+    @property
+    def client_key(self) -> str | None:
+        """The client's address: per-client bounds and backoff."""
+
+    @property
+    def reactor(self) -> IReactorTime:
+        """The session's reactor: its clock and timers."""
+
+    @property
+    def handshake_deadline(self) -> float:
+        """When (``reactor.seconds()``) the handshake times out."""
+
+    def authenticated(self, method: str, avatar: User, rest: bytes,
+                      established: Established | None = None) -> None:
+        """``established``: what a GSS-API negotiation agreed on, protecting
+        all that follows, ``rest`` included."""
 
     def authentication_failed(self, method: str, user: str | None, reason: str) -> None: ...
 
@@ -94,7 +125,9 @@ class Backoff:
 
     def wait(self, client: str | None, now: float) -> tuple[int, float]:
         """(failures in a row, seconds left of the backoff) for ``client``."""
-        entry = self.failures.get(client) if client is not None else None
+        if client is None:
+            return 0, 0.0
+        entry = self.failures.get(client)
         if entry is None:
             return 0, 0.0
         count, last, until = entry
@@ -119,7 +152,8 @@ class Backoff:
         return count, delay
 
     def succeeded(self, client: str | None) -> None:
-        self.failures.pop(client, None)
+        if client is not None:
+            self.failures.pop(client, None)
 
 
 class UserPass(Method):
@@ -136,6 +170,10 @@ class UserPass(Method):
         return _UserPassNegotiation(self, session)
 
 
+# What Portal.login fires with: (interface, avatar, logout).
+Login = tuple[type[Interface], object, Callable[[], None]]
+
+
 class _UserPassNegotiation:
     """One RFC 1929 exchange. A login from an address in backoff waits for
     the backoff to end before its password is checked (so the answer comes
@@ -150,10 +188,10 @@ class _UserPassNegotiation:
         self.method = method
         self.session = session
         self.buffer = b""
-        self.pending = None
+        self.pending: Deferred[Login] | None = None
         self.credentials: ClientUsernamePassword | None = None   # until checked
         self.name = ""
-        self.timer = None
+        self.timer: IDelayedCall | None = None
 
     def data_received(self, data: bytes) -> None:
         if self.pending is not None or self.credentials is not None:
@@ -192,17 +230,19 @@ class _UserPassNegotiation:
                 self.timer = session.reactor.callLater(wait, self._check)
             return
         credentials, self.credentials = self.credentials, None
+        assert credentials is not None, "kept by data_received until this login"
         self.pending = self.method.portal.login(credentials, None, IUser)
         self.pending.addCallbacks(self._succeeded, self._failed)
 
-    def _succeeded(self, result) -> None:
+    def _succeeded(self, result: Login) -> None:
         _interface, avatar, _logout = result
+        assert isinstance(avatar, User), "the portal's realm is SOCKSRealm, for IUser"
         self.method.backoff.succeeded(self.session.client_key)
         rest, self.buffer = self.buffer, b""
         self.session.transport.write(rfc1929.encode_response(rfc1929.SUCCESS))
         self.session.authenticated(UserPass.name, avatar, rest)
 
-    def _failed(self, failure) -> None:
+    def _failed(self, failure: Failure) -> None:
         if failure.check(CancelledError):
             return  # the session went away while the checker ran
         if failure.check(UnauthorizedLogin):

@@ -9,14 +9,18 @@ the handshake as TLS would: neither it nor the application sees a frame.
 
 from __future__ import annotations
 
+import gssapi
 from gssapi.exceptions import GSSError
 from twisted.internet import defer
-from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.error import NoProtocol
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from socksd import protection
+from socksd.twisted_internals import IStreamTransport
 from socksd.wire import WireError, rfc1929, rfc1961, socks5
 
 
@@ -54,8 +58,8 @@ class SOCKS5ClientEndpoint:
         offered.append(socks5.NO_AUTH)
         return bytes(offered)
 
-    def connect(self, protocolFactory: Factory) -> defer.Deferred:
-        ready: defer.Deferred = defer.Deferred()
+    def connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred[IProtocol]:
+        ready: defer.Deferred[IProtocol] = defer.Deferred()
         factory = Factory.forProtocol(lambda: _Handshake(self, protocolFactory, ready))
         d = self.proxy.connect(factory)
         d.addErrback(ready.errback)
@@ -65,15 +69,19 @@ class SOCKS5ClientEndpoint:
 class _Handshake(Protocol, TimeoutMixin):
     """Speaks SOCKS5 to the proxy, then carries the application's bytes."""
 
-    def __init__(self, endpoint: SOCKS5ClientEndpoint, factory: Factory,
-                 ready: defer.Deferred) -> None:
+    # The proxy's connection; under GSS-API protection, the wrapper over it.
+    transport: IStreamTransport
+
+    def __init__(self, endpoint: SOCKS5ClientEndpoint, factory: IProtocolFactory,
+                 ready: defer.Deferred[IProtocol]) -> None:
         self.endpoint = endpoint
         self.factory_ = factory
-        self.ready = ready
+        self.ready: defer.Deferred[IProtocol] | None = ready   # None once fired
         self.buffer = b""
-        self.state = "method"
-        self.context = None
-        self.app: Protocol | None = None
+        # method, userpass, gss-context, gss-protection, reply; None once done
+        self.state: str | None = "method"
+        self.context: gssapi.SecurityContext | None = None    # from gss-context on
+        self.app: IProtocol | None = None
 
     def connectionMade(self) -> None:
         self.setTimeout(self.endpoint.timeout)
@@ -103,10 +111,10 @@ class _Handshake(Protocol, TimeoutMixin):
     def _step(self) -> bool:
         """Handle one message from the buffer; False when more bytes are needed."""
         if self.state == "method":
-            parsed = socks5.parse_method_selection(self.buffer)
-            if parsed is None:
+            selected = socks5.parse_method_selection(self.buffer)
+            if selected is None:
                 return False
-            selection, used = parsed
+            selection, used = selected
             method = selection.method
             self.buffer = self.buffer[used:]
             if method == socks5.NO_AUTH:
@@ -121,10 +129,10 @@ class _Handshake(Protocol, TimeoutMixin):
                 raise SOCKSError(f"the proxy accepts none of our methods ({method:#x})", method)
             return True
         if self.state == "userpass":
-            parsed = rfc1929.parse_response(self.buffer)
-            if parsed is None:
+            answered = rfc1929.parse_response(self.buffer)
+            if answered is None:
                 return False
-            response, used = parsed
+            response, used = answered
             status = response.status
             self.buffer = self.buffer[used:]
             if status != rfc1929.SUCCESS:
@@ -132,23 +140,25 @@ class _Handshake(Protocol, TimeoutMixin):
             self._request()
             return True
         if self.state in ("gss-context", "gss-protection"):
+            context = self.context
+            assert context is not None, "made by _gss_start, before these states"
             expected = rfc1961.CONTEXT if self.state == "gss-context" else rfc1961.PROTECTION
-            parsed = rfc1961.parse_message(self.buffer, expected)
-            if parsed is None:
+            message = rfc1961.parse_message(self.buffer, expected)
+            if message is None:
                 return False
-            (_mtyp, token), used = parsed
+            (_mtyp, token), used = message
             self.buffer = self.buffer[used:]
             if self.state == "gss-context":
-                self._gss_context(token)
+                self._gss_send(context, context.step(token))
             else:
-                self._gss_protection(token)
+                self._gss_protection(context, token)
             return True
         if self.state == "reply":
             buffer = self.buffer
-            parsed = socks5.parse_reply(buffer)
-            if parsed is None:
+            replied = socks5.parse_reply(buffer)
+            if replied is None:
                 return False
-            reply, used = parsed
+            reply, used = replied
             rest, self.buffer = buffer[used:], b""
             if reply.code != socks5.SUCCEEDED:
                 raise SOCKSError(f"the proxy replied {reply.code:#x}", reply.code)
@@ -157,9 +167,7 @@ class _Handshake(Protocol, TimeoutMixin):
         return False
 
     def _gss_start(self) -> None:
-        import gssapi
-
-        self.context = gssapi.SecurityContext(
+        self.context = context = gssapi.SecurityContext(
             name=gssapi.Name(self.endpoint.gssapi_service, gssapi.NameType.hostbased_service),
             usage="initiate",
             flags=gssapi.RequirementFlag.mutual_authentication |
@@ -167,38 +175,36 @@ class _Handshake(Protocol, TimeoutMixin):
             gssapi.RequirementFlag.out_of_sequence_detection |
             gssapi.RequirementFlag.integrity | gssapi.RequirementFlag.confidentiality)
         self.state = "gss-context"
-        self._gss_send(self.context.step())
+        self._gss_send(context, context.step())
 
-    def _gss_send(self, token: bytes | None) -> None:
+    def _gss_send(self, context: gssapi.SecurityContext, token: bytes | None) -> None:
         if token:
             self.transport.write(rfc1961.encode_message(rfc1961.CONTEXT, token))
-        if self.context.complete:
+        if context.complete:
             self.state = "gss-protection"
             octet = bytes((self.endpoint.gssapi_level,))
-            message = octet if self.endpoint.nec else self.context.wrap(octet, False).message
+            message = octet if self.endpoint.nec else context.wrap(octet, False).message
             self.transport.write(rfc1961.encode_message(rfc1961.PROTECTION, message))
 
-    def _gss_context(self, token: bytes) -> None:
-        self._gss_send(self.context.step(token))
-
-    def _gss_protection(self, token: bytes) -> None:
-        octet = token if self.endpoint.nec else self.context.unwrap(token).message
+    def _gss_protection(self, context: gssapi.SecurityContext, token: bytes) -> None:
+        octet = token if self.endpoint.nec else context.unwrap(token).message
         if len(octet) != 1:
             raise SOCKSError("malformed protection level answer")
         level = octet[0]
         if level < self.endpoint.gssapi_level:
             raise SOCKSError(f"the proxy offers protection {level}, "
                              f"weaker than {self.endpoint.gssapi_level}")
-        rest = b""
-        if level in (rfc1961.INTEGRITY, rfc1961.CONFIDENTIALITY):
-            # What followed the answer was read from below the new layer.
-            rest, self.buffer = self.buffer, b""
-            protection.start(self, self.context, level)
+        if level not in (rfc1961.INTEGRITY, rfc1961.CONFIDENTIALITY):
+            self._request()
+            return
+        # What followed the answer was read from below the new layer.
+        rest, self.buffer = self.buffer, b""
+        wrapper = protection.start(self, context, level)
         self._request()
         if rest:
             # Back in through the layer: its plaintext reaches dataReceived
             # (this one, re-entered), which reads the reply from it.
-            self.transport.dataReceived(rest)
+            wrapper.dataReceived(rest)
 
     def _request(self) -> None:
         self.state = "reply"
@@ -207,14 +213,21 @@ class _Handshake(Protocol, TimeoutMixin):
 
     def _connected(self, rest: bytes) -> None:
         self.setTimeout(None)
-        self.state = None
         transport = self.transport
-        self.app = self.factory_.buildProtocol(transport.getPeer())
-        self.app.makeConnection(transport)
+        app = self.factory_.buildProtocol(transport.getPeer())
+        if app is None:
+            # A factory that builds nothing refuses the connection, as it
+            # does behind Twisted's own endpoints.
+            self._fail(NoProtocol())
+            return
+        self.state = None
+        self.app = app
+        app.makeConnection(transport)
         ready, self.ready = self.ready, None
-        ready.callback(self.app)
+        assert ready is not None, "fired only here, by _fail and by connectionLost: no reply after"
+        ready.callback(app)
         if rest:
-            self.app.dataReceived(rest)
+            app.dataReceived(rest)
 
     def _fail(self, error: Exception) -> None:
         self._abort_gss()   # RFC 1961: tell the proxy why we stop
@@ -225,15 +238,15 @@ class _Handshake(Protocol, TimeoutMixin):
             ready.errback(error)
         self.transport.loseConnection()
 
-    def connectionLost(self, reason=None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.setTimeout(None)
         if self.app is not None:
             self.app.connectionLost(reason)
         elif self.ready is not None:
             ready, self.ready = self.ready, None
-            if reason is not None and reason.check(protection.ProtectionFailed):
+            if reason.check(protection.ProtectionFailed):
                 # The layer refused a frame and aborted: say why, as before.
                 ready.errback(SOCKSError(reason.getErrorMessage()))
                 return
             ready.errback(SOCKSError(f"the proxy closed the connection: "
-                                     f"{reason.getErrorMessage() if reason else ''}"))
+                                     f"{reason.getErrorMessage()}"))

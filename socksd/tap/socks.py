@@ -6,10 +6,15 @@ import os
 import resource
 import sys
 from dataclasses import replace
+from typing import Sequence
 
 from twisted.application import service, strports
 from twisted.cred import strcred
-from twisted.cred.checkers import FilePasswordDB, InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.checkers import (
+    FilePasswordDB,
+    ICredentialsChecker,
+    InMemoryUsernamePasswordDatabaseDontUse,
+)
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.portal import Portal
 from twisted.logger import Logger
@@ -27,6 +32,7 @@ from socksd.proxy.connect import THREAD_POOL_SIZE
 from socksd.tap import identd as identd_tap
 from socksd.tap import install_reactor, security
 from socksd.tap.workers import WorkersService
+from socksd.twisted_internals import installed_reactor
 
 log = Logger(namespace="socksd")
 
@@ -92,8 +98,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             sys.exit(0)
 
 
-def build(path: str | None, listen: list[str], auth_checkers: list,
-          trusted_proxies: list[str] = ()):
+def build(path: str | None, listen: list[str], auth_checkers: list[ICredentialsChecker],
+          trusted_proxies: Sequence[str] = ()
+          ) -> tuple[configuration.Config, list[ICredentialsChecker]]:
     """The validated config and its checkers (config's, then --auth's)."""
     cfg = configuration.load(path) if path else configuration.Config()
     cfg = cfg.with_command_line(listen, bool(auth_checkers), trusted_proxies)
@@ -102,7 +109,7 @@ def build(path: str | None, listen: list[str], auth_checkers: list,
         where = "--listen" if listen else \
             f"{configuration.location(cfg.path, 'server', 'listen')}: server.listen"
         raise configuration.ConfigError(f"{where}: {problem}")
-    checkers = []
+    checkers: list[ICredentialsChecker] = []
     for index, description in enumerate(cfg.checkers):
         try:
             checkers.append(strcred.makeChecker(description))
@@ -147,7 +154,7 @@ def build(path: str | None, listen: list[str], auth_checkers: list,
     return cfg, checkers
 
 
-def _bytes_users(checker) -> None:
+def _bytes_users(checker: ICredentialsChecker) -> None:
     """Twisted's ``memory:`` factory stores str names and passwords, while
     RFC 1929 (like conch and ftp) gives IUsernamePassword bytes: store bytes."""
     if isinstance(checker, InMemoryUsernamePasswordDatabaseDontUse):
@@ -157,8 +164,9 @@ def _bytes_users(checker) -> None:
             for k, v in checker.users.items()}
 
 
-def make_factory(cfg, checkers: list, proxied: ProxiedConnections | None,
-                 share: int = 1, worker: int | None = None) -> SOCKSServerFactory:
+def make_factory(cfg: configuration.Config, checkers: list[ICredentialsChecker],
+                 proxied: ProxiedConnections | None, share: int = 1,
+                 worker: int | None = None) -> SOCKSServerFactory:
     """The listeners' factory; with ``share`` workers each gets its share
     of the session limits and of the password checks' threads and bounds.
     ``worker``: which worker process this is, for its lines."""
@@ -219,9 +227,8 @@ def makeService(options: Options) -> service.IService:
         log.warn("{warning}", warning=warning)
     raise_nofile_limit(cfg.limits.max_sessions)
     security.warn_about_secrets(cfg, options.checkers, options["auth_strings"])
-    from twisted.internet import reactor
-
-    reactor.suggestThreadPoolSize(THREAD_POOL_SIZE)   # name lookups: see connect.MAX_LOOKUPS
+    # Name lookups: see connect.MAX_LOOKUPS.
+    installed_reactor().suggestThreadPoolSize(THREAD_POOL_SIZE)
     proxied = None
     identd = cfg.identd if cfg.identd is not None and cfg.identd.enabled else None
     if identd is not None and identd.policy.proxied_users and cfg.workers == 1:
