@@ -50,11 +50,12 @@ test: EXTRAS = [test]
 test: debs-test install lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-# The gates that hold style and layering before any test runs
-# ([tool.ruff] and [tool.importlinter] in pyproject.toml).
+# The gates that hold style, layering and types before any test runs
+# ([tool.ruff], [tool.importlinter] and [tool.mypy] in pyproject.toml).
 lint:
 	$(VENV)/bin/ruff check socksd tests benchmarks twisted
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 bench: EXTRAS = [test]
 bench: debs-test debs-bench install
@@ -64,4 +65,4 @@ bench: debs-test debs-bench install
 	$(PY) benchmarks/auth_flood.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis .ruff_cache .mypy_cache .import_linter_cache

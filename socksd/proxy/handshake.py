@@ -14,6 +14,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.python.failure import Failure
 
 from socksd.auth import User
+from socksd.auth.methods import Established
 from socksd.proxy.bind import BindWaiter
 from socksd.proxy.connect import ConnectFailed, Outbound, classify
 from socksd.relay import RelayEnd
@@ -33,7 +34,8 @@ class RequestOwner(Protocol):
         """Write down what the session line reports: the method chosen, the
         command asked for, a detail (e.g. why a USERID was taken on trust)."""
 
-    def authenticated(self, method: str, avatar: User, established: Any = None) -> None:
+    def authenticated(self, method: str, avatar: User,
+                      established: Established | None = None) -> None:
         """``established``: a GSS-API context and protection level; all that
         follows is wrapped (the owner slips the protection layer under it)."""
 

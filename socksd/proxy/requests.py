@@ -11,6 +11,7 @@ from typing import Any, Callable
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
+from socksd.protection import SecurityLayer
 from socksd.proxy import connect
 from socksd.proxy.bind import BindWaiter
 from socksd.proxy.client_rules import ClientRules
@@ -61,7 +62,7 @@ def listen_for(reactor: Any, limits: Limits, rules: ClientRules, host: str, port
 
 def associate(reactor: Any, limits: Limits, rules: ClientRules, host: str, port: int,
               local: Any, activity: Callable[[], None],
-              layer: Any = None) -> tuple[UDPRelay, tuple[str, int]]:
+              layer: SecurityLayer | None = None) -> tuple[UDPRelay, tuple[str, int]]:
     """UDP ASSOCIATE: a relay socket on ``local``'s address, for datagrams
     from host:port (0s: not known yet); raises ConnectFailed."""
     if not rules.could_allow("udp"):

@@ -12,8 +12,9 @@ from twisted.protocols.policies import TimeoutMixin
 
 from socksd import protection, relay
 from socksd.auth import ANONYMOUS, User
-from socksd.auth.methods import Method
+from socksd.auth.methods import Established, Method
 from socksd.ident.registry import ProxiedConnections
+from socksd.protection import SecurityLayer
 from socksd.proxy import requests
 from socksd.proxy.bind import BindWaiter
 from socksd.proxy.client_rules import ClientRules
@@ -88,7 +89,7 @@ class Session(ClientEnd, TimeoutMixin):
     buffered = 0
     eof_pending = False
     udp: UDPRelay | None = None
-    layer = None        # GSS-API protection under the session (its SecurityLayer; UDP uses it)
+    layer: SecurityLayer | None = None   # GSS-API protection under the session (UDP uses it)
     ended = False
     counted = True     # in server.sessions (max_sessions)
     proxied: HAProxyProtocolWrapper | None = None   # under a haproxy: listener
@@ -286,7 +287,8 @@ class Session(ClientEnd, TimeoutMixin):
         else:
             self.transport.loseConnection()
 
-    def authenticated(self, method: str, avatar: User, established=None) -> None:
+    def authenticated(self, method: str, avatar: User,
+                      established: Established | None = None) -> None:
         self.method = method
         self.user = avatar
         if established is not None:

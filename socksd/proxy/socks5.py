@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from socksd.auth import User
-from socksd.auth.methods import Method, Negotiation
+from socksd.auth.methods import Established, Method, Negotiation
 from socksd.proxy import connect
 from socksd.proxy.handshake import Requesting, RequestOwner
 from socksd.relay import send
@@ -97,7 +97,8 @@ class Socks5Handshake(Requesting):
 
     # Called back by the method (see socksd.auth.methods.Authenticating).
 
-    def authenticated(self, method: str, avatar: User, rest: bytes, established=None) -> None:
+    def authenticated(self, method: str, avatar: User, rest: bytes,
+                      established: Established | None = None) -> None:
         self.owner.authenticated(method, avatar, established)
         self.negotiation = None
         self.state = _REQUEST

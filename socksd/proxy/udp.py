@@ -18,6 +18,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
 from socksd.escape import escape
+from socksd.protection import SecurityLayer
 from socksd.proxy import connect
 from socksd.proxy.bind import candidate_ports
 from socksd.proxy.client_rules import ClientRules
@@ -45,7 +46,7 @@ class UDPRelay(DatagramProtocol):
     noisy = False
 
     def __init__(self, reactor: Any, limits: Limits, rules: ClientRules, host: str, port: int,
-                 activity: Callable[[], None], layer: Any = None) -> None:
+                 activity: Callable[[], None], layer: SecurityLayer | None = None) -> None:
         self.reactor = reactor
         self.limits = limits
         self.rules = rules
