@@ -78,10 +78,22 @@ def installed_reactor() -> IReactor:
 def buffered(transport: object) -> int | None:
     """Bytes Twisted holds for this transport, not yet taken by the socket
     (FileDescriptor's write buffer: ``dataBuffer`` past ``offset``, plus
-    ``_tempDataLen`` not yet joined to it); None for another kind of transport."""
-    if not isinstance(transport, abstract.FileDescriptor):
-        return None
-    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+    ``_tempDataLen`` not yet joined to it); None when no FileDescriptor is
+    under it.
+
+    A wrapper (haproxy:'s and TLS's ProtocolWrapper, GSS-API protection) is
+    looked through to the socket's transport under it: a client behind one
+    that stops reading fills that buffer, and the stall watch must see it."""
+    for _ in range(8):    # wrappers stack a few deep at most
+        if isinstance(transport, abstract.FileDescriptor):
+            return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+        # Each wrapper keeps the transport under it in its own __dict__
+        # (a ProtocolWrapper's __getattr__ would hand back its own methods).
+        transport = vars(transport).get("transport") if hasattr(transport, "__dict__") \
+            else None
+        if transport is None:
+            return None
+    return None
 
 
 def direct_socket(transport: object) -> socket.socket | None:

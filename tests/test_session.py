@@ -784,3 +784,29 @@ def test_ipv6_peer_in_log_line():
     line = refused_session_line(client, [GREETING_NONE, b"\x05\x09\x00\x01" + bytes(6)],
                                 b"\x05\x00" + failure_reply(0x07))
     assert "[::1]:40000" in line and "command not supported" in line and "0x09" in line
+
+
+def test_an_ended_session_is_freed_without_the_garbage_collector():
+    """No reference cycle outlives a relayed session (its relay, its ends):
+    thousands of short sessions must not wait for the collector's pass."""
+    import gc
+    import weakref
+
+    factory, reactor = make_factory(limits=Limits(splice=False))
+    client = Client(factory)
+    client.send(GREETING_NONE)
+    client.send(CONNECT_IP)
+    out = Outbound(reactor)
+    out.accept()
+    session = weakref.ref(client.session)
+    gc.disable()
+    try:
+        out.protocol.connectionLost(Failure(error.ConnectionDone()))
+        client.session.connectionLost(Failure(error.ConnectionDone()))
+        # What Twisted's connections drop when they close.
+        client.transport.producer = out.transport.producer = None
+        client.transport.protocol = out.transport.protocol = None
+        client.session = out.protocol = None
+        assert session() is None, [type(r) for r in gc.get_referrers(session())]
+    finally:
+        gc.enable()

@@ -16,8 +16,9 @@ from importlib.metadata import version
 import pytest
 from twisted.internet import epollreactor, tcp
 from twisted.internet.address import IPv4Address
-from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.internet.protocol import Factory, Protocol, ServerFactory
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
 from socksd import twisted_internals as internals
 from socksd.tap import reactor as socksd_reactor
@@ -90,6 +91,22 @@ def test_buffered_counts_a_partly_sent_buffer(pair):
 
 def test_buffered_is_none_for_other_transports():
     assert internals.buffered(StringTransport()) is None
+
+
+def test_buffered_looks_through_wrappers_to_the_socket(pair):
+    """A client behind haproxy:, TLS or GSS-API protection that stops reading
+    fills the socket transport's buffer under the wrapper: the stall watch
+    reads it there (a wrapper reporting None let such a client hold its
+    session forever)."""
+    transport, _peer = pair
+    proxied = internals.HAProxyProtocolWrapper(WrappingFactory(Factory()), Protocol())
+    proxied.makeConnection(transport)
+    tls = ProtocolWrapper(WrappingFactory(Factory()), Protocol())
+    tls.makeConnection(proxied)
+    transport.write(b"x" * 100)
+    assert internals.buffered(proxied) == 100
+    assert internals.buffered(tls) == 100
+    assert internals.buffered(ProtocolWrapper(WrappingFactory(Factory()), Protocol())) is None
 
 
 # direct_socket: also TLS and _aborting

@@ -402,7 +402,9 @@ class Session(ClientEnd, TimeoutMixin):
             server.sessions -= 1
         if self.client_key is not None:
             server.count_client(self.client_key, -1)
-        relaying = self.relaying
+        # The relay's last reference back to us goes: the session is freed at
+        # once, not at the garbage collector's next pass.
+        relaying, self.relaying = self.relaying, None
         up, down, detail = self.received, relaying.down if relaying else 0, self.detail
         if self.udp is not None:
             counts = self.udp.counts
