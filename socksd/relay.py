@@ -54,6 +54,8 @@ def send(transport: IStreamTransport, data: bytes) -> None:
 class RelaySession:
     """What the relay reports to: the session owning both ends."""
 
+    __slots__ = ()   # a subclass may be all slots: one per relayed session
+
     def relay_activity(self) -> None:
         """Bytes moved (for the idle timeout)."""
 

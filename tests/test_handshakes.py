@@ -83,7 +83,8 @@ def test_the_contract_is_what_the_session_and_the_fake_offer():
         for name in ("note", "authenticated", "authentication_failed", "connect", "bind",
                      "udp_associate", "start_relay", "connect_failed", "fail"):
             assert callable(getattr(owner, name)), name
-    assert set(RequestOwner.__annotations__) == {"transport", "peer", "client", "client_key"}
+    assert set(RequestOwner.__annotations__) == {"transport", "peer", "client"}
+    assert isinstance(RequestOwner.client_key, property)
 
 
 def socks5_handshake(owner: FakeOwner) -> Socks5Handshake:

@@ -27,7 +27,10 @@ class RequestOwner(Protocol):
     transport: Any             # the client's connection
     peer: str                  # the client as logs show it
     client: IPAddress          # the client's address, as the rules see it
-    client_key: str | None     # the client's address: per-client bounds
+
+    @property
+    def client_key(self) -> str | None:
+        """The client's address as per-client bounds count it."""
 
     def note(self, *, method: str | None = None, command: str | None = None,
              detail: str | None = None) -> None:

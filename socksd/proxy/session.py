@@ -77,7 +77,7 @@ class Session(ClientEnd, TimeoutMixin):
     relaying: Relaying | None = None    # from the last reply on
     pending: defer.Deferred | None = None
     client: IPAddress = _LOCAL
-    client_key: str | None = None
+    identified = False  # client is known (counted per client as client_key)
     peer = "-"
     user: User = ANONYMOUS
     claimed_user: str | None = None
@@ -101,6 +101,14 @@ class Session(ClientEnd, TimeoutMixin):
 
     def callLater(self, period, func):
         return self.server.reactor.callLater(period, func)
+
+    @property
+    def client_key(self) -> str | None:
+        """The client as per-client limits count it (an IPv6 client per
+        ipv6_client_prefix); derived, not kept: one string less a session."""
+        if not self.identified:
+            return None
+        return client_key(self.client, self.server.limits.ipv6_client_prefix)
 
     @property
     def reactor(self) -> Any:
@@ -156,15 +164,16 @@ class Session(ClientEnd, TimeoutMixin):
         host = getattr(address, "host", None)
         try:
             # UNIX-socket clients are local; rules see them as 127.0.0.1.
-            self.client = parse_ip(host) if host is not None else _LOCAL
+            client = parse_ip(host) if host is not None else _LOCAL
         except ValueError:
             # Twisted's PROXY v1 parser takes any word for an address.
             self.fail("bad request", "PROXY header: the source is not an IP address")
             return
-        key = client_key(self.client, self.server.limits.ipv6_client_prefix)
-        if self.client_key is not None:
-            self.server.count_client(self.client_key, -1)
-        self.client_key = key
+        counted = self.client_key
+        if counted is not None:
+            self.server.count_client(counted, -1)
+        self.client, self.identified = client, True
+        key = client_key(client, self.server.limits.ipv6_client_prefix)
         limit = self.server.limits.max_sessions_per_client
         if self.server.count_client(key, +1) > limit:
             # Refused: no longer one of max_sessions while it closes, or a
@@ -400,8 +409,9 @@ class Session(ClientEnd, TimeoutMixin):
         server = self.server
         if self.counted:
             server.sessions -= 1
-        if self.client_key is not None:
-            server.count_client(self.client_key, -1)
+        key = self.client_key
+        if key is not None:
+            server.count_client(key, -1)
         # The relay's last reference back to us goes: the session is freed at
         # once, not at the garbage collector's next pass.
         relaying, self.relaying = self.relaying, None
