@@ -190,6 +190,25 @@ class TwistdSocks:
         self.log_file.close()
 
 
+@pytest.fixture
+def tcp_server_pair():
+    """A real tcp.Server on one end of a socket pair (its reactor a memory
+    one), the other end, and that reactor: Twisted's own write buffer and
+    socket, without a running reactor."""
+    from twisted.internet import tcp
+    from twisted.internet.protocol import Protocol
+    from twisted.internet.testing import MemoryReactorClock
+
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.settimeout(5)
+    reactor = MemoryReactorClock()
+    transport = tcp.Server(a, Protocol(), ("127.0.0.1", 40000), None, 1, reactor)
+    yield transport, b, reactor
+    a.close()
+    b.close()
+
+
 @pytest.fixture(params=["bytewise", "whole"])
 def bytewise(request) -> bool:
     """Feed every exchange one byte at a time, then in one piece (tests/fakes.py)."""

@@ -8,23 +8,14 @@ from __future__ import annotations
 import socket
 
 import pytest
-from twisted.internet import tcp
-from twisted.internet.protocol import Protocol
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import StringTransport
 
 from socksd import relay
 
 
 @pytest.fixture
-def pair():
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    b.settimeout(5)
-    reactor = MemoryReactorClock()
-    transport = tcp.Server(a, Protocol(), ("127.0.0.1", 40000), None, 1, reactor)
-    yield transport, b, reactor
-    a.close()
-    b.close()
+def pair(tcp_server_pair):
+    return tcp_server_pair
 
 
 def read_available(sock: socket.socket, n: int) -> bytes:

@@ -14,10 +14,10 @@ import sys
 from importlib.metadata import version
 
 import pytest
-from twisted.internet import epollreactor, tcp
+from twisted.internet import epollreactor, ssl, tcp
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol, ServerFactory
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import StringTransport
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
 from socksd import twisted_internals as internals
@@ -25,15 +25,9 @@ from socksd.tap import reactor as socksd_reactor
 
 
 @pytest.fixture
-def pair():
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    b.settimeout(5)
-    reactor = MemoryReactorClock()
-    transport = tcp.Server(a, Protocol(), ("127.0.0.1", 40000), None, 1, reactor)
-    yield transport, b
-    a.close()
-    b.close()
+def pair(tcp_server_pair):
+    transport, peer, _reactor = tcp_server_pair
+    return transport, peer
 
 
 def test_the_installed_twisted_was_checked():
@@ -136,7 +130,6 @@ def test_no_direct_socket_once_aborted(pair):
 
 
 def test_no_direct_socket_under_tls(pair):
-    ssl = pytest.importorskip("twisted.internet.ssl")
     transport, peer = pair
     transport.startTLS(ssl.CertificateOptions(), False)   # as the client side
     assert internals.direct_socket(transport) is None
@@ -255,7 +248,6 @@ def test_tcp_provides_what_istreamtransport_names(pair):
 
 
 def test_wrappers_provide_what_istreamtransport_names(pair):
-    ssl = pytest.importorskip("twisted.internet.ssl")
     from twisted.protocols.tls import TLSMemoryBIOFactory
 
     transport, peer = pair
