@@ -1,37 +1,31 @@
 """A client's session: its handshake (per SOCKS version), the request it makes
 (CONNECT, BIND or UDP ASSOCIATE), the relay, and its record at the end. The
 listener that builds it (:mod:`socksd.proxy.listener`) hands it everything
-it needs as a :class:`SessionHost`."""
+it needs as a :class:`~socksd.proxy.host.SessionHost`; who the client is and
+whether it is let in is :mod:`socksd.proxy.admission`'s."""
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.internet import defer, tcp
 from twisted.protocols.policies import TimeoutMixin
 
 from socksd import protection, relay
 from socksd.auth import ANONYMOUS, User
-from socksd.auth.methods import Established, Method
-from socksd.ident.registry import ProxiedConnections
+from socksd.auth.methods import Established
 from socksd.protection import SecurityLayer
 from socksd.proxy import requests
+from socksd.proxy.admission import Admission
 from socksd.proxy.bind import BindWaiter
 from socksd.proxy.client_rules import ClientRules
-from socksd.proxy.connect import DENIED, ConnectFailed, address_text, host_port
-from socksd.proxy.limits import Limits
+from socksd.proxy.connect import DENIED, ConnectFailed, host_port
+from socksd.proxy.host import SessionHost
 from socksd.proxy.record import SessionRecord
 from socksd.proxy.relaying import ClientEnd, Relaying
-from socksd.proxy.socks4 import Socks4Handshake, Socks4Policy
+from socksd.proxy.socks4 import Socks4Handshake
 from socksd.proxy.socks5 import Socks5Handshake
 from socksd.proxy.udp import UDPRelay
-from socksd.rules import IPAddress, RuleSet, client_key, parse_ip
-from socksd.twisted_internals import (
-    HAProxyProtocolWrapper,
-    after_each_read,
-    is_health_check,
-    is_proxy_wrapper,
-)
 from socksd.wire import WireError, socks4, socks5
 
 # More than this many bytes before the relay starts and we stop reading:
@@ -39,34 +33,8 @@ from socksd.wire import WireError, socks4, socks5
 # data ahead of the reply gets here, and it waits for the relay's flow control.
 MAX_HANDSHAKE_BUFFER = 65536
 
-_LOCAL = parse_ip("127.0.0.1")
 
-
-class SessionHost(Protocol):
-    """What the listener hands each session: its settings, its counters, and
-    where the session's record goes at the end."""
-
-    reactor: Any
-    limits: Limits
-    rules: RuleSet
-    socks4: Socks4Policy
-    registry: ProxiedConnections | None
-    worker: int | None
-    sessions: int               # open now (max_sessions)
-    proxy_health_checks: int
-
-    def choose_method(self, offered: bytes) -> Method | None: ...
-
-    def count_client(self, key: str, delta: int) -> int: ...
-
-    def trusts_proxy(self, address: Any) -> bool: ...
-
-    def untrusted_proxy(self, address: Any) -> None: ...
-
-    def record(self, record: SessionRecord) -> None: ...
-
-
-class Session(ClientEnd, TimeoutMixin):
+class Session(Admission, ClientEnd, TimeoutMixin):
     """The client's side of a session, from first byte to its record; the
     owner (:class:`~socksd.proxy.handshake.RequestOwner`) of its handshake."""
 
@@ -76,9 +44,6 @@ class Session(ClientEnd, TimeoutMixin):
     version = 5
     relaying: Relaying | None = None    # from the last reply on
     pending: defer.Deferred | None = None
-    client: IPAddress = _LOCAL
-    identified = False  # client is known (counted per client as client_key)
-    peer = "-"
     user: User = ANONYMOUS
     claimed_user: str | None = None
     method = "-"
@@ -91,9 +56,6 @@ class Session(ClientEnd, TimeoutMixin):
     udp: UDPRelay | None = None
     layer: SecurityLayer | None = None   # GSS-API protection under the session (UDP uses it)
     ended = False
-    counted = True     # in server.sessions (max_sessions)
-    proxied: HAProxyProtocolWrapper | None = None   # under a haproxy: listener
-    quiet = False       # ends without a session line (said otherwise, or counted)
 
     def __init__(self, server: SessionHost) -> None:
         self.server = server
@@ -101,14 +63,6 @@ class Session(ClientEnd, TimeoutMixin):
 
     def callLater(self, period, func):
         return self.server.reactor.callLater(period, func)
-
-    @property
-    def client_key(self) -> str | None:
-        """The client as per-client limits count it (an IPv6 client per
-        ipv6_client_prefix); derived, not kept: one string less a session."""
-        if not self.identified:
-            return None
-        return client_key(self.client, self.server.limits.ipv6_client_prefix)
 
     @property
     def reactor(self) -> Any:
@@ -121,66 +75,9 @@ class Session(ClientEnd, TimeoutMixin):
     # Connection life.
 
     def connectionMade(self) -> None:
-        self.server.sessions += 1
-        if is_proxy_wrapper(self.transport):
-            # The real client is known once the PROXY header is read (the
-            # first data): counting the balancer as the client now would
-            # refuse a burst through it for max_sessions_per_client.
-            self.proxied = wrapper = self.transport
-            balancer = _below(wrapper).getPeer()
-            self.peer = address_text(balancer)
-            if not self.server.trusts_proxy(balancer):
-                self.server.untrusted_proxy(balancer)
-                self.quiet = True
-                self.fail("untrusted proxy", abort=True)
-                return
-            # The wrapper passes on only what follows the header, so a header
-            # alone (a health check's PROXY LOCAL) would reach us as nothing:
-            # look after each of its reads.
-            after_each_read(wrapper, self._after_header)
-        else:
-            self._identify_client()
+        self.admit()
         if self.outcome is None:
             self.setTimeout(self.server.limits.handshake_timeout or None)
-
-    def _after_header(self) -> None:
-        """A PROXY header without a client (v2 LOCAL, v1 UNKNOWN) is the
-        balancer checking that we are up: closed without a session line,
-        counted by the factory."""
-        if self.proxied is not None and self.handler is None and self.outcome is None and \
-                is_health_check(self.proxied):
-            self.quiet = True
-            self.server.proxy_health_checks += 1
-            self.fail("health check")
-
-    def _identify_client(self) -> None:
-        """Who the client is, for rules, limits and logs (called again once
-        data arrives, because a PROXY header may have changed the peer)."""
-        address = self.transport.getPeer()
-        peer = address_text(address)
-        if peer == self.peer:
-            return
-        self.peer = peer
-        host = getattr(address, "host", None)
-        try:
-            # UNIX-socket clients are local; rules see them as 127.0.0.1.
-            client = parse_ip(host) if host is not None else _LOCAL
-        except ValueError:
-            # Twisted's PROXY v1 parser takes any word for an address.
-            self.fail("bad request", "PROXY header: the source is not an IP address")
-            return
-        counted = self.client_key
-        if counted is not None:
-            self.server.count_client(counted, -1)
-        self.client, self.identified = client, True
-        key = client_key(client, self.server.limits.ipv6_client_prefix)
-        limit = self.server.limits.max_sessions_per_client
-        if self.server.count_client(key, +1) > limit:
-            # Refused: no longer one of max_sessions while it closes, or a
-            # burst from one client would turn others away for that limit.
-            self.server.sessions -= 1
-            self.counted = False
-            self.fail("refused", f"max_sessions_per_client ({limit}) reached")
 
     def dataReceived(self, data: bytes) -> None:
         if self.relaying is not None:
@@ -201,13 +98,13 @@ class Session(ClientEnd, TimeoutMixin):
     def _handshake(self, version: int) -> Socks4Handshake | Socks5Handshake | None:
         """The handshake for the version byte the client opened with."""
         server = self.server
-        self._after_header()
+        self.after_header()
         if self.outcome is not None:
             return None
         if type(self.transport) is not tcp.Server:
             # A wrapper (haproxy:) may only now know the real client; a
             # plain socket's peer was final at connectionMade.
-            self._identify_client()
+            self.identify_client()
             if self.outcome is not None:
                 return None
         if version == socks5.VERSION:
@@ -328,7 +225,7 @@ class Session(ClientEnd, TimeoutMixin):
             return defer.fail(refused)
         server = self.server
         self.pending = d = requests.listen_for(server.reactor, server.limits, rules, host, port,
-                                               by_name, self._socket_host(), self.version == 4)
+                                               by_name, self.socket_host(), self.version == 4)
 
         def listening(waiter: BindWaiter) -> BindWaiter:
             self.pending = waiter.accepted    # now the wait for the peer
@@ -341,20 +238,12 @@ class Session(ClientEnd, TimeoutMixin):
         server = self.server
         try:
             self.udp, bound = requests.associate(server.reactor, server.limits, rules, host,
-                                                 port, self._socket_host(),
+                                                 port, self.socket_host(),
                                                  self.resetTimeout, self.layer)
         except ConnectFailed as e:
             return defer.fail(e)
         self.setTimeout(server.limits.udp_idle_timeout or None)
         return defer.succeed(bound)
-
-    def _socket_host(self):
-        """This end of the client's connection as the socket has it. Behind a
-        PROXY header getHost() is the header's destination, which a client
-        of the balancer does not choose and we never bind on."""
-        if self.proxied is not None:
-            return _below(self.proxied).getHost()
-        return self.transport.getHost()
 
     def _request(self, command: str, host: str, port: int) -> ClientRules:
         """The handshake is over: the request is written down, and the rules
@@ -406,33 +295,20 @@ class Session(ClientEnd, TimeoutMixin):
             return
         self.ended = True
         self.setTimeout(None)
-        server = self.server
-        if self.counted:
-            server.sessions -= 1
-        key = self.client_key
-        if key is not None:
-            server.count_client(key, -1)
+        self.release()
         # The relay's last reference back to us goes: the session is freed at
         # once, not at the garbage collector's next pass.
         relaying, self.relaying = self.relaying, None
         up, down, detail = self.received, relaying.down if relaying else 0, self.detail
         if self.udp is not None:
-            counts = self.udp.counts
-            up, down = counts["bytes_up"], counts["bytes_down"]
-            detail = (f"{detail}; " if detail else "") + (
-                f"datagrams up={counts['up']} down={counts['down']} "
-                f"dropped={counts['dropped']} fragments={counts['fragments']}")
+            up, down = self.udp.counts["bytes_up"], self.udp.counts["bytes_down"]
+            detail = (f"{detail}; " if detail else "") + self.udp.summary()
         if self.quiet:
             return     # said otherwise, or only counted
+        server = self.server
         server.record(SessionRecord(
             server.worker, self.peer, self.version, self.user.name or self.claimed_user or "-",
             self.user.verified, self.method, self.command, self.destination, up, down,
             server.reactor.seconds() - self.started, self.outcome or "ok", detail,
             relaying is not None and relaying.spliced))
 
-
-def _below(wrapper: HAProxyProtocolWrapper) -> Any:
-    """The connection under a PROXY wrapper: the balancer's, not the client's."""
-    below = wrapper.transport
-    assert below is not None   # a wrapper is connected before its protocol
-    return below

@@ -92,6 +92,12 @@ class UDPRelay(DatagramProtocol):
     def max_datagram(self) -> int:
         return self.limits.max_datagram
 
+    def summary(self) -> str:
+        """What the association carried, for the end of the session line."""
+        counts = self.counts
+        return (f"datagrams up={counts['up']} down={counts['down']} "
+                f"dropped={counts['dropped']} fragments={counts['fragments']}")
+
     def stop(self) -> None:
         if self.stopped:
             return

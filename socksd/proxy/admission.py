@@ -1,0 +1,135 @@
+"""Who a session's client is, and whether it is let in: the address rules,
+limits and logs see (behind a trusted ``haproxy:`` listener, the PROXY
+header's), the balancer's health checks, and the count of sessions per
+client and in all."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from socksd.proxy.connect import address_text
+from socksd.proxy.host import SessionHost
+from socksd.rules import IPAddress, client_key, parse_ip
+from socksd.twisted_internals import (
+    HAProxyProtocolWrapper,
+    after_each_read,
+    is_health_check,
+    is_proxy_wrapper,
+)
+
+_LOCAL = parse_ip("127.0.0.1")
+
+
+class Admission:
+    """The client side of a session before its handshake: a base of
+    :class:`~socksd.proxy.session.Session`, which provides ``fail`` and the
+    handshake state checked here. State starts as class defaults, so an
+    idle session stores only what changed."""
+
+    server: SessionHost
+    transport: Any
+    handler: Any          # the handshake, once the first SOCKS byte came
+    outcome: str | None
+
+    client: IPAddress = _LOCAL
+    identified = False  # client is known (counted per client as client_key)
+    peer = "-"
+    proxied: HAProxyProtocolWrapper | None = None   # under a haproxy: listener
+    counted = True     # in server.sessions (max_sessions)
+    quiet = False       # ends without a session line (said otherwise, or counted)
+
+    def fail(self, outcome: str, detail: str = "", abort: bool = False) -> None:
+        raise NotImplementedError
+
+    @property
+    def client_key(self) -> str | None:
+        """The client as per-client limits count it (an IPv6 client per
+        ipv6_client_prefix); derived, not kept: one string less a session."""
+        if not self.identified:
+            return None
+        return client_key(self.client, self.server.limits.ipv6_client_prefix)
+
+    def admit(self) -> None:
+        """The connection is made: counted, and the client known unless a
+        PROXY header is still to come."""
+        self.server.sessions += 1
+        if not is_proxy_wrapper(self.transport):
+            self.identify_client()
+            return
+        # The real client is known once the PROXY header is read (the first
+        # data): counting the balancer as the client now would refuse a
+        # burst through it for max_sessions_per_client.
+        self.proxied = wrapper = self.transport
+        balancer = _below(wrapper).getPeer()
+        self.peer = address_text(balancer)
+        if not self.server.trusts_proxy(balancer):
+            self.server.untrusted_proxy(balancer)
+            self.quiet = True
+            self.fail("untrusted proxy", abort=True)
+            return
+        # The wrapper passes on only what follows the header, so a header
+        # alone (a health check's PROXY LOCAL) would reach us as nothing:
+        # look after each of its reads.
+        after_each_read(wrapper, self.after_header)
+
+    def after_header(self) -> None:
+        """A PROXY header without a client (v2 LOCAL, v1 UNKNOWN) is the
+        balancer checking that we are up: closed without a session line,
+        counted by the listener."""
+        if self.proxied is not None and self.handler is None and self.outcome is None and \
+                is_health_check(self.proxied):
+            self.quiet = True
+            self.server.proxy_health_checks += 1
+            self.fail("health check")
+
+    def identify_client(self) -> None:
+        """Who the client is, for rules, limits and logs (called again once
+        data arrives, because a PROXY header may have changed the peer)."""
+        address = self.transport.getPeer()
+        peer = address_text(address)
+        if peer == self.peer:
+            return
+        self.peer = peer
+        host = getattr(address, "host", None)
+        try:
+            # UNIX-socket clients are local; rules see them as 127.0.0.1.
+            client = parse_ip(host) if host is not None else _LOCAL
+        except ValueError:
+            # Twisted's PROXY v1 parser takes any word for an address.
+            self.fail("bad request", "PROXY header: the source is not an IP address")
+            return
+        counted = self.client_key
+        if counted is not None:
+            self.server.count_client(counted, -1)
+        self.client, self.identified = client, True
+        key = client_key(client, self.server.limits.ipv6_client_prefix)
+        limit = self.server.limits.max_sessions_per_client
+        if self.server.count_client(key, +1) > limit:
+            # Refused: no longer one of max_sessions while it closes, or a
+            # burst from one client would turn others away for that limit.
+            self.server.sessions -= 1
+            self.counted = False
+            self.fail("refused", f"max_sessions_per_client ({limit}) reached")
+
+    def release(self) -> None:
+        """The session has ended: it no longer counts."""
+        if self.counted:
+            self.server.sessions -= 1
+        key = self.client_key
+        if key is not None:
+            self.server.count_client(key, -1)
+
+    def socket_host(self) -> Any:
+        """This end of the client's connection as the socket has it. Behind a
+        PROXY header getHost() is the header's destination, which a client
+        of the balancer does not choose and we never bind on."""
+        if self.proxied is not None:
+            return _below(self.proxied).getHost()
+        return self.transport.getHost()
+
+
+def _below(wrapper: HAProxyProtocolWrapper) -> Any:
+    """The connection under a PROXY wrapper: the balancer's, not the client's."""
+    below = wrapper.transport
+    assert below is not None   # a wrapper is connected before its protocol
+    return below
