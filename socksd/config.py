@@ -63,6 +63,7 @@ class Config:
     workers: int = 1
     socks4_enabled_given: bool = False  # [socks4] enabled is in the file
     trusted_proxies: tuple[IPNetwork, ...] = ()   # networks whose PROXY headers are believed
+    recheck_on_reload: bool = False     # a reload judges open sessions again
 
     def proxy_problem(self) -> str | None:
         """Why a haproxy: listener cannot start: without trusted_proxies any
@@ -162,7 +163,7 @@ _SERVER_KEYS = {
     "ipv6_client_prefix": "prefix", "trusted_proxies": "strings",
     "auth_threads": "count", "auth_in_flight": "count", "auth_in_flight_per_client": "count",
     "auth_failure_backoff": "seconds", "auth_failure_backoff_max": "timeout",
-    "auth_failure_clients": "count",
+    "auth_failure_clients": "count", "recheck_on_reload": "bool",
 }
 _RULE_KEYS = {
     "action": "string", "from": "strings", "to": "strings", "ports": "ports",
@@ -300,7 +301,7 @@ def parse(data: dict[str, Any], where: _Where) -> Config:
 
     given = {key: server[key] for key in _SERVER_KEYS
              if _SERVER_KEYS[key] in ("seconds", "timeout", "count", "bool", "prefix")
-             and key in server}
+             and key in server and key != "recheck_on_reload"}
     for key in ("bind_ports", "udp_ports"):
         if key in server:
             try:
@@ -342,7 +343,8 @@ def parse(data: dict[str, Any], where: _Where) -> Config:
     return Config(where.path, listen, methods, "methods" in server,
                   tuple(server.get("checkers", ())), limits, rules,
                   _socks4(socks4, limits, where), identd, gssapi, workers,
-                  "enabled" in socks4, trusted)._socks4_default().checked(where)
+                  "enabled" in socks4, trusted,
+                  server.get("recheck_on_reload", False))._socks4_default().checked(where)
 
 
 def _gssapi(table: dict[str, Any], where: _Where) -> GSSAPISettings:

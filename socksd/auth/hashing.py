@@ -117,6 +117,14 @@ class HashPool(InFlight):
         self._dispatch()
         return job.deferred
 
+    def resize(self, threads: int, in_flight: int, per_client: int) -> None:
+        """New bounds (a reload). Checks in flight run on; new ones start
+        within the new bounds."""
+        self.threads, self.limit, self.per_client = threads, in_flight, per_client
+        if self.threadpool is not None:
+            self.threadpool.adjustPoolsize(0, threads)
+        self._dispatch()
+
     def _dispatch(self) -> None:
         while self.running < self.threads and self.waiting:
             job = self.waiting.popleft()

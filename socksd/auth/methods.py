@@ -155,6 +155,13 @@ class Backoff:
         if client is not None:
             self.failures.pop(client, None)
 
+    def resize(self, first: float, longest: float, clients: int) -> None:
+        """New settings (a reload); what is remembered stays, within the new
+        bound: a reload must not forgive a password guesser."""
+        self.first, self.longest, self.clients = first, longest, clients
+        while len(self.failures) > clients:
+            self.failures.popitem(last=False)
+
 
 class UserPass(Method):
     """RFC 1929 username/password, checked through a twisted.cred Portal."""

@@ -52,7 +52,9 @@ class Admission:
     def admit(self) -> None:
         """The connection is made: counted, and the client known unless a
         PROXY header is still to come."""
-        self.server.sessions += 1
+        counts = self.server.counts
+        counts.sessions += 1
+        counts.live.add(self)
         if not is_proxy_wrapper(self.transport):
             self.identify_client()
             return
@@ -79,7 +81,7 @@ class Admission:
         if self.proxied is not None and self.handler is None and self.outcome is None and \
                 is_health_check(self.proxied):
             self.quiet = True
-            self.server.proxy_health_checks += 1
+            self.server.counts.proxy_health_checks += 1
             self.fail("health check")
 
     def identify_client(self) -> None:
@@ -98,26 +100,29 @@ class Admission:
             # Twisted's PROXY v1 parser takes any word for an address.
             self.fail("bad request", "PROXY header: the source is not an IP address")
             return
+        counts = self.server.counts
         counted = self.client_key
         if counted is not None:
-            self.server.count_client(counted, -1)
+            counts.count_client(counted, -1)
         self.client, self.identified = client, True
         key = client_key(client, self.server.limits.ipv6_client_prefix)
         limit = self.server.limits.max_sessions_per_client
-        if self.server.count_client(key, +1) > limit:
+        if counts.count_client(key, +1) > limit:
             # Refused: no longer one of max_sessions while it closes, or a
             # burst from one client would turn others away for that limit.
-            self.server.sessions -= 1
+            counts.sessions -= 1
             self.counted = False
             self.fail("refused", f"max_sessions_per_client ({limit}) reached")
 
     def release(self) -> None:
         """The session has ended: it no longer counts."""
+        counts = self.server.counts
+        counts.live.discard(self)
         if self.counted:
-            self.server.sessions -= 1
+            counts.sessions -= 1
         key = self.client_key
         if key is not None:
-            self.server.count_client(key, -1)
+            counts.count_client(key, -1)
 
     def socket_host(self) -> Any:
         """This end of the client's connection as the socket has it. Behind a

@@ -18,6 +18,7 @@ from zope.interface import implementer
 
 from socksd.inflight import PER_CLIENT, TOTAL, InFlight
 from socksd.relay import RelayEnd
+from socksd.rules import parse_ip
 
 # Why a CONNECT failed, independent of the SOCKS version that reports it.
 DENIED = "denied"
@@ -31,6 +32,21 @@ FAILED = "general failure"
 def host_port(host: str, port: int) -> str:
     """``host:port``, an IPv6 address in brackets, as logs and errors show it."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    """:func:`host_port` read back."""
+    host, _, port = text.rpartition(":")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def is_address(host: str) -> bool:
+    """Is ``host`` an IP address (not a name)?"""
+    try:
+        parse_ip(host)
+    except ValueError:
+        return False
+    return True
 
 
 def address_text(addr) -> str:

@@ -1,5 +1,6 @@
 """What the listener (:mod:`socksd.proxy.listener`) hands each session it
-builds: its settings, its counters, and where the session's record goes."""
+builds: the configuration it serves under, the counts every session shares,
+and where the session's record goes."""
 
 from __future__ import annotations
 
@@ -13,8 +14,31 @@ from socksd.proxy.socks4 import Socks4Policy
 from socksd.rules import RuleSet
 
 
+class Counts:
+    """What the sessions of every configuration served so far count
+    together: a reload makes a new :class:`SessionHost`, never new counts."""
+
+    __slots__ = ("sessions", "per_client", "proxy_health_checks", "untrusted_proxies", "live")
+
+    def __init__(self) -> None:
+        self.sessions = 0               # open now (max_sessions)
+        self.per_client: dict[str, int] = {}
+        self.proxy_health_checks = 0
+        self.untrusted_proxies = 0
+        self.live: set[Any] = set()     # the sessions open now, for a reload to judge again
+
+    def count_client(self, key: str, delta: int) -> int:
+        count = self.per_client.get(key, 0) + delta
+        if count > 0:
+            self.per_client[key] = count
+        else:
+            self.per_client.pop(key, None)
+        return count
+
+
 class SessionHost(Protocol):
-    """The listener, as its sessions see it."""
+    """The listener's configuration, as a session sees it from its first
+    byte to its record: a session keeps the one it started under."""
 
     reactor: Any
     limits: Limits
@@ -22,12 +46,9 @@ class SessionHost(Protocol):
     socks4: Socks4Policy
     registry: ProxiedConnections | None
     worker: int | None
-    sessions: int               # open now (max_sessions)
-    proxy_health_checks: int
+    counts: Counts
 
     def choose_method(self, offered: bytes) -> Method | None: ...
-
-    def count_client(self, key: str, delta: int) -> int: ...
 
     def trusts_proxy(self, address: Any) -> bool: ...
 

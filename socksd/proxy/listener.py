@@ -13,19 +13,65 @@ from socksd.escape import escape
 from socksd.ident.registry import ProxiedConnections
 from socksd.logs import RateLimitedLine
 from socksd.proxy.connect import address_text
+from socksd.proxy.host import Counts
 from socksd.proxy.limits import Limits
 from socksd.proxy.record import SessionRecord, log_record
 from socksd.proxy.session import Session
 from socksd.proxy.socks4 import Socks4Policy
 from socksd.rules import IPNetwork, RuleSet, parse_ip
 
-__all__ = ["Limits", "SOCKSServerFactory"]
+__all__ = ["Limits", "SOCKSServerFactory", "Serving"]
 
 log = Logger(namespace="socksd")
 
 
+class Serving:
+    """One configuration as its sessions see it (a
+    :class:`~socksd.proxy.host.SessionHost`): made once, never changed. A
+    reload serves a new one; a session keeps the one it started under."""
+
+    __slots__ = ("listener", "reactor", "methods", "rules", "limits", "socks4", "registry",
+                 "trusted_proxies", "worker", "counts")
+
+    def __init__(self, listener: SOCKSServerFactory, methods: Sequence[Method], rules: RuleSet,
+                 limits: Limits, socks4: Socks4Policy, registry: ProxiedConnections | None,
+                 trusted_proxies: Sequence[IPNetwork]) -> None:
+        self.listener = listener
+        self.reactor = listener.reactor
+        self.worker = listener.worker
+        self.counts = listener.counts
+        self.methods = tuple(methods)
+        self.rules = rules
+        self.limits = limits
+        self.socks4 = socks4
+        self.registry = registry      # tell a same-process identd who owns outbound sockets
+        self.trusted_proxies = tuple(trusted_proxies)   # whose PROXY header is believed
+
+    def choose_method(self, offered: bytes) -> Method | None:
+        """The first of our methods, in our preference order, that the client offers."""
+        for method in self.methods:
+            if method.code in offered:
+                return method
+        return None
+
+    def trusts_proxy(self, address) -> bool:
+        host = getattr(address, "host", None)
+        if host is None:
+            return False
+        ip = parse_ip(host)
+        return any(ip in network for network in self.trusted_proxies)
+
+    def untrusted_proxy(self, address) -> None:
+        self.listener.untrusted_proxy(address)
+
+    def record(self, record: SessionRecord) -> None:
+        """A session ended: its line."""
+        log_record(record)
+
+
 class SOCKSServerFactory(ServerFactory):
-    """Builds a :class:`Session` per client, within the configured limits.
+    """Builds a :class:`Session` per client, within the configured limits,
+    under the configuration it serves now (:meth:`serve` replaces it).
 
     The limits are counted here rather than with ``policies.WrappingFactory``
     subclasses: those wrap every protocol in another, adding a call to every
@@ -42,73 +88,76 @@ class SOCKSServerFactory(ServerFactory):
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
-        self.methods = tuple(methods)
-        self.rules = rules
-        self.limits = limits
-        self.socks4 = socks4
-        self.registry = registry      # tell a same-process identd who owns outbound sockets
         self.worker = worker          # which of `workers = N` processes (None: the only one)
         self.prefix = "" if worker is None else f"w{worker} "    # of this process's lines
-        self.sessions = 0
-        self.per_client: dict[str, int] = {}
+        self.counts = Counts()
         self.refusals = RateLimitedLine(
             reactor, log, "{worker}refused {count} more in the last second: max_sessions "
                           "({limit}) reached")
-        # Peers whose PROXY header is believed (haproxy: listeners), and what
-        # was closed without a session line: PROXY LOCAL (a balancer's health
-        # check) and connections from peers that are not trusted.
-        self.trusted_proxies = tuple(trusted_proxies)
-        self.proxy_health_checks = 0
-        self.untrusted_proxies = 0
+        # Closed without a session line: connections to a haproxy: listener
+        # from peers not in trusted_proxies.
         self.untrusted = RateLimitedLine(
             reactor, log, "{worker}closed {count} more in the last second: PROXY listener, "
                           "peers not in trusted_proxies")
+        self.serving = Serving(self, methods, rules, limits, socks4, registry, trusted_proxies)
 
-    def choose_method(self, offered: bytes) -> Method | None:
-        """The first of our methods, in our preference order, that the client offers."""
-        for method in self.methods:
-            if method.code in offered:
-                return method
-        return None
+    def serve(self, methods: Sequence[Method], rules: RuleSet, limits: Limits,
+              socks4: Socks4Policy, registry: ProxiedConnections | None,
+              trusted_proxies: Sequence[IPNetwork]) -> Serving:
+        """New sessions are served under this configuration from now on;
+        the sessions open now keep theirs. Returns the one replaced."""
+        old = self.serving
+        self.serving = Serving(self, methods, rules, limits, socks4, registry, trusted_proxies)
+        return old
+
+    # The configuration served now, and the counts, for those who look.
+
+    @property
+    def methods(self) -> tuple[Method, ...]:
+        return self.serving.methods
+
+    @property
+    def limits(self) -> Limits:
+        return self.serving.limits
+
+    @property
+    def rules(self) -> RuleSet:
+        return self.serving.rules
+
+    @property
+    def sessions(self) -> int:
+        return self.counts.sessions
+
+    @property
+    def per_client(self) -> dict[str, int]:
+        return self.counts.per_client
+
+    def recheck(self) -> None:
+        """Judge every open session again under the configuration served
+        now (``recheck_on_reload``); those it denies are closed."""
+        for session in list(self.counts.live):
+            session.recheck(self.serving)
 
     def buildProtocol(self, addr):
-        if self.sessions >= self.limits.max_sessions:
-            self._refused(addr)
+        serving = self.serving
+        if self.counts.sessions >= serving.limits.max_sessions:
+            self._refused(addr, serving.limits.max_sessions)
             return None
-        return Session(self)
+        return Session(serving)
 
-    def _refused(self, addr) -> None:
+    def _refused(self, addr, limit: int) -> None:
         """One line for the first refusal, then at most one a second counting
         the rest: a flood of connections must not become a flood of log.
         (Refused before a byte is read: behind haproxy: the peer is the
         balancer, as the PROXY header is never looked at.)"""
         self.refusals.emit("{worker}refused {peer}: max_sessions ({limit}) reached",
                            worker=self.prefix, peer=escape(address_text(addr), spaces=True),
-                           limit=self.limits.max_sessions)
-
-    def trusts_proxy(self, address) -> bool:
-        host = getattr(address, "host", None)
-        if host is None:
-            return False
-        ip = parse_ip(host)
-        return any(ip in network for network in self.trusted_proxies)
+                           limit=limit)
 
     def untrusted_proxy(self, addr) -> None:
         """A haproxy: listener reached by a peer whose header is not
         believed: one line, then at most one a second counting the rest."""
-        self.untrusted_proxies += 1
+        self.counts.untrusted_proxies += 1
         self.untrusted.emit("{worker}closed {peer}: a PROXY listener, and the peer is not in "
                             "trusted_proxies", worker=self.prefix,
                             peer=escape(address_text(addr), spaces=True))
-
-    def count_client(self, key: str, delta: int) -> int:
-        count = self.per_client.get(key, 0) + delta
-        if count > 0:
-            self.per_client[key] = count
-        else:
-            self.per_client.pop(key, None)
-        return count
-
-    def record(self, record: SessionRecord) -> None:
-        """A session ended: its line."""
-        log_record(record)

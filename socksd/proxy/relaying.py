@@ -10,6 +10,9 @@ from typing import Any, Callable
 
 from socksd import relay, splice
 from socksd.ident.registry import ProxiedConnections
+from socksd.proxy.client_rules import ClientRules
+from socksd.proxy.connect import is_address, split_host_port
+from socksd.rules import parse_ip
 
 # A session moves to the splice fast path once either direction has relayed
 # this much: short exchanges never pay for setting it up, bulk ones soon do.
@@ -71,6 +74,16 @@ class Relaying(relay.RelaySession):
     @property
     def spliced(self) -> bool:
         return self.splicer is not None
+
+    def denied_by(self, rules: ClientRules, command: str, destination: str) -> str | None:
+        """Why ``rules`` deny what this relay does (recheck_on_reload), or
+        None: the request (the name it named, its port) and the peer the
+        relay is joined to, decided as a new request would be."""
+        host, port = split_host_port(destination)
+        peer = self.outbound.transport.getPeer()
+        name = None if is_address(host) else host
+        decision = rules.decide(command, port, name, parse_ip(peer.host))
+        return None if decision.allowed else decision.reason
 
     def abort(self, outcome: str, detail: str) -> None:
         """End the relay now: the splice relay, or both transports."""

@@ -26,6 +26,7 @@ from socksd.proxy.relaying import ClientEnd, Relaying
 from socksd.proxy.socks4 import Socks4Handshake
 from socksd.proxy.socks5 import Socks5Handshake
 from socksd.proxy.udp import UDPRelay
+from socksd.rules import RuleSet
 from socksd.wire import WireError, socks4, socks5
 
 # More than this many bytes before the relay starts and we stop reading:
@@ -253,8 +254,11 @@ class Session(Admission, ClientEnd, TimeoutMixin):
         # From here the command's own timeouts bound the wait, so the client
         # gets the proper failure reply.
         self.setTimeout(None)
-        return ClientRules(self.server.rules, self.client, self.client_key, self.peer,
-                           self.user, self.version)
+        return self._rules(self.server.rules)
+
+    def _rules(self, rules: RuleSet) -> ClientRules:
+        return ClientRules(rules, self.client, self.client_key, self.peer, self.user,
+                           self.version)
 
     def _protection_refuses(self, command: str) -> ConnectFailed | None:
         """A command the security layer's context is too weak for (REP 0x02)."""
@@ -288,6 +292,22 @@ class Session(Admission, ClientEnd, TimeoutMixin):
             relay.RelayEnd.readConnectionLost(self)
         elif self.buffered > MAX_HANDSHAKE_BUFFER:
             self.transport.resumeProducing()
+
+    def recheck(self, serving: SessionHost) -> None:
+        """``recheck_on_reload``: a session past its request is judged again
+        under the rules served now, and closed if they deny it. One still in
+        its handshake or request finishes under the rules it started with."""
+        if self.outcome is not None or (self.relaying is None and self.udp is None):
+            return
+        rules = self._rules(serving.rules)
+        if self.relaying is not None:
+            why = self.relaying.denied_by(rules, self.command, self.destination)
+            if why is not None:
+                self.relaying.abort("denied after reload", why)
+        elif self.udp is not None:
+            why = self.udp.denied_by(rules)
+            if why is not None:
+                self.fail("denied after reload", why)
 
     def relay_done(self) -> None:
         """The end, relayed or not: the counts, and the session's record."""

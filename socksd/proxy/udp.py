@@ -92,6 +92,16 @@ class UDPRelay(DatagramProtocol):
     def max_datagram(self) -> int:
         return self.limits.max_datagram
 
+    def denied_by(self, rules: ClientRules) -> str | None:
+        """recheck_on_reload: why ``rules`` deny the association now, or None,
+        and the datagrams from now on are decided by them."""
+        if not rules.could_allow("udp"):
+            return "no rule allows udp"
+        self.rules = rules
+        self.decisions.clear()
+        self.names.clear()
+        return None
+
     def summary(self) -> str:
         """What the association carried, for the end of the session line."""
         counts = self.counts

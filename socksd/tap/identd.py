@@ -12,7 +12,8 @@ import sys
 from dataclasses import replace
 from typing import Any, BinaryIO
 
-from twisted.application import service, strports
+from twisted.application import service
+from twisted.internet import defer
 from twisted.python import usage
 from twisted.python.failure import Failure
 
@@ -22,6 +23,7 @@ from socksd.ident.policy import parse_mode
 from socksd.ident.registry import ProxiedConnections
 from socksd.ident.server import IdentFactory, answer_query
 from socksd.tap import install_reactor, security
+from socksd.tap.reload import Change, Listeners, Reloader
 from socksd.wire import ident
 
 
@@ -68,8 +70,7 @@ class Options(usage.Options):
         except configuration.ConfigError as e:
             sys.exit(f"identd: {e}")
         if self["check"]:
-            print(f"{self['config'] or 'defaults'}: OK: identd listen "
-                  f"{', '.join(self.identd.listen)}")
+            print(summary(self, self.identd))
             sys.exit(0)
         if self["stdio"]:
             sys.exit(serve_stdio(self.identd, self["local-address"], self["remote-address"]))
@@ -154,15 +155,48 @@ def serve_stdio(cfg: configuration.IdentdConfig, local: str | None, remote: str 
     return 0
 
 
-def make_services(cfg: configuration.IdentdConfig,
-                  registry: ProxiedConnections | None = None) -> list[service.IService]:
-    factory = IdentFactory(cfg.policy, cfg.limits, registry=registry)
-    return [strports.service(description, factory) for description in cfg.listen]
+class IdentdServing:
+    """An identd's factory and listeners, which a reload changes: the reply
+    policy and limits for the next query, the listen endpoints added and
+    removed (see :class:`~socksd.tap.reload.Listeners`)."""
+
+    def __init__(self, cfg: configuration.IdentdConfig | None,
+                 registry: ProxiedConnections | None = None) -> None:
+        settings = cfg if cfg is not None else configuration.IdentdConfig()
+        self.factory = IdentFactory(settings.policy, settings.limits, registry=registry)
+        self.listeners = Listeners(cfg.listen if cfg is not None else (), self.factory)
+
+    def change(self, cfg: configuration.IdentdConfig | None) -> defer.Deferred[Change]:
+        """Bind what ``cfg`` adds (None: the identd is off now); the
+        Change, once applied, also puts its policy in place."""
+
+        d = self.listeners.bind(cfg.listen if cfg is not None else ())
+        if cfg is not None:
+            d.addCallback(lambda change: change.also(lambda: self._serve(cfg)))
+        return d
+
+    def _serve(self, cfg: configuration.IdentdConfig) -> None:
+        self.factory.policy, self.factory.limits = cfg.policy, cfg.limits
+
+
+def summary(options: Options, cfg: configuration.IdentdConfig) -> str:
+    return f"{options['config'] or 'defaults'}: OK: identd listen {', '.join(cfg.listen)}"
 
 
 def makeService(options: Options) -> service.IService:
     top = service.MultiService()
     security.RootWarning("identd").setServiceParent(top)
-    for child in make_services(options.identd):
-        child.setServiceParent(top)
+    identd = IdentdServing(options.identd)
+    identd.listeners.setServiceParent(top)
+
+    def reload() -> defer.Deferred[str]:
+        cfg = build(options)
+
+        def apply(change: Change) -> str:
+            change.apply()
+            return summary(options, cfg)
+
+        return identd.change(cfg).addCallback(apply)
+
+    Reloader(reload).setServiceParent(top)
     return top

@@ -6,9 +6,9 @@ import os
 import resource
 import sys
 from dataclasses import replace
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
-from twisted.application import service, strports
+from twisted.application import service
 from twisted.cred import strcred
 from twisted.cred.checkers import (
     FilePasswordDB,
@@ -17,8 +17,10 @@ from twisted.cred.checkers import (
 )
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.portal import Portal
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from socksd import config as configuration
 from socksd.auth import SOCKSRealm
@@ -29,8 +31,9 @@ from socksd.auth.registry import method_registry
 from socksd.ident.registry import ProxiedConnections
 from socksd.proxy import SOCKSServerFactory
 from socksd.proxy.connect import THREAD_POOL_SIZE
-from socksd.tap import identd as identd_tap
 from socksd.tap import install_reactor, security
+from socksd.tap.identd import IdentdServing
+from socksd.tap.reload import Change, Listeners, Reloader
 from socksd.tap.workers import WorkersService
 from socksd.twisted_internals import installed_reactor
 
@@ -90,12 +93,17 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             sys.exit(f"socksd: {e}")
         if self["check"]:
             cfg = self.socks_config
-            print(f"{cfg.path or 'embedded default'}: OK: listen {', '.join(cfg.listen)}; "
-                  f"methods {', '.join(cfg.methods)}; {len(self.checkers)} checker(s); "
-                  f"{len(cfg.rules)} rule(s); {cfg.socks4_summary()}")
+            print(summary(cfg, self.checkers))
             for warning in cfg.warnings():
                 print(f"warning: {warning}")
             sys.exit(0)
+
+
+def summary(cfg: configuration.Config, checkers: Sequence[ICredentialsChecker]) -> str:
+    """What a configuration serves, in one line (--check, and a reload)."""
+    return (f"{cfg.path or 'embedded default'}: OK: listen {', '.join(cfg.listen)}; "
+            f"methods {', '.join(cfg.methods)}; {len(checkers)} checker(s); "
+            f"{len(cfg.rules)} rule(s); {cfg.socks4_summary()}")
 
 
 def build(path: str | None, listen: list[str], auth_checkers: list[ICredentialsChecker],
@@ -164,29 +172,57 @@ def _bytes_users(checker: ICredentialsChecker) -> None:
             for k, v in checker.users.items()}
 
 
+class Assembly:
+    """Makes what the listener serves from a configuration: its methods,
+    portal and checkers anew each time, while the parts that must outlive a
+    reload are kept: the password checks' threads and bounds, and the
+    failed-login memory (a reload must not forgive a password guesser).
+    With ``share`` workers each gets its share of the session limits and of
+    the password checks' threads and bounds."""
+
+    def __init__(self, share: int = 1) -> None:
+        self.share = share
+        self.pool: HashPool | None = None
+        self.backoff: Backoff | None = None
+
+    def settings(self, cfg: configuration.Config, checkers: list[ICredentialsChecker],
+                 proxied: ProxiedConnections | None) -> dict[str, Any]:
+        """``SOCKSServerFactory``'s settings (and its ``serve``'s)."""
+        limits = cfg.limits
+        if self.share > 1:
+            limits = replace(limits, **{key: -(-getattr(limits, key) // self.share) for key in (
+                "max_sessions", "max_sessions_per_client", "auth_threads", "auth_in_flight",
+                "auth_in_flight_per_client")})
+        portal = None
+        if checkers:
+            portal = Portal(SOCKSRealm(), [FirstOf(checkers)])
+            bounds = (limits.auth_threads, limits.auth_in_flight,
+                      limits.auth_in_flight_per_client)
+            if self.pool is None:
+                self.pool = HashPool(*bounds)
+            else:
+                self.pool.resize(*bounds)
+            use_hash_pool(checkers, self.pool)
+        backoff = (limits.auth_failure_backoff, limits.auth_failure_backoff_max,
+                   limits.auth_failure_clients)
+        if self.backoff is None:
+            self.backoff = Backoff(*backoff)
+        else:
+            self.backoff.resize(*backoff)
+        registry = method_registry(portal, cfg.gssapi if "gssapi" in cfg.methods else None,
+                                   self.backoff)
+        return dict(methods=[registry[name] for name in cfg.methods], rules=cfg.rules,
+                    limits=limits, socks4=cfg.socks4, registry=proxied,
+                    trusted_proxies=cfg.trusted_proxies)
+
+
 def make_factory(cfg: configuration.Config, checkers: list[ICredentialsChecker],
-                 proxied: ProxiedConnections | None, share: int = 1,
-                 worker: int | None = None) -> SOCKSServerFactory:
-    """The listeners' factory; with ``share`` workers each gets its share
-    of the session limits and of the password checks' threads and bounds.
-    ``worker``: which worker process this is, for its lines."""
-    limits = cfg.limits
-    if share > 1:
-        limits = replace(limits, **{key: -(-getattr(limits, key) // share) for key in (
-            "max_sessions", "max_sessions_per_client", "auth_threads", "auth_in_flight",
-            "auth_in_flight_per_client")})
-    portal = None
-    if checkers:
-        portal = Portal(SOCKSRealm(), [FirstOf(checkers)])
-        use_hash_pool(checkers, HashPool(limits.auth_threads, limits.auth_in_flight,
-                                         limits.auth_in_flight_per_client))
-    registry = method_registry(portal, cfg.gssapi if "gssapi" in cfg.methods else None,
-                               Backoff(limits.auth_failure_backoff,
-                                       limits.auth_failure_backoff_max,
-                                       limits.auth_failure_clients))
-    return SOCKSServerFactory([registry[name] for name in cfg.methods], cfg.rules, limits,
-                              socks4=cfg.socks4, registry=proxied,
-                              trusted_proxies=cfg.trusted_proxies, worker=worker)
+                 proxied: ProxiedConnections | None, share: int = 1, worker: int | None = None,
+                 assembly: Assembly | None = None) -> SOCKSServerFactory:
+    """The listeners' factory (``share``: see :class:`Assembly`). ``worker``:
+    which worker process this is, for its lines."""
+    assembly = assembly if assembly is not None else Assembly(share)
+    return SOCKSServerFactory(**assembly.settings(cfg, checkers, proxied), worker=worker)
 
 
 def use_hash_pool(checkers: list, pool: HashPool) -> None:
@@ -229,25 +265,146 @@ def makeService(options: Options) -> service.IService:
     security.warn_about_secrets(cfg, options.checkers, options["auth_strings"])
     # Name lookups: see connect.MAX_LOOKUPS.
     installed_reactor().suggestThreadPoolSize(THREAD_POOL_SIZE)
-    proxied = None
-    identd = cfg.identd if cfg.identd is not None and cfg.identd.enabled else None
-    if identd is not None and identd.policy.proxied_users and cfg.workers == 1:
-        proxied = ProxiedConnections()
     top = service.MultiService()
     security.RootWarning("socks").setServiceParent(top)
+    # The identd in the same process answers for the SOCKS users' sockets
+    # (with workers = 1); with none configured it listens nowhere, until a
+    # reload turns it on.
+    proxied = ProxiedConnections() if cfg.workers == 1 else None
+    identd = IdentdServing(_identd(cfg), proxied)
     if cfg.workers > 1:
         worker_args = [arg for network in options["trusted_proxies"]
                        for arg in ("--trusted-proxy", network)]
         if options["config"]:
             worker_args += ["--config", os.path.abspath(options["config"])]
-        WorkersService(cfg.workers, cfg.listen, worker_args,
-                       auth=options["auth_strings"]).setServiceParent(top)
+        workers = WorkersService(cfg.workers, cfg.listen, worker_args,
+                                 auth=options["auth_strings"])
+        workers.setServiceParent(top)
+        reload: Callable[[], defer.Deferred[str]] = SupervisorReload(options, cfg, workers,
+                                                                     identd)
     else:
-        factory = make_factory(cfg, options.checkers, proxied)
-        for description in cfg.listen:
-            strports.service(description, factory).setServiceParent(top)
-    if identd is not None:
-        # The identd in the same process answers for the SOCKS users' sockets.
-        for child in identd_tap.make_services(identd, proxied):
-            child.setServiceParent(top)
+        assembly = Assembly()
+        factory = make_factory(cfg, options.checkers, _proxied(cfg, proxied), assembly=assembly)
+        listeners = Listeners(cfg.listen, factory)
+        listeners.setServiceParent(top)
+        reload = Reload(options, cfg, factory, assembly, listeners, identd, proxied)
+    identd.listeners.setServiceParent(top)
+    Reloader(reload).setServiceParent(top)
     return top
+
+
+def _identd(cfg: configuration.Config) -> configuration.IdentdConfig | None:
+    """The embedded identd's settings, if ``[identd] enabled``."""
+    return cfg.identd if cfg.identd is not None and cfg.identd.enabled else None
+
+
+def _proxied(cfg: configuration.Config,
+             proxied: ProxiedConnections | None) -> ProxiedConnections | None:
+    """Where sessions register who owns their outgoing sockets: only while
+    the identd answers with the SOCKS users (identd.proxied_users)."""
+    identd = _identd(cfg)
+    return proxied if identd is not None and identd.policy.proxied_users else None
+
+
+class Reload:
+    """SIGHUP with ``workers = 1``: the file read and checked as --check
+    does, the listen endpoints it adds bound, then everything swapped in:
+    new sessions are served under it; the open ones keep their settings
+    (unless ``recheck_on_reload`` judges them again). Command-line options
+    stay as given."""
+
+    def __init__(self, options: Options, cfg: configuration.Config,
+                 factory: SOCKSServerFactory, assembly: Assembly, listeners: Listeners,
+                 identd: IdentdServing, proxied: ProxiedConnections | None) -> None:
+        self.options = options
+        self.workers = cfg.workers
+        self.factory = factory
+        self.assembly = assembly
+        self.listeners = listeners
+        self.identd = identd
+        self.proxied = proxied
+
+    def __call__(self) -> defer.Deferred[str]:
+        cfg, checkers = rebuild(self.options)
+        socks = self.listeners.bind(cfg.listen)
+
+        def identd_too(change: Change) -> defer.Deferred[tuple[Change, Change]]:
+            def both(identd_change: Change) -> tuple[Change, Change]:
+                return change, identd_change
+
+            def undo(failure: Failure) -> Failure:
+                change.cancel()
+                return failure
+
+            return self.identd.change(_identd(cfg)).addCallbacks(both, undo)
+
+        def apply(changes: tuple[Change, Change]) -> str:
+            try:
+                settings = self.assembly.settings(cfg, checkers, _proxied(cfg, self.proxied))
+            except BaseException:
+                for change in changes:
+                    change.cancel()
+                raise
+            for change in changes:
+                change.apply()
+            self.factory.serve(**settings)
+            if cfg.recheck_on_reload:
+                self.factory.recheck()
+            return reloaded(cfg, checkers, self.workers)
+
+        return socks.addCallback(identd_too).addCallback(apply)
+
+
+class SupervisorReload:
+    """SIGHUP with ``workers = N``: the file is checked here first, so that
+    no worker ever runs a configuration the others do not; then each worker
+    reloads it. The workers hold their listening sockets from the start: a
+    changed ``listen`` needs a restart, and is refused."""
+
+    def __init__(self, options: Options, cfg: configuration.Config, workers: WorkersService,
+                 identd: IdentdServing) -> None:
+        self.options = options
+        self.listen = cfg.listen
+        self.count = cfg.workers
+        self.workers = workers
+        self.identd = identd
+
+    def __call__(self) -> defer.Deferred[str]:
+        cfg, checkers = rebuild(self.options)
+        if cfg.listen != self.listen:
+            raise configuration.ConfigError(
+                f"{configuration.location(cfg.path, 'server', 'listen')}: server.listen: "
+                f"changed, and the {self.count} workers hold their sockets from the start: "
+                "restart socksd for a new listen")
+
+        def apply(change: Change) -> str:
+            change.apply()
+            self.workers.reload()
+            return reloaded(cfg, checkers, self.count)
+
+        return self.identd.change(_identd(cfg)).addCallback(apply)
+
+
+def rebuild(options: Options) -> tuple[configuration.Config, list[ICredentialsChecker]]:
+    """The configuration a reload would run: the file read again, the
+    command line's options as given at start (``--auth`` checkers made
+    again from their strings, so a plugin checker reads its store again)."""
+    auth = []
+    for description in options["auth_strings"]:
+        try:
+            auth.append(strcred.makeChecker(description))
+        except Exception as e:
+            raise configuration.ConfigError(f"--auth {description!r}: {e}") from None
+    cfg, checkers = build(options["config"], options["listen"], auth,
+                          options["trusted_proxies"])
+    for warning in cfg.warnings():
+        log.warn("{warning}", warning=warning)
+    return cfg, checkers
+
+
+def reloaded(cfg: configuration.Config, checkers: Sequence[ICredentialsChecker],
+             workers: int) -> str:
+    """The reload's line: what --check says of the file now served."""
+    kept = "" if cfg.workers == workers else \
+        f"; workers = {workers} until a restart (the file says {cfg.workers})"
+    return summary(cfg, checkers) + kept

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import sys
 from typing import BinaryIO
@@ -23,6 +24,7 @@ from zope.interface import implementer
 
 from socksd.proxy.connect import THREAD_POOL_SIZE
 from socksd.tap import reactor as socksd_reactor
+from socksd.tap.reload import Reloader
 from socksd.tap.workers import FAILURE_MESSAGE, RECORD_SEPARATOR
 from socksd.twisted_internals import IStreamTransport, installed_reactor, proxy_protocol_factory
 
@@ -97,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trusted-proxy", action="append", default=[])
     parser.add_argument("--reactor", help="the supervisor's reactor class, to run on the same")
     args = parser.parse_args(argv)
+    # A reload before the handler below is in place is not the end of us.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     if args.reactor:
         installReactor(namedAny(args.reactor)())
@@ -115,10 +119,23 @@ def main(argv: list[str] | None = None) -> None:
     reactor.adoptStreamConnection(1, socket.AF_UNIX, channel_factory)
     os.dup2(2, 1)
     globalLogBeginner.beginLoggingTo([channel], redirectStandardIO=False)
-    checkers = [strcred.makeChecker(description)
-                for description in read_auth(sys.stdin.buffer)]
+    auth = read_auth(sys.stdin.buffer)
+    checkers = [strcred.makeChecker(description) for description in auth]
     cfg, checkers = socks_tap.build(args.config, [], checkers, args.trusted_proxy)
-    factory = socks_tap.make_factory(cfg, checkers, None, share=args.workers, worker=args.index)
+    assembly = socks_tap.Assembly(args.workers)
+    factory = socks_tap.make_factory(cfg, checkers, None, worker=args.index, assembly=assembly)
+
+    def reload() -> str:
+        """The supervisor checked the file and passed its SIGHUP on."""
+        cfg, checkers = socks_tap.build(args.config, [],
+                                        [strcred.makeChecker(a) for a in auth],
+                                        args.trusted_proxy)
+        factory.serve(**assembly.settings(cfg, checkers, None))
+        if cfg.recheck_on_reload:
+            factory.recheck()
+        return f"{cfg.path or 'embedded default'}"
+
+    Reloader(reload, reactor, prefix=f"w{args.index} ").startService()
     for fd, family, haproxy in json.loads(args.fds):
         port_factory = proxy_protocol_factory(factory) if haproxy else factory
         reactor.adoptStreamPort(fd, socket.AddressFamily(family), port_factory)

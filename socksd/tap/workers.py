@@ -37,6 +37,7 @@ from collections.abc import Sequence
 
 from twisted.application import service
 from twisted.internet import defer, protocol
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IAddress, IProcessTransport
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
@@ -209,6 +210,15 @@ class WorkersService(service.Service):
         ours.close()  # Twisted made its own copy of the descriptor
         log.info("worker {index} started (pid {pid})", index=index,
                  pid=worker.transport.pid if worker.transport else "?")
+
+    def reload(self) -> None:
+        """Each worker reads the configuration file again (SIGHUP); one
+        spawned later reads it at its start."""
+        for worker in self.workers.values():
+            try:
+                worker.transport.signalProcess("HUP")
+            except ProcessExitedAlready:
+                pass   # ended: restarted with the file as it is then
 
     def worker_ended(self, worker: _Worker, reason: Failure) -> None:
         if self.workers.get(worker.index) is worker:
