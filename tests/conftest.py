@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from balancer import Balanced
 from helpers import wait_until
 
 BIN = Path(sys.executable).parent
@@ -34,7 +35,7 @@ PAGE = b"socksd test page\n" * 64
 # unmarked test that asks for one of these fixtures, or starts a program other
 # than this interpreter, fails.
 
-INTEGRATION_FIXTURES = frozenset({"socks_server", "kerberos"})
+INTEGRATION_FIXTURES = frozenset({"socks_server", "balanced_socks", "kerberos"})
 # Programs a unit test may start: our own code under this interpreter, and
 # useradd for the throwaway user a fork-as-user test acts as.
 UNIT_PROGRAMS = frozenset({sys.executable, "useradd"})
@@ -124,6 +125,8 @@ def require(program: str) -> str:
 class TwistdSocks:
     """A running `twistd -n socks` with its log captured in a file."""
 
+    host = "127.0.0.1"    # where its listener is (it is told with --listen or the config)
+
     def __init__(self, tmp_path: Path, config: str | None, args: list[str],
                  env: dict[str, str] | None, add_listen: bool = True,
                  twistd_args: tuple[str, ...] = ()) -> None:
@@ -163,7 +166,7 @@ class TwistdSocks:
 
     @property
     def address(self) -> tuple[str, int]:
-        return ("127.0.0.1", self.port)
+        return (self.host, self.port)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -231,6 +234,26 @@ def socks_server(tmp_path):
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def balanced_socks(socks_server, tmp_path):
+    """Start ``balanced_socks(config="", server="", *args)``: HAProxy on
+    127.0.0.2 (tests/balancer.py: TCP mode, round robin, PROXY v2 with health
+    checks) in front of two socksd instances on 127.0.0.3 and 127.0.0.4, each
+    with a ``haproxy:`` listener and ``trusted_proxies`` = the balancer.
+    ``server`` adds lines to their ``[server]`` table, ``config`` other tables;
+    ``args`` go to ``twistd socks``. Clients connect to its ``address``."""
+    started: list[Balanced] = []
+
+    def start(config: str = "", server: str = "", *args: str) -> Balanced:
+        balanced = Balanced(socks_server, tmp_path, config, server, args)
+        started.append(balanced)
+        return balanced
+
+    yield start
+    for balanced in started:
+        balanced.stop()
 
 
 class PageHandler(BaseHTTPRequestHandler):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import socket
 import subprocess
@@ -163,7 +164,8 @@ def ident_user() -> str:
 
 
 class Oidentd:
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, host: str = "127.0.0.1") -> None:
+        self.host = host
         self.port = free_port()
         self.config = tmp_path / "oidentd.conf"
         # Our own configuration, so the answer does not depend on /etc/oidentd.conf:
@@ -178,7 +180,7 @@ class Oidentd:
         self.log_file = open(self.log_path, "wb")
         self.process = subprocess.Popen(
             [require_sbin("oidentd"), "-i", "-S", "-d", "-C", str(self.config),
-             "-a", "127.0.0.1", "-p", str(self.port)],
+             "-a", host, "-p", str(self.port)],
             stdout=self.log_file, stderr=subprocess.STDOUT)
         self._wait_until_listening()
 
@@ -188,7 +190,7 @@ class Oidentd:
                 raise AssertionError(f"oidentd exited with {self.process.returncode}:\n"
                                      f"{self.log()}")
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                socket.create_connection((self.host, self.port), timeout=1).close()
                 return True
             except OSError:
                 return False
@@ -269,10 +271,12 @@ def test_ident_port_closed_is_92(socks_server, http_server):
     assert b"(92)" in out.stderr, out.stderr
 
 
-def _socks4_exchange(address, request: bytes, timeout: float = 15) -> bytes:
+def _socks4_exchange(address, request: bytes, timeout: float = 15,
+                     source: str | None = None) -> bytes:
     """Send a request, return everything the server sent before closing (or
     the first 8 bytes when it grants and keeps the connection open)."""
-    with socket.create_connection(address, timeout=timeout) as s:
+    with socket.create_connection(address, timeout=timeout,
+                                  source_address=(source, 0) if source else None) as s:
         s.sendall(request)
         reply = b""
         while len(reply) < 8:
@@ -295,6 +299,27 @@ def test_oidentd_exact_reply_bytes(socks_server, http_server, oidentd):
     assert int.from_bytes(reply[2:4], "big") not in (0, http_server)
     reply = _socks4_exchange(server.address, head + b"not-" + me.encode() + b"\x00")
     assert reply == b"\x00\x5d" + bytes(6)
+
+
+def test_oidentd_is_asked_from_the_address_the_client_reached(socks_server, http_server,
+                                                              tmp_path):
+    """The identd finds a connection by both its ends: socksd on 127.0.0.3
+    used to ask the client 127.0.0.5's oidentd from 127.0.0.1 (the loopback
+    route's source, as a host with several addresses may), and oidentd,
+    having no connection between those, answered NO-USER (92)."""
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    daemon = Oidentd(tmp_path, host="127.0.0.5")
+    try:
+        server = socks_server(ident_config(daemon.port), "--listen", "tcp:0:interface=127.0.0.3")
+        server.host = "127.0.0.3"
+        head = b"\x04\x01" + http_server.to_bytes(2, "big") + socket.inet_aton("127.0.0.1")
+        reply = _socks4_exchange(server.address, head + me.encode() + b"\x00",
+                                 source="127.0.0.5")
+        assert reply[:2] == b"\x00\x5a", (reply, daemon.log(), server.log())
+        assert re.search(rf"\[127\.0\.0\.3\] Successful lookup: \d+ , {server.port} : {me} ",
+                         daemon.log()), daemon.log()
+    finally:
+        daemon.stop()
 
 
 class FakeIdentd:

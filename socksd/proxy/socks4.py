@@ -17,6 +17,8 @@ from socksd.escape import escape
 from socksd.ident import client as ident_client
 from socksd.proxy import connect
 from socksd.proxy.handshake import Requesting, RequestOwner
+from socksd.rules import parse_ip
+from socksd.twisted_internals import is_proxy_wrapper
 from socksd.wire import WireError, socks4
 
 log = Logger(namespace="socksd")
@@ -105,12 +107,15 @@ class Socks4Handshake(Requesting):
         host = self.transport.getHost()
         if getattr(peer, "host", None) is None:
             return defer.fail(UseridRefused(socks4.NO_IDENTD, "client has no IP address"))
-        # No bindAddress: behind a PROXY-protocol balancer getHost() is the
-        # balancer's address, not ours; the route to the client picks the
-        # same source address the client reached us on in every other case.
+        # The identd finds the connection by the query's addresses as well as
+        # its ports: ask from the address the client reached, which the route
+        # to the client need not leave from (another address of this host).
+        # Behind a haproxy: listener that address is the balancer's (the
+        # header's destination), not ours: there the route picks.
+        bind_host = None if is_proxy_wrapper(self.transport) else str(parse_ip(host.host))
         d = ident_client.query(self.reactor, str(self.owner.client), peer.port,
                                host.port, port=policy.ident_port,
-                               timeout=policy.ident_timeout)
+                               timeout=policy.ident_timeout, bind_host=bind_host)
 
         def answered(identity: ident_client.Identity) -> User:
             said = identity.user
