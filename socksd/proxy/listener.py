@@ -52,7 +52,7 @@ class SOCKSServerFactory(ServerFactory):
         self.sessions = 0
         self.per_client: dict[str, int] = {}
         self.refusals = RateLimitedLine(
-            reactor, log, "{worker}refused {count} more in the last second: max_sessions "
+            reactor, log, "{prefix}refused {count} more in the last second: max_sessions "
                           "({limit}) reached")
         # Peers whose PROXY header is believed (haproxy: listeners), and what
         # was closed without a session line: PROXY LOCAL (a balancer's health
@@ -61,7 +61,7 @@ class SOCKSServerFactory(ServerFactory):
         self.proxy_health_checks = 0
         self.untrusted_proxies = 0
         self.untrusted = RateLimitedLine(
-            reactor, log, "{worker}closed {count} more in the last second: PROXY listener, "
+            reactor, log, "{prefix}closed {count} more in the last second: PROXY listener, "
                           "peers not in trusted_proxies")
 
     def choose_method(self, offered: bytes) -> Method | None:
@@ -82,8 +82,9 @@ class SOCKSServerFactory(ServerFactory):
         the rest: a flood of connections must not become a flood of log.
         (Refused before a byte is read: behind haproxy: the peer is the
         balancer, as the PROXY header is never looked at.)"""
-        self.refusals.emit("{worker}refused {peer}: max_sessions ({limit}) reached",
-                           worker=self.prefix, peer=escape(address_text(addr), spaces=True),
+        self.refusals.emit("{prefix}refused {peer}: max_sessions ({limit}) reached",
+                           prefix=self.prefix, worker=self.worker,
+                           peer=escape(address_text(addr), spaces=True),
                            limit=self.limits.max_sessions)
 
     def trusts_proxy(self, address) -> bool:
@@ -97,8 +98,8 @@ class SOCKSServerFactory(ServerFactory):
         """A haproxy: listener reached by a peer whose header is not
         believed: one line, then at most one a second counting the rest."""
         self.untrusted_proxies += 1
-        self.untrusted.emit("{worker}closed {peer}: a PROXY listener, and the peer is not in "
-                            "trusted_proxies", worker=self.prefix,
+        self.untrusted.emit("{prefix}closed {peer}: a PROXY listener, and the peer is not in "
+                            "trusted_proxies", prefix=self.prefix, worker=self.worker,
                             peer=escape(address_text(addr), spaces=True))
 
     def count_client(self, key: str, delta: int) -> int:
