@@ -31,6 +31,7 @@ from socksd.proxy import SOCKSServerFactory
 from socksd.proxy.connect import THREAD_POOL_SIZE
 from socksd.tap import identd as identd_tap
 from socksd.tap import install_reactor, security
+from socksd.tap.logsink import LoggingRoot, check_log_option
 from socksd.tap.workers import WorkersService
 from socksd.twisted_internals import installed_reactor
 
@@ -85,6 +86,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             self.socks_config, self.checkers = build(self["config"], self["listen"],
                                                      self.get("credCheckers", []),
                                                      self["trusted_proxies"])
+            check_log_option(self.socks_config.log, self.parent, self["config"])
         except configuration.ConfigError as e:
             # Not a UsageError: twistd would bury the message under the usage text.
             sys.exit(f"socksd: {e}")
@@ -233,7 +235,7 @@ def makeService(options: Options) -> service.IService:
     identd = cfg.identd if cfg.identd is not None and cfg.identd.enabled else None
     if identd is not None and identd.policy.proxied_users and cfg.workers == 1:
         proxied = ProxiedConnections()
-    top = service.MultiService()
+    top = LoggingRoot(cfg.log.format, options.parent)
     security.RootWarning("socks").setServiceParent(top)
     if cfg.workers > 1:
         worker_args = [arg for network in options["trusted_proxies"]
