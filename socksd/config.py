@@ -17,6 +17,7 @@ from socksd.auth.gss import LEVEL_NAMES, GSSAPISettings
 from socksd.auth.registry import METHODS
 from socksd.ident.policy import IdentPolicy, parse_mode
 from socksd.ident.server import IdentdLimits
+from socksd.logs import FORMATS
 from socksd.proxy.limits import Limits
 from socksd.proxy.socks4 import Socks4Policy
 from socksd.rules import (
@@ -49,6 +50,13 @@ class IdentdConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    """The ``[log]`` table, read by ``twistd socks`` and ``twistd identd`` alike."""
+
+    format: str = "text"      # one of socksd.logs.FORMATS
+
+
+@dataclass(frozen=True)
 class Config:
     path: str | None = None
     listen: tuple[str, ...] = DEFAULT_LISTEN
@@ -64,6 +72,7 @@ class Config:
     socks4_enabled_given: bool = False  # [socks4] enabled is in the file
     trusted_proxies: tuple[IPNetwork, ...] = ()   # networks whose PROXY headers are believed
     recheck_on_reload: bool = False     # a reload judges open sessions again
+    log: LogConfig = LogConfig()
 
     def proxy_problem(self) -> str | None:
         """Why a haproxy: listener cannot start: without trusted_proxies any
@@ -188,7 +197,8 @@ _GSSAPI_KEYS = {
     "nec_compat": "bool", "principal_map": "string", "principals": "modes",
     "require_sequence": "bool", "local_realms": "strings", "allow_anonymous": "bool",
 }
-_TABLES = ("server", "socks4", "identd", "gssapi", "rules")
+_LOG_KEYS = {"format": "string"}
+_TABLES = ("server", "socks4", "identd", "gssapi", "rules", "log")
 
 
 class _Where:
@@ -340,11 +350,21 @@ def parse(data: dict[str, Any], where: _Where) -> Config:
     except ValueError as e:
         raise where.error(str(e), "server", None, "trusted_proxies") from None
     socks4 = _table(data, "socks4", _SOCKS4_KEYS, where)
+    log_config = _log(_table(data, "log", _LOG_KEYS, where), where)
     return Config(where.path, listen, methods, "methods" in server,
                   tuple(server.get("checkers", ())), limits, rules,
                   _socks4(socks4, limits, where), identd, gssapi, workers,
                   "enabled" in socks4, trusted,
-                  server.get("recheck_on_reload", False))._socks4_default().checked(where)
+                  server.get("recheck_on_reload", False),
+                  log=log_config)._socks4_default().checked(where)
+
+
+def _log(table: dict[str, Any], where: _Where) -> LogConfig:
+    log_format = table.get("format", LogConfig.format)
+    if log_format not in FORMATS:
+        raise where.error(f"{log_format!r} is not \"text\" or \"json\"", "log", None,
+                          "format")
+    return LogConfig(log_format)
 
 
 def _gssapi(table: dict[str, Any], where: _Where) -> GSSAPISettings:

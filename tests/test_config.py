@@ -45,7 +45,7 @@ def test_example_uses_every_key_and_is_valid():
     for key in config._SERVER_KEYS:
         assert f"\n{key} =" in text, key
     for key in [*config._RULE_KEYS, *config._SOCKS4_KEYS, *config._IDENTD_KEYS,
-                *config._GSSAPI_KEYS]:
+                *config._GSSAPI_KEYS, *config._LOG_KEYS]:
         assert f"\n{key} =" in text or f".{key}]" in text, key   # a key, or a sub-table
     cfg = config.load(str(EXAMPLE))
     assert cfg.methods == ("userpass",) and cfg.methods_given
@@ -77,6 +77,15 @@ log = true
     rule = cfg.rules.rules[0]
     assert rule.suffixes == (".example.com",) and rule.ports == ((25, 25), (6660, 6669))
     assert rule.anonymous and rule.users == frozenset() and rule.log
+
+
+def test_log_format():
+    assert config.Config().log.format == "text"
+    assert config.parse({}, config._Where("x.toml", "")).log.format == "text"
+
+
+def test_log_format_json(tmp_path):
+    assert load_text(tmp_path, '[log]\nformat = "json"\n').log == config.LogConfig("json")
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -113,6 +122,12 @@ log = true
     ("[[rules]]\naction = \"allow\"\ncolour = \"red\"\n",
      "socksd.toml:3: rules[1].colour: unknown key"),
     ("[server]\n\n[server\n", "socksd.toml:3: not valid TOML: "),
+    ("[server]\n[log]\n\nformat = \"xml\"\n",
+     "socksd.toml:4: log.format: 'xml' is not \"text\" or \"json\""),
+    ("[log]\nformat = 1\n", "socksd.toml:2: log.format: must be a string, not an integer"),
+    ("[log]\nformat = \"JSON\"\n", "socksd.toml:2: log.format: 'JSON' is not"),
+    ("[log]\nlevel = \"info\"\n", "socksd.toml:2: log.level: unknown key (known: format)"),
+    ("log = \"json\"\n", "socksd.toml:1: log: must be a table ([log])"),
 ])
 def test_errors_name_file_line_key_and_reason(tmp_path, text, expected):
     message = error_of(tmp_path, text)

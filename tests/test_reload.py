@@ -3,6 +3,7 @@ open ones keep theirs, a broken file keeps the running configuration."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -364,3 +365,18 @@ def test_reload_keeps_failed_logins_and_resizes_the_password_pool():
     assert pool.running == 2
     pool.resize(3, 8, 2)
     assert pool.running == 3 and (pool.limit, pool.per_client) == (8, 2)
+
+
+@pytest.mark.integration
+def test_a_reload_switches_the_log_format(socks_server, echo_server):
+    port = _free_port()
+    listen = [f"tcp:{port}:interface=127.0.0.1"]
+    server = socks_server(_config(listen), add_listen=False)
+    server.config_path.write_text(_config(listen) + "\n[log]\nformat = \"json\"\n")
+    _hup(server)
+    server.wait_for_log(r'"event": ?"reloaded ')
+    s, reply = _connect(port, echo_server)
+    assert reply == 0 and _echoes(s)
+    s.close()
+    line = server.wait_for_log(r'\{[^\n]*"outcome": ?"ok"[^\n]*\}')
+    assert json.loads(line.group(0))["destination"] == f"127.0.0.1:{echo_server}"

@@ -193,10 +193,11 @@ class _Negotiation:
         established = (Established(self.context, level, settings.require_sequence)
                        if level != rfc1961.CLEAR else None)
         name = settings.local_name(principal)
-        log.info("{peer} gssapi: {principal} as {user}, protection {protection}",
+        # user (a JSON line's field) raw, as a session's; the line escapes it.
+        log.info("{peer} gssapi: {principal} as {user_text}, protection {protection}",
                  peer=escape(getattr(self.session, "peer", "-"), spaces=True),
                  principal=escape(principal, spaces=True),
-                 user=escape(name, spaces=True), protection=level)
+                 user_text=escape(name, spaces=True), user=name, protection=level)
         self.session.authenticated(GSSAPIMethod.name, User(name), rest, established)
 
     def _abort(self, reason: str) -> None:

@@ -264,7 +264,8 @@ class _UserPassNegotiation:
             reason = failure.getErrorMessage()   # refused unchecked: not a failure
         else:
             reason = f"checker error: {failure.getErrorMessage()}"
-            log.failure("checker failed for {user}", failure, user=escape(self.name))
+            log.failure("checker failed for {user_text}", failure,
+                        user_text=escape(self.name), user=self.name)
         self._refuse(reason)
 
     def _refuse(self, reason: str) -> None:

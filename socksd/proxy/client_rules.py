@@ -48,10 +48,14 @@ class ClientRules:
         """One line for an allow by a rule with ``log = true``: the request,
         or (for BIND and UDP) the peer or datagram address it was about."""
         if decision.rule is not None and decision.rule.log:
-            log.info("{peer} {user} {command} {destination} allowed by {rule}",
-                     peer=escape(self.peer, spaces=True),
-                     user=escape(self.user.name or "-", spaces=True),
-                     command=command, destination=escape(destination, spaces=True),
+            # The line shows the escaped strings; the fields a JSON line
+            # takes (peer, user, destination) stay raw, as a session's do.
+            user = self.user.name or "-"
+            log.info("{peer_text} {user_text} {command} {destination_text} allowed by {rule}",
+                     peer_text=escape(self.peer, spaces=True),
+                     user_text=escape(user, spaces=True),
+                     destination_text=escape(destination, spaces=True),
+                     peer=self.peer, user=user, command=command, destination=destination,
                      rule=decision.reason)
 
     def refuse_address(self, command: str, host: str, port: int) -> connect.ConnectFailed | None:

@@ -92,12 +92,12 @@ class SOCKSServerFactory(ServerFactory):
         self.prefix = "" if worker is None else f"w{worker} "    # of this process's lines
         self.counts = Counts()
         self.refusals = RateLimitedLine(
-            reactor, log, "{worker}refused {count} more in the last second: max_sessions "
+            reactor, log, "{prefix}refused {count} more in the last second: max_sessions "
                           "({limit}) reached")
         # Closed without a session line: connections to a haproxy: listener
         # from peers not in trusted_proxies.
         self.untrusted = RateLimitedLine(
-            reactor, log, "{worker}closed {count} more in the last second: PROXY listener, "
+            reactor, log, "{prefix}closed {count} more in the last second: PROXY listener, "
                           "peers not in trusted_proxies")
         self.serving = Serving(self, methods, rules, limits, socks4, registry, trusted_proxies)
 
@@ -150,14 +150,14 @@ class SOCKSServerFactory(ServerFactory):
         the rest: a flood of connections must not become a flood of log.
         (Refused before a byte is read: behind haproxy: the peer is the
         balancer, as the PROXY header is never looked at.)"""
-        self.refusals.emit("{worker}refused {peer}: max_sessions ({limit}) reached",
-                           worker=self.prefix, peer=escape(address_text(addr), spaces=True),
-                           limit=limit)
+        self.refusals.emit("{prefix}refused {peer}: max_sessions ({limit}) reached",
+                           prefix=self.prefix, worker=self.worker,
+                           peer=escape(address_text(addr), spaces=True), limit=limit)
 
     def untrusted_proxy(self, addr) -> None:
         """A haproxy: listener reached by a peer whose header is not
         believed: one line, then at most one a second counting the rest."""
         self.counts.untrusted_proxies += 1
-        self.untrusted.emit("{worker}closed {peer}: a PROXY listener, and the peer is not in "
-                            "trusted_proxies", worker=self.prefix,
+        self.untrusted.emit("{prefix}closed {peer}: a PROXY listener, and the peer is not in "
+                            "trusted_proxies", prefix=self.prefix, worker=self.worker,
                             peer=escape(address_text(addr), spaces=True))

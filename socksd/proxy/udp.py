@@ -192,9 +192,9 @@ class UDPRelay(DatagramProtocol):
             self.counts["dropped"] += 1
             if failure.check(connect.TooManyLookups) and not self.lookups_refused:
                 self.lookups_refused = True   # once per association, not per datagram
-                log.info("{peer} udp: {detail}; datagrams to names are dropped meanwhile",
-                         peer=escape(self.rules.peer, spaces=True),
-                         detail=escape(failure.value.detail))
+                log.info("{peer} udp: {detail_text}; datagrams to names are dropped "
+                         "meanwhile", peer=escape(self.rules.peer, spaces=True),
+                         detail_text=escape(failure.value.detail), detail=failure.value.detail)
 
         d.addCallbacks(resolved, failed)
 

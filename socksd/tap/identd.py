@@ -23,6 +23,7 @@ from socksd.ident.policy import parse_mode
 from socksd.ident.registry import ProxiedConnections
 from socksd.ident.server import IdentFactory, answer_query
 from socksd.tap import install_reactor, security
+from socksd.tap.logsink import LoggingRoot, check_log_option
 from socksd.tap.reload import Change, Listeners, Reloader
 from socksd.wire import ident
 
@@ -65,8 +66,9 @@ class Options(usage.Options):
         # First: checking the config builds endpoints, which imports the reactor.
         install_reactor()
         try:
-            self.identd = build(self)
+            self.identd, self.log_config = build(self)
             check_addresses(self)
+            check_log_option(self.log_config, self.parent, self["config"])
         except configuration.ConfigError as e:
             sys.exit(f"identd: {e}")
         if self["check"]:
@@ -76,10 +78,14 @@ class Options(usage.Options):
             sys.exit(serve_stdio(self.identd, self["local-address"], self["remote-address"]))
 
 
-def build(options: Options) -> configuration.IdentdConfig:
+def build(options: Options) -> tuple[configuration.IdentdConfig, configuration.LogConfig]:
+    """The ``[identd]`` table with the flags applied, and the ``[log]`` table."""
     cfg = configuration.IdentdConfig()
+    log_config = configuration.LogConfig()
     if options["config"]:
-        cfg = configuration.load(options["config"]).identd or cfg
+        loaded = configuration.load(options["config"])
+        cfg = loaded.identd or cfg
+        log_config = loaded.log
     changes: dict[str, Any] = {}   # IdentPolicy fields
     if options["reply"]:
         try:
@@ -97,7 +103,7 @@ def build(options: Options) -> configuration.IdentdConfig:
     if options["listen"]:
         configuration.check_listen_option(options["listen"])
         cfg = replace(cfg, listen=tuple(options["listen"]))
-    return cfg
+    return cfg, log_config
 
 
 def check_addresses(options: Options) -> None:
@@ -184,16 +190,18 @@ def summary(options: Options, cfg: configuration.IdentdConfig) -> str:
 
 
 def makeService(options: Options) -> service.IService:
-    top = service.MultiService()
+    top = LoggingRoot(options.log_config.format, options.parent)
     security.RootWarning("identd").setServiceParent(top)
     identd = IdentdServing(options.identd)
     identd.listeners.setServiceParent(top)
 
     def reload() -> defer.Deferred[str]:
-        cfg = build(options)
+        cfg, log_config = build(options)
+        check_log_option(log_config, options.parent, options["config"])
 
         def apply(change: Change) -> str:
             change.apply()
+            top.use_format(log_config.format)
             return summary(options, cfg)
 
         return identd.change(cfg).addCallback(apply)

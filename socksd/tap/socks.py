@@ -33,6 +33,7 @@ from socksd.proxy import SOCKSServerFactory
 from socksd.proxy.connect import THREAD_POOL_SIZE
 from socksd.tap import install_reactor, security
 from socksd.tap.identd import IdentdServing
+from socksd.tap.logsink import LoggingRoot, check_log_option
 from socksd.tap.reload import Change, Listeners, Reloader
 from socksd.tap.workers import WorkersService
 from socksd.twisted_internals import installed_reactor
@@ -88,6 +89,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             self.socks_config, self.checkers = build(self["config"], self["listen"],
                                                      self.get("credCheckers", []),
                                                      self["trusted_proxies"])
+            check_log_option(self.socks_config.log, self.parent, self["config"])
         except configuration.ConfigError as e:
             # Not a UsageError: twistd would bury the message under the usage text.
             sys.exit(f"socksd: {e}")
@@ -265,7 +267,7 @@ def makeService(options: Options) -> service.IService:
     security.warn_about_secrets(cfg, options.checkers, options["auth_strings"])
     # Name lookups: see connect.MAX_LOOKUPS.
     installed_reactor().suggestThreadPoolSize(THREAD_POOL_SIZE)
-    top = service.MultiService()
+    top = LoggingRoot(cfg.log.format, options.parent)
     security.RootWarning("socks").setServiceParent(top)
     # The identd in the same process answers for the SOCKS users' sockets
     # (with workers = 1); with none configured it listens nowhere, until a
@@ -281,13 +283,13 @@ def makeService(options: Options) -> service.IService:
                                  auth=options["auth_strings"])
         workers.setServiceParent(top)
         reload: Callable[[], defer.Deferred[str]] = SupervisorReload(options, cfg, workers,
-                                                                     identd)
+                                                                     identd, top)
     else:
         assembly = Assembly()
         factory = make_factory(cfg, options.checkers, _proxied(cfg, proxied), assembly=assembly)
         listeners = Listeners(cfg.listen, factory)
         listeners.setServiceParent(top)
-        reload = Reload(options, cfg, factory, assembly, listeners, identd, proxied)
+        reload = Reload(options, cfg, factory, assembly, listeners, identd, proxied, top)
     identd.listeners.setServiceParent(top)
     Reloader(reload).setServiceParent(top)
     return top
@@ -315,8 +317,10 @@ class Reload:
 
     def __init__(self, options: Options, cfg: configuration.Config,
                  factory: SOCKSServerFactory, assembly: Assembly, listeners: Listeners,
-                 identd: IdentdServing, proxied: ProxiedConnections | None) -> None:
+                 identd: IdentdServing, proxied: ProxiedConnections | None,
+                 root: LoggingRoot) -> None:
         self.options = options
+        self.root = root
         self.workers = cfg.workers
         self.factory = factory
         self.assembly = assembly
@@ -347,6 +351,7 @@ class Reload:
                 raise
             for change in changes:
                 change.apply()
+            self.root.use_format(cfg.log.format)
             self.factory.serve(**settings)
             if cfg.recheck_on_reload:
                 self.factory.recheck()
@@ -362,8 +367,9 @@ class SupervisorReload:
     changed ``listen`` needs a restart, and is refused."""
 
     def __init__(self, options: Options, cfg: configuration.Config, workers: WorkersService,
-                 identd: IdentdServing) -> None:
+                 identd: IdentdServing, root: LoggingRoot) -> None:
         self.options = options
+        self.root = root
         self.listen = cfg.listen
         self.count = cfg.workers
         self.workers = workers
@@ -379,6 +385,7 @@ class SupervisorReload:
 
         def apply(change: Change) -> str:
             change.apply()
+            self.root.use_format(cfg.log.format)
             self.workers.reload()
             return reloaded(cfg, checkers, self.count)
 
@@ -397,6 +404,7 @@ def rebuild(options: Options) -> tuple[configuration.Config, list[ICredentialsCh
             raise configuration.ConfigError(f"--auth {description!r}: {e}") from None
     cfg, checkers = build(options["config"], options["listen"], auth,
                           options["trusted_proxies"])
+    check_log_option(cfg.log, options.parent, options["config"])
     for warning in cfg.warnings():
         log.warn("{warning}", warning=warning)
     return cfg, checkers

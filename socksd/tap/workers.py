@@ -43,6 +43,7 @@ from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 
 from socksd.config import parse_listener
+from socksd.logs import FROM_WORKER
 from socksd.twisted_internals import IReactor, installed_reactor
 
 log = Logger(namespace="socksd")
@@ -107,6 +108,9 @@ class _WorkerLog(protocol.Protocol):
             # JSON keeps a failure's type and frames but not its exception
             # object; the worker sent the message alongside.
             failure.value = message
+        # Which worker said it, for every line (a JSON line's "worker"); the
+        # text lines that name it already say wN themselves.
+        event[FROM_WORKER] = self.index
         globalLogPublisher(event)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
