@@ -57,6 +57,14 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """The ``[metrics]`` table: where Prometheus scrapes ``/metrics``."""
+
+    listen: tuple[str, ...] = ()     # none: no metrics endpoint
+    per_user: bool = False           # a ``user`` label (verified users only)
+
+
+@dataclass(frozen=True)
 class Config:
     path: str | None = None
     listen: tuple[str, ...] = DEFAULT_LISTEN
@@ -73,6 +81,7 @@ class Config:
     trusted_proxies: tuple[IPNetwork, ...] = ()   # networks whose PROXY headers are believed
     recheck_on_reload: bool = False     # a reload judges open sessions again
     log: LogConfig = LogConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     def proxy_problem(self) -> str | None:
         """Why a haproxy: listener cannot start: without trusted_proxies any
@@ -140,6 +149,9 @@ class Config:
                     self.identd.policy.proxied_users:
                 raise error("workers", "identd.proxied_users needs workers = 1 (the identd "
                                        "must share the process that opens the connections)")
+            if self.metrics.listen:
+                raise error("workers", "metrics.listen needs workers = 1 for now (the "
+                                       "supervisor does not gather the workers' counts yet)")
         return self
 
     def with_command_line(self, listen: list[str], have_auth: bool,
@@ -198,7 +210,8 @@ _GSSAPI_KEYS = {
     "require_sequence": "bool", "local_realms": "strings", "allow_anonymous": "bool",
 }
 _LOG_KEYS = {"format": "string"}
-_TABLES = ("server", "socks4", "identd", "gssapi", "rules", "log")
+_METRICS_KEYS = {"listen": "strings", "per_user": "bool"}
+_TABLES = ("server", "socks4", "identd", "gssapi", "rules", "log", "metrics")
 
 
 class _Where:
@@ -351,12 +364,13 @@ def parse(data: dict[str, Any], where: _Where) -> Config:
         raise where.error(str(e), "server", None, "trusted_proxies") from None
     socks4 = _table(data, "socks4", _SOCKS4_KEYS, where)
     log_config = _log(_table(data, "log", _LOG_KEYS, where), where)
+    metrics = _metrics(_table(data, "metrics", _METRICS_KEYS, where), where)
     return Config(where.path, listen, methods, "methods" in server,
                   tuple(server.get("checkers", ())), limits, rules,
                   _socks4(socks4, limits, where), identd, gssapi, workers,
                   "enabled" in socks4, trusted,
                   server.get("recheck_on_reload", False),
-                  log=log_config)._socks4_default().checked(where)
+                  log=log_config, metrics=metrics)._socks4_default().checked(where)
 
 
 def _log(table: dict[str, Any], where: _Where) -> LogConfig:
@@ -365,6 +379,15 @@ def _log(table: dict[str, Any], where: _Where) -> LogConfig:
         raise where.error(f"{log_format!r} is not \"text\" or \"json\"", "log", None,
                           "format")
     return LogConfig(log_format)
+
+
+def _metrics(table: dict[str, Any], where: _Where) -> MetricsConfig:
+    listen = tuple(table.get("listen", ()))
+    for description in listen:
+        problem = _endpoint_problem(description)
+        if problem:
+            raise where.error(f"{description!r}: {problem}", "metrics", None, "listen")
+    return MetricsConfig(listen, table.get("per_user", False))
 
 
 def _gssapi(table: dict[str, Any], where: _Where) -> GSSAPISettings:

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 
 import pytest
 from twisted.internet import defer
@@ -23,7 +24,8 @@ from socksd.auth.registry import method_registry
 from socksd.config import ConfigError
 from socksd.proxy import Limits
 from socksd.rules import RuleSet, compile_rule
-from socksd.tap.reload import Reloader
+from socksd.stats import STATS
+from socksd.tap.reload import Reloader, hold_sighup
 from test_bind_udp_session import make_factory as udp_factory
 
 
@@ -320,6 +322,8 @@ def test_reloader_reports_each_reload_and_never_stops():
     outcomes = iter([lambda: "a: OK", lambda: (_ for _ in ()).throw(ConfigError("f:1: k: bad")),
                      lambda: 1 / 0, lambda: defer.succeed("b: OK")])
     reloader = Reloader(lambda: next(outcomes)(), reactor)
+    reloader.running = True
+    before = dict(STATS.reloads)
     with capturedLogs() as events:
         for _ in range(4):
             reloader.now()
@@ -329,7 +333,8 @@ def test_reloader_reports_each_reload_and_never_stops():
     assert lines[2].startswith("reload failed, kept the running configuration: ")
     assert events[2].get("log_failure") is not None     # unexpected: with its traceback
     assert lines[3] == "reloaded b: OK"
-    assert reloader.results == {"ok": 2, "failed": 2}
+    assert STATS.reloads["ok"] - before.get("ok", 0) == 2
+    assert STATS.reloads["failed"] - before.get("failed", 0) == 2
 
 
 def test_a_hup_during_a_reload_makes_one_more_after_it():
@@ -380,3 +385,60 @@ def test_a_reload_switches_the_log_format(socks_server, echo_server):
     s.close()
     line = server.wait_for_log(r'\{[^\n]*"outcome": ?"ok"[^\n]*\}')
     assert json.loads(line.group(0))["destination"] == f"127.0.0.1:{echo_server}"
+
+
+def test_a_reload_during_the_handshake_judges_the_session_when_its_relay_starts():
+    factory, reactor = fakes.make_factory()
+    client = fakes.socks5_client(factory, CONNECT_IP)     # connecting: not judged again yet
+    _serve(factory, rules=RuleSet([compile_rule("not-there", "deny",
+                                                destinations=["93.184.216.0/24"]),
+                                   compile_rule("rest", "allow")]))
+    factory.serving.recheck_on_reload = True
+    factory.recheck()
+    assert not client.closing
+    with capturedLogs() as events:
+        out = fakes.Outbound(reactor)
+        out.accept()
+        assert client.closing
+        client.lose()
+        out.protocol.connectionLost(None)
+    [line] = fakes.session_lines(events)
+    assert "denied after reload: not-there (deny)" in line
+
+
+def test_a_hup_at_start_up_is_kept_and_made_a_reload_once_the_reactor_runs():
+    previous = signal.getsignal(signal.SIGHUP)
+    try:
+        hold_sighup()       # what the options do, before the config is read
+        os.kill(os.getpid(), signal.SIGHUP)     # systemd's ExecReload, right after the start
+        reloads: list[str] = []
+        reactor = _Clock()
+        reloader = Reloader(lambda: reloads.append("reloaded") or "x: OK", reactor)
+        reloader.startService()
+        reactor.advance(0)
+        assert reloads == ["reloaded"]
+        reloader.stopService()
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+@pytest.mark.integration
+def test_a_worker_is_sent_a_reload_only_once_it_takes_it(socks_server, echo_server):
+    from test_workers import _worker_pids
+
+    port = _free_port()
+    server = socks_server(_config([f"tcp:{port}:interface=127.0.0.1"], extra="workers = 2"),
+                          add_listen=False)
+    pids = wait_until(lambda: (p := _worker_pids(server.process.pid)) and len(p) == 2 and p, 15)
+    os.kill(pids[0], signal.SIGKILL)
+    server.wait_for_log(r"worker \d ended")
+    for _ in range(30):      # through the restart, while the new worker starts
+        _hup(server)
+        time.sleep(0.1)
+    wait_until(lambda: (p := _worker_pids(server.process.pid)) and len(p) == 2 and p, 15)
+    time.sleep(1)
+    assert "process ended by signal 1" not in server.log()
+    assert server.log().count("ended (") == 1
+    s, reply = _connect(port, echo_server)
+    assert reply == 0
+    s.close()

@@ -33,6 +33,7 @@ from socksd.ident.policy import Answer, IdentPolicy
 from socksd.ident.registry import ProxiedConnections
 from socksd.logs import RateLimitedLine
 from socksd.rules import client_key, parse_ip
+from socksd.stats import STATS
 from socksd.twisted_internals import IStreamTransport, installed_reactor
 from socksd.wire import WireError, ident
 
@@ -125,6 +126,7 @@ def _encode(policy: IdentPolicy, ports: bytes | tuple[int, int], answer: Answer,
     """The reply line; ``ports`` are an unparseable query's echo (bytes), which
     only ever gets an error."""
     notes.append(answer.note)
+    STATS.identd_queries["userid" if answer.error is None else answer.error.lower()] += 1
     if answer.error is not None:
         if isinstance(ports, bytes):
             return ports + b" : ERROR : " + answer.error.encode("ascii") + b"\r\n"

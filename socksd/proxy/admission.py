@@ -10,6 +10,7 @@ from typing import Any
 from socksd.proxy.connect import address_text
 from socksd.proxy.host import SessionHost
 from socksd.rules import IPAddress, client_key, parse_ip
+from socksd.stats import STATS
 from socksd.twisted_internals import (
     HAProxyProtocolWrapper,
     after_each_read,
@@ -112,6 +113,7 @@ class Admission:
             # burst from one client would turn others away for that limit.
             counts.sessions -= 1
             self.counted = False
+            STATS.refused["max_sessions_per_client"] += 1
             self.fail("refused", f"max_sessions_per_client ({limit}) reached")
 
     def release(self) -> None:

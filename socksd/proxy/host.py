@@ -47,6 +47,11 @@ class SessionHost(Protocol):
     registry: ProxiedConnections | None
     worker: int | None
     counts: Counts
+    recheck_on_reload: bool
+
+    def current(self) -> SessionHost:
+        """The configuration new sessions get now (another after a reload)."""
+        ...
 
     def choose_method(self, offered: bytes) -> Method | None: ...
 

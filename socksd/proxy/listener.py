@@ -19,6 +19,7 @@ from socksd.proxy.record import SessionRecord, log_record
 from socksd.proxy.session import Session
 from socksd.proxy.socks4 import Socks4Policy
 from socksd.rules import IPNetwork, RuleSet, parse_ip
+from socksd.stats import STATS
 
 __all__ = ["Limits", "SOCKSServerFactory", "Serving"]
 
@@ -31,12 +32,13 @@ class Serving:
     reload serves a new one; a session keeps the one it started under."""
 
     __slots__ = ("listener", "reactor", "methods", "rules", "limits", "socks4", "registry",
-                 "trusted_proxies", "worker", "counts")
+                 "trusted_proxies", "worker", "counts", "recheck_on_reload")
 
     def __init__(self, listener: SOCKSServerFactory, methods: Sequence[Method], rules: RuleSet,
                  limits: Limits, socks4: Socks4Policy, registry: ProxiedConnections | None,
-                 trusted_proxies: Sequence[IPNetwork]) -> None:
+                 trusted_proxies: Sequence[IPNetwork], recheck_on_reload: bool = False) -> None:
         self.listener = listener
+        self.recheck_on_reload = recheck_on_reload
         self.reactor = listener.reactor
         self.worker = listener.worker
         self.counts = listener.counts
@@ -46,6 +48,9 @@ class Serving:
         self.socks4 = socks4
         self.registry = registry      # tell a same-process identd who owns outbound sockets
         self.trusted_proxies = tuple(trusted_proxies)   # whose PROXY header is believed
+
+    def current(self) -> Serving:
+        return self.listener.serving
 
     def choose_method(self, offered: bytes) -> Method | None:
         """The first of our methods, in our preference order, that the client offers."""
@@ -65,8 +70,11 @@ class Serving:
         self.listener.untrusted_proxy(address)
 
     def record(self, record: SessionRecord) -> None:
-        """A session ended: its line."""
+        """A session ended: its line, and its counts."""
         log_record(record)
+        STATS.session_ended(record.version, record.command, record.outcome, record.user,
+                            record.verified, record.method, record.up, record.down,
+                            record.spliced)
 
 
 class SOCKSServerFactory(ServerFactory):
@@ -84,7 +92,8 @@ class SOCKSServerFactory(ServerFactory):
     def __init__(self, methods: Sequence[Method], rules: RuleSet, limits: Limits = Limits(),
                  reactor: Any = None, socks4: Socks4Policy = Socks4Policy(),
                  registry: ProxiedConnections | None = None,
-                 trusted_proxies: Sequence[IPNetwork] = (), worker: int | None = None) -> None:
+                 trusted_proxies: Sequence[IPNetwork] = (), worker: int | None = None,
+                 recheck_on_reload: bool = False) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
@@ -99,15 +108,17 @@ class SOCKSServerFactory(ServerFactory):
         self.untrusted = RateLimitedLine(
             reactor, log, "{prefix}closed {count} more in the last second: PROXY listener, "
                           "peers not in trusted_proxies")
-        self.serving = Serving(self, methods, rules, limits, socks4, registry, trusted_proxies)
+        self.serving = Serving(self, methods, rules, limits, socks4, registry, trusted_proxies,
+                               recheck_on_reload)
 
     def serve(self, methods: Sequence[Method], rules: RuleSet, limits: Limits,
               socks4: Socks4Policy, registry: ProxiedConnections | None,
-              trusted_proxies: Sequence[IPNetwork]) -> Serving:
+              trusted_proxies: Sequence[IPNetwork], recheck_on_reload: bool = False) -> Serving:
         """New sessions are served under this configuration from now on;
         the sessions open now keep theirs. Returns the one replaced."""
         old = self.serving
-        self.serving = Serving(self, methods, rules, limits, socks4, registry, trusted_proxies)
+        self.serving = Serving(self, methods, rules, limits, socks4, registry, trusted_proxies,
+                               recheck_on_reload)
         return old
 
     # The configuration served now, and the counts, for those who look.
@@ -136,7 +147,11 @@ class SOCKSServerFactory(ServerFactory):
         """Judge every open session again under the configuration served
         now (``recheck_on_reload``); those it denies are closed."""
         for session in list(self.counts.live):
-            session.recheck(self.serving)
+            try:
+                session.recheck(self.serving)
+            except Exception:
+                log.failure("{prefix}judging a session again after the reload failed",
+                            prefix=self.prefix)
 
     def buildProtocol(self, addr):
         serving = self.serving
@@ -150,6 +165,7 @@ class SOCKSServerFactory(ServerFactory):
         the rest: a flood of connections must not become a flood of log.
         (Refused before a byte is read: behind haproxy: the peer is the
         balancer, as the PROXY header is never looked at.)"""
+        STATS.refused["max_sessions"] += 1
         self.refusals.emit("{prefix}refused {peer}: max_sessions ({limit}) reached",
                            prefix=self.prefix, worker=self.worker,
                            peer=escape(address_text(addr), spaces=True), limit=limit)
@@ -158,6 +174,7 @@ class SOCKSServerFactory(ServerFactory):
         """A haproxy: listener reached by a peer whose header is not
         believed: one line, then at most one a second counting the rest."""
         self.counts.untrusted_proxies += 1
+        STATS.refused["trusted_proxies"] += 1
         self.untrusted.emit("{prefix}closed {peer}: a PROXY listener, and the peer is not in "
                             "trusted_proxies", prefix=self.prefix, worker=self.worker,
                             peer=escape(address_text(addr), spaces=True))

@@ -27,6 +27,7 @@ from socksd.proxy.socks4 import Socks4Handshake
 from socksd.proxy.socks5 import Socks5Handshake
 from socksd.proxy.udp import UDPRelay
 from socksd.rules import RuleSet
+from socksd.stats import STATS
 from socksd.wire import WireError, socks4, socks5
 
 # More than this many bytes before the relay starts and we stop reading:
@@ -217,7 +218,7 @@ class Session(Admission, ClientEnd, TimeoutMixin):
         server = self.server
         self.pending = d = requests.open_connection(server.reactor, server.limits, rules,
                                                     host, port, by_name)
-        return d
+        return d.addCallback(_connected_after, server.reactor, server.reactor.seconds())
 
     def bind(self, host: str, port: int, by_name: bool) -> defer.Deferred:
         rules = self._request("bind", host, port)
@@ -244,6 +245,7 @@ class Session(Admission, ClientEnd, TimeoutMixin):
         except ConnectFailed as e:
             return defer.fail(e)
         self.setTimeout(server.limits.udp_idle_timeout or None)
+        STATS.handshake.observe(server.reactor.seconds() - self.started)   # the reply is next
         return defer.succeed(bound)
 
     def _request(self, command: str, host: str, port: int) -> ClientRules:
@@ -273,6 +275,7 @@ class Session(Admission, ClientEnd, TimeoutMixin):
 
     def start_relay(self, outbound: relay.RelayEnd, reply: bytes, early: bytes = b"") -> None:
         relay.send(self.transport, reply)
+        STATS.handshake.observe(self.server.reactor.seconds() - self.started)
         self.pending = None
         self.handler = None
         limits = self.server.limits
@@ -288,16 +291,39 @@ class Session(Admission, ClientEnd, TimeoutMixin):
         # to the world, so a SOCKS4 USERID taken on trust must not reach it.
         if registry is not None and self.user.verified and name:
             relaying.register(registry, name)
+        current = self.server.current()
+        if current is not self.server and current.recheck_on_reload:
+            # A reload came during the handshake: judged as the open ones were.
+            self.recheck(current)
         if self.eof_pending:
             relay.RelayEnd.readConnectionLost(self)
         elif self.buffered > MAX_HANDSHAKE_BUFFER:
             self.transport.resumeProducing()
+
+    def moved(self) -> tuple[int, int]:
+        """Bytes relayed so far, up and down: the record's at the end, and
+        what a scrape of the metrics sees while the session lasts."""
+        if self.udp is not None:
+            return self.udp.counts["bytes_up"], self.udp.counts["bytes_down"]
+        relaying = self.relaying
+        if relaying is None:
+            return self.received, 0
+        up, down = self.received, relaying.down
+        splicer = relaying.splicer
+        if splicer is not None and not splicer.finished:
+            client_to_outbound, outbound_to_client = splicer.directions
+            up, down = up + client_to_outbound.moved, down + outbound_to_client.moved
+        return up, down
 
     def recheck(self, serving: SessionHost) -> None:
         """``recheck_on_reload``: a session past its request is judged again
         under the rules served now, and closed if they deny it. One still in
         its handshake or request finishes under the rules it started with."""
         if self.outcome is not None or (self.relaying is None and self.udp is None):
+            return
+        if self.command == "bind":
+            # Its request was decided on the host it named, its peer as a
+            # "bindreply": the relay alone cannot be decided again as either.
             return
         rules = self._rules(serving.rules)
         if self.relaying is not None:
@@ -318,10 +344,10 @@ class Session(Admission, ClientEnd, TimeoutMixin):
         self.release()
         # The relay's last reference back to us goes: the session is freed at
         # once, not at the garbage collector's next pass.
+        up, down = self.moved()
         relaying, self.relaying = self.relaying, None
-        up, down, detail = self.received, relaying.down if relaying else 0, self.detail
+        detail = self.detail
         if self.udp is not None:
-            up, down = self.udp.counts["bytes_up"], self.udp.counts["bytes_down"]
             detail = (f"{detail}; " if detail else "") + self.udp.summary()
         if self.quiet:
             return     # said otherwise, or only counted
@@ -332,3 +358,8 @@ class Session(Admission, ClientEnd, TimeoutMixin):
             server.reactor.seconds() - self.started, self.outcome or "ok", detail,
             relaying is not None and relaying.spliced))
 
+
+def _connected_after(outbound: Any, reactor: Any, requested: float) -> Any:
+    """CONNECT: the time from the request to the destination connected."""
+    STATS.connect.observe(reactor.seconds() - requested)
+    return outbound

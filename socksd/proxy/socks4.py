@@ -18,6 +18,7 @@ from socksd.ident import client as ident_client
 from socksd.proxy import connect
 from socksd.proxy.handshake import Requesting, RequestOwner
 from socksd.rules import parse_ip
+from socksd.stats import STATS
 from socksd.twisted_internals import is_proxy_wrapper
 from socksd.wire import WireError, socks4
 
@@ -121,6 +122,7 @@ class Socks4Handshake(Requesting):
             said = identity.user
             same = (said.casefold() == userid.casefold() if policy.ident_case_insensitive
                     else said == userid)
+            STATS.ident_lookups["confirmed" if same else "mismatch"] += 1
             if not same:
                 # Raw: the session's log line escapes its detail.
                 raise UseridRefused(socks4.IDENT_MISMATCH, f"identd says '{said}'")
@@ -128,6 +130,7 @@ class Socks4Handshake(Requesting):
 
         def unusable(failure):
             failure.trap(ident_client.IdentUnavailable, ident_client.IdentError)
+            STATS.ident_lookups["unavailable"] += 1
             reason = f"identd: {failure.getErrorMessage()}"
             if policy.ident_fallback == TRUST:
                 self.owner.note(detail=reason)

@@ -24,7 +24,7 @@ from socksd.ident.registry import ProxiedConnections
 from socksd.ident.server import IdentFactory, answer_query
 from socksd.tap import install_reactor, security
 from socksd.tap.logsink import LoggingRoot, check_log_option
-from socksd.tap.reload import Change, Listeners, Reloader
+from socksd.tap.reload import Change, Listeners, Reloader, hold_sighup
 from socksd.wire import ident
 
 
@@ -63,6 +63,7 @@ class Options(usage.Options):
         self["hide"].append(user)
 
     def postOptions(self) -> None:
+        hold_sighup()
         # First: checking the config builds endpoints, which imports the reactor.
         install_reactor()
         try:
@@ -178,10 +179,11 @@ class IdentdServing:
 
         d = self.listeners.bind(cfg.listen if cfg is not None else ())
         if cfg is not None:
-            d.addCallback(lambda change: change.also(lambda: self._serve(cfg)))
+            d.addCallback(lambda change: change.also(lambda: self.serve(cfg)))
         return d
 
-    def _serve(self, cfg: configuration.IdentdConfig) -> None:
+    def serve(self, cfg: configuration.IdentdConfig) -> None:
+        """The reply policy and limits for the next query."""
         self.factory.policy, self.factory.limits = cfg.policy, cfg.limits
 
 

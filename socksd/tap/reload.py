@@ -20,11 +20,21 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from socksd.config import ConfigError
+from socksd.stats import STATS
 from socksd.twisted_internals import IReactor, installed_reactor
 
 log = Logger(namespace="socksd")
 
 FAILED = "reload failed, kept the running configuration: {error}"
+
+_held: list[int] = []     # SIGHUPs before a Reloader took over
+
+
+def hold_sighup() -> None:
+    """From here on a SIGHUP never ends the process: one that comes before
+    the reactor runs (systemd's ExecReload right after the start) is kept
+    and made a reload once a :class:`Reloader` starts."""
+    signal.signal(signal.SIGHUP, lambda signum, frame: _held.append(signum))
 
 
 class Reloader(service.Service):
@@ -41,11 +51,13 @@ class Reloader(service.Service):
         self.previous: Any = None
         self.running_reload: defer.Deferred[None] | None = None
         self.again = False
-        self.results: dict[str, int] = {"ok": 0, "failed": 0}
 
     def startService(self) -> None:
         super().startService()
         self.previous = signal.signal(signal.SIGHUP, self._signalled)
+        if _held:
+            _held.clear()
+            self.reactor.callFromThread(self.now)
 
     def stopService(self) -> None:
         super().stopService()
@@ -59,6 +71,8 @@ class Reloader(service.Service):
 
     def now(self) -> defer.Deferred[None]:
         """Reload now; a HUP during a reload makes one more after it."""
+        if not self.running:
+            return defer.succeed(None)     # stopping: nothing to serve it
         if self.running_reload is not None:
             self.again = True
             return self.running_reload
@@ -68,11 +82,11 @@ class Reloader(service.Service):
         return d
 
     def _done(self, summary: str) -> None:
-        self.results["ok"] += 1
+        STATS.reloads["ok"] += 1
         log.info("{prefix}reloaded {summary}", prefix=self.prefix, summary=summary)
 
     def _failed(self, failure: Failure) -> None:
-        self.results["failed"] += 1
+        STATS.reloads["failed"] += 1
         if failure.check(ConfigError):
             log.error("{prefix}" + FAILED, prefix=self.prefix, error=failure.getErrorMessage())
         else:
@@ -102,7 +116,7 @@ class Listeners(service.MultiService):
     start-up each is a ``strports`` service (bound in privilegedStartService,
     before twistd drops root)."""
 
-    def __init__(self, descriptions: Iterable[str], factory: Factory,
+    def __init__(self, descriptions: Iterable[str], factory: Factory[Any],
                  reactor: IReactor | None = None) -> None:
         super().__init__()
         self.factory = factory
@@ -173,3 +187,25 @@ class Change:
         for port in self.added.values():
             port.stopListening()
         self.added = {}
+
+
+def bind_all(wanted: list[tuple[Listeners, Iterable[str]]]) -> defer.Deferred[list[Change]]:
+    """Bind every set's new endpoints, one set after the other: all or none
+    (a failure cancels what the sets before it bound)."""
+    changes: list[Change] = []
+
+    def bound(change: Change) -> None:
+        changes.append(change)
+
+    def undo(failure: Failure) -> Failure:
+        for change in changes:
+            change.cancel()
+        return failure
+
+    def bind(_: None, listeners: Listeners, descriptions: Iterable[str]) -> defer.Deferred[None]:
+        return listeners.bind(descriptions).addCallback(bound)
+
+    d: defer.Deferred[None] = defer.succeed(None)
+    for listeners, descriptions in wanted:
+        d = d.addCallback(bind, listeners, descriptions)
+    return d.addCallbacks(lambda _: changes, undo)

@@ -20,7 +20,6 @@ from twisted.cred.portal import Portal
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.python.failure import Failure
 
 from socksd import config as configuration
 from socksd.auth import SOCKSRealm
@@ -31,10 +30,13 @@ from socksd.auth.registry import method_registry
 from socksd.ident.registry import ProxiedConnections
 from socksd.proxy import SOCKSServerFactory
 from socksd.proxy.connect import THREAD_POOL_SIZE
+from socksd.stats import STATS
 from socksd.tap import install_reactor, security
 from socksd.tap.identd import IdentdServing
 from socksd.tap.logsink import LoggingRoot, check_log_option
-from socksd.tap.reload import Change, Listeners, Reloader
+from socksd.tap.metrics import registry as metrics_registry
+from socksd.tap.metrics import site as metrics_site
+from socksd.tap.reload import Change, Listeners, Reloader, bind_all, hold_sighup
 from socksd.tap.workers import WorkersService
 from socksd.twisted_internals import installed_reactor
 
@@ -83,6 +85,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     opt_l = opt_listen
 
     def postOptions(self) -> None:
+        hold_sighup()
         # First: checking the config builds endpoints, which imports the reactor.
         install_reactor()
         try:
@@ -215,7 +218,8 @@ class Assembly:
                                    self.backoff)
         return dict(methods=[registry[name] for name in cfg.methods], rules=cfg.rules,
                     limits=limits, socks4=cfg.socks4, registry=proxied,
-                    trusted_proxies=cfg.trusted_proxies)
+                    trusted_proxies=cfg.trusted_proxies,
+                    recheck_on_reload=cfg.recheck_on_reload)
 
 
 def make_factory(cfg: configuration.Config, checkers: list[ICredentialsChecker],
@@ -289,7 +293,11 @@ def makeService(options: Options) -> service.IService:
         factory = make_factory(cfg, options.checkers, _proxied(cfg, proxied), assembly=assembly)
         listeners = Listeners(cfg.listen, factory)
         listeners.setServiceParent(top)
-        reload = Reload(options, cfg, factory, assembly, listeners, identd, proxied, top)
+        STATS.per_user = cfg.metrics.per_user
+        metrics = Listeners(cfg.metrics.listen, metrics_site(metrics_registry(factory)))
+        metrics.setServiceParent(top)
+        reload = Reload(options, cfg, factory, assembly, listeners, identd, proxied, top,
+                        metrics)
     identd.listeners.setServiceParent(top)
     Reloader(reload).setServiceParent(top)
     return top
@@ -318,9 +326,10 @@ class Reload:
     def __init__(self, options: Options, cfg: configuration.Config,
                  factory: SOCKSServerFactory, assembly: Assembly, listeners: Listeners,
                  identd: IdentdServing, proxied: ProxiedConnections | None,
-                 root: LoggingRoot) -> None:
+                 root: LoggingRoot, metrics: Listeners) -> None:
         self.options = options
         self.root = root
+        self.metrics = metrics
         self.workers = cfg.workers
         self.factory = factory
         self.assembly = assembly
@@ -330,19 +339,9 @@ class Reload:
 
     def __call__(self) -> defer.Deferred[str]:
         cfg, checkers = rebuild(self.options)
-        socks = self.listeners.bind(cfg.listen)
+        identd = _identd(cfg)
 
-        def identd_too(change: Change) -> defer.Deferred[tuple[Change, Change]]:
-            def both(identd_change: Change) -> tuple[Change, Change]:
-                return change, identd_change
-
-            def undo(failure: Failure) -> Failure:
-                change.cancel()
-                return failure
-
-            return self.identd.change(_identd(cfg)).addCallbacks(both, undo)
-
-        def apply(changes: tuple[Change, Change]) -> str:
+        def apply(changes: list[Change]) -> str:
             try:
                 settings = self.assembly.settings(cfg, checkers, _proxied(cfg, self.proxied))
             except BaseException:
@@ -351,13 +350,18 @@ class Reload:
                 raise
             for change in changes:
                 change.apply()
+            if identd is not None:
+                self.identd.serve(identd)
             self.root.use_format(cfg.log.format)
+            STATS.per_user = cfg.metrics.per_user
             self.factory.serve(**settings)
             if cfg.recheck_on_reload:
                 self.factory.recheck()
             return reloaded(cfg, checkers, self.workers)
 
-        return socks.addCallback(identd_too).addCallback(apply)
+        return bind_all([(self.listeners, cfg.listen),
+                         (self.identd.listeners, identd.listen if identd is not None else ()),
+                         (self.metrics, cfg.metrics.listen)]).addCallback(apply)
 
 
 class SupervisorReload:

@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config")
     parser.add_argument("--trusted-proxy", action="append", default=[])
     parser.add_argument("--reactor", help="the supervisor's reactor class, to run on the same")
+    parser.add_argument("--ready-fd", type=int,
+                        help="written to once a SIGHUP is a reload, then closed")
     args = parser.parse_args(argv)
     # A reload before the handler below is in place is not the end of us.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -133,9 +135,14 @@ def main(argv: list[str] | None = None) -> None:
         factory.serve(**assembly.settings(cfg, checkers, None))
         if cfg.recheck_on_reload:
             factory.recheck()
-        return f"{cfg.path or 'embedded default'}"
+        return socks_tap.summary(cfg, checkers)
 
     Reloader(reload, reactor, prefix=f"w{args.index} ").startService()
+    if args.ready_fd is not None:
+        # Until now the supervisor holds back a reload's SIGHUP: before
+        # Python ran, its default action would have ended us.
+        os.write(args.ready_fd, b"ready\n")
+        os.close(args.ready_fd)
     for fd, family, haproxy in json.loads(args.fds):
         port_factory = proxy_protocol_factory(factory) if haproxy else factory
         reactor.adoptStreamPort(fd, socket.AddressFamily(family), port_factory)

@@ -132,11 +132,30 @@ class _WorkerLogFactory(protocol.ServerFactory):
 class _Worker(protocol.ProcessProtocol):
     transport: IProcessTransport
 
-    def __init__(self, supervisor: WorkersService, index: int) -> None:
+    def __init__(self, supervisor: WorkersService, index: int, ready_fd: int) -> None:
         self.supervisor = supervisor
         self.index = index
+        self.ready_fd = ready_fd
         self.started = time.monotonic()
         self.ended: defer.Deferred[None] = defer.Deferred()
+        self.ready = False            # takes a SIGHUP as a reload (before: it would end)
+        self.reload_pending = False   # a reload came before it was ready
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == self.ready_fd and not self.ready:
+            self.ready = True
+            if self.reload_pending:
+                self.reload_pending = False
+                self.reload()
+
+    def reload(self) -> None:
+        if not self.ready:
+            self.reload_pending = True
+            return
+        try:
+            self.transport.signalProcess("HUP")
+        except ProcessExitedAlready:
+            pass   # ended: restarted with the file as it is then
 
     def processEnded(self, reason: Failure) -> None:
         self.ended.callback(None)
@@ -184,21 +203,25 @@ class WorkersService(service.Service):
             return
         sockets = self.sockets[index]
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        # 0: the --auth strings; 1: its log
+        # 0: the --auth strings; 1: its log; 3...: its sockets; then the
+        # pipe on which it says it is ready (for a reload's SIGHUP)
         child_fds: dict[int, int | str] = {0: "w", 1: theirs.fileno(), 2: 2}
         fds = []
         for number, (sock, (family, _h, _p, _b, haproxy)) in enumerate(
                 zip(sockets, self.listeners, strict=True), start=3):
             child_fds[number] = sock.fileno()
             fds.append([number, int(family), haproxy])
+        ready_fd = 3 + len(sockets)
+        child_fds[ready_fd] = "r"
         # -P: the working directory is not put on sys.path (a source checkout
         # there must not shadow the installed socksd); PYTHONPATH still counts.
         reactor_class = type(self.reactor)
         args = [sys.executable, "-P", "-m", "socksd.tap.worker", "--index", str(index),
                 "--workers", str(self.count), "--fds", json.dumps(fds),
+                "--ready-fd", str(ready_fd),
                 "--reactor", f"{reactor_class.__module__}.{reactor_class.__qualname__}",
                 *self.worker_args]
-        worker = _Worker(self, index)
+        worker = _Worker(self, index, ready_fd)
         self.workers[index] = worker
         try:
             self.reactor.spawnProcess(worker, sys.executable, args, env=os.environ,
@@ -219,10 +242,7 @@ class WorkersService(service.Service):
         """Each worker reads the configuration file again (SIGHUP); one
         spawned later reads it at its start."""
         for worker in self.workers.values():
-            try:
-                worker.transport.signalProcess("HUP")
-            except ProcessExitedAlready:
-                pass   # ended: restarted with the file as it is then
+            worker.reload()   # at once, or once it is ready for it
 
     def worker_ended(self, worker: _Worker, reason: Failure) -> None:
         if self.workers.get(worker.index) is worker:
