@@ -104,8 +104,11 @@ def direct_socket(transport: object) -> socket.socket | None:
     Twisted's write buffer. None otherwise: write through the transport."""
     if not (type(transport) is tcp.Server or type(transport) is tcp.Client):
         return None
+    # The write buffer read here rather than through buffered(): the type is
+    # known, and this runs for every reply and first chunk a session sends.
     if transport.connected and not transport.disconnecting and not transport.TLS and \
-            not transport._aborting and buffered(transport) == 0:
+            not transport._aborting and not transport._tempDataLen and \
+            len(transport.dataBuffer) == transport.offset:
         return transport.socket
     return None
 

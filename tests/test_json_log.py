@@ -145,7 +145,7 @@ def test_a_rule_line_has_its_rule_and_raw_strings():
     rules = ClientRules(ruleset, client, None, "127.0.0.1:40000", User("bob smith\n"), 5)
     decision = rules.decide("connect", 80, None, parse_ip("192.0.2.1"))
     with capturedLogs() as events:
-        rules.note(decision, "connect", "host\x1b.example:80")
+        rules.note(decision, "connect", "host\x1b.example", 80)
     [event] = events
     line = parsed(json_line(event))
     assert line["event"] == ("127.0.0.1:40000 bob\\x20smith\\n connect host\\x1b.example:80 "

@@ -5,6 +5,7 @@ client and in all."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from socksd.proxy.connect import address_text
@@ -33,7 +34,10 @@ class Admission:
     outcome: str | None
 
     client: IPAddress = _LOCAL
-    identified = False  # client is known (counted per client as client_key)
+    # The client as per-client limits count it (an IPv6 client per
+    # ipv6_client_prefix), once known. Interned: the sessions of one client
+    # share one string.
+    client_key: str | None = None
     peer = "-"
     proxied: HAProxyProtocolWrapper | None = None   # under a haproxy: listener
     counted = True     # in server.sessions (max_sessions)
@@ -41,14 +45,6 @@ class Admission:
 
     def fail(self, outcome: str, detail: str = "", abort: bool = False) -> None:
         raise NotImplementedError
-
-    @property
-    def client_key(self) -> str | None:
-        """The client as per-client limits count it (an IPv6 client per
-        ipv6_client_prefix); derived, not kept: one string less a session."""
-        if not self.identified:
-            return None
-        return client_key(self.client, self.server.limits.ipv6_client_prefix)
 
     def admit(self) -> None:
         """The connection is made: counted, and the client known unless a
@@ -105,8 +101,8 @@ class Admission:
         counted = self.client_key
         if counted is not None:
             counts.count_client(counted, -1)
-        self.client, self.identified = client, True
-        key = client_key(client, self.server.limits.ipv6_client_prefix)
+        key = sys.intern(client_key(client, self.server.limits.ipv6_client_prefix))
+        self.client, self.client_key = client, key
         limit = self.server.limits.max_sessions_per_client
         if counts.count_client(key, +1) > limit:
             # Refused: no longer one of max_sessions while it closes, or a

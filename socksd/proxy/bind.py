@@ -110,7 +110,7 @@ class BindWaiter(ServerFactory):
                              why=decision.reason if not decision.allowed
                              else "not the expected peer")
             return None
-        rules.note(decision, "bindreply", connect.host_port(addr.host, addr.port))
+        rules.note(decision, "bindreply", addr.host, addr.port)
         self.taken = True
         protocol = Incoming()
         protocol.factory = self

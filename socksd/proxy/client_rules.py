@@ -44,13 +44,14 @@ class ClientRules:
         return self.rules.could_allow(self.client, self.user.name, command,
                                       version=self.version, verified=self.user.verified)
 
-    def note(self, decision: Decision, command: str, destination: str) -> None:
+    def note(self, decision: Decision, command: str, host: str, port: int) -> None:
         """One line for an allow by a rule with ``log = true``: the request,
         or (for BIND and UDP) the peer or datagram address it was about."""
         if decision.rule is not None and decision.rule.log:
             # The line shows the escaped strings; the fields a JSON line
             # takes (peer, user, destination) stay raw, as a session's do.
             user = self.user.name or "-"
+            destination = connect.host_port(host, port)
             log.info("{peer_text} {user_text} {command} {destination_text} allowed by {rule}",
                      peer_text=escape(self.peer, spaces=True),
                      user_text=escape(user, spaces=True),
@@ -63,7 +64,7 @@ class ClientRules:
         decision = self.decide(command, port, None, parse_ip(host))
         if not decision.allowed:
             return connect.ConnectFailed(connect.DENIED, decision.reason)
-        self.note(decision, command, connect.host_port(host, port))
+        self.note(decision, command, host, port)
         return None
 
     def destinations(self, reactor, command: str, host: str, port: int, by_name: bool,
@@ -77,7 +78,7 @@ class ClientRules:
         if decision is not None and not decision.allowed:
             return defer.fail(connect.ConnectFailed(connect.DENIED, decision.reason))
         if decision is not None:
-            self.note(decision, command, connect.host_port(host, port))
+            self.note(decision, command, host, port)
         d = connect.resolve(reactor, host, port, timeout, self.client_key)
         if decision is None:
             d.addCallback(self._allowed_addresses, command, host, port)
@@ -91,7 +92,7 @@ class ClientRules:
             decision = self.decide(command, port, name, parse_ip(host))
             if decision.allowed:
                 if not allowed:
-                    self.note(decision, command, connect.host_port(name, port))
+                    self.note(decision, command, name, port)
                 allowed.append(host)
             elif first_denial is None:
                 first_denial = decision

@@ -100,9 +100,10 @@ class Session(Admission, ClientEnd, TimeoutMixin):
     def _handshake(self, version: int) -> Socks4Handshake | Socks5Handshake | None:
         """The handshake for the version byte the client opened with."""
         server = self.server
-        self.after_header()
-        if self.outcome is not None:
-            return None
+        if self.proxied is not None:
+            self.after_header()
+            if self.outcome is not None:
+                return None
         if type(self.transport) is not tcp.Server:
             # A wrapper (haproxy:) may only now know the real client; a
             # plain socket's peer was final at connectionMade.

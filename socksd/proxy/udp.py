@@ -216,7 +216,7 @@ class UDPRelay(DatagramProtocol):
             decision = self.rules.decide(command, port, name, parse_ip(ip))
             allowed = decision.allowed
             if allowed:   # once per address while it is remembered, not per datagram
-                self.rules.note(decision, command, connect.host_port(name or ip, port))
+                self.rules.note(decision, command, name or ip, port)
             self.decisions.put(key, allowed)
         return allowed
 
