@@ -1,0 +1,158 @@
+"""[metrics]: /metrics for Prometheus, parsed with prometheus_client's own parser."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import fakes
+from conftest import recv_exact, run_socks
+from helpers import wait_until
+from socksd.stats import OUTCOMES, Stats, outcome_label
+from socksd.tap.metrics import SocksCollector, registry
+
+CONNECT_IP = b"\x05\x01\x00\x01\x5d\xb8\xd8\x22\x00\x50"     # 93.184.216.34:80
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def _collected(collector) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    found = {}
+    for family in collector.collect():
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def test_every_session_outcome_has_a_label_from_the_closed_set():
+    outcomes = ["ok", "denied", "denied after reload", "auth failed", "no acceptable method",
+                "connect failed", "bind failed", "udp failed", "handshake timeout",
+                "idle timeout", "udp idle timeout", "stalled", "refused", "client closed",
+                "connection lost", "bad request", "command not supported", "gssapi", "error"]
+    assert {outcome_label(o) for o in outcomes} == set(OUTCOMES)
+
+
+def test_labels_never_carry_what_a_client_made_up():
+    stats = Stats()
+    stats.session_ended(5, "\x1bfoo", "ok", "mallory", False, "userpass", 10, 20, False)
+    stats.session_ended(4, "connect", "ok", "alice", True, "ident", 1, 2, True)
+    assert set(stats.sessions) == {("socks5", "other", "ok", "-"), ("socks4", "connect", "ok", "-")}
+    stats.per_user = True
+    stats.session_ended(5, "connect", "auth failed", "mallory", False, "userpass", 0, 0, False)
+    stats.session_ended(5, "connect", "ok", "alice", True, "userpass", 3, 4, False)
+    assert ("socks5", "connect", "auth_failed", "-") in stats.sessions
+    assert ("socks5", "connect", "ok", "alice") in stats.sessions
+    assert stats.bytes[("up", "alice")] == 3 and stats.auth_failures == {"userpass": 1}
+    assert stats.splice_sessions == 1
+
+
+def test_bytes_of_an_open_session_are_counted_as_they_move():
+    factory, reactor = fakes.make_factory()
+    stats = Stats()
+    collector = SocksCollector(factory, stats, reactor)
+    client = fakes.socks5_client(factory, CONNECT_IP)
+    out = fakes.Outbound(reactor)
+    out.accept()
+    client.send(b"x" * 1000)
+    out.protocol.dataReceived(b"y" * 300)
+    got = _collected(collector)
+    assert got[("socksd_relayed_bytes_total", (("direction", "up"),))] == 1000
+    assert got[("socksd_relayed_bytes_total", (("direction", "down"),))] == 300
+    assert got[("socksd_sessions_active", ())] == 1
+
+
+def test_the_registry_has_the_process_metrics():
+    names = {family.name for family in registry(None).collect()}
+    assert {"process_cpu_seconds", "process_resident_memory_bytes",
+            "process_open_fds"} <= names
+    assert "socksd_sessions_active" in names
+
+
+@pytest.mark.integration
+def test_metrics_with_workers_is_a_config_error_for_now(tmp_path):
+    path = tmp_path / "socksd.toml"
+    path.write_text("[server]\nworkers = 2\n[metrics]\nlisten = [\"tcp:0:interface=127.0.0.1\"]\n")
+    result = run_socks("--config", str(path), "--check", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "metrics.listen needs workers = 1" in result.stderr
+
+
+@pytest.mark.integration
+def test_a_bad_metrics_endpoint_is_a_config_error(tmp_path):
+    path = tmp_path / "socksd.toml"
+    path.write_text("[metrics]\nlisten = [\"tcp:99999\"]\n")
+    result = run_socks("--config", str(path), "--check", cwd=tmp_path)
+    assert result.returncode != 0
+    assert f"{path}:2: metrics.listen: 'tcp:99999'" in result.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _scrape(port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        return _samples(response.read().decode())
+
+
+def _connect(port: int, dest_port: int) -> tuple[socket.socket, int]:
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"\x05\x01\x00")
+    assert recv_exact(s, 2) == b"\x05\x00"
+    s.sendall(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + dest_port.to_bytes(2, "big"))
+    return s, recv_exact(s, 10)[1]
+
+
+@pytest.mark.integration
+def test_metrics_are_scraped_from_a_running_proxy(socks_server, echo_server):
+    metrics_port = _free_port()
+    config = (f"[server]\nsplice = false\n[metrics]\nlisten = [\"tcp:{metrics_port}:"
+              "interface=127.0.0.1\"]\n"
+              "[[rules]]\naction = \"deny\"\nports = [\"9\"]\n"
+              "[[rules]]\naction = \"allow\"\nfrom = [\"127.0.0.0/8\"]\n")
+    server = socks_server(config)
+    server.wait_for_log(f"starting on {metrics_port}")
+    open_session, reply = _connect(server.port, echo_server)
+    assert reply == 0
+    open_session.sendall(b"a" * 5000)
+    assert recv_exact(open_session, 5000) == b"a" * 5000
+    # A transfer still running: its bytes so far.
+    during = _scrape(metrics_port)
+    assert during[("socksd_sessions_active", ())] == 1
+    assert during[("socksd_relayed_bytes_total", (("direction", "up"),))] >= 5000
+    assert during[("socksd_relayed_bytes_total", (("direction", "down"),))] >= 5000
+    open_session.close()
+    denied, reply = _connect(server.port, 9)
+    assert reply == 0x02
+    denied.close()
+    server.wait_for_log("denied: rule 1")
+    wait_until(lambda: _scrape(metrics_port)[("socksd_sessions_active", ())] == 0, 10)
+    after = _scrape(metrics_port)
+    assert after[("socksd_sessions_total", (("command", "connect"), ("outcome", "ok"),
+                                            ("version", "socks5")))] == 1
+    assert after[("socksd_sessions_total", (("command", "connect"), ("outcome", "denied"),
+                                            ("version", "socks5")))] == 1
+    assert after[("socksd_relayed_bytes_total", (("direction", "up"),))] == 5000
+    assert after[("socksd_handshake_seconds_count", ())] == 1
+    assert after[("socksd_connect_seconds_count", ())] == 1
+    assert after[("process_open_fds", ())] > 0
+    assert ("socksd_name_lookups_in_flight", ()) in after
+
+    os.kill(server.process.pid, signal.SIGHUP)
+    server.wait_for_log("reloaded ")
+    assert _scrape(metrics_port)[("socksd_config_reloads_total", (("result", "ok"),))] == 1
+    assert "GET /metrics" not in server.log()     # no access-log line per scrape
