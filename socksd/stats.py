@@ -71,10 +71,9 @@ class Stats:
 
     def __init__(self) -> None:
         self.per_user = False
-        # version, command, outcome, user
-        self.sessions: Counter[tuple[str, str, str, str]] = Counter()
+        # version, command, outcome, method, user: as the sessions ended
+        self.ended: Counter[tuple[int, str, str, str, str]] = Counter()
         self.bytes: Counter[tuple[str, str]] = Counter()       # direction, user: ended sessions
-        self.auth_failures: Counter[str] = Counter()           # method
         self.ident_lookups: Counter[str] = Counter()           # result
         self.identd_queries: Counter[str] = Counter()          # result
         self.refused: Counter[str] = Counter()                 # reason
@@ -88,24 +87,40 @@ class Stats:
 
     def session_ended(self, version: int, command: str, outcome: str, user: str,
                       verified: bool, method: str, up: int, down: int, spliced: bool) -> None:
-        label = outcome_label(outcome)
-        who = self.user_label(user, verified)
-        self.sessions[(f"socks{version}", command_label(command), label, who)] += 1
+        # Kept as the session has them (our own words: the command is
+        # connect/bind/udp or "-", the outcome one of the session's); the
+        # closed sets of labels are made at scrape time (sessions()), not
+        # once a session.
+        who = user if self.per_user and verified and user != "-" else "-"
+        self.ended[(version, command, outcome, method, who)] += 1
         if up:
             self.bytes[("up", who)] += up
         if down:
             self.bytes[("down", who)] += down
-        if label == "auth_failed":
-            self.auth_failures[method if method in ("none", "userpass", "gssapi") else "-"] += 1
         if spliced:
             self.splice_sessions += 1
+
+    def sessions(self) -> Counter[tuple[str, str, str, str]]:
+        """Sessions ended by (version, command, outcome, user) labels."""
+        labelled: Counter[tuple[str, str, str, str]] = Counter()
+        for (version, command, outcome, _method, who), n in self.ended.items():
+            labelled[(f"socks{version}", command_label(command), outcome_label(outcome),
+                      who)] += n
+        return labelled
+
+    def auth_failures(self) -> Counter[str]:
+        """Failed authentications by method."""
+        failed: Counter[str] = Counter()
+        for (_version, _command, outcome, method, _who), n in self.ended.items():
+            if outcome_label(outcome) == "auth_failed":
+                failed[method if method in ("none", "userpass", "gssapi") else "-"] += n
+        return failed
 
     def snapshot(self) -> dict[str, Any]:
         """The counts as JSON-able data (a worker sends them to the supervisor)."""
         return {
-            "sessions": [[*key, n] for key, n in self.sessions.items()],
+            "ended": [[*key, n] for key, n in self.ended.items()],
             "bytes": [[*key, n] for key, n in self.bytes.items()],
-            "auth_failures": dict(self.auth_failures),
             "ident_lookups": dict(self.ident_lookups),
             "identd_queries": dict(self.identd_queries),
             "refused": dict(self.refused),

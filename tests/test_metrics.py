@@ -47,13 +47,14 @@ def test_labels_never_carry_what_a_client_made_up():
     stats = Stats()
     stats.session_ended(5, "\x1bfoo", "ok", "mallory", False, "userpass", 10, 20, False)
     stats.session_ended(4, "connect", "ok", "alice", True, "ident", 1, 2, True)
-    assert set(stats.sessions) == {("socks5", "other", "ok", "-"), ("socks4", "connect", "ok", "-")}
+    assert set(stats.sessions()) == {("socks5", "other", "ok", "-"),
+                                     ("socks4", "connect", "ok", "-")}
     stats.per_user = True
     stats.session_ended(5, "connect", "auth failed", "mallory", False, "userpass", 0, 0, False)
     stats.session_ended(5, "connect", "ok", "alice", True, "userpass", 3, 4, False)
-    assert ("socks5", "connect", "auth_failed", "-") in stats.sessions
-    assert ("socks5", "connect", "ok", "alice") in stats.sessions
-    assert stats.bytes[("up", "alice")] == 3 and stats.auth_failures == {"userpass": 1}
+    assert ("socks5", "connect", "auth_failed", "-") in stats.sessions()
+    assert ("socks5", "connect", "ok", "alice") in stats.sessions()
+    assert stats.bytes[("up", "alice")] == 3 and stats.auth_failures() == {"userpass": 1}
     assert stats.splice_sessions == 1
 
 

@@ -56,7 +56,7 @@ class SocksCollector:
         sessions = CounterMetricFamily(
             "socksd_sessions", "Sessions ended, by SOCKS version, command and outcome "
             f"({', '.join(OUTCOMES)}).", labels=["version", "command", "outcome", *user])
-        for (version, command, outcome, who), n in sorted(stats.sessions.items()):
+        for (version, command, outcome, who), n in sorted(stats.sessions().items()):
             sessions.add_metric([version, command, outcome, *([who] if per_user else [])], n)
         yield sessions
 
@@ -72,7 +72,7 @@ class SocksCollector:
         yield relayed
 
         yield _by("socksd_auth_failures", "Failed authentications, by method.", "method",
-                  stats.auth_failures)
+                  stats.auth_failures())
         yield _histogram("socksd_handshake_seconds",
                          "From accepting the connection to the reply that starts the relay.",
                          stats.handshake)
