@@ -10,7 +10,7 @@ from twisted.logger import Logger
 
 from socksd.auth.methods import Method
 from socksd.escape import escape
-from socksd.ident.registry import ProxiedConnections
+from socksd.ident.registry import Registrar
 from socksd.logs import RateLimitedLine
 from socksd.proxy.connect import address_text
 from socksd.proxy.host import Counts
@@ -34,7 +34,7 @@ class Serving:
                  "trusted_proxies", "worker", "counts")
 
     def __init__(self, listener: SOCKSServerFactory, methods: Sequence[Method], rules: RuleSet,
-                 limits: Limits, socks4: Socks4Policy, registry: ProxiedConnections | None,
+                 limits: Limits, socks4: Socks4Policy, registry: Registrar | None,
                  trusted_proxies: Sequence[IPNetwork]) -> None:
         self.listener = listener
         self.reactor = listener.reactor
@@ -44,7 +44,7 @@ class Serving:
         self.rules = rules
         self.limits = limits
         self.socks4 = socks4
-        self.registry = registry      # tell a same-process identd who owns outbound sockets
+        self.registry = registry      # tell the identd who owns outbound sockets
         self.trusted_proxies = tuple(trusted_proxies)   # whose PROXY header is believed
 
     def choose_method(self, offered: bytes) -> Method | None:
@@ -83,7 +83,7 @@ class SOCKSServerFactory(ServerFactory):
 
     def __init__(self, methods: Sequence[Method], rules: RuleSet, limits: Limits = Limits(),
                  reactor: Any = None, socks4: Socks4Policy = Socks4Policy(),
-                 registry: ProxiedConnections | None = None,
+                 registry: Registrar | None = None,
                  trusted_proxies: Sequence[IPNetwork] = (), worker: int | None = None) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -102,7 +102,7 @@ class SOCKSServerFactory(ServerFactory):
         self.serving = Serving(self, methods, rules, limits, socks4, registry, trusted_proxies)
 
     def serve(self, methods: Sequence[Method], rules: RuleSet, limits: Limits,
-              socks4: Socks4Policy, registry: ProxiedConnections | None,
+              socks4: Socks4Policy, registry: Registrar | None,
               trusted_proxies: Sequence[IPNetwork]) -> Serving:
         """New sessions are served under this configuration from now on;
         the sessions open now keep theirs. Returns the one replaced."""
