@@ -140,10 +140,6 @@ class Config:
                     parse_listener(description)
                 except ValueError as e:
                     raise error("listen", str(e)) from None
-            if self.identd is not None and self.identd.enabled and \
-                    self.identd.policy.proxied_users:
-                raise error("workers", "identd.proxied_users needs workers = 1 (the identd "
-                                       "must share the process that opens the connections)")
         return self
 
     def with_command_line(self, listen: list[str], have_auth: bool,

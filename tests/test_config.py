@@ -218,6 +218,14 @@ def test_identd_proxied_wait_errors(tmp_path, value, expected):
     assert "\n" not in message
 
 
+def test_identd_proxied_users_with_workers(tmp_path):
+    """No longer refused: the workers register their sessions with the
+    supervisor's identd."""
+    cfg = load_text(tmp_path, "[server]\nworkers = 2\n[identd]\nenabled = true\n"
+                              "proxied_users = true\n")
+    assert cfg.workers == 2 and cfg.identd.policy.proxied_users
+
+
 def test_rules_verified_any(tmp_path):
     cfg = load_text(tmp_path, '[[rules]]\naction = "allow"\nusers = ["alice"]\n'
                               'verified = "any"\n')

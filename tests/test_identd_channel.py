@@ -25,6 +25,7 @@ from socksd.ident.channel import (
     parse_frame,
 )
 from socksd.ident.registry import ProxiedConnections
+from socksd.tap.workers import _Worker
 
 LOCAL, REMOTE = "127.0.0.1", "192.0.2.7"
 
@@ -125,6 +126,29 @@ def test_a_worker_ending_with_entries_clears_exactly_its_own():
     assert len(registry) == 4
     first.connectionLost(Failure(ConnectionError("worker 0 exited")))
     assert len(registry) == 1 and registry.user_for(LOCAL, 4, REMOTE, 6667) == "bob"
+
+
+def test_process_ended_clears_the_workers_entries_even_before_its_channel_closes():
+    class Supervisor:
+        def worker_ended(self, worker, reason):
+            self.ended = worker
+
+    registry = ProxiedConnections()
+    channel, _ = receiver(registry, 0)
+    worker_out, out = sender()
+    worker_out.add(LOCAL, 1, REMOTE, 6667, "alice")
+    channel.dataReceived(out.value())
+    out.clear()
+    worker_out.add(LOCAL, 2, REMOTE, 6667, "alice")
+    in_flight = out.value()                  # its last frame, not read yet
+    worker = _Worker(Supervisor(), 0)
+    worker.registrations = channel
+    worker.processEnded(Failure(ConnectionError("killed")))
+    assert len(registry) == 0 and channel.transport.disconnecting
+    channel.dataReceived(in_flight)          # read after its end: counts for nothing
+    assert len(registry) == 0
+    channel.connectionLost(Failure(ConnectionError("closed")))
+    assert len(registry) == 0
 
 
 def test_a_late_retraction_from_one_worker_leaves_anothers_new_entry():

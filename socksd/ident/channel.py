@@ -225,6 +225,15 @@ class RegistrationReceiver(Int32StringReceiver):
         if self.transport is not None:
             self.transport.loseConnection()
 
+    def worker_ended(self) -> None:
+        """The worker process is gone, and so are its sockets: its entries
+        go now, and frames still on their way from it (read after this)
+        count for nothing."""
+        self.broken = True
+        self.clear()
+        if self.transport is not None:
+            self.transport.loseConnection()
+
     def clear(self) -> int:
         """Forget every entry of this worker (it ended, or broke the
         channel); how many there were."""
