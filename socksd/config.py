@@ -35,6 +35,10 @@ from socksd.rules import (
 DEFAULT_LISTEN = ("tcp:1080:interface=127.0.0.1",)
 
 
+# The longest a "wait" key ([identd] proxied_wait) may be, in seconds.
+MAX_WAIT = 60
+
+
 class ConfigError(Exception):
     """A configuration that must stop start-up; str() is the whole message."""
 
@@ -145,10 +149,6 @@ class Config:
                     parse_listener(description)
                 except ValueError as e:
                     raise error("listen", str(e)) from None
-            if self.identd is not None and self.identd.enabled and \
-                    self.identd.policy.proxied_users:
-                raise error("workers", "identd.proxied_users needs workers = 1 (the identd "
-                                       "must share the process that opens the connections)")
             if self.metrics.listen:
                 raise error("workers", "metrics.listen needs workers = 1 for now (the "
                                        "supervisor does not gather the workers' counts yet)")
@@ -202,7 +202,7 @@ _IDENTD_KEYS = {
     "unknown_error_only": "bool", "hash_key": "string", "proxied_users": "bool",
     "proxied_reply": "string", "idle_timeout": "seconds", "max_line": "count",
     "max_connections": "count", "max_connections_per_client": "count",
-    "ipv6_client_prefix": "prefix",
+    "ipv6_client_prefix": "prefix", "proxied_wait": "wait",
 }
 _GSSAPI_KEYS = {
     "keytab": "string", "service": "string", "principal": "string", "levels": "strings",
@@ -467,7 +467,7 @@ def _identd(table: dict[str, Any], where: _Where) -> IdentdConfig:
     limits = IdentdLimits(**{k: table[k] for k in ("idle_timeout", "max_line",
                                                    "max_connections",
                                                    "max_connections_per_client",
-                                                   "ipv6_client_prefix")
+                                                   "ipv6_client_prefix", "proxied_wait")
                              if k in table})
     return IdentdConfig(table.get("enabled", False), listen, IdentPolicy(**policy_args),
                         limits)
@@ -620,6 +620,14 @@ def _check_type(where: _Where, value: Any, kind: str, table: str, index: int | N
         if not 0 <= value <= 86400 * 365:
             raise where.error(f"{value} is out of range (0 to one year; 0 = never)", table,
                               index, key)
+    elif kind == "wait":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number of seconds")
+        if not 0 <= value <= MAX_WAIT:
+            # An ident client gives up after seconds: a longer wait only
+            # holds its connection after it has stopped listening.
+            raise where.error(f"{value} is out of range (0 to {MAX_WAIT} seconds; "
+                              "0 = do not wait)", table, index, key)
     elif kind == "count":
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("an integer")

@@ -196,6 +196,36 @@ def test_ipv6_client_prefix(tmp_path):
         error_of(tmp_path, "[server]\nipv6_client_prefix = 129\n")
 
 
+def test_identd_proxied_wait(tmp_path):
+    assert config.IdentdConfig().limits.proxied_wait == 0.5
+    cfg = load_text(tmp_path, "[identd]\nproxied_wait = 2\n")
+    assert cfg.identd.limits.proxied_wait == 2
+    assert load_text(tmp_path, "[identd]\nproxied_wait = 0\n").identd.limits.proxied_wait == 0
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("-0.1", "socksd.toml:3: identd.proxied_wait: -0.1 is out of range (0 to 60 seconds; "
+             "0 = do not wait)"),
+    ("61", "socksd.toml:3: identd.proxied_wait: 61 is out of range"),
+    ("inf", "socksd.toml:3: identd.proxied_wait: inf is out of range"),
+    ("nan", "socksd.toml:3: identd.proxied_wait: nan is out of range"),
+    ('"0.5"', "socksd.toml:3: identd.proxied_wait: must be a number of seconds, not a string"),
+    ("true", "socksd.toml:3: identd.proxied_wait: must be a number of seconds, not a boolean"),
+])
+def test_identd_proxied_wait_errors(tmp_path, value, expected):
+    message = error_of(tmp_path, f"[identd]\nenabled = true\nproxied_wait = {value}\n")
+    assert message.startswith(f"{tmp_path / 'socksd.toml'}:{expected.split(':', 1)[1]}")
+    assert "\n" not in message
+
+
+def test_identd_proxied_users_with_workers(tmp_path):
+    """No longer refused: the workers register their sessions with the
+    supervisor's identd."""
+    cfg = load_text(tmp_path, "[server]\nworkers = 2\n[identd]\nenabled = true\n"
+                              "proxied_users = true\n")
+    assert cfg.workers == 2 and cfg.identd.policy.proxied_users
+
+
 def test_rules_verified_any(tmp_path):
     cfg = load_text(tmp_path, '[[rules]]\naction = "allow"\nusers = ["alice"]\n'
                               'verified = "any"\n')

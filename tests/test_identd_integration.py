@@ -17,6 +17,7 @@ import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from python_socks.sync import Proxy
 from conftest import PAGE, TWISTD, recv_until_eof, require
 from helpers import connection_as as held_connection_as
 from helpers import system_user, wait_until
+from socksd.ident import lookup
 from socksd.ident.policy import IdentPolicy
 from socksd.ident.server import MAX_BAD_QUERIES
 
@@ -759,6 +761,181 @@ def test_proxied_reply_hashed(socks_server, sockets):
     with proxied_session(server.port, "alice", "secret", target) as source_port:
         assert ask(ident_port, b"%d, %d\r\n" % (source_port, tport)) == \
             b"%d, %d : USERID : UNIX : %s" % (source_port, tport, expected.encode())
+
+
+# ---- with workers = 2: the workers register with the supervisor's identd (issue 15) --------
+
+class IdentAskingServer:
+    """A destination that asks the identd about each connection in its
+    accept callback, as an IRC server does, and tells the client, first
+    thing, the reply it got."""
+
+    def __init__(self, ident_port: int) -> None:
+        self.ident_port = ident_port
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.heard: dict[int, bytes] = {}     # a connection's source port -> the reply
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                conn, (_host, source_port) = self.sock.accept()
+            except OSError:
+                return     # closed: the test is over
+            try:
+                reply = ask(self.ident_port, b"%d, %d\r\n" % (source_port, self.port))
+            except Exception as e:     # the client sees it, and the test fails on it
+                reply = f"no reply: {e!r}".encode()
+            self.heard[source_port] = reply
+            threading.Thread(target=self.session, args=(conn, reply), daemon=True).start()
+
+    def session(self, conn: socket.socket, reply: bytes) -> None:
+        with conn:
+            conn.settimeout(30)
+            try:
+                conn.sendall(reply + b"\r\n")
+                while conn.recv(1024):
+                    pass
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def unused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_workers_register_with_the_supervisors_identd(socks_server):
+    """workers = 2, the identd in the supervisor: a query made from the
+    destination's accept callback is answered with the session's user,
+    through either worker; once the session is over, never again."""
+    ident_port = unused_port()
+    server = socks_server(
+        '[server]\nworkers = 2\nmethods = ["userpass"]\n'
+        'checkers = ["memory:alice:secret:bob:hunter2"]\n\n'
+        f'[identd]\nenabled = true\nproxied_users = true\n'
+        f'listen = ["tcp:{ident_port}:interface=127.0.0.1"]\n')
+    server.wait_for_log(rf"IdentFactory starting on {ident_port}\b")
+    for index in (0, 1):
+        server.wait_for_log(rf"\] w{index} serving on ")
+    destination = IdentAskingServer(ident_port)
+    users = [("alice", "secret"), ("bob", "hunter2")]
+    served: dict[str, int] = {}        # worker -> sessions it served
+    try:
+        for number in range(40):
+            user, password = users[number % 2]
+            proxy = Proxy.from_url(f"socks5://{user}:{password}@127.0.0.1:{server.port}")
+            client = proxy.connect(dest_host="127.0.0.1", dest_port=destination.port,
+                                   timeout=10)
+            with client:
+                client.settimeout(10)
+                client_port = client.getsockname()[1]
+                line = recv_line(client)
+            kind, value = answer(line)
+            source_port = int(REPLY.fullmatch(line).group(1))
+            assert (kind, value) == (b"USERID", b"UNIX : " + user.encode()), \
+                (line, server.log())
+            # The session's line says which worker served it.
+            worker = server.wait_for_log(
+                rf"\] (w\d) 127\.0\.0\.1:{client_port} socks5 user={user} ").group(1)
+            served[worker] = served.get(worker, 0) + 1
+            # Over: its retraction reached the identd; the port is not the user's.
+            after = no_longer_answered(ident_port, source_port, destination.port, user)
+            assert after in (b"NO-USER", b"HIDDEN-USER"), after
+            if len(served) == 2 and min(served.values()) >= 2:
+                break
+    finally:
+        destination.close()
+    assert sorted(served) == ["w0", "w1"], served
+    assert "malformed identd registration" not in server.log()
+
+
+def owner_pid(port: int, dest_port: int, candidates: list[int]) -> int:
+    """Which of ``candidates`` holds the socket 127.0.0.1:port -> dest_port."""
+    owner = lookup.lookup(lookup.Connection("127.0.0.1", port, "127.0.0.1", dest_port))
+    assert owner is not None, port
+    for pid in candidates:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{owner.inode}]":
+                    return pid
+    raise AssertionError(f"no worker holds socket:[{owner.inode}]")
+
+
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(child) for child in f.read().split()]
+
+
+def test_a_worker_that_dies_takes_its_registrations_with_it(socks_server):
+    """SIGKILL a worker in the middle of a session: its entries are cleared
+    (the port is no longer answered with the user), and the worker that
+    replaces it registers its own sessions."""
+    server = socks_server(
+        '[server]\nworkers = 2\nmethods = ["userpass"]\n'
+        'checkers = ["memory:alice:secret"]\n\n'
+        '[identd]\nenabled = true\nlisten = ["tcp:0:interface=127.0.0.1"]\n')
+    ident_port = identd_port_of(server)
+    for index in (0, 1):
+        server.wait_for_log(rf"\] w{index} serving on ")
+    workers = wait_until(lambda: (c := children(server.process.pid)) and len(c) == 2 and c, 15)
+    destination = IdentAskingServer(ident_port)
+    try:
+        proxy = Proxy.from_url(f"socks5://alice:secret@127.0.0.1:{server.port}")
+        with proxy.connect(dest_host="127.0.0.1", dest_port=destination.port,
+                           timeout=10) as client:
+            client.settimeout(10)
+            line = recv_line(client)
+            assert answer(line) == (b"USERID", b"UNIX : alice"), line
+            source_port = int(REPLY.fullmatch(line).group(1))
+            os.kill(owner_pid(source_port, destination.port, workers), signal.SIGKILL)
+            server.wait_for_log(r"worker \d ended .*; restarting")
+            after = no_longer_answered(ident_port, source_port, destination.port, "alice")
+            assert after in (b"NO-USER", b"HIDDEN-USER"), after
+        wait_until(lambda: len(children(server.process.pid)) == 2, 15)
+        server.wait_for_log(r"worker \d started \(pid \d+\)(?s:.*)worker \d started "
+                            r"(?s:.*)worker \d started")
+        for _ in range(6):      # both workers, the new one too, with the kernel's spread
+            with proxy.connect(dest_host="127.0.0.1", dest_port=destination.port,
+                               timeout=10) as client:
+                client.settimeout(10)
+                assert answer(recv_line(client)) == (b"USERID", b"UNIX : alice")
+    finally:
+        destination.close()
+
+
+def recv_line(sock: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\r\n"):
+        chunk = sock.recv(1000)
+        assert chunk, f"closed after {data!r}"
+        data += chunk
+    return data[:-2]
+
+
+def no_longer_answered(ident_port: int, port: int, dest_port: int, user: str) -> bytes:
+    """Ask about an ended session's port until the identd stops naming its
+    user (its retraction and its log line cross on two channels); then the
+    user is never named again. The error it answers with."""
+    deadline = time.monotonic() + 5
+    while True:
+        kind, value = answer(ask(ident_port, b"%d, %d\r\n" % (port, dest_port)))
+        if kind == b"ERROR":
+            break
+        assert time.monotonic() < deadline, f"{port} still answered {value!r}"
+        time.sleep(0.05)
+    for _ in range(3):
+        kind, again = answer(ask(ident_port, b"%d, %d\r\n" % (port, dest_port)))
+        assert not (kind == b"USERID" and again.endswith(user.encode())), again
+    return value
 
 
 # ---- socksd's SOCKS4 ident verification against this identd --------------------------------

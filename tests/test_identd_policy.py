@@ -436,6 +436,9 @@ def test_idle_timeout_zero_means_never(tmp_path):
     ("max_connections = -3", "max_connections"),
     ("max_connections_per_client = 0", "max_connections_per_client"),
     ("max_connections_per_client = false", "max_connections_per_client"),
+    ("proxied_wait = -1", "proxied_wait"),
+    ("proxied_wait = 600", "proxied_wait"),
+    ('proxied_wait = "0.5"', "proxied_wait"),
     ("no_such_key = 1", "no_such_key"),
 ])
 def test_bad_identd_values_name_the_key(tmp_path, line, key):

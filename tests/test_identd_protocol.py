@@ -805,11 +805,16 @@ def test_proxied_connection_is_answered_with_the_socks_user(fake, registry):
     assert fake.calls == []
 
 
+# Sockets of uid 0 (the proxy's, as the tests run as root) not registered
+# are answered at once here: proxied_wait = 0 (the wait has tests of its own).
+NO_WAIT = IdentdLimits(proxied_wait=0)
+
+
 def test_proxied_user_only_for_that_exact_connection(fake, registry):
     fake.own(6193, 23, 0)
     fake.own(6193, 23, 0, remote="127.0.0.3")
     fake.own(6194, 23, 0)
-    factory = make_factory(registry=registry)
+    factory = make_factory(registry=registry, limits=NO_WAIT)
     assert ask(factory, b"6193, 24\r\n") == b"6193, 24 : ERROR : NO-USER\r\n"
     assert ask(factory, b"6194, 23\r\n") == b"6194, 23 : ERROR : HIDDEN-USER\r\n"
     # The same ports asked by another host are another connection.
@@ -842,7 +847,7 @@ def test_removed_registration_falls_back_to_the_kernel(fake):
     fake.own(6193, 23, 0)
     registry = ProxiedConnections()
     key = registry.add(LOCAL, 6193, REMOTE, 23, "alice")
-    factory = make_factory(registry=registry)
+    factory = make_factory(registry=registry, limits=NO_WAIT)
     assert ask(factory, b"6193, 23\r\n") == b"6193, 23 : USERID : UNIX : alice\r\n"
     registry.remove(key)
     assert ask(factory, b"6193, 23\r\n") == b"6193, 23 : ERROR : HIDDEN-USER\r\n"
@@ -909,6 +914,137 @@ def test_proxied_users_with_unknown_error_only(fake, registry):
     factory = make_factory(IdentPolicy(proxied_reply="hidden", unknown_error_only=True),
                            registry=registry)
     assert ask(factory, b"6193, 23\r\n") == b"6193, 23 : ERROR : UNKNOWN-ERROR\r\n"
+
+
+# ---- proxied_wait: a socket of socksd's own, not registered yet ---------------------------
+#
+# A server asks as it accepts the connection, which may be before the session
+# (a worker's, with workers) has registered it. Here socksd runs as "daemon":
+# its sockets are daemon's, and the kernel would answer "daemon".
+
+def waiting_factory(registry: ProxiedConnections, clock: MemoryReactorClock,
+                    wait: float = 0.5, blocking=inline, **policy) -> IdentFactory:
+    return IdentFactory(IdentPolicy(hash_key=b"k", **policy), IdentdLimits(proxied_wait=wait),
+                        registry=registry, reactor=clock, blocking=blocking,
+                        socksd_uid=DAEMON.pw_uid)
+
+
+def test_a_query_waits_for_the_registration_and_is_answered_when_it_arrives(fake, log_events):
+    fake.own(6193, 23, DAEMON.pw_uid)
+    registry, clock = ProxiedConnections(), MemoryReactorClock()
+    proto, transport = connect(waiting_factory(registry, clock))
+    proto.dataReceived(b"6193, 23\r\n")
+    assert transport.value() == b"" and registry.waiting() == 1
+    clock.advance(0.4)
+    registry.add(LOCAL, 6193, REMOTE, 24, "bob")       # another connection: still waiting
+    assert transport.value() == b""
+    registry.add(LOCAL, 6193, REMOTE, 23, "alice")
+    assert transport.value() == b"6193, 23 : USERID : UNIX : alice\r\n"   # at once
+    assert registry.waiting() == 0
+    clock.advance(1)     # the timeout was cancelled: nothing more is written
+    assert transport.value() == b"6193, 23 : USERID : UNIX : alice\r\n"
+    assert not transport.disconnecting
+    [line] = identd_lines(log_events)
+    assert line.endswith("(SOCKS user; registered after 0.400 s)"), line
+
+
+def test_after_the_wait_it_is_answered_as_any_other_socket(fake, log_events):
+    fake.own(6193, 23, DAEMON.pw_uid)
+    registry, clock = ProxiedConnections(), MemoryReactorClock()
+    proto, transport = connect(waiting_factory(registry, clock, wait=0.5))
+    proto.dataReceived(b"6193, 23\r\n6194, 23\r\n")
+    clock.advance(0.49)
+    assert transport.value() == b""
+    clock.advance(0.01)
+    # 6194 has no socket at all: no wait for it.
+    assert lines(transport.value()) == [b"6193, 23 : USERID : UNIX : daemon",
+                                        b"6194, 23 : ERROR : NO-USER"]
+    assert registry.waiting() == 0
+    assert "socksd's socket, not registered within 0.5 s" in identd_lines(log_events)[0]
+    registry.add(LOCAL, 6193, REMOTE, 23, "alice")     # too late: answered already
+    assert len(lines(transport.value())) == 2
+
+
+def test_a_client_leaving_cancels_its_wait(fake):
+    fake.own(6193, 23, DAEMON.pw_uid)
+    registry, clock = ProxiedConnections(), MemoryReactorClock()
+    factory = waiting_factory(registry, clock)
+    proto, transport = connect(factory)
+    proto.dataReceived(b"6193, 23\r\n")
+    assert registry.waiting() == 1
+    proto.connectionLost(Failure(ConnectionError("gone")))
+    assert registry.waiting() == 0
+    assert clock.getDelayedCalls() == []       # neither the wait's timeout nor the idle one
+    assert factory.connections == 0
+    registry.add(LOCAL, 6193, REMOTE, 23, "alice")
+    clock.advance(1)
+    assert transport.value() == b""
+
+
+def test_only_socksd_s_own_sockets_wait(fake):
+    fake.own(6193, 23, NAMELESS_UID)        # someone else's
+    fake.own(6194, 23, DAEMON.pw_uid)
+    registry, clock = ProxiedConnections(), MemoryReactorClock()
+    proto, transport = connect(waiting_factory(registry, clock))
+    proto.dataReceived(b"6193, 23\r\n")
+    assert transport.value() == b"6193, 23 : USERID : UNIX : %d\r\n" % NAMELESS_UID
+    # Without proxied_users, or with proxied_wait = 0, nothing waits.
+    for factory in (waiting_factory(registry, clock, proxied_users=False),
+                    waiting_factory(registry, clock, wait=0)):
+        assert ask(factory, b"6194, 23\r\n") == b"6194, 23 : USERID : UNIX : daemon\r\n"
+    assert registry.waiting() == 0 and clock.getDelayedCalls() != []   # (idle timeouts)
+
+
+def test_a_registration_during_the_lookup_is_not_waited_for(fake):
+    """The lookup runs in a thread: a registration that arrives meanwhile
+    answers as soon as the lookup returns, without any wait."""
+    fake.own(6193, 23, DAEMON.pw_uid)
+    registry, clock, lookups = ProxiedConnections(), MemoryReactorClock(), DeferredLookups()
+    proto, transport = connect(waiting_factory(registry, clock, blocking=lookups))
+    proto.dataReceived(b"6193, 23\r\n")
+    registry.add(LOCAL, 6193, REMOTE, 23, "alice")
+    lookups.fire_newest_first()
+    assert transport.value() == b"6193, 23 : USERID : UNIX : alice\r\n"
+    assert registry.waiting() == 0
+
+
+def test_a_client_leaving_during_the_lookup_gets_nothing_and_logs_no_failure(fake, log_events):
+    fake.own(6193, 23, DAEMON.pw_uid)
+    registry, clock, lookups = ProxiedConnections(), MemoryReactorClock(), DeferredLookups()
+    proto, transport = connect(waiting_factory(registry, clock, blocking=lookups))
+    proto.dataReceived(b"6193, 23\r\n")
+    proto.connectionLost(Failure(ConnectionError("gone")))
+    lookups.fire_newest_first()
+    assert transport.value() == b"" and registry.waiting() == 0
+    assert not [e for e in log_events if e.get("log_failure") is not None]
+
+
+def test_waiting_queries_answer_in_order_and_hold_the_ones_behind(fake):
+    fake.own(6193, 23, DAEMON.pw_uid)
+    fake.own(6194, 23, DAEMON.pw_uid)
+    registry, clock = ProxiedConnections(), MemoryReactorClock()
+    proto, transport = connect(waiting_factory(registry, clock))
+    proto.dataReceived(b"6193, 23\r\n6194, 23\r\n")
+    registry.add(LOCAL, 6194, REMOTE, 23, "bob")       # the second's: it waits its turn
+    assert transport.value() == b""
+    registry.add(LOCAL, 6193, REMOTE, 23, "alice")
+    assert lines(transport.value()) == [b"6193, 23 : USERID : UNIX : alice",
+                                        b"6194, 23 : USERID : UNIX : bob"]
+
+
+def test_waiting_queries_are_bounded_by_max_connections(fake):
+    """One query in flight a connection: max_connections bounds the waits."""
+    fake.own(6193, 23, DAEMON.pw_uid)
+    registry, clock = ProxiedConnections(), MemoryReactorClock()
+    factory = IdentFactory(IdentPolicy(), IdentdLimits(max_connections=3,
+                                                       max_connections_per_client=100),
+                           registry=registry, reactor=clock, blocking=inline,
+                           socksd_uid=DAEMON.pw_uid)
+    for _ in range(5):
+        proto, transport = connect(factory)
+        if proto is not None:
+            proto.dataReceived(b"6193, 23\r\n" * 10)
+    assert registry.waiting() == 3
 
 
 # ---- logging --------------------------------------------------------------------------

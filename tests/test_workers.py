@@ -152,8 +152,6 @@ def _alive(pid: int) -> bool:
      "server.listen: 'unix:/tmp/x.sock': workers > 1 serves tcp:"),
     ('[server]\nworkers = 0\n', "server.workers: 0 is not a number of processes"),
     ('[server]\nworkers = "many"\n', "server.workers: 'many' is not a number"),
-    ('[server]\nworkers = 2\n[identd]\nenabled = true\n',
-     "server.workers: identd.proxied_users needs workers = 1"),
 ])
 def test_workers_config_errors(tmp_path, text, message):
     path = tmp_path / "w.toml"

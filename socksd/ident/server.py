@@ -5,12 +5,20 @@ or /proc/net/tcp*) and the policy (which may read a user's file) run in the
 reactor's thread pool, so a slow disk or a big socket table never stalls
 other clients. Twisted's own ``twisted.protocols.ident`` is IPv4-only and
 has no limits, hence this one.
+
+Embedded in ``twistd socks``, the identd answers for a connection socksd
+opened on a SOCKS user's behalf with that user (the registry). A server may
+ask at once when it accepts the connection, before the session has
+registered it (with workers, the registration crosses a process boundary):
+a query about a socket of socksd's own that is not registered yet waits up
+to ``proxied_wait`` seconds for it before being answered as any other.
 """
 
 from __future__ import annotations
 
+import os
 import pwd
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from twisted.internet import defer, threads
@@ -66,28 +74,46 @@ class IdentdLimits:
     max_connections: int = 1000
     max_connections_per_client: int = 16
     ipv6_client_prefix: int = 64     # per-client limits count an IPv6 client per /64
+    proxied_wait: float = 0.5        # seconds a query about socksd's own socket waits for
+    #                                  its registration (proxied_users)
 
 
-def _owner(policy: IdentPolicy, conn: lookup.Connection) -> Answer:
-    """Blocking part of a query: the kernel lookup, the passwd entry, the policy."""
+@dataclass(frozen=True)
+class ProxiedWait:
+    """How a query about one of socksd's own sockets waits for its
+    registration: which sockets are socksd's (their owner's uid), how long,
+    on which clock."""
+
+    reactor: IReactorTime
+    seconds: float
+    uid: int
+
+
+def _owner(policy: IdentPolicy, conn: lookup.Connection) -> tuple[Answer, int | None]:
+    """Blocking part of a query: the kernel lookup, the passwd entry, the
+    policy. Returns the answer and the socket owner's uid (None: no socket)."""
     owner = lookup.lookup(conn)
     if owner is None:
-        return policy.error(ident.NO_USER, "no such connection")
+        return policy.error(ident.NO_USER, "no such connection"), None
     try:
         entry = pwd.getpwuid(owner.uid)
     except KeyError:
-        return policy.answer(None, owner.uid, None)
-    return policy.answer(entry.pw_name, owner.uid, entry.pw_dir)
+        return policy.answer(None, owner.uid, None), owner.uid
+    return policy.answer(entry.pw_name, owner.uid, entry.pw_dir), owner.uid
 
 
 def answer_query(policy: IdentPolicy, registry: ProxiedConnections | None, line: bytes,
                  local_host: str, remote_host: str, blocking: Blocking | None = None,
-                 notes: list[str] | None = None) -> defer.Deferred[bytes]:
+                 notes: list[str] | None = None,
+                 wait: ProxiedWait | None = None) -> defer.Deferred[bytes]:
     """The reply line for one query made to ``local_host`` from ``remote_host``.
 
     ``blocking`` runs the owner lookup (default: in a thread). ``notes`` gets
     how the answer was chosen ("random for alice"), for the log: that is how
-    an admin maps a random or hashed reply back to the user.
+    an admin maps a random or hashed reply back to the user. ``wait``: a
+    socket of socksd's own not registered (yet) waits for its registration
+    (see the module docstring). Cancelling the Deferred stops the wait (the
+    client left); it then fails with CancelledError.
     """
     notes = notes if notes is not None else []
     try:
@@ -105,11 +131,43 @@ def answer_query(policy: IdentPolicy, registry: ProxiedConnections | None, line:
     run = blocking or threads.deferToThread
     d = defer.maybeDeferred(run, _owner, policy, conn)
 
-    def failed(failure: Failure) -> Answer:
+    def failed(failure: Failure) -> tuple[Answer, int | None] | Failure:
+        if failure.check(defer.CancelledError):
+            return failure
         log.failure("identd: lookup of {conn} failed", failure, conn=conn)
-        return policy.error(ident.UNKNOWN_ERROR, "lookup failed")
+        return policy.error(ident.UNKNOWN_ERROR, "lookup failed"), None
+
+    def registered(owned: tuple[Answer, int | None]) -> Answer | defer.Deferred[Answer]:
+        answer, uid = owned
+        if (wait is None or registry is None or not policy.proxied_users
+                or wait.seconds <= 0 or uid is None or uid != wait.uid):
+            return answer
+        user = registry.user_for(local_host, server_port, remote_host, client_port)
+        if user is not None:
+            return policy.answer_proxied(user)     # registered during the lookup
+        try:
+            waiting = registry.wait_for(local_host, server_port, remote_host, client_port)
+        except ValueError:
+            return answer
+        started = wait.reactor.seconds()
+        waiting.addTimeout(wait.seconds, wait.reactor)
+
+        def arrived(user: str) -> Answer:
+            proxied = policy.answer_proxied(user)
+            return replace(proxied, note=f"{proxied.note}; registered after "
+                                         f"{wait.reactor.seconds() - started:.3f} s")
+
+        def late(failure: Failure) -> Answer | Failure:
+            if failure.check(defer.TimeoutError):
+                # Not a SOCKS user's after all (or not yet): as any other.
+                return replace(answer, note=f"{answer.note}; socksd's socket, not "
+                                            f"registered within {wait.seconds:g} s")
+            return failure
+
+        return waiting.addCallbacks(arrived, late)
 
     d.addErrback(failed)
+    d.addCallback(registered)
     d.addCallback(lambda answer: _encode(policy, ports, answer, notes))
     return d
 
@@ -177,6 +235,7 @@ class IdentProtocol(Protocol, TimeoutMixin):
         self.gone = False
         self.read_eof = False    # the client half-closed: answer what is left, then close
         self.client_key: str | None = None
+        self.query: defer.Deferred[Any] | None = None   # the query being answered
 
     def callLater(self, period: float, func: Callable[..., object], *args: object) -> IDelayedCall:
         return self.factory.reactor.callLater(period, func, *args)
@@ -328,12 +387,20 @@ class IdentProtocol(Protocol, TimeoutMixin):
         self.busy = True
         factory = self.factory
         notes: list[str] = []
-        d = answer_query(factory.policy, factory.registry, line, self.local_host,
-                         self.remote_host, factory.blocking, notes)
-        d.addCallback(self._answered, line, notes, bad)
+        wait = ProxiedWait(factory.reactor, factory.limits.proxied_wait,
+                           factory.socksd_uid if factory.socksd_uid is not None
+                           else os.geteuid())
+        # Kept until answered: the client leaving cancels it (and a wait for
+        # a registration with it). An answer ready at once clears it at once.
+        self.query = query = answer_query(factory.policy, factory.registry, line,
+                                          self.local_host, self.remote_host,
+                                          factory.blocking, notes, wait)
+        query.addCallback(self._answered, line, notes, bad)
+        query.addErrback(lambda failure: failure.trap(defer.CancelledError))
 
     def _answered(self, reply: bytes, line: bytes, notes: list[str], bad: bool) -> None:
         self.busy = False
+        self.query = None
         if self.gone:
             return
         self.transport.write(reply)
@@ -378,6 +445,9 @@ class IdentProtocol(Protocol, TimeoutMixin):
         if self.turn is not None and self.turn.active():
             self.turn.cancel()
         self.turn = None
+        if self.query is not None:
+            query, self.query = self.query, None
+            query.cancel()
         self._log_bad()
         factory = self.factory
         factory.connections -= 1
@@ -394,7 +464,8 @@ class IdentFactory(ServerFactory):
 
     def __init__(self, policy: IdentPolicy, limits: IdentdLimits = IdentdLimits(),
                  registry: ProxiedConnections | None = None,
-                 reactor: IReactorTime | None = None, blocking: Blocking | None = None) -> None:
+                 reactor: IReactorTime | None = None, blocking: Blocking | None = None,
+                 socksd_uid: int | None = None) -> None:
         if reactor is None:
             reactor = installed_reactor()
         self.reactor = reactor
@@ -402,6 +473,9 @@ class IdentFactory(ServerFactory):
         self.limits = limits
         self.registry = registry
         self.blocking = blocking
+        # Whose sockets are socksd's own (proxied_wait): by default the uid
+        # this process runs as when it answers (twistd -u has dropped root by then).
+        self.socksd_uid = socksd_uid
         self.connections = 0
         self.per_client: dict[str, int] = {}
         # A flood of connections over the limits is a line, then a count a second.

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from socksd.auth.methods import Method
-from socksd.ident.registry import ProxiedConnections
+from socksd.ident.registry import Registrar
 from socksd.proxy.limits import Limits
 from socksd.proxy.record import SessionRecord
 from socksd.proxy.socks4 import Socks4Policy
@@ -44,7 +44,7 @@ class SessionHost(Protocol):
     limits: Limits
     rules: RuleSet
     socks4: Socks4Policy
-    registry: ProxiedConnections | None
+    registry: Registrar | None
     worker: int | None
     counts: Counts
     recheck_on_reload: bool

@@ -10,7 +10,7 @@ from twisted.logger import Logger
 
 from socksd.auth.methods import Method
 from socksd.escape import escape
-from socksd.ident.registry import ProxiedConnections
+from socksd.ident.registry import Registrar
 from socksd.logs import RateLimitedLine
 from socksd.proxy.connect import address_text
 from socksd.proxy.host import Counts
@@ -35,7 +35,7 @@ class Serving:
                  "trusted_proxies", "worker", "counts", "recheck_on_reload")
 
     def __init__(self, listener: SOCKSServerFactory, methods: Sequence[Method], rules: RuleSet,
-                 limits: Limits, socks4: Socks4Policy, registry: ProxiedConnections | None,
+                 limits: Limits, socks4: Socks4Policy, registry: Registrar | None,
                  trusted_proxies: Sequence[IPNetwork], recheck_on_reload: bool = False) -> None:
         self.listener = listener
         self.recheck_on_reload = recheck_on_reload
@@ -46,7 +46,7 @@ class Serving:
         self.rules = rules
         self.limits = limits
         self.socks4 = socks4
-        self.registry = registry      # tell a same-process identd who owns outbound sockets
+        self.registry = registry      # tell the identd who owns outbound sockets
         self.trusted_proxies = tuple(trusted_proxies)   # whose PROXY header is believed
 
     def current(self) -> Serving:
@@ -91,7 +91,7 @@ class SOCKSServerFactory(ServerFactory):
 
     def __init__(self, methods: Sequence[Method], rules: RuleSet, limits: Limits = Limits(),
                  reactor: Any = None, socks4: Socks4Policy = Socks4Policy(),
-                 registry: ProxiedConnections | None = None,
+                 registry: Registrar | None = None,
                  trusted_proxies: Sequence[IPNetwork] = (), worker: int | None = None,
                  recheck_on_reload: bool = False) -> None:
         if reactor is None:
@@ -112,7 +112,7 @@ class SOCKSServerFactory(ServerFactory):
                                recheck_on_reload)
 
     def serve(self, methods: Sequence[Method], rules: RuleSet, limits: Limits,
-              socks4: Socks4Policy, registry: ProxiedConnections | None,
+              socks4: Socks4Policy, registry: Registrar | None,
               trusted_proxies: Sequence[IPNetwork], recheck_on_reload: bool = False) -> Serving:
         """New sessions are served under this configuration from now on;
         the sessions open now keep theirs. Returns the one replaced."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from socksd import relay, splice
-from socksd.ident.registry import ProxiedConnections
+from socksd.ident.registry import Registrar
 from socksd.proxy.client_rules import ClientRules
 from socksd.proxy.connect import is_address, split_host_port
 from socksd.rules import parse_ip
@@ -52,7 +52,7 @@ class Relaying(relay.RelaySession):
         self.outbound = outbound
         self.splicer: splice.SpliceRelay | None = None
         self.stall: relay.StallWatch | None = None     # made when a receiver first blocks
-        self.registered: tuple[ProxiedConnections, Any] | None = None
+        self.registered: tuple[Registrar, Any] | None = None
 
     def start(self, idle_timeout: float, splice_allowed: bool) -> None:
         client, outbound = self.client, self.outbound
@@ -61,8 +61,8 @@ class Relaying(relay.RelaySession):
             client.splice_after = client.received + SPLICE_AFTER
             outbound.splice_after = outbound.received + SPLICE_AFTER
 
-    def register(self, registry: ProxiedConnections, user: str) -> None:
-        """Tell a same-process identd who owns the outgoing connection."""
+    def register(self, registry: Registrar, user: str) -> None:
+        """Tell the identd (here, or the supervisor's) who owns the outgoing connection."""
         local, remote = self.outbound.transport.getHost(), self.outbound.transport.getPeer()
         self.registered = (registry, registry.add(local.host, local.port, remote.host,
                                                   remote.port, user))

@@ -27,7 +27,7 @@ from socksd.auth.checkers import FirstOf
 from socksd.auth.hashing import HashPool
 from socksd.auth.methods import Backoff
 from socksd.auth.registry import method_registry
-from socksd.ident.registry import ProxiedConnections
+from socksd.ident.registry import ProxiedConnections, Registrar
 from socksd.proxy import SOCKSServerFactory
 from socksd.proxy.connect import THREAD_POOL_SIZE
 from socksd.stats import STATS
@@ -191,7 +191,7 @@ class Assembly:
         self.backoff: Backoff | None = None
 
     def settings(self, cfg: configuration.Config, checkers: list[ICredentialsChecker],
-                 proxied: ProxiedConnections | None) -> dict[str, Any]:
+                 proxied: Registrar | None) -> dict[str, Any]:
         """``SOCKSServerFactory``'s settings (and its ``serve``'s)."""
         limits = cfg.limits
         if self.share > 1:
@@ -223,7 +223,7 @@ class Assembly:
 
 
 def make_factory(cfg: configuration.Config, checkers: list[ICredentialsChecker],
-                 proxied: ProxiedConnections | None, share: int = 1, worker: int | None = None,
+                 proxied: Registrar | None, share: int = 1, worker: int | None = None,
                  assembly: Assembly | None = None) -> SOCKSServerFactory:
     """The listeners' factory (``share``: see :class:`Assembly`). ``worker``:
     which worker process this is, for its lines."""
@@ -273,10 +273,11 @@ def makeService(options: Options) -> service.IService:
     installed_reactor().suggestThreadPoolSize(THREAD_POOL_SIZE)
     top = LoggingRoot(cfg.log.format, options.parent)
     security.RootWarning("socks").setServiceParent(top)
-    # The identd in the same process answers for the SOCKS users' sockets
-    # (with workers = 1); with none configured it listens nowhere, until a
-    # reload turns it on.
-    proxied = ProxiedConnections() if cfg.workers == 1 else None
+    # The identd in this process answers for the SOCKS users' sockets: the
+    # sessions register them here, or, with workers, over each worker's
+    # channel to this registry. With no identd configured it listens
+    # nowhere, until a reload turns it on.
+    proxied = ProxiedConnections()
     identd = IdentdServing(_identd(cfg), proxied)
     if cfg.workers > 1:
         worker_args = [arg for network in options["trusted_proxies"]
@@ -284,13 +285,14 @@ def makeService(options: Options) -> service.IService:
         if options["config"]:
             worker_args += ["--config", os.path.abspath(options["config"])]
         workers = WorkersService(cfg.workers, cfg.listen, worker_args,
-                                 auth=options["auth_strings"])
+                                 auth=options["auth_strings"], registry=proxied)
         workers.setServiceParent(top)
         reload: Callable[[], defer.Deferred[str]] = SupervisorReload(options, cfg, workers,
                                                                      identd, top)
     else:
         assembly = Assembly()
-        factory = make_factory(cfg, options.checkers, _proxied(cfg, proxied), assembly=assembly)
+        factory = make_factory(cfg, options.checkers, registering(cfg, proxied),
+                               assembly=assembly)
         listeners = Listeners(cfg.listen, factory)
         listeners.setServiceParent(top)
         STATS.per_user = cfg.metrics.per_user
@@ -308,12 +310,12 @@ def _identd(cfg: configuration.Config) -> configuration.IdentdConfig | None:
     return cfg.identd if cfg.identd is not None and cfg.identd.enabled else None
 
 
-def _proxied(cfg: configuration.Config,
-             proxied: ProxiedConnections | None) -> ProxiedConnections | None:
-    """Where sessions register who owns their outgoing sockets: only while
-    the identd answers with the SOCKS users (identd.proxied_users)."""
+def registering(cfg: configuration.Config, registrar: Registrar | None) -> Registrar | None:
+    """Where sessions register who owns their outgoing sockets (the
+    registry, or a worker's channel to it): only while the identd answers
+    with the SOCKS users (identd.proxied_users)."""
     identd = _identd(cfg)
-    return proxied if identd is not None and identd.policy.proxied_users else None
+    return registrar if identd is not None and identd.policy.proxied_users else None
 
 
 class Reload:
@@ -343,7 +345,7 @@ class Reload:
 
         def apply(changes: list[Change]) -> str:
             try:
-                settings = self.assembly.settings(cfg, checkers, _proxied(cfg, self.proxied))
+                settings = self.assembly.settings(cfg, checkers, registering(cfg, self.proxied))
             except BaseException:
                 for change in changes:
                     change.cancel()

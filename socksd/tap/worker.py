@@ -1,7 +1,9 @@
 """One worker of ``workers = N`` (see socksd.tap.workers): started by the
 supervisor with its listening sockets as inherited file descriptors, and the
 ``--auth`` checker strings as a JSON list on stdin (never on the command line,
-which every local user can read)."""
+which every local user can read). With ``--registrations FD`` its verified
+sessions register their outgoing connections with the supervisor's identd
+over that socket (socksd.ident.channel)."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from twisted.python.failure import Failure
 from twisted.python.reflect import namedAny
 from zope.interface import implementer
 
+from socksd.ident.channel import RegistrationSender
 from socksd.proxy.connect import THREAD_POOL_SIZE
 from socksd.tap import reactor as socksd_reactor
 from socksd.tap.reload import Reloader
@@ -100,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reactor", help="the supervisor's reactor class, to run on the same")
     parser.add_argument("--ready-fd", type=int,
                         help="written to once a SIGHUP is a reload, then closed")
+    parser.add_argument("--registrations", type=int,
+                        help="the descriptor of the channel to the supervisor's identd")
     args = parser.parse_args(argv)
     # A reload before the handler below is in place is not the end of us.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -121,18 +126,27 @@ def main(argv: list[str] | None = None) -> None:
     reactor.adoptStreamConnection(1, socket.AF_UNIX, channel_factory)
     os.dup2(2, 1)
     globalLogBeginner.beginLoggingTo([channel], redirectStandardIO=False)
+    registrations = None
+    if args.registrations is not None:
+        registrations = RegistrationSender()
+        registrations_factory = protocol.ServerFactory()
+        registrations_factory.protocol = lambda: registrations
+        reactor.adoptStreamConnection(args.registrations, socket.AF_UNIX, registrations_factory)
+        os.close(args.registrations)  # Twisted made its own copy of the descriptor
     auth = read_auth(sys.stdin.buffer)
     checkers = [strcred.makeChecker(description) for description in auth]
     cfg, checkers = socks_tap.build(args.config, [], checkers, args.trusted_proxy)
     assembly = socks_tap.Assembly(args.workers)
-    factory = socks_tap.make_factory(cfg, checkers, None, worker=args.index, assembly=assembly)
+    factory = socks_tap.make_factory(cfg, checkers, socks_tap.registering(cfg, registrations),
+                                     worker=args.index, assembly=assembly)
 
     def reload() -> str:
         """The supervisor checked the file and passed its SIGHUP on."""
         cfg, checkers = socks_tap.build(args.config, [],
                                         [strcred.makeChecker(a) for a in auth],
                                         args.trusted_proxy)
-        factory.serve(**assembly.settings(cfg, checkers, None))
+        factory.serve(**assembly.settings(cfg, checkers,
+                                          socks_tap.registering(cfg, registrations)))
         if cfg.recheck_on_reload:
             factory.recheck()
         return socks_tap.summary(cfg, checkers)

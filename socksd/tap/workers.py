@@ -19,6 +19,11 @@ socket pair (the worker's fd 1) and are published here, so they reach
 whatever twistd logs to (``-l FILE``, ``--syslog``, stdout) like the
 supervisor's own. The worker never blocks on it (see socksd.tap.worker).
 
+The identd in the supervisor answers for the workers' SOCKS users: each
+worker registers its sessions' outgoing connections over a second socket
+pair (socksd.ident.channel), which, unlike the log, never drops a message;
+a worker's entries are cleared when it ends.
+
 Limits are per worker: each enforces max_sessions and max_sessions_per_client
 divided by N (rounded up, so no worker gets 0), so the totals hold, give or
 take N-1, when the kernel spreads connections evenly, which it does for many
@@ -43,6 +48,8 @@ from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 
 from socksd.config import parse_listener
+from socksd.ident.channel import RegistrationReceiver
+from socksd.ident.registry import ProxiedConnections
 from socksd.logs import FROM_WORKER
 from socksd.twisted_internals import IReactor, installed_reactor
 
@@ -129,6 +136,19 @@ class _WorkerLogFactory(protocol.ServerFactory):
         return _WorkerLog(self.index)
 
 
+class _RegistrationsFactory(protocol.ServerFactory):
+    noisy = False
+
+    def __init__(self, registry: ProxiedConnections, index: int) -> None:
+        self.registry = registry
+        self.index = index
+        self.built: RegistrationReceiver | None = None
+
+    def buildProtocol(self, addr: IAddress | None) -> RegistrationReceiver:
+        self.built = RegistrationReceiver(self.registry, self.index)
+        return self.built
+
+
 class _Worker(protocol.ProcessProtocol):
     transport: IProcessTransport
 
@@ -156,20 +176,27 @@ class _Worker(protocol.ProcessProtocol):
             self.transport.signalProcess("HUP")
         except ProcessExitedAlready:
             pass   # ended: restarted with the file as it is then
+        self.registrations: RegistrationReceiver | None = None
 
     def processEnded(self, reason: Failure) -> None:
+        if self.registrations is not None:
+            # Its channel closes too, but not necessarily first, and may
+            # still hold frames it sent before it died.
+            self.registrations.worker_ended()
         self.ended.callback(None)
         self.supervisor.worker_ended(self, reason)
 
 
 class WorkersService(service.Service):
     def __init__(self, count: int, listen: tuple[str, ...], worker_args: list[str],
-                 reactor: IReactor | None = None, auth: Sequence[str] = ()) -> None:
+                 reactor: IReactor | None = None, auth: Sequence[str] = (),
+                 registry: ProxiedConnections | None = None) -> None:
         self.reactor = reactor if reactor is not None else installed_reactor()
         self.count = count
         self.listeners = [parse_listener(d) for d in listen]
         self.worker_args = worker_args
         self.auth = list(auth)     # --auth strings: secrets, sent on the worker's stdin
+        self.registry = registry   # the identd's: workers register their sessions in it
         self.sockets: list[list[socket.socket]] = []   # per worker, per listener
         self.workers: dict[int, _Worker] = {}
         self.delays: dict[int, float] = {}
@@ -211,7 +238,16 @@ class WorkersService(service.Service):
                 zip(sockets, self.listeners, strict=True), start=3):
             child_fds[number] = sock.fileno()
             fds.append([number, int(family), haproxy])
-        ready_fd = 3 + len(sockets)
+        registering: list[str] = []
+        pair = None
+        if self.registry is not None:
+            # Its identd registrations: the next descriptor after the listeners.
+            pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            number = 3 + len(sockets)
+            child_fds[number] = pair[1].fileno()
+            registering = ["--registrations", str(number)]
+        # Then the pipe on which it says it takes a reload's SIGHUP.
+        ready_fd = 4 + len(sockets)
         child_fds[ready_fd] = "r"
         # -P: the working directory is not put on sys.path (a source checkout
         # there must not shadow the installed socksd); PYTHONPATH still counts.
@@ -220,7 +256,7 @@ class WorkersService(service.Service):
                 "--workers", str(self.count), "--fds", json.dumps(fds),
                 "--ready-fd", str(ready_fd),
                 "--reactor", f"{reactor_class.__module__}.{reactor_class.__qualname__}",
-                *self.worker_args]
+                *registering, *self.worker_args]
         worker = _Worker(self, index, ready_fd)
         self.workers[index] = worker
         try:
@@ -228,6 +264,8 @@ class WorkersService(service.Service):
                                       childFDs=child_fds)
         finally:
             theirs.close()
+            if pair is not None:
+                pair[1].close()
         # Written to the pipe and closed; the worker reads to EOF at start.
         worker.transport.writeToChild(0, json.dumps(self.auth).encode("utf-8"))
         worker.transport.closeStdin()
@@ -235,6 +273,12 @@ class WorkersService(service.Service):
         self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX,
                                            _WorkerLogFactory(index))
         ours.close()  # Twisted made its own copy of the descriptor
+        if pair is not None and self.registry is not None:
+            pair[0].setblocking(False)
+            registrations = _RegistrationsFactory(self.registry, index)
+            self.reactor.adoptStreamConnection(pair[0].fileno(), socket.AF_UNIX, registrations)
+            pair[0].close()
+            worker.registrations = registrations.built
         log.info("worker {index} started (pid {pid})", index=index,
                  pid=worker.transport.pid if worker.transport else "?")
 
