@@ -7,6 +7,8 @@
 (d) memory per idle relayed session (2,000 of them);
 (e) soak: socksd's RSS before and after 100,000 sessions;
 (f) iperf3 through Dante's socksify, -P 1 and -P 8, both directions;
+(m) the cost of metrics (issue 15): socksd with a [metrics] endpoint scraped
+    every second against socksd without, in (a) and (c)'s rounds;
 then a summary of issue 7's targets, met or missed.
 
 Each number is the median of several rounds; baselines (direct loopback,
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import importlib.metadata
 import json
 import os
@@ -30,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +60,10 @@ from harness import (
     wait_listening,
 )
 
-WORKLOADS = ["bulk", "parallel", "sessions", "sessions4", "memory", "soak", "iperf3"]
+WORKLOADS = ["bulk", "parallel", "sessions", "sessions4", "memory", "soak", "iperf3", "metrics"]
+# "metrics" alone: the on/off comparison by itself. By default (no --only) it is
+# not a workload of its own: (a) and (c) carry the socksd metrics row instead.
+DEFAULT_WORKLOADS = [w for w in WORKLOADS if w != "metrics"]
 
 SOCKSD_CONFIG = """\
 # Written by benchmarks/run.py: limits high enough for the idle-session test.
@@ -65,6 +72,15 @@ max_sessions = 100000
 max_sessions_per_client = 100000
 workers = {workers}
 """
+# socksd metrics: the same plus a /metrics endpoint (workers = 1 only, for now).
+METRICS_CONFIG = """
+[metrics]
+listen = ["tcp:{port}:interface=127.0.0.1"]
+"""
+METRICS = "socksd metrics"   # the via's name, and Bench.proxy()'s kind is "metrics"
+SCRAPE_INTERVAL = 1.0        # seconds between GETs of /metrics while a measurement runs
+SCRAPE_TIMEOUT = 5.0
+SCRAPE_SERIES = b"socksd_sessions_active"  # a scrape must carry this series
 
 DANTE_CONFIG = """\
 # Written by benchmarks/run.py.
@@ -106,6 +122,8 @@ SOAK_TOLERANCE_KIB = 2048
 BULK_VS_DANTE, BULK_VS_DIRECT, PARALLEL_VS_DANTE = 1.5, 0.5, 1.5
 SESSIONS_VS_DANTE = 1.6
 IDLE_KIB_PER_SESSION = 3.5
+# Issue 15's: metrics on against off, same run.
+METRICS_VS_OFF = 0.97
 
 
 def log(msg: str) -> None:
@@ -158,7 +176,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="soak warm-up sessions before the baseline reading (default 5000)")
     p.add_argument("--iperf3-seconds", type=int, help="iperf3 -t per test (default 3)")
     p.add_argument("--only", action="append", choices=WORKLOADS,
-                   help="run only this workload (repeatable)")
+                   help="run only this workload (repeatable); metrics = just socksd against "
+                        "socksd with /metrics scraped every second: sessions and 1-stream "
+                        "bulk (by default that row is part of bulk and sessions)")
     p.add_argument("--keep", action="store_true",
                    help="keep the temporary directory (configs, proxy logs) and print its path")
     args = p.parse_args(argv)
@@ -174,7 +194,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for name, lo, hi in checks:
         if not lo <= getattr(args, name) <= hi:
             p.error(f"--{name.replace('_', '-')} must be {lo:g}..{hi:g}")
-    args.only = [w for w in WORKLOADS if w in (args.only or WORKLOADS)]
+    args.only = [w for w in WORKLOADS if w in (args.only or DEFAULT_WORKLOADS)]
     if args.no_iperf3 and "iperf3" in args.only:
         args.only.remove("iperf3")
     return args
@@ -189,6 +209,7 @@ class Via:
     port: int | None = None          # SOCKS port; None = direct
     server: Server | None = None
     workers: int = 0                 # socksd's worker processes (1: the twistd process)
+    metrics_port: int | None = None  # socksd's /metrics port: scraped while measured
 
     def pids(self) -> list[int]:
         return self.server.pids() if self.server else []
@@ -205,13 +226,19 @@ def socksd_name(workers: str) -> str:
     return "socksd" if workers == "1" else f"socksd {workers}"
 
 
-def start_socksd(twistd: str, tmp: Path, echo_port: int, tag: str, workers: str = "1") -> Via:
-    """A fresh twistd socks; cwd is the temp dir so the *installed* socksd runs."""
+def start_socksd(twistd: str, tmp: Path, echo_port: int, tag: str, workers: str = "1",
+                 metrics: bool = False) -> Via:
+    """A fresh twistd socks; cwd is the temp dir so the *installed* socksd runs.
+    With ``metrics``, it serves /metrics too (and ``workers`` must be "1")."""
     config = tmp / f"socksd-{tag}.toml"
-    config.write_text(SOCKSD_CONFIG.format(workers=workers if workers.isdigit() else '"auto"'))
     logfile = tmp / f"socksd-{tag}.log"
     last: BenchError | None = None
     for _ in range(3):  # a port can be taken between free_port() and bind
+        text = SOCKSD_CONFIG.format(workers=workers if workers.isdigit() else '"auto"')
+        metrics_port = free_port() if metrics else None
+        if metrics_port:
+            text += METRICS_CONFIG.format(port=metrics_port)
+        config.write_text(text)
         port = free_port()
         # Workers (workers > 1) log through twistd, into the same file.
         srv = Server("socksd", [twistd, "-n", "--pidfile=", "-l", str(logfile),
@@ -219,7 +246,15 @@ def start_socksd(twistd: str, tmp: Path, echo_port: int, tag: str, workers: str 
                                 "--listen", f"tcp:{port}:interface=127.0.0.1"], cwd=tmp)
         try:
             wait_for_proxy(srv, port, echo_port)
-            return Via(socksd_name(workers), port, srv, wait_for_workers(srv, logfile))
+            if metrics_port:
+                wait_listening(srv, metrics_port)
+                first = Scrapes()
+                scrape(metrics_port, first)
+                if first.failed:
+                    raise BenchError(f"socksd's /metrics on port {metrics_port}: "
+                                     f"{first.failed[0]}")
+            return Via(METRICS if metrics else socksd_name(workers), port, srv,
+                       wait_for_workers(srv, logfile), metrics_port)
         except BenchError as exc:
             srv.stop()
             last = exc
@@ -291,6 +326,68 @@ def start_dante(danted: str, tmp: Path, echo_port: int, tag: str, quiet: bool) -
     raise BenchError(f"{last}\n{tail}")
 
 
+# ---- scraping /metrics ----------------------------------------------------------
+
+@dataclass
+class Scrapes:
+    """The GETs of /metrics during one measurement."""
+    nbytes: list[int] = field(default_factory=list)     # of each good scrape's body
+    seconds: list[float] = field(default_factory=list)  # request to body read
+    failed: list[str] = field(default_factory=list)     # what went wrong, per bad scrape
+
+    @property
+    def ok(self) -> int:
+        return len(self.nbytes)
+
+
+def scrape(port: int, into: Scrapes) -> None:
+    """One GET of /metrics, as Prometheus would (a new connection each time
+    here, where Prometheus keeps one: a little more work for socksd, not less);
+    good if 200 with a body carrying socksd's series."""
+    t0 = time.monotonic()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=SCRAPE_TIMEOUT)
+    try:
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        body = resp.read()
+    except (OSError, http.client.HTTPException) as exc:
+        into.failed.append(f"GET /metrics: {type(exc).__name__}: {exc}")
+        return
+    finally:
+        conn.close()
+    if resp.status != 200 or SCRAPE_SERIES not in body:
+        into.failed.append(f"GET /metrics: status {resp.status}, {len(body)} bytes"
+                           f"{'' if SCRAPE_SERIES in body else ' without socksd_sessions_active'}")
+        return
+    into.nbytes.append(len(body))
+    into.seconds.append(time.monotonic() - t0)
+
+
+@contextlib.contextmanager
+def scraping(port: int, interval: float = SCRAPE_INTERVAL):
+    """GET /metrics at once and then every ``interval`` seconds, in a thread,
+    until the block ends; yields the Scrapes (complete once the block has
+    ended: the thread is stopped and joined)."""
+    scrapes, stop = Scrapes(), threading.Event()
+
+    def loop() -> None:
+        due = time.monotonic()
+        while not stop.is_set():
+            scrape(port, scrapes)
+            due = max(due + interval, time.monotonic())  # late: no catching up
+            stop.wait(due - time.monotonic())
+
+    thread = threading.Thread(target=loop, name=f"scrape-{port}", daemon=True)
+    thread.start()
+    try:
+        yield scrapes
+    finally:
+        stop.set()
+        thread.join(timeout=SCRAPE_TIMEOUT + 5)
+        if thread.is_alive():
+            scrapes.failed.append("the scraper thread did not stop")
+
+
 # ---- measuring ------------------------------------------------------------------
 
 @dataclass
@@ -300,6 +397,7 @@ class Sample:
     gen_cpu: float
     target_cpu: float
     others_cpu: float        # machine CPU not used by proxy, generator or target
+    scrapes: Scrapes | None = None  # GETs of /metrics while measured (socksd metrics)
 
 
 @dataclass
@@ -389,6 +487,8 @@ class Bench:
             return start_twisted_example(self.twistd, self.tmp, self.echo_port)
         if kind == "Dante":
             return start_dante(self.danted, self.tmp, self.echo_port, tag, self.args.dante_quiet)
+        if kind == "metrics":
+            return start_socksd(self.twistd, self.tmp, self.echo_port, tag, "1", metrics=True)
         return start_socksd(self.twistd, self.tmp, self.echo_port, tag, kind)
 
     def proxy(self, kind: str) -> Via:
@@ -400,7 +500,8 @@ class Bench:
         return self.proxies[kind]
 
     def vias(self, *workers: str) -> list[Via]:
-        """direct, socksd with each of these workers settings, and Dante."""
+        """direct, socksd with each of these workers settings (or "metrics"),
+        and Dante."""
         socksds = [self.proxy(w) for w in dict.fromkeys(workers)]
         return [Via("direct"), *socksds, *([self.proxy("Dante")] if self.danted else [])]
 
@@ -408,6 +509,11 @@ class Bench:
         """One stream is served by one process: socksd workers = 1. Several
         are spread over the workers = --workers (auto) socksd's processes."""
         return self.vias("1" if streams == 1 else self.args.workers)
+
+    def with_metrics(self) -> tuple[str, ...]:
+        """("metrics",) when (a) and (c) carry the socksd metrics row: unless
+        --only metrics measures it by itself."""
+        return () if "metrics" in self.args.only else ("metrics",)
 
     # -- running and accounting
     def loadgen_run(self, argv: list[str], timeout: float) -> list[float]:
@@ -422,29 +528,41 @@ class Bench:
         proxy_pids = via.pids()
         p0, t0 = cpu_times(proxy_pids), cpu_times([target.pid])
         m0, w0 = machine_busy(), time.monotonic()
-        value, gen = run()
+        with (scraping(via.metrics_port) if via.metrics_port
+              else contextlib.nullcontext()) as scrapes:
+            value, gen = run()
         wall = time.monotonic() - w0
+        if scrapes is not None and (scrapes.failed or not scrapes.ok):
+            raise BenchError(f"scraping {via.name}'s /metrics (port {via.metrics_port}): "
+                             f"{scrapes.ok} good, {len(scrapes.failed)} failed: "
+                             f"{'; '.join(scrapes.failed[:3])}")
         proxy = cpu_delta(p0, cpu_times(via.pids())) if via.server else 0.0
         tgt = cpu_delta(t0, cpu_times([target.pid]))
         others = max(0.0, machine_busy() - m0 - proxy - tgt - gen)
         def pct(s):
             return 100.0 * s / wall
-        return Sample(value, pct(proxy) if via.server else None, pct(gen), pct(tgt), pct(others))
+        return Sample(value, pct(proxy) if via.server else None, pct(gen), pct(tgt), pct(others),
+                      scrapes)
 
     def interleave(self, what: str, vias: list[Via], once: Callable[[Via, float], Sample],
                    show: Callable[[Sample], str], seconds: float,
-                   warmup: float | None) -> Results:
+                   warmup: float | None, alternate: bool = False) -> Results:
         """A warm-up run per via (unless None), then ``--rounds`` rounds, each
-        running every via once, so drifting machine load hits all alike."""
+        running every via once, so drifting machine load hits all alike;
+        with ``alternate``, every second round in the reverse order (so
+        neither of two vias always runs right after the other)."""
         if warmup is not None:
             for via in vias:
                 once(via, warmup)
         results = {v.name: Series() for v in vias}
+        width = max(11, *(len(v.name) for v in vias))
         for r in range(self.args.rounds):
-            for via in vias:
+            for via in (vias[::-1] if alternate and r % 2 else vias):
                 s = once(via, seconds)
                 results[via.name].samples.append(s)
-                log(f"  {what} {via.name:11} round {r + 1}/{self.args.rounds}: {show(s)}")
+                scraped = f" ({s.scrapes.ok} scrapes)" if s.scrapes else ""
+                log(f"  {what} {via.name:{width}} round {r + 1}/{self.args.rounds}: "
+                    f"{show(s)}{scraped}")
         return results
 
     # -- (a), (b) bulk
@@ -458,13 +576,18 @@ class Bench:
             return {"MiB/s": nbytes / secs / 2**20}, cpu
         return self.measure(via, self.bulkd, run)
 
-    def bulk(self, streams: int) -> dict[str, Results]:
-        """Direction ("upload", "download") -> results."""
-        vias = self.vias_for_streams(streams)
+    def bulk(self, streams: int, vias: list[Via] | None = None,
+             alternate: bool = False) -> dict[str, Results]:
+        """Direction ("upload", "download") -> results. One stream: with the
+        socksd metrics row (workers = 1, as metrics need for now)."""
+        if vias is None:
+            vias = (self.vias("1", *self.with_metrics()) if streams == 1
+                    else self.vias_for_streams(streams))
         return {label: self.interleave(
                     f"bulk x{streams} {label:8}", vias,
                     lambda via, secs, d=d: self.bulk_once(via, d, streams, secs),
-                    lambda s: f"{s.value['MiB/s']:8.1f} MiB/s", self.args.bulk_seconds, 0.3)
+                    lambda s: f"{s.value['MiB/s']:8.1f} MiB/s", self.args.bulk_seconds, 0.3,
+                    alternate)
                 for d, label in (("up", "upload"), ("down", "download"))}
 
     # -- (c) sessions
@@ -485,10 +608,20 @@ class Bench:
                     "errors": errors}, cpu
         return self.measure(via, target, run)
 
-    def sessions(self) -> Results:
-        return self.interleave(
-            "sessions", self.vias("1", self.args.workers), self.sessions_once,
-            show_session, self.args.session_seconds, 0.5)
+    def sessions(self, vias: list[Via] | None = None, alternate: bool = False) -> Results:
+        if vias is None:
+            vias = self.vias("1", *self.with_metrics(), self.args.workers)
+        return self.interleave("sessions", vias, self.sessions_once, show_session,
+                               self.args.session_seconds, 0.5, alternate)
+
+    # -- (m) metrics on against off
+    def metrics_cost(self) -> dict[str, Results]:
+        """--only metrics: sessions and 1-stream bulk, socksd against socksd
+        metrics only, rounds interleaved, the pair's order reversed every
+        second round. "sessions", "upload", "download"."""
+        vias = [self.proxy("1"), self.proxy("metrics")]
+        return {"sessions": self.sessions(vias, alternate=True),
+                **self.bulk(1, vias, alternate=True)}
 
     def sessions4(self) -> Results:
         """SOCKS4 sessions: socksd (workers = 1), Dante and Twisted's example."""
@@ -852,6 +985,81 @@ def report_iperf3(args, res: dict[tuple[int, str], Results]) -> str:
          "client CPU includes libdsocks'"], groups, "Gbit/s", 2)
 
 
+METRICS_ROWS = {"sessions": ("sessions/s", "sessions/s"), "upload": ("bulk up", "MiB/s"),
+                "download": ("bulk down", "MiB/s")}  # results -> (label, key)
+
+
+def metrics_groups(results: dict) -> dict[str, Results]:
+    """"sessions", "upload", "download" -> results holding socksd and socksd
+    metrics: from --only metrics, else from (c) and (a)."""
+    if "metrics" in results:
+        groups = results["metrics"]
+    else:
+        groups = {"sessions": results.get("sessions", {}), **results.get("bulk", {})}
+    return {k: res for k, res in groups.items() if METRICS in res and "socksd" in res}
+
+
+def on_off(res: Results | None, key: str, per_cpu: bool = False) -> float | None:
+    """socksd metrics / socksd, of the medians (or of the medians per proxy CPU-s)."""
+    if res is None:
+        return None
+    on, off = res[METRICS], res["socksd"]
+    return on.per_cpu(key) / off.per_cpu(key) if per_cpu else on.med(key) / off.med(key)
+
+
+def report_metrics(args, groups: dict[str, Results], own: bool) -> str:
+    """Issue 15's cost line: metrics on against off, medians of the same run."""
+    rows = [["", "via", "median", "range", "per proxy CPU-s", "proxy CPU", "other CPU",
+             "scrapes"]]
+    for k, res in groups.items():
+        label, key = METRICS_ROWS[k]
+        for name in ("socksd", METRICS):
+            s = res[name]
+            scrapes = sum(x.scrapes.ok for x in s.samples) if s.samples[0].scrapes else None
+            rows.append([label if key == label else f"{label} {key}", name, *rate_cells(s, key),
+                         fmt_cpu(s.cpu("proxy_cpu")), fmt_cpu(s.cpu("others_cpu"), OTHERS_BUSY),
+                         "-" if scrapes is None else str(scrapes)])
+    where = ("sessions as in (c) and one bulk stream as in (a), these two proxies only, rounds "
+             "interleaved,\n    the pair's order reversed every second round" if own else
+             "the socksd and socksd metrics rows of (c) and (a)")
+    lines = ["(m) Metrics cost (issue 15): socksd against socksd metrics (the same plus [metrics] "
+             "listen,",
+             f"    GET /metrics every {SCRAPE_INTERVAL:g} s while each of its measurements runs); "
+             f"{where}", table(rows), ""]
+    if not groups:
+        return "\n".join([*lines, "  (no measurement had both rows)"])
+    scrapes = [x.scrapes for res in groups.values() for x in res[METRICS].samples]
+    nbytes = [b for x in scrapes for b in x.nbytes]
+    ms = [1000 * t for x in scrapes for t in x.seconds]
+    lines.append(f"  scrapes: {len(nbytes)} GETs of /metrics in {len(scrapes)} measured runs, "
+                 "every one 200 with socksd's series,")
+    lines.append(f"  {statistics.median(nbytes) / 1024:.1f} KiB and {statistics.median(ms):.1f} ms "
+                 f"each (median; slowest {max(ms):.1f} ms)")
+    paired = []
+    for k, res in groups.items():
+        label, key = METRICS_ROWS[k]
+        each = [on.value[key] / off.value[key]
+                for on, off in zip(res[METRICS].samples, res["socksd"].samples, strict=True)]
+        paired.append(f"{label} {min(each):.2f}-{max(each):.2f}x")
+    lines.append(f"  on/off within each round (range over {args.rounds}): {', '.join(paired)}")
+    sess, up, down = (groups.get(k) for k in ("sessions", "upload", "download"))
+    judged = {"sessions/s": on_off(sess, "sessions/s"), "bulk up": on_off(up, "MiB/s"),
+              "bulk down": on_off(down, "MiB/s")}
+
+    def r(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.2f}x"
+    lines.append(f"  metrics on/off: sessions/s {r(judged['sessions/s'])}, per proxy CPU-s "
+                 f"{r(on_off(sess, 'sessions/s', per_cpu=True))}; bulk up {r(judged['bulk up'])}, "
+                 f"down {r(judged['bulk down'])} (target >= {METRICS_VS_OFF:g}x)")
+    missed = [f"{k} {v:.3f}x" for k, v in judged.items()
+              if v is not None and v < METRICS_VS_OFF]
+    unknown = [k for k, v in judged.items() if v is None]
+    lines.append("  issue 15 cost target (medians): " +
+                 (f"MISSED ({', '.join(missed)})" if missed else
+                  f"not judged (no {', '.join(unknown)} measured)" if unknown else "met"))
+    return "\n".join(lines)
+
+
 # ---- the summary of issue 7's targets ------------------------------------------
 
 @dataclass
@@ -906,7 +1114,8 @@ def targets(args, results: dict) -> list[Target]:
                                    BULK_VS_DIRECT if streams == 1 else None))
     if "sessions" in results:
         res = results["sessions"]
-        out += [sessions_target(res, sd) for sd in res if sd.startswith("socksd")]
+        out += [sessions_target(res, sd) for sd in res
+                if sd.startswith("socksd") and sd != METRICS]
     if "sessions4" in results:
         res = results["sessions4"]
         rate = med(res, "socksd", "sessions/s")
@@ -972,6 +1181,11 @@ def workers_note(bench: Bench) -> str:
     for kind, via in bench.proxies.items():
         if kind in ("Dante", TWISTED_EXAMPLE):
             continue
+        if kind == "metrics":
+            parts.append(f"{via.name} = socksd plus [metrics] listen on 127.0.0.1:"
+                         f"{via.metrics_port}, GET /metrics every {SCRAPE_INTERVAL:g} s while "
+                         "measured: 1 process (twistd)")
+            continue
         setting = kind if kind.isdigit() else f'"{kind}"'
         serving = (f"{via.workers} worker processes under the supervising twistd"
                    if via.workers > 1 else "1 process (twistd)")
@@ -1009,6 +1223,8 @@ def run_workloads(args, bench: Bench) -> tuple[dict, list[str]]:
         "soak": ("(e) soak", bench.soak, lambda r: report_soak(args, r)),
         "iperf3": ("(f) iperf3 through socksify", bench.iperf3_tests,
                    lambda r: report_iperf3(args, r)),
+        "metrics": ("(m) metrics on against off", bench.metrics_cost,
+                    lambda r: report_metrics(args, metrics_groups({"metrics": r}), own=True)),
     }
     results, reports = {}, []
     for name in args.only:
@@ -1016,6 +1232,8 @@ def run_workloads(args, bench: Bench) -> tuple[dict, list[str]]:
         log(title)
         results[name] = run()
         reports.append(report(results[name]))
+    if "metrics" not in args.only and ("bulk" in args.only or "sessions" in args.only):
+        reports.append(report_metrics(args, metrics_groups(results), own=False))
     return results, reports
 
 
@@ -1045,8 +1263,9 @@ def main(argv: list[str]) -> int:
     print("\n\n".join(reports))
     print()
     print(notes())
-    print()
-    print(report_summary(args, results))
+    if targets(args, results):  # none for --only metrics (its target line is in (m))
+        print()
+        print(report_summary(args, results))
     print(f"total time {elapsed:.0f} s")
     return 0
 
