@@ -71,6 +71,15 @@ class Relaying(relay.RelaySession):
     def down(self) -> int:
         return self.outbound.received
 
+    def moved(self) -> tuple[int, int]:
+        """Bytes relayed so far, up and down, the kernel's included."""
+        up, down = self.client.received, self.outbound.received
+        splicer = self.splicer
+        if splicer is not None and not splicer.finished:
+            client_to_outbound, outbound_to_client = splicer.directions
+            up, down = up + client_to_outbound.moved, down + outbound_to_client.moved
+        return up, down
+
     @property
     def spliced(self) -> bool:
         return self.splicer is not None

@@ -19,13 +19,15 @@ from socksd.proxy.connect import ConnectFailed
 from socksd.proxy.limits import Limits
 from socksd.proxy.udp import UDPRelay
 from socksd.rules import parse_ip
+from socksd.stats import STATS
 
 
 def open_connection(reactor: Any, limits: Limits, rules: ClientRules, host: str, port: int,
                     by_name: bool) -> defer.Deferred[connect.Outbound]:
     """CONNECT: the first allowed address of host that connects in time."""
     timeout = limits.connect_timeout
-    deadline = reactor.seconds() + timeout
+    requested = reactor.seconds()
+    deadline = requested + timeout
     d: defer.Deferred[connect.Outbound]
     if by_name:
         d = rules.destinations(reactor, "connect", host, port, by_name, timeout).addCallback(
@@ -35,7 +37,13 @@ def open_connection(reactor: Any, limits: Limits, rules: ClientRules, host: str,
         denied = rules.refuse_address("connect", host, port)
         d = defer.fail(denied) if denied else connect.connect_first([host], reactor, port,
                                                                     deadline)
-    return d.addErrback(_classify)
+    return d.addCallbacks(_connected, _classify, callbackArgs=(reactor, requested))
+
+
+def _connected(outbound: connect.Outbound, reactor: Any, requested: float) -> connect.Outbound:
+    """The time from the request to the destination connected, counted."""
+    STATS.connect.observe(reactor.seconds() - requested)
+    return outbound
 
 
 def listen_for(reactor: Any, limits: Limits, rules: ClientRules, host: str, port: int,

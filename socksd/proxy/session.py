@@ -219,7 +219,7 @@ class Session(Admission, ClientEnd, TimeoutMixin):
         server = self.server
         self.pending = d = requests.open_connection(server.reactor, server.limits, rules,
                                                     host, port, by_name)
-        return d.addCallback(_connected_after, server.reactor, server.reactor.seconds())
+        return d
 
     def bind(self, host: str, port: int, by_name: bool) -> defer.Deferred:
         rules = self._request("bind", host, port)
@@ -306,15 +306,9 @@ class Session(Admission, ClientEnd, TimeoutMixin):
         what a scrape of the metrics sees while the session lasts."""
         if self.udp is not None:
             return self.udp.counts["bytes_up"], self.udp.counts["bytes_down"]
-        relaying = self.relaying
-        if relaying is None:
+        if self.relaying is None:
             return self.received, 0
-        up, down = self.received, relaying.down
-        splicer = relaying.splicer
-        if splicer is not None and not splicer.finished:
-            client_to_outbound, outbound_to_client = splicer.directions
-            up, down = up + client_to_outbound.moved, down + outbound_to_client.moved
-        return up, down
+        return self.relaying.moved()
 
     def recheck(self, serving: SessionHost) -> None:
         """``recheck_on_reload``: a session past its request is judged again
@@ -359,8 +353,3 @@ class Session(Admission, ClientEnd, TimeoutMixin):
             server.reactor.seconds() - self.started, self.outcome or "ok", detail,
             relaying is not None and relaying.spliced))
 
-
-def _connected_after(outbound: Any, reactor: Any, requested: float) -> Any:
-    """CONNECT: the time from the request to the destination connected."""
-    STATS.connect.observe(reactor.seconds() - requested)
-    return outbound
