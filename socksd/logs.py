@@ -96,8 +96,10 @@ FORMATS = ("text", "json")
 # start-up line has a "version", Twisted's). These names are the schema
 # operators' shippers and queries are written against: add to them, never
 # rename.
+# "verified": whether "user" was proven (a password, Kerberos, the client's
+# identd) or only claimed; "spliced": relayed in the kernel.
 FIELDS = ("peer", "version", "user", "method", "command", "destination", "up", "down",
-          "duration", "outcome", "detail", "rule", "worker")
+          "duration", "outcome", "detail", "rule", "worker", "verified", "spliced")
 # The event key the supervisor of workers = N sets on each event a worker
 # sends it (Twisted's own included): the JSON line's "worker".
 FROM_WORKER = "socksd_worker"
@@ -199,7 +201,13 @@ class FormatObserver:
         if self.format != "json":
             self.text(event)
             return
-        line = json_line(event)
+        try:
+            line = json_line(event)
+        except Exception as e:
+            # An observer that raises is dropped by Twisted, and every line
+            # after it lost: say what could not be written instead.
+            line = json.dumps({"time": rfc3339(time.time()), "level": "error",
+                               "event": f"a log event could not be written as JSON: {e!r}"})
         if line is not None:
             self.write(line, event.get("log_level", LogLevel.info))
 

@@ -82,8 +82,13 @@ class Stats:
         self.handshake = Latency()
         self.connect = Latency()
 
-    def user_label(self, user: str, verified: bool) -> str:
-        return user if self.per_user and verified and user != "-" else "-"
+    def user_label(self, user: str, verified: bool, method: str) -> str:
+        """The ``user`` label: a name the server verified (a password,
+        Kerberos); not one the client's own identd confirmed, which whoever
+        runs that identd chooses."""
+        if self.per_user and verified and user != "-" and method != "ident":
+            return user
+        return "-"
 
     def session_ended(self, version: int, command: str, outcome: str, user: str,
                       verified: bool, method: str, up: int, down: int, spliced: bool) -> None:
@@ -91,7 +96,7 @@ class Stats:
         # connect/bind/udp or "-", the outcome one of the session's); the
         # closed sets of labels are made at scrape time (sessions()), not
         # once a session.
-        who = user if self.per_user and verified and user != "-" else "-"
+        who = self.user_label(user, verified, method) if self.per_user else "-"
         self.ended[(version, command, outcome, method, who)] += 1
         if up:
             self.bytes[("up", who)] += up

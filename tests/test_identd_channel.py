@@ -335,3 +335,30 @@ def test_a_closed_channel_drops_everything_quietly():
     worker.remove(entry)
     worker.resumeProducing()
     assert out.value() == b""
+
+
+def test_a_worker_sent_a_reload_still_clears_its_entries_when_it_ends():
+    class Supervisor:
+        def worker_ended(self, worker, reason):
+            pass
+
+    class Transport:
+        signals: list[str] = []
+
+        def signalProcess(self, name):
+            self.signals.append(name)
+
+    registry = ProxiedConnections()
+    channel, _ = receiver(registry, 0)
+    worker_out, out = sender()
+    worker_out.add(LOCAL, 1, REMOTE, 6667, "alice")
+    channel.dataReceived(out.value())
+    worker = _Worker(Supervisor(), 0, ready_fd=5)
+    worker.registrations = channel
+    worker.transport = Transport()
+    worker.childDataReceived(5, b"ready\n")
+    worker.reload()
+    assert worker.transport.signals == ["HUP"]
+    assert worker.registrations is channel
+    worker.processEnded(Failure(ConnectionError("killed")))
+    assert len(registry) == 0

@@ -89,7 +89,7 @@ def test_a_session_line_has_the_stable_fields():
         "time": rfc3339(event["log_time"]), "level": "info", "event": formatEvent(event),
         "peer": "127.0.0.1:40000", "version": 5, "user": "alice", "method": "userpass",
         "command": "connect", "destination": "example.org:80", "up": 78, "down": 782,
-        "duration": 0.0031, "outcome": "ok", "detail": ""}
+        "duration": 0.0031, "outcome": "ok", "detail": "", "verified": True, "spliced": False}
     assert RFC3339_UTC.fullmatch(line["time"])
     assert line["event"] == "127.0.0.1:40000 socks5 user=alice method=userpass connect " \
                             "example.org:80 up=78 down=782 0.003s ok"
@@ -203,7 +203,8 @@ def test_odd_values_are_written_as_text():
 
 def test_the_schema_is_the_issues():
     assert FIELDS == ("peer", "version", "user", "method", "command", "destination", "up",
-                      "down", "duration", "outcome", "detail", "rule", "worker")
+                      "down", "duration", "outcome", "detail", "rule", "worker", "verified",
+                      "spliced")
 
 
 # ---- the observer ----------------------------------------------------------------------

@@ -157,3 +157,47 @@ def test_metrics_are_scraped_from_a_running_proxy(socks_server, echo_server):
     server.wait_for_log("reloaded ")
     assert _scrape(metrics_port)[("socksd_config_reloads_total", (("result", "ok"),))] == 1
     assert "GET /metrics" not in server.log()     # no access-log line per scrape
+
+
+def test_per_user_off_after_on_sums_into_one_series_each():
+    stats = Stats()
+    stats.per_user = True
+    stats.session_ended(5, "connect", "ok", "alice", True, "userpass", 3, 4, False)
+    stats.session_ended(5, "connect", "ok", "bob", True, "userpass", 5, 6, False)
+    stats.session_ended(4, "connect", "ok", "carol", True, "ident", 1, 1, False)
+    with_users = _collected(SocksCollector(None, stats))
+    assert with_users[("socksd_sessions_total", (("command", "connect"), ("outcome", "ok"),
+                                                 ("user", "alice"), ("version", "socks5")))] == 1
+    # A USERID the client's own identd confirmed is not a label.
+    assert with_users[("socksd_sessions_total", (("command", "connect"), ("outcome", "ok"),
+                                                 ("user", "-"), ("version", "socks4")))] == 1
+    stats.per_user = False      # a reload turned it off
+    families = list(SocksCollector(None, stats).collect())
+    for family in families:
+        labels = [tuple(sorted(s.labels.items())) + (s.name,) for s in family.samples]
+        assert len(labels) == len(set(labels)), family.name
+    without = _collected(SocksCollector(None, stats))
+    assert without[("socksd_sessions_total", (("command", "connect"), ("outcome", "ok"),
+                                              ("version", "socks5")))] == 2
+    assert without[("socksd_relayed_bytes_total", (("direction", "up"),))] == 9
+
+
+@pytest.mark.integration
+def test_the_metrics_endpoint_serves_one_bodiless_get_per_connection(socks_server):
+    from conftest import recv_until_eof
+
+    metrics_port = _free_port()
+    server = socks_server(f"[metrics]\nlisten = [\"tcp:{metrics_port}:interface=127.0.0.1\"]\n")
+    server.wait_for_log(f"starting on {metrics_port}")
+    with socket.create_connection(("127.0.0.1", metrics_port), timeout=10) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 50)    # pipelined
+        answer = recv_until_eof(s)
+    assert answer.count(b"HTTP/1.1 200") == 1 and b"socksd_sessions_active" in answer
+    assert b"TwistedWeb" not in answer
+    with socket.create_connection(("127.0.0.1", metrics_port), timeout=10) as s:
+        s.sendall(b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 30000000\r\n\r\n")
+        s.sendall(b"x" * 65536)
+        assert b"HTTP" not in recv_until_eof(s)                        # closed, not read
+    with socket.create_connection(("127.0.0.1", metrics_port), timeout=10) as s:
+        s.sendall(b"GET /metrics/more HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert recv_until_eof(s).startswith(b"HTTP/1.1 404")

@@ -184,20 +184,23 @@ def _encode(policy: IdentPolicy, ports: bytes | tuple[int, int], answer: Answer,
     """The reply line; ``ports`` are an unparseable query's echo (bytes), which
     only ever gets an error."""
     notes.append(answer.note)
-    STATS.identd_queries["userid" if answer.error is None else answer.error.lower()] += 1
     if answer.error is not None:
+        STATS.identd_queries[answer.error.lower()] += 1
         if isinstance(ports, bytes):
             return ports + b" : ERROR : " + answer.error.encode("ascii") + b"\r\n"
         return ident.encode_error(ports[0], ports[1], answer.error)
     assert answer.user is not None and not isinstance(ports, bytes), "a user or an error"
     try:
-        return ident.encode_userid(ports[0], ports[1], answer.user, policy.opsys,
+        line = ident.encode_userid(ports[0], ports[1], answer.user, policy.opsys,
                                    policy.charset)
     except (ValueError, UnicodeError):
         # A SOCKS user name is any bytes: one the charset cannot carry (or
         # with CR/LF) gets an error reply, not a broken connection.
         notes[-1] += f"; '{answer.user}' cannot be sent in {policy.charset or 'UTF-8'}"
+        STATS.identd_queries[ident.UNKNOWN_ERROR.lower()] += 1
         return ident.encode_error(ports[0], ports[1], ident.UNKNOWN_ERROR)
+    STATS.identd_queries["userid"] += 1
+    return line
 
 
 @implementer(IPushProducer, IHalfCloseableProtocol)

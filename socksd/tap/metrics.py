@@ -20,6 +20,8 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from twisted.internet.interfaces import ITCPTransport
+from twisted.protocols.policies import WrappingFactory
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -48,7 +50,8 @@ class SocksCollector:
             active = factory.counts.sessions
             for session in list(factory.counts.live):
                 up, down = session.moved()
-                who = stats.user_label(session.user.name or "-", session.user.verified)
+                who = stats.user_label(session.user.name or "-", session.user.verified,
+                                       session.method)
                 live[("up", who)] += up
                 live[("down", who)] += down
         yield GaugeMetricFamily("socksd_sessions_active", "Sessions open now.", value=active)
@@ -56,19 +59,24 @@ class SocksCollector:
         sessions = CounterMetricFamily(
             "socksd_sessions", "Sessions ended, by SOCKS version, command and outcome "
             f"({', '.join(OUTCOMES)}).", labels=["version", "command", "outcome", *user])
-        for (version, command, outcome, who), n in sorted(stats.sessions().items()):
-            sessions.add_metric([version, command, outcome, *([who] if per_user else [])], n)
+        # Summed by the labels shown: per_user turned off by a reload leaves
+        # counts kept under names, which must not become duplicate series.
+        shown: Counter[tuple[str, ...]] = Counter()
+        for (version, command, outcome, who), n in stats.sessions().items():
+            shown[(version, command, outcome, *([who] if per_user else []))] += n
+        for labels, n in sorted(shown.items()):
+            sessions.add_metric(list(labels), n)
         yield sessions
 
         relayed = CounterMetricFamily(
             "socksd_relayed_bytes", "Bytes relayed, up (client to destination) and down, "
             "open sessions included.", labels=["direction", *user])
-        totals = Counter(stats.bytes)
-        totals.update(live)
-        for direction in ("up", "down"):
-            totals.setdefault((direction, "-"), 0)
-        for (direction, who), n in sorted(totals.items()):
-            relayed.add_metric([direction, *([who] if per_user else [])], n)
+        totals: Counter[tuple[str, ...]] = Counter(
+            {(direction, *(["-"] if per_user else [])): 0 for direction in ("up", "down")})
+        for (direction, who), n in (*stats.bytes.items(), *live.items()):
+            totals[(direction, who) if per_user else (direction,)] += n
+        for labels, n in sorted(totals.items()):
+            relayed.add_metric(list(labels), n)
         yield relayed
 
         yield _by("socksd_auth_failures", "Failed authentications, by method.", "method",
@@ -131,8 +139,32 @@ class MetricsPage(Resource):
         self.collected = collected
 
     def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"Server", b"socksd")
+        if request.postpath not in ([], [b""]):
+            request.setResponseCode(404)
+            return b"not found\n"
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
         return generate_latest(self.collected)
+
+
+class _OneRequest(Request):
+    """A scrape is a GET with no body, one per connection: a body would be
+    spooled to a temporary file whatever its size, and pipelined requests
+    answered while the client reads none of it."""
+
+    def gotLength(self, length: int | None) -> None:
+        if length != 0:
+            transport = self.channel.transport if self.channel is not None else None
+            if ITCPTransport.providedBy(transport):
+                transport.abortConnection()
+            elif transport is not None:
+                transport.loseConnection()
+            return
+        # The channel answers, then closes, reading nothing pipelined behind.
+        if self.channel is not None:
+            self.channel.persistent = False
+        self.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        super().gotLength(length)
 
 
 class _QuietSite(Site):
@@ -140,12 +172,28 @@ class _QuietSite(Site):
 
     noisy = False
     displayTracebacks = False
+    requestFactory = _OneRequest
 
     def log(self, request: Any) -> None:
         pass
 
 
-def site(collected: CollectorRegistry) -> Site:
+# Scrapers are few: more connections than this at once are refused, and a
+# silent one is closed after SCRAPE_TIMEOUT seconds.
+MAX_SCRAPERS = 8
+SCRAPE_TIMEOUT = 10
+
+
+class _FewScrapers(WrappingFactory):
+    noisy = False
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if len(self.protocols) >= MAX_SCRAPERS:
+            return None
+        return super().buildProtocol(addr)
+
+
+def site(collected: CollectorRegistry) -> WrappingFactory:
     root = Resource()
     root.putChild(b"metrics", MetricsPage(collected))
-    return _QuietSite(root)
+    return _FewScrapers(_QuietSite(root, timeout=SCRAPE_TIMEOUT))

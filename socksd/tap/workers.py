@@ -160,6 +160,7 @@ class _Worker(protocol.ProcessProtocol):
         self.ended: defer.Deferred[None] = defer.Deferred()
         self.ready = False            # takes a SIGHUP as a reload (before: it would end)
         self.reload_pending = False   # a reload came before it was ready
+        self.registrations: RegistrationReceiver | None = None
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD == self.ready_fd and not self.ready:
@@ -176,7 +177,6 @@ class _Worker(protocol.ProcessProtocol):
             self.transport.signalProcess("HUP")
         except ProcessExitedAlready:
             pass   # ended: restarted with the file as it is then
-        self.registrations: RegistrationReceiver | None = None
 
     def processEnded(self, reason: Failure) -> None:
         if self.registrations is not None:
