@@ -145,6 +145,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="smoke run: 1 round, 1 s transfers, session runs and iperf3 tests, "
                         "500 idle sessions, a 10,000-session soak")
     p.add_argument("--no-dante", action="store_true", help="skip Dante (danted)")
+    p.add_argument("--no-metrics", action="store_true",
+                   help="no socksd metrics row in (a) and (c): for a --twistd of a socksd "
+                        "older than [metrics]")
     p.add_argument("--dante-quiet", action="store_true",
                    help="Dante logs errors only, not one line per session as by default "
                         "(and as socksd does)")
@@ -513,7 +516,9 @@ class Bench:
     def with_metrics(self) -> tuple[str, ...]:
         """("metrics",) when (a) and (c) carry the socksd metrics row: unless
         --only metrics measures it by itself."""
-        return () if "metrics" in self.args.only else ("metrics",)
+        if "metrics" in self.args.only or self.args.no_metrics:
+            return ()
+        return ("metrics",)
 
     # -- running and accounting
     def loadgen_run(self, argv: list[str], timeout: float) -> list[float]:
