@@ -3,9 +3,8 @@
 Every layer counts here, in plain ints and dicts: prometheus_client's own
 metric objects take a lock per increment (a few microseconds, paid on every
 session even when nobody scrapes). :mod:`socksd.tap.metrics` turns these
-counts into prometheus_client metric families at scrape time, and merges the
-workers' counts in the supervisor. It imports nothing of ours, so every layer
-may use it.
+counts into prometheus_client metric families at scrape time. It imports
+nothing of ours, so every layer may use it.
 
 Label values are from closed sets (never a raw string a client sent), except
 ``user`` with ``[metrics] per_user``, which only verified users get.
@@ -15,7 +14,6 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter
-from typing import Any
 
 # A session's outcome, as the metrics name it: a closed set, defined once.
 OUTCOMES = ("ok", "denied", "auth_failed", "connect_failed", "timeout", "stalled", "refused",
@@ -61,9 +59,6 @@ class Latency:
     def observe(self, seconds: float) -> None:
         self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.sum += seconds
-
-    def snapshot(self) -> dict[str, Any]:
-        return {"counts": list(self.counts), "sum": self.sum}
 
 
 class Stats:
@@ -120,20 +115,6 @@ class Stats:
             if outcome_label(outcome) == "auth_failed":
                 failed[method if method in ("none", "userpass", "gssapi") else "-"] += n
         return failed
-
-    def snapshot(self) -> dict[str, Any]:
-        """The counts as JSON-able data (a worker sends them to the supervisor)."""
-        return {
-            "ended": [[*key, n] for key, n in self.ended.items()],
-            "bytes": [[*key, n] for key, n in self.bytes.items()],
-            "ident_lookups": dict(self.ident_lookups),
-            "identd_queries": dict(self.identd_queries),
-            "refused": dict(self.refused),
-            "reloads": dict(self.reloads),
-            "splice_sessions": self.splice_sessions,
-            "handshake": self.handshake.snapshot(),
-            "connect": self.connect.snapshot(),
-        }
 
 
 STATS = Stats()

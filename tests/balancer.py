@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import re
 import shutil
-import signal
 import socket
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from helpers import SBIN_PATH, wait_until
+from helpers import SBIN_PATH, stop_process, wait_until
 
 BALANCER_HOST = "127.0.0.2"
 INSTANCE_HOSTS = ("127.0.0.3", "127.0.0.4")
@@ -120,14 +119,7 @@ class HAProxy:
                 for m in CONNECTION_LINE.finditer(self.log())]
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log_file.close()
+        stop_process(self.process, self.log_file)
 
 
 class Balanced:

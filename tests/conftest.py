@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import socket
 import socketserver
 import subprocess
@@ -20,9 +19,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from twisted.logger import globalLogPublisher
 
 from balancer import Balanced
-from helpers import wait_until
+from helpers import stop_process, wait_until
 
 BIN = Path(sys.executable).parent
 TWISTD = str(BIN / "twistd")
@@ -183,14 +183,16 @@ class TwistdSocks:
         raise AssertionError("no VmRSS")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log_file.close()
+        stop_process(self.process, self.log_file)
+
+
+@pytest.fixture
+def log_events():
+    """Every event logged while the test runs."""
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
 
 
 @pytest.fixture

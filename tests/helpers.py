@@ -7,11 +7,12 @@ import os
 import pwd
 import select
 import shutil
+import signal
 import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from typing import NamedTuple, TypeVar
+from typing import IO, NamedTuple, TypeVar
 
 from hypothesis import strategies as st
 
@@ -177,3 +178,15 @@ def connection_as(entry: pwd.struct_passwd,
             accepted.close()
         _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def stop_process(process: subprocess.Popen, log_file: IO[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 10 s; the file its output went to is closed."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    log_file.close()

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.testing import StringTransport
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 
 from socksd.ident.channel import (
@@ -28,14 +28,6 @@ from socksd.ident.registry import ProxiedConnections
 from socksd.tap.workers import _Worker
 
 LOCAL, REMOTE = "127.0.0.1", "192.0.2.7"
-
-
-@pytest.fixture
-def log_events():
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def errors(events: list[dict]) -> list[str]:

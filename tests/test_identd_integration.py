@@ -26,7 +26,7 @@ from python_socks.sync import Proxy
 
 from conftest import PAGE, TWISTD, recv_until_eof, require
 from helpers import connection_as as held_connection_as
-from helpers import system_user, wait_until
+from helpers import stop_process, system_user, wait_until
 from socksd.ident import lookup
 from socksd.ident.policy import IdentPolicy
 from socksd.ident.server import MAX_BAD_QUERIES
@@ -73,14 +73,7 @@ class Twistd:
                           lambda: f"{self.command} to start listening:\n{self.log()}")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log_file.close()
+        stop_process(self.process, self.log_file)
 
 
 @pytest.fixture

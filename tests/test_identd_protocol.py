@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import capturedLogs, formatEvent, globalLogPublisher
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
 from socksd.config import IdentdConfig
@@ -88,14 +88,6 @@ def fake(monkeypatch):
     fake = FakeLookup()
     monkeypatch.setattr(lookup_module, "lookup", fake)
     return fake
-
-
-@pytest.fixture
-def log_events():
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def make_factory(policy: IdentPolicy | None = None, limits: IdentdLimits = IdentdLimits(),

@@ -18,13 +18,12 @@ class Counts:
     """What the sessions of every configuration served so far count
     together: a reload makes a new :class:`SessionHost`, never new counts."""
 
-    __slots__ = ("sessions", "per_client", "proxy_health_checks", "untrusted_proxies", "live")
+    __slots__ = ("sessions", "per_client", "proxy_health_checks", "live")
 
     def __init__(self) -> None:
         self.sessions = 0               # open now (max_sessions)
         self.per_client: dict[str, int] = {}
         self.proxy_health_checks = 0
-        self.untrusted_proxies = 0
         self.live: set[Any] = set()     # the sessions open now, for a reload to judge again
 
     def count_client(self, key: str, delta: int) -> int:

@@ -173,7 +173,6 @@ class SOCKSServerFactory(ServerFactory):
     def untrusted_proxy(self, addr) -> None:
         """A haproxy: listener reached by a peer whose header is not
         believed: one line, then at most one a second counting the rest."""
-        self.counts.untrusted_proxies += 1
         STATS.refused["trusted_proxies"] += 1
         self.untrusted.emit("{prefix}closed {peer}: a PROXY listener, and the peer is not in "
                             "trusted_proxies", prefix=self.prefix, worker=self.worker,

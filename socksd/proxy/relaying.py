@@ -67,10 +67,6 @@ class Relaying(relay.RelaySession):
         self.registered = (registry, registry.add(local.host, local.port, remote.host,
                                                   remote.port, user))
 
-    @property
-    def down(self) -> int:
-        return self.outbound.received
-
     def moved(self) -> tuple[int, int]:
         """Bytes relayed so far, up and down, the kernel's included."""
         up, down = self.client.received, self.outbound.received

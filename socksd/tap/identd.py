@@ -173,15 +173,6 @@ class IdentdServing:
         self.factory = IdentFactory(settings.policy, settings.limits, registry=registry)
         self.listeners = Listeners(cfg.listen if cfg is not None else (), self.factory)
 
-    def change(self, cfg: configuration.IdentdConfig | None) -> defer.Deferred[Change]:
-        """Bind what ``cfg`` adds (None: the identd is off now); the
-        Change, once applied, also puts its policy in place."""
-
-        d = self.listeners.bind(cfg.listen if cfg is not None else ())
-        if cfg is not None:
-            d.addCallback(lambda change: change.also(lambda: self.serve(cfg)))
-        return d
-
     def serve(self, cfg: configuration.IdentdConfig) -> None:
         """The reply policy and limits for the next query."""
         self.factory.policy, self.factory.limits = cfg.policy, cfg.limits
@@ -203,10 +194,11 @@ def makeService(options: Options) -> service.IService:
 
         def apply(change: Change) -> str:
             change.apply()
+            identd.serve(cfg)
             top.use_format(log_config.format)
             return summary(options, cfg)
 
-        return identd.change(cfg).addCallback(apply)
+        return identd.listeners.bind(cfg.listen).addCallback(apply)
 
     Reloader(reload).setServiceParent(top)
     return top

@@ -48,13 +48,12 @@ class Reloader(service.Service):
         self.reload = reload
         self.reactor = reactor if reactor is not None else installed_reactor()
         self.prefix = prefix          # "wN " in a worker's lines
-        self.previous: Any = None
         self.running_reload: defer.Deferred[None] | None = None
         self.again = False
 
     def startService(self) -> None:
         super().startService()
-        self.previous = signal.signal(signal.SIGHUP, self._signalled)
+        signal.signal(signal.SIGHUP, self._signalled)
         if _held:
             _held.clear()
             self.reactor.callFromThread(self.now)
@@ -166,11 +165,6 @@ class Change:
         self.listeners = listeners
         self.added: dict[str, IListeningPort] = {}
         self.removed = removed
-        self.then: list[Callable[[], None]] = []     # more to do on apply
-
-    def also(self, call: Callable[[], None]) -> Change:
-        self.then.append(call)
-        return self
 
     def apply(self) -> None:
         """The new set is in place; the removed endpoints stop accepting
@@ -180,8 +174,6 @@ class Change:
             listeners._add(description, _Listening(port))
         for description in self.removed:
             listeners.by_description.pop(description).disownServiceParent()
-        for call in self.then:
-            call()
 
     def cancel(self) -> None:
         for port in self.added.values():

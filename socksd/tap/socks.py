@@ -389,13 +389,18 @@ class SupervisorReload:
                 f"changed, and the {self.count} workers hold their sockets from the start: "
                 "restart socksd for a new listen")
 
+        identd = _identd(cfg)
+
         def apply(change: Change) -> str:
             change.apply()
+            if identd is not None:
+                self.identd.serve(identd)
             self.root.use_format(cfg.log.format)
             self.workers.reload()
             return reloaded(cfg, checkers, self.count)
 
-        return self.identd.change(_identd(cfg)).addCallback(apply)
+        return self.identd.listeners.bind(identd.listen if identd is not None else ()
+                                          ).addCallback(apply)
 
 
 def rebuild(options: Options) -> tuple[configuration.Config, list[ICredentialsChecker]]:
