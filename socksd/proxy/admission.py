@@ -81,6 +81,17 @@ class Admission:
             self.server.counts.proxy_health_checks += 1
             self.fail("health check")
 
+    def known(self) -> bool:
+        """The first SOCKS bytes came through a wrapper (haproxy:, ssl:):
+        by now a PROXY header has been read, and may have named another
+        client than connectionMade saw (a plain socket's peer is final
+        then). False: the session ends here."""
+        if self.proxied is not None:
+            self.after_header()
+        if self.outcome is None:
+            self.identify_client()
+        return self.outcome is None
+
     def identify_client(self) -> None:
         """Who the client is, for rules, limits and logs (called again once
         data arrives, because a PROXY header may have changed the peer)."""

@@ -80,15 +80,16 @@ class Relaying(relay.RelaySession):
     def spliced(self) -> bool:
         return self.splicer is not None
 
-    def denied_by(self, rules: ClientRules, command: str, destination: str) -> str | None:
-        """Why ``rules`` deny what this relay does (recheck_on_reload), or
-        None: the request (the name it named, its port) and the peer the
-        relay is joined to, decided as a new request would be."""
+    def recheck(self, rules: ClientRules, command: str, destination: str) -> None:
+        """``recheck_on_reload``: the request (the name it named, its port)
+        and the peer the relay is joined to, decided as a new request would
+        be; the relay ends with ``denied after reload`` if ``rules`` deny it."""
         host, port = split_host_port(destination)
         peer = self.outbound.transport.getPeer()
         name = None if is_address(host) else host
         decision = rules.decide(command, port, name, parse_ip(peer.host))
-        return None if decision.allowed else decision.reason
+        if not decision.allowed:
+            self.abort("denied after reload", decision.reason)
 
     def abort(self, outcome: str, detail: str) -> None:
         """End the relay now: the splice relay, or both transports."""

@@ -1,8 +1,9 @@
 """A client's session: its handshake (per SOCKS version), the request it makes
-(CONNECT, BIND or UDP ASSOCIATE), the relay, and its record at the end. The
-listener that builds it (:mod:`socksd.proxy.listener`) hands it everything
-it needs as a :class:`~socksd.proxy.host.SessionHost`; who the client is and
-whether it is let in is :mod:`socksd.proxy.admission`'s."""
+(CONNECT, BIND or UDP ASSOCIATE: :mod:`socksd.proxy.commands`), the relay,
+and its record at the end. The listener that builds it
+(:mod:`socksd.proxy.listener`) hands it everything it needs as a
+:class:`~socksd.proxy.host.SessionHost`; who the client is and whether it
+is let in is :mod:`socksd.proxy.admission`'s."""
 
 from __future__ import annotations
 
@@ -15,18 +16,14 @@ from socksd import protection, relay
 from socksd.auth import ANONYMOUS, User
 from socksd.auth.methods import Established
 from socksd.protection import SecurityLayer
-from socksd.proxy import requests
 from socksd.proxy.admission import Admission
-from socksd.proxy.bind import BindWaiter
-from socksd.proxy.client_rules import ClientRules
-from socksd.proxy.connect import DENIED, ConnectFailed, host_port
+from socksd.proxy.commands import Commands
 from socksd.proxy.host import SessionHost
 from socksd.proxy.record import SessionRecord
 from socksd.proxy.relaying import ClientEnd, Relaying
 from socksd.proxy.socks4 import Socks4Handshake
 from socksd.proxy.socks5 import Socks5Handshake
 from socksd.proxy.udp import UDPRelay
-from socksd.rules import RuleSet
 from socksd.stats import STATS
 from socksd.wire import WireError, socks4, socks5
 
@@ -36,7 +33,7 @@ from socksd.wire import WireError, socks4, socks5
 MAX_HANDSHAKE_BUFFER = 65536
 
 
-class Session(Admission, ClientEnd, TimeoutMixin):
+class Session(Admission, ClientEnd, TimeoutMixin, Commands):
     """The client's side of a session, from first byte to its record; the
     owner (:class:`~socksd.proxy.handshake.RequestOwner`) of its handshake."""
 
@@ -100,16 +97,8 @@ class Session(Admission, ClientEnd, TimeoutMixin):
     def _handshake(self, version: int) -> Socks4Handshake | Socks5Handshake | None:
         """The handshake for the version byte the client opened with."""
         server = self.server
-        if self.proxied is not None:
-            self.after_header()
-            if self.outcome is not None:
-                return None
-        if type(self.transport) is not tcp.Server:
-            # A wrapper (haproxy:) may only now know the real client; a
-            # plain socket's peer was final at connectionMade.
-            self.identify_client()
-            if self.outcome is not None:
-                return None
+        if type(self.transport) is not tcp.Server and not self.known():
+            return None
         if version == socks5.VERSION:
             return Socks5Handshake(self, server.choose_method, server.reactor,
                                    self.started + server.limits.handshake_timeout)
@@ -211,69 +200,6 @@ class Session(Admission, ClientEnd, TimeoutMixin):
         self.claimed_user = user
         self.fail("auth failed", reason)
 
-    def connect(self, host: str, port: int, by_name: bool) -> defer.Deferred:
-        rules = self._request("connect", host, port)
-        refused = self._protection_refuses("connect")
-        if refused is not None:
-            return defer.fail(refused)
-        server = self.server
-        self.pending = d = requests.open_connection(server.reactor, server.limits, rules,
-                                                    host, port, by_name)
-        return d
-
-    def bind(self, host: str, port: int, by_name: bool) -> defer.Deferred:
-        rules = self._request("bind", host, port)
-        refused = self._protection_refuses("bind")
-        if refused is not None:
-            return defer.fail(refused)
-        server = self.server
-        self.pending = d = requests.listen_for(server.reactor, server.limits, rules, host, port,
-                                               by_name, self.socket_host(), self.version == 4)
-
-        def listening(waiter: BindWaiter) -> BindWaiter:
-            self.pending = waiter.accepted    # now the wait for the peer
-            return waiter
-
-        return d.addCallback(listening)
-
-    def udp_associate(self, host: str, port: int) -> defer.Deferred:
-        rules = self._request("udp", host, port)
-        server = self.server
-        try:
-            self.udp, bound = requests.associate(server.reactor, server.limits, rules, host,
-                                                 port, self.socket_host(),
-                                                 self.resetTimeout, self.layer)
-        except ConnectFailed as e:
-            return defer.fail(e)
-        self.setTimeout(server.limits.udp_idle_timeout or None)
-        STATS.handshake.observe(server.reactor.seconds() - self.started)   # the reply is next
-        return defer.succeed(bound)
-
-    def _request(self, command: str, host: str, port: int) -> ClientRules:
-        """The handshake is over: the request is written down, and the rules
-        are asked for this client and user from here on."""
-        self.command = command
-        self.destination = host_port(host, port)
-        # From here the command's own timeouts bound the wait, so the client
-        # gets the proper failure reply.
-        self.setTimeout(None)
-        return self._rules(self.server.rules)
-
-    def _rules(self, rules: RuleSet) -> ClientRules:
-        return ClientRules(rules, self.client, self.client_key, self.peer, self.user,
-                           self.version)
-
-    def _protection_refuses(self, command: str) -> ConnectFailed | None:
-        """A command the security layer's context is too weak for (REP 0x02)."""
-        why = self.layer.refusal(command) if self.layer is not None else None
-        return None if why is None else ConnectFailed(DENIED, why)
-
-    def connect_failed(self, failed: ConnectFailed) -> None:
-        if failed.reason == DENIED:
-            self.fail("denied", failed.detail)   # "rule 2 (deny)": the outcome says denied
-        else:
-            self.fail(f"{self.command} failed", str(failed))
-
     def start_relay(self, outbound: relay.RelayEnd, reply: bytes, early: bytes = b"") -> None:
         relay.send(self.transport, reply)
         STATS.handshake.observe(self.server.reactor.seconds() - self.started)
@@ -313,20 +239,15 @@ class Session(Admission, ClientEnd, TimeoutMixin):
     def recheck(self, serving: SessionHost) -> None:
         """``recheck_on_reload``: a session past its request is judged again
         under the rules served now, and closed if they deny it. One still in
-        its handshake or request finishes under the rules it started with."""
-        if self.outcome is not None or (self.relaying is None and self.udp is None):
+        its handshake or request finishes under the rules it started with.
+        A BIND is not: its request was decided on the host it named, its peer
+        as a "bindreply", and the relay alone cannot be decided as either."""
+        if self.outcome is not None or self.command == "bind":
             return
-        if self.command == "bind":
-            # Its request was decided on the host it named, its peer as a
-            # "bindreply": the relay alone cannot be decided again as either.
-            return
-        rules = self._rules(serving.rules)
         if self.relaying is not None:
-            why = self.relaying.denied_by(rules, self.command, self.destination)
-            if why is not None:
-                self.relaying.abort("denied after reload", why)
+            self.relaying.recheck(self.rules_under(serving.rules), self.command, self.destination)
         elif self.udp is not None:
-            why = self.udp.denied_by(rules)
+            why = self.udp.denied_by(self.rules_under(serving.rules))
             if why is not None:
                 self.fail("denied after reload", why)
 

@@ -1,0 +1,116 @@
+"""What a session does with the request its handshake parsed: CONNECT,
+BIND or UDP ASSOCIATE (the :class:`~socksd.proxy.handshake.RequestOwner`'s
+half that :mod:`socksd.proxy.requests` carries out), under the rules asked
+for this client and user from then on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+
+from socksd.auth import User
+from socksd.protection import SecurityLayer
+from socksd.proxy import requests
+from socksd.proxy.bind import BindWaiter
+from socksd.proxy.client_rules import ClientRules
+from socksd.proxy.connect import DENIED, ConnectFailed, host_port
+from socksd.proxy.host import SessionHost
+from socksd.proxy.udp import UDPRelay
+from socksd.rules import IPAddress, RuleSet
+from socksd.stats import STATS
+
+
+class Commands:
+    """A base of :class:`~socksd.proxy.session.Session`, which provides the
+    state and the methods declared here (its other bases: the timeouts of
+    TimeoutMixin, the socket's host of Admission)."""
+
+    server: SessionHost
+    started: float
+    client: IPAddress
+    client_key: str | None
+    peer: str
+    user: User
+    version: int
+    command: str
+    destination: str
+    pending: defer.Deferred | None
+    udp: UDPRelay | None
+    layer: SecurityLayer | None
+
+    def fail(self, outcome: str, detail: str = "", abort: bool = False) -> None:
+        raise NotImplementedError
+
+    def setTimeout(self, period: float | None) -> Any:
+        raise NotImplementedError
+
+    def resetTimeout(self) -> None:
+        raise NotImplementedError
+
+    def socket_host(self) -> Any:
+        raise NotImplementedError
+
+    def connect(self, host: str, port: int, by_name: bool) -> defer.Deferred:
+        rules = self._request("connect", host, port)
+        refused = self._protection_refuses("connect")
+        if refused is not None:
+            return defer.fail(refused)
+        server = self.server
+        self.pending = d = requests.open_connection(server.reactor, server.limits, rules,
+                                                    host, port, by_name)
+        return d
+
+    def bind(self, host: str, port: int, by_name: bool) -> defer.Deferred:
+        rules = self._request("bind", host, port)
+        refused = self._protection_refuses("bind")
+        if refused is not None:
+            return defer.fail(refused)
+        server = self.server
+        self.pending = d = requests.listen_for(server.reactor, server.limits, rules, host, port,
+                                               by_name, self.socket_host(), self.version == 4)
+
+        def listening(waiter: BindWaiter) -> BindWaiter:
+            self.pending = waiter.accepted    # now the wait for the peer
+            return waiter
+
+        return d.addCallback(listening)
+
+    def udp_associate(self, host: str, port: int) -> defer.Deferred:
+        rules = self._request("udp", host, port)
+        server = self.server
+        try:
+            self.udp, bound = requests.associate(server.reactor, server.limits, rules, host,
+                                                 port, self.socket_host(),
+                                                 self.resetTimeout, self.layer)
+        except ConnectFailed as e:
+            return defer.fail(e)
+        self.setTimeout(server.limits.udp_idle_timeout or None)
+        STATS.handshake.observe(server.reactor.seconds() - self.started)   # the reply is next
+        return defer.succeed(bound)
+
+    def connect_failed(self, failed: ConnectFailed) -> None:
+        if failed.reason == DENIED:
+            self.fail("denied", failed.detail)   # "rule 2 (deny)": the outcome says denied
+        else:
+            self.fail(f"{self.command} failed", str(failed))
+
+    def _request(self, command: str, host: str, port: int) -> ClientRules:
+        """The handshake is over: the request is written down, and the rules
+        are asked for this client and user from here on."""
+        self.command = command
+        self.destination = host_port(host, port)
+        # From here the command's own timeouts bound the wait, so the client
+        # gets the proper failure reply.
+        self.setTimeout(None)
+        return self.rules_under(self.server.rules)
+
+    def rules_under(self, rules: RuleSet) -> ClientRules:
+        """``rules`` bound to this client, user and SOCKS version."""
+        return ClientRules(rules, self.client, self.client_key, self.peer, self.user,
+                           self.version)
+
+    def _protection_refuses(self, command: str) -> ConnectFailed | None:
+        """A command the security layer's context is too weak for (REP 0x02)."""
+        why = self.layer.refusal(command) if self.layer is not None else None
+        return None if why is None else ConnectFailed(DENIED, why)
