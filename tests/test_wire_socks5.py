@@ -327,7 +327,7 @@ def test_reply_codes_are_rfc_1928_values():
         (0, 1, 2, 0xFF)
 
 
-# The version check every parser shares (socksd.wire.errors._check_version).
+# The version check every parser shares (socksd.wire.errors.wrong_version).
 
 
 @pytest.mark.parametrize("parse, what, reply", [

@@ -19,8 +19,10 @@ class WireError(ValueError):
         self.reply = reply
 
 
-def _check_version(buf: bytes, version: int, what: str, reply: int | None = None) -> None:
-    """Refuse a message whose first byte is not ``version`` as soon as that
-    byte is in; an empty buffer passes (the caller answers "need more")."""
-    if buf and buf[0] != version:
-        raise WireError(f"{what}: version {buf[0]}", reply)
+def wrong_version(buf: bytes, what: str, reply: int | None = None) -> WireError:
+    """The error for a message whose first byte is not the version expected.
+    Each parser tests that byte itself, as soon as it is in (``if buf and
+    buf[0] != VERSION``), and an empty buffer passes (the caller answers
+    "need more"): the parsers run for every message, a GSS-API frame for
+    every chunk relayed, and a call there is paid by every one."""
+    return WireError(f"{what}: version {buf[0]}", reply)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from socksd.wire.errors import WireError, _check_version
+from socksd.wire.errors import WireError, wrong_version
 
 VERSION = 0x01
 SUCCESS = 0x00
@@ -28,7 +28,8 @@ class Response(NamedTuple):
 def parse_request(buf: bytes) -> tuple[Request, int] | None:
     """VER ULEN UNAME PLEN PASSWD -> (Request, consumed); the username is
     1..255 bytes, the password 0..255."""
-    _check_version(buf, VERSION, "username/password", FAILURE)
+    if buf and buf[0] != VERSION:
+        raise wrong_version(buf, "username/password", FAILURE)
     if len(buf) < 2:
         return None
     ulen = buf[1]
@@ -57,5 +58,6 @@ def encode_response(status: int) -> bytes:
 def parse_response(buf: bytes) -> tuple[Response, int] | None:
     if len(buf) < 2:
         return None
-    _check_version(buf, VERSION, "username/password response")
+    if buf[0] != VERSION:
+        raise wrong_version(buf, "username/password response")
     return Response(buf[1]), 2

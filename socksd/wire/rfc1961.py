@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
-from socksd.wire.errors import WireError, _check_version
+from socksd.wire.errors import WireError, wrong_version
 
 VERSION = 1
 CONTEXT = 1
@@ -38,7 +38,8 @@ class Message(NamedTuple):
 
 def parse_message(buf: bytes, expected: int | None = None) -> tuple[Message, int] | None:
     """One frame -> (Message, consumed); ``expected`` MTYP or WireError."""
-    _check_version(buf, VERSION, "GSS-API frame")
+    if buf and buf[0] != VERSION:
+        raise wrong_version(buf, "GSS-API frame")
     if len(buf) < 2:
         return None
     mtyp = buf[1]

@@ -11,7 +11,7 @@ import socket
 import struct
 from typing import NamedTuple
 
-from socksd.wire.errors import WireError, _check_version
+from socksd.wire.errors import WireError, wrong_version
 from socksd.wire.socks5 import decode_domain
 
 VERSION = 4
@@ -58,7 +58,8 @@ def _field(buf: bytes, start: int, what: str) -> tuple[bytes, int] | None:
 
 
 def parse_request(buf: bytes) -> tuple[Request, int] | None:
-    _check_version(buf, VERSION, "not SOCKS4", REJECTED)
+    if buf and buf[0] != VERSION:
+        raise wrong_version(buf, "not SOCKS4", REJECTED)
     if len(buf) < 8:
         return None
     _vn, command, port, raw_ip = _HEAD.unpack_from(buf)
@@ -107,6 +108,7 @@ def encode_reply(code: int, host: str = "0.0.0.0", port: int = 0) -> bytes:
 def parse_reply(buf: bytes) -> tuple[Reply, int] | None:
     if len(buf) < 8:
         return None
-    _check_version(buf, REPLY_VERSION, "SOCKS4 reply")
+    if buf[0] != REPLY_VERSION:
+        raise wrong_version(buf, "SOCKS4 reply")
     _vn, code, port, raw = _HEAD.unpack_from(buf)
     return Reply(code, socket.inet_ntoa(raw), port), 8

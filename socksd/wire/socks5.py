@@ -12,7 +12,7 @@ import socket
 import struct
 from typing import NamedTuple
 
-from socksd.wire.errors import WireError, _check_version
+from socksd.wire.errors import WireError, wrong_version
 from socksd.wire.names import normalize_name
 
 VERSION = 5
@@ -79,7 +79,8 @@ class Reply(NamedTuple):
 
 def parse_greeting(buf: bytes) -> tuple[Greeting, int] | None:
     """Version identifier/method selection message -> (Greeting, consumed)."""
-    _check_version(buf, VERSION, "not SOCKS5")
+    if buf and buf[0] != VERSION:
+        raise wrong_version(buf, "not SOCKS5")
     if len(buf) < 2:
         return None
     end = 2 + buf[1]
@@ -101,7 +102,8 @@ def method_selection(method: int) -> bytes:
 def parse_method_selection(buf: bytes) -> tuple[MethodSelection, int] | None:
     if len(buf) < 2:
         return None
-    _check_version(buf, VERSION, "not SOCKS5")
+    if buf[0] != VERSION:
+        raise wrong_version(buf, "not SOCKS5")
     return MethodSelection(buf[1]), 2
 
 
@@ -158,7 +160,8 @@ def decode_domain(raw: bytes, what: str = "address", reply: int = HOST_UNREACHAB
 
 def parse_request(buf: bytes) -> tuple[Request, int] | None:
     """A request (VER CMD RSV ATYP DST.ADDR DST.PORT) -> (Request, consumed)."""
-    _check_version(buf, VERSION, "request", GENERAL_FAILURE)
+    if buf and buf[0] != VERSION:
+        raise wrong_version(buf, "request", GENERAL_FAILURE)
     if len(buf) < 4:
         return None
     if buf[2] != 0:
@@ -199,7 +202,8 @@ def encode_reply(code: int, host: str = "0.0.0.0", port: int = 0) -> bytes:
 def parse_reply(buf: bytes) -> tuple[Reply, int] | None:
     if len(buf) < 4:
         return None
-    _check_version(buf, VERSION, "reply")
+    if buf[0] != VERSION:
+        raise wrong_version(buf, "reply")
     if buf[2] != 0:
         raise WireError(f"reply: reserved byte is {buf[2]}, not 0")
     parsed = _parse_address(buf, 3, "reply")
