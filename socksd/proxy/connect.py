@@ -258,26 +258,24 @@ def connect_tcp(reactor, host: str, port: int, timeout: float) -> defer.Deferred
 
 
 # connect(2)'s errors, as Twisted's connectTCP would report them (classify()).
-def connect_first(hosts: list[str], reactor, port: int,
-                  deadline: float) -> defer.Deferred[Outbound]:
+def connect_first(hosts: list[str], reactor, port: int, deadline: float,
+                  last: Failure | None = None) -> defer.Deferred[Outbound]:
     """Try the addresses in resolver order until one connects by ``deadline``
-    (reactor.seconds()); fails as the last one did."""
+    (reactor.seconds()); fails as the last one did (``last``: the failure
+    of the address before these)."""
+    remaining = deadline - reactor.seconds()
+    if not hosts or remaining <= 0:
+        return defer.fail(last if last is not None else
+                          ConnectFailed(TIMEOUT, "no time left to connect"))
+    d = connect_tcp(reactor, hosts[0], port, remaining)
+    return d.addErrback(_next_address, hosts[1:], reactor, port, deadline)
 
-    def attempt(remaining_hosts: list[str], last: Failure | None):
-        remaining = deadline - reactor.seconds()
-        if not remaining_hosts or remaining <= 0:
-            return defer.fail(last if last is not None else
-                              ConnectFailed(TIMEOUT, "no time left to connect"))
 
-        def next_address(failure: Failure):
-            if failure.check(defer.CancelledError):
-                return failure
-            return attempt(remaining_hosts[1:], failure)
-
-        d = connect_tcp(reactor, remaining_hosts[0], port, remaining)
-        return d.addErrback(next_address)
-
-    return attempt(hosts, None)
+def _next_address(failure: Failure, hosts: list[str], reactor, port: int,
+                  deadline: float) -> defer.Deferred[Outbound]:
+    if failure.check(defer.CancelledError):
+        return defer.fail(failure)
+    return connect_first(hosts, reactor, port, deadline, failure)
 
 
 _ERRNO_REASONS = {errno.ECONNREFUSED: REFUSED, errno.ETIMEDOUT: TIMEOUT,

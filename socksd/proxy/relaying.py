@@ -76,10 +76,6 @@ class Relaying(relay.RelaySession):
             up, down = up + client_to_outbound.moved, down + outbound_to_client.moved
         return up, down
 
-    @property
-    def spliced(self) -> bool:
-        return self.splicer is not None
-
     def recheck(self, rules: ClientRules, command: str, destination: str) -> None:
         """``recheck_on_reload``: the request (the name it named, its port)
         and the peer the relay is joined to, decided as a new request would

@@ -272,5 +272,5 @@ class Session(Admission, ClientEnd, TimeoutMixin, Commands):
             server.worker, self.peer, self.version, self.user.name or self.claimed_user or "-",
             self.user.verified, self.method, self.command, self.destination, up, down,
             server.reactor.seconds() - self.started, self.outcome or "ok", detail,
-            relaying is not None and relaying.spliced))
+            relaying is not None and relaying.splicer is not None))
 

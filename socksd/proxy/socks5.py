@@ -83,7 +83,7 @@ class Socks5Handshake(Requesting):
             self.owner.fail("no acceptable method",
                             "offered " + (",".join(str(m) for m in offered) or "nothing"))
             return
-        send(self.transport, socks5.method_selection(method.code))
+        send(self.owner.transport, socks5.method_selection(method.code))
         self.owner.note(method=method.name)   # logged even if the client leaves now
         self.state = _AUTH
         negotiation = method.start(self)
