@@ -55,6 +55,7 @@ class Session(Admission, ClientEnd, TimeoutMixin, Commands):
     udp: UDPRelay | None = None
     layer: SecurityLayer | None = None   # GSS-API protection under the session (UDP uses it)
     ended = False
+    judge_again = False   # a recheck_on_reload came before the relay started
 
     def __init__(self, server: SessionHost) -> None:
         self.server = server
@@ -218,10 +219,9 @@ class Session(Admission, ClientEnd, TimeoutMixin, Commands):
         # to the world, so a SOCKS4 USERID taken on trust must not reach it.
         if registry is not None and self.user.verified and name:
             relaying.register(registry, name)
-        current = self.server.current()
-        if current is not self.server and current.recheck_on_reload:
+        if self.judge_again:
             # A reload came during the handshake: judged as the open ones were.
-            self.recheck(current)
+            self.recheck(self.server.current())
         if self.eof_pending:
             relay.RelayEnd.readConnectionLost(self)
         elif self.buffered > MAX_HANDSHAKE_BUFFER:
@@ -239,12 +239,15 @@ class Session(Admission, ClientEnd, TimeoutMixin, Commands):
     def recheck(self, serving: SessionHost) -> None:
         """``recheck_on_reload``: a session past its request is judged again
         under the rules served now, and closed if they deny it. One still in
-        its handshake or request finishes under the rules it started with.
-        A BIND is not: its request was decided on the host it named, its peer
-        as a "bindreply", and the relay alone cannot be decided as either."""
+        its handshake or request finishes under the rules it started with,
+        and is judged when its relay starts. A BIND is not: its request was
+        decided on the host it named, its peer as a "bindreply", and the
+        relay alone cannot be decided as either."""
         if self.outcome is not None or self.command == "bind":
             return
-        if self.relaying is not None:
+        if self.relaying is None and self.udp is None:
+            self.judge_again = True
+        elif self.relaying is not None:
             self.relaying.recheck(self.rules_under(serving.rules), self.command, self.destination)
         elif self.udp is not None:
             why = self.udp.denied_by(self.rules_under(serving.rules))
