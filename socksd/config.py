@@ -673,6 +673,11 @@ def _split_endpoint(description: str) -> tuple[str, list[str], dict[str, str], b
     return parts[0], args, options, haproxy
 
 
+def endpoint_type(description: str) -> str:
+    """The type an endpoint string names (``tcp``, ``ssl``, ...), under any ``haproxy:``."""
+    return _split_endpoint(description)[0]
+
+
 def parse_listener(description: str) -> tuple[int, str, int, int, bool]:
     """A tcp/tcp6 endpoint string (optionally haproxy:) -> (family, host,
     port, backlog, haproxy). Other endpoint types cannot be shared."""
@@ -725,7 +730,10 @@ def _endpoint_problem(description: str) -> str | None:
         return f"this endpoint type needs a module that is not installed ({e})"
     except OSError as e:   # ssl: reads its key and certificate now
         return f"cannot read {e.filename or 'a file it names'}: {e.strerror or e}"
-    except Exception as e:  # ValueError, KeyError, or pyOpenSSL's errors for a bad PEM
+    except Exception as e:  # ValueError, KeyError, TypeError, or pyOpenSSL's errors for a bad PEM
+        if kind == "ssl" and not isinstance(e, (ValueError, KeyError, TypeError)):
+            # pyOpenSSL's errors for a bad PEM, Twisted's for a key of another certificate
+            return f"cannot load its certificate and key ({e or type(e).__name__})"
         return f"not a valid Twisted endpoint ({e or type(e).__name__})"
     if kind in ("tcp", "tcp6", "ssl"):
         # Twisted takes any integer here and only bind() refuses it, at start.

@@ -22,6 +22,7 @@ from twisted.internet.interfaces import (
     IReactorFDSet,
     IReactorProcess,
     IReactorSocket,
+    IReactorSSL,
     IReactorTCP,
     IReactorThreads,
     IReactorTime,
@@ -49,7 +50,7 @@ CHECKED_TWISTED = ((24, 3), (26, 10))
 
 
 class IReactor(IReactorCore, IReactorTime, IReactorFDSet, IReactorTCP, IReactorUDP,
-               IReactorProcess, IReactorSocket, IReactorThreads):
+               IReactorProcess, IReactorSocket, IReactorThreads, IReactorSSL):
     """The reactor as socksd uses it: Twisted types the global one with
     fewer interfaces (``_IReactorCommon``) than its POSIX reactors provide.
     Make-believe, like ``_IReactorCommon``: no class declares it, so it is

@@ -4,16 +4,21 @@ the running configuration and say why in one line.
 :class:`Reloader` turns the signal into a call on the reactor thread;
 :class:`Listeners` is the set of listen endpoints a reload changes: the
 new ones bound first, all or none, then the removed ones closed (their open
-sessions go on), the unchanged ones untouched (no moment they refuse).
+sessions go on), the unchanged ones kept bound (no moment they refuse), an
+``ssl:`` one with its certificate and key read again for the connections it
+accepts next.
 """
 
 from __future__ import annotations
 
+import errno
 import signal
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from twisted.application import service, strports
 from twisted.internet import defer, endpoints
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -21,6 +26,7 @@ from twisted.python.failure import Failure
 
 from socksd.config import ConfigError
 from socksd.stats import STATS
+from socksd.tap.listening import RenewableTLS, Socket, listen_tls, read, tls_service
 from socksd.twisted_internals import IReactor, installed_reactor
 
 log = Logger(namespace="socksd")
@@ -110,74 +116,183 @@ class _Listening(service.Service):
         return self.port.stopListening()
 
 
+@dataclass
+class _Endpoint:
+    """A listen endpoint: what keeps it bound, what it binds (tcp: and
+    ssl:), and the TLS options it serves (ssl:)."""
+
+    service: service.IService
+    socket: Socket | None
+    tls: RenewableTLS | None = None
+
+    def renew(self, socket: Socket) -> None:
+        """Serve the TLS options read into ``socket``, from the next connection on."""
+        assert self.tls is not None and socket.options is not None, "ssl:, read as ssl:"
+        self.tls.options = socket.options
+        self.socket = socket
+
+
 class Listeners(service.MultiService):
     """Listen endpoints by their description, all with one factory. At
     start-up each is a ``strports`` service (bound in privilegedStartService,
-    before twistd drops root)."""
+    before twistd drops root). An ``ssl:`` one serves a :class:`RenewableTLS`:
+    a reload reads its files again."""
 
     def __init__(self, descriptions: Iterable[str], factory: Factory[Any],
                  reactor: IReactor | None = None) -> None:
         super().__init__()
         self.factory = factory
         self.reactor = reactor if reactor is not None else installed_reactor()
-        self.by_description: dict[str, service.IService] = {}
+        self.by_description: dict[str, _Endpoint] = {}
         for description in descriptions:
-            self._add(description, strports.service(description, factory))
+            socket = read(description, factory)
+            if socket is not None and socket.options is not None:
+                tls = RenewableTLS(socket.options)
+                endpoint = _Endpoint(tls_service(description, self.reactor, tls, factory), socket,
+                                     tls)
+            else:
+                endpoint = _Endpoint(strports.service(description, factory), socket)
+            self._add(description, endpoint)
 
     @property
     def descriptions(self) -> tuple[str, ...]:
         return tuple(self.by_description)
 
-    def _add(self, description: str, child: service.IService) -> None:
-        child.setServiceParent(self)
-        self.by_description[description] = child
+    def _add(self, description: str, endpoint: _Endpoint) -> None:
+        endpoint.service.setServiceParent(self)
+        self.by_description[description] = endpoint
 
     def bind(self, descriptions: Iterable[str]) -> defer.Deferred[Change]:
-        """Bind the endpoints not bound yet. Fires with the :class:`Change`
-        that puts the new set in place, or fails with a ConfigError, having
-        closed what it bound: nothing changes unless everything can."""
+        """Read the ``ssl:`` endpoints' files again and bind the endpoints
+        not bound yet. An ``ssl:`` endpoint that differs from a removed one
+        only in its TLS options takes over its socket. Fires with the
+        :class:`Change` that puts the new set in place, or fails with a
+        ConfigError, having closed what it bound: nothing changes unless
+        everything can."""
         wanted = list(dict.fromkeys(descriptions))
-        added = [d for d in wanted if d not in self.by_description]
-        removed = [d for d in self.by_description if d not in wanted]
-        listening = [endpoints.serverFromString(self.reactor, d).listen(self.factory)
-                     for d in added]
+        change = Change(self, [d for d in self.by_description if d not in wanted])
+        binding: list[tuple[str, Socket | None]] = []
+        try:
+            for description in wanted:
+                kept = self.by_description.get(description)
+                if kept is not None and kept.tls is None:
+                    continue          # bound, with no files to read again
+                socket = self._read(description)
+                running = description if kept is not None else change.same_socket(socket)
+                if running is not None and socket is not None:
+                    change.renew(running, description, socket)
+                else:
+                    binding.append((description, socket))
+        except ConfigError:
+            return defer.fail()
+        listening = [defer.maybeDeferred(self._listen, description, socket, change)
+                     for description, socket in binding]
 
         def bound(results: list[tuple[bool, Any]]) -> Change:
-            change = Change(self, removed)
-            for description, (ok, port) in zip(added, results, strict=True):
-                if ok:
-                    change.added[description] = port
-            failed = [(d, result) for d, (ok, result) in zip(added, results, strict=True)
-                      if not ok]
+            failed = [(description, socket, result) for (description, socket), (ok, result)
+                      in zip(binding, results, strict=True) if not ok]
             if failed:
                 change.cancel()
-                description, why = failed[0]
-                raise ConfigError(f"{description!r}: cannot listen: {why.getErrorMessage()}")
+                raise ConfigError(self._cannot_listen(change, *failed[0]))
             return change
 
         return defer.DeferredList(listening, consumeErrors=True).addCallback(bound)
 
+    def _read(self, description: str) -> Socket | None:
+        """What ``description`` binds, its files read now, or a ConfigError
+        naming it and what is wrong."""
+        try:
+            socket = read(description, self.factory)
+            if socket is not None and socket.options is not None:
+                # Else OpenSSL would load dhParameters, and check the key
+                # against the certificate, at each connection.
+                socket.options.getContext()
+        except OSError as e:
+            raise ConfigError(f"{description!r}: cannot read "
+                              f"{e.filename or 'a file it names'}: {e.strerror or e}") from None
+        except Exception as e:    # pyOpenSSL's errors, Twisted's for a key or chain
+            raise ConfigError(f"{description!r}: cannot load its certificate and key "
+                              f"({e or type(e).__name__})") from None
+        return socket
+
+    def _listen(self, description: str, socket: Socket | None,
+                change: Change) -> defer.Deferred[None]:
+        """Bind ``description``, for ``change``."""
+        tls = RenewableTLS(socket.options) if socket is not None and \
+            socket.options is not None else None
+        if tls is not None:
+            listening = listen_tls(description, self.reactor, tls, self.factory)
+        else:
+            listening = endpoints.serverFromString(self.reactor, description).listen(
+                self.factory)
+
+        def bound(port: IListeningPort) -> None:
+            change.added[description] = _Endpoint(_Listening(port), socket, tls)
+
+        return listening.addCallback(bound)
+
+    def _cannot_listen(self, change: Change, description: str, socket: Socket | None,
+                       why: Failure) -> str:
+        """The reload's line for an endpoint it could not bind."""
+        error = why.value
+        if socket is not None and isinstance(error, CannotListenError) and \
+                error.socketError.errno == errno.EADDRINUSE:
+            holder = next((d for d in change.removed if socket.port and
+                           (held := self.by_description[d].socket) is not None and
+                           held.port == socket.port), None)
+            if holder is not None:
+                # Changed on the port it keeps: the new one could be bound
+                # only once the old one is closed, refusing clients meanwhile.
+                return (f"{description!r}: cannot listen: port {socket.port} is still bound for "
+                        f"{holder!r}, which it replaces; on a port it keeps, a reload changes "
+                        "only an ssl: endpoint's certificate and key files: restart socksd for "
+                        "this change")
+        return f"{description!r}: cannot listen: {why.getErrorMessage()}"
+
 
 class Change:
-    """Listeners bound for a reload, and those it will close."""
+    """What a reload changes of a set of listeners: the endpoints it bound,
+    the ``ssl:`` ones' new TLS options, and the endpoints it will close."""
 
     def __init__(self, listeners: Listeners, removed: list[str]) -> None:
         self.listeners = listeners
-        self.added: dict[str, IListeningPort] = {}
+        self.added: dict[str, _Endpoint] = {}
+        # description -> (the running endpoint whose socket it keeps, what it read)
+        self.renewed: dict[str, tuple[str, Socket]] = {}
         self.removed = removed
 
+    def renew(self, running: str, description: str, socket: Socket) -> None:
+        """``description`` keeps ``running``'s socket, with the TLS options read into ``socket``."""
+        self.renewed[description] = (running, socket)
+        if running != description:
+            self.removed.remove(running)
+
+    def same_socket(self, socket: Socket | None) -> str | None:
+        """A removed ``ssl:`` endpoint bound as ``socket`` is, whose socket a
+        new one can take over."""
+        if socket is None or socket.options is None:
+            return None
+        return next((d for d in self.removed
+                     if self.listeners.by_description[d].socket == socket), None)
+
     def apply(self) -> None:
-        """The new set is in place; the removed endpoints stop accepting
-        (their open sessions go on)."""
+        """The new set is in place: the ``ssl:`` endpoints serve their new
+        options to the connections they accept next; the removed endpoints
+        stop accepting (their open sessions go on)."""
         listeners = self.listeners
-        for description, port in self.added.items():
-            listeners._add(description, _Listening(port))
+        for description, endpoint in self.added.items():
+            listeners._add(description, endpoint)
+        for description, (running, socket) in self.renewed.items():
+            endpoint = listeners.by_description.pop(running)
+            listeners.by_description[description] = endpoint
+            endpoint.renew(socket)
         for description in self.removed:
-            listeners.by_description.pop(description).disownServiceParent()
+            listeners.by_description.pop(description).service.disownServiceParent()
 
     def cancel(self) -> None:
-        for port in self.added.values():
-            port.stopListening()
+        """Close what was bound; nothing else has changed yet."""
+        for endpoint in self.added.values():
+            endpoint.service.stopService()
         self.added = {}
 
 
