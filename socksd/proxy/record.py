@@ -15,7 +15,7 @@ log = Logger(namespace="socksd")
 @dataclass(slots=True)
 class SessionRecord:
     """A session's outcome. Fields are raw (what a client sent, unescaped):
-    :meth:`format` escapes them for the text line."""
+    :func:`log_record` escapes them for the text line."""
 
     worker: int | None      # which of ``workers = N`` processes (None: the only one)
     peer: str
@@ -32,24 +32,23 @@ class SessionRecord:
     detail: str
     spliced: bool
 
-    def format(self) -> str:
-        # One f-string: twisted.logger's str.format-style rendering of a
-        # dozen fields costs more than the rest of a short session's line.
-        return (f"{'' if self.worker is None else f'w{self.worker} '}"
-                f"{escape(self.peer, spaces=True)} socks{self.version} "
-                f"user={escape(self.user, spaces=True)} method={self.method} "
-                f"{self.command} {escape(self.destination, spaces=True)} up={self.up} "
-                f"down={self.down} {self.duration:.3f}s {self.outcome}"
-                f"{': ' if self.detail else ''}{escape(self.detail)}"
-                f"{' [splice]' if self.spliced else ''}")
-
 
 def log_record(record: SessionRecord) -> None:
     """The session line, logged as one field; observers still get every
     field for structured output, raw."""
     emit = log.info if record.outcome == "ok" else log.warn
-    emit("{session}", session=record.format(), peer=record.peer, version=record.version,
+    # One f-string, made here: twisted.logger's str.format-style rendering
+    # of a dozen fields costs more than the rest of a short session's line.
+    worker, detail = record.worker, record.detail
+    line = (f"{'' if worker is None else f'w{worker} '}"
+            f"{escape(record.peer, spaces=True)} socks{record.version} "
+            f"user={escape(record.user, spaces=True)} method={record.method} "
+            f"{record.command} {escape(record.destination, spaces=True)} up={record.up} "
+            f"down={record.down} {record.duration:.3f}s {record.outcome}"
+            f"{': ' if detail else ''}{escape(detail)}"
+            f"{' [splice]' if record.spliced else ''}")
+    emit("{session}", session=line, peer=record.peer, version=record.version,
          user=record.user, method=record.method, command=record.command,
          destination=record.destination, up=record.up, down=record.down,
-         duration=record.duration, outcome=record.outcome, detail=record.detail,
-         verified=record.verified, spliced=record.spliced, worker=record.worker)
+         duration=record.duration, outcome=record.outcome, detail=detail,
+         verified=record.verified, spliced=record.spliced, worker=worker)
