@@ -156,9 +156,6 @@ class Config:
                     parse_listener(description)
                 except ValueError as e:
                     raise error("listen", str(e)) from None
-            if self.metrics.listen:
-                raise error("workers", "metrics.listen needs workers = 1 for now (the "
-                                       "supervisor does not gather the workers' counts yet)")
             size = len(self.source.encode("utf-8")) if self.source is not None else 0
             if size > MAX_WORKERS_CONFIG:
                 raise error("workers", f"the file is {size} bytes; workers > 1 are given at "

@@ -81,15 +81,6 @@ def test_the_registry_has_the_process_metrics():
 
 
 @pytest.mark.integration
-def test_metrics_with_workers_is_a_config_error_for_now(tmp_path):
-    path = tmp_path / "socksd.toml"
-    path.write_text("[server]\nworkers = 2\n[metrics]\nlisten = [\"tcp:0:interface=127.0.0.1\"]\n")
-    result = run_socks("--config", str(path), "--check", cwd=tmp_path)
-    assert result.returncode != 0
-    assert "metrics.listen needs workers = 1" in result.stderr
-
-
-@pytest.mark.integration
 def test_a_bad_metrics_endpoint_is_a_config_error(tmp_path):
     path = tmp_path / "socksd.toml"
     path.write_text("[metrics]\nlisten = [\"tcp:99999\"]\n")
