@@ -72,7 +72,8 @@ max_sessions = 100000
 max_sessions_per_client = 100000
 workers = {workers}
 """
-# socksd metrics: the same plus a /metrics endpoint (workers = 1 only, for now).
+# socksd metrics: the same plus a /metrics endpoint (workers = 1: the cost of the counting
+# itself, in the one process that serves).
 METRICS_CONFIG = """
 [metrics]
 listen = ["tcp:{port}:interface=127.0.0.1"]

@@ -37,6 +37,10 @@ DEFAULT_LISTEN = ("tcp:1080:interface=127.0.0.1",)
 
 # The longest a "wait" key ([identd] proxied_wait) may be, in seconds.
 MAX_WAIT = 60
+# The largest file ``workers`` > 1 passes on to the workers (its text
+# travels to each; see socksd.tap.workers): far more than rules and lists
+# of users take.
+MAX_WORKERS_CONFIG = 2 << 20
 
 
 class ConfigError(Exception):
@@ -86,6 +90,9 @@ class Config:
     recheck_on_reload: bool = False     # a reload judges open sessions again
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()
+    # The text it was parsed from (none: the embedded default): what the
+    # workers are given to run, and where a later message finds its lines.
+    source: str | None = field(default=None, repr=False, compare=False)
 
     def proxy_problem(self) -> str | None:
         """Why a haproxy: listener cannot start: without trusted_proxies any
@@ -149,9 +156,10 @@ class Config:
                     parse_listener(description)
                 except ValueError as e:
                     raise error("listen", str(e)) from None
-            if self.metrics.listen:
-                raise error("workers", "metrics.listen needs workers = 1 for now (the "
-                                       "supervisor does not gather the workers' counts yet)")
+            size = len(self.source.encode("utf-8")) if self.source is not None else 0
+            if size > MAX_WORKERS_CONFIG:
+                raise error("workers", f"the file is {size} bytes; workers > 1 are given at "
+                                       f"most {MAX_WORKERS_CONFIG}")
         return self
 
     def with_command_line(self, listen: list[str], have_auth: bool,
@@ -219,6 +227,7 @@ class _Where:
 
     def __init__(self, path: str, text: str) -> None:
         self.path = path
+        self.text = text
         self.lines = text.splitlines()
 
     def line_of(self, table: str | None, index: int | None, key: str | None) -> int | None:
@@ -270,9 +279,17 @@ def load(path: str) -> Config:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     try:
         text = raw.decode("utf-8")
-        data = tomllib.loads(text)
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    return load_text(text, path)
+
+
+def load_text(text: str, path: str) -> Config:
+    """Validate the text of the config file ``path`` (read once, by whoever
+    validated it first: a worker is given the supervisor's); messages name
+    ``path`` and the line, as :func:`load`'s do."""
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         at = re.search(r" \(at line (\d+), column (\d+)\)$", str(e))
         if at:
@@ -282,16 +299,19 @@ def load(path: str) -> Config:
     return parse(data, _Where(path, text))
 
 
-def location(path: str | None, table: str, key: str) -> str:
+def location(path: str | None, table: str, key: str, text: str | None = None) -> str:
     """"FILE:LINE" of a key, for errors found after parsing (checkers,
-    keytabs): the file is read again to find the line."""
+    keytabs): in ``text``, the one parsed (Config.source), or else in the
+    file, read again."""
     if path is None:
         return "command line"
-    try:
-        with open(path, encoding="utf-8") as f:
-            line = _Where(path, f.read()).line_of(table, None, key)
-    except (OSError, UnicodeDecodeError):
-        line = None
+    if text is None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError):
+            return path
+    line = _Where(path, text).line_of(table, None, key)
     return f"{path}:{line}" if line else path
 
 
@@ -370,7 +390,8 @@ def parse(data: dict[str, Any], where: _Where) -> Config:
                   _socks4(socks4, limits, where), identd, gssapi, workers,
                   "enabled" in socks4, trusted,
                   server.get("recheck_on_reload", False),
-                  log=log_config, metrics=metrics)._socks4_default().checked(where)
+                  log=log_config, metrics=metrics,
+                  source=where.text)._socks4_default().checked(where)
 
 
 def _log(table: dict[str, Any], where: _Where) -> LogConfig:

@@ -13,10 +13,11 @@ import struct
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 
+from socksd.config import Config
 from socksd.ident.channel import (
     MAX_FRAME,
     MAX_USER,
@@ -25,7 +26,7 @@ from socksd.ident.channel import (
     parse_frame,
 )
 from socksd.ident.registry import ProxiedConnections
-from socksd.tap.workers import _Worker
+from socksd.tap.workers import DRAIN_WAIT, WorkersService, _ChannelFactory, _Worker, config_message
 
 LOCAL, REMOTE = "127.0.0.1", "192.0.2.7"
 
@@ -120,25 +121,49 @@ def test_a_worker_ending_with_entries_clears_exactly_its_own():
     assert len(registry) == 1 and registry.user_for(LOCAL, 4, REMOTE, 6667) == "bob"
 
 
-def test_process_ended_clears_the_workers_entries_even_before_its_channel_closes():
-    class Supervisor:
-        def worker_ended(self, worker, reason):
-            self.ended = worker
+def supervised(registry: ProxiedConnections, index: int = 0):
+    """A worker as the supervisor sees it (socksd.tap.workers), its process
+    a stand-in, its channel on a StringTransport, on a memory reactor."""
+    supervisor = WorkersService(2, ("tcp:0:interface=127.0.0.1",), [],
+                                reactor=MemoryReactorClock(), registry=registry)
+    supervisor.spawn = lambda index: None     # no process restarted
+    worker = _Worker(supervisor, index)
+    worker.makeConnection(FakeProcess())
+    supervisor.workers[index] = worker
+    supervisor.reporting.add(worker)
+    _ChannelFactory(worker, registry).buildProtocol(None).makeConnection(StringTransport())
+    return supervisor, worker
 
+
+class FakeProcess:
+    pid = 4242
+
+    def __init__(self) -> None:
+        self.signals: list[str] = []
+
+    def signalProcess(self, name: str) -> None:
+        self.signals.append(name)
+
+
+def test_process_ended_clears_the_workers_entries_even_before_its_channel_closes():
     registry = ProxiedConnections()
-    channel, _ = receiver(registry, 0)
+    supervisor, worker = supervised(registry)
+    channel = worker.channel
     worker_out, out = sender()
     worker_out.add(LOCAL, 1, REMOTE, 6667, "alice")
     channel.dataReceived(out.value())
     out.clear()
     worker_out.add(LOCAL, 2, REMOTE, 6667, "alice")
     in_flight = out.value()                  # its last frame, not read yet
-    worker = _Worker(Supervisor(), 0, ready_fd=5)
-    worker.registrations = channel
     worker.processEnded(Failure(ConnectionError("killed")))
-    assert len(registry) == 0 and channel.transport.disconnecting
+    assert len(registry) == 0
     channel.dataReceived(in_flight)          # read after its end: counts for nothing
     assert len(registry) == 0
+    # The channel is read on, for a while, for the counts a clean stop sends
+    # last; then closed.
+    assert not channel.transport.disconnecting
+    supervisor.reactor.advance(DRAIN_WAIT)
+    assert channel.transport.disconnecting
     channel.connectionLost(Failure(ConnectionError("closed")))
     assert len(registry) == 0
 
@@ -212,8 +237,8 @@ def test_a_malformed_frame_closes_the_channel_and_clears_with_one_line(bad, why,
     assert registry.user_for(LOCAL, 40005, REMOTE, 6667) is None
     assert len(registry) == 1        # another worker's entry stays
     [line] = errors(log_events)
-    assert line.startswith("worker 3: malformed identd registration (") and why in line, line
-    assert "channel closed, 1 entry cleared" in line
+    assert line.startswith("worker 3: malformed frame on its channel (") and why in line, line
+    assert "channel closed, 1 identd entry cleared" in line
     channel.dataReceived(GOOD)       # whatever follows is ignored
     channel.connectionLost(Failure(ConnectionError("closed")))
     assert len(registry) == 1 and len(errors(log_events)) == 1
@@ -330,27 +355,13 @@ def test_a_closed_channel_drops_everything_quietly():
 
 
 def test_a_worker_sent_a_reload_still_clears_its_entries_when_it_ends():
-    class Supervisor:
-        def worker_ended(self, worker, reason):
-            pass
-
-    class Transport:
-        signals: list[str] = []
-
-        def signalProcess(self, name):
-            self.signals.append(name)
-
     registry = ProxiedConnections()
-    channel, _ = receiver(registry, 0)
+    _supervisor, worker = supervised(registry)
+    channel = worker.channel
     worker_out, out = sender()
     worker_out.add(LOCAL, 1, REMOTE, 6667, "alice")
     channel.dataReceived(out.value())
-    worker = _Worker(Supervisor(), 0, ready_fd=5)
-    worker.registrations = channel
-    worker.transport = Transport()
-    worker.childDataReceived(5, b"ready\n")
-    worker.reload()
-    assert worker.transport.signals == ["HUP"]
-    assert worker.registrations is channel
+    worker.configure(config_message(Config()))
+    assert channel.transport.value().endswith(b'["config",null,null]')   # the reload
     worker.processEnded(Failure(ConnectionError("killed")))
     assert len(registry) == 0

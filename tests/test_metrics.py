@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import urllib.request
@@ -11,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import fakes
-from conftest import recv_exact, run_socks
+from conftest import recv_exact, recv_until_eof, run_socks
 from helpers import wait_until
 from socksd.stats import OUTCOMES, Stats, outcome_label
 from socksd.tap.metrics import SocksCollector, registry
@@ -78,15 +79,6 @@ def test_the_registry_has_the_process_metrics():
     assert {"process_cpu_seconds", "process_resident_memory_bytes",
             "process_open_fds"} <= names
     assert "socksd_sessions_active" in names
-
-
-@pytest.mark.integration
-def test_metrics_with_workers_is_a_config_error_for_now(tmp_path):
-    path = tmp_path / "socksd.toml"
-    path.write_text("[server]\nworkers = 2\n[metrics]\nlisten = [\"tcp:0:interface=127.0.0.1\"]\n")
-    result = run_socks("--config", str(path), "--check", cwd=tmp_path)
-    assert result.returncode != 0
-    assert "metrics.listen needs workers = 1" in result.stderr
 
 
 @pytest.mark.integration
@@ -201,3 +193,143 @@ def test_the_metrics_endpoint_serves_one_bodiless_get_per_connection(socks_serve
     with socket.create_connection(("127.0.0.1", metrics_port), timeout=10) as s:
         s.sendall(b"GET /metrics/more HTTP/1.1\r\nHost: x\r\n\r\n")
         assert recv_until_eof(s).startswith(b"HTTP/1.1 404")
+
+
+# ---- workers = 2: the supervisor's endpoint sums the workers' counts ----------------------
+
+def _echoed(port: int, dest_port: int, user: tuple[bytes, bytes] | None = None,
+            size: int = 1000) -> None:
+    """A SOCKS5 session to the echo server (RFC 1929 with ``user``):
+    ``size`` bytes up and back, then both ends closed."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        if user is None:
+            s.sendall(b"\x05\x01\x00")
+            assert recv_exact(s, 2) == b"\x05\x00"
+        else:
+            s.sendall(b"\x05\x01\x02")
+            assert recv_exact(s, 2) == b"\x05\x02"
+            name, password = user
+            s.sendall(bytes((1, len(name))) + name + bytes((len(password),)) + password)
+            assert recv_exact(s, 2) == b"\x01\x00"
+        s.sendall(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1")
+                  + dest_port.to_bytes(2, "big"))
+        assert recv_exact(s, 10)[1] == 0
+        s.sendall(b"e" * size)
+        assert recv_exact(s, size) == b"e" * size
+        s.shutdown(socket.SHUT_WR)
+        assert recv_until_eof(s) == b""
+
+
+def _ended_ok(server, since: int = 0) -> list[str]:
+    """The workers (w0, w1) of the sessions logged as ended ok, in order."""
+    return re.findall(r"\] (w\d) 127\.0\.0\.1:\d+ socks5 .* ok\n", server.log()[since:])
+
+
+def _sessions_ok(found: dict) -> float:
+    return sum(value for (name, labels), value in found.items()
+               if name == "socksd_sessions_total" and ("outcome", "ok") in labels)
+
+
+def _never_less(before: dict, after: dict) -> None:
+    """Every socksd counter of ``before`` is in ``after``, no smaller (a
+    worker's own process series start again from 0 when it is restarted)."""
+    for (name, labels), value in before.items():
+        if name.startswith("socksd_") and not name.startswith("socksd_worker_") \
+                and name.endswith(("_total", "_bucket", "_count", "_sum")):
+            assert after.get((name, labels), -1) >= value, (name, labels, value)
+
+
+@pytest.mark.integration
+def test_metrics_with_workers_are_the_sum_of_every_workers(socks_server, echo_server):
+    from test_workers import _worker_pids
+
+    metrics_port = _free_port()
+    server = socks_server(
+        '[server]\nworkers = 2\nsplice = false\nmethods = ["userpass", "none"]\n'
+        'checkers = ["memory:alice:secret"]\n'
+        f'[metrics]\nlisten = ["tcp:{metrics_port}:interface=127.0.0.1"]\nper_user = true\n')
+    server.wait_for_log(f"starting on {metrics_port}")
+    for index in (0, 1):
+        server.wait_for_log(rf"\] w{index} serving on ")
+    alice = 0
+    for number in range(80):
+        user = (b"alice", b"secret") if number % 2 else None
+        _echoed(server.port, echo_server, user)
+        alice += user is not None
+        if number >= 7 and set(_ended_ok(server)) == {"w0", "w1"}:
+            break
+    sessions = number + 1
+    assert set(_ended_ok(server)) == {"w0", "w1"}, server.log()    # both served some
+    wait_until(lambda: len(_ended_ok(server)) == sessions, 10, server.log)
+    found = _scrape(metrics_port)
+    assert found[("socksd_sessions_active", ())] == 0
+
+    def ok(user: str) -> tuple:
+        return ("socksd_sessions_total", (("command", "connect"), ("outcome", "ok"),
+                                          ("user", user), ("version", "socks5")))
+
+    assert found[ok("alice")] == alice and found[ok("-")] == sessions - alice
+    assert found[("socksd_relayed_bytes_total", (("direction", "up"), ("user", "alice")))] \
+        == 1000 * alice
+    assert sum(v for (name, labels), v in found.items()
+               if name == "socksd_relayed_bytes_total" and ("direction", "down") in labels) \
+        == 1000 * sessions
+    assert found[("socksd_handshake_seconds_count", ())] == sessions
+    assert found[("socksd_connect_seconds_count", ())] == sessions
+    # Each worker's process, by its index, and the supervisor's own.
+    assert len(_worker_pids(server.process.pid)) == 2
+    for worker in ("0", "1"):
+        label = (("worker", worker),)
+        assert found[("socksd_worker_resident_bytes", label)] > 1 << 20
+        assert found[("socksd_worker_open_fds", label)] > 3
+        assert found[("socksd_worker_cpu_seconds_total", label)] > 0
+    assert found[("process_open_fds", ())] > 0
+    assert found[("socksd_worker_malformed_frames_total", ())] == 0
+
+
+@pytest.mark.integration
+def test_metrics_never_go_back_when_workers_are_restarted(socks_server, echo_server):
+    """A worker killed loses what it counted since the last scrape, no
+    more; one stopped cleanly loses nothing; no counter ever goes back."""
+    from test_workers import _worker_pids
+
+    def pids_after(old: list[int]) -> list[int]:
+        return wait_until(lambda: (p := _worker_pids(server.process.pid)) and len(p) == 2
+                          and not set(old) & set(p) and p, 20)
+
+    metrics_port = _free_port()
+    server = socks_server(f"[server]\nworkers = 2\n[metrics]\nlisten = [\"tcp:{metrics_port}:"
+                          "interface=127.0.0.1\"]\n")
+    pids = wait_until(lambda: (p := _worker_pids(server.process.pid)) and len(p) == 2 and p, 15)
+    for index in (0, 1):
+        server.wait_for_log(rf"\] w{index} serving on ")
+    for _ in range(10):
+        _echoed(server.port, echo_server)
+    wait_until(lambda: len(_ended_ok(server)) == 10, 10, server.log)
+    before = _scrape(metrics_port)
+    assert _sessions_ok(before) == 10
+
+    for _ in range(6):
+        _echoed(server.port, echo_server)
+    wait_until(lambda: len(_ended_ok(server)) == 16, 10, server.log)
+    os.kill(pids[0], signal.SIGKILL)
+    server.wait_for_log(r"worker \d ended ")
+    pids = pids_after([pids[0]])
+    after_kill = _scrape(metrics_port)
+    _never_less(before, after_kill)
+    counted = _sessions_ok(after_kill)
+    assert 10 <= counted <= 16
+
+    for _ in range(8):
+        _echoed(server.port, echo_server)
+    wait_until(lambda: len(_ended_ok(server)) == 24, 10, server.log)
+    for pid in pids:      # each stopped cleanly, not scraped since: its last report is sent
+        since = server.log().count(" ended (")
+        os.kill(pid, signal.SIGTERM)
+        wait_until(lambda since=since: server.log().count(" ended (") > since, 15, server.log)
+    pids_after(pids)
+    final = _scrape(metrics_port)
+    _never_less(after_kill, final)
+    assert _sessions_ok(final) == counted + 8
+    assert final[("socksd_sessions_active", ())] == 0
+    assert "malformed" not in server.log()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -423,7 +424,7 @@ def test_a_hup_at_start_up_is_kept_and_made_a_reload_once_the_reactor_runs():
 
 
 @pytest.mark.integration
-def test_a_worker_is_sent_a_reload_only_once_it_takes_it(socks_server, echo_server):
+def test_reloads_while_a_worker_restarts_end_no_worker(socks_server, echo_server):
     from test_workers import _worker_pids
 
     port = _free_port()
@@ -442,3 +443,84 @@ def test_a_worker_is_sent_a_reload_only_once_it_takes_it(socks_server, echo_serv
     s, reply = _connect(port, echo_server)
     assert reply == 0
     s.close()
+
+
+def _denied_by_both_workers(server, port: int, dest_port: int, since: int) -> None:
+    """SOCKS5 CONNECTs to dest_port are denied until each worker has logged
+    one of those denials after log offset ``since`` (the kernel spreads
+    connections by their source ports); one allowed fails the test."""
+    for _ in range(60):
+        s, reply = _connect(port, dest_port)
+        s.close()
+        assert reply == 0x02, server.log()[since:]
+        if {"w0", "w1"} <= set(re.findall(r"\] (w\d) 127\.0\.0\.1:\d+ socks5 .* denied: rule 1",
+                                          server.log()[since:])):
+            return
+    raise AssertionError(f"denials by one worker only:\n{server.log()[since:]}")
+
+
+@pytest.mark.integration
+def test_workers_run_the_text_the_supervisor_validated(socks_server, echo_server):
+    """A worker never reads the file: one restarted runs the configuration
+    of the last good reload, whatever the file says by then (changed, or
+    broken), and a SIGHUP sent to a worker itself reloads nothing."""
+    from test_workers import _worker_pids
+
+    def restarted(old: int) -> list[int]:
+        pids = wait_until(lambda: (p := _worker_pids(server.process.pid)) and len(p) == 2
+                          and old not in p and p, 20)
+        wait_until(lambda: server.log().count(" serving on ") >= serving + 1, 20, server.log)
+        return pids
+
+    port = _free_port()
+    listen = [f"tcp:{port}:interface=127.0.0.1"]
+    server = socks_server(_config(listen, extra="workers = 2"), add_listen=False)
+    pids = wait_until(lambda: (p := _worker_pids(server.process.pid)) and len(p) == 2 and p, 15)
+    server.config_path.write_text(_config(listen, DENY_ECHO.format(port=echo_server),
+                                          extra="workers = 2"))
+    _hup(server)
+    server.wait_for_log(r"w0 reloaded ")
+    server.wait_for_log(r"w1 reloaded ")
+    _denied_by_both_workers(server, port, echo_server, 0)
+
+    # Changed since, not reloaded: a worker restarted now runs what was reloaded.
+    server.config_path.write_text(_config(listen, extra="workers = 2"))
+    serving = server.log().count(" serving on ")
+    since = len(server.log())
+    os.kill(pids[0], signal.SIGKILL)
+    pids = restarted(pids[0])
+    _denied_by_both_workers(server, port, echo_server, since)
+
+    # A HUP to the workers themselves: noted, and nothing read.
+    since = len(server.log())
+    for pid in pids:
+        os.kill(pid, signal.SIGHUP)
+    for index in (0, 1):
+        server.wait_for_log(rf"w{index} SIGHUP ignored: the supervisor \(pid "
+                            rf"{server.process.pid}\) reloads")
+    _denied_by_both_workers(server, port, echo_server, since)
+    assert "reloaded" not in server.log()[since:]
+
+    # Broken now, and a reload refused: a worker restarted still starts, on
+    # the last good one.
+    server.config_path.write_text("[server\n")
+    _hup(server)
+    server.wait_for_log(r"reload failed, kept the running configuration: .*not valid TOML")
+    serving = server.log().count(" serving on ")
+    since = len(server.log())
+    os.kill(pids[1], signal.SIGKILL)
+    restarted(pids[1])
+    _denied_by_both_workers(server, port, echo_server, since)
+    time.sleep(1)
+    assert server.log()[since:].count(" ended (") == 1, server.log()[since:]
+
+    # And the next good reload reaches every worker.
+    server.config_path.write_text(_config(listen, extra="workers = 2"))
+    since = len(server.log())
+    _hup(server)
+    wait_until(lambda: all(f"w{index} reloaded " in server.log()[since:] for index in (0, 1)),
+               10, server.log)
+    for _ in range(12):
+        s, reply = _connect(port, echo_server)
+        assert reply == 0 and _echoes(s)
+        s.close()

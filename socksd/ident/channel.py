@@ -1,14 +1,13 @@
 """A worker's registrations, carried to the supervisor's identd (``workers = N``).
 
-Each worker has a socket pair of its own to the supervisor for this, apart
-from its log channel: the log channel drops records when the supervisor
-falls behind, by design, and a lost retraction would leave a stale entry
-(the next connection on that port answered with the old session's user).
-This channel never drops: when the supervisor reads slowly, the worker
-holds what it has not sent yet (back-pressure, not loss).
+They travel on the worker's control channel to the supervisor
+(socksd.channel), apart from its log channel: the log channel drops records
+when the supervisor falls behind, by design, and a lost retraction would
+leave a stale entry (the next connection on that port answered with the old
+session's user). The control channel never drops: when the supervisor reads
+slowly, the worker holds what it has not sent yet (back-pressure, not loss).
 
-Frames are Twisted's Int32StringReceiver framing (a 4-byte big-endian
-length, then that many bytes) around a JSON array::
+The messages (JSON arrays in the channel's frames)::
 
     ["add", ID, LOCAL_HOST, LOCAL_PORT, REMOTE_HOST, REMOTE_PORT, USER]
     ["remove", ID]
@@ -19,22 +18,19 @@ ends (its channel closes) takes exactly its own entries with it.
 
 from __future__ import annotations
 
-import json
-import struct
 from collections.abc import Iterator
 from typing import Any
 
-from twisted.internet import protocol
-from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
-from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
+from socksd.channel import Channel, Malformed, decode, frame
 from socksd.escape import escape
 from socksd.ident.registry import Entry, ProxiedConnections
 from socksd.rules import parse_ip
-from socksd.twisted_internals import IStreamTransport
+
+__all__ = ["MAX_FRAME", "MAX_USER", "Malformed", "RegistrationReceiver", "RegistrationSender",
+           "parse_frame", "parse_message"]
 
 log = Logger(namespace="socksd")
 
@@ -42,16 +38,10 @@ log = Logger(namespace="socksd")
 # anyway, so it is not registered (the identd answers for that connection as
 # for any other socket of socksd's).
 MAX_USER = 512
-# The largest frame: an add with two IPv6 addresses (with scopes) and a
-# MAX_USER name JSON-escaped (\udcxx: 6 bytes a byte) fits with room.
+# The largest frame of a channel that carries registrations only: an add
+# with two IPv6 addresses (with scopes) and a MAX_USER name JSON-escaped
+# (\udcxx: 6 bytes a byte) fits with room.
 MAX_FRAME = 4096
-
-_LENGTH = struct.Struct(Int32StringReceiver.structFormat)
-
-
-def _frame(message: list[Any]) -> bytes:
-    payload = json.dumps(message, separators=(",", ":")).encode("ascii")
-    return _LENGTH.pack(len(payload)) + payload
 
 
 def _user_fits(user: str) -> bool:
@@ -60,80 +50,38 @@ def _user_fits(user: str) -> bool:
     return 0 < len(user.encode("utf-8", "surrogatepass")) <= MAX_USER
 
 
-@implementer(IPushProducer)
-class RegistrationSender(protocol.Protocol):
+class RegistrationSender(Channel):
     """The worker's end: what its sessions register with (a
     :class:`~socksd.ident.registry.Registrar`, like ProxiedConnections), sent
     to the supervisor.
 
-    Back-pressure: frames are written while the transport takes them; once
-    Twisted's write buffer is full (it pauses us, its producer) they wait in
-    ``queue``, in order, until it drains. Memory stays bounded by the
-    sessions, not by how long the supervisor stalls: a queued add whose
-    session ends meanwhile is taken back with its remove (neither is sent),
-    so the queue holds at most an add per live session and a remove per
-    entry the supervisor holds, and the transport's buffer about its
-    bufferSize.
+    Back-pressure (see :class:`~socksd.channel.Channel`): memory stays
+    bounded by the sessions, not by how long the supervisor stalls: a queued
+    add whose session ends meanwhile is taken back with its remove (neither
+    is sent), so the queue holds at most an add per live session and a
+    remove per entry the supervisor holds, and the transport's buffer about
+    its bufferSize.
     """
 
-    transport: IStreamTransport
-
     def __init__(self) -> None:
+        super().__init__()
         self.ids: Iterator[int] = iter(range(1 << 62))
-        self.queue: dict[int, tuple[str, bytes]] = {}   # id -> ("add"|"remove", frame)
-        self.held = False
-        self.closed = False
-
-    def connectionMade(self) -> None:
-        self.transport.registerProducer(self, True)
 
     def add(self, local_host: str, local_port: int, remote_host: str, remote_port: int,
             user: str) -> int | None:
         if self.closed or not _user_fits(user):
             return None
         ident = next(self.ids)
-        self._send(ident, "add", _frame(["add", ident, local_host, local_port, remote_host,
-                                         remote_port, user]))
+        self.send(ident, "add", frame(["add", ident, local_host, local_port, remote_host,
+                                       remote_port, user]))
         return ident
 
     def remove(self, entry: int | None) -> None:
         if entry is None or self.closed:
             return
-        queued = self.queue.get(entry)
-        if queued is not None and queued[0] == "add":
-            del self.queue[entry]    # never sent: the supervisor never hears of it
-            return
-        self._send(entry, "remove", _frame(["remove", entry]))
-
-    def _send(self, ident: int, kind: str, frame: bytes) -> None:
-        if self.held or self.queue:
-            self.queue[ident] = (kind, frame)
-        else:
-            self.transport.write(frame)
-
-    # IPushProducer: the transport pauses us while its write buffer is full.
-    def pauseProducing(self) -> None:
-        self.held = True
-
-    def resumeProducing(self) -> None:
-        self.held = False
-        while self.queue and not self.held and not self.closed:
-            ident = next(iter(self.queue))
-            _kind, frame = self.queue.pop(ident)
-            self.transport.write(frame)     # may pause us again
-
-    def stopProducing(self) -> None:
-        self.closed = True
-
-    def connectionLost(self, reason: Failure | None = None) -> None:
-        # The supervisor is gone (the worker stops: see its log channel), or
-        # it closed this channel: the sessions go on, unregistered.
-        self.closed = True
-        self.queue.clear()
-
-
-class Malformed(ValueError):
-    """A frame that is not what RegistrationSender sends."""
+        if self.take_back(entry) == "add":
+            return    # never sent: the supervisor never hears of it
+        self.send(entry, "remove", frame(["remove", entry]))
 
 
 def _port(value: Any) -> int:
@@ -158,15 +106,11 @@ def _ident(value: Any) -> int:
     return value
 
 
-def parse_frame(frame: bytes) -> tuple[str, int, tuple[str, int, str, int, str] | None]:
+def parse_message(message: list[Any]
+                  ) -> tuple[str, int, tuple[str, int, str, int, str] | None]:
     """("add", id, (local host, local port, remote host, remote port, user))
-    or ("remove", id, None); Malformed for anything else."""
-    try:
-        message = json.loads(frame)
-    except (ValueError, RecursionError):
-        raise Malformed("not JSON") from None
-    if not isinstance(message, list) or not message:
-        raise Malformed("not a JSON array")
+    or ("remove", id, None) from a decoded message; Malformed for anything
+    else."""
     kind = message[0]
     if kind == "add" and len(message) == 7:
         user = message[6]
@@ -179,60 +123,68 @@ def parse_frame(frame: bytes) -> tuple[str, int, tuple[str, int, str, int, str] 
     raise Malformed(f"unknown message {str(kind)[:20]!r} of {len(message)} items")
 
 
-class RegistrationReceiver(Int32StringReceiver):
+def parse_frame(payload: bytes) -> tuple[str, int, tuple[str, int, str, int, str] | None]:
+    """:func:`parse_message` of a frame's payload."""
+    return parse_message(decode(payload))
+
+
+class RegistrationReceiver(Channel):
     """The supervisor's end of worker ``index``'s channel: its entries in
-    the identd's registry, by the worker's ids. A malformed frame closes
-    the channel and clears the worker's entries, with one log line: after
-    a broken frame nothing it says can be trusted."""
+    the identd's registry, by the worker's ids.
+
+    A malformed frame closes the channel and clears the worker's entries,
+    with one log line: after a broken frame nothing it says can be trusted,
+    and dropping just that frame could drop a retraction, leaving an entry
+    that names the ended session's user for the next connection on its
+    ports (what this channel exists to prevent).
+    """
 
     MAX_LENGTH = MAX_FRAME
+    # What else follows a malformed frame, for its line (the workers' end
+    # stops the worker too).
+    after_malformed = ""
 
     def __init__(self, registry: ProxiedConnections, index: int) -> None:
+        super().__init__()
         self.registry = registry
         self.index = index
         self.entries: dict[int, Entry] = {}
-        self.broken = False
+        self.registering = True     # False once the worker ended: its adds count for nothing
 
-    def stringReceived(self, frame: bytes) -> None:
+    def message_received(self, message: list[Any]) -> None:
+        if message[0] not in ("add", "remove"):
+            super().message_received(message)
+            return
+        kind, ident, fields = parse_message(message)
+        if not self.registering:
+            return
+        if kind == "add":
+            assert fields is not None
+            if ident in self.entries:
+                raise Malformed(f"id {ident} added twice")
+            self.entries[ident] = self.registry.add(*fields)
+        else:
+            entry = self.entries.pop(ident, None)
+            if entry is None:
+                raise Malformed(f"id {ident} removed but never added")
+            self.registry.remove(entry)
+
+    def malformed(self, why: str) -> None:
         if self.broken:
             return
-        try:
-            kind, ident, fields = parse_frame(frame)
-            if kind == "add":
-                assert fields is not None
-                if ident in self.entries:
-                    raise Malformed(f"id {ident} added twice")
-                self.entries[ident] = self.registry.add(*fields)
-            else:
-                entry = self.entries.pop(ident, None)
-                if entry is None:
-                    raise Malformed(f"id {ident} removed but never added")
-                self.registry.remove(entry)
-        except Malformed as e:
-            self._malformed(str(e))
-
-    def lengthLimitExceeded(self, length: int) -> None:
-        self._malformed(f"a frame of {length} bytes (at most {self.MAX_LENGTH})")
-
-    def _malformed(self, why: str) -> None:
-        if self.broken:
-            return
-        self.broken = True
+        super().malformed(why)
         count = self.clear()
-        log.error("worker {index}: malformed identd registration ({why}); channel closed, "
-                  "{count} entr{ies} cleared", index=self.index, why=escape(why), count=count,
-                  ies="y" if count == 1 else "ies")
-        if self.transport is not None:
-            self.transport.loseConnection()
+        log.error("worker {index}: malformed frame on its channel ({why}); channel closed, "
+                  "{count} identd entr{ies} cleared{after}", index=self.index,
+                  why=escape(why), count=count, ies="y" if count == 1 else "ies",
+                  after=self.after_malformed)
 
     def worker_ended(self) -> None:
         """The worker process is gone, and so are its sockets: its entries
-        go now, and frames still on their way from it (read after this)
-        count for nothing."""
-        self.broken = True
+        go now, and registrations still on their way from it (read after
+        this) count for nothing."""
+        self.registering = False
         self.clear()
-        if self.transport is not None:
-            self.transport.loseConnection()
 
     def clear(self) -> int:
         """Forget every entry of this worker (it ended, or broke the
@@ -243,5 +195,7 @@ class RegistrationReceiver(Int32StringReceiver):
         return len(entries)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        super().connectionLost(reason)
         self.broken = True
+        self.registering = False
         self.clear()

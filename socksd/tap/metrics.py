@@ -5,12 +5,17 @@ prometheus_client metric families when a scrape asks (a custom collector on
 a registry of our own), and prometheus_client writes the exposition.
 Bytes of sessions still open are read from the sessions themselves at that
 moment, spliced or not: a scrape during a transfer sees its bytes so far.
+
+With ``workers = N`` the endpoint is the supervisor's: a scrape asks every
+worker for its counts (socksd.tap.workers), sums them with the supervisor's
+own, and adds each worker's CPU, memory and descriptors, read from /proc.
 """
 
 from __future__ import annotations
 
+import os
 from collections import Counter
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
@@ -20,14 +25,37 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from twisted.internet import defer
 from twisted.internet.interfaces import ITCPTransport
+from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from socksd.proxy import SOCKSServerFactory
 from socksd.proxy.connect import lookups
-from socksd.stats import LATENCY_BUCKETS, OUTCOMES, STATS, Latency, Stats
+from socksd.stats import LATENCY_BUCKETS, OUTCOMES, STATS, Counts, Latency, Stats
+from socksd.tap.workers import WorkersService
+
+log = Logger(namespace="socksd")
+
+
+def counts_now(factory: SOCKSServerFactory | None, stats: Stats = STATS,
+               reactor: Any = None) -> Counts:
+    """What this process has counted, with its open sessions' bytes so far
+    (read from them now) and the gauges as they are now."""
+    live: Counter[tuple[str, str]] = Counter()
+    active = 0
+    if factory is not None:
+        active = factory.counts.sessions
+        for session in list(factory.counts.live):
+            up, down = session.moved()
+            who = stats.user_label(session.user.name or "-", session.user.verified,
+                                   session.method)
+            live[("up", who)] += up
+            live[("down", who)] += down
+    in_flight = lookups(reactor).total if reactor is not None else 0
+    return stats.counts(live.items(), active, in_flight)
 
 
 class SocksCollector:
@@ -39,68 +67,128 @@ class SocksCollector:
         self.stats = stats
         self.reactor = reactor if reactor is not None else getattr(factory, "reactor", None)
 
+    def counts(self) -> Counts:
+        return counts_now(self.factory, self.stats, self.reactor)
+
     def collect(self) -> Iterator[Metric]:
-        stats, factory = self.stats, self.factory
-        per_user = stats.per_user
-        user = ["user"] if per_user else []
+        return families(self.counts(), self.stats.per_user)
 
-        live: Counter[tuple[str, str]] = Counter()
-        active = 0
-        if factory is not None:
-            active = factory.counts.sessions
-            for session in list(factory.counts.live):
-                up, down = session.moved()
-                who = stats.user_label(session.user.name or "-", session.user.verified,
-                                       session.method)
-                live[("up", who)] += up
-                live[("down", who)] += down
-        yield GaugeMetricFamily("socksd_sessions_active", "Sessions open now.", value=active)
 
-        sessions = CounterMetricFamily(
-            "socksd_sessions", "Sessions ended, by SOCKS version, command and outcome "
-            f"({', '.join(OUTCOMES)}).", labels=["version", "command", "outcome", *user])
-        # Summed by the labels shown: per_user turned off by a reload leaves
-        # counts kept under names, which must not become duplicate series.
-        shown: Counter[tuple[str, ...]] = Counter()
-        for (version, command, outcome, who), n in stats.sessions().items():
-            shown[(version, command, outcome, *([who] if per_user else []))] += n
-        for labels, n in sorted(shown.items()):
-            sessions.add_metric(list(labels), n)
-        yield sessions
+class WorkersCollector(SocksCollector):
+    """The supervisor's, with ``workers = N``: its own counts (its identd,
+    its reloads) and the workers' (their last reports: see
+    WorkersService.gather, which a scrape waits for first), and each live
+    worker's process series, read from /proc now."""
 
-        relayed = CounterMetricFamily(
-            "socksd_relayed_bytes", "Bytes relayed, up (client to destination) and down, "
-            "open sessions included.", labels=["direction", *user])
-        totals: Counter[tuple[str, ...]] = Counter(
-            {(direction, *(["-"] if per_user else [])): 0 for direction in ("up", "down")})
-        for (direction, who), n in (*stats.bytes.items(), *live.items()):
-            totals[(direction, who) if per_user else (direction,)] += n
-        for labels, n in sorted(totals.items()):
-            relayed.add_metric(list(labels), n)
-        yield relayed
+    def __init__(self, workers: WorkersService, stats: Stats = STATS,
+                 reactor: Any = None) -> None:
+        super().__init__(None, stats, reactor if reactor is not None else workers.reactor)
+        self.workers = workers
 
-        yield _by("socksd_auth_failures", "Failed authentications, by method.", "method",
-                  stats.auth_failures())
-        yield _histogram("socksd_handshake_seconds",
-                         "From accepting the connection to the reply that starts the relay.",
-                         stats.handshake)
-        yield _histogram("socksd_connect_seconds",
-                         "CONNECT: from the request to the destination connected.",
-                         stats.connect)
-        yield _by("socksd_ident_lookups", "SOCKS4 USERIDs checked with the client's identd, "
-                  "by result.", "result", stats.ident_lookups)
-        yield _by("socksd_identd_queries", "Queries the identd answered, by result.", "result",
-                  stats.identd_queries)
-        in_flight = lookups(self.reactor).total if self.reactor is not None else 0
-        yield GaugeMetricFamily("socksd_name_lookups_in_flight",
-                                "Name lookups running or waiting for a thread.", value=in_flight)
-        yield CounterMetricFamily("socksd_splice_sessions",
-                                  "Sessions relayed in the kernel (splice).",
-                                  value=stats.splice_sessions)
-        yield _by("socksd_config_reloads", "Configuration reloads (SIGHUP), by result.",
-                  "result", stats.reloads)
-        yield _by("socksd_refused", "Connections refused before a session began, by reason.",
-                  "reason", stats.refused)
+    def counts(self) -> Counts:
+        counts = super().counts()
+        counts.add(self.workers.totals())
+        return counts
+
+    def collect(self) -> Iterator[Metric]:
+        yield from super().collect()
+        resident = GaugeMetricFamily("socksd_worker_resident_bytes",
+                                     "A worker's resident memory.", labels=["worker"])
+        cpu = CounterMetricFamily("socksd_worker_cpu_seconds",
+                                  "A worker's CPU time, user and system (from 0 again when it "
+                                  "is restarted).", labels=["worker"])
+        fds = GaugeMetricFamily("socksd_worker_open_fds", "A worker's open descriptors.",
+                                labels=["worker"])
+        for index, pid in sorted(self.workers.pids().items()):
+            usage = process_usage(pid)
+            if usage is None:
+                continue     # ended since
+            label = [str(index)]
+            resident.add_metric(label, usage[0])
+            cpu.add_metric(label, usage[1])
+            fds.add_metric(label, usage[2])
+        yield resident
+        yield cpu
+        yield fds
+        yield CounterMetricFamily("socksd_worker_malformed_frames",
+                                  "Frames from a worker that no worker sends (each stopped "
+                                  "and restarted the worker).",
+                                  value=self.workers.malformed_frames)
+
+
+_PAGE = os.sysconf("SC_PAGESIZE")
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_usage(pid: int) -> tuple[int, float, int] | None:
+    """(resident bytes, CPU seconds, open descriptors) of a process, from
+    /proc, as prometheus_client's process collector reads its own; None
+    when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            # After the command's ")": state, ppid, ... utime and stime are
+            # the 14th and 15th fields of the line.
+            fields = f.read().rsplit(b")", 1)[1].split()
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            resident = int(f.read().split()[1]) * _PAGE
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+        cpu = (int(fields[11]) + int(fields[12])) / _TICKS
+    except (OSError, ValueError, IndexError):
+        return None
+    return resident, cpu, fds
+
+
+def families(counts: Counts, per_user: bool) -> Iterator[Metric]:
+    """The socksd series of ``counts``; with ``per_user``, by user too."""
+    user = ["user"] if per_user else []
+    yield GaugeMetricFamily("socksd_sessions_active", "Sessions open now.",
+                            value=counts.sessions_active)
+
+    sessions = CounterMetricFamily(
+        "socksd_sessions", "Sessions ended, by SOCKS version, command and outcome "
+        f"({', '.join(OUTCOMES)}).", labels=["version", "command", "outcome", *user])
+    # Summed by the labels shown: per_user turned off by a reload leaves
+    # counts kept under names, which must not become duplicate series.
+    shown: Counter[tuple[str, ...]] = Counter()
+    for (version, command, outcome, who), n in counts.sessions.items():
+        shown[(version, command, outcome, *([who] if per_user else []))] += n
+    for labels, n in sorted(shown.items()):
+        sessions.add_metric(list(labels), n)
+    yield sessions
+
+    relayed = CounterMetricFamily(
+        "socksd_relayed_bytes", "Bytes relayed, up (client to destination) and down, "
+        "open sessions included.", labels=["direction", *user])
+    totals: Counter[tuple[str, ...]] = Counter(
+        {(direction, *(["-"] if per_user else [])): 0 for direction in ("up", "down")})
+    for (direction, who), n in counts.bytes.items():
+        totals[(direction, who) if per_user else (direction,)] += n
+    for labels, n in sorted(totals.items()):
+        relayed.add_metric(list(labels), n)
+    yield relayed
+
+    yield _by("socksd_auth_failures", "Failed authentications, by method.", "method",
+              counts.auth_failures)
+    yield _histogram("socksd_handshake_seconds",
+                     "From accepting the connection to the reply that starts the relay.",
+                     counts.handshake)
+    yield _histogram("socksd_connect_seconds",
+                     "CONNECT: from the request to the destination connected.",
+                     counts.connect)
+    yield _by("socksd_ident_lookups", "SOCKS4 USERIDs checked with the client's identd, "
+              "by result.", "result", counts.ident_lookups)
+    yield _by("socksd_identd_queries", "Queries the identd answered, by result.", "result",
+              counts.identd_queries)
+    yield GaugeMetricFamily("socksd_name_lookups_in_flight",
+                            "Name lookups running or waiting for a thread.",
+                            value=counts.lookups_in_flight)
+    yield CounterMetricFamily("socksd_splice_sessions",
+                              "Sessions relayed in the kernel (splice).",
+                              value=counts.splice_sessions)
+    yield _by("socksd_config_reloads", "Configuration reloads (SIGHUP), by result.",
+              "result", counts.reloads)
+    yield _by("socksd_refused", "Connections refused before a session began, by reason.",
+              "reason", counts.refused)
 
 
 def _by(name: str, documentation: str, label: str, counts: Counter[str]) -> Metric:
@@ -120,8 +208,19 @@ def _histogram(name: str, documentation: str, latency: Latency) -> Metric:
 
 def registry(factory: SOCKSServerFactory | None) -> CollectorRegistry:
     """socksd's series and the process's (CPU, memory, open descriptors)."""
+    return _with_process(SocksCollector(factory))
+
+
+def workers_registry(workers: WorkersService) -> CollectorRegistry:
+    """The supervisor's: socksd's series summed over the workers, theirs
+    by worker, and its own process's (prometheus_client's multiprocess mode
+    would have none of the process series)."""
+    return _with_process(WorkersCollector(workers))
+
+
+def _with_process(collector: SocksCollector) -> CollectorRegistry:
     collected = CollectorRegistry(auto_describe=True)
-    collected.register(SocksCollector(factory))
+    collected.register(collector)
     ProcessCollector(registry=collected)
     return collected
 
@@ -134,17 +233,37 @@ class MetricsPage(Resource):
 
     isLeaf = True
 
-    def __init__(self, collected: CollectorRegistry) -> None:
+    def __init__(self, collected: CollectorRegistry,
+                 gather: Callable[[], defer.Deferred[None]] | None = None) -> None:
         super().__init__()
         self.collected = collected
+        self.gather = gather     # what to wait for first (the workers' counts), if anything
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> bytes | int:
         request.setHeader(b"Server", b"socksd")
         if request.postpath not in ([], [b""]):
             request.setResponseCode(404)
             return b"not found\n"
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
-        return generate_latest(self.collected)
+        if self.gather is None:
+            return generate_latest(self.collected)
+        gone: list[object] = []
+        request.notifyFinish().addErrback(gone.append)    # the scraper left meanwhile
+
+        def answer(_: None) -> None:
+            if gone:
+                return
+            try:
+                body = generate_latest(self.collected)
+            except Exception:
+                log.failure("metrics: the scrape failed")
+                request.setResponseCode(500)
+                body = b"the scrape failed\n"
+            request.write(body)
+            request.finish()
+
+        self.gather().addCallback(answer)
+        return NOT_DONE_YET
 
 
 class _OneRequest(Request):
@@ -193,7 +312,8 @@ class _FewScrapers(WrappingFactory):
         return super().buildProtocol(addr)
 
 
-def site(collected: CollectorRegistry) -> WrappingFactory:
+def site(collected: CollectorRegistry,
+         gather: Callable[[], defer.Deferred[None]] | None = None) -> WrappingFactory:
     root = Resource()
-    root.putChild(b"metrics", MetricsPage(collected))
+    root.putChild(b"metrics", MetricsPage(collected, gather))
     return _FewScrapers(_QuietSite(root, timeout=SCRAPE_TIMEOUT))

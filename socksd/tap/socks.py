@@ -36,6 +36,7 @@ from socksd.tap.identd import IdentdServing
 from socksd.tap.logsink import LoggingRoot, check_log_option
 from socksd.tap.metrics import registry as metrics_registry
 from socksd.tap.metrics import site as metrics_site
+from socksd.tap.metrics import workers_registry
 from socksd.tap.reload import Change, Listeners, Reloader, bind_all, hold_sighup
 from socksd.tap.workers import WorkersService
 from socksd.twisted_internals import installed_reactor
@@ -112,15 +113,23 @@ def summary(cfg: configuration.Config, checkers: Sequence[ICredentialsChecker]) 
 
 
 def build(path: str | None, listen: list[str], auth_checkers: list[ICredentialsChecker],
-          trusted_proxies: Sequence[str] = ()
+          trusted_proxies: Sequence[str] = (), text: str | None = None
           ) -> tuple[configuration.Config, list[ICredentialsChecker]]:
-    """The validated config and its checkers (config's, then --auth's)."""
-    cfg = configuration.load(path) if path else configuration.Config()
+    """The validated config and its checkers (config's, then --auth's):
+    from the file at ``path``, or from ``text``, the text of that file as
+    the supervisor of a worker read it."""
+    if path and text is not None:
+        cfg = configuration.load_text(text, path)
+    else:
+        cfg = configuration.load(path) if path else configuration.Config()
     cfg = cfg.with_command_line(listen, bool(auth_checkers), trusted_proxies)
+
+    def location(table: str, key: str) -> str:
+        return configuration.location(cfg.path, table, key, cfg.source)
+
     problem = cfg.proxy_problem()
     if problem:
-        where = "--listen" if listen else \
-            f"{configuration.location(cfg.path, 'server', 'listen')}: server.listen"
+        where = "--listen" if listen else f"{location('server', 'listen')}: server.listen"
         raise configuration.ConfigError(f"{where}: {problem}")
     checkers: list[ICredentialsChecker] = []
     for index, description in enumerate(cfg.checkers):
@@ -128,7 +137,7 @@ def build(path: str | None, listen: list[str], auth_checkers: list[ICredentialsC
             checkers.append(strcred.makeChecker(description))
         except Exception as e:
             raise configuration.ConfigError(
-                f"{configuration.location(cfg.path, 'server', 'checkers')}: "
+                f"{location('server', 'checkers')}: "
                 f"server.checkers[{index}]: {description!r}: {e}") from None
     checkers.extend(auth_checkers)
     for checker in checkers:
@@ -137,7 +146,7 @@ def build(path: str | None, listen: list[str], auth_checkers: list[ICredentialsC
         # refuses every login; say so at start-up instead.
         if isinstance(checker, FilePasswordDB) and not os.access(checker.filename, os.R_OK):
             origin = ("--auth" if checker in auth_checkers else
-                      f"{configuration.location(cfg.path, 'server', 'checkers')}: "
+                      f"{location('server', 'checkers')}: "
                       "server.checkers")
             raise configuration.ConfigError(
                 f"{origin}: file:{checker.filename}: cannot read {checker.filename}")
@@ -148,7 +157,7 @@ def build(path: str | None, listen: list[str], auth_checkers: list[ICredentialsC
             cfg.gssapi.acceptor_credentials()
         except GSSError as e:
             raise configuration.ConfigError(
-                f"{configuration.location(cfg.path, 'gssapi', 'keytab')}: gssapi.keytab: "
+                f"{location('gssapi', 'keytab')}: gssapi.keytab: "
                 f"{cfg.gssapi.keytab or 'default keytab'}: "
                 f"cannot accept {cfg.gssapi.principal or cfg.gssapi.service} with it: "
                 f"{e.gen_message()}") from None
@@ -156,12 +165,12 @@ def build(path: str | None, listen: list[str], auth_checkers: list[ICredentialsC
             # Without a realm to strip, alice@REALM would quietly stop being
             # alice for every rule: say so instead.
             raise configuration.ConfigError(
-                f"{configuration.location(cfg.path, 'gssapi', 'principal_map')}: "
+                f"{location('gssapi', 'principal_map')}: "
                 "gssapi.principal_map: \"strip-realm\" strips the local realms, and krb5 "
                 "names no default realm: list them in gssapi.local_realms")
     if "userpass" in cfg.methods and not checkers:
         raise configuration.ConfigError(
-            f"{configuration.location(cfg.path, 'server', 'methods')}: server.methods: "
+            f"{location('server', 'methods')}: server.methods: "
             "\"userpass\" needs a checker "
             "(server.checkers or --auth)")
     return cfg, checkers
@@ -279,23 +288,25 @@ def makeService(options: Options) -> service.IService:
     # nowhere, until a reload turns it on.
     proxied = ProxiedConnections()
     identd = IdentdServing(_identd(cfg), proxied)
+    STATS.per_user = cfg.metrics.per_user
     if cfg.workers > 1:
         worker_args = [arg for network in options["trusted_proxies"]
                        for arg in ("--trusted-proxy", network)]
-        if options["config"]:
-            worker_args += ["--config", os.path.abspath(options["config"])]
         workers = WorkersService(cfg.workers, cfg.listen, worker_args,
-                                 auth=options["auth_strings"], registry=proxied)
+                                 auth=options["auth_strings"], registry=proxied, config=cfg)
         workers.setServiceParent(top)
+        # The endpoint is the supervisor's: it sums what the workers counted.
+        metrics = Listeners(cfg.metrics.listen, metrics_site(workers_registry(workers),
+                                                             workers.gather))
+        metrics.setServiceParent(top)
         reload: Callable[[], defer.Deferred[str]] = SupervisorReload(options, cfg, workers,
-                                                                     identd, top)
+                                                                     identd, top, metrics)
     else:
         assembly = Assembly()
         factory = make_factory(cfg, options.checkers, registering(cfg, proxied),
                                assembly=assembly)
         listeners = Listeners(cfg.listen, factory)
         listeners.setServiceParent(top)
-        STATS.per_user = cfg.metrics.per_user
         metrics = Listeners(cfg.metrics.listen, metrics_site(metrics_registry(factory)))
         metrics.setServiceParent(top)
         reload = Reload(options, cfg, factory, assembly, listeners, identd, proxied, top,
@@ -367,40 +378,45 @@ class Reload:
 
 
 class SupervisorReload:
-    """SIGHUP with ``workers = N``: the file is checked here first, so that
-    no worker ever runs a configuration the others do not; then each worker
-    reloads it. The workers hold their listening sockets from the start: a
-    changed ``listen`` needs a restart, and is refused."""
+    """SIGHUP with ``workers = N``: the file is read and checked here,
+    once, then its text is sent to every worker, which runs that text (not
+    the file as it finds it: it may have changed since), so no worker ever
+    runs a configuration the others do not. The workers hold their
+    listening sockets from the start: a changed ``listen`` needs a restart,
+    and is refused. The identd and the metrics endpoints are the
+    supervisor's, rebound here."""
 
     def __init__(self, options: Options, cfg: configuration.Config, workers: WorkersService,
-                 identd: IdentdServing, root: LoggingRoot) -> None:
+                 identd: IdentdServing, root: LoggingRoot, metrics: Listeners) -> None:
         self.options = options
         self.root = root
         self.listen = cfg.listen
         self.count = cfg.workers
         self.workers = workers
         self.identd = identd
+        self.metrics = metrics
 
     def __call__(self) -> defer.Deferred[str]:
         cfg, checkers = rebuild(self.options)
         if cfg.listen != self.listen:
             raise configuration.ConfigError(
-                f"{configuration.location(cfg.path, 'server', 'listen')}: server.listen: "
-                f"changed, and the {self.count} workers hold their sockets from the start: "
-                "restart socksd for a new listen")
-
+                f"{configuration.location(cfg.path, 'server', 'listen', cfg.source)}: "
+                f"server.listen: changed, and the {self.count} workers hold their sockets "
+                "from the start: restart socksd for a new listen")
         identd = _identd(cfg)
 
-        def apply(change: Change) -> str:
-            change.apply()
+        def apply(changes: list[Change]) -> str:
+            for change in changes:
+                change.apply()
             if identd is not None:
                 self.identd.serve(identd)
             self.root.use_format(cfg.log.format)
-            self.workers.reload()
+            STATS.per_user = cfg.metrics.per_user
+            self.workers.reload(cfg)
             return reloaded(cfg, checkers, self.count)
 
-        return self.identd.listeners.bind(identd.listen if identd is not None else ()
-                                          ).addCallback(apply)
+        return bind_all([(self.identd.listeners, identd.listen if identd is not None else ()),
+                         (self.metrics, cfg.metrics.listen)]).addCallback(apply)
 
 
 def rebuild(options: Options) -> tuple[configuration.Config, list[ICredentialsChecker]]:

@@ -1,9 +1,19 @@
 """One worker of ``workers = N`` (see socksd.tap.workers): started by the
-supervisor with its listening sockets as inherited file descriptors, and the
-``--auth`` checker strings as a JSON list on stdin (never on the command line,
-which every local user can read). With ``--registrations FD`` its verified
-sessions register their outgoing connections with the supervisor's identd
-over that socket (socksd.ident.channel)."""
+supervisor with its listening sockets as inherited file descriptors, and,
+as JSON on stdin, the ``--auth`` checker strings (never on the command line,
+which every local user can read) and the configuration to run: the text of
+the file as the supervisor read and validated it, with its path for the
+messages. The worker never reads the file itself.
+
+Its control channel (``--channel FD``, socksd.channel) carries its sessions'
+identd registrations and its counts to the supervisor, and brings it the
+configuration of each reload and the requests for its counts.
+
+SIGHUP is ignored, with one line: a reload is the supervisor's to make (it
+validates the file once and sends every worker the same text), and a HUP
+that reaches the workers too (``systemctl kill -s HUP``, a HUP to the
+process group) reaches the supervisor as well.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +23,11 @@ import os
 import signal
 import socket
 import sys
-from typing import BinaryIO
+from typing import Any, BinaryIO, Callable
 
 from twisted.cred import strcred
-from twisted.internet import protocol
+from twisted.internet import defer, protocol
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.main import installReactor
 from twisted.logger import ILogObserver, LogEvent, Logger, eventAsJSON, globalLogBeginner
@@ -24,14 +35,37 @@ from twisted.python.failure import Failure
 from twisted.python.reflect import namedAny
 from zope.interface import implementer
 
+from socksd.channel import Malformed, frame
+from socksd.config import ConfigError
+from socksd.escape import escape
 from socksd.ident.channel import RegistrationSender
 from socksd.proxy.connect import THREAD_POOL_SIZE
+from socksd.stats import MAX_COUNT, STATS, Counts
 from socksd.tap import reactor as socksd_reactor
-from socksd.tap.reload import Reloader
-from socksd.tap.workers import FAILURE_MESSAGE, RECORD_SEPARATOR
-from socksd.twisted_internals import IStreamTransport, installed_reactor, proxy_protocol_factory
+from socksd.tap.reload import FAILED
+from socksd.tap.workers import FAILURE_MESSAGE, MAX_CONFIG_FRAME, RECORD_SEPARATOR
+from socksd.twisted_internals import (
+    IReactor,
+    IStreamTransport,
+    installed_reactor,
+    proxy_protocol_factory,
+)
 
 log = Logger(namespace="socksd")
+
+# At a clean stop the worker sends its counts last, and waits this long at
+# most for the supervisor to take them.
+FINAL_REPORT_WAIT = 2.0
+
+
+def stop_reactor(reactor: IReactor | None = None) -> None:
+    """Stop, unless stopping already (both channels end as we stop)."""
+    reactor = reactor if reactor is not None else installed_reactor()
+    if reactor.running:
+        try:
+            reactor.stop()
+        except ReactorNotRunning:
+            pass
 
 
 @implementer(ILogObserver, IPushProducer)
@@ -79,18 +113,109 @@ class LogChannel(protocol.Protocol):
         pass
 
     def connectionLost(self, reason: Failure | None = None) -> None:
-        reactor = installed_reactor()
         self.connected = False
-        if reactor.running:
-            reactor.stop()
+        stop_reactor()
 
 
-def read_auth(stdin: BinaryIO) -> list[str]:
-    """The supervisor's --auth strings: a JSON list, then EOF."""
-    auth = json.loads(stdin.read() or b"[]")
+class WorkerChannel(RegistrationSender):
+    """The worker's end of its control channel: its sessions' identd
+    registrations (RegistrationSender) and its counts go up; the
+    configuration to run, and the requests for its counts, come down.
+
+    The counts are counted in plain ints as ever (socksd.stats) and made a
+    report only when the supervisor asks (a scrape), and once more as the
+    worker stops; a report still waiting for the supervisor to read it is
+    replaced by a newer one, never queued behind it.
+    """
+
+    MAX_LENGTH = MAX_CONFIG_FRAME
+
+    def __init__(self, index: int, counts: Callable[[], Counts],
+                 configure: Callable[[str | None, str | None], None],
+                 reactor: IReactor | None = None) -> None:
+        super().__init__()
+        self.reactor = reactor if reactor is not None else installed_reactor()
+        self.index = index
+        self.counts = counts
+        self.configure = configure
+        self.named: set[str] = set()    # users with series of their own (Counts.to_json)
+        self.asked = 0                  # the last request for counts
+        self.stopping = False
+        self.ended: defer.Deferred[None] = defer.Deferred()
+
+    def message_received(self, message: list[Any]) -> None:
+        kind = message[0]
+        if kind == "report" and len(message) == 2:
+            sequence = message[1]
+            if isinstance(sequence, bool) or not isinstance(sequence, int) \
+                    or not 0 <= sequence < MAX_COUNT:
+                raise Malformed(f"report: {str(sequence)[:20]!r} is not a number")
+            self.asked = sequence
+            self.report()
+        elif kind == "config" and len(message) == 3:
+            path, text = message[1], message[2]
+            if not (path is None and text is None
+                    or isinstance(path, str) and isinstance(text, str)):
+                raise Malformed("config: not a path and a text")
+            self.configure(path, text)
+        else:
+            super().message_received(message)
+
+    def report(self) -> None:
+        self.send("counts", "counts", frame(["counts", self.asked,
+                                             self.counts().to_json(self.named)]))
+
+    def malformed(self, why: str) -> None:
+        if self.broken:
+            return
+        log.error("w{worker} malformed frame from the supervisor ({why}); stopping",
+                  worker=self.index, why=escape(why))
+        super().malformed(why)     # closes the channel: we stop (connectionLost)
+
+    def stop(self) -> defer.Deferred[None]:
+        """A clean stop: the counts once more, then the channel closed once
+        the supervisor has them, or FINAL_REPORT_WAIT passed."""
+        self.stopping = True
+        if not self.closed:
+            self.report()
+            self.flush_and_close()
+        done: defer.Deferred[None] = defer.Deferred()
+
+        def over(_: object = None) -> None:
+            if timer.active():
+                timer.cancel()
+            if not done.called:
+                done.callback(None)
+
+        timer = self.reactor.callLater(FINAL_REPORT_WAIT, over)
+        self.ended.addBoth(over)
+        return done
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        super().connectionLost(reason)
+        if not self.ended.called:
+            self.ended.callback(None)
+        if not self.stopping:
+            # The supervisor is gone, or closed us: a worker it cannot
+            # configure does not serve on.
+            stop_reactor(self.reactor)
+
+
+def read_start(stdin: BinaryIO) -> tuple[list[str], str | None, str | None]:
+    """What the supervisor wrote on stdin, then closed: the --auth strings,
+    and the configuration's path and text (both None: the embedded
+    default)."""
+    start = json.loads(stdin.read() or b"{}")
+    auth, config = (start.get("auth"), start.get("config")) if isinstance(start, dict) \
+        else (None, None)
     if not (isinstance(auth, list) and all(isinstance(a, str) for a in auth)):
-        raise SystemExit("socksd worker: stdin is not a JSON list of --auth strings")
-    return auth
+        raise SystemExit("socksd worker: stdin has no JSON list of --auth strings")
+    if config is None:
+        return auth, None, None
+    if not (isinstance(config, dict) and isinstance(config.get("path"), str)
+            and isinstance(config.get("text"), str)):
+        raise SystemExit("socksd worker: stdin has no configuration path and text")
+    return auth, config["path"], config["text"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -98,15 +223,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--workers", type=int, required=True)
     parser.add_argument("--fds", required=True)
-    parser.add_argument("--config")
+    parser.add_argument("--channel", type=int, required=True,
+                        help="the descriptor of the control channel to the supervisor")
     parser.add_argument("--trusted-proxy", action="append", default=[])
     parser.add_argument("--reactor", help="the supervisor's reactor class, to run on the same")
-    parser.add_argument("--ready-fd", type=int,
-                        help="written to once a SIGHUP is a reload, then closed")
-    parser.add_argument("--registrations", type=int,
-                        help="the descriptor of the channel to the supervisor's identd")
     args = parser.parse_args(argv)
-    # A reload before the handler below is in place is not the end of us.
+    # A SIGHUP is never the end of us, nor a reload (see the module's docstring).
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     if args.reactor:
@@ -117,6 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     reactor.suggestThreadPoolSize(THREAD_POOL_SIZE)   # name lookups: see connect.MAX_LOOKUPS
 
     from socksd.tap import socks as socks_tap
+    from socksd.tap.metrics import counts_now
 
     # Every event goes to the supervisor, which logs it where twistd logs;
     # stray writes to stdout (print in a plugin) go to stderr instead.
@@ -126,37 +249,50 @@ def main(argv: list[str] | None = None) -> None:
     reactor.adoptStreamConnection(1, socket.AF_UNIX, channel_factory)
     os.dup2(2, 1)
     globalLogBeginner.beginLoggingTo([channel], redirectStandardIO=False)
-    registrations = None
-    if args.registrations is not None:
-        registrations = RegistrationSender()
-        registrations_factory = protocol.ServerFactory()
-        registrations_factory.protocol = lambda: registrations
-        reactor.adoptStreamConnection(args.registrations, socket.AF_UNIX, registrations_factory)
-        os.close(args.registrations)  # Twisted made its own copy of the descriptor
-    auth = read_auth(sys.stdin.buffer)
-    checkers = [strcred.makeChecker(description) for description in auth]
-    cfg, checkers = socks_tap.build(args.config, [], checkers, args.trusted_proxy)
-    assembly = socks_tap.Assembly(args.workers)
-    factory = socks_tap.make_factory(cfg, checkers, socks_tap.registering(cfg, registrations),
-                                     worker=args.index, assembly=assembly)
 
-    def reload() -> str:
-        """The supervisor checked the file and passed its SIGHUP on."""
-        cfg, checkers = socks_tap.build(args.config, [],
-                                        [strcred.makeChecker(a) for a in auth],
-                                        args.trusted_proxy)
-        factory.serve(**assembly.settings(cfg, checkers,
-                                          socks_tap.registering(cfg, registrations)))
+    auth, path, text = read_start(sys.stdin.buffer)
+    checkers = [strcred.makeChecker(description) for description in auth]
+    cfg, checkers = socks_tap.build(path, [], checkers, args.trusted_proxy, text)
+    STATS.per_user = cfg.metrics.per_user
+    assembly = socks_tap.Assembly(args.workers)
+
+    def configure(path: str | None, text: str | None) -> None:
+        """A reload: the text the supervisor validated, with its path."""
+        try:
+            cfg, checkers = socks_tap.build(path, [], [strcred.makeChecker(a) for a in auth],
+                                            args.trusted_proxy, text)
+            factory.serve(**assembly.settings(cfg, checkers,
+                                              socks_tap.registering(cfg, control)))
+        except ConfigError as e:
+            # Checked by the supervisor: what fails here is what changed
+            # since (a checker's file, a keytab).
+            log.error("w{worker} " + FAILED, worker=args.index, error=str(e))
+            return
+        except Exception as e:
+            log.failure("w{worker} " + FAILED, worker=args.index, error=str(e))
+            return
+        STATS.per_user = cfg.metrics.per_user
         if cfg.recheck_on_reload:
             factory.recheck()
-        return socks_tap.summary(cfg, checkers)
+        log.info("w{worker} reloaded {summary}", worker=args.index,
+                 summary=socks_tap.summary(cfg, checkers))
 
-    Reloader(reload, reactor, prefix=f"w{args.index} ").startService()
-    if args.ready_fd is not None:
-        # Until now the supervisor holds back a reload's SIGHUP: before
-        # Python ran, its default action would have ended us.
-        os.write(args.ready_fd, b"ready\n")
-        os.close(args.ready_fd)
+    control = WorkerChannel(args.index, lambda: counts_now(factory, STATS, reactor), configure,
+                            reactor)
+    factory = socks_tap.make_factory(cfg, checkers, socks_tap.registering(cfg, control),
+                                     worker=args.index, assembly=assembly)
+    control_factory = protocol.ServerFactory()
+    control_factory.protocol = lambda: control
+    reactor.adoptStreamConnection(args.channel, socket.AF_UNIX, control_factory)
+    os.close(args.channel)  # Twisted made its own copy of the descriptor
+    reactor.addSystemEventTrigger("before", "shutdown", control.stop)
+
+    def hup(signum: int, frame: Any) -> None:
+        reactor.callFromThread(log.info, "w{worker} SIGHUP ignored: the supervisor (pid "
+                               "{supervisor}) reloads, and sends the workers what it read",
+                               worker=args.index, supervisor=os.getppid())
+
+    signal.signal(signal.SIGHUP, hup)
     for fd, family, haproxy in json.loads(args.fds):
         port_factory = proxy_protocol_factory(factory) if haproxy else factory
         reactor.adoptStreamPort(fd, socket.AddressFamily(family), port_factory)

@@ -19,10 +19,26 @@ socket pair (the worker's fd 1) and are published here, so they reach
 whatever twistd logs to (``-l FILE``, ``--syslog``, stdout) like the
 supervisor's own. The worker never blocks on it (see socksd.tap.worker).
 
-The identd in the supervisor answers for the workers' SOCKS users: each
-worker registers its sessions' outgoing connections over a second socket
-pair (socksd.ident.channel), which, unlike the log, never drops a message;
-a worker's entries are cleared when it ends.
+Each worker has a second socket pair to the supervisor, its control
+channel (socksd.channel), which, unlike the log, never drops a message:
+
+* the identd in the supervisor answers for the workers' SOCKS users: each
+  worker registers its sessions' outgoing connections over it
+  (socksd.ident.channel); a worker's entries are cleared when it ends;
+* the configuration a worker runs is the text the supervisor read and
+  validated, never the file as the worker would find it: on its stdin at
+  its start (the text the supervisor runs now, so a worker restarted after
+  a reload runs the reload's), then over the channel at each reload. A
+  worker ignores SIGHUP (socksd.tap.worker);
+* the metrics: a scrape asks every worker for its counts and sums their
+  answers (see :meth:`WorkersService.gather`).
+
+A malformed frame from a worker (never sent by the code it runs: a bug,
+or a corrupted process) is logged and counted, its identd entries are
+cleared, and the worker is stopped and restarted with a new channel:
+dropping just that frame could drop a retraction (an identd answer naming
+the wrong user), and a worker the supervisor cannot trust to report, or
+cannot configure, must not serve on.
 
 Limits are per worker: each enforces max_sessions and max_sessions_per_client
 divided by N (rounded up, so no worker gets 0), so the totals hold, give or
@@ -39,18 +55,21 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer, protocol
 from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.interfaces import IAddress, IProcessTransport
+from twisted.internet.interfaces import IAddress, IDelayedCall, IProcessTransport
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 
-from socksd.config import parse_listener
+from socksd.channel import Malformed, frame
+from socksd.config import MAX_WORKERS_CONFIG, Config, parse_listener
 from socksd.ident.channel import RegistrationReceiver
 from socksd.ident.registry import ProxiedConnections
 from socksd.logs import FROM_WORKER
+from socksd.stats import MAX_COUNT, Counts
 from socksd.twisted_internals import IReactor, installed_reactor
 
 log = Logger(namespace="socksd")
@@ -65,6 +84,20 @@ RECORD_SEPARATOR = b"\x1e"
 MAX_RECORD = 1 << 20
 # The event key carrying a logged failure's message (see _WorkerLog.publish).
 FAILURE_MESSAGE = "socksd_failure_message"
+
+# A scrape waits at most this long for the workers' counts (those that have
+# not answered by then count with their last report).
+REPORT_WAIT = 1.0
+# After a worker ended, its channel is read this long at most for the
+# frames still on their way (the counts a clean stop sends last).
+DRAIN_WAIT = 5.0
+# The largest frame a worker sends: its counts, within the bounds of
+# Counts.from_json (MAX_USERS names of MAX_USER_LABEL bytes, JSON-escaped,
+# and the series that can name them) with room.
+MAX_REPORT = 8 << 20
+# The largest frame the supervisor sends: the configuration's text (valid
+# TOML escapes to at most twice its size in JSON) and its path.
+MAX_CONFIG_FRAME = 2 * MAX_WORKERS_CONFIG + (64 << 10)
 
 
 def bind_reuseport(family: int, host: str, port: int, backlog: int) -> socket.socket:
@@ -136,71 +169,161 @@ class _WorkerLogFactory(protocol.ServerFactory):
         return _WorkerLog(self.index)
 
 
-class _RegistrationsFactory(protocol.ServerFactory):
+class _WorkerChannel(RegistrationReceiver):
+    """The supervisor's end of a worker's control channel: the worker's
+    identd registrations (RegistrationReceiver) and its counts come up; its
+    configuration and the requests for its counts go down."""
+
+    MAX_LENGTH = MAX_REPORT
+    after_malformed = "; the worker is stopped, to be restarted with a new channel"
+
+    def __init__(self, worker: _Worker, registry: ProxiedConnections) -> None:
+        super().__init__(registry, worker.index)
+        self.worker = worker
+        self.drain: IDelayedCall | None = None
+
+    def message_received(self, message: list[Any]) -> None:
+        if message[0] != "counts":
+            super().message_received(message)
+            return
+        if len(message) != 3 or not _sequence(message[1]):
+            raise Malformed(f"counts: a message of {len(message)} items, or not numbered")
+        try:
+            counts = Counts.from_json(message[2])
+        except ValueError as e:
+            raise Malformed(f"counts: {e}") from None
+        self.worker.reported(message[1], counts)
+
+    def malformed(self, why: str) -> None:
+        if self.broken:
+            return
+        super().malformed(why)
+        self.worker.broke()
+
+    def worker_ended(self) -> None:
+        super().worker_ended()
+        # The counts a clean stop sent last may still be on their way: read
+        # on until the end of the channel, for a while.
+        if not self.closed:
+            self.drain = self.worker.supervisor.reactor.callLater(DRAIN_WAIT, self.close)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        super().connectionLost(reason)
+        if self.drain is not None and self.drain.active():
+            self.drain.cancel()
+        self.worker.supervisor.retire(self.worker)
+
+
+def _sequence(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and 0 <= value < MAX_COUNT
+
+
+class _ChannelFactory(protocol.ServerFactory):
     noisy = False
 
-    def __init__(self, registry: ProxiedConnections, index: int) -> None:
+    def __init__(self, worker: _Worker, registry: ProxiedConnections) -> None:
+        self.worker = worker
         self.registry = registry
-        self.index = index
-        self.built: RegistrationReceiver | None = None
 
-    def buildProtocol(self, addr: IAddress | None) -> RegistrationReceiver:
-        self.built = RegistrationReceiver(self.registry, self.index)
-        return self.built
+    def buildProtocol(self, addr: IAddress | None) -> _WorkerChannel:
+        self.worker.channel = _WorkerChannel(self.worker, self.registry)
+        return self.worker.channel
 
 
 class _Worker(protocol.ProcessProtocol):
     transport: IProcessTransport
 
-    def __init__(self, supervisor: WorkersService, index: int, ready_fd: int) -> None:
+    def __init__(self, supervisor: WorkersService, index: int) -> None:
         self.supervisor = supervisor
         self.index = index
-        self.ready_fd = ready_fd
         self.started = time.monotonic()
         self.ended: defer.Deferred[None] = defer.Deferred()
-        self.ready = False            # takes a SIGHUP as a reload (before: it would end)
-        self.reload_pending = False   # a reload came before it was ready
-        self.registrations: RegistrationReceiver | None = None
+        self.alive = True
+        self.channel: _WorkerChannel | None = None
+        self.latest: Counts | None = None   # its last report
+        self.answered = -1                  # the request that report answered
 
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        if childFD == self.ready_fd and not self.ready:
-            self.ready = True
-            if self.reload_pending:
-                self.reload_pending = False
-                self.reload()
+    def configure(self, message: bytes) -> None:
+        """Run this configuration (a frame of ["config", PATH, TEXT]); a
+        worker still starting reads it once it runs."""
+        if self.channel is not None:
+            self.channel.send("config", "config", message)
 
-    def reload(self) -> None:
-        if not self.ready:
-            self.reload_pending = True
-            return
-        try:
-            self.transport.signalProcess("HUP")
-        except ProcessExitedAlready:
-            pass   # ended: restarted with the file as it is then
+    def ask(self, sequence: int) -> None:
+        if self.channel is not None:
+            self.channel.send("report", "report", frame(["report", sequence]))
+
+    def reported(self, sequence: int, counts: Counts) -> None:
+        self.latest = counts
+        self.answered = max(self.answered, sequence)
+        self.supervisor.answered(self)
+
+    def broke(self) -> None:
+        """Its channel broke: stop it (killed if it has not ended after
+        STOP_TIMEOUT); it is restarted like any worker that ended."""
+        self.supervisor.malformed_frames += 1
+        self.signal("TERM")
+        self.supervisor.reactor.callLater(STOP_TIMEOUT, self.signal, "KILL")
+
+    def signal(self, name: str) -> None:
+        if self.alive:
+            try:
+                self.transport.signalProcess(name)
+            except ProcessExitedAlready:
+                pass
 
     def processEnded(self, reason: Failure) -> None:
-        if self.registrations is not None:
+        self.alive = False
+        if self.channel is not None:
             # Its channel closes too, but not necessarily first, and may
             # still hold frames it sent before it died.
-            self.registrations.worker_ended()
+            self.channel.worker_ended()
         self.ended.callback(None)
         self.supervisor.worker_ended(self, reason)
+
+
+def start_message(auth: Sequence[str], cfg: Config) -> bytes:
+    """What a worker reads on its stdin at start (socksd.tap.worker.read_start):
+    the --auth strings and the configuration it runs, none of it on its
+    command line."""
+    config = ({"path": cfg.path, "text": cfg.source}
+              if cfg.path is not None and cfg.source is not None else None)
+    return json.dumps({"auth": list(auth), "config": config}).encode("utf-8")
+
+
+def config_message(cfg: Config) -> bytes:
+    """The frame that tells a worker to run ``cfg``: the text it was parsed
+    from, and its path for the messages (none: the embedded default)."""
+    return frame(["config", cfg.path, cfg.source])
 
 
 class WorkersService(service.Service):
     def __init__(self, count: int, listen: tuple[str, ...], worker_args: list[str],
                  reactor: IReactor | None = None, auth: Sequence[str] = (),
-                 registry: ProxiedConnections | None = None) -> None:
+                 registry: ProxiedConnections | None = None,
+                 config: Config | None = None) -> None:
         self.reactor = reactor if reactor is not None else installed_reactor()
         self.count = count
         self.listeners = [parse_listener(d) for d in listen]
         self.worker_args = worker_args
         self.auth = list(auth)     # --auth strings: secrets, sent on the worker's stdin
-        self.registry = registry   # the identd's: workers register their sessions in it
+        # The identd's: workers register their sessions in it.
+        self.registry = registry if registry is not None else ProxiedConnections()
+        self.config = config if config is not None else Config()   # what every worker runs
         self.sockets: list[list[socket.socket]] = []   # per worker, per listener
         self.workers: dict[int, _Worker] = {}
         self.delays: dict[int, float] = {}
         self.stopping = False
+        # The metrics: the last report of each worker whose channel is
+        # open, and the sum of those of the workers that ended (counters
+        # never go back when a worker is restarted).
+        self.reporting: set[_Worker] = set()
+        self.retired = Counts()
+        self.malformed_frames = 0
+        self.sequence = 0                  # of the requests for counts
+        self.waiting: set[_Worker] = set()     # not answered the one in flight yet
+        self.waiters: list[defer.Deferred[None]] = []
+        self.round: IDelayedCall | None = None
 
     def privilegedStartService(self) -> None:
         for _ in range(self.count):
@@ -230,67 +353,128 @@ class WorkersService(service.Service):
             return
         sockets = self.sockets[index]
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        # 0: the --auth strings; 1: its log; 3...: its sockets; then the
-        # pipe on which it says it is ready (for a reload's SIGHUP)
+        control, its_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # 0: the --auth strings and the configuration; 1: its log; 3...:
+        # its sockets; then its control channel.
         child_fds: dict[int, int | str] = {0: "w", 1: theirs.fileno(), 2: 2}
         fds = []
         for number, (sock, (family, _h, _p, _b, haproxy)) in enumerate(
                 zip(sockets, self.listeners, strict=True), start=3):
             child_fds[number] = sock.fileno()
             fds.append([number, int(family), haproxy])
-        registering: list[str] = []
-        pair = None
-        if self.registry is not None:
-            # Its identd registrations: the next descriptor after the listeners.
-            pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            number = 3 + len(sockets)
-            child_fds[number] = pair[1].fileno()
-            registering = ["--registrations", str(number)]
-        # Then the pipe on which it says it takes a reload's SIGHUP.
-        ready_fd = 4 + len(sockets)
-        child_fds[ready_fd] = "r"
+        channel_fd = 3 + len(sockets)
+        child_fds[channel_fd] = its_control.fileno()
         # -P: the working directory is not put on sys.path (a source checkout
         # there must not shadow the installed socksd); PYTHONPATH still counts.
         reactor_class = type(self.reactor)
         args = [sys.executable, "-P", "-m", "socksd.tap.worker", "--index", str(index),
                 "--workers", str(self.count), "--fds", json.dumps(fds),
-                "--ready-fd", str(ready_fd),
+                "--channel", str(channel_fd),
                 "--reactor", f"{reactor_class.__module__}.{reactor_class.__qualname__}",
-                *registering, *self.worker_args]
-        worker = _Worker(self, index, ready_fd)
+                *self.worker_args]
+        worker = _Worker(self, index)
         self.workers[index] = worker
         try:
             self.reactor.spawnProcess(worker, sys.executable, args, env=os.environ,
                                       childFDs=child_fds)
         finally:
             theirs.close()
-            if pair is not None:
-                pair[1].close()
+            its_control.close()
         # Written to the pipe and closed; the worker reads to EOF at start.
-        worker.transport.writeToChild(0, json.dumps(self.auth).encode("utf-8"))
+        # Not on its command line, which every local user can read.
+        worker.transport.writeToChild(0, start_message(self.auth, self.config))
         worker.transport.closeStdin()
         ours.setblocking(False)
         self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX,
                                            _WorkerLogFactory(index))
         ours.close()  # Twisted made its own copy of the descriptor
-        if pair is not None and self.registry is not None:
-            pair[0].setblocking(False)
-            registrations = _RegistrationsFactory(self.registry, index)
-            self.reactor.adoptStreamConnection(pair[0].fileno(), socket.AF_UNIX, registrations)
-            pair[0].close()
-            worker.registrations = registrations.built
+        control.setblocking(False)
+        self.reactor.adoptStreamConnection(control.fileno(), socket.AF_UNIX,
+                                           _ChannelFactory(worker, self.registry))
+        control.close()
+        self.reporting.add(worker)
         log.info("worker {index} started (pid {pid})", index=index,
                  pid=worker.transport.pid if worker.transport else "?")
 
-    def reload(self) -> None:
-        """Each worker reads the configuration file again (SIGHUP); one
-        spawned later reads it at its start."""
+    def reload(self, cfg: Config) -> None:
+        """Every worker runs ``cfg`` from now on (the text the supervisor
+        validated), and so does every worker started later."""
+        self.config = cfg
+        message = config_message(cfg)
         for worker in self.workers.values():
-            worker.reload()   # at once, or once it is ready for it
+            worker.configure(message)
+
+    def pids(self) -> dict[int, int]:
+        """The live workers' process ids, by index."""
+        return {index: worker.transport.pid for index, worker in self.workers.items()
+                if worker.alive and worker.transport.pid is not None}
+
+    # ---- the workers' counts ----------------------------------------------------------
+
+    def gather(self) -> defer.Deferred[None]:
+        """Ask every live worker for its counts; fires once all have
+        answered, or after REPORT_WAIT. Pulled at each scrape rather than
+        pushed by the workers now and then: a scrape is exact (a session
+        that ended before it is in it), and idle workers, or workers with
+        no metrics endpoint to report to, do no work for it. A scrape that
+        comes while others wait for the workers waits with them."""
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self.waiters.append(waiter)
+        if self.round is None:
+            self.sequence += 1
+            self.waiting = {worker for worker in self.workers.values()
+                            if worker.alive and worker.channel is not None
+                            and not worker.channel.closed}
+            self.round = self.reactor.callLater(REPORT_WAIT, self._gathered)
+            for worker in list(self.waiting):
+                worker.ask(self.sequence)
+            if not self.waiting:
+                self._gathered()
+        return waiter
+
+    def answered(self, worker: _Worker) -> None:
+        if worker.answered >= self.sequence:
+            self._stop_waiting_for(worker)
+
+    def _stop_waiting_for(self, worker: _Worker) -> None:
+        if worker in self.waiting:
+            self.waiting.discard(worker)
+            if not self.waiting:
+                self._gathered()
+
+    def _gathered(self) -> None:
+        if self.round is not None and self.round.active():
+            self.round.cancel()
+        self.round = None
+        self.waiting = set()
+        waiters, self.waiters = self.waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def retire(self, worker: _Worker) -> None:
+        """Its channel is closed: its last report counts forever (what it
+        counted after that report is lost: the crash of a worker loses
+        what it counted since the last scrape), its gauges no more."""
+        if worker in self.reporting:
+            self.reporting.discard(worker)
+            if worker.latest is not None:
+                self.retired.add(worker.latest, gauges=False)
+        self._stop_waiting_for(worker)
+
+    def totals(self) -> Counts:
+        """Every worker's counts summed: the ended ones' last reports, the
+        others' latest; gauges of the live workers only."""
+        total = Counts()
+        total.add(self.retired)
+        for worker in self.reporting:
+            if worker.latest is not None:
+                total.add(worker.latest, gauges=worker.alive)
+        return total
 
     def worker_ended(self, worker: _Worker, reason: Failure) -> None:
         if self.workers.get(worker.index) is worker:
             del self.workers[worker.index]
+        self._stop_waiting_for(worker)
         if self.stopping:
             return
         lived = time.monotonic() - worker.started
@@ -325,6 +509,8 @@ class WorkersService(service.Service):
         def done(_: object) -> None:
             if timer.active():
                 timer.cancel()
+            if self.round is not None:
+                self._gathered()
             for row in self.sockets:
                 for sock in row:
                     sock.close()
