@@ -16,7 +16,7 @@ BUILD_DEBS := libkrb5-dev
 TEST_DEBS := curl ncat netcat-openbsd socat dante-client krb5-kdc krb5-admin-server krb5-user libkrb5-dev \
 	apache2-utils procps oidentd haproxy \
 	dpkg-dev build-essential debhelper flex libtool-bin libpam0g-dev libwrap0-dev
-BENCH_DEBS := dante-server dante-client iperf3 procps
+BENCH_DEBS := dante-server dante-client iperf3 procps valgrind
 
 .PHONY: run test lint bench venv install debs-build debs-test debs-bench clean
 
