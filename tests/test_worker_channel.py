@@ -474,3 +474,21 @@ def test_a_malformed_frame_from_the_supervisor_ends_the_worker_channel(log_event
     assert configured == [] and channel.transport.disconnecting
     [line] = errors(log_events)
     assert line.startswith("w1 malformed frame from the supervisor (config: not a path")
+
+
+def test_the_largest_file_a_worker_may_run_fits_in_a_frame_it_reads():
+    """Any valid file within MAX_WORKERS_CONFIG reaches the workers at a
+    reload: a 2-byte UTF-8 character (a comment in French, Russian, ...)
+    is 6 bytes of ASCII JSON, three times its size."""
+    from socksd.config import MAX_WORKERS_CONFIG
+    from socksd.tap.workers import config_message
+
+    line = "# " + "é" * 500 + "\n"
+    text = "[server]\nworkers = 2\n" + line * ((MAX_WORKERS_CONFIG - 64) // len(line.encode()))
+    assert len(text.encode()) <= MAX_WORKERS_CONFIG
+    service = supervisor()
+    pair = Pair(service, 0, some_counts(0))
+    service.reload(load_text(text, "/etc/socksd.toml"))
+    assert len(config_message(service.config)) - 4 > 2 * MAX_WORKERS_CONFIG
+    pair.to_worker()
+    assert not pair.down.broken and pair.configured == [("/etc/socksd.toml", text)]

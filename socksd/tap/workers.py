@@ -96,8 +96,9 @@ DRAIN_WAIT = 5.0
 # and the series that can name them) with room.
 MAX_REPORT = 8 << 20
 # The largest frame the supervisor sends: the configuration's text (valid
-# TOML escapes to at most twice its size in JSON) and its path.
-MAX_CONFIG_FRAME = 2 * MAX_WORKERS_CONFIG + (64 << 10)
+# TOML escapes to at most three times its size in ASCII JSON: a 2-byte
+# UTF-8 character, or a 4-byte one, becomes \uXXXX, or two) and its path.
+MAX_CONFIG_FRAME = 3 * MAX_WORKERS_CONFIG + (64 << 10)
 
 
 def bind_reuseport(family: int, host: str, port: int, backlog: int) -> socket.socket:
