@@ -333,3 +333,37 @@ def test_metrics_never_go_back_when_workers_are_restarted(socks_server, echo_ser
     assert _sessions_ok(final) == counted + 8
     assert final[("socksd_sessions_active", ())] == 0
     assert "malformed" not in server.log()
+
+
+def test_a_scraper_that_trickles_bytes_is_closed_at_its_deadline():
+    """The web server's own timeout is one of inactivity: a byte a second
+    would keep the place for ever, and eight of them lock Prometheus out."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.error import ConnectionDone
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+    from twisted.python.failure import Failure
+
+    from socksd.tap.metrics import MAX_SCRAPERS, SCRAPE_TIMEOUT, site
+
+    clock = Clock()
+    factory = site(registry(None), reactor=clock)
+    peer = IPv4Address("TCP", "127.0.0.1", 40000)
+    held = []
+    for _ in range(MAX_SCRAPERS):
+        protocol = factory.buildProtocol(peer)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        held.append((protocol, transport))
+    assert factory.buildProtocol(peer) is None       # the places are taken
+    for second in range(SCRAPE_TIMEOUT - 1):
+        for protocol, _ in held:
+            protocol.dataReceived(b"G")
+        clock.advance(1)
+        assert not any(t.disconnected for _, t in held), second
+    clock.advance(1)
+    assert all(t.disconnected for _, t in held)
+    for protocol, _ in held:
+        protocol.connectionLost(Failure(ConnectionDone()))
+    assert factory.buildProtocol(peer) is not None   # a place again
+    assert clock.getDelayedCalls() == []             # no timer outlives its connection

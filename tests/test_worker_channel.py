@@ -292,14 +292,18 @@ def test_a_scrape_waits_a_bounded_time_for_a_silent_worker():
     silent.counts = some_counts(10)        # counted since, but it does not answer now
     answering.counts = some_counts(2)
     gathered = service.gather()
-    joined = service.gather()              # a second scraper meanwhile waits with the first
+    later = service.gather()               # a second scraper meanwhile: the next round
     answering.to_worker()
     answering.to_supervisor()
-    assert not gathered.called and not joined.called
+    assert not gathered.called and not later.called
     service.reactor.advance(REPORT_WAIT)
-    assert gathered.called and joined.called
+    assert gathered.called and not later.called
     # The silent one counts with its last report.
     assert sum(service.totals().sessions.values()) == 3
+    answering.to_worker()
+    answering.to_supervisor()
+    service.reactor.advance(REPORT_WAIT)
+    assert later.called
 
 
 def test_a_scrape_with_no_worker_alive_answers_at_once():
@@ -492,3 +496,36 @@ def test_the_largest_file_a_worker_may_run_fits_in_a_frame_it_reads():
     assert len(config_message(service.config)) - 4 > 2 * MAX_WORKERS_CONFIG
     pair.to_worker()
     assert not pair.down.broken and pair.configured == [("/etc/socksd.toml", text)]
+
+
+def test_a_scrape_that_comes_during_a_round_is_asked_in_the_next():
+    """The workers that answered the round out before a scrape came answered
+    before it: the scrape waits for a round of its own, and sees every
+    session that ended before it."""
+    service = supervisor()
+    fast = Pair(service, 0, some_counts(1))
+    slow = Pair(service, 1, some_counts(1))
+    first = service.gather()
+    fast.to_worker()
+    fast.to_supervisor()                  # answered: 1 session
+    fast.counts = some_counts(5)          # 4 more end in worker 0 ...
+    second = service.gather()             # ... then this scrape comes
+    slow.to_worker()
+    slow.to_supervisor()
+    assert first.called and not second.called
+    assert sum(service.totals().sessions.values()) == 2
+    for pair in (fast, slow):             # the next round
+        pair.to_worker()
+        pair.to_supervisor()
+    assert second.called
+    assert sum(service.totals().sessions.values()) == 6
+
+
+def test_scrapes_waiting_for_the_next_round_are_answered_when_the_service_stops():
+    service = supervisor()
+    pair = Pair(service, 0, some_counts(1))
+    first = service.gather()
+    second = service.gather()
+    service.stopService()
+    pair.crash()                           # it ends without a word
+    assert first.called and second.called

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, cast
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
@@ -26,9 +26,11 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.internet import defer
-from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.interfaces import IDelayedCall, ITCPTransport
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
-from twisted.protocols.policies import WrappingFactory
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -36,6 +38,7 @@ from socksd.proxy import SOCKSServerFactory
 from socksd.proxy.connect import lookups
 from socksd.stats import LATENCY_BUCKETS, OUTCOMES, STATS, Counts, Latency, Stats
 from socksd.tap.workers import WorkersService
+from socksd.twisted_internals import installed_reactor
 
 log = Logger(namespace="socksd")
 
@@ -297,14 +300,38 @@ class _QuietSite(Site):
         pass
 
 
-# Scrapers are few: more connections than this at once are refused, and a
-# silent one is closed after SCRAPE_TIMEOUT seconds.
+# Scrapers are few: more connections than this at once are refused, and
+# each is closed SCRAPE_TIMEOUT seconds after it came, whatever it sends
+# meanwhile (the web server's own timeout is one of inactivity: a byte a
+# second would hold a place for ever, and eight such would lock Prometheus
+# out).
 MAX_SCRAPERS = 8
 SCRAPE_TIMEOUT = 10
 
 
+class _Deadline(ProtocolWrapper):
+    """A scraper's connection, aborted at its deadline."""
+
+    deadline: IDelayedCall | None = None
+
+    def makeConnection(self, transport: Any) -> None:
+        factory = cast(_FewScrapers, self.factory)
+        self.deadline = factory.reactor.callLater(SCRAPE_TIMEOUT, transport.abortConnection)
+        super().makeConnection(transport)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.deadline is not None and self.deadline.active():
+            self.deadline.cancel()
+        super().connectionLost(reason)
+
+
 class _FewScrapers(WrappingFactory):
     noisy = False
+    protocol = _Deadline
+
+    def __init__(self, wrapped: Site, reactor: Any) -> None:
+        super().__init__(wrapped)
+        self.reactor = reactor
 
     def buildProtocol(self, addr: Any) -> Any:
         if len(self.protocols) >= MAX_SCRAPERS:
@@ -313,7 +340,10 @@ class _FewScrapers(WrappingFactory):
 
 
 def site(collected: CollectorRegistry,
-         gather: Callable[[], defer.Deferred[None]] | None = None) -> WrappingFactory:
+         gather: Callable[[], defer.Deferred[None]] | None = None,
+         reactor: Any = None) -> WrappingFactory:
     root = Resource()
     root.putChild(b"metrics", MetricsPage(collected, gather))
-    return _FewScrapers(_QuietSite(root, timeout=SCRAPE_TIMEOUT))
+    web = _QuietSite(root, timeout=SCRAPE_TIMEOUT,
+                     **({} if reactor is None else {"reactor": reactor}))
+    return _FewScrapers(web, reactor if reactor is not None else installed_reactor())

@@ -290,8 +290,12 @@ def makeService(options: Options) -> service.IService:
     identd = IdentdServing(_identd(cfg), proxied)
     STATS.per_user = cfg.metrics.per_user
     if cfg.workers > 1:
-        worker_args = [arg for network in options["trusted_proxies"]
-                       for arg in ("--trusted-proxy", network)]
+        # What the file says is checked against the listeners this process
+        # holds for them (the command line's or the file's): the workers'
+        # checks of a reload's text must be the same as this process's.
+        worker_args = [*(arg for description in cfg.listen for arg in ("--listen", description)),
+                       *(arg for network in options["trusted_proxies"]
+                         for arg in ("--trusted-proxy", network))]
         workers = WorkersService(cfg.workers, cfg.listen, worker_args,
                                  auth=options["auth_strings"], registry=proxied, config=cfg)
         workers.setServiceParent(top)

@@ -17,10 +17,18 @@ process group) reaches the supervisor as well.
 
 from __future__ import annotations
 
+import signal
+
+if __name__ == "__main__":
+    # First, before the imports below (half a second of them): a SIGHUP is
+    # never the end of a worker (see the docstring), not even while it
+    # starts. Twisted's spawnProcess gives a child the default handlers,
+    # whatever the supervisor ignores.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
 import argparse
 import json
 import os
-import signal
 import socket
 import sys
 from typing import Any, BinaryIO, Callable
@@ -225,6 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fds", required=True)
     parser.add_argument("--channel", type=int, required=True,
                         help="the descriptor of the control channel to the supervisor")
+    parser.add_argument("--listen", action="append", default=[],
+                        help="what the supervisor listens on (it holds the sockets)")
     parser.add_argument("--trusted-proxy", action="append", default=[])
     parser.add_argument("--reactor", help="the supervisor's reactor class, to run on the same")
     args = parser.parse_args(argv)
@@ -252,14 +262,21 @@ def main(argv: list[str] | None = None) -> None:
 
     auth, path, text = read_start(sys.stdin.buffer)
     checkers = [strcred.makeChecker(description) for description in auth]
-    cfg, checkers = socks_tap.build(path, [], checkers, args.trusted_proxy, text)
+    try:
+        cfg, checkers = socks_tap.build(path, args.listen, checkers, args.trusted_proxy, text)
+    except ConfigError as e:
+        # Checked by the supervisor: what fails here is what changed since
+        # (a checker's file). One line on stderr, which is twistd's: the
+        # log channel is written only once the reactor runs.
+        raise SystemExit(f"socksd worker {args.index}: cannot start: {e}") from None
     STATS.per_user = cfg.metrics.per_user
     assembly = socks_tap.Assembly(args.workers)
 
     def configure(path: str | None, text: str | None) -> None:
         """A reload: the text the supervisor validated, with its path."""
         try:
-            cfg, checkers = socks_tap.build(path, [], [strcred.makeChecker(a) for a in auth],
+            cfg, checkers = socks_tap.build(path, args.listen,
+                                            [strcred.makeChecker(a) for a in auth],
                                             args.trusted_proxy, text)
             factory.serve(**assembly.settings(cfg, checkers,
                                               socks_tap.registering(cfg, control)))

@@ -324,6 +324,7 @@ class WorkersService(service.Service):
         self.sequence = 0                  # of the requests for counts
         self.waiting: set[_Worker] = set()     # not answered the one in flight yet
         self.waiters: list[defer.Deferred[None]] = []
+        self.next_waiters: list[defer.Deferred[None]] = []   # came during a round
         self.round: IDelayedCall | None = None
 
     def privilegedStartService(self) -> None:
@@ -418,9 +419,20 @@ class WorkersService(service.Service):
         pushed by the workers now and then: a scrape is exact (a session
         that ended before it is in it), and idle workers, or workers with
         no metrics endpoint to report to, do no work for it. A scrape that
-        comes while others wait for the workers waits with them."""
+        comes while a round of requests is out asks in the next round, once
+        that one is over (the workers that answered the first answered
+        before it came), together with every other scrape that came
+        meanwhile."""
         waiter: defer.Deferred[None] = defer.Deferred()
+        if self.round is not None:
+            self.next_waiters.append(waiter)
+            return waiter
         self.waiters.append(waiter)
+        self._ask()
+        return waiter
+
+    def _ask(self) -> None:
+        """A round: every live worker is asked for its counts."""
         if self.round is None:
             self.sequence += 1
             self.waiting = {worker for worker in self.workers.values()
@@ -431,7 +443,6 @@ class WorkersService(service.Service):
                 worker.ask(self.sequence)
             if not self.waiting:
                 self._gathered()
-        return waiter
 
     def answered(self, worker: _Worker) -> None:
         if worker.answered >= self.sequence:
@@ -451,6 +462,9 @@ class WorkersService(service.Service):
         waiters, self.waiters = self.waiters, []
         for waiter in waiters:
             waiter.callback(None)
+        if self.next_waiters and self.round is None:
+            self.waiters, self.next_waiters = self.next_waiters, []
+            self._ask()
 
     def retire(self, worker: _Worker) -> None:
         """Its channel is closed: its last report counts forever (what it
@@ -510,8 +524,10 @@ class WorkersService(service.Service):
         def done(_: object) -> None:
             if timer.active():
                 timer.cancel()
-            if self.round is not None:
-                self._gathered()
+            # Every scrape still waiting is answered, with what came in.
+            self.waiters.extend(self.next_waiters)
+            self.next_waiters = []
+            self._gathered()
             for row in self.sockets:
                 for sock in row:
                     sock.close()
