@@ -524,3 +524,24 @@ def test_workers_run_the_text_the_supervisor_validated(socks_server, echo_server
         s, reply = _connect(port, echo_server)
         assert reply == 0 and _echoes(s)
         s.close()
+
+
+@pytest.mark.integration
+def test_workers_check_the_file_against_the_listeners_the_command_line_gave(socks_server,
+                                                                            echo_server):
+    """The file's own listen (a haproxy: one, with nobody trusted) is
+    replaced by --listen: the twistd process accepts it, and so must each
+    worker, at its start and at a reload (they restarted for ever)."""
+    port = _free_port()
+    config = _config(["haproxy:tcp:1080:interface=127.0.0.1"], extra="workers = 2")
+    server = socks_server(config, "--listen", f"tcp:{port}:interface=127.0.0.1",
+                          add_listen=False)
+    server.wait_for_log(r"w1 serving")
+    server.wait_for_log(r"w0 serving")
+    s, reply = _connect(port, echo_server)
+    assert reply == 0 and _echoes(s)
+    s.close()
+    _hup(server)
+    server.wait_for_log(r"w0 reloaded ")
+    server.wait_for_log(r"w1 reloaded ")
+    assert "cannot start" not in server.log() and "ended" not in server.log()
