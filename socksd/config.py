@@ -361,7 +361,8 @@ def parse(data: dict[str, Any], where: _Where) -> Config:
     for description in server.get("checkers", ()):
         problem = _checker_problem(description)
         if problem:
-            raise where.error(f"{description!r}: {problem}", "server", None, "checkers")
+            raise where.error(f"{checker_text(description)}: {problem}", "server", None,
+                              "checkers")
     limits = Limits(**given)
     if limits.auth_failure_backoff > limits.auth_failure_backoff_max:
         raise where.error(f"{limits.auth_failure_backoff:g} s is more than server."
@@ -721,6 +722,28 @@ def worker_count(value: int | str) -> int:
     if value == "auto":
         return os.cpu_count() or 1
     return int(value)
+
+
+def checker_text(description: str) -> str:
+    """A checker string as an error message may show it (quoted): without
+    the passwords a ``memory:`` one holds, and, for a type no checker
+    factory knows (a typing mistake, ``memroy:alice:s3cret``), without
+    anything after the type. The other types' arguments are paths and
+    options, which the operator needs to see."""
+    from twisted.cred import strcred
+
+    auth_type, _, rest = description.partition(":")
+    if not rest:
+        return repr(description)
+    if auth_type == "memory":
+        fields = rest.split(":")
+        return repr(":".join(["memory", *(f if i % 2 == 0 else "***"
+                                          for i, f in enumerate(fields))]))
+    try:
+        strcred.findCheckerFactory(auth_type)
+    except strcred.InvalidAuthType:
+        return repr(f"{auth_type}:***")
+    return repr(description)
 
 
 def _checker_problem(description: str) -> str | None:

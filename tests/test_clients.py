@@ -530,7 +530,9 @@ def test_listen_strings_twisted_takes_pass_the_check(tmp_path, listen):
 @pytest.mark.parametrize("check", [True, False], ids=["check", "start"])
 @pytest.mark.parametrize("auth, pattern", [
     ("memory:alice", r"^socksd: --auth 'memory:alice': .*format"),
-    ("nosuchtype:x", r"^socksd: --auth 'nosuchtype:x': .*nosuchtype"),
+    ("nosuchtype:x", r"^socksd: --auth 'nosuchtype:\*\*\*': .*nosuchtype"),
+    # A mistyped type, a password after it: the password is not repeated.
+    ("memroy:alice:s3cret", r"^socksd: --auth 'memroy:\*\*\*': .*memroy"),
     ("file:/nonexistent/users", r"^socksd: --auth: file:/nonexistent/users: "
                                 r"cannot read /nonexistent/users$"),
 ])

@@ -244,7 +244,7 @@ def test_bad_checker_string_is_an_error(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('[server]\nmethods = ["userpass"]\ncheckers = ["nosuchchecker:x"]\n')
     with pytest.raises(config.ConfigError,
-                       match=r"c.toml:3: server.checkers: 'nosuchchecker:x': unknown checker "
+                       match=r"c.toml:3: server.checkers: 'nosuchchecker:\*\*\*': unknown checker "
                              r"type 'nosuchchecker'"):
         tap.build(str(path), [], [])
 
@@ -259,3 +259,22 @@ def test_checker_that_cannot_be_made_is_an_error(tmp_path):
 @pytest.mark.parametrize("key", ["handshake_timeout", "connect_timeout"])
 def test_waits_cannot_be_unbounded(tmp_path, key):
     assert f"server.{key}: 0 is out of range" in error_of(tmp_path, f"[server]\n{key} = 0\n")
+
+
+@pytest.mark.parametrize("description, shown", [
+    ("memory:alice:s3cret:bob:hunter2", "'memory:alice:***:bob:***'"),
+    ("memory:alice", "'memory:alice'"),
+    ("memroy:alice:s3cret", "'memroy:***'"),
+    ("file:/etc/socksd/users", "'file:/etc/socksd/users'"),
+    ("anonymous", "'anonymous'"),
+])
+def test_checker_strings_in_messages_keep_their_passwords_out(description, shown):
+    assert config.checker_text(description) == shown
+
+
+def test_an_unknown_checker_type_in_the_file_is_named_without_its_arguments(tmp_path):
+    path = tmp_path / "socksd.toml"
+    path.write_text('[server]\ncheckers = ["memroy:alice:s3cret"]\n')
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(str(path))
+    assert "memroy:***" in str(caught.value) and "s3cret" not in str(caught.value)

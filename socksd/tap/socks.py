@@ -77,7 +77,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             super().opt_auth(description)
         except usage.UsageError as e:
             # One line, like a config error, not buried under the usage text.
-            sys.exit(f"socksd: --auth {description!r}: {e}")
+            sys.exit(f"socksd: --auth {configuration.checker_text(description)}: {e}")
         self["auth_strings"].append(description)   # for workers, which build their own
     def opt_listen(self, description: str) -> None:
         """Listen on this Twisted endpoint instead of the config's (repeatable)."""
@@ -138,7 +138,8 @@ def build(path: str | None, listen: list[str], auth_checkers: list[ICredentialsC
         except Exception as e:
             raise configuration.ConfigError(
                 f"{location('server', 'checkers')}: "
-                f"server.checkers[{index}]: {description!r}: {e}") from None
+                f"server.checkers[{index}]: {configuration.checker_text(description)}: "
+                f"{e}") from None
     checkers.extend(auth_checkers)
     for checker in checkers:
         _bytes_users(checker)
@@ -432,7 +433,8 @@ def rebuild(options: Options) -> tuple[configuration.Config, list[ICredentialsCh
         try:
             auth.append(strcred.makeChecker(description))
         except Exception as e:
-            raise configuration.ConfigError(f"--auth {description!r}: {e}") from None
+            raise configuration.ConfigError(
+                f"--auth {configuration.checker_text(description)}: {e}") from None
     cfg, checkers = build(options["config"], options["listen"], auth,
                           options["trusted_proxies"])
     check_log_option(cfg.log, options.parent, options["config"])
