@@ -367,3 +367,18 @@ def test_a_scraper_that_trickles_bytes_is_closed_at_its_deadline():
         protocol.connectionLost(Failure(ConnectionDone()))
     assert factory.buildProtocol(peer) is not None   # a place again
     assert clock.getDelayedCalls() == []             # no timer outlives its connection
+
+
+def test_a_user_name_that_is_not_utf8_does_not_break_the_scrape():
+    """A name read with surrogateescape (from bytes that are not UTF-8)
+    becomes a label written escaped, not a UnicodeEncodeError on every
+    scrape from then on."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    stats = Stats()
+    stats.per_user = True
+    stats.session_ended(5, "connect", "ok", "caf\udce9", True, "userpass", 1, 2, False)
+    collected = CollectorRegistry()
+    collected.register(SocksCollector(None, stats))
+    text = generate_latest(collected).decode()
+    assert 'user="caf\\\\xe9"' in text

@@ -141,6 +141,17 @@ def process_usage(pid: int) -> tuple[int, float, int] | None:
     return resident, cpu, fds
 
 
+def _printable(user: str) -> str:
+    """A user label the exposition can write: a name read with
+    surrogateescape (bytes that are not UTF-8) would make every scrape fail
+    with UnicodeEncodeError; its bytes are shown escaped instead."""
+    try:
+        user.encode("utf-8")
+    except UnicodeEncodeError:
+        return user.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return user
+
+
 def families(counts: Counts, per_user: bool) -> Iterator[Metric]:
     """The socksd series of ``counts``; with ``per_user``, by user too."""
     user = ["user"] if per_user else []
@@ -154,7 +165,7 @@ def families(counts: Counts, per_user: bool) -> Iterator[Metric]:
     # counts kept under names, which must not become duplicate series.
     shown: Counter[tuple[str, ...]] = Counter()
     for (version, command, outcome, who), n in counts.sessions.items():
-        shown[(version, command, outcome, *([who] if per_user else []))] += n
+        shown[(version, command, outcome, *([_printable(who)] if per_user else []))] += n
     for labels, n in sorted(shown.items()):
         sessions.add_metric(list(labels), n)
     yield sessions
@@ -165,7 +176,7 @@ def families(counts: Counts, per_user: bool) -> Iterator[Metric]:
     totals: Counter[tuple[str, ...]] = Counter(
         {(direction, *(["-"] if per_user else [])): 0 for direction in ("up", "down")})
     for (direction, who), n in counts.bytes.items():
-        totals[(direction, who) if per_user else (direction,)] += n
+        totals[(direction, _printable(who)) if per_user else (direction,)] += n
     for labels, n in sorted(totals.items()):
         relayed.add_metric(list(labels), n)
     yield relayed
