@@ -585,7 +585,7 @@ class Bench:
     def bulk(self, streams: int, vias: list[Via] | None = None,
              alternate: bool = False) -> dict[str, Results]:
         """Direction ("upload", "download") -> results. One stream: with the
-        socksd metrics row (workers = 1, as metrics need for now)."""
+        socksd metrics row (workers = 1, like the socksd row it is compared with)."""
         if vias is None:
             vias = (self.vias("1", *self.with_metrics()) if streams == 1
                     else self.vias_for_streams(streams))
