@@ -87,6 +87,18 @@ class FakeResolver:
 # Transports and the two ends of a session.
 
 
+class FakeProcess:
+    """A worker's process transport (IProcessTransport's signals only)."""
+
+    pid = 4242
+
+    def __init__(self) -> None:
+        self.signals: list[str] = []
+
+    def signalProcess(self, name: str) -> None:
+        self.signals.append(name)
+
+
 class HalfCloseTransport(StringTransport):
     """A StringTransport that records half-closes (TCP shutdown of writing)."""
 

@@ -17,6 +17,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 
+import fakes
 from socksd.config import Config
 from socksd.ident.channel import (
     MAX_FRAME,
@@ -128,21 +129,11 @@ def supervised(registry: ProxiedConnections, index: int = 0):
                                 reactor=MemoryReactorClock(), registry=registry)
     supervisor.spawn = lambda index: None     # no process restarted
     worker = _Worker(supervisor, index)
-    worker.makeConnection(FakeProcess())
+    worker.makeConnection(fakes.FakeProcess())
     supervisor.workers[index] = worker
     supervisor.reporting.add(worker)
     _ChannelFactory(worker, registry).buildProtocol(None).makeConnection(StringTransport())
     return supervisor, worker
-
-
-class FakeProcess:
-    pid = 4242
-
-    def __init__(self) -> None:
-        self.signals: list[str] = []
-
-    def signalProcess(self, name: str) -> None:
-        self.signals.append(name)
 
 
 def test_process_ended_clears_the_workers_entries_even_before_its_channel_closes():

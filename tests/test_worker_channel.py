@@ -17,6 +17,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 
+import fakes
 from socksd import stats
 from socksd.config import Config, ConfigError, load_text
 from socksd.ident.registry import ProxiedConnections
@@ -70,16 +71,6 @@ def never_less(before: dict, after: dict) -> None:
             assert after.get(key, 0) >= value, (key, value, after.get(key))
 
 
-class FakeProcess:
-    pid = 4242
-
-    def __init__(self) -> None:
-        self.signals: list[str] = []
-
-    def signalProcess(self, name: str) -> None:
-        self.signals.append(name)
-
-
 class Pair:
     """A worker process, both ends of its channel, and the supervisor."""
 
@@ -88,7 +79,7 @@ class Pair:
         self.counts = counts
         self.configured: list[tuple[str | None, str | None]] = []
         self.worker = _Worker(supervisor, index)
-        self.worker.makeConnection(FakeProcess())
+        self.worker.makeConnection(fakes.FakeProcess())
         supervisor.workers[index] = self.worker
         supervisor.reporting.add(self.worker)
         self.up = _ChannelFactory(self.worker, supervisor.registry).buildProtocol(None)
