@@ -32,7 +32,7 @@ install: debs-build $(VENV)/bin/pip
 	$(PY) -m pip install -q '.$(EXTRAS)'
 
 run: install
-	$(VENV)/bin/twistd -n --pidfile= socks
+	$(VENV)/bin/twistd -n --pidfile= socks $(ARGS)
 
 debs-build:
 	@missing=$$(for p in $(BUILD_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -53,7 +53,7 @@ test: debs-test install lint
 # The gates that hold style, layering and types before any test runs
 # ([tool.ruff], [tool.importlinter] and [tool.mypy] in pyproject.toml).
 lint:
-	$(VENV)/bin/ruff check socksd tests benchmarks twisted
+	$(VENV)/bin/ruff check socksd tests benchmarks twisted examples
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
 
