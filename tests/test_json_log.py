@@ -54,7 +54,8 @@ HOSTILE = ('mallory\n{"time":"2026-01-01T00:00:00.000Z","level":"info","event":"
 
 
 def record(**changes) -> SessionRecord:
-    fields = dict(worker=None, peer="127.0.0.1:40000", version=5, user="alice", verified=True,
+    fields = dict(worker=None, peer="127.0.0.1:40000", version=5, socks4a=False, user="alice",
+                  verified=True,
                   method="userpass", command="connect", destination="example.org:80", up=78,
                   down=782, duration=0.0031, outcome="ok", detail="", spliced=False)
     fields.update(changes)

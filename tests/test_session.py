@@ -99,12 +99,22 @@ def test_server_preference_order_wins(bytewise):
     assert client.take() == b"\x05\x02"
 
 
-def test_not_socks5_is_closed_without_reply(bytewise):
+@pytest.mark.parametrize("first, said", [
+    (b"GET / HTTP/1.1\r\n\r\n", "not SOCKS (looks like HTTP)"),
+    (b"CONNECT example.org:443 HTTP/1.1\r\n\r\n", "not SOCKS (looks like HTTP)"),
+    (b"\x16\x03\x01\x02\x00\x01", "not SOCKS (looks like TLS)"),
+    (b"\x07\x01", "unsupported SOCKS version 7"),
+])
+def test_not_socks_is_closed_without_reply_and_said_so(bytewise, first, said):
     factory, _ = make_factory()
     client = Client(factory, bytewise)
-    client.send(b"GET / HTTP/1.1\r\n\r\n")
-    assert client.take() == b""
-    assert client.closing
+    with capturedLogs() as events:
+        client.send(first)
+        assert client.take() == b""
+        assert client.closing
+        client.lose()
+    [line] = session_lines(events)
+    assert line.endswith(f"bad request: {said}"), line
 
 
 # RFC 1929 username/password.

@@ -74,7 +74,7 @@ def test_curl_socks4a(socks_server, http_server):
     out = curl("--socks4a", f"127.0.0.1:{server.port}", f"http://localhost:{http_server}/")
     assert out.returncode == 0, out.stderr
     assert out.stdout == PAGE
-    session_line(server, rf"socks4 user=- method=trust connect localhost:{http_server} .* ok")
+    session_line(server, rf"socks4a user=- method=trust connect localhost:{http_server} .* ok")
 
 
 def test_curl_socks4a_url_with_userid(socks_server, http_server):
@@ -83,7 +83,7 @@ def test_curl_socks4a_url_with_userid(socks_server, http_server):
                f"http://localhost:{http_server}/")
     assert out.returncode == 0, out.stderr
     assert out.stdout == PAGE
-    session_line(server, rf"socks4 user=alice method=trust connect localhost:{http_server} "
+    session_line(server, rf"socks4a user=alice method=trust connect localhost:{http_server} "
                          r".* ok")
 
 
@@ -484,7 +484,7 @@ def test_socks4_next_to_passwords_only_when_the_file_says_so(socks_server, http_
     out = curl("-x", f"socks4a://alice@127.0.0.1:{server.port}",
                f"http://localhost:{http_server}/")
     assert out.returncode != 0
-    session_line(server, rf"socks4 user=alice method=trust connect localhost:{http_server} "
+    session_line(server, rf"socks4a user=alice method=trust connect localhost:{http_server} "
                          r".* denied: no rule matched")
     out = curl("-x", f"socks5h://alice:secret@127.0.0.1:{server.port}",
                f"http://localhost:{http_server}/")

@@ -168,7 +168,7 @@ def test_connect_ip_granted_with_bound_address_and_relay(bytewise):
         relay_until_far_end_closes(client, out)
         client.lose()
     [line] = session_lines(events)
-    assert "socks4" in line and "socks5" not in line
+    assert " socks4 " in line and "socks5" not in line
     assert "127.0.0.1:40000" in line
     assert "user=fred" in line and "method=trust" in line
     assert "connect 93.184.216.34:80" in line
@@ -213,6 +213,19 @@ def test_empty_userid_is_anonymous(bytewise):
     client.send(CONNECT_ANON)
     granted(client, reactor)
     assert client.session.user == ANONYMOUS
+
+
+def test_an_empty_userid_allowed_under_ident_is_logged_as_checked_by_no_one(bytewise):
+    factory, reactor = make_factory(Socks4Policy(userid="ident", allow_empty_userid=True))
+    client = Client(factory, bytewise)
+    with capturedLogs() as events:
+        client.send(CONNECT_ANON)
+        assert _connections(reactor, ident=True) == []     # no identd asked
+        out = granted(client, reactor)
+        out.protocol.connectionLost(Failure(error.ConnectionDone()))
+        client.lose()
+    [line] = session_lines(events)
+    assert "user=- method=none connect" in line, line
 
 
 @pytest.mark.parametrize("exc", [error.ConnectionRefusedError(), error.TimeoutError(),
@@ -363,7 +376,7 @@ def test_4a_resolves_through_reactor_resolver(bytewise):
         out.protocol.connectionLost(Failure(error.ConnectionDone()))
         client.lose()
     [line] = session_lines(events)
-    assert "socks4" in line and "connect example.com:443" in line and "user=fred" in line
+    assert " socks4a " in line and "connect example.com:443" in line and "user=fred" in line
 
 
 def test_4a_with_other_marker_address(bytewise):

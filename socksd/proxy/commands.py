@@ -33,6 +33,7 @@ class Commands:
     peer: str
     user: User
     version: int
+    socks4a: bool
     command: str
     destination: str
     pending: defer.Deferred | None
@@ -52,7 +53,7 @@ class Commands:
         raise NotImplementedError
 
     def connect(self, host: str, port: int, by_name: bool) -> defer.Deferred:
-        rules = self._request("connect", host, port)
+        rules = self._request("connect", host, port, by_name)
         refused = self._protection_refuses("connect")
         if refused is not None:
             return defer.fail(refused)
@@ -62,7 +63,7 @@ class Commands:
         return d
 
     def bind(self, host: str, port: int, by_name: bool) -> defer.Deferred:
-        rules = self._request("bind", host, port)
+        rules = self._request("bind", host, port, by_name)
         refused = self._protection_refuses("bind")
         if refused is not None:
             return defer.fail(refused)
@@ -95,9 +96,12 @@ class Commands:
         else:
             self.fail(f"{self.command} failed", str(failed))
 
-    def _request(self, command: str, host: str, port: int) -> ClientRules:
+    def _request(self, command: str, host: str, port: int,
+                 by_name: bool = False) -> ClientRules:
         """The handshake is over: the request is written down, and the rules
         are asked for this client and user from here on."""
+        if by_name and self.version == 4:
+            self.socks4a = True
         self.command = command
         self.destination = host_port(host, port)
         # From here the command's own timeouts bound the wait, so the client

@@ -20,6 +20,7 @@ class SessionRecord:
     worker: int | None      # which of ``workers = N`` processes (None: the only one)
     peer: str
     version: int
+    socks4a: bool           # version 4, the destination named (SOCKS4a)
     user: str               # the authenticated name, else the one claimed, else "-"
     verified: bool
     method: str
@@ -41,7 +42,8 @@ def log_record(record: SessionRecord) -> None:
     # of a dozen fields costs more than the rest of a short session's line.
     worker, detail = record.worker, record.detail
     line = (f"{'' if worker is None else f'w{worker} '}"
-            f"{escape(record.peer, spaces=True)} socks{record.version} "
+            f"{escape(record.peer, spaces=True)} socks{record.version}"
+            f"{'a ' if record.socks4a else ' '}"
             f"user={escape(record.user, spaces=True)} method={record.method} "
             f"{record.command} {escape(record.destination, spaces=True)} up={record.up} "
             f"down={record.down} {record.duration:.3f}s {record.outcome}"

@@ -33,6 +33,22 @@ from socksd.wire import WireError, socks4, socks5
 MAX_HANDSHAKE_BUFFER = 65536
 
 
+# What a client that is not a SOCKS client tends to open with: an HTTP
+# method's first letter (CONNECT, DELETE, GET, HEAD, OPTIONS, PATCH, POST,
+# PUT, TRACE), a TLS record (a ClientHello).
+_HTTP_FIRST = frozenset(b"CDGHOPT")
+_TLS_HANDSHAKE = 0x16
+
+
+def _not_socks(version: int) -> str:
+    """What the session line says of a first byte that is no SOCKS version."""
+    if version in _HTTP_FIRST:
+        return "not SOCKS (looks like HTTP)"
+    if version == _TLS_HANDSHAKE:
+        return "not SOCKS (looks like TLS)"
+    return f"unsupported SOCKS version {version}"
+
+
 class Session(Admission, ClientEnd, TimeoutMixin, Commands):
     """The client's side of a session, from first byte to its record; the
     owner (:class:`~socksd.proxy.handshake.RequestOwner`) of its handshake."""
@@ -41,6 +57,7 @@ class Session(Admission, ClientEnd, TimeoutMixin, Commands):
     # only what a session changes, which keeps idle sessions small.
     handler: Socks4Handshake | Socks5Handshake | None = None
     version = 5
+    socks4a = False       # a SOCKS4 request that named its destination (4a)
     relaying: Relaying | None = None    # from the last reply on
     pending: defer.Deferred | None = None
     user: User = ANONYMOUS
@@ -110,7 +127,7 @@ class Session(Admission, ClientEnd, TimeoutMixin, Commands):
             self.transport.write(socks4.encode_reply(socks4.REJECTED))
             self.fail("bad request", "SOCKS4 is disabled ([socks4] enabled = false)")
             return None
-        self.fail("bad request", f"unsupported SOCKS version {version}")
+        self.fail("bad request", _not_socks(version))
         return None
 
     def readConnectionLost(self) -> None:
@@ -272,7 +289,8 @@ class Session(Admission, ClientEnd, TimeoutMixin, Commands):
             return     # said otherwise, or only counted
         server = self.server
         server.record(SessionRecord(
-            server.worker, self.peer, self.version, self.user.name or self.claimed_user or "-",
+            server.worker, self.peer, self.version, self.socks4a,
+            self.user.name or self.claimed_user or "-",
             self.user.verified, self.method, self.command, self.destination, up, down,
             server.reactor.seconds() - self.started, self.outcome or "ok", detail,
             relaying is not None and relaying.splicer is not None))

@@ -77,6 +77,10 @@ class Socks4Handshake(Requesting):
         self.buffer = self.buffer[used:]
         self.waiting = True
         owner = self.owner
+        # The identd is not asked about an empty USERID (allowed or not):
+        # the line must not say it was.
+        if not request.userid and self.method == "ident":
+            self.method = "none"
         owner.note(method=self.method)
         if request.command not in (socks4.CONNECT, socks4.BIND):
             command = f"0x{request.command:02x}"
