@@ -219,6 +219,15 @@ class CheckerTests(unittest.TestCase):
             with open(self.path, "wb") as f:
                 f.writelines(kept)
 
+    def test_a_user_listed_twice_fails_at_start_up_naming_both_lines(self):
+        with open(self.path, "ab") as f:
+            f.write(b"carol:" + _bcrypt(b"pw", 4) + b"\n  alice:" + _bcrypt(b"new", 4) + b"\n")
+        with self.assertRaises(ValueError) as raised:
+            HashedPasswordFile(self.path)
+        self.assertEqual(str(raised.exception),
+                         f"{self.path}:6: user 'alice' again, first on line 3: only that first "
+                         "entry would count; keep one")
+
     async def test_portal_chain_and_realm(self):
         memory = InMemoryUsernamePasswordDatabaseDontUse(dave=b"pw")
         portal = Portal(SOCKSRealm(), [FirstOf([memory, self.checker])])
@@ -366,3 +375,28 @@ class LongPasswordTests(unittest.TestCase):
         self.assertTrue(verify(b"z" * 100, hashed))
         self.assertTrue(verify(b"z" * 72, hashed))
         self.assertFalse(verify(b"z" * 71, hashed))
+
+
+class PlainFileTests(unittest.SynchronousTestCase):
+    """Twisted's file: checker's file, read as FilePasswordDB reads it."""
+
+    def test_a_user_listed_twice_is_named_with_both_lines(self):
+        from twisted.cred.checkers import FilePasswordDB
+
+        from socksd.auth.files import check_plain_file
+
+        with tempfile.NamedTemporaryFile() as f:
+            # FilePasswordDB has no comments and keeps leading blanks: "#x:y"
+            # is user "#x", " bob" is not "bob".
+            f.write(b"#x:y\nalice:1\n\nnofield\n bob:2\nbob:3\nAlice:4\n")
+            f.flush()
+            check_plain_file(FilePasswordDB(f.name))
+            f.write(b"bob:5\n")
+            f.flush()
+            with self.assertRaises(ValueError) as raised:
+                check_plain_file(FilePasswordDB(f.name))
+            self.assertIn(f"{f.name}:8: user 'bob' again, first on line 6", str(raised.exception))
+            with self.assertRaises(ValueError) as raised:
+                check_plain_file(FilePasswordDB(f.name, caseSensitive=False))
+            self.assertIn(f"{f.name}:7: user 'alice' again, first on line 2",
+                          str(raised.exception))

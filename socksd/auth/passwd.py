@@ -29,7 +29,7 @@ from twisted.cred.credentials import IUsernamePassword
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from socksd.auth import hashing
+from socksd.auth import files, hashing
 from socksd.escape import escape
 
 log = Logger(namespace="socksd")
@@ -149,8 +149,10 @@ def _entries(path: str):
 
 def check_file(path: str) -> None:
     """ValueError naming the first line that is not ``user:hash`` with a
-    bcrypt or argon2 hash: a plaintext password there is a mistake to catch
-    at start-up, not at the user's first login."""
+    bcrypt or argon2 hash, or the two lines of a user listed twice: a
+    plaintext password there, or a second entry that would be ignored, is a
+    mistake to catch at start-up, not at the user's first login."""
+    names = []
     for number, name, hashed in _entries(path):
         user = name.decode("utf-8", "replace")
         if hashed is None:
@@ -158,6 +160,8 @@ def check_file(path: str) -> None:
         if not hashed.startswith(_BCRYPT + _ARGON2):
             raise ValueError(f"{path}:{number}: the entry for {user!r} is not a bcrypt or "
                              "argon2 hash (python -m socksd.auth.passwd makes one)")
+        names.append((number, name))
+    files.check_unique(path, names)
 
 
 @implementer(ICredentialsChecker)

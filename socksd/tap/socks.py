@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from socksd import config as configuration
-from socksd.auth import SOCKSRealm
+from socksd.auth import SOCKSRealm, files
 from socksd.auth.checkers import FirstOf
 from socksd.auth.hashing import HashPool
 from socksd.auth.methods import Backoff
@@ -143,14 +143,20 @@ def build(path: str | None, listen: list[str], auth_checkers: list[ICredentialsC
     checkers.extend(auth_checkers)
     for checker in checkers:
         _bytes_users(checker)
-        # Twisted's file: checker only warns about a missing file, then
-        # refuses every login; say so at start-up instead.
-        if isinstance(checker, FilePasswordDB) and not os.access(checker.filename, os.R_OK):
+        if isinstance(checker, FilePasswordDB):
             origin = ("--auth" if checker in auth_checkers else
                       f"{location('server', 'checkers')}: "
                       "server.checkers")
-            raise configuration.ConfigError(
-                f"{origin}: file:{checker.filename}: cannot read {checker.filename}")
+            # Twisted's file: checker only warns about a missing file, then
+            # refuses every login; say so at start-up instead.
+            if not os.access(checker.filename, os.R_OK):
+                raise configuration.ConfigError(
+                    f"{origin}: file:{checker.filename}: cannot read {checker.filename}")
+            try:
+                files.check_plain_file(checker)
+            except (OSError, ValueError) as e:
+                raise configuration.ConfigError(
+                    f"{origin}: file:{checker.filename}: {e}") from None
     if cfg.gssapi is not None and "gssapi" in cfg.methods:
         from gssapi.exceptions import GSSError
 
