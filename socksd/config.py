@@ -229,6 +229,8 @@ class _Where:
         self.path = path
         self.text = text
         self.lines = text.splitlines()
+        # What a relative path in the file is relative to (see _in_folder).
+        self.folder = os.path.dirname(os.path.abspath(path))
 
     def line_of(self, table: str | None, index: int | None, key: str | None) -> int | None:
         header = None
@@ -358,11 +360,13 @@ def parse(data: dict[str, Any], where: _Where) -> Config:
     if not 1 <= server.get("max_datagram", 1) <= 65507:
         raise where.error(f"{server['max_datagram']} is not a UDP payload size (1-65507)",
                           "server", None, "max_datagram")
+    checkers = []
     for description in server.get("checkers", ()):
         problem = _checker_problem(description)
         if problem:
             raise where.error(f"{checker_text(description)}: {problem}", "server", None,
                               "checkers")
+        checkers.append(_checker_in(description, where.folder))
     limits = Limits(**given)
     if limits.auth_failure_backoff > limits.auth_failure_backoff_max:
         raise where.error(f"{limits.auth_failure_backoff:g} s is more than server."
@@ -387,7 +391,7 @@ def parse(data: dict[str, Any], where: _Where) -> Config:
     log_config = _log(_table(data, "log", _LOG_KEYS, where), where)
     metrics = _metrics(_table(data, "metrics", _METRICS_KEYS, where), where)
     return Config(where.path, listen, methods, "methods" in server,
-                  tuple(server.get("checkers", ())), limits, rules,
+                  tuple(checkers), limits, rules,
                   _socks4(socks4, limits, where), identd, gssapi, workers,
                   "enabled" in socks4, trusted,
                   server.get("recheck_on_reload", False),
@@ -426,8 +430,11 @@ def _gssapi(table: dict[str, Any], where: _Where) -> GSSAPISettings:
         raise where.error(f"{principal_map!r} is not \"strip-realm\" or \"keep\"", "gssapi",
                           None, "principal_map")
     keytab = table.get("keytab") or None
-    if keytab and keytab.startswith("FILE:"):
-        keytab = keytab[5:]
+    if keytab:
+        # krb5 reads a name with no TYPE: prefix as a file; other types
+        # (MEMORY:, KEYRING:) name no file.
+        if keytab.startswith("FILE:") or ":" not in keytab:
+            keytab = _in_folder(keytab.removeprefix("FILE:"), where.folder)
     realms: dict[str, Any] = {}
     if "local_realms" in table:
         if not table["local_realms"]:
@@ -744,6 +751,30 @@ def checker_text(description: str) -> str:
     except strcred.InvalidAuthType:
         return repr(f"{auth_type}:***")
     return repr(description)
+
+
+# strcred checker types whose argument is a file's path: Twisted's file:
+# and socksd's htpasswd:. Any other type's argument is left as written.
+PATH_CHECKERS = ("file", "htpasswd")
+
+
+def _in_folder(path: str, folder: str) -> str:
+    """A path from the file, relative to the file's folder: services start
+    in / (systemd) or wherever twistd was run, and a file that works from
+    one working directory must work from any. Made absolute once, here,
+    so that every later reader (a checker made again at a reload, a
+    worker, the start-up checks) reads the same file."""
+    return path if os.path.isabs(path) else os.path.join(folder, path)
+
+
+def _checker_in(description: str, folder: str) -> str:
+    """A checker string from the file with its path, if its type takes one,
+    relative to the file's folder (``htpasswd:users`` ->
+    ``htpasswd:/etc/socksd/users``)."""
+    auth_type, _, argument = description.partition(":")
+    if auth_type in PATH_CHECKERS and argument:
+        return f"{auth_type}:{_in_folder(argument, folder)}"
+    return description
 
 
 def _checker_problem(description: str) -> str | None:

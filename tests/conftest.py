@@ -129,7 +129,7 @@ class TwistdSocks:
 
     def __init__(self, tmp_path: Path, config: str | None, args: list[str],
                  env: dict[str, str] | None, add_listen: bool = True,
-                 twistd_args: tuple[str, ...] = ()) -> None:
+                 twistd_args: tuple[str, ...] = (), cwd: Path | None = None) -> None:
         self.tmp = tmp_path
         self.log_path = tmp_path / f"twistd-{id(self)}.log"
         command = [TWISTD, "-n", "--pidfile=", *twistd_args, "socks"]
@@ -145,7 +145,7 @@ class TwistdSocks:
         full_env.update(env or {})
         self.log_file = open(self.log_path, "wb")
         self.process = subprocess.Popen(command, stdout=self.log_file, stderr=subprocess.STDOUT,
-                                        env=full_env, cwd=tmp_path)
+                                        env=full_env, cwd=cwd or tmp_path)
         try:
             self.port = self._wait_for_port()
         except BaseException:
@@ -224,12 +224,14 @@ def bytewise(request) -> bool:
 def socks_server(tmp_path):
     """Start servers with ``socks_server(config_text=None, *args, env=None)``;
     a free loopback port is used unless args or ``add_listen=False`` say otherwise;
-    ``twistd_args`` go before ``socks``."""
+    ``twistd_args`` go before ``socks``; it runs in ``cwd``, by default the
+    test's tmp_path (where the config file is written)."""
     started: list[TwistdSocks] = []
 
     def start(config: str | None = None, *args: str, env: dict[str, str] | None = None,
-              add_listen: bool = True, twistd_args: tuple[str, ...] = ()):
-        server = TwistdSocks(tmp_path, config, list(args), env, add_listen, twistd_args)
+              add_listen: bool = True, twistd_args: tuple[str, ...] = (),
+              cwd: Path | None = None):
+        server = TwistdSocks(tmp_path, config, list(args), env, add_listen, twistd_args, cwd)
         started.append(server)
         return server
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PAGE, TWISTD, require
+from socksd.auth.passwd import hash_password
 
 pytestmark = pytest.mark.integration
 
@@ -140,6 +141,17 @@ def test_auth_without_methods_requires_password(socks_server, http_server, tmp_p
     assert_login_works(server, "alice", "secret", http_server, tmp_path)
     result, _ = curl(server, None, f"http://localhost:{http_server}/", tmp_path / "body")
     assert result.returncode == 97, result.stderr
+
+
+def test_relative_paths_in_the_config_are_its_folders(socks_server, http_server, tmp_path):
+    """systemd starts a service in /: a config naming ``htpasswd:users``
+    next to it reads that file, not /users."""
+    (tmp_path / "users").write_bytes(b"alice:" + hash_password(b"secret") + b"\n")
+    (tmp_path / "plain").write_text("bob:hunter2\n")
+    server = socks_server(USERPASS_ONLY + 'checkers = ["htpasswd:users", "file:plain"]\n',
+                          cwd=Path("/"))
+    assert_login_works(server, "alice", "secret", http_server, tmp_path)
+    assert_login_works(server, "bob", "hunter2", http_server, tmp_path)
 
 
 # The README's user story.

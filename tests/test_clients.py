@@ -463,6 +463,35 @@ def test_unknown_checker_in_config(tmp_path):
                          rf"{re.escape(str(path))}(:\d+)?: server\.checkers.*nosuchchecker")
 
 
+@pytest.mark.parametrize("check", [True, False], ids=["check", "start"])
+@pytest.mark.parametrize("kind", ["file", "htpasswd"])
+def test_a_user_listed_twice_is_refused_naming_both_lines(tmp_path, kind, check):
+    """``passwd alice >> users`` to change her password added a line the
+    checker would never read: the old password would keep working."""
+    from socksd.auth.passwd import hash_password
+
+    def entry(password: bytes) -> bytes:
+        return b"alice:" + (password if kind == "file" else hash_password(password)) + b"\n"
+
+    users = tmp_path / "users"
+    users.write_bytes(b"# users\n" + entry(b"old") + b"bob:" + entry(b"x")[6:]
+                      + entry(b"new"))
+    path = tmp_path / "socksd.toml"
+    path.write_text(f'[server]\nmethods = ["userpass"]\ncheckers = ["{kind}:users"]\n')
+    args = ["--config", str(path)] + (["--check"] if check else
+                                      ["--listen", "tcp:0:interface=127.0.0.1"])
+    _assert_config_error(_run_twistd(*args, cwd=tmp_path),
+                         rf"{re.escape(str(path))}:3: server\.checkers.*{kind}:"
+                         rf"{re.escape(str(users))}'?: {re.escape(str(users))}:4: user 'alice' "
+                         r"again, first on line 2: only that first entry would count; keep one")
+    # The same file given with --auth.
+    args = ["--auth", f"{kind}:users"] + (["--check"] if check else
+                                          ["--listen", "tcp:0:interface=127.0.0.1"])
+    _assert_config_error(_run_twistd(*args, cwd=tmp_path),
+                         rf"--auth\W+{kind}:users\W.*users:4: user 'alice' again, "
+                         r"first on line 2")
+
+
 def test_example_config_checks(tmp_path):
     out = _run_twistd("--config", str(EXAMPLE), "--check", cwd=tmp_path)
     output = out.stdout + out.stderr

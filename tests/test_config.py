@@ -278,3 +278,37 @@ def test_an_unknown_checker_type_in_the_file_is_named_without_its_arguments(tmp_
     with pytest.raises(config.ConfigError) as caught:
         config.load(str(path))
     assert "memroy:***" in str(caught.value) and "s3cret" not in str(caught.value)
+
+
+# Relative paths: against the file's folder, never the working directory.
+
+
+def test_relative_checker_paths_are_the_config_folders(tmp_path, monkeypatch):
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    (folder / "socksd.toml").write_text(
+        '[server]\ncheckers = ["htpasswd:users", "file:sub/users.plain", "file:/abs/users", '
+        '"memory:alice:pw", "htpasswd:../up"]\n')
+    monkeypatch.chdir(tmp_path)    # a relative config path, from another folder
+    cfg = config.load("etc/socksd.toml")
+    assert cfg.checkers == (f"htpasswd:{folder}/users", f"file:{folder}/sub/users.plain",
+                            "file:/abs/users", "memory:alice:pw", f"htpasswd:{folder}/../up")
+
+
+def test_relative_keytab_is_the_config_folders(tmp_path, monkeypatch):
+    monkeypatch.chdir("/")
+    for written, read in [("socksd.keytab", f"{tmp_path}/socksd.keytab"),
+                          ("FILE:keys/socksd.keytab", f"{tmp_path}/keys/socksd.keytab"),
+                          ("FILE:/etc/krb5.keytab", "/etc/krb5.keytab"),
+                          ("/etc/krb5.keytab", "/etc/krb5.keytab"),
+                          ("MEMORY:socksd", "MEMORY:socksd")]:
+        cfg = load_text(tmp_path, f'[gssapi]\nkeytab = "{written}"\nlocal_realms = ["X"]\n')
+        assert cfg.gssapi is not None and cfg.gssapi.keytab == read, written
+
+
+def test_a_relative_checker_path_is_read_from_the_config_folder(tmp_path, monkeypatch):
+    (tmp_path / "users").write_text("alice:secret\n")
+    (tmp_path / "socksd.toml").write_text('[server]\ncheckers = ["file:users"]\n')
+    monkeypatch.chdir("/")
+    cfg, checkers = tap.build(str(tmp_path / "socksd.toml"), [], [])
+    assert [checker.filename for checker in checkers] == [f"{tmp_path}/users"]

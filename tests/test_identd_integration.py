@@ -1086,6 +1086,34 @@ def test_drops_privileges_after_binding(twistd, ident_user, sockets):
             b"%d, %d : USERID : UNIX : %s" % (child_port, port, IDENT_USER.encode())
 
 
+def test_as_nobody_it_answers_for_every_users_sockets(twistd, ident_user, sockets):
+    """twistd -u nobody -g nogroup identd: the kernel's sock_diag answers an
+    unprivileged process about other users' sockets, root's included."""
+    server = twistd("-u", "nobody", "-g", "nogroup", "identd", "--listen",
+                    "tcp:0:interface=127.0.0.1", "--hide", "nobody")
+    server.wait_for_ports(r"set uid/gid (\d+)")
+    with open(f"/proc/{server.process.pid}/status") as f:
+        status = f.read()
+    nobody = pwd.getpwnam("nobody")
+    for field, expected in (("Uid:", nobody.pw_uid), ("Gid:", nobody.pw_gid)):
+        line = next(line for line in status.splitlines() if line.startswith(field))
+        assert set(map(int, line.split()[1:])) == {expected}, line
+    lst = listener(sockets)
+    port = lst.getsockname()[1]
+    root_client = sockets.enter_context(socket.create_connection(lst.getsockname()))
+    sockets.enter_context(lst.accept()[0])
+    root_port = root_client.getsockname()[1]
+    assert ask(server.port, b"%d, %d\r\n" % (root_port, port)) == \
+        b"%d, %d : USERID : UNIX : root" % (root_port, port), server.log()
+    with connection_as(ident_user, lst) as child_port:
+        assert ask(server.port, b"%d, %d\r\n" % (child_port, port)) == \
+            b"%d, %d : USERID : UNIX : %s" % (child_port, port, IDENT_USER.encode())
+        # The listener's end of that connection is root's.
+        assert ask(server.port, b"%d, %d\r\n" % (port, child_port)) == \
+            b"%d, %d : USERID : UNIX : root" % (port, child_port)
+    assert "Traceback" not in server.log()
+
+
 @pytest.fixture
 def user_file(ident_user):
     """Writes ~/.config/socksd-ident for the throwaway user (in its passwd
@@ -1134,3 +1162,39 @@ def test_check_the_example_config(tmp_path):
     out = run_identd("--config", str(example), "--check", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert b"tcp:113" in out.stdout
+
+
+def test_a_user_file_it_cannot_read_after_dropping_root_is_a_warning(
+        twistd, ident_user, user_file, sockets, tmp_path):
+    """Optional and many, so a warning at start, not a stop; the identd then
+    answers as if the file were not there."""
+    config = tmp_path / "identd.toml"
+    config.write_text('[identd]\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
+                      f'user_files = ["{IDENT_USER}"]\n')
+    reply = user_file("fixed:ircnick\n")
+    reply.chmod(0o600)
+    check = subprocess.run([TWISTD, "-u", "nobody", "-g", "nogroup", "identd", "--config",
+                            str(config), "--check"], capture_output=True, timeout=30,
+                           cwd=tmp_path)
+    assert check.returncode == 0, check
+    warning = (f"identd: {reply}, {IDENT_USER}'s reply mode, cannot be read as nobody:nogroup "
+               "(uid 65534, gid 65534), whom twistd -u/-g runs the identd as (Permission "
+               "denied): it is ignored")
+    assert check.stdout.decode().splitlines()[1:] == [f"warning: {warning}"], check
+    # The identd that twistd socks runs ([identd] enabled) is checked the same way.
+    socks_config = tmp_path / "socksd.toml"
+    socks_config.write_text(config.read_text() + "enabled = true\n")
+    check = subprocess.run([TWISTD, "-u", "nobody", "-g", "nogroup", "socks", "--config",
+                            str(socks_config), "--check"], capture_output=True, timeout=30,
+                           cwd=tmp_path)
+    assert check.returncode == 0, check
+    assert check.stdout.decode().splitlines()[1:] == [f"warning: {warning}"], check
+    server = twistd("-u", "nobody", "-g", "nogroup", "identd", "--config", str(config))
+    assert re.search(rf"\[socksd#warn\] {re.escape(warning)}\n", server.log()), server.log()
+    lst = listener(sockets)
+    port = lst.getsockname()[1]
+    with connection_as(ident_user, lst) as child_port:
+        query = b"%d, %d\r\n" % (child_port, port)
+        assert answer(ask(server.port, query))[1] == b"UNIX : " + IDENT_USER.encode()
+        reply.chmod(0o644)     # read at each query: now it counts
+        assert answer(ask(server.port, query))[1] == b"UNIX : ircnick"

@@ -124,6 +124,36 @@ def test_inode_and_uid_of_a_connection_owned_by_another_user(method, sockets):
         assert user_name(os.getuid()) == pwd.getpwuid(os.getuid()).pw_name
 
 
+def test_netlink_answers_an_unprivileged_process_about_every_users_sockets(sockets):
+    """twistd -u nobody identd: sock_diag needs no privilege to say who owns
+    another user's socket, or root's; the /proc fallback is not asked."""
+    entry = system_user(TEST_USER)
+    nobody = pwd.getpwnam("nobody")
+    lst = listener(sockets, socket.AF_INET, "127.0.0.1")
+    port = lst.getsockname()[1]
+    with connection_as(entry, lst) as child:
+        views = [Connection("127.0.0.1", child.port, "127.0.0.1", port),
+                 Connection("127.0.0.1", port, "127.0.0.1", child.port)]
+        report_r, report_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: never return into pytest
+            try:
+                os.close(report_r)
+                os.setgroups([])
+                os.setgid(nobody.pw_gid)
+                os.setuid(nobody.pw_uid)
+                found = [lookup_netlink(view) for view in views]
+                os.write(report_w, repr([(o.uid, o.inode) if o else None
+                                         for o in found]).encode())
+            finally:
+                os._exit(0)
+        os.close(report_w)
+        with open(report_r, "rb") as report:
+            seen = report.read().decode()
+        os.waitpid(pid, 0)
+        assert seen == repr([(entry.pw_uid, child.inode), (0, inode(child.accepted))])
+
+
 # ---- v4-mapped ---------------------------------------------------------------------
 
 def test_v4_mapped_on_a_dual_stack_socket(method, sockets):

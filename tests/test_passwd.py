@@ -9,6 +9,8 @@ import pty
 import re
 import select
 import shutil
+import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -176,6 +178,146 @@ class PasswdCommandTests(unittest.SynchronousTestCase):
         self.assertNotIn(b"again:", screen)
 
 
+def posix_acl(*entries: tuple[int, int, int]) -> bytes:
+    """A system.posix_acl_access value: (tag, permissions, id) entries."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+class PasswdFileTests(unittest.SynchronousTestCase):
+    """``--file FILE USER`` adds or replaces USER's entry in place, ``--delete``
+    removes it: a password can be changed, which ``>> FILE`` cannot do."""
+
+    def setUp(self):
+        self.folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.folder)
+        self.path = os.path.join(self.folder, "users")
+
+    def run_tool(self, *args: str, password: bytes = b"pw") -> subprocess.CompletedProcess:
+        return passwd_main("--file", self.path, *args, input=password + b"\n")
+
+    def entries(self) -> dict[bytes, bytes]:
+        with open(self.path, "rb") as f:
+            lines = [line.strip().split(b":", 1) for line in f if b":" in line]
+        return {name: hashed for name, hashed in lines}
+
+    def assertOnlyTheFile(self):
+        self.assertEqual(os.listdir(self.folder), ["users"])   # no temporary file left
+
+    def test_adds_to_a_new_file_of_mode_600(self):
+        out = self.run_tool("alice", password=b"s3cret")
+        self.assertEqual((out.returncode, out.stdout), (0, b""), out.stderr)
+        self.assertEqual(out.stderr, f"python -m socksd.auth.passwd: added alice's entry to "
+                                     f"{self.path}\n".encode())
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
+        self.assertTrue(verify(b"s3cret", self.entries()[b"alice"]))
+        self.assertOnlyTheFile()
+
+    def test_replaces_in_place_keeping_every_other_line_mode_and_owner(self):
+        bob = b"bob:" + _bcrypt(b"hunter2", 4)
+        with open(self.path, "wb") as f:
+            f.write(b"# socksd users\r\nalice:" + _bcrypt(b"old", 4) + b"\r\n\n" + bob
+                    + b"\nalice:" + _bcrypt(b"older", 4) + b"\ncarol:x")   # no final newline
+        os.chmod(self.path, 0o640)
+        if os.geteuid() == 0:
+            os.chown(self.path, 65534, 65534)
+        before = os.stat(self.path)
+        with open(self.path, "rb") as reader:    # a login reading the file meanwhile
+            out = self.run_tool("alice", password=b"new")
+            self.assertEqual(out.returncode, 0, out.stderr)
+            self.assertIn(b"replaced alice's entry in", out.stderr)
+            self.assertIn(b"alice:" + _bcrypt(b"old", 4)[:7], reader.read())   # the old, whole
+        after = os.stat(self.path)
+        self.assertNotEqual(after.st_ino, before.st_ino)   # renamed over, never rewritten
+        self.assertEqual((stat.S_IMODE(after.st_mode), after.st_uid, after.st_gid),
+                         (0o640, before.st_uid, before.st_gid))
+        with open(self.path, "rb") as f:
+            lines = f.read().split(b"\n")
+        # Her first line's place and line ending; her second entry (never
+        # read) gone; the rest as it was.
+        self.assertEqual(lines[0], b"# socksd users\r")
+        self.assertTrue(lines[1].startswith(b"alice:$2b$") and lines[1].endswith(b"\r"))
+        self.assertEqual(lines[2:], [b"", bob, b"carol:x"])
+        self.assertTrue(verify(b"new", lines[1][6:-1]))
+        # The checker takes the new password only (carol's plaintext aside,
+        # the file passes its start-up check).
+        with open(self.path, "wb") as f:
+            f.write(b"\n".join(line for line in lines if line != b"carol:x"))
+        checker = HashedPasswordFile(self.path)
+        self.assertEqual(checker._check(b"alice", b"new"), b"alice")
+        self.assertRaises(error.UnauthorizedLogin, checker._check, b"alice", b"old")
+        self.assertOnlyTheFile()
+
+    def test_adds_a_user_at_the_end(self):
+        with open(self.path, "wb") as f:
+            f.write(b"bob:" + _bcrypt(b"hunter2", 4))      # no final newline
+        self.assertEqual(self.run_tool("--argon2", "alice").returncode, 0)
+        entries = self.entries()
+        self.assertEqual(list(entries), [b"bob", b"alice"])
+        self.assertTrue(entries[b"alice"].startswith(b"$argon2id$"))
+
+    def test_delete(self):
+        with open(self.path, "wb") as f:
+            f.write(b"alice:" + _bcrypt(b"a", 4) + b"\nbob:" + _bcrypt(b"b", 4)
+                    + b"\nalice:" + _bcrypt(b"c", 4) + b"\n")
+        out = self.run_tool("--delete", "alice", password=b"")
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn(b"deleted alice's entry from", out.stderr)
+        self.assertEqual(list(self.entries()), [b"bob"])
+        before = os.stat(self.path)
+        out = self.run_tool("--delete", "alice", password=b"")
+        self.assertEqual(out.returncode, 1)
+        self.assertEqual(out.stderr, f"python -m socksd.auth.passwd: {self.path}: no entry for "
+                                     f"'alice', nothing changed\n".encode())
+        self.assertEqual(os.stat(self.path).st_ino, before.st_ino)
+        self.assertOnlyTheFile()
+
+    def test_delete_needs_a_file_and_no_scheme(self):
+        for args in (["--delete", "alice"], ["--file", self.path, "--delete", "--argon2", "a"]):
+            out = passwd_main(*args)
+            self.assertEqual((out.returncode, out.stdout), (2, b""), args)
+            self.assertIn(b"--delete", out.stderr.splitlines()[-1])
+        self.assertFalse(os.path.exists(self.path))
+
+    def test_acls_are_kept(self):
+        with open(self.path, "wb") as f:
+            f.write(b"alice:" + _bcrypt(b"a", 4) + b"\n")
+        os.chmod(self.path, 0o600)
+        # user::rw- user:65534:r-- group::--- mask::r-- other::---
+        acl = posix_acl((0x01, 6, 0xFFFFFFFF), (0x02, 4, 65534), (0x04, 0, 0xFFFFFFFF),
+                        (0x10, 4, 0xFFFFFFFF), (0x20, 0, 0xFFFFFFFF))
+        os.setxattr(self.path, "system.posix_acl_access", acl)
+        os.setxattr(self.path, "user.note", b"kept")
+        self.assertEqual(self.run_tool("alice").returncode, 0)
+        self.assertEqual(os.getxattr(self.path, "system.posix_acl_access"), acl)
+        self.assertEqual(os.getxattr(self.path, "user.note"), b"kept")
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o640)  # the mask as group
+
+    def test_a_symlink_is_followed(self):
+        real = os.path.join(self.folder, "real")
+        with open(real, "wb") as f:
+            f.write(b"alice:" + _bcrypt(b"a", 4) + b"\n")
+        os.symlink("real", self.path)
+        self.assertEqual(self.run_tool("bob").returncode, 0)
+        self.assertEqual(os.readlink(self.path), "real")
+        self.assertEqual(list(self.entries()), [b"alice", b"bob"])
+
+    def test_an_owner_it_cannot_keep_changes_nothing(self):
+        with open(self.path, "wb") as f:
+            f.write(b"alice:" + _bcrypt(b"a", 4) + b"\n")
+        before = open(self.path, "rb").read()
+        with mock.patch.object(os, "fchown", side_effect=PermissionError(1, "Not permitted")):
+            out = self.run_tool("alice")
+        self.assertEqual(out.returncode, 1)
+        self.assertIn(b"Not permitted, nothing changed", out.stderr)
+        self.assertEqual(open(self.path, "rb").read(), before)
+        self.assertOnlyTheFile()
+
+    def test_the_command_line(self):
+        out = passwd_cli("--file", self.path, "alice", input=b"pw\n")
+        self.assertEqual((out.returncode, out.stdout), (0, b""), out.stderr)
+        self.assertTrue(verify(b"pw", self.entries()[b"alice"]))
+
+
 class CheckerTests(unittest.TestCase):
     def setUp(self):
         # Not self.mktemp(): under pytest that writes into the working directory.
@@ -218,6 +360,15 @@ class CheckerTests(unittest.TestCase):
                 kept = f.readlines()[:-1]
             with open(self.path, "wb") as f:
                 f.writelines(kept)
+
+    def test_a_user_listed_twice_fails_at_start_up_naming_both_lines(self):
+        with open(self.path, "ab") as f:
+            f.write(b"carol:" + _bcrypt(b"pw", 4) + b"\n  alice:" + _bcrypt(b"new", 4) + b"\n")
+        with self.assertRaises(ValueError) as raised:
+            HashedPasswordFile(self.path)
+        self.assertEqual(str(raised.exception),
+                         f"{self.path}:6: user 'alice' again, first on line 3: only that first "
+                         "entry would count; keep one")
 
     async def test_portal_chain_and_realm(self):
         memory = InMemoryUsernamePasswordDatabaseDontUse(dave=b"pw")
@@ -366,3 +517,28 @@ class LongPasswordTests(unittest.TestCase):
         self.assertTrue(verify(b"z" * 100, hashed))
         self.assertTrue(verify(b"z" * 72, hashed))
         self.assertFalse(verify(b"z" * 71, hashed))
+
+
+class PlainFileTests(unittest.SynchronousTestCase):
+    """Twisted's file: checker's file, read as FilePasswordDB reads it."""
+
+    def test_a_user_listed_twice_is_named_with_both_lines(self):
+        from twisted.cred.checkers import FilePasswordDB
+
+        from socksd.auth.files import check_plain_file
+
+        with tempfile.NamedTemporaryFile() as f:
+            # FilePasswordDB has no comments and keeps leading blanks: "#x:y"
+            # is user "#x", " bob" is not "bob".
+            f.write(b"#x:y\nalice:1\n\nnofield\n bob:2\nbob:3\nAlice:4\n")
+            f.flush()
+            check_plain_file(FilePasswordDB(f.name))
+            f.write(b"bob:5\n")
+            f.flush()
+            with self.assertRaises(ValueError) as raised:
+                check_plain_file(FilePasswordDB(f.name))
+            self.assertIn(f"{f.name}:8: user 'bob' again, first on line 6", str(raised.exception))
+            with self.assertRaises(ValueError) as raised:
+                check_plain_file(FilePasswordDB(f.name, caseSensitive=False))
+            self.assertIn(f"{f.name}:7: user 'alice' again, first on line 2",
+                          str(raised.exception))

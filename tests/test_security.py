@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import grp
 import os
 import re
 import shutil
@@ -172,6 +173,55 @@ def test_twistd_identd_with_uid_does_not_warn(tmp_path):
     assert "asked" in text and not root_warnings(text), text
 
 
+# Files read after -u/-g: checked at start as that user.
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("check", [True, False], ids=["check", "start"])
+def test_a_root_only_password_file_stops_a_twistd_that_drops_root(open_dir, tmp_path, check):
+    """Read at every login, after twistd became nobody: each login would
+    fail with a PermissionError traceback."""
+    assert os.geteuid() == 0, "the test starts twistd as root: run it as root (CI does)"
+    users = htpasswd(open_dir / "users", 0o600)
+    out = subprocess.run([TWISTD, "-n", "--pidfile=", "-u", "nobody", "-g", "nogroup", "socks",
+                          "--config", str(write_config(open_dir)), "--listen",
+                          "tcp:0:interface=127.0.0.1", *(["--check"] if check else [])],
+                         capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert out.returncode != 0 and out.stdout == "", out
+    assert out.stderr == (
+        f"socksd: {open_dir}/socksd.toml:3: server.checkers[0]: 'htpasswd:{users}': {users} "
+        "cannot be read as nobody:nogroup (uid 65534, gid 65534), whom twistd -u/-g runs "
+        "socksd as (Permission denied): every login would fail; make it readable by that "
+        "user or group\n")
+
+
+@pytest.mark.integration
+def test_a_password_file_its_group_reads_serves_logins_after_dropping_root(
+        socks_server, open_dir, http_server, tmp_path):
+    assert os.geteuid() == 0, "the test starts twistd as root: run it as root (CI does)"
+    users = htpasswd(open_dir / "users", 0o640)
+    os.chown(users, 0, grp.getgrnam("nogroup").gr_gid)
+    server = socks_server(None, "--config", str(write_config(open_dir)),
+                          twistd_args=("-u", "nobody", "-g", "nogroup"))
+    body = tmp_path / "body"
+    result = subprocess.run([require("curl"), "-sS", "--max-time", "10", "-o", str(body),
+                             "--socks5", f"127.0.0.1:{server.port}", "--proxy-user",
+                             "alice:secret", f"http://127.0.0.1:{http_server}/"],
+                            capture_output=True, timeout=15)
+    assert result.returncode == 0, (result.stderr, server.log())
+    assert body.read_bytes() == conftest.PAGE
+    server.wait_for_log(r"user=alice method=userpass connect .* ok")
+    assert "set uid/gid 65534/65534" in server.log()
+    assert "Traceback" not in server.log() and "PermissionError" not in server.log()
+
+
+def write_config(folder: Path) -> Path:
+    """A config naming the htpasswd file ``users`` next to it."""
+    config = folder / "socksd.toml"
+    config.write_text('[server]\nmethods = ["userpass"]\ncheckers = ["htpasswd:users"]\n')
+    return config
+
+
 # Secrets other users can read.
 
 
@@ -243,6 +293,12 @@ def test_no_warning_when_secrets_are_private(socks_server, kerberos, open_dir, h
                       .replace(kerberos.keytab, str(keytab))
                       .replace("[server]\n", '[server]\ncheckers = ["memory:carol:pw"]\n'))
     config.chmod(0o600)
+    if os.geteuid() == 0:
+        # Private, and yet readable by the group twistd -g gives socksd,
+        # which reads them at each login (checked at start).
+        for secret in (keytab, hashed, plain):
+            os.chown(secret, 0, 65534)
+            secret.chmod(0o640)
     server = socks_server(None, "--config", str(config), "--auth", f"htpasswd:{hashed}",
                           "--auth", f"file:{plain}", twistd_args=not_root())
     socks5_no_method(server)

@@ -6,8 +6,8 @@ Apache's ``htpasswd -B`` (``user:$2y$...``) and argon2 PHC strings
 once. Hashing is deliberately slow, so it runs off the reactor, in the
 bounded pool of :mod:`socksd.auth.hashing`.
 
-Make an entry with ``python -m socksd.auth.passwd alice >> users`` (prompts)
-or ``htpasswd -B -c users alice``.
+Add or change an entry with ``python -m socksd.auth.passwd --file users
+alice`` (prompts) or ``htpasswd -B users alice``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from twisted.cred.credentials import IUsernamePassword
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from socksd.auth import hashing
+from socksd.auth import files, hashing
 from socksd.escape import escape
 
 log = Logger(namespace="socksd")
@@ -136,10 +136,9 @@ def _parse(lines: Iterable[bytes]) -> Iterator[tuple[int, bytes, bytes | None]]:
     """(line number, name, hash or None when the line has no ':') of each
     entry; blank lines and # comments are skipped."""
     for number, line in enumerate(lines, 1):
-        line = line.strip()
-        if line and not line.startswith(b"#"):
-            name, sep, hashed = line.partition(b":")
-            yield number, name, hashed if sep else None
+        parsed = files.entry(line)
+        if parsed is not None:
+            yield number, *parsed
 
 
 def _entries(path: str):
@@ -149,8 +148,10 @@ def _entries(path: str):
 
 def check_file(path: str) -> None:
     """ValueError naming the first line that is not ``user:hash`` with a
-    bcrypt or argon2 hash: a plaintext password there is a mistake to catch
-    at start-up, not at the user's first login."""
+    bcrypt or argon2 hash, or the two lines of a user listed twice: a
+    plaintext password there, or a second entry that would be ignored, is a
+    mistake to catch at start-up, not at the user's first login."""
+    names = []
     for number, name, hashed in _entries(path):
         user = name.decode("utf-8", "replace")
         if hashed is None:
@@ -158,6 +159,8 @@ def check_file(path: str) -> None:
         if not hashed.startswith(_BCRYPT + _ARGON2):
             raise ValueError(f"{path}:{number}: the entry for {user!r} is not a bcrypt or "
                              "argon2 hash (python -m socksd.auth.passwd makes one)")
+        names.append((number, name))
+    files.check_unique(path, names)
 
 
 @implementer(ICredentialsChecker)
@@ -246,18 +249,24 @@ class HashedPasswordFile:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m socksd.auth.passwd [--argon2|--bcrypt] USER``: print a file entry."""
+    """``python -m socksd.auth.passwd [--argon2|--bcrypt] [--file FILE [--delete]] USER``:
+    print a file entry, or add, replace or delete it in FILE."""
     parser = argparse.ArgumentParser(
         prog="python -m socksd.auth.passwd",
-        description="Print USER:HASH, a line for an htpasswd: file. The password is asked "
-                    "twice on a terminal, else read from the first line of stdin.")
+        description="Print USER:HASH, a line for an htpasswd: file, or with --file add or "
+                    "replace USER's entry in FILE. The password is asked twice on a "
+                    "terminal, else read from the first line of stdin.")
     schemes = parser.add_mutually_exclusive_group()
     schemes.add_argument("--bcrypt", dest="scheme", action="store_const", const="bcrypt",
                          help="a bcrypt hash ($2b$, the default)")
     schemes.add_argument("--argon2", dest="scheme", action="store_const", const="argon2",
                          help="an argon2id hash ($argon2id$)")
+    parser.add_argument("--file", metavar="FILE",
+                        help="add USER's entry to FILE, or replace the one it has, keeping "
+                             "FILE's mode and owner (FILE is made if missing, mode 600)")
+    parser.add_argument("--delete", action="store_true",
+                        help="with --file: remove USER's entry instead")
     parser.add_argument("user", metavar="USER")
-    parser.set_defaults(scheme="bcrypt")
     args = parser.parse_args(argv)
     user = args.user
     # argparse takes "-1", and anything after "--", as USER: a mistyped
@@ -268,21 +277,42 @@ def main(argv: list[str] | None = None) -> int:
                "contains a line break" if "\n" in user or "\r" in user else None)
     if problem:
         parser.error(f"user name {user!r} {problem}")
+    if args.delete and args.file is None:
+        parser.error("--delete needs --file")
+    if args.delete and args.scheme is not None:
+        parser.error("--delete makes no hash: no --bcrypt or --argon2")
+    line = None
+    if not args.delete:
+        try:
+            if sys.stdin.isatty():
+                password = getpass.getpass(f"password for {user}: ")
+                if password and getpass.getpass("again: ") != password:
+                    print("passwords differ", file=sys.stderr)
+                    return 1
+            else:
+                password = sys.stdin.readline().rstrip("\r\n")
+        except EOFError:
+            password = ""
+        if not password:
+            # An entry with an empty password is a door left open by mistake.
+            print(f"{parser.prog}: empty password, no entry made", file=sys.stderr)
+            return 1
+        hashed = hash_password(password.encode("utf-8"), args.scheme or "bcrypt")
+        if args.file is None:
+            print(f"{user}:{hashed.decode('ascii')}")
+            return 0
+        line = os.fsencode(user) + b":" + hashed
     try:
-        if sys.stdin.isatty():
-            password = getpass.getpass(f"password for {user}: ")
-            if password and getpass.getpass("again: ") != password:
-                print("passwords differ", file=sys.stderr)
-                return 1
-        else:
-            password = sys.stdin.readline().rstrip("\r\n")
-    except EOFError:
-        password = ""
-    if not password:
-        # An entry with an empty password is a door left open by mistake.
-        print(f"{parser.prog}: empty password, no entry made", file=sys.stderr)
+        done = files.replace_entry(args.file, os.fsencode(user), line)
+    except LookupError as e:
+        print(f"{parser.prog}: {e.args[0]}, nothing changed", file=sys.stderr)
         return 1
-    print(f"{user}:{hash_password(password.encode('utf-8'), args.scheme).decode('ascii')}")
+    except OSError as e:
+        print(f"{parser.prog}: {e.filename or args.file}: {e.strerror or e}, nothing changed",
+              file=sys.stderr)
+        return 1
+    where = {"added": "to", "replaced": "in", "deleted": "from"}[done]
+    print(f"{parser.prog}: {done} {user}'s entry {where} {args.file}", file=sys.stderr)
     return 0
 
 

@@ -14,6 +14,7 @@ from typing import Any, BinaryIO
 
 from twisted.application import service
 from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
@@ -22,10 +23,12 @@ from socksd.ident import lookup
 from socksd.ident.policy import parse_mode
 from socksd.ident.registry import ProxiedConnections
 from socksd.ident.server import IdentFactory, answer_query
-from socksd.tap import install_reactor, security
+from socksd.tap import install_reactor, privileges, security
 from socksd.tap.logsink import LoggingRoot, check_log_option
 from socksd.tap.reload import Change, Listeners, Reloader, hold_sighup
 from socksd.wire import ident
+
+log = Logger(namespace="socksd")
 
 
 class Options(usage.Options):
@@ -70,11 +73,18 @@ class Options(usage.Options):
             self.identd, self.log_config = build(self)
             check_addresses(self)
             check_log_option(self.log_config, self.parent, self["config"])
+            file_warnings = privileges.user_file_warnings(
+                privileges.after_switch(self.parent), self.identd.policy)
         except configuration.ConfigError as e:
             sys.exit(f"identd: {e}")
         if self["check"]:
             print(summary(self, self.identd))
+            for warning in file_warnings:
+                print(f"warning: {warning}")
             sys.exit(0)
+        for warning in file_warnings:
+            # Kept by twistd until its log starts, then written there.
+            log.warn("{warning}", warning=warning)
         if self["stdio"]:
             sys.exit(serve_stdio(self.identd, self["local-address"], self["remote-address"]))
 

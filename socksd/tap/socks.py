@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from socksd import config as configuration
-from socksd.auth import SOCKSRealm
+from socksd.auth import SOCKSRealm, files
 from socksd.auth.checkers import FirstOf
 from socksd.auth.hashing import HashPool
 from socksd.auth.methods import Backoff
@@ -31,7 +31,7 @@ from socksd.ident.registry import ProxiedConnections, Registrar
 from socksd.proxy import SOCKSServerFactory
 from socksd.proxy.connect import THREAD_POOL_SIZE
 from socksd.stats import STATS
-from socksd.tap import install_reactor, security
+from socksd.tap import install_reactor, privileges, security
 from socksd.tap.identd import IdentdServing
 from socksd.tap.logsink import LoggingRoot, check_log_option
 from socksd.tap.metrics import registry as metrics_registry
@@ -90,19 +90,27 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         # First: checking the config builds endpoints, which imports the reactor.
         install_reactor()
         try:
+            account = privileges.after_switch(self.parent)
             self.socks_config, self.checkers = build(self["config"], self["listen"],
                                                      self.get("credCheckers", []),
-                                                     self["trusted_proxies"])
+                                                     self["trusted_proxies"],
+                                                     account=account)
             check_log_option(self.socks_config.log, self.parent, self["config"])
+            identd = _identd(self.socks_config)
+            file_warnings = privileges.user_file_warnings(
+                account, identd.policy if identd is not None else None)
         except configuration.ConfigError as e:
             # Not a UsageError: twistd would bury the message under the usage text.
             sys.exit(f"socksd: {e}")
         if self["check"]:
             cfg = self.socks_config
             print(summary(cfg, self.checkers))
-            for warning in cfg.warnings():
+            for warning in [*cfg.warnings(), *file_warnings]:
                 print(f"warning: {warning}")
             sys.exit(0)
+        for warning in file_warnings:
+            # Kept by twistd until its log starts, then written there.
+            log.warn("{warning}", warning=warning)
 
 
 def summary(cfg: configuration.Config, checkers: Sequence[ICredentialsChecker]) -> str:
@@ -113,11 +121,13 @@ def summary(cfg: configuration.Config, checkers: Sequence[ICredentialsChecker]) 
 
 
 def build(path: str | None, listen: list[str], auth_checkers: list[ICredentialsChecker],
-          trusted_proxies: Sequence[str] = (), text: str | None = None
+          trusted_proxies: Sequence[str] = (), text: str | None = None,
+          account: privileges.Account | None = None
           ) -> tuple[configuration.Config, list[ICredentialsChecker]]:
     """The validated config and its checkers (config's, then --auth's):
     from the file at ``path``, or from ``text``, the text of that file as
-    the supervisor of a worker read it."""
+    the supervisor of a worker read it. ``account``: who twistd serves as
+    after start-up, who must be able to read the files read at each login."""
     if path and text is not None:
         cfg = configuration.load_text(text, path)
     else:
@@ -132,25 +142,33 @@ def build(path: str | None, listen: list[str], auth_checkers: list[ICredentialsC
         where = "--listen" if listen else f"{location('server', 'listen')}: server.listen"
         raise configuration.ConfigError(f"{where}: {problem}")
     checkers: list[ICredentialsChecker] = []
+    # Where each checker was named, for messages about it.
+    origins: list[str] = []
     for index, description in enumerate(cfg.checkers):
+        origins.append(f"{location('server', 'checkers')}: server.checkers[{index}]: "
+                       f"{configuration.checker_text(description)}")
         try:
             checkers.append(strcred.makeChecker(description))
         except Exception as e:
-            raise configuration.ConfigError(
-                f"{location('server', 'checkers')}: "
-                f"server.checkers[{index}]: {configuration.checker_text(description)}: "
-                f"{e}") from None
+            raise configuration.ConfigError(f"{origins[-1]}: {e}") from None
     checkers.extend(auth_checkers)
+    origins.extend("--auth" for _checker in auth_checkers)
     for checker in checkers:
         _bytes_users(checker)
-        # Twisted's file: checker only warns about a missing file, then
-        # refuses every login; say so at start-up instead.
-        if isinstance(checker, FilePasswordDB) and not os.access(checker.filename, os.R_OK):
+        if isinstance(checker, FilePasswordDB):
             origin = ("--auth" if checker in auth_checkers else
                       f"{location('server', 'checkers')}: "
                       "server.checkers")
-            raise configuration.ConfigError(
-                f"{origin}: file:{checker.filename}: cannot read {checker.filename}")
+            # Twisted's file: checker only warns about a missing file, then
+            # refuses every login; say so at start-up instead.
+            if not os.access(checker.filename, os.R_OK):
+                raise configuration.ConfigError(
+                    f"{origin}: file:{checker.filename}: cannot read {checker.filename}")
+            try:
+                files.check_plain_file(checker)
+            except (OSError, ValueError) as e:
+                raise configuration.ConfigError(
+                    f"{origin}: file:{checker.filename}: {e}") from None
     if cfg.gssapi is not None and "gssapi" in cfg.methods:
         from gssapi.exceptions import GSSError
 
@@ -174,7 +192,32 @@ def build(path: str | None, listen: list[str], auth_checkers: list[ICredentialsC
             f"{location('server', 'methods')}: server.methods: "
             "\"userpass\" needs a checker "
             "(server.checkers or --auth)")
+    if account is not None:
+        privileges.check_readable(account,
+                                  _read_while_serving(cfg, checkers, origins, location))
     return cfg, checkers
+
+
+def _read_while_serving(cfg: configuration.Config, checkers: Sequence[ICredentialsChecker],
+                        origins: Sequence[str], location: Callable[[str, str], str]
+                        ) -> list[tuple[str, str]]:
+    """(where it is named, path) of each file read at logins, long after
+    start-up: password files (file:, htpasswd:) and the GSS-API keytab."""
+    files = []
+    # Loaded if, and only if, an htpasswd: checker was made (bcrypt, argon2).
+    passwd = sys.modules.get("socksd.auth.passwd")
+    for checker, origin in zip(checkers, origins, strict=True):
+        if isinstance(checker, FilePasswordDB):
+            files.append((origin, checker.filename))
+        elif passwd is not None and isinstance(checker, passwd.HashedPasswordFile):
+            files.append((origin, checker.path))
+    if cfg.gssapi is not None and "gssapi" in cfg.methods:
+        keytab = privileges.keytab_file(cfg.gssapi.keytab)
+        if keytab is not None:
+            where = (f"{location('gssapi', 'keytab')}: gssapi.keytab" if cfg.gssapi.keytab
+                     else "KRB5_KTNAME")
+            files.append((where, keytab))
+    return files
 
 
 def _bytes_users(checker: ICredentialsChecker) -> None:

@@ -12,7 +12,7 @@ class HashedPasswordFileFactory:
     authHelp = (
         "A file of user:hash lines with bcrypt ($2y$/$2b$, as `htpasswd -B` "
         "writes) or argon2 hashes, re-read on each login. "
-        "Make entries with `python -m socksd.auth.passwd USER`."
+        "Add or change entries with `python -m socksd.auth.passwd --file PATH USER`."
     )
     argStringFormat = "A path to the file."
     credentialInterfaces = (IUsernamePassword,)
