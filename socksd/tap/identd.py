@@ -70,6 +70,8 @@ class Options(usage.Options):
             self.identd, self.log_config = build(self)
             check_addresses(self)
             check_log_option(self.log_config, self.parent, self["config"])
+            if not (self["check"] or self["stdio"]):
+                check_inherited(self)
         except configuration.ConfigError as e:
             sys.exit(f"identd: {e}")
         if self["check"]:
@@ -105,6 +107,17 @@ def build(options: Options) -> tuple[configuration.IdentdConfig, configuration.L
         configuration.check_listen_option(options["listen"])
         cfg = replace(cfg, listen=tuple(options["listen"]))
     return cfg, log_config
+
+
+def check_inherited(options: Options) -> None:
+    """ConfigError for a ``systemd:`` endpoint whose socket this process was
+    not passed: one line at start (socksd.tap.socks.check_inherited)."""
+    for description in options.identd.listen:
+        problem = configuration.inherited_problem(description)
+        if problem:
+            where = "--listen" if options["listen"] else \
+                f"{configuration.location(options['config'], 'identd', 'listen')}: identd.listen"
+            raise configuration.ConfigError(f"{where}: {description!r}: {problem}")
 
 
 def check_addresses(options: Options) -> None:

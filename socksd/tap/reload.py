@@ -6,7 +6,8 @@ the running configuration and say why in one line.
 new ones bound first, all or none, then the removed ones closed (their open
 sessions go on), the unchanged ones kept bound (no moment they refuse), an
 ``ssl:`` one with its certificate and key read again for the connections it
-accepts next.
+accepts next. A ``systemd:`` one is neither added nor removed: systemd
+passes its sockets at start only.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from socksd.config import ConfigError
+from socksd.config import ConfigError, endpoint_type
 from socksd.stats import STATS
 from socksd.tap.listening import RenewableTLS, Socket, listen_tls, read, tls_service
 from socksd.twisted_internals import IReactor, installed_reactor
@@ -171,6 +172,16 @@ class Listeners(service.MultiService):
         everything can."""
         wanted = list(dict.fromkeys(descriptions))
         change = Change(self, [d for d in self.by_description if d not in wanted])
+        # A systemd: socket is passed once, at start, and Twisted closes the
+        # descriptor it came on once it listens: it can be neither had again
+        # nor had anew (the number may be another descriptor by now).
+        added = [d for d in wanted if d not in self.by_description]
+        for description in [*change.removed, *added]:
+            if endpoint_type(description) == "systemd":
+                what = "removed" if description in change.removed else "added"
+                return defer.fail(ConfigError(
+                    f"{description!r}: {what}, but systemd passes its sockets at start only: "
+                    "restart for this change"))
         binding: list[tuple[str, Socket | None]] = []
         try:
             for description in wanted:

@@ -94,6 +94,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                                                      self.get("credCheckers", []),
                                                      self["trusted_proxies"])
             check_log_option(self.socks_config.log, self.parent, self["config"])
+            if not self["check"]:
+                check_inherited(self.socks_config, self["listen"])
         except configuration.ConfigError as e:
             # Not a UsageError: twistd would bury the message under the usage text.
             sys.exit(f"socksd: {e}")
@@ -103,6 +105,23 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             for warning in cfg.warnings():
                 print(f"warning: {warning}")
             sys.exit(0)
+
+
+def check_inherited(cfg: configuration.Config, listen: list[str]) -> None:
+    """ConfigError for a ``systemd:`` endpoint whose socket this process was
+    not passed: one line at start, not Twisted's IndexError. Not for
+    ``--check``, which may check the file anywhere."""
+    identd = _identd(cfg)
+    for table, descriptions in (("server", cfg.listen),
+                                ("identd", identd.listen if identd is not None else ()),
+                                ("metrics", cfg.metrics.listen)):
+        for description in descriptions:
+            problem = configuration.inherited_problem(description)
+            if problem:
+                where = "--listen" if table == "server" and listen else \
+                    f"{configuration.location(cfg.path, table, 'listen', cfg.source)}: " \
+                    f"{table}.listen"
+                raise configuration.ConfigError(f"{where}: {description!r}: {problem}")
 
 
 def summary(cfg: configuration.Config, checkers: Sequence[ICredentialsChecker]) -> str:

@@ -5,6 +5,9 @@ The supervisor binds every listener N times with SO_REUSEPORT (in
 privilegedStartService, so port 1080 or 113 can be bound before twistd drops
 privileges) and hands worker i its own set of sockets: the kernel spreads
 new connections over the workers by their addresses, with no thundering herd.
+A ``systemd:`` listener is the one socket systemd passed, handed to every
+worker: the kernel gives each connection to one of the processes accepting
+on it.
 A worker is ``python -m socksd.tap.worker``, building the same service from
 the same config and adopting its sockets. A worker that dies is restarted on
 the same sockets (connections queued meanwhile wait for it); stopping the
@@ -58,14 +61,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import defer, protocol
+from twisted.internet import defer, endpoints, protocol
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IAddress, IDelayedCall, IProcessTransport
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 
 from socksd.channel import Malformed, frame
-from socksd.config import MAX_WORKERS_CONFIG, Config, parse_listener
+from socksd.config import MAX_WORKERS_CONFIG, Config, SharedListener, parse_listener
 from socksd.ident.channel import RegistrationReceiver
 from socksd.ident.registry import ProxiedConnections
 from socksd.logs import FROM_WORKER
@@ -107,6 +110,18 @@ def bind_reuseport(family: int, host: str, port: int, backlog: int) -> socket.so
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+def inherited_socket(listener: SharedListener, reactor: IReactor) -> socket.socket:
+    """The socket systemd passed for a ``systemd:`` listener, found by
+    Twisted's own parser (start-up checked it: config.inherited_problem),
+    taken over: the supervisor holds it for every worker it starts."""
+    assert listener.inherited is not None, "a systemd: listener"
+    endpoint = endpoints.serverFromString(reactor, listener.inherited)
+    assert isinstance(endpoint, endpoints.AdoptedStreamServerEndpoint), "systemd:'s endpoint"
+    sock = socket.socket(fileno=endpoint.fileno)
     sock.setblocking(False)
     return sock
 
@@ -328,21 +343,26 @@ class WorkersService(service.Service):
         self.round: IDelayedCall | None = None
 
     def privilegedStartService(self) -> None:
+        # systemd passed one socket for each systemd: listener: every worker
+        # gets that one. The others are bound once per worker.
+        inherited = {i: inherited_socket(listener, self.reactor)
+                     for i, listener in enumerate(self.listeners) if listener.inherited}
         for _ in range(self.count):
             row = []
-            for family, host, port, backlog, _haproxy in self.listeners:
-                sock = bind_reuseport(family, host, port, backlog)
-                if port == 0:
-                    # Port 0: the first bind picks it; the others share it.
-                    port = sock.getsockname()[1]
+            for i, listener in enumerate(self.listeners):
+                sock = inherited.get(i)
+                if sock is None:
+                    sock = bind_reuseport(listener.family, listener.host, listener.port,
+                                          listener.backlog)
+                    if listener.port == 0:
+                        # Port 0: the first bind picks it; the others share it.
+                        self.listeners[i] = listener._replace(port=sock.getsockname()[1])
                 row.append(sock)
-            if not self.sockets:
-                self.listeners = [(f, h, row[i].getsockname()[1], b, hp)
-                                  for i, (f, h, _p, b, hp) in enumerate(self.listeners)]
             self.sockets.append(row)
-        for _family, _host, port, _backlog, haproxy in self.listeners:
+        for i, listener in enumerate(self.listeners):
+            port = self.sockets[0][i].getsockname()[1]
             log.info("SOCKSServerFactory{proxy} starting on {port} ({n} workers)",
-                     proxy=" (PROXY)" if haproxy else "", port=port, n=self.count)
+                     proxy=" (PROXY)" if listener.haproxy else "", port=port, n=self.count)
         super().privilegedStartService()
 
     def startService(self) -> None:
@@ -360,10 +380,10 @@ class WorkersService(service.Service):
         # its sockets; then its control channel.
         child_fds: dict[int, int | str] = {0: "w", 1: theirs.fileno(), 2: 2}
         fds = []
-        for number, (sock, (family, _h, _p, _b, haproxy)) in enumerate(
-                zip(sockets, self.listeners, strict=True), start=3):
+        for number, (sock, listener) in enumerate(zip(sockets, self.listeners, strict=True),
+                                                  start=3):
             child_fds[number] = sock.fileno()
-            fds.append([number, int(family), haproxy])
+            fds.append([number, int(listener.family), listener.haproxy])
         channel_fd = 3 + len(sockets)
         child_fds[channel_fd] = its_control.fileno()
         # -P: the working directory is not put on sys.path (a source checkout
