@@ -1,5 +1,6 @@
-"""socksd under systemd: socket activation through systemd-socket-activate
-(Debian's systemd package), with one process and with workers."""
+"""socksd under systemd: readiness on a NOTIFY_SOCKET the test listens on,
+and socket activation through systemd-socket-activate (Debian's systemd
+package), with one process and with workers."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 from conftest import PAGE, TWISTD, require, run_socks
 from helpers import stop_process, wait_until
 
-# ---- socket activation -------------------------------------------------------------------
+# ---- readiness ---------------------------------------------------------------------------
 
 class Process:
     """A program started by the test, its output in a file."""
@@ -60,6 +61,29 @@ def processes(tmp_path):
         process.stop()
 
 
+@pytest.fixture(params=["path", "abstract"])
+def notify_socket(request, tmp_path):
+    """An AF_UNIX datagram socket as systemd's: (NOTIFY_SOCKET, the socket)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    if request.param == "path":
+        address = str(tmp_path / "notify")
+        sock.bind(address)
+    else:
+        address = f"@socksd-test-{uuid.uuid4().hex}"
+        sock.bind("\0" + address[1:])
+    sock.settimeout(30)
+    yield address, sock
+    sock.close()
+
+
+def _state(sock: socket.socket, process: Process) -> list[str]:
+    """The next datagram's lines (30 s at most)."""
+    try:
+        return sock.recv(4096).decode().split("\n")
+    except TimeoutError:
+        raise AssertionError(f"nothing on NOTIFY_SOCKET in 30 s:\n{process.log()}") from None
+
+
 def _children(pid: int) -> list[int]:
     """The processes whose parent is ``pid`` (its workers)."""
     found = []
@@ -73,6 +97,46 @@ def _children(pid: int) -> list[int]:
             found.append(int(entry))
     return sorted(found)
 
+
+@pytest.mark.parametrize("program, config, reloaded", [
+    ("socks", "", r"\] reloaded "),
+    ("socks", "[server]\nworkers = 2\n", r"\] w1 reloaded "),
+    ("identd", "", r"\] reloaded "),
+])
+@pytest.mark.integration
+def test_ready_reloading_and_stopping_are_told_to_notify_socket(
+        tmp_path, processes, notify_socket, program, config, reloaded):
+    address, sock = notify_socket
+    path = tmp_path / "socksd.toml"
+    path.write_text(config)
+    process = processes([TWISTD, "-n", "--pidfile=", program, "--config", str(path),
+                         "--listen", "tcp:0:interface=127.0.0.1"], {"NOTIFY_SOCKET": address})
+
+    assert _state(sock, process) == ["READY=1"]
+    process.wait_for_log(r"Factory(?: \(PROXY\))? starting on \d+")
+    if "workers" in config:
+        # Every worker serves by now; only the supervisor tells systemd
+        # (NotifyAccess=main): its workers never see NOTIFY_SOCKET.
+        workers = _children(process.process.pid)
+        assert len(workers) == 2
+        for worker in workers:
+            with open(f"/proc/{worker}/environ", "rb") as f:
+                assert b"NOTIFY_SOCKET=" not in f.read()
+        process.wait_for_log(r"\] w0 serving on ")
+        process.wait_for_log(r"\] w1 serving on ")
+
+    process.process.send_signal(signal.SIGHUP)
+    reloading = _state(sock, process)
+    assert reloading[0] == "RELOADING=1" and reloading[1].startswith("MONOTONIC_USEC=")
+    assert _state(sock, process) == ["READY=1"]
+    process.wait_for_log(reloaded)
+
+    process.process.send_signal(signal.SIGTERM)
+    assert _state(sock, process) == ["STOPPING=1"]
+    process.process.wait(30)
+
+
+# ---- socket activation -------------------------------------------------------------------
 
 def _free_port() -> int:
     with socket.socket() as probe:

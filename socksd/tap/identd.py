@@ -24,6 +24,7 @@ from socksd.ident.registry import ProxiedConnections
 from socksd.ident.server import IdentFactory, answer_query
 from socksd.tap import install_reactor, security
 from socksd.tap.logsink import LoggingRoot, check_log_option
+from socksd.tap.notify import Notifier
 from socksd.tap.reload import Change, Listeners, Reloader, hold_sighup
 from socksd.wire import ident
 
@@ -213,5 +214,8 @@ def makeService(options: Options) -> service.IService:
 
         return identd.listeners.bind(cfg.listen).addCallback(apply)
 
-    Reloader(reload).setServiceParent(top)
+    # Last: started once every listener is bound, stopped first.
+    notifier = Notifier()
+    Reloader(reload, notifier=notifier).setServiceParent(top)
+    notifier.setServiceParent(top)
     return top

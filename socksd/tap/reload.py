@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from socksd.config import ConfigError, endpoint_type
 from socksd.stats import STATS
 from socksd.tap.listening import RenewableTLS, Socket, listen_tls, read, tls_service
+from socksd.tap.notify import Notifier
 from socksd.twisted_internals import IReactor, installed_reactor
 
 log = Logger(namespace="socksd")
@@ -51,10 +52,11 @@ class Reloader(service.Service):
     process never ends for a reload."""
 
     def __init__(self, reload: Callable[[], Any], reactor: IReactor | None = None,
-                 prefix: str = "") -> None:
+                 prefix: str = "", notifier: Notifier | None = None) -> None:
         self.reload = reload
         self.reactor = reactor if reactor is not None else installed_reactor()
         self.prefix = prefix          # "wN " in a worker's lines
+        self.notifier = notifier      # systemd's, told when a reload begins and ends
         self.running_reload: defer.Deferred[None] | None = None
         self.again = False
 
@@ -82,6 +84,8 @@ class Reloader(service.Service):
         if self.running_reload is not None:
             self.again = True
             return self.running_reload
+        if self.notifier is not None:
+            self.notifier.reloading()
         self.running_reload = d = defer.maybeDeferred(self.reload)
         d.addCallbacks(self._done, self._failed)
         d.addBoth(self._next)   # at once, if the reload was synchronous
@@ -101,6 +105,8 @@ class Reloader(service.Service):
 
     def _next(self, _: object) -> None:
         self.running_reload = None
+        if self.notifier is not None:
+            self.notifier.reloaded()
         if self.again and self.running:
             self.again = False
             self.now()

@@ -37,6 +37,7 @@ from socksd.tap.logsink import LoggingRoot, check_log_option
 from socksd.tap.metrics import registry as metrics_registry
 from socksd.tap.metrics import site as metrics_site
 from socksd.tap.metrics import workers_registry
+from socksd.tap.notify import Notifier
 from socksd.tap.reload import Change, Listeners, Reloader, bind_all, hold_sighup
 from socksd.tap.workers import WorkersService
 from socksd.twisted_internals import installed_reactor
@@ -309,6 +310,7 @@ def makeService(options: Options) -> service.IService:
     proxied = ProxiedConnections()
     identd = IdentdServing(_identd(cfg), proxied)
     STATS.per_user = cfg.metrics.per_user
+    serving: Callable[[], defer.Deferred[None]] | None = None   # what READY=1 waits for
     if cfg.workers > 1:
         # What the file says is checked against the listeners this process
         # holds for them (the command line's or the file's): the workers'
@@ -319,6 +321,7 @@ def makeService(options: Options) -> service.IService:
         workers = WorkersService(cfg.workers, cfg.listen, worker_args,
                                  auth=options["auth_strings"], registry=proxied, config=cfg)
         workers.setServiceParent(top)
+        serving = workers.ready
         # The endpoint is the supervisor's: it sums what the workers counted.
         metrics = Listeners(cfg.metrics.listen, metrics_site(workers_registry(workers),
                                                              workers.gather))
@@ -336,7 +339,13 @@ def makeService(options: Options) -> service.IService:
         reload = Reload(options, cfg, factory, assembly, listeners, identd, proxied, top,
                         metrics)
     identd.listeners.setServiceParent(top)
-    Reloader(reload).setServiceParent(top)
+    # Last: started once every listener is bound, stopped first. With
+    # workers, ready once every worker serves; after a reload, once the
+    # supervisor has applied the file and sent its text to every worker
+    # (each applies it as it reads it, and says so: "wN reloaded").
+    notifier = Notifier(serving)
+    Reloader(reload, notifier=notifier).setServiceParent(top)
+    notifier.setServiceParent(top)
     return top
 
 

@@ -34,7 +34,9 @@ channel (socksd.channel), which, unlike the log, never drops a message:
   a reload runs the reload's), then over the channel at each reload. A
   worker ignores SIGHUP (socksd.tap.worker);
 * the metrics: a scrape asks every worker for its counts and sums their
-  answers (see :meth:`WorkersService.gather`).
+  answers (see :meth:`WorkersService.gather`);
+* a worker says once that it serves (its sockets adopted): systemd is told
+  the service is ready when every worker has (socksd.tap.notify).
 
 A malformed frame from a worker (never sent by the code it runs: a bug,
 or a corrupted process) is logged and counted, its identd entries are
@@ -199,6 +201,9 @@ class _WorkerChannel(RegistrationReceiver):
         self.drain: IDelayedCall | None = None
 
     def message_received(self, message: list[Any]) -> None:
+        if message[0] == "serving" and len(message) == 1:
+            self.worker.supervisor.serving(self.worker)
+            return
         if message[0] != "counts":
             super().message_received(message)
             return
@@ -327,6 +332,10 @@ class WorkersService(service.Service):
         self.registry = registry if registry is not None else ProxiedConnections()
         self.config = config if config is not None else Config()   # what every worker runs
         self.sockets: list[list[socket.socket]] = []   # per worker, per listener
+        # Which workers have served since the start (a restarted one too),
+        # and who waits for them all (systemd's READY=1).
+        self.served: set[int] = set()
+        self.waiting_for_all: list[defer.Deferred[None]] = []
         self.workers: dict[int, _Worker] = {}
         self.delays: dict[int, float] = {}
         self.stopping = False
@@ -425,6 +434,23 @@ class WorkersService(service.Service):
         message = config_message(cfg)
         for worker in self.workers.values():
             worker.configure(message)
+
+    def serving(self, worker: _Worker) -> None:
+        """``worker`` serves: it has adopted its sockets."""
+        self.served.add(worker.index)
+        if len(self.served) == self.count:
+            waiting, self.waiting_for_all = self.waiting_for_all, []
+            for waiter in waiting:
+                waiter.callback(None)
+
+    def ready(self) -> defer.Deferred[None]:
+        """Fires once every worker has served (systemd's READY=1). A worker
+        restarted later changes nothing: the others serve meanwhile."""
+        if len(self.served) == self.count:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self.waiting_for_all.append(waiter)
+        return waiter
 
     def pids(self) -> dict[int, int]:
         """The live workers' process ids, by index."""
