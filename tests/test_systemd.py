@@ -1,6 +1,6 @@
-"""socksd under systemd: readiness on a NOTIFY_SOCKET the test listens on,
-and socket activation through systemd-socket-activate (Debian's systemd
-package), with one process and with workers."""
+"""socksd under systemd: the shipped units, readiness on a NOTIFY_SOCKET the
+test listens on, and socket activation through systemd-socket-activate
+(Debian's systemd package), with one process and with workers."""
 
 from __future__ import annotations
 
@@ -16,6 +16,80 @@ import pytest
 
 from conftest import PAGE, TWISTD, require, run_socks
 from helpers import stop_process, wait_until
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+UNITS = ("socksd.service", "socksd.socket", "socksd-identd.service")
+# Where the units say socksd is installed (README: Running under systemd).
+INSTALLED_TWISTD = "/opt/socksd/bin/twistd"
+
+
+def _unit(name: str) -> dict[str, dict[str, list[str]]]:
+    """A unit file's sections -> keys -> values, in order (systemd allows a
+    key more than once)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] = {}
+    for line in (EXAMPLES / name).read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), {})
+            continue
+        key, value = line.split("=", 1)
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+@pytest.mark.parametrize("name, command", [
+    ("socksd.service", "socks --config /etc/socksd/socksd.toml"),
+    ("socksd-identd.service", "identd --config /etc/socksd/socksd.toml"),
+])
+def test_the_service_units_have_what_running_socksd_needs(name, command):
+    service = _unit(name)["Service"]
+    assert service["Type"] == ["notify"]
+    assert service["ExecStart"] == [f"{INSTALLED_TWISTD} -n --pidfile= {command}"]
+    assert service["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert service["AmbientCapabilities"] == ["CAP_NET_BIND_SERVICE"]   # ports below 1024
+    assert service["NoNewPrivileges"] == ["yes"]
+    assert service["ProtectSystem"] == ["strict"]
+    # The identd reads the users' files in their home directories.
+    assert service["ProtectHome"] == ["read-only"]
+    assert service["PrivateTmp"] == ["yes"]
+    assert service["ReadOnlyPaths"] == ["/etc/socksd"]
+    # sock_diag (the identd, psutil) is netlink; workers and NOTIFY_SOCKET are AF_UNIX.
+    assert service["RestrictAddressFamilies"] == ["AF_INET AF_INET6 AF_UNIX AF_NETLINK"]
+
+
+def test_the_socksd_unit_runs_as_its_own_user_with_room_for_its_sessions():
+    service = _unit("socksd.service")["Service"]
+    assert service["User"] == ["socksd"] and service["Group"] == ["socksd"]
+    # max_sessions' default (10000) can hold 40064 descriptors.
+    assert int(service["LimitNOFILE"][0]) >= 40064
+    assert service["RuntimeDirectory"] == ["socksd"]
+
+
+def test_the_socket_unit_names_the_socket_the_readme_listens_on():
+    socket_unit = _unit("socksd.socket")["Socket"]
+    assert socket_unit["FileDescriptorName"] == ["socks"]
+    readme = (EXAMPLES.parent / "README.rst").read_text()
+    assert 'listen = ["systemd:domain=INET:name=socks"]' in readme
+
+
+@pytest.mark.integration
+def test_the_shipped_units_verify(tmp_path):
+    """systemd-analyze verify needs no running systemd. It checks that
+    ExecStart's program exists: the copies name the twistd under test in
+    place of /opt/socksd's. Unknown keys and bad values are only warned
+    about: any output fails."""
+    analyze = require("systemd-analyze")
+    for name in UNITS:
+        text = (EXAMPLES / name).read_text()
+        (tmp_path / name).write_text(text.replace(INSTALLED_TWISTD, TWISTD))
+    result = subprocess.run([analyze, "verify", *(str(tmp_path / name) for name in UNITS)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout + result.stderr == "", \
+        result.stdout + result.stderr
+
 
 # ---- readiness ---------------------------------------------------------------------------
 
