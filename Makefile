@@ -10,11 +10,13 @@ APT := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get -q -y -o Dpkg::Use-Pty
 
 # What building the gssapi package needs (krb5-config and headers).
 BUILD_DEBS := libkrb5-dev
-# Real clients, the real KDC and a real balancer (haproxy) used by the tests; the last line is what
+# Real clients, the real KDC, a real balancer (haproxy) and systemd's tools
+# (systemd-socket-activate, systemd-analyze verify: no running systemd needed)
+# used by the tests; the last line is what
 # tests/dante_gssapi.py needs to rebuild Debian's dante with GSS-API (the
 # independent RFC 1961 peer), once, cached in /var/cache/socksd-tests.
 TEST_DEBS := curl ncat netcat-openbsd socat dante-client krb5-kdc krb5-admin-server krb5-user libkrb5-dev \
-	apache2-utils procps oidentd haproxy \
+	apache2-utils procps oidentd haproxy systemd \
 	dpkg-dev build-essential debhelper flex libtool-bin libpam0g-dev libwrap0-dev
 BENCH_DEBS := dante-server dante-client iperf3 procps valgrind
 

@@ -11,7 +11,7 @@ import re
 import socket
 import tomllib
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from socksd.auth.gss import LEVEL_NAMES, GSSAPISettings
 from socksd.auth.registry import METHODS
@@ -707,13 +707,34 @@ def endpoint_type(description: str) -> str:
     return _split_endpoint(description)[0]
 
 
-def parse_listener(description: str) -> tuple[int, str, int, int, bool]:
-    """A tcp/tcp6 endpoint string (optionally haproxy:) -> (family, host,
-    port, backlog, haproxy). Other endpoint types cannot be shared."""
+class SharedListener(NamedTuple):
+    """A listener the workers share (:func:`parse_listener`)."""
+
+    family: int
+    host: str
+    port: int
+    backlog: int
+    haproxy: bool
+    # systemd: the description (without haproxy:) that finds the socket
+    # systemd passed: one socket, handed to every worker, never bound here.
+    inherited: str | None = None
+
+
+def parse_listener(description: str) -> SharedListener:
+    """A tcp/tcp6 endpoint string (optionally haproxy:) -> the address the
+    supervisor binds for each worker, or a systemd: one (INET or INET6) ->
+    the socket systemd passed. Other endpoint types cannot be shared."""
     kind, args, options, haproxy = _split_endpoint(description)
+    if kind == "systemd":
+        given = _systemd_given(args, options)
+        if _systemd_problem(given) is None and given["domain"] in ("INET", "INET6"):
+            family = socket.AF_INET6 if given["domain"] == "INET6" else socket.AF_INET
+            return SharedListener(family, "", 0, 0, haproxy,
+                                  description.removeprefix("haproxy:"))
     if kind not in ("tcp", "tcp6") or not (args or "port" in options):
         raise ValueError(f"{description.removeprefix('haproxy:')!r}: workers > 1 serves tcp:, "
-                         "tcp6: and haproxy:tcp: listeners only")
+                         "tcp6: and systemd:domain=INET or INET6 listeners only (haproxy: in "
+                         "front of them or not)")
     # Twisted's order: tcp:PORT:INTERFACE:BACKLOG, tcp6:PORT:BACKLOG:INTERFACE.
     names = ("port", "interface", "backlog") if kind == "tcp" else ("port", "backlog",
                                                                     "interface")
@@ -721,7 +742,8 @@ def parse_listener(description: str) -> tuple[int, str, int, int, bool]:
     host = given.get("interface", "::" if kind == "tcp6" else "0.0.0.0")
     # Like Twisted's tcp:, an IPv6 interface means an IPv6 socket.
     family = socket.AF_INET6 if kind == "tcp6" or ":" in host else socket.AF_INET
-    return family, host, int(given["port"]), int(given.get("backlog", 50)), haproxy
+    return SharedListener(family, host, int(given["port"]), int(given.get("backlog", 50)),
+                          haproxy)
 
 
 def worker_count(value: int | str) -> int:
@@ -796,7 +818,10 @@ def _endpoint_problem(description: str) -> str | None:
 
     kind, args, options, _haproxy = _split_endpoint(description)
     if kind == "systemd":
-        return None   # its sockets exist only in the process systemd starts
+        # Its sockets exist only in the process systemd starts: the string
+        # alone is checked here (--check may run anywhere), the socket at
+        # start (inherited_problem).
+        return _systemd_problem(_systemd_given(args, options))
     try:
         endpoints.serverFromString(reactor, description)
     except ImportError as e:
@@ -819,4 +844,60 @@ def _endpoint_problem(description: str) -> str | None:
             valid = False
         if not valid:
             return f"port {port!r} is not 0-65535"
+    return None
+
+
+def _systemd_given(args: list[str], options: dict[str, str]) -> dict[str, str]:
+    """A systemd: string's arguments by name, in Twisted's order
+    (systemd:DOMAIN:INDEX:NAME); more than three positional ones are kept
+    under "" for :func:`_systemd_problem`."""
+    given = dict(zip(("domain", "index", "name"), args, strict=False))
+    if len(args) > 3:
+        given[""] = ":".join(args[3:])
+    return {**given, **options}
+
+
+def _systemd_problem(given: dict[str, str]) -> str | None:
+    """Why Twisted's parser would refuse a systemd: string, whatever was inherited."""
+    if set(given) - {"domain", "index", "name"}:
+        return "not a valid Twisted endpoint (systemd: takes domain= and index= or name=)"
+    if not hasattr(socket, f"AF_{given.get('domain')}"):
+        return f"domain {given.get('domain')!r} is not an address family (INET, INET6, UNIX)"
+    if ("index" in given) == ("name" in given):
+        return "give one of index= and name="
+    if "index" in given and not given["index"].isdigit():
+        return f"index {given['index']!r} is not a number"
+    return None
+
+
+def inherited_problem(description: str) -> str | None:
+    """Why a systemd: endpoint cannot be served by this process: no such
+    socket was passed to it, or not a listening one of its domain. None for
+    other types. Twisted's own parser finds the socket, as it will to serve it
+    (it reads LISTEN_FDS, and ignores them without LISTEN_FDNAMES)."""
+    from twisted.internet import endpoints, reactor
+
+    kind, args, options, _haproxy = _split_endpoint(description)
+    if kind != "systemd":
+        return None
+    given = _systemd_given(args, options)
+    which = f"at index {given['index']}" if "index" in given else \
+        f"named {given.get('name')!r}"
+    try:
+        endpoint = endpoints.serverFromString(reactor, description.removeprefix("haproxy:"))
+    except (IndexError, KeyError):
+        return (f"systemd passed no socket {which} (they come in LISTEN_FDS, named in "
+                "LISTEN_FDNAMES): start this from a .socket unit, or under "
+                "systemd-socket-activate with --fdname")
+    assert isinstance(endpoint, endpoints.AdoptedStreamServerEndpoint), "systemd:'s endpoint"
+    family = getattr(socket, f"AF_{given['domain']}")
+    try:
+        # A copy of the descriptor: the original is the listener's, later.
+        with socket.socket(fileno=os.dup(endpoint.fileno)) as probe:
+            listening = probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            if probe.family != family or probe.type != socket.SOCK_STREAM or not listening:
+                return (f"the socket systemd passed {which} is not a listening "
+                        f"{given['domain']} stream socket")
+    except OSError as e:
+        return f"what systemd passed {which} is not a socket ({e.strerror or e})"
     return None

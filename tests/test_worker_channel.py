@@ -351,6 +351,31 @@ def test_a_worker_stopping_cleanly_gives_up_on_a_supervisor_that_does_not_read()
     assert stopped.called
 
 
+# ---- readiness (systemd's READY=1) -------------------------------------------------------
+
+def test_ready_once_every_worker_serves_and_a_restart_changes_nothing():
+    service = supervisor()
+    pairs = [Pair(service, index, some_counts(0)) for index in range(2)]
+    ready = service.ready()
+    pairs[1].down.serving()
+    pairs[1].to_supervisor()
+    assert not ready.called                    # worker 0 does not serve yet
+    pairs[0].crash()
+    restarted = Pair(service, 0, some_counts(0))
+    restarted.down.serving()
+    restarted.to_supervisor()
+    assert ready.called
+    assert service.ready().called              # asked later: at once
+
+
+def test_a_serving_message_with_more_in_it_is_malformed(log_events):
+    service = supervisor()
+    pair = Pair(service, 0, some_counts(0))
+    pair.up.dataReceived(frame(["serving", 1]))
+    assert pair.worker.transport.signals == ["TERM"]
+    assert "unknown message 'serving' of 2 items" in errors(log_events)[0]
+
+
 # ---- the configuration --------------------------------------------------------------------
 
 def test_a_reload_sends_the_validated_text_and_a_later_worker_starts_with_it(tmp_path):

@@ -183,7 +183,36 @@ def test_auto_is_the_cpu_count(tmp_path):
 def test_listeners_shared_by_workers_are_read_as_twisted_reads_them(description, expected):
     """The supervisor binds these itself (SO_REUSEPORT): it must bind what
     Twisted would, never a wider address than the string names."""
-    assert config.parse_listener(description) == expected
+    assert config.parse_listener(description) == (*expected, None)
+
+
+@pytest.mark.parametrize("description, family, haproxy", [
+    ("systemd:domain=INET:index=0", socket.AF_INET, False),
+    ("systemd:INET6:1", socket.AF_INET6, False),       # Twisted's order: DOMAIN:INDEX:NAME
+    ("haproxy:systemd:domain=INET6:name=socks", socket.AF_INET6, True),
+])
+def test_a_systemd_listener_is_the_socket_systemd_passed_shared_by_the_workers(
+        description, family, haproxy):
+    """Bound by systemd, found by Twisted's parser from the same string."""
+    assert config.parse_listener(description) == (
+        family, "", 0, 0, haproxy, description.removeprefix("haproxy:"))
+
+
+@pytest.mark.parametrize("description, message", [
+    ("systemd:domain=UNIX:index=0", "workers > 1 serves tcp:, tcp6: and systemd:domain=INET"),
+    ("systemd:domain=INET", "give one of index= and name="),
+    ("systemd:domain=INET:index=0:name=socks", "give one of index= and name="),
+    ("systemd:domain=INETX:index=0", "domain 'INETX' is not an address family"),
+    ("systemd:domain=INET:index=first", "index 'first' is not a number"),
+    ("systemd:domain=INET:index=0:backlog=5", "systemd: takes domain= and index= or name="),
+])
+def test_a_systemd_listener_the_workers_cannot_share_is_refused(tmp_path, description, message):
+    path = tmp_path / "w.toml"
+    path.write_text(f'[server]\nworkers = 2\nlisten = ["{description}"]\n')
+    with pytest.raises(config.ConfigError) as info:
+        config.load(str(path))
+    assert str(info.value).startswith(f"{path}:3: server.listen: '{description}': ")
+    assert message in str(info.value)
 
 
 @pytest.mark.integration

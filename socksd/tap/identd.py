@@ -25,6 +25,7 @@ from socksd.ident.registry import ProxiedConnections
 from socksd.ident.server import IdentFactory, answer_query
 from socksd.tap import install_reactor, privileges, security
 from socksd.tap.logsink import LoggingRoot, check_log_option
+from socksd.tap.notify import Notifier
 from socksd.tap.reload import Change, Listeners, Reloader, hold_sighup
 from socksd.wire import ident
 
@@ -75,6 +76,8 @@ class Options(usage.Options):
             check_log_option(self.log_config, self.parent, self["config"])
             file_warnings = privileges.user_file_warnings(
                 privileges.after_switch(self.parent), self.identd.policy)
+            if not (self["check"] or self["stdio"]):
+                check_inherited(self)
         except configuration.ConfigError as e:
             sys.exit(f"identd: {e}")
         if self["check"]:
@@ -115,6 +118,17 @@ def build(options: Options) -> tuple[configuration.IdentdConfig, configuration.L
         configuration.check_listen_option(options["listen"])
         cfg = replace(cfg, listen=tuple(options["listen"]))
     return cfg, log_config
+
+
+def check_inherited(options: Options) -> None:
+    """ConfigError for a ``systemd:`` endpoint whose socket this process was
+    not passed: one line at start (socksd.tap.socks.check_inherited)."""
+    for description in options.identd.listen:
+        problem = configuration.inherited_problem(description)
+        if problem:
+            where = "--listen" if options["listen"] else \
+                f"{configuration.location(options['config'], 'identd', 'listen')}: identd.listen"
+            raise configuration.ConfigError(f"{where}: {description!r}: {problem}")
 
 
 def check_addresses(options: Options) -> None:
@@ -210,5 +224,8 @@ def makeService(options: Options) -> service.IService:
 
         return identd.listeners.bind(cfg.listen).addCallback(apply)
 
-    Reloader(reload).setServiceParent(top)
+    # Last: started once every listener is bound, stopped first.
+    notifier = Notifier()
+    Reloader(reload, notifier=notifier).setServiceParent(top)
+    notifier.setServiceParent(top)
     return top

@@ -6,7 +6,8 @@ the running configuration and say why in one line.
 new ones bound first, all or none, then the removed ones closed (their open
 sessions go on), the unchanged ones kept bound (no moment they refuse), an
 ``ssl:`` one with its certificate and key read again for the connections it
-accepts next.
+accepts next. A ``systemd:`` one is neither added nor removed: systemd
+passes its sockets at start only.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from socksd.config import ConfigError
+from socksd.config import ConfigError, endpoint_type
 from socksd.stats import STATS
 from socksd.tap.listening import RenewableTLS, Socket, listen_tls, read, tls_service
+from socksd.tap.notify import Notifier
 from socksd.twisted_internals import IReactor, installed_reactor
 
 log = Logger(namespace="socksd")
@@ -50,10 +52,11 @@ class Reloader(service.Service):
     process never ends for a reload."""
 
     def __init__(self, reload: Callable[[], Any], reactor: IReactor | None = None,
-                 prefix: str = "") -> None:
+                 prefix: str = "", notifier: Notifier | None = None) -> None:
         self.reload = reload
         self.reactor = reactor if reactor is not None else installed_reactor()
         self.prefix = prefix          # "wN " in a worker's lines
+        self.notifier = notifier      # systemd's, told when a reload begins and ends
         self.running_reload: defer.Deferred[None] | None = None
         self.again = False
 
@@ -81,6 +84,8 @@ class Reloader(service.Service):
         if self.running_reload is not None:
             self.again = True
             return self.running_reload
+        if self.notifier is not None:
+            self.notifier.reloading()
         self.running_reload = d = defer.maybeDeferred(self.reload)
         d.addCallbacks(self._done, self._failed)
         d.addBoth(self._next)   # at once, if the reload was synchronous
@@ -100,6 +105,8 @@ class Reloader(service.Service):
 
     def _next(self, _: object) -> None:
         self.running_reload = None
+        if self.notifier is not None:
+            self.notifier.reloaded()
         if self.again and self.running:
             self.again = False
             self.now()
@@ -171,6 +178,16 @@ class Listeners(service.MultiService):
         everything can."""
         wanted = list(dict.fromkeys(descriptions))
         change = Change(self, [d for d in self.by_description if d not in wanted])
+        # A systemd: socket is passed once, at start, and Twisted closes the
+        # descriptor it came on once it listens: it can be neither had again
+        # nor had anew (the number may be another descriptor by now).
+        added = [d for d in wanted if d not in self.by_description]
+        for description in [*change.removed, *added]:
+            if endpoint_type(description) == "systemd":
+                what = "removed" if description in change.removed else "added"
+                return defer.fail(ConfigError(
+                    f"{description!r}: {what}, but systemd passes its sockets at start only: "
+                    "restart for this change"))
         binding: list[tuple[str, Socket | None]] = []
         try:
             for description in wanted:

@@ -37,6 +37,7 @@ from socksd.tap.logsink import LoggingRoot, check_log_option
 from socksd.tap.metrics import registry as metrics_registry
 from socksd.tap.metrics import site as metrics_site
 from socksd.tap.metrics import workers_registry
+from socksd.tap.notify import Notifier
 from socksd.tap.reload import Change, Listeners, Reloader, bind_all, hold_sighup
 from socksd.tap.workers import WorkersService
 from socksd.twisted_internals import installed_reactor
@@ -99,6 +100,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             identd = _identd(self.socks_config)
             file_warnings = privileges.user_file_warnings(
                 account, identd.policy if identd is not None else None)
+            if not self["check"]:
+                check_inherited(self.socks_config, self["listen"])
         except configuration.ConfigError as e:
             # Not a UsageError: twistd would bury the message under the usage text.
             sys.exit(f"socksd: {e}")
@@ -111,6 +114,23 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         for warning in file_warnings:
             # Kept by twistd until its log starts, then written there.
             log.warn("{warning}", warning=warning)
+
+
+def check_inherited(cfg: configuration.Config, listen: list[str]) -> None:
+    """ConfigError for a ``systemd:`` endpoint whose socket this process was
+    not passed: one line at start, not Twisted's IndexError. Not for
+    ``--check``, which may check the file anywhere."""
+    identd = _identd(cfg)
+    for table, descriptions in (("server", cfg.listen),
+                                ("identd", identd.listen if identd is not None else ()),
+                                ("metrics", cfg.metrics.listen)):
+        for description in descriptions:
+            problem = configuration.inherited_problem(description)
+            if problem:
+                where = "--listen" if table == "server" and listen else \
+                    f"{configuration.location(cfg.path, table, 'listen', cfg.source)}: " \
+                    f"{table}.listen"
+                raise configuration.ConfigError(f"{where}: {description!r}: {problem}")
 
 
 def summary(cfg: configuration.Config, checkers: Sequence[ICredentialsChecker]) -> str:
@@ -333,6 +353,7 @@ def makeService(options: Options) -> service.IService:
     proxied = ProxiedConnections()
     identd = IdentdServing(_identd(cfg), proxied)
     STATS.per_user = cfg.metrics.per_user
+    serving: Callable[[], defer.Deferred[None]] | None = None   # what READY=1 waits for
     if cfg.workers > 1:
         # What the file says is checked against the listeners this process
         # holds for them (the command line's or the file's): the workers'
@@ -343,6 +364,7 @@ def makeService(options: Options) -> service.IService:
         workers = WorkersService(cfg.workers, cfg.listen, worker_args,
                                  auth=options["auth_strings"], registry=proxied, config=cfg)
         workers.setServiceParent(top)
+        serving = workers.ready
         # The endpoint is the supervisor's: it sums what the workers counted.
         metrics = Listeners(cfg.metrics.listen, metrics_site(workers_registry(workers),
                                                              workers.gather))
@@ -360,7 +382,13 @@ def makeService(options: Options) -> service.IService:
         reload = Reload(options, cfg, factory, assembly, listeners, identd, proxied, top,
                         metrics)
     identd.listeners.setServiceParent(top)
-    Reloader(reload).setServiceParent(top)
+    # Last: started once every listener is bound, stopped first. With
+    # workers, ready once every worker serves; after a reload, once the
+    # supervisor has applied the file and sent its text to every worker
+    # (each applies it as it reads it, and says so: "wN reloaded").
+    notifier = Notifier(serving)
+    Reloader(reload, notifier=notifier).setServiceParent(top)
+    notifier.setServiceParent(top)
     return top
 
 

@@ -6,8 +6,9 @@ the file as the supervisor read and validated it, with its path for the
 messages. The worker never reads the file itself.
 
 Its control channel (``--channel FD``, socksd.channel) carries its sessions'
-identd registrations and its counts to the supervisor, and brings it the
-configuration of each reload and the requests for its counts.
+identd registrations, its counts, and once that it serves, to the
+supervisor, and brings it the configuration of each reload and the requests
+for its counts.
 
 SIGHUP is ignored, with one line: a reload is the supervisor's to make (it
 validates the file once and sends every worker the same text), and a HUP
@@ -127,8 +128,9 @@ class LogChannel(protocol.Protocol):
 
 class WorkerChannel(RegistrationSender):
     """The worker's end of its control channel: its sessions' identd
-    registrations (RegistrationSender) and its counts go up; the
-    configuration to run, and the requests for its counts, come down.
+    registrations (RegistrationSender), its counts, and once that it serves
+    go up; the configuration to run, and the requests for its counts, come
+    down.
 
     The counts are counted in plain ints as ever (socksd.stats) and made a
     report only when the supervisor asks (a scrape), and once more as the
@@ -168,6 +170,11 @@ class WorkerChannel(RegistrationSender):
             self.configure(path, text)
         else:
             super().message_received(message)
+
+    def serving(self) -> None:
+        """Say that this worker serves (its sockets adopted): the supervisor
+        tells systemd the service is ready once every worker has."""
+        self.send("serving", "serving", frame(["serving"]))
 
     def report(self) -> None:
         self.send("counts", "counts", frame(["counts", self.asked,
@@ -314,6 +321,7 @@ def main(argv: list[str] | None = None) -> None:
         port_factory = proxy_protocol_factory(factory) if haproxy else factory
         reactor.adoptStreamPort(fd, socket.AddressFamily(family), port_factory)
         os.close(fd)  # Twisted made its own copy of the descriptor
+    control.serving()
     reactor_class = type(reactor)
     log.info("w{worker} serving on {reactor}", worker=args.index,
              reactor=f"{reactor_class.__module__}.{reactor_class.__qualname__}")

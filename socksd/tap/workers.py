@@ -5,6 +5,9 @@ The supervisor binds every listener N times with SO_REUSEPORT (in
 privilegedStartService, so port 1080 or 113 can be bound before twistd drops
 privileges) and hands worker i its own set of sockets: the kernel spreads
 new connections over the workers by their addresses, with no thundering herd.
+A ``systemd:`` listener is the one socket systemd passed, handed to every
+worker: the kernel gives each connection to one of the processes accepting
+on it.
 A worker is ``python -m socksd.tap.worker``, building the same service from
 the same config and adopting its sockets. A worker that dies is restarted on
 the same sockets (connections queued meanwhile wait for it); stopping the
@@ -31,7 +34,9 @@ channel (socksd.channel), which, unlike the log, never drops a message:
   a reload runs the reload's), then over the channel at each reload. A
   worker ignores SIGHUP (socksd.tap.worker);
 * the metrics: a scrape asks every worker for its counts and sums their
-  answers (see :meth:`WorkersService.gather`).
+  answers (see :meth:`WorkersService.gather`);
+* a worker says once that it serves (its sockets adopted): systemd is told
+  the service is ready when every worker has (socksd.tap.notify).
 
 A malformed frame from a worker (never sent by the code it runs: a bug,
 or a corrupted process) is logged and counted, its identd entries are
@@ -58,14 +63,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import defer, protocol
+from twisted.internet import defer, endpoints, protocol
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IAddress, IDelayedCall, IProcessTransport
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 
 from socksd.channel import Malformed, frame
-from socksd.config import MAX_WORKERS_CONFIG, Config, parse_listener
+from socksd.config import MAX_WORKERS_CONFIG, Config, SharedListener, parse_listener
 from socksd.ident.channel import RegistrationReceiver
 from socksd.ident.registry import ProxiedConnections
 from socksd.logs import FROM_WORKER
@@ -107,6 +112,18 @@ def bind_reuseport(family: int, host: str, port: int, backlog: int) -> socket.so
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+def inherited_socket(listener: SharedListener, reactor: IReactor) -> socket.socket:
+    """The socket systemd passed for a ``systemd:`` listener, found by
+    Twisted's own parser (start-up checked it: config.inherited_problem),
+    taken over: the supervisor holds it for every worker it starts."""
+    assert listener.inherited is not None, "a systemd: listener"
+    endpoint = endpoints.serverFromString(reactor, listener.inherited)
+    assert isinstance(endpoint, endpoints.AdoptedStreamServerEndpoint), "systemd:'s endpoint"
+    sock = socket.socket(fileno=endpoint.fileno)
     sock.setblocking(False)
     return sock
 
@@ -184,6 +201,9 @@ class _WorkerChannel(RegistrationReceiver):
         self.drain: IDelayedCall | None = None
 
     def message_received(self, message: list[Any]) -> None:
+        if message[0] == "serving" and len(message) == 1:
+            self.worker.supervisor.serving(self.worker)
+            return
         if message[0] != "counts":
             super().message_received(message)
             return
@@ -312,6 +332,10 @@ class WorkersService(service.Service):
         self.registry = registry if registry is not None else ProxiedConnections()
         self.config = config if config is not None else Config()   # what every worker runs
         self.sockets: list[list[socket.socket]] = []   # per worker, per listener
+        # Which workers have served since the start (a restarted one too),
+        # and who waits for them all (systemd's READY=1).
+        self.served: set[int] = set()
+        self.waiting_for_all: list[defer.Deferred[None]] = []
         self.workers: dict[int, _Worker] = {}
         self.delays: dict[int, float] = {}
         self.stopping = False
@@ -328,21 +352,26 @@ class WorkersService(service.Service):
         self.round: IDelayedCall | None = None
 
     def privilegedStartService(self) -> None:
+        # systemd passed one socket for each systemd: listener: every worker
+        # gets that one. The others are bound once per worker.
+        inherited = {i: inherited_socket(listener, self.reactor)
+                     for i, listener in enumerate(self.listeners) if listener.inherited}
         for _ in range(self.count):
             row = []
-            for family, host, port, backlog, _haproxy in self.listeners:
-                sock = bind_reuseport(family, host, port, backlog)
-                if port == 0:
-                    # Port 0: the first bind picks it; the others share it.
-                    port = sock.getsockname()[1]
+            for i, listener in enumerate(self.listeners):
+                sock = inherited.get(i)
+                if sock is None:
+                    sock = bind_reuseport(listener.family, listener.host, listener.port,
+                                          listener.backlog)
+                    if listener.port == 0:
+                        # Port 0: the first bind picks it; the others share it.
+                        self.listeners[i] = listener._replace(port=sock.getsockname()[1])
                 row.append(sock)
-            if not self.sockets:
-                self.listeners = [(f, h, row[i].getsockname()[1], b, hp)
-                                  for i, (f, h, _p, b, hp) in enumerate(self.listeners)]
             self.sockets.append(row)
-        for _family, _host, port, _backlog, haproxy in self.listeners:
+        for i, listener in enumerate(self.listeners):
+            port = self.sockets[0][i].getsockname()[1]
             log.info("SOCKSServerFactory{proxy} starting on {port} ({n} workers)",
-                     proxy=" (PROXY)" if haproxy else "", port=port, n=self.count)
+                     proxy=" (PROXY)" if listener.haproxy else "", port=port, n=self.count)
         super().privilegedStartService()
 
     def startService(self) -> None:
@@ -360,10 +389,10 @@ class WorkersService(service.Service):
         # its sockets; then its control channel.
         child_fds: dict[int, int | str] = {0: "w", 1: theirs.fileno(), 2: 2}
         fds = []
-        for number, (sock, (family, _h, _p, _b, haproxy)) in enumerate(
-                zip(sockets, self.listeners, strict=True), start=3):
+        for number, (sock, listener) in enumerate(zip(sockets, self.listeners, strict=True),
+                                                  start=3):
             child_fds[number] = sock.fileno()
-            fds.append([number, int(family), haproxy])
+            fds.append([number, int(listener.family), listener.haproxy])
         channel_fd = 3 + len(sockets)
         child_fds[channel_fd] = its_control.fileno()
         # -P: the working directory is not put on sys.path (a source checkout
@@ -405,6 +434,23 @@ class WorkersService(service.Service):
         message = config_message(cfg)
         for worker in self.workers.values():
             worker.configure(message)
+
+    def serving(self, worker: _Worker) -> None:
+        """``worker`` serves: it has adopted its sockets."""
+        self.served.add(worker.index)
+        if len(self.served) == self.count:
+            waiting, self.waiting_for_all = self.waiting_for_all, []
+            for waiter in waiting:
+                waiter.callback(None)
+
+    def ready(self) -> defer.Deferred[None]:
+        """Fires once every worker has served (systemd's READY=1). A worker
+        restarted later changes nothing: the others serve meanwhile."""
+        if len(self.served) == self.count:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self.waiting_for_all.append(waiter)
+        return waiter
 
     def pids(self) -> dict[int, int]:
         """The live workers' process ids, by index."""
