@@ -280,8 +280,8 @@ class Session(Admission, ClientEnd, TimeoutMixin, Commands):
         self.release()
         # The relay's last reference back to us goes: the session is freed at
         # once, not at the garbage collector's next pass.
-        up, down = self.moved()
         relaying, self.relaying = self.relaying, None
+        up, down = relaying.moved() if relaying is not None else self.moved()
         detail = self.detail
         if self.udp is not None:
             detail = (f"{detail}; " if detail else "") + self.udp.summary()
