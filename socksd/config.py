@@ -37,6 +37,9 @@ DEFAULT_LISTEN = ("tcp:1080:interface=127.0.0.1",)
 
 # The longest a "wait" key ([identd] proxied_wait) may be, in seconds.
 MAX_WAIT = 60
+# The longest a stop may wait for the open sessions ([server]
+# drain_timeout), in seconds.
+MAX_DRAIN = 86400
 # The largest file ``workers`` > 1 passes on to the workers (its text
 # travels to each; see socksd.tap.workers): far more than rules and lists
 # of users take.
@@ -192,7 +195,7 @@ _SERVER_KEYS = {
     "ipv6_client_prefix": "prefix", "trusted_proxies": "strings",
     "auth_threads": "count", "auth_in_flight": "count", "auth_in_flight_per_client": "count",
     "auth_failure_backoff": "seconds", "auth_failure_backoff_max": "timeout",
-    "auth_failure_clients": "count", "recheck_on_reload": "bool",
+    "auth_failure_clients": "count", "recheck_on_reload": "bool", "drain_timeout": "drain",
 }
 _RULE_KEYS = {
     "action": "string", "from": "strings", "to": "strings", "ports": "ports",
@@ -345,7 +348,7 @@ def parse(data: dict[str, Any], where: _Where) -> Config:
         raise where.error("lists a method twice", "server", None, "methods")
 
     given = {key: server[key] for key in _SERVER_KEYS
-             if _SERVER_KEYS[key] in ("seconds", "timeout", "count", "bool", "prefix")
+             if _SERVER_KEYS[key] in ("seconds", "timeout", "count", "bool", "prefix", "drain")
              and key in server and key != "recheck_on_reload"}
     for key in ("bind_ports", "udp_ports"):
         if key in server:
@@ -649,6 +652,13 @@ def _check_type(where: _Where, value: Any, kind: str, table: str, index: int | N
         if not 0 <= value <= 86400 * 365:
             raise where.error(f"{value} is out of range (0 to one year; 0 = never)", table,
                               index, key)
+    elif kind == "drain":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number of seconds")
+        if not 0 <= value <= MAX_DRAIN:
+            # Every wait has a timeout: a stop has no "never".
+            raise where.error(f"{value} is out of range (0 to {MAX_DRAIN} seconds; "
+                              "0 = close the open sessions at once)", table, index, key)
     elif kind == "wait":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number of seconds")

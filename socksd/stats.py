@@ -26,7 +26,7 @@ from typing import Any
 
 # A session's outcome, as the metrics name it: a closed set, defined once.
 OUTCOMES = ("ok", "denied", "auth_failed", "connect_failed", "timeout", "stalled", "refused",
-            "lost", "client_error")
+            "lost", "client_error", "shutdown")
 COMMANDS = ("connect", "bind", "udp")
 VERSIONS = ("socks4", "socks5")
 DIRECTIONS = ("up", "down")
@@ -39,6 +39,7 @@ _OUTCOME = {
     "handshake timeout": "timeout", "idle timeout": "timeout", "udp idle timeout": "timeout",
     "stalled": "stalled", "refused": "refused",
     "client closed": "lost", "connection lost": "lost",
+    "shutdown": "shutdown",
 }
 
 # Seconds: a loopback handshake takes well under a millisecond, a

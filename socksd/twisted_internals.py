@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from twisted.protocols.haproxy._info import ProxyInfo
 
 __all__ = ["CHECKED_TWISTED", "HAProxyProtocolWrapper", "IReactor", "IStreamTransport",
-           "after_each_read", "buffered", "direct_socket", "installed_reactor",
+           "after_each_read", "buffered", "direct_socket", "exit_cleanly", "installed_reactor",
            "is_health_check", "is_proxy_wrapper", "proxy_info", "proxy_protocol_factory"]
 
 # The oldest and newest Twisted releases (major, minor) whose internals
@@ -153,3 +153,12 @@ def after_each_read(wrapper: HAProxyProtocolWrapper, callback: Callable[[], None
     # The transport below looks dataReceived up on each read: an instance
     # attribute takes the place of the wrapper's method.
     wrapper.dataReceived = watched  # type: ignore[method-assign]
+
+
+def exit_cleanly(reactor: object) -> None:
+    """The stop a signal asked for is over, done in order: exit 0. twistd
+    otherwise ends by sending itself the signal the reactor stopped for
+    (``_exitSignal``, which the reactor's SIGTERM and SIGINT handlers set),
+    an exit status that says "killed", as if nothing had been cleaned up."""
+    if getattr(reactor, "_exitSignal", None) is not None:
+        reactor._exitSignal = None  # type: ignore[attr-defined]

@@ -181,12 +181,18 @@ def connection_as(entry: pwd.struct_passwd,
 
 
 def stop_process(process: subprocess.Popen, log_file: IO[bytes]) -> None:
-    """SIGTERM, then SIGKILL after 10 s; the file its output went to is closed."""
+    """SIGTERM; a second one after 5 s (socksd drains open sessions for up to
+    its drain_timeout, and ends at once at the second), then SIGKILL after
+    10 s more; the file its output went to is closed."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
-            process.wait(10)
+            process.wait(5)
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
     log_file.close()

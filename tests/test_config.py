@@ -218,6 +218,27 @@ def test_identd_proxied_wait_errors(tmp_path, value, expected):
     assert "\n" not in message
 
 
+def test_server_drain_timeout(tmp_path):
+    assert config.Config().limits.drain_timeout == 30
+    assert load_text(tmp_path, "[server]\ndrain_timeout = 2.5\n").limits.drain_timeout == 2.5
+    assert load_text(tmp_path, "[server]\ndrain_timeout = 0\n").limits.drain_timeout == 0
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("-1", "socksd.toml:3: server.drain_timeout: -1 is out of range (0 to 86400 seconds; "
+           "0 = close the open sessions at once)"),
+    ("86401", "socksd.toml:3: server.drain_timeout: 86401 is out of range"),
+    ("inf", "socksd.toml:3: server.drain_timeout: inf is out of range"),
+    ("nan", "socksd.toml:3: server.drain_timeout: nan is out of range"),
+    ('"30"', "socksd.toml:3: server.drain_timeout: must be a number of seconds, not a string"),
+    ("true", "socksd.toml:3: server.drain_timeout: must be a number of seconds, not a boolean"),
+])
+def test_server_drain_timeout_errors(tmp_path, value, expected):
+    message = error_of(tmp_path, f"[server]\nworkers = 1\ndrain_timeout = {value}\n")
+    assert message.startswith(f"{tmp_path / 'socksd.toml'}:{expected.split(':', 1)[1]}")
+    assert "\n" not in message
+
+
 def test_identd_proxied_users_with_workers(tmp_path):
     """No longer refused: the workers register their sessions with the
     supervisor's identd."""

@@ -40,8 +40,10 @@ def test_every_session_outcome_has_a_label_from_the_closed_set():
     outcomes = ["ok", "denied", "denied after reload", "auth failed", "no acceptable method",
                 "connect failed", "bind failed", "udp failed", "handshake timeout",
                 "idle timeout", "udp idle timeout", "stalled", "refused", "client closed",
-                "connection lost", "bad request", "command not supported", "gssapi", "error"]
+                "connection lost", "bad request", "command not supported", "gssapi", "error",
+                "shutdown"]
     assert {outcome_label(o) for o in outcomes} == set(OUTCOMES)
+    assert outcome_label("shutdown") == "shutdown"      # not a client's error
 
 
 def test_labels_never_carry_what_a_client_made_up():

@@ -6,7 +6,9 @@ what the transport asks it to watch (as in test_relay_send)."""
 
 from __future__ import annotations
 
+import inspect
 import re
+import signal
 import socket
 import struct
 import subprocess
@@ -259,3 +261,25 @@ def test_wrappers_provide_what_istreamtransport_names(pair):
     tls_protocol = tls.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
     tls_protocol.makeConnection(transport)
     stream_transport_parts(tls_protocol)
+
+
+# exit_cleanly: the reactor's _exitSignal, which twistd ends with
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_exit_cleanly_forgets_the_signal_twistd_would_end_with(signum):
+    from twisted.application import app
+
+    reactor = socksd_reactor.EPollReactor()
+    try:
+        handler = reactor.sigTerm if signum == signal.SIGTERM else reactor.sigInt
+        handler(signum)                      # what the reactor's handler does
+        assert reactor._exitSignal == signum
+        # ... which twistd reads once the reactor has stopped, to kill itself with
+        assert "_exitSignal" in inspect.getsource(app.ApplicationRunner.startReactor)
+        internals.exit_cleanly(reactor)
+        assert reactor._exitSignal is None
+        internals.exit_cleanly(reactor)      # twice, or with no signal: nothing to do
+        assert reactor._exitSignal is None
+    finally:
+        reactor._poller.close()
+        reactor.waker.connectionLost(None)

@@ -8,6 +8,7 @@ malformed frames."""
 from __future__ import annotations
 
 import json
+import socket
 import struct
 
 import pytest
@@ -27,10 +28,12 @@ from socksd.tap.worker import WorkerChannel, read_start
 from socksd.tap.workers import (
     DRAIN_WAIT,
     REPORT_WAIT,
+    STOP_MARGIN,
     STOP_TIMEOUT,
     WorkersService,
     _ChannelFactory,
     _Worker,
+    _WorkerLogFactory,
     start_message,
 )
 
@@ -84,9 +87,10 @@ class Pair:
         supervisor.reporting.add(self.worker)
         self.up = _ChannelFactory(self.worker, supervisor.registry).buildProtocol(None)
         self.up.makeConnection(StringTransport())
+        self.stops: list[str | None] = []        # what the worker was told: drain, or why not
         self.down = WorkerChannel(index, lambda: self.counts,
                                   lambda path, text: self.configured.append((path, text)),
-                                  supervisor.reactor)
+                                  supervisor.reactor, self.stops.append)
         self.down.makeConnection(StringTransport())
 
     def to_worker(self) -> None:
@@ -545,3 +549,119 @@ def test_scrapes_waiting_for_the_next_round_are_answered_when_the_service_stops(
     service.stopService()
     pair.crash()                           # it ends without a word
     assert first.called and second.called
+
+
+# ---- stopping ----------------------------------------------------------------------------
+
+def _ended(pair: Pair) -> None:
+    """The worker process ends, and its log and channel close."""
+    pair.worker.processEnded(Failure(ConnectionError("exit code 0")))
+    pair.worker.log_closed.callback(None)
+    pair.up.connectionLost(Failure(ConnectionError("closed")))
+
+
+def test_a_stop_tells_every_worker_to_drain_and_kills_it_after_its_drain_timeout():
+    """Over its channel, not with a signal (which would be its second when
+    systemd signalled it too); killed drain_timeout + STOP_MARGIN later."""
+    service = supervisor()
+    service.config = load_text("[server]\nworkers = 2\ndrain_timeout = 7\n", "f.toml")
+    pairs = [Pair(service, 0, some_counts(1)), Pair(service, 1, some_counts(1))]
+    stopped = service.stopService()
+    for pair in pairs:
+        pair.to_worker()
+        assert pair.stops == [None] and pair.worker.transport.signals == []
+    _ended(pairs[0])
+    service.reactor.advance(7 + STOP_MARGIN - 0.1)
+    assert pairs[1].worker.transport.signals == [] and not stopped.called
+    service.reactor.advance(0.2)
+    assert pairs[0].worker.transport.signals == []          # it had ended
+    assert pairs[1].worker.transport.signals == ["KILL"]
+    _ended(pairs[1])
+    assert stopped.called
+
+
+def test_a_second_signal_tells_every_worker_to_end_at_once_and_kills_it_sooner():
+    service = supervisor()
+    pair = Pair(service, 0, some_counts(1))
+    service.stopService()
+    pair.to_worker()
+    service.reactor.advance(1)
+    service.now("a second SIGTERM")
+    pair.to_worker()
+    assert pair.stops == [None, "a second SIGTERM"]
+    service.reactor.advance(STOP_TIMEOUT - 0.1)
+    assert pair.worker.transport.signals == []
+    service.reactor.advance(0.2)
+    assert pair.worker.transport.signals == ["KILL"]
+
+
+def test_a_worker_whose_channel_is_gone_is_sent_sigterm():
+    service = supervisor()
+    pair = Pair(service, 0, some_counts(1))
+    pair.up.connectionLost(Failure(ConnectionError("closed")))
+    service.stopService()
+    assert pair.worker.transport.signals == ["TERM"]
+
+
+def test_the_sockets_held_for_restarts_close_as_the_stop_begins():
+    """Or the kernel would queue the connections nobody will accept, where
+    the client should be refused at once."""
+    service = supervisor()
+    held = socket.socket()
+    service.sockets = [[held]]
+    Pair(service, 0, some_counts(1))
+    service.stopService()
+    assert held.fileno() == -1
+
+
+def test_the_stop_waits_for_a_workers_log_read_to_its_end_for_a_while():
+    """Its last sessions' lines come on its log after its end, maybe."""
+    service = supervisor()
+    pair = Pair(service, 0, some_counts(1))
+    _WorkerLogFactory(0, pair.worker.log_closed).buildProtocol(None).makeConnection(
+        StringTransport())
+    stopped = service.stopService()
+    pair.worker.processEnded(Failure(ConnectionError("exit code 0")))
+    pair.up.connectionLost(Failure(ConnectionError("closed")))
+    assert not stopped.called
+    service.reactor.advance(DRAIN_WAIT - 0.1)
+    assert not stopped.called
+    service.reactor.advance(0.2)                  # its log's other end held open
+    assert stopped.called
+
+
+def test_the_stop_is_over_once_a_workers_log_is_read_to_its_end():
+    service = supervisor()
+    pair = Pair(service, 0, some_counts(1))
+    log = _WorkerLogFactory(0, pair.worker.log_closed).buildProtocol(None)
+    log.makeConnection(StringTransport())
+    stopped = service.stopService()
+    log.connectionLost(Failure(ConnectionError("closed")))     # before its end: fine too
+    pair.worker.processEnded(Failure(ConnectionError("exit code 0")))
+    assert stopped.called
+
+
+@pytest.mark.parametrize("message, why", [
+    (["stop"], "unknown message 'stop' of 1 items"),
+    (["stop", 1], "stop: neither null nor a reason"),
+    (["stop", ""], "stop: neither null nor a reason"),
+    (["stop", "x" * 201], "stop: neither null nor a reason"),
+])
+def test_a_malformed_stop_from_the_supervisor_ends_the_worker_at_once(message, why, log_events):
+    pair = Pair(supervisor(), 1, some_counts(1))
+    pair.down.dataReceived(frame(message))
+    [line] = errors(log_events)
+    assert line.startswith(f"w1 malformed frame from the supervisor ({why}") and \
+        pair.down.transport.disconnecting
+    pair.down.connectionLost(Failure(ConnectionError("closed")))
+    assert pair.stops == ["the control channel to the supervisor closed"]
+
+
+def test_a_worker_whose_channel_closes_ends_at_once():
+    pair = Pair(supervisor(), 0, some_counts(1))
+    pair.down.connectionLost(Failure(ConnectionError("closed")))
+    assert pair.stops == ["the control channel to the supervisor closed"]
+    stopping = Pair(supervisor(), 0, some_counts(1))
+    stopping.down.stop()                         # its own clean stop closes it
+    stopping.down.connectionLost(Failure(ConnectionError("closed")))
+    assert stopping.stops == []

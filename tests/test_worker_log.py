@@ -6,11 +6,11 @@ what is not a record is reported, not published."""
 from __future__ import annotations
 
 import pytest
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import Logger, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
-from socksd.tap.worker import LogChannel
+from socksd.tap.worker import FINAL_REPORT_WAIT, LogChannel
 from socksd.tap.workers import MAX_RECORD, _WorkerLog
 
 
@@ -92,3 +92,35 @@ def test_a_stalled_reader_makes_the_worker_drop_and_count():
         log.info("{session}", session=f"dropped {n}")
     assert transport.value() == b""
     assert channel.dropped == 5
+
+
+# ---- the worker's end ----------------------------------------------------------------------
+
+def test_a_worker_ends_its_log_closed_once_what_it_wrote_is_sent():
+    """The reactor's end would drop what Twisted still buffers: the lines
+    of the last sessions to end, written just before."""
+    gone: list[str] = []
+    channel = LogChannel(0, lambda: gone.append("gone"))
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    assert transport.producer is channel
+    reactor = MemoryReactorClock()
+    closed = channel.close(reactor)
+    # No producer left to hold the close back; the buffer goes first.
+    assert transport.producer is None and transport.disconnecting and not closed.called
+    channel.connectionLost(Failure(ConnectionError("closed")))
+    assert closed.called and gone == []        # its own end, not the supervisor's
+    assert not reactor.getDelayedCalls()
+    waiting = LogChannel(0, lambda: gone.append("gone"))
+    waiting.makeConnection(StringTransport())
+    held = waiting.close(reactor)
+    reactor.advance(FINAL_REPORT_WAIT)         # the other end never closes: given up on
+    assert held.called and gone == []
+
+
+def test_a_worker_whose_log_closes_under_it_ends():
+    gone: list[str] = []
+    channel = LogChannel(0, lambda: gone.append("gone"))
+    channel.makeConnection(StringTransport())
+    channel.connectionLost(Failure(ConnectionError("the supervisor is gone")))
+    assert gone == ["gone"]

@@ -128,7 +128,7 @@ class Admission:
     def release(self) -> None:
         """The session has ended: it no longer counts."""
         counts = self.server.counts
-        counts.live.discard(self)
+        counts.leave(self)
         if self.counted:
             counts.sessions -= 1
         key = self.client_key

@@ -4,7 +4,7 @@ and where the session's record goes."""
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from socksd.auth.methods import Method
 from socksd.ident.registry import Registrar
@@ -18,13 +18,25 @@ class Counts:
     """What the sessions of every configuration served so far count
     together: a reload makes a new :class:`SessionHost`, never new counts."""
 
-    __slots__ = ("sessions", "per_client", "proxy_health_checks", "live")
+    __slots__ = ("sessions", "per_client", "proxy_health_checks", "live", "when_empty")
 
     def __init__(self) -> None:
         self.sessions = 0               # open now (max_sessions)
         self.per_client: dict[str, int] = {}
         self.proxy_health_checks = 0
-        self.live: set[Any] = set()     # the sessions open now, for a reload to judge again
+        # The sessions open now: for a reload to judge again, a stop to wait for.
+        self.live: set[Any] = set()
+        self.when_empty: list[Callable[[], None]] = []   # called once live empties
+
+    def leave(self, session: Any) -> None:
+        """``session`` has ended: no longer live; whoever waits for the
+        last one to end is told when it has."""
+        live = self.live
+        live.discard(session)
+        if not live and self.when_empty:
+            waiting, self.when_empty = self.when_empty, []
+            for call in waiting:
+                call()
 
     def count_client(self, key: str, delta: int) -> int:
         count = self.per_client.get(key, 0) + delta

@@ -35,3 +35,6 @@ class Limits:
     auth_failure_backoff: float = auth_methods.BACKOFF      # 0 = none
     auth_failure_backoff_max: float = auth_methods.BACKOFF_MAX
     auth_failure_clients: int = auth_methods.BACKOFF_CLIENTS   # addresses remembered
+    # At a stop, the open sessions may finish for this long; those left are
+    # closed (outcome "shutdown"). 0: closed at once.
+    drain_timeout: float = 30.0

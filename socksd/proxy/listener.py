@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
@@ -152,6 +153,26 @@ class SOCKSServerFactory(ServerFactory):
             except Exception:
                 log.failure("{prefix}judging a session again after the reload failed",
                             prefix=self.prefix)
+
+    def drained(self) -> Deferred[None]:
+        """Fires once no session is open (at once if none is): what a stop
+        waits for. Fired on the reactor's next turn after the last one
+        ended, once that one has written its record and been counted."""
+        ended: Deferred[None] = Deferred()
+        if not self.counts.live:
+            ended.callback(None)
+        else:
+            self.counts.when_empty.append(lambda: self.reactor.callLater(0, ended.callback, None))
+        return ended
+
+    def shut_down(self, why: str) -> None:
+        """Close every open session now, with outcome ``shutdown``: the
+        process stops and waits for them no longer."""
+        for session in list(self.counts.live):
+            try:
+                session.shut_down(why)
+            except Exception:
+                log.failure("{prefix}closing a session at the stop failed", prefix=self.prefix)
 
     def buildProtocol(self, addr):
         serving = self.serving

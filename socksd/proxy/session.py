@@ -271,6 +271,21 @@ class Session(Admission, ClientEnd, TimeoutMixin, Commands):
             if why is not None:
                 self.fail("denied after reload", why)
 
+    def shut_down(self, why: str) -> None:
+        """The process stops and waits for this session no longer: closed
+        now, at whatever stage, with outcome ``shutdown`` (unless it was
+        ending already for a reason of its own). Aborted, not closed
+        gracefully: a client that reads nothing must not hold the stop."""
+        if self.relaying is not None:
+            self.relaying.abort("shutdown", why)
+        elif self.udp is not None:
+            self.relay_outcome("shutdown", why)
+            self.udp.stop()
+            self.transport.abortConnection()
+        else:
+            # In its handshake, its request, or waiting for the BIND peer.
+            self.fail("shutdown", why, abort=True)
+
     def relay_done(self) -> None:
         """The end, relayed or not: the counts, and the session's record."""
         if self.ended:

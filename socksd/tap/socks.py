@@ -32,6 +32,7 @@ from socksd.proxy import SOCKSServerFactory
 from socksd.proxy.connect import THREAD_POOL_SIZE
 from socksd.stats import STATS
 from socksd.tap import install_reactor, privileges, security
+from socksd.tap.drain import Drain, Draining
 from socksd.tap.identd import IdentdServing
 from socksd.tap.logsink import LoggingRoot, check_log_option
 from socksd.tap.metrics import registry as metrics_registry
@@ -363,12 +364,13 @@ def makeService(options: Options) -> service.IService:
                          for arg in ("--trusted-proxy", network))]
         workers = WorkersService(cfg.workers, cfg.listen, worker_args,
                                  auth=options["auth_strings"], registry=proxied, config=cfg)
-        workers.setServiceParent(top)
+        # Each worker drains its own sessions; this process waits for them.
+        draining = Draining(workers, lambda: defer.succeed(None), workers.now)
         serving = workers.ready
         # The endpoint is the supervisor's: it sums what the workers counted.
         metrics = Listeners(cfg.metrics.listen, metrics_site(workers_registry(workers),
                                                              workers.gather))
-        metrics.setServiceParent(top)
+        metrics.setServiceParent(draining)
         reload: Callable[[], defer.Deferred[str]] = SupervisorReload(options, cfg, workers,
                                                                      identd, top, metrics)
     else:
@@ -376,12 +378,15 @@ def makeService(options: Options) -> service.IService:
         factory = make_factory(cfg, options.checkers, registering(cfg, proxied),
                                assembly=assembly)
         listeners = Listeners(cfg.listen, factory)
-        listeners.setServiceParent(top)
+        drain = Drain(factory)
+        draining = Draining(listeners, drain.start, drain.cut)
         metrics = Listeners(cfg.metrics.listen, metrics_site(metrics_registry(factory)))
-        metrics.setServiceParent(top)
+        metrics.setServiceParent(draining)
         reload = Reload(options, cfg, factory, assembly, listeners, identd, proxied, top,
                         metrics)
-    identd.listeners.setServiceParent(top)
+    # The identd answers about the sessions' connections while they drain.
+    identd.listeners.setServiceParent(draining)
+    draining.setServiceParent(top)
     # Last: started once every listener is bound, stopped first. With
     # workers, ready once every worker serves; after a reload, once the
     # supervisor has applied the file and sent its text to every worker

@@ -7,8 +7,15 @@ messages. The worker never reads the file itself.
 
 Its control channel (``--channel FD``, socksd.channel) carries its sessions'
 identd registrations, its counts, and once that it serves, to the
-supervisor, and brings it the configuration of each reload and the requests
-for its counts.
+supervisor, and brings it the configuration of each reload, the requests
+for its counts, and the word to stop.
+
+It stops as twistd socks does (socksd.tap.drain): no new sessions, the
+open ones drain for up to its ``drain_timeout``, those left are closed;
+its counts go last. The supervisor's word, or a SIGTERM or SIGINT of its
+own (systemd's stop and a terminal's Ctrl-C signal every process), starts
+that; a second signal, or the supervisor's word to end at once, ends it
+at once. So does losing the supervisor.
 
 SIGHUP is ignored, with one line: a reload is the supervisor's to make (it
 validates the file once and sends every worker the same text), and a HUP
@@ -37,7 +44,7 @@ from typing import Any, BinaryIO, Callable
 from twisted.cred import strcred
 from twisted.internet import defer, protocol
 from twisted.internet.error import ReactorNotRunning
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IListeningPort, IPushProducer
 from twisted.internet.main import installReactor
 from twisted.logger import ILogObserver, LogEvent, Logger, eventAsJSON, globalLogBeginner
 from twisted.python.failure import Failure
@@ -51,6 +58,7 @@ from socksd.ident.channel import RegistrationSender
 from socksd.proxy.connect import THREAD_POOL_SIZE
 from socksd.stats import MAX_COUNT, STATS, Counts
 from socksd.tap import reactor as socksd_reactor
+from socksd.tap.drain import Drain, Stopping
 from socksd.tap.reload import FAILED
 from socksd.tap.workers import FAILURE_MESSAGE, MAX_CONFIG_FRAME, RECORD_SEPARATOR
 from socksd.twisted_internals import (
@@ -65,6 +73,9 @@ log = Logger(namespace="socksd")
 # At a clean stop the worker sends its counts last, and waits this long at
 # most for the supervisor to take them.
 FINAL_REPORT_WAIT = 2.0
+# The longest reason the supervisor gives for a stop at once (its session
+# lines' detail).
+MAX_STOP_REASON = 200
 
 
 def stop_reactor(reactor: IReactor | None = None) -> None:
@@ -91,9 +102,11 @@ class LogChannel(protocol.Protocol):
     transport: IStreamTransport
     paused = False
     dropped = 0
+    closed: defer.Deferred[None] | None = None     # the worker closed it (close())
 
-    def __init__(self, worker: int) -> None:
+    def __init__(self, worker: int, gone: Callable[[], None] = lambda: stop_reactor()) -> None:
         self.worker = worker
+        self.gone = gone      # the supervisor is gone: the worker ends
 
     def connectionMade(self) -> None:
         self.transport.registerProducer(self, True)
@@ -121,16 +134,43 @@ class LogChannel(protocol.Protocol):
     def stopProducing(self) -> None:
         pass
 
+    def close(self, reactor: IReactor) -> defer.Deferred[None]:
+        """The worker ends: the records written are sent, then the channel
+        is closed. Fires once it is, or after FINAL_REPORT_WAIT: the
+        reactor's end drops what Twisted still buffers, the lines of the
+        last sessions to end among them."""
+        if self.closed is not None:
+            return self.closed
+        closed: defer.Deferred[None] = defer.Deferred()
+        self.closed = closed
+        if not self.connected:
+            closed.callback(None)
+            return closed
+
+        def waited() -> None:
+            if not closed.called:
+                closed.callback(None)
+
+        timer = reactor.callLater(FINAL_REPORT_WAIT, waited)
+        closed.addBoth(lambda _: timer.cancel() if timer.active() else None)
+        # A producer still registered could hold the close back.
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+        return closed
+
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.connected = False
-        stop_reactor()
+        if self.closed is None:
+            self.gone()
+        elif not self.closed.called:
+            self.closed.callback(None)
 
 
 class WorkerChannel(RegistrationSender):
     """The worker's end of its control channel: its sessions' identd
     registrations (RegistrationSender), its counts, and once that it serves
-    go up; the configuration to run, and the requests for its counts, come
-    down.
+    go up; the configuration to run, the requests for its counts, and the
+    word to stop come down.
 
     The counts are counted in plain ints as ever (socksd.stats) and made a
     report only when the supervisor asks (a scrape), and once more as the
@@ -142,12 +182,15 @@ class WorkerChannel(RegistrationSender):
 
     def __init__(self, index: int, counts: Callable[[], Counts],
                  configure: Callable[[str | None, str | None], None],
-                 reactor: IReactor | None = None) -> None:
+                 reactor: IReactor | None = None,
+                 end: Callable[[str | None], None] | None = None) -> None:
         super().__init__()
         self.reactor = reactor if reactor is not None else installed_reactor()
         self.index = index
         self.counts = counts
         self.configure = configure
+        # Stop: drain (None), or end at once for the reason given.
+        self.end = end if end is not None else lambda why: stop_reactor(self.reactor)
         self.named: set[str] = set()    # users with series of their own (Counts.to_json)
         self.asked = 0                  # the last request for counts
         self.stopping = False
@@ -168,6 +211,11 @@ class WorkerChannel(RegistrationSender):
                     or isinstance(path, str) and isinstance(text, str)):
                 raise Malformed("config: not a path and a text")
             self.configure(path, text)
+        elif kind == "stop" and len(message) == 2:
+            why = message[1]
+            if not (why is None or isinstance(why, str) and 0 < len(why) <= MAX_STOP_REASON):
+                raise Malformed("stop: neither null nor a reason")
+            self.end(why)
         else:
             super().message_received(message)
 
@@ -212,8 +260,9 @@ class WorkerChannel(RegistrationSender):
             self.ended.callback(None)
         if not self.stopping:
             # The supervisor is gone, or closed us: a worker it cannot
-            # configure does not serve on.
-            stop_reactor(self.reactor)
+            # configure, nor hear from, does not serve on, its open
+            # sessions included.
+            self.end("the control channel to the supervisor closed")
 
 
 def read_start(stdin: BinaryIO) -> tuple[list[str], str | None, str | None]:
@@ -301,15 +350,40 @@ def main(argv: list[str] | None = None) -> None:
         log.info("w{worker} reloaded {summary}", worker=args.index,
                  summary=socks_tap.summary(cfg, checkers))
 
+    # SIGTERM, SIGINT or the supervisor's word: drain (README: Stopping).
+    stopping = Stopping(reactor)
+
+    def end(why: str | None) -> None:
+        """Stop: drain (``why`` None), or at once, for ``why``."""
+        if why is not None:
+            stopping.now(why)
+        stop_reactor(reactor)
+
+    channel.gone = lambda: end("the supervisor is gone")
     control = WorkerChannel(args.index, lambda: counts_now(factory, STATS, reactor), configure,
-                            reactor)
+                            reactor, end)
     factory = socks_tap.make_factory(cfg, checkers, socks_tap.registering(cfg, control),
                                      worker=args.index, assembly=assembly)
+    drain = Drain(factory, reactor)
     control_factory = protocol.ServerFactory()
     control_factory.protocol = lambda: control
     reactor.adoptStreamConnection(args.channel, socket.AF_UNIX, control_factory)
     os.close(args.channel)  # Twisted made its own copy of the descriptor
-    reactor.addSystemEventTrigger("before", "shutdown", control.stop)
+    ports: list[IListeningPort] = []
+
+    def stop() -> defer.Deferred[Any]:
+        """The reactor stops: no new sessions, the open ones drain, then
+        the counts go last (the drained sessions counted) and the control
+        channel closes (their identd entries taken back first), as does
+        the log (their lines sent)."""
+        closed = defer.DeferredList([defer.maybeDeferred(port.stopListening) for port in ports])
+        drained = closed.addCallback(lambda _: drain.start())
+        stopping.draining(drain.cut)
+        return drained.addBoth(lambda _: defer.DeferredList([control.stop(),
+                                                             channel.close(reactor)]))
+
+    reactor.addSystemEventTrigger("before", "shutdown", stop)
+    reactor.callWhenRunning(stopping.install)
 
     def hup(signum: int, frame: Any) -> None:
         reactor.callFromThread(log.info, "w{worker} SIGHUP ignored: the supervisor (pid "
@@ -319,13 +393,13 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGHUP, hup)
     for fd, family, haproxy in json.loads(args.fds):
         port_factory = proxy_protocol_factory(factory) if haproxy else factory
-        reactor.adoptStreamPort(fd, socket.AddressFamily(family), port_factory)
+        ports.append(reactor.adoptStreamPort(fd, socket.AddressFamily(family), port_factory))
         os.close(fd)  # Twisted made its own copy of the descriptor
     control.serving()
     reactor_class = type(reactor)
     log.info("w{worker} serving on {reactor}", worker=args.index,
              reactor=f"{reactor_class.__module__}.{reactor_class.__qualname__}")
-    reactor.run()   # installs twistd-like SIGTERM/SIGINT handling: stop
+    reactor.run()   # installs twistd-like SIGTERM/SIGINT handling (stop), then Stopping's
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ on it.
 A worker is ``python -m socksd.tap.worker``, building the same service from
 the same config and adopting its sockets. A worker that dies is restarted on
 the same sockets (connections queued meanwhile wait for it); stopping the
-supervisor stops them all.
+supervisor stops them all: each drains its sessions (socksd.tap.drain),
+told over its control channel, and is killed if it outlives its
+``drain_timeout`` by STOP_MARGIN.
 
 The ``--auth`` checker strings (``memory:alice:secret``) reach a worker on its
 stdin, a pipe the supervisor writes and closes, not on its command line:
@@ -36,7 +38,9 @@ channel (socksd.channel), which, unlike the log, never drops a message:
 * the metrics: a scrape asks every worker for its counts and sums their
   answers (see :meth:`WorkersService.gather`);
 * a worker says once that it serves (its sockets adopted): systemd is told
-  the service is ready when every worker has (socksd.tap.notify).
+  the service is ready when every worker has (socksd.tap.notify);
+* the word to stop: drain, then, at a second signal, end at once (see
+  :meth:`_Worker.stop` for why not a signal).
 
 A malformed frame from a worker (never sent by the code it runs: a bug,
 or a corrupted process) is logged and counted, its identd entries are
@@ -81,7 +85,12 @@ log = Logger(namespace="socksd")
 
 RESTART_DELAY = 1.0
 MAX_RESTART_DELAY = 30.0
+# A worker told to end at once (its channel broke, a second signal) is
+# killed if it has not ended after this long.
 STOP_TIMEOUT = 10.0
+# A draining worker is killed this long after its drain_timeout: time to
+# close what is left, and to send its last counts (FINAL_REPORT_WAIT).
+STOP_MARGIN = 5.0
 
 # What jsonFileLogObserver puts before each record, and the most a worker may
 # send without ending a record (a session's record is well under 2 KiB).
@@ -133,9 +142,10 @@ class _WorkerLog(protocol.Protocol):
     (jsonFileLogObserver's format; JSON text has no raw newline), each
     published as our own event."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, closed: defer.Deferred[None] | None = None) -> None:
         self.index = index
         self.pending = b""
+        self.closed = closed      # fired at its end: everything the worker wrote is read
 
     def dataReceived(self, data: bytes) -> None:
         records = (self.pending + data).split(b"\n")
@@ -175,16 +185,19 @@ class _WorkerLog(protocol.Protocol):
         if self.pending.strip():
             log.warn("worker {index}: its last log record was cut short", index=self.index)
         self.pending = b""
+        if self.closed is not None and not self.closed.called:
+            self.closed.callback(None)
 
 
 class _WorkerLogFactory(protocol.ServerFactory):
     noisy = False
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, closed: defer.Deferred[None] | None = None) -> None:
         self.index = index
+        self.closed = closed
 
     def buildProtocol(self, addr: IAddress | None) -> _WorkerLog:
-        return _WorkerLog(self.index)
+        return _WorkerLog(self.index, self.closed)
 
 
 class _WorkerChannel(RegistrationReceiver):
@@ -259,6 +272,7 @@ class _Worker(protocol.ProcessProtocol):
         self.index = index
         self.started = time.monotonic()
         self.ended: defer.Deferred[None] = defer.Deferred()
+        self.log_closed: defer.Deferred[None] = defer.Deferred()   # read to its end
         self.alive = True
         self.channel: _WorkerChannel | None = None
         self.latest: Counts | None = None   # its last report
@@ -285,6 +299,42 @@ class _Worker(protocol.ProcessProtocol):
         self.supervisor.malformed_frames += 1
         self.signal("TERM")
         self.supervisor.reactor.callLater(STOP_TIMEOUT, self.signal, "KILL")
+
+    def gone(self) -> defer.Deferred[None]:
+        """Fires once the process has ended and its log is read to the end:
+        the lines it wrote last, its last sessions' at a stop, are in this
+        process's log before it ends too. DRAIN_WAIT after its end at most
+        (whatever holds the log's other end open)."""
+        gone: defer.Deferred[None] = defer.Deferred()
+        timer: IDelayedCall | None = None
+
+        def over(_: object = None) -> None:
+            if timer is not None and timer.active():
+                timer.cancel()
+            if not gone.called:
+                gone.callback(None)
+
+        def ended(result: None) -> None:
+            nonlocal timer
+            timer = self.supervisor.reactor.callLater(DRAIN_WAIT, over)
+            self.log_closed.addCallback(over)
+            return result
+
+        self.ended.addCallback(ended)
+        return gone
+
+    def stop(self, why: str | None) -> None:
+        """Stop: drain (``why`` None), or end at once, for ``why``. Said
+        over its channel, not with a signal: systemd's stop signals every
+        process of the unit, a terminal's Ctrl-C every process of its
+        group, so a worker may have had a signal of its own already, and a
+        second one ends it at once. A worker whose channel is gone has
+        stopped already, or is about to: SIGTERM all the same."""
+        channel = self.channel
+        if channel is not None and not channel.closed:
+            channel.send(("stop", why is not None), "stop", frame(["stop", why]))
+        else:
+            self.signal("TERM")
 
     def signal(self, name: str) -> None:
         if self.alive:
@@ -350,6 +400,7 @@ class WorkersService(service.Service):
         self.waiters: list[defer.Deferred[None]] = []
         self.next_waiters: list[defer.Deferred[None]] = []   # came during a round
         self.round: IDelayedCall | None = None
+        self.kill_timer: IDelayedCall | None = None     # at a stop
 
     def privilegedStartService(self) -> None:
         # systemd passed one socket for each systemd: listener: every worker
@@ -417,7 +468,7 @@ class WorkersService(service.Service):
         worker.transport.closeStdin()
         ours.setblocking(False)
         self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX,
-                                           _WorkerLogFactory(index))
+                                           _WorkerLogFactory(index, worker.log_closed))
         ours.close()  # Twisted made its own copy of the descriptor
         control.setblocking(False)
         self.reactor.adoptStreamConnection(control.fileno(), socket.AF_UNIX,
@@ -548,34 +599,55 @@ class WorkersService(service.Service):
         self.reactor.callLater(delay, self.spawn, worker.index)
 
     def stopService(self) -> defer.Deferred[None]:
+        """Every worker drains (README: Stopping), and is killed if it has
+        not ended ``drain_timeout`` (the one it runs) + STOP_MARGIN later.
+        Fires once all have ended."""
         self.stopping = True
         super().stopService()
+        # No worker accepts from now on: nor may the sockets held here for
+        # restarts, or the kernel would queue connections on them that
+        # nobody accepts, where the client should be refused at once.
+        self._close_sockets()
         ended: list[defer.Deferred[None]] = []
         for worker in list(self.workers.values()):
-            ended.append(worker.ended)
-            try:
-                worker.transport.signalProcess("TERM")
-            except Exception:
-                pass
-
-        def kill_stragglers() -> None:
-            for worker in list(self.workers.values()):
-                try:
-                    worker.transport.signalProcess("KILL")
-                except Exception:
-                    pass
-
-        timer = self.reactor.callLater(STOP_TIMEOUT, kill_stragglers)
+            ended.append(worker.gone())
+            worker.stop(None)
+        deadline = self.config.limits.drain_timeout + STOP_MARGIN
+        if ended:
+            log.info("stopping: {count} worker(s) drain their sessions; killed if still "
+                     "running in {deadline:g} s", count=len(ended), deadline=deadline)
+        self.kill_timer = self.reactor.callLater(deadline, self._kill_stragglers)
 
         def done(_: object) -> None:
-            if timer.active():
-                timer.cancel()
+            if self.kill_timer is not None and self.kill_timer.active():
+                self.kill_timer.cancel()
             # Every scrape still waiting is answered, with what came in.
             self.waiters.extend(self.next_waiters)
             self.next_waiters = []
             self._gathered()
-            for row in self.sockets:
-                for sock in row:
-                    sock.close()
 
         return defer.DeferredList(ended).addBoth(done)
+
+    def now(self, why: str) -> None:
+        """The workers' drains end at once (a second signal): each closes
+        its sessions left; killed if it has not ended after STOP_TIMEOUT."""
+        if not self.stopping:
+            return
+        for worker in list(self.workers.values()):
+            worker.stop(why)
+        timer = self.kill_timer
+        if timer is not None and timer.active() and \
+                timer.getTime() - self.reactor.seconds() > STOP_TIMEOUT:
+            timer.reset(STOP_TIMEOUT)
+
+    def _kill_stragglers(self) -> None:
+        for worker in list(self.workers.values()):
+            if worker.alive:
+                log.warn("worker {index} still running after it was told to stop: killed",
+                         index=worker.index)
+                worker.signal("KILL")
+
+    def _close_sockets(self) -> None:
+        for row in self.sockets:
+            for sock in row:
+                sock.close()
