@@ -128,7 +128,10 @@ class Admission:
     def release(self) -> None:
         """The session has ended: it no longer counts."""
         counts = self.server.counts
-        counts.leave(self)
+        live = counts.live
+        live.discard(self)
+        if not live and counts.when_empty:    # a stop waits for the last one
+            counts.drained()
         if self.counted:
             counts.sessions -= 1
         key = self.client_key

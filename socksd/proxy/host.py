@@ -28,15 +28,11 @@ class Counts:
         self.live: set[Any] = set()
         self.when_empty: list[Callable[[], None]] = []   # called once live empties
 
-    def leave(self, session: Any) -> None:
-        """``session`` has ended: no longer live; whoever waits for the
-        last one to end is told when it has."""
-        live = self.live
-        live.discard(session)
-        if not live and self.when_empty:
-            waiting, self.when_empty = self.when_empty, []
-            for call in waiting:
-                call()
+    def drained(self) -> None:
+        """The last live session has ended: tell whoever waits for that."""
+        waiting, self.when_empty = self.when_empty, []
+        for call in waiting:
+            call()
 
     def count_client(self, key: str, delta: int) -> int:
         count = self.per_client.get(key, 0) + delta
