@@ -134,6 +134,13 @@ class Config:
                 "ident": "USERIDs verified by the client's identd"}[socks4.userid]
         return f"socks4 userid = {socks4.userid}: {what}"
 
+    def rules_summary(self) -> str:
+        """The rules in a few words, for --check: the built-in rule that
+        serves a file without ``[[rules]]`` is not counted as the file's."""
+        if self.rules.rules == default_rules().rules:
+            return "no rules: loopback clients only"
+        return f"{len(self.rules)} rule(s)"
+
     def warnings(self) -> list[str]:
         """What start-up (and --check) should warn about."""
         found = []

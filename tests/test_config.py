@@ -40,6 +40,21 @@ def test_embedded_default_is_loopback_only():
     assert not denied.allowed and denied.rule is None
 
 
+@pytest.mark.parametrize("text, expected", [
+    (None, "no rules: loopback clients only"),                  # the embedded default
+    ("[server]\nmax_sessions = 7\n", "no rules: loopback clients only"),
+    ("[[rules]]\naction = \"allow\"\nfrom = [\"127.0.0.0/8\", \"::1/128\"]\n", "1 rule(s)"),
+    ("[[rules]]\naction = \"deny\"\n[[rules]]\naction = \"allow\"\n", "2 rule(s)"),
+    ("rules = []\n", "0 rule(s)"),
+])
+def test_rules_summary_does_not_count_the_built_in_rule(tmp_path, text, expected):
+    """The rule that serves a file without [[rules]] is no rule of the file's
+    (--check said "1 rule(s)" for a file with none)."""
+    cfg = config.Config() if text is None else load_text(tmp_path, text)
+    assert cfg.rules_summary() == expected
+    assert f"; {expected}; socks4 " in tap.summary(cfg, [])
+
+
 def test_example_uses_every_key_and_is_valid():
     text = EXAMPLE.read_text()
     for key in config._SERVER_KEYS:

@@ -137,7 +137,7 @@ def summary(cfg: configuration.Config, checkers: Sequence[ICredentialsChecker]) 
     """What a configuration serves, in one line (--check, and a reload)."""
     return (f"{cfg.path or 'embedded default'}: OK: listen {', '.join(cfg.listen)}; "
             f"methods {', '.join(cfg.methods)}; {len(checkers)} checker(s); "
-            f"{len(cfg.rules)} rule(s); {cfg.socks4_summary()}")
+            f"{cfg.rules_summary()}; {cfg.socks4_summary()}")
 
 
 def build(path: str | None, listen: list[str], auth_checkers: list[ICredentialsChecker],
