@@ -23,7 +23,7 @@ from socksd.ident import lookup
 from socksd.ident.policy import parse_mode
 from socksd.ident.registry import ProxiedConnections
 from socksd.ident.server import IdentFactory, answer_query
-from socksd.tap import install_reactor, privileges, security
+from socksd.tap import install_reactor, print_version, privileges, security
 from socksd.tap.logsink import LoggingRoot, check_log_option
 from socksd.tap.notify import Notifier
 from socksd.tap.reload import Change, Listeners, Reloader, hold_sighup
@@ -55,6 +55,10 @@ class Options(usage.Options):
         super().__init__()
         self["listen"] = []
         self["hide"] = []
+
+    def opt_version(self) -> None:
+        """Display socksd's and Twisted's versions and exit."""
+        print_version()
 
     def opt_listen(self, description: str) -> None:
         """Listen on this Twisted endpoint instead of the config's (repeatable)."""

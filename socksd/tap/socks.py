@@ -31,7 +31,7 @@ from socksd.ident.registry import ProxiedConnections, Registrar
 from socksd.proxy import SOCKSServerFactory
 from socksd.proxy.connect import THREAD_POOL_SIZE
 from socksd.stats import STATS
-from socksd.tap import install_reactor, privileges, security
+from socksd.tap import install_reactor, print_version, privileges, security
 from socksd.tap.identd import IdentdServing
 from socksd.tap.logsink import LoggingRoot, check_log_option
 from socksd.tap.metrics import registry as metrics_registry
@@ -67,6 +67,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         self["listen"] = []
         self["auth_strings"] = []
         self["trusted_proxies"] = []
+
+    def opt_version(self) -> None:
+        """Display socksd's and Twisted's versions and exit."""
+        print_version()
 
     def opt_trusted_proxy(self, network: str) -> None:
         """A network whose PROXY headers haproxy: listeners believe (repeatable)."""
