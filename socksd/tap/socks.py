@@ -33,13 +33,14 @@ from socksd.proxy.connect import THREAD_POOL_SIZE
 from socksd.stats import STATS
 from socksd.tap import install_reactor, print_version, privileges, security
 from socksd.tap.identd import IdentdServing
+from socksd.tap.listening import bind_now, check_binding
 from socksd.tap.logsink import LoggingRoot, check_log_option
 from socksd.tap.metrics import registry as metrics_registry
 from socksd.tap.metrics import site as metrics_site
 from socksd.tap.metrics import workers_registry
 from socksd.tap.notify import Notifier
 from socksd.tap.reload import Change, Listeners, Reloader, bind_all, hold_sighup
-from socksd.tap.workers import WorkersService
+from socksd.tap.workers import WorkersService, bind_shared
 from socksd.twisted_internals import installed_reactor
 
 log = Logger(namespace="socksd")
@@ -106,6 +107,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 account, identd.policy if identd is not None else None)
             if not self["check"]:
                 check_inherited(self.socks_config, self["listen"])
+                check_listening(self.socks_config)
         except configuration.ConfigError as e:
             # Not a UsageError: twistd would bury the message under the usage text.
             sys.exit(f"socksd: {e}")
@@ -135,6 +137,20 @@ def check_inherited(cfg: configuration.Config, listen: list[str]) -> None:
                     f"{configuration.location(cfg.path, table, 'listen', cfg.source)}: " \
                     f"{table}.listen"
                 raise configuration.ConfigError(f"{where}: {description!r}: {problem}")
+
+
+def check_listening(cfg: configuration.Config) -> None:
+    """ConfigError ("cannot listen on tcp:1080: address already in use")
+    for the first listener this process cannot bind now, bound as it will
+    be at start (see listening.check_binding for why here): the SOCKS ones
+    (each worker's with SO_REUSEPORT), the embedded identd's, the metrics
+    endpoint's. Not for ``--check``, which may check the file anywhere."""
+    identd = _identd(cfg)
+    socks = bind_shared if cfg.workers > 1 else bind_now
+    check_binding([*((description, socks) for description in cfg.listen),
+                   *((description, bind_now) for description in
+                     (identd.listen if identd is not None else ())),
+                   *((description, bind_now) for description in cfg.metrics.listen)])
 
 
 def summary(cfg: configuration.Config, checkers: Sequence[ICredentialsChecker]) -> str:

@@ -75,6 +75,7 @@ from socksd.ident.channel import RegistrationReceiver
 from socksd.ident.registry import ProxiedConnections
 from socksd.logs import FROM_WORKER
 from socksd.stats import MAX_COUNT, Counts
+from socksd.tap.listening import CannotListen
 from socksd.twisted_internals import IReactor, installed_reactor
 
 log = Logger(namespace="socksd")
@@ -114,6 +115,16 @@ def bind_reuseport(family: int, host: str, port: int, backlog: int) -> socket.so
     sock.listen(backlog)
     sock.setblocking(False)
     return sock
+
+
+def bind_shared(description: str) -> socket.socket | None:
+    """A socket bound where ``description`` binds for the workers, as
+    :meth:`WorkersService.privilegedStartService` binds it; None for a
+    ``systemd:`` one, which systemd bound."""
+    listener = parse_listener(description)
+    if listener.inherited:
+        return None
+    return bind_reuseport(listener.family, listener.host, listener.port, listener.backlog)
 
 
 def inherited_socket(listener: SharedListener, reactor: IReactor) -> socket.socket:
@@ -325,6 +336,7 @@ class WorkersService(service.Service):
                  config: Config | None = None) -> None:
         self.reactor = reactor if reactor is not None else installed_reactor()
         self.count = count
+        self.listen = listen
         self.listeners = [parse_listener(d) for d in listen]
         self.worker_args = worker_args
         self.auth = list(auth)     # --auth strings: secrets, sent on the worker's stdin
@@ -361,8 +373,11 @@ class WorkersService(service.Service):
             for i, listener in enumerate(self.listeners):
                 sock = inherited.get(i)
                 if sock is None:
-                    sock = bind_reuseport(listener.family, listener.host, listener.port,
-                                          listener.backlog)
+                    try:
+                        sock = bind_reuseport(listener.family, listener.host, listener.port,
+                                              listener.backlog)
+                    except OSError as e:
+                        raise CannotListen("socksd", self.listen[i], e) from None
                     if listener.port == 0:
                         # Port 0: the first bind picks it; the others share it.
                         self.listeners[i] = listener._replace(port=sock.getsockname()[1])
