@@ -1,7 +1,7 @@
-"""What ``twistd socks`` and ``twistd identd`` say as they start: the one
-line for a listener that cannot be bound, with ``-n`` and as a daemon
-(twistd then forks, and reports through a pipe what goes wrong after the
-fork)."""
+"""What ``twistd socks`` and ``twistd identd`` say as they start: the start-up
+line of each SOCKS listener, and the one line for a listener that cannot be
+bound, with ``-n`` and as a daemon (twistd then forks, and reports through a
+pipe what goes wrong after the fork)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from twisted.internet.error import CannotListenError
 
+import socksd
 from conftest import TWISTD
 from socksd.tap.listening import cannot_listen, why_not
 
@@ -181,3 +182,29 @@ def test_a_listener_that_fails_as_twistd_binds_it_is_one_line_too(tmp_path, mode
         assert (out.stdout + out.stderr).startswith(
             "An error has occurred: b'socksd.tap.listening.CannotListen: socksd: cannot listen "
             "on unix:"), out.stdout + out.stderr
+
+
+# The start-up line: what each SOCKS listener serves, once bound.
+
+@pytest.mark.integration
+def test_the_start_up_line_names_the_endpoint_methods_socks4_and_identd(socks_server, tmp_path):
+    unix = tmp_path / "socks.sock"
+    server = socks_server('[server]\ncheckers = ["memory:alice:secret"]\n'
+                          '[identd]\nenabled = true\nlisten = ["tcp:0:interface=127.0.0.1"]\n',
+                          "--listen", "tcp:0:interface=127.0.0.1", "--listen", f"unix:{unix}")
+    serving = ("methods userpass; socks4 off (SOCKS5 requires authentication; [socks4] "
+               "enabled = true serves it); identd on tcp:0:interface=127.0.0.1")
+    version = re.escape(socksd.__version__)
+    server.wait_for_log(rf"\] socksd {version} listening on tcp:0:interface=127\.0\.0\.1 "
+                        rf"\(port {server.port}\): {re.escape(serving)}\n")
+    server.wait_for_log(rf"\] socksd {version} listening on unix:{re.escape(str(unix))}: "
+                        rf"{re.escape(serving)}\n")
+
+
+@pytest.mark.integration
+def test_the_start_up_line_with_workers(socks_server):
+    server = socks_server(WORKERS)
+    server.wait_for_log(rf"\] socksd {re.escape(socksd.__version__)} listening on "
+                        rf"tcp:0:interface=127\.0\.0\.1 \(port {server.port}, 2 workers\): "
+                        r"methods none; socks4 userid = trust: USERIDs taken on trust "
+                        r"\(unverified claims\); identd off\n")

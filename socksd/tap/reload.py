@@ -156,17 +156,20 @@ class _Endpoint:
 class Listeners(service.MultiService):
     """Listen endpoints by their description, all with one factory, bound
     as the service starts: in privilegedStartService, before twistd drops
-    root, as ``strports`` services bind. One that cannot be bound ends the
-    process with one line, ``program``'s name first (:class:`CannotListen`).
-    An ``ssl:`` one serves a :class:`RenewableTLS`: a reload reads its files
-    again."""
+    root, as ``strports`` services bind, but keeping each port: ``started``
+    is told its number (the start-up line names it: port 0 is a port once
+    bound). One that cannot be bound ends the process with one line,
+    ``program``'s name first (:class:`CannotListen`). An ``ssl:`` one serves
+    a :class:`RenewableTLS`: a reload reads its files again."""
 
     def __init__(self, descriptions: Iterable[str], factory: Factory[Any],
-                 reactor: IReactor | None = None, program: str = "socksd") -> None:
+                 reactor: IReactor | None = None, program: str = "socksd",
+                 started: Callable[[str, int | None], None] | None = None) -> None:
         super().__init__()
         self.factory = factory
         self.reactor = reactor if reactor is not None else installed_reactor()
         self.program = program
+        self.started = started
         self.by_description: dict[str, _Endpoint] = {}
         for description in descriptions:
             socket = read(description, factory)
@@ -192,6 +195,9 @@ class Listeners(service.MultiService):
 
         def bound(port: IListeningPort, description: str, listening: _Listening) -> None:
             listening.port = port
+            if self.started is not None:
+                # None for an address with no port (unix:).
+                self.started(description, getattr(port.getHost(), "port", None))
 
         def not_bound(failure: Failure, description: str) -> None:
             if now:

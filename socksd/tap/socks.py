@@ -21,6 +21,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 
+from socksd import __version__
 from socksd import config as configuration
 from socksd.auth import SOCKSRealm, files
 from socksd.auth.checkers import FirstOf
@@ -382,7 +383,8 @@ def makeService(options: Options) -> service.IService:
                        *(arg for network in options["trusted_proxies"]
                          for arg in ("--trusted-proxy", network))]
         workers = WorkersService(cfg.workers, cfg.listen, worker_args,
-                                 auth=options["auth_strings"], registry=proxied, config=cfg)
+                                 auth=options["auth_strings"], registry=proxied, config=cfg,
+                                 started=started_line(cfg))
         workers.setServiceParent(top)
         serving = workers.ready
         # The endpoint is the supervisor's: it sums what the workers counted.
@@ -395,7 +397,7 @@ def makeService(options: Options) -> service.IService:
         assembly = Assembly()
         factory = make_factory(cfg, options.checkers, registering(cfg, proxied),
                                assembly=assembly)
-        listeners = Listeners(cfg.listen, factory)
+        listeners = Listeners(cfg.listen, factory, started=started_line(cfg))
         listeners.setServiceParent(top)
         metrics = Listeners(cfg.metrics.listen, metrics_site(metrics_registry(factory)))
         metrics.setServiceParent(top)
@@ -410,6 +412,24 @@ def makeService(options: Options) -> service.IService:
     Reloader(reload, notifier=notifier).setServiceParent(top)
     notifier.setServiceParent(top)
     return top
+
+
+def started_line(cfg: configuration.Config) -> Callable[[str, int | None], None]:
+    """The start-up line of each SOCKS listener, once bound (port 0 is a
+    port by then): socksd's version, the endpoint, what it serves."""
+    identd = _identd(cfg)
+
+    def started(description: str, port: int | None) -> None:
+        bound = ", ".join([*([f"port {port}"] if port is not None else []),
+                           *([f"{cfg.workers} workers"] if cfg.workers > 1 else [])])
+        # Not "version": a JSON line's version is a session's SOCKS version.
+        log.info("socksd {release} listening on {endpoint}{bound}: methods {methods}; "
+                 "{socks4}; identd {identd}", release=__version__, endpoint=description,
+                 port=port, bound=f" ({bound})" if bound else "",
+                 methods=", ".join(cfg.methods), socks4=cfg.socks4_summary(),
+                 identd=f"on {', '.join(identd.listen)}" if identd is not None else "off")
+
+    return started
 
 
 def _identd(cfg: configuration.Config) -> configuration.IdentdConfig | None:

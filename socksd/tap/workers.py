@@ -59,7 +59,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application import service
@@ -333,11 +333,13 @@ class WorkersService(service.Service):
     def __init__(self, count: int, listen: tuple[str, ...], worker_args: list[str],
                  reactor: IReactor | None = None, auth: Sequence[str] = (),
                  registry: ProxiedConnections | None = None,
-                 config: Config | None = None) -> None:
+                 config: Config | None = None,
+                 started: Callable[[str, int | None], None] | None = None) -> None:
         self.reactor = reactor if reactor is not None else installed_reactor()
         self.count = count
         self.listen = listen
         self.listeners = [parse_listener(d) for d in listen]
+        self.started = started      # told each listener's description and port, once bound
         self.worker_args = worker_args
         self.auth = list(auth)     # --auth strings: secrets, sent on the worker's stdin
         # The identd's: workers register their sessions in it.
@@ -383,10 +385,9 @@ class WorkersService(service.Service):
                         self.listeners[i] = listener._replace(port=sock.getsockname()[1])
                 row.append(sock)
             self.sockets.append(row)
-        for i, listener in enumerate(self.listeners):
-            port = self.sockets[0][i].getsockname()[1]
-            log.info("SOCKSServerFactory{proxy} starting on {port} ({n} workers)",
-                     proxy=" (PROXY)" if listener.haproxy else "", port=port, n=self.count)
+        if self.started is not None:
+            for i, description in enumerate(self.listen):
+                self.started(description, self.sockets[0][i].getsockname()[1])
         super().privilegedStartService()
 
     def startService(self) -> None:
