@@ -266,9 +266,10 @@ def start_socksd(twistd: str, tmp: Path, echo_port: int, tag: str, workers: str 
 
 
 def wait_for_workers(srv: Server, logfile: Path, timeout: float = 20.0) -> int:
-    """How many processes serve: with workers > 1 twistd logs "(N workers)"
-    and supervises N children; wait until all N are there."""
-    found = re.search(r"\((\d+) workers\)", logfile.read_text())
+    """How many processes serve: with workers > 1 twistd's start-up line
+    says "(port P, N workers)" and it supervises N children; wait until all
+    N are there."""
+    found = re.search(r" (\d+) workers\): ", logfile.read_text())
     if not found:
         return 1
     n = int(found.group(1))

@@ -137,6 +137,13 @@ class Config:
                 "ident": "USERIDs verified by the client's identd"}[socks4.userid]
         return f"socks4 userid = {socks4.userid}: {what}"
 
+    def rules_summary(self) -> str:
+        """The rules in a few words, for --check: the built-in rule that
+        serves a file without ``[[rules]]`` is not counted as the file's."""
+        if self.rules.rules == default_rules().rules:
+            return "no rules: loopback clients only"
+        return f"{len(self.rules)} rule(s)"
+
     def warnings(self) -> list[str]:
         """What start-up (and --check) should warn about."""
         found = []
@@ -825,6 +832,7 @@ def _checker_problem(description: str) -> str | None:
 def _endpoint_problem(description: str) -> str | None:
     """Why Twisted would refuse this server endpoint string, if it would."""
     from twisted.internet import endpoints, reactor
+    from twisted.internet.abstract import isIPAddress, isIPv6Address
 
     kind, args, options, _haproxy = _split_endpoint(description)
     if kind == "systemd":
@@ -854,7 +862,19 @@ def _endpoint_problem(description: str) -> str | None:
             valid = False
         if not valid:
             return f"port {port!r} is not 0-65535"
+        # Twisted hands the interface to bind() as it is: 999.1.1.1 would
+        # fail only there, at start, and a host name be looked up then.
+        interface = options.get("interface", args[_INTERFACE_ARG[kind]]
+                                if len(args) > _INTERFACE_ARG[kind] else "")
+        if interface and not (isIPAddress(interface) or isIPv6Address(interface)):
+            return f"interface {interface!r} is not an IP address"
     return None
+
+
+# Where Twisted's parsers take a listener's interface when it is given by
+# position: tcp:PORT:INTERFACE, tcp6:PORT:BACKLOG:INTERFACE,
+# ssl:PORT:PRIVATEKEY:CERTKEY:SSLMETHOD:INTERFACE.
+_INTERFACE_ARG = {"tcp": 1, "tcp6": 2, "ssl": 4}
 
 
 def _systemd_given(args: list[str], options: dict[str, str]) -> dict[str, str]:

@@ -154,8 +154,8 @@ class TwistdSocks:
 
     def _wait_for_port(self, timeout: float = 30.0) -> int:
         def listening():
-            match = re.search(r"SOCKSServerFactory(?: \((?:PROXY|TLS)\))? starting on (\d+)",
-                              self.log())
+            # The start-up line (socksd.tap.socks.started_line): its first listener.
+            match = re.search(r"socksd \S+ listening on .*? \(port (\d+)[,)]", self.log())
             if not match and self.process.poll() is not None:
                 raise AssertionError(f"twistd exited with {self.process.returncode}:\n{self.log()}")
             return match

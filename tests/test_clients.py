@@ -539,6 +539,9 @@ def test_socks5_over_tls_listener(socks_server, echo_server):
     ("tcp:notaport", r"--listen: 'tcp:notaport': not a valid Twisted endpoint"),
     # Twisted accepts these strings; bind() or the key file would fail at start.
     ("tcp:99999", r"--listen: 'tcp:99999': port '99999' is not 0-65535"),
+    ("tcp:1080:interface=999.1.1.1",
+     r"--listen: 'tcp:1080:interface=999\.1\.1\.1': interface '999\.1\.1\.1' is not an IP "
+     r"address"),
     ("ssl:0:privateKey=/nonexistent/key.pem",
      r"--listen: 'ssl:0:privateKey=/nonexistent/key.pem': cannot read /nonexistent/key.pem"),
 ])

@@ -40,6 +40,21 @@ def test_embedded_default_is_loopback_only():
     assert not denied.allowed and denied.rule is None
 
 
+@pytest.mark.parametrize("text, expected", [
+    (None, "no rules: loopback clients only"),                  # the embedded default
+    ("[server]\nmax_sessions = 7\n", "no rules: loopback clients only"),
+    ("[[rules]]\naction = \"allow\"\nfrom = [\"127.0.0.0/8\", \"::1/128\"]\n", "1 rule(s)"),
+    ("[[rules]]\naction = \"deny\"\n[[rules]]\naction = \"allow\"\n", "2 rule(s)"),
+    ("rules = []\n", "0 rule(s)"),
+])
+def test_rules_summary_does_not_count_the_built_in_rule(tmp_path, text, expected):
+    """The rule that serves a file without [[rules]] is no rule of the file's
+    (--check said "1 rule(s)" for a file with none)."""
+    cfg = config.Config() if text is None else load_text(tmp_path, text)
+    assert cfg.rules_summary() == expected
+    assert f"; {expected}; socks4 " in tap.summary(cfg, [])
+
+
 def test_example_uses_every_key_and_is_valid():
     text = EXAMPLE.read_text()
     for key in config._SERVER_KEYS:
@@ -99,6 +114,13 @@ def test_log_format_json(tmp_path):
     ("[server]\nlisten = [\"nonsense:1080\"]\n",
      "server.listen: 'nonsense:1080': not a valid Twisted endpoint"),
     ("[server]\nlisten = []\n", "server.listen: needs at least one endpoint"),
+    ("[server]\nlisten = [\"tcp:1080:interface=999.1.1.1\"]\n",
+     "socksd.toml:2: server.listen: 'tcp:1080:interface=999.1.1.1': interface '999.1.1.1' "
+     "is not an IP address"),
+    ("[identd]\nlisten = [\"tcp:113:interface=999.1.1.1\"]\n",
+     "socksd.toml:2: identd.listen: 'tcp:113:interface=999.1.1.1': interface"),
+    ("[metrics]\nlisten = [\"tcp:9180:interface=999.1.1.1\"]\n",
+     "socksd.toml:2: metrics.listen: 'tcp:9180:interface=999.1.1.1': interface"),
     ("[server]\nmethods = [\"kerberos\"]\n", "server.methods: unknown method 'kerberos'"),
     ("[server]\nmethods = [\"none\", \"none\"]\n", "server.methods: lists a method twice"),
     ("[sever]\n", "sever: unknown table"),
@@ -133,6 +155,30 @@ def test_errors_name_file_line_key_and_reason(tmp_path, text, expected):
     message = error_of(tmp_path, text)
     assert message.startswith(str(tmp_path / "socksd.toml"))
     assert expected in message
+
+
+@pytest.mark.parametrize("description, problem", [
+    ("tcp:1080:interface=999.1.1.1", "interface '999.1.1.1' is not an IP address"),
+    ("tcp:1080:999.1.1.1", "interface '999.1.1.1' is not an IP address"),      # by position
+    ("haproxy:tcp:1080:interface=localhost", "interface 'localhost' is not an IP address"),
+    ("tcp6:1080:50:interface=\\:\\:1\\:", "interface '::1:' is not an IP address"),
+    ("tcp6:1080:50:1.2.3", "interface '1.2.3' is not an IP address"),
+    ("ssl:1443:privateKey={pem}:interface=10.0.0.256",
+     "interface '10.0.0.256' is not an IP address"),
+    ("ssl:1443:{pem}:{pem}:TLSv1_2_METHOD:1.2.3.4.5", "interface '1.2.3.4.5' is not an IP address"),
+    ("tcp:1080:interface=127.0.0.1", None),
+    ("tcp:1080:interface=\\:\\:1", None),
+    ("tcp6:1080:interface=fe80\\:\\:1%lo", None),       # a scope, as Twisted takes it
+    ("tcp6:1080:50:\\:\\:", None),
+    ("tcp:1080", None),
+    ("unix:/run/socksd.sock", None),
+])
+def test_listen_interface_is_an_address(description, problem):
+    """--check refuses what only bind() would, at start."""
+    import twisted.test
+
+    pem = Path(twisted.test.__file__).parent / "server.pem"   # Twisted's test key + cert
+    assert config._endpoint_problem(description.format(pem=pem)) == problem
 
 
 def test_ssl_listener_without_pyopenssl(tmp_path, monkeypatch):

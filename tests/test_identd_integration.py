@@ -538,6 +538,7 @@ def test_check_refuses_a_bad_address(tmp_path):
 
 @pytest.mark.parametrize("listen, problem", [
     ("tcp:99999", b"port '99999' is not 0-65535"),
+    ("tcp:113:interface=999.1.1.1", b"interface '999.1.1.1' is not an IP address"),
     ("bogus:1", b"not a valid Twisted endpoint"),
     ("ssl:1443:privateKey=/nonexistent.pem", b"cannot read /nonexistent.pem"),
 ])

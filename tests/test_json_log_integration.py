@@ -163,7 +163,8 @@ def test_dash_l_file_with_workers_and_a_traceback(tmp_path, http_server):
         def log() -> str:
             return logfile.read_text() if logfile.exists() else ""
 
-        port = int(wait_until(lambda: re.search(r"starting on (\d+) \(2 workers\)", log()),
+        port = int(wait_until(lambda: re.search(r"listening on \S+ \(port (\d+), 2 workers\)",
+                                                log()),
                               30, lambda: f"the supervisor to listen:\n{log()}")[1])
         wait_until(lambda: log().count("serving on") == 2, 30,
                    lambda: f"two workers to serve:\n{log()}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import socket
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from twisted.application.service import IServiceMaker
+from twisted.copyright import version as twisted_version
 from twisted.plugin import getPlugins
 from twisted.scripts.twistd import ServerOptions
 
@@ -42,6 +44,23 @@ def test_installed_normally_not_editable():
     assert "site-packages" in socksd.__file__
     plugin = Path(socksd.__file__).parent.parent / "twisted" / "plugins" / "socksd_plugins.py"
     assert plugin.is_file()
+
+
+def test_version_is_the_installed_distribution():
+    """``--version`` and the start-up line say socksd.__version__: the one
+    pyproject.toml gives the installed distribution."""
+    assert socksd.__version__ == importlib.metadata.version("socksd")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("plugin", ["socks", "identd"])
+def test_version_names_socksd_and_twisted(plugin, tmp_path):
+    """Twisted's --version named Twisted's version alone."""
+    out = subprocess.run([TWISTD, plugin, "--version"], capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == (f"socksd version: {socksd.__version__}\n"
+                          f"Twisted version: {twisted_version}\n")
 
 
 def _speaks_socks5(port: int) -> None:

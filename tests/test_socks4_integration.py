@@ -496,7 +496,8 @@ def test_socks4_next_to_passwords_only_when_the_file_says_so(socks_server, http_
     ("", ("--auth", "memory:alice:secret"),
      "socks4 off (SOCKS5 requires authentication; [socks4] enabled = true serves it)"),
     ('[server]\ncheckers = ["memory:alice:secret"]\n', (),
-     "methods userpass; 1 checker(s); 1 rule(s); socks4 off (SOCKS5 requires"),
+     "methods userpass; 1 checker(s); no rules: loopback clients only; socks4 off (SOCKS5 "
+     "requires"),
     ('[socks4]\nenabled = false\n', (), "socks4 off\n"),
     ('[socks4]\nuserid = "ident"\n', (), "socks4 userid = ident: USERIDs verified by"),
     ('[server]\nmethods = ["userpass"]\n[socks4]\nenabled = true\n',

@@ -270,7 +270,8 @@ def test_one_process_serves_the_socket_systemd_passed(tmp_path, processes, http_
     listen = 'listen = ["systemd:domain=INET:name=socks"]'
     process, port = _activated(processes, tmp_path, f"[server]\n{listen}\n")
     assert _fetch(port, http_server) == PAGE
-    assert process.wait_for_log(r"SOCKSServerFactory starting on (\d+)").group(1) == str(port)
+    assert process.wait_for_log(r"listening on systemd:domain=INET:name=socks \(port (\d+)\): "
+                                r"methods none;").group(1) == str(port)
 
     process.process.send_signal(signal.SIGHUP)
     process.wait_for_log(r"\] reloaded .*: OK: listen systemd:domain=INET:name=socks;")

@@ -100,7 +100,7 @@ def test_worker_logs_reach_the_twistd_log_file(tmp_path, http_server):
                                cwd=tmp_path)
     try:
         port = int(wait_until(lambda: logfile.exists() and re.search(
-            r"starting on (\d+) \(2 workers\)", logfile.read_text()), 15)[1])
+            r"listening on \S+ \(port (\d+), 2 workers\)", logfile.read_text()), 15)[1])
         wait_until(lambda: len(_worker_pids(process.pid)) == 2, 15)
         time.sleep(0.5)
         for _ in range(40):

@@ -23,7 +23,8 @@ from socksd.ident import lookup
 from socksd.ident.policy import parse_mode
 from socksd.ident.registry import ProxiedConnections
 from socksd.ident.server import IdentFactory, answer_query
-from socksd.tap import install_reactor, privileges, security
+from socksd.tap import install_reactor, print_version, privileges, security
+from socksd.tap.listening import bind_now, check_binding
 from socksd.tap.logsink import LoggingRoot, check_log_option
 from socksd.tap.notify import Notifier
 from socksd.tap.reload import Change, Listeners, Reloader, hold_sighup
@@ -56,6 +57,10 @@ class Options(usage.Options):
         self["listen"] = []
         self["hide"] = []
 
+    def opt_version(self) -> None:
+        """Display socksd's and Twisted's versions and exit."""
+        print_version()
+
     def opt_listen(self, description: str) -> None:
         """Listen on this Twisted endpoint instead of the config's (repeatable)."""
         self["listen"].append(description)
@@ -78,6 +83,8 @@ class Options(usage.Options):
                 privileges.after_switch(self.parent), self.identd.policy)
             if not (self["check"] or self["stdio"]):
                 check_inherited(self)
+                # As twistd socks does (socksd.tap.socks.check_listening).
+                check_binding((description, bind_now) for description in self.identd.listen)
         except configuration.ConfigError as e:
             sys.exit(f"identd: {e}")
         if self["check"]:
@@ -192,10 +199,11 @@ class IdentdServing:
     removed (see :class:`~socksd.tap.reload.Listeners`)."""
 
     def __init__(self, cfg: configuration.IdentdConfig | None,
-                 registry: ProxiedConnections | None = None) -> None:
+                 registry: ProxiedConnections | None = None, program: str = "socksd") -> None:
         settings = cfg if cfg is not None else configuration.IdentdConfig()
         self.factory = IdentFactory(settings.policy, settings.limits, registry=registry)
-        self.listeners = Listeners(cfg.listen if cfg is not None else (), self.factory)
+        self.listeners = Listeners(cfg.listen if cfg is not None else (), self.factory,
+                                   program=program)
 
     def serve(self, cfg: configuration.IdentdConfig) -> None:
         """The reply policy and limits for the next query."""
@@ -209,7 +217,7 @@ def summary(options: Options, cfg: configuration.IdentdConfig) -> str:
 def makeService(options: Options) -> service.IService:
     top = LoggingRoot(options.log_config.format, options.parent)
     security.RootWarning("identd").setServiceParent(top)
-    identd = IdentdServing(options.identd)
+    identd = IdentdServing(options.identd, program="identd")
     identd.listeners.setServiceParent(top)
 
     def reload() -> defer.Deferred[str]:

@@ -17,17 +17,24 @@ import signal
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from twisted.application import service, strports
+from twisted.application import service
 from twisted.internet import defer, endpoints
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from socksd.config import ConfigError, endpoint_type
 from socksd.stats import STATS
-from socksd.tap.listening import RenewableTLS, Socket, listen_tls, read, tls_service
+from socksd.tap.listening import (
+    CannotListen,
+    RenewableTLS,
+    Socket,
+    cannot_listen,
+    read,
+    tls_endpoint,
+)
 from socksd.tap.notify import Notifier
 from socksd.twisted_internals import IReactor, installed_reactor
 
@@ -113,13 +120,20 @@ class Reloader(service.Service):
 
 
 class _Listening(service.Service):
-    """A port a reload bound: closed when its endpoint is removed."""
+    """A listen endpoint's port, bound by a reload, or as its
+    :class:`Listeners` start: closed when its endpoint is removed, or they
+    stop."""
 
-    def __init__(self, port: IListeningPort) -> None:
+    def __init__(self, port: IListeningPort | None = None) -> None:
         self.port = port
+        self.binding: defer.Deferred[Any] | None = None   # at start
 
     def stopService(self) -> defer.Deferred[None] | None:
         super().stopService()
+        if self.port is None:
+            if self.binding is not None:
+                self.binding.cancel()        # an endpoint that binds in its own time
+            return None
         return self.port.stopListening()
 
 
@@ -128,7 +142,7 @@ class _Endpoint:
     """A listen endpoint: what keeps it bound, what it binds (tcp: and
     ssl:), and the TLS options it serves (ssl:)."""
 
-    service: service.IService
+    service: _Listening
     socket: Socket | None
     tls: RenewableTLS | None = None
 
@@ -140,26 +154,81 @@ class _Endpoint:
 
 
 class Listeners(service.MultiService):
-    """Listen endpoints by their description, all with one factory. At
-    start-up each is a ``strports`` service (bound in privilegedStartService,
-    before twistd drops root). An ``ssl:`` one serves a :class:`RenewableTLS`:
-    a reload reads its files again."""
+    """Listen endpoints by their description, all with one factory, bound
+    as the service starts: in privilegedStartService, before twistd drops
+    root, as ``strports`` services bind, but keeping each port: ``started``
+    is told its number (the start-up line names it: port 0 is a port once
+    bound). One that cannot be bound ends the process with one line,
+    ``program``'s name first (:class:`CannotListen`). An ``ssl:`` one serves
+    a :class:`RenewableTLS`: a reload reads its files again."""
 
     def __init__(self, descriptions: Iterable[str], factory: Factory[Any],
-                 reactor: IReactor | None = None) -> None:
+                 reactor: IReactor | None = None, program: str = "socksd",
+                 started: Callable[[str, int | None], None] | None = None) -> None:
         super().__init__()
         self.factory = factory
         self.reactor = reactor if reactor is not None else installed_reactor()
+        self.program = program
+        self.started = started
         self.by_description: dict[str, _Endpoint] = {}
         for description in descriptions:
             socket = read(description, factory)
-            if socket is not None and socket.options is not None:
-                tls = RenewableTLS(socket.options)
-                endpoint = _Endpoint(tls_service(description, self.reactor, tls, factory), socket,
-                                     tls)
-            else:
-                endpoint = _Endpoint(strports.service(description, factory), socket)
-            self._add(description, endpoint)
+            tls = RenewableTLS(socket.options) if socket is not None and \
+                socket.options is not None else None
+            self._add(description, _Endpoint(_Listening(), socket, tls))
+
+    def privilegedStartService(self) -> None:
+        self._bind_at_start()
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        self._bind_at_start()        # if started without privilegedStartService (not by twistd)
+        super().startService()
+
+    def _bind_at_start(self) -> None:
+        """Bind every endpoint not bound yet; :class:`CannotListen` for the
+        first that cannot be. One that binds in its own time (a plugin's:
+        Twisted's own bind at once) logs that line if it fails, as
+        strports services log their failures."""
+        now = True
+        failed: list[tuple[str, Failure]] = []
+
+        def bound(port: IListeningPort, description: str, listening: _Listening) -> None:
+            listening.port = port
+            if self.started is not None:
+                # None for an address with no port (unix:).
+                self.started(description, getattr(port.getHost(), "port", None))
+
+        def not_bound(failure: Failure, description: str) -> None:
+            if now:
+                failed.append((description, failure))
+            elif failure.check(CannotListenError, OSError):
+                log.error("{program}: {line}", program=self.program,
+                          line=cannot_listen(description, failure.value))
+            elif not failure.check(defer.CancelledError):
+                log.failure("{program}: cannot listen on {description}", failure,
+                            program=self.program, description=description)
+
+        for description, endpoint in self.by_description.items():
+            listening = endpoint.service
+            if listening.port is not None or listening.binding is not None:
+                continue
+            listening.binding = self._endpoint(description, endpoint.tls).listen(self.factory)
+            listening.binding.addCallback(bound, description, listening)
+            listening.binding.addErrback(not_bound, description)
+        now = False
+        if failed:
+            description, failure = failed[0]
+            if failure.check(CannotListenError, OSError):
+                raise CannotListen(self.program, description, failure.value)
+            failure.raiseException()
+
+    def _endpoint(self, description: str, tls: RenewableTLS | None) -> IStreamServerEndpoint:
+        """The endpoint that binds ``description`` on the reactor (an
+        ``ssl:`` one serving ``tls``)."""
+        if tls is not None:
+            return tls_endpoint(description, self.reactor, tls)
+        return endpoints.serverFromString(self.reactor, description)
 
     @property
     def descriptions(self) -> tuple[str, ...]:
@@ -237,15 +306,12 @@ class Listeners(service.MultiService):
         """Bind ``description``, for ``change``."""
         tls = RenewableTLS(socket.options) if socket is not None and \
             socket.options is not None else None
-        if tls is not None:
-            listening = listen_tls(description, self.reactor, tls, self.factory)
-        else:
-            listening = endpoints.serverFromString(self.reactor, description).listen(
-                self.factory)
 
         def bound(port: IListeningPort) -> None:
             change.added[description] = _Endpoint(_Listening(port), socket, tls)
 
+        listening: defer.Deferred[IListeningPort] = self._endpoint(description, tls).listen(
+            self.factory)
         return listening.addCallback(bound)
 
     def _cannot_listen(self, change: Change, description: str, socket: Socket | None,
@@ -260,11 +326,11 @@ class Listeners(service.MultiService):
             if holder is not None:
                 # Changed on the port it keeps: the new one could be bound
                 # only once the old one is closed, refusing clients meanwhile.
-                return (f"{description!r}: cannot listen: port {socket.port} is still bound for "
-                        f"{holder!r}, which it replaces; on a port it keeps, a reload changes "
+                return (f"cannot listen on {description}: port {socket.port} is still bound for "
+                        f"{holder}, which it replaces; on a port it keeps, a reload changes "
                         "only an ssl: endpoint's certificate and key files: restart socksd for "
                         "this change")
-        return f"{description!r}: cannot listen: {why.getErrorMessage()}"
+        return cannot_listen(description, error)
 
 
 class Change:

@@ -21,6 +21,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 
+from socksd import __version__
 from socksd import config as configuration
 from socksd.auth import SOCKSRealm, files
 from socksd.auth.checkers import FirstOf
@@ -31,16 +32,17 @@ from socksd.ident.registry import ProxiedConnections, Registrar
 from socksd.proxy import SOCKSServerFactory
 from socksd.proxy.connect import THREAD_POOL_SIZE
 from socksd.stats import STATS
-from socksd.tap import install_reactor, privileges, security
+from socksd.tap import install_reactor, print_version, privileges, security
 from socksd.tap.drain import Drain, Draining
 from socksd.tap.identd import IdentdServing
+from socksd.tap.listening import bind_now, check_binding
 from socksd.tap.logsink import LoggingRoot, check_log_option
 from socksd.tap.metrics import registry as metrics_registry
 from socksd.tap.metrics import site as metrics_site
 from socksd.tap.metrics import workers_registry
 from socksd.tap.notify import Notifier
 from socksd.tap.reload import Change, Listeners, Reloader, bind_all, hold_sighup
-from socksd.tap.workers import WorkersService
+from socksd.tap.workers import WorkersService, bind_shared
 from socksd.twisted_internals import installed_reactor
 
 log = Logger(namespace="socksd")
@@ -68,6 +70,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         self["listen"] = []
         self["auth_strings"] = []
         self["trusted_proxies"] = []
+
+    def opt_version(self) -> None:
+        """Display socksd's and Twisted's versions and exit."""
+        print_version()
 
     def opt_trusted_proxy(self, network: str) -> None:
         """A network whose PROXY headers haproxy: listeners believe (repeatable)."""
@@ -103,6 +109,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 account, identd.policy if identd is not None else None)
             if not self["check"]:
                 check_inherited(self.socks_config, self["listen"])
+                check_listening(self.socks_config)
         except configuration.ConfigError as e:
             # Not a UsageError: twistd would bury the message under the usage text.
             sys.exit(f"socksd: {e}")
@@ -134,11 +141,25 @@ def check_inherited(cfg: configuration.Config, listen: list[str]) -> None:
                 raise configuration.ConfigError(f"{where}: {description!r}: {problem}")
 
 
+def check_listening(cfg: configuration.Config) -> None:
+    """ConfigError ("cannot listen on tcp:1080: address already in use")
+    for the first listener this process cannot bind now, bound as it will
+    be at start (see listening.check_binding for why here): the SOCKS ones
+    (each worker's with SO_REUSEPORT), the embedded identd's, the metrics
+    endpoint's. Not for ``--check``, which may check the file anywhere."""
+    identd = _identd(cfg)
+    socks = bind_shared if cfg.workers > 1 else bind_now
+    check_binding([*((description, socks) for description in cfg.listen),
+                   *((description, bind_now) for description in
+                     (identd.listen if identd is not None else ())),
+                   *((description, bind_now) for description in cfg.metrics.listen)])
+
+
 def summary(cfg: configuration.Config, checkers: Sequence[ICredentialsChecker]) -> str:
     """What a configuration serves, in one line (--check, and a reload)."""
     return (f"{cfg.path or 'embedded default'}: OK: listen {', '.join(cfg.listen)}; "
             f"methods {', '.join(cfg.methods)}; {len(checkers)} checker(s); "
-            f"{len(cfg.rules)} rule(s); {cfg.socks4_summary()}")
+            f"{cfg.rules_summary()}; {cfg.socks4_summary()}")
 
 
 def build(path: str | None, listen: list[str], auth_checkers: list[ICredentialsChecker],
@@ -363,7 +384,8 @@ def makeService(options: Options) -> service.IService:
                        *(arg for network in options["trusted_proxies"]
                          for arg in ("--trusted-proxy", network))]
         workers = WorkersService(cfg.workers, cfg.listen, worker_args,
-                                 auth=options["auth_strings"], registry=proxied, config=cfg)
+                                 auth=options["auth_strings"], registry=proxied, config=cfg,
+                                 started=started_line(cfg))
         # Each worker drains its own sessions; this process waits for them.
         draining = Draining(workers, lambda: defer.succeed(None), workers.now)
         serving = workers.ready
@@ -377,7 +399,7 @@ def makeService(options: Options) -> service.IService:
         assembly = Assembly()
         factory = make_factory(cfg, options.checkers, registering(cfg, proxied),
                                assembly=assembly)
-        listeners = Listeners(cfg.listen, factory)
+        listeners = Listeners(cfg.listen, factory, started=started_line(cfg))
         drain = Drain(factory)
         draining = Draining(listeners, drain.start, drain.cut)
         metrics = Listeners(cfg.metrics.listen, metrics_site(metrics_registry(factory)))
@@ -395,6 +417,24 @@ def makeService(options: Options) -> service.IService:
     Reloader(reload, notifier=notifier).setServiceParent(top)
     notifier.setServiceParent(top)
     return top
+
+
+def started_line(cfg: configuration.Config) -> Callable[[str, int | None], None]:
+    """The start-up line of each SOCKS listener, once bound (port 0 is a
+    port by then): socksd's version, the endpoint, what it serves."""
+    identd = _identd(cfg)
+
+    def started(description: str, port: int | None) -> None:
+        bound = ", ".join([*([f"port {port}"] if port is not None else []),
+                           *([f"{cfg.workers} workers"] if cfg.workers > 1 else [])])
+        # Not "version": a JSON line's version is a session's SOCKS version.
+        log.info("socksd {release} listening on {endpoint}{bound}: methods {methods}; "
+                 "{socks4}; identd {identd}", release=__version__, endpoint=description,
+                 port=port, bound=f" ({bound})" if bound else "",
+                 methods=", ".join(cfg.methods), socks4=cfg.socks4_summary(),
+                 identd=f"on {', '.join(identd.listen)}" if identd is not None else "off")
+
+    return started
 
 
 def _identd(cfg: configuration.Config) -> configuration.IdentdConfig | None:

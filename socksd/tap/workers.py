@@ -63,7 +63,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application import service
@@ -79,6 +79,7 @@ from socksd.ident.channel import RegistrationReceiver
 from socksd.ident.registry import ProxiedConnections
 from socksd.logs import FROM_WORKER
 from socksd.stats import MAX_COUNT, Counts
+from socksd.tap.listening import CannotListen
 from socksd.twisted_internals import IReactor, installed_reactor
 
 log = Logger(namespace="socksd")
@@ -123,6 +124,16 @@ def bind_reuseport(family: int, host: str, port: int, backlog: int) -> socket.so
     sock.listen(backlog)
     sock.setblocking(False)
     return sock
+
+
+def bind_shared(description: str) -> socket.socket | None:
+    """A socket bound where ``description`` binds for the workers, as
+    :meth:`WorkersService.privilegedStartService` binds it; None for a
+    ``systemd:`` one, which systemd bound."""
+    listener = parse_listener(description)
+    if listener.inherited:
+        return None
+    return bind_reuseport(listener.family, listener.host, listener.port, listener.backlog)
 
 
 def inherited_socket(listener: SharedListener, reactor: IReactor) -> socket.socket:
@@ -372,10 +383,13 @@ class WorkersService(service.Service):
     def __init__(self, count: int, listen: tuple[str, ...], worker_args: list[str],
                  reactor: IReactor | None = None, auth: Sequence[str] = (),
                  registry: ProxiedConnections | None = None,
-                 config: Config | None = None) -> None:
+                 config: Config | None = None,
+                 started: Callable[[str, int | None], None] | None = None) -> None:
         self.reactor = reactor if reactor is not None else installed_reactor()
         self.count = count
+        self.listen = listen
         self.listeners = [parse_listener(d) for d in listen]
+        self.started = started      # told each listener's description and port, once bound
         self.worker_args = worker_args
         self.auth = list(auth)     # --auth strings: secrets, sent on the worker's stdin
         # The identd's: workers register their sessions in it.
@@ -412,17 +426,19 @@ class WorkersService(service.Service):
             for i, listener in enumerate(self.listeners):
                 sock = inherited.get(i)
                 if sock is None:
-                    sock = bind_reuseport(listener.family, listener.host, listener.port,
-                                          listener.backlog)
+                    try:
+                        sock = bind_reuseport(listener.family, listener.host, listener.port,
+                                              listener.backlog)
+                    except OSError as e:
+                        raise CannotListen("socksd", self.listen[i], e) from None
                     if listener.port == 0:
                         # Port 0: the first bind picks it; the others share it.
                         self.listeners[i] = listener._replace(port=sock.getsockname()[1])
                 row.append(sock)
             self.sockets.append(row)
-        for i, listener in enumerate(self.listeners):
-            port = self.sockets[0][i].getsockname()[1]
-            log.info("SOCKSServerFactory{proxy} starting on {port} ({n} workers)",
-                     proxy=" (PROXY)" if listener.haproxy else "", port=port, n=self.count)
+        if self.started is not None:
+            for i, description in enumerate(self.listen):
+                self.started(description, self.sockets[0][i].getsockname()[1])
         super().privilegedStartService()
 
     def startService(self) -> None:
