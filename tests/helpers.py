@@ -196,3 +196,31 @@ def stop_process(process: subprocess.Popen, log_file: IO[bytes]) -> None:
                 process.kill()
                 process.wait()
     log_file.close()
+
+
+def refused(port: int) -> bool:
+    """Is a connection to 127.0.0.1:port refused (nothing listens there)?"""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def notify_listener(kind: str, folder: str, timeout: float) -> Iterator[tuple[str, socket.socket]]:
+    """An AF_UNIX datagram socket listening as systemd's does for sd_notify,
+    at a path in ``folder`` (kind "path") or an abstract name ("abstract"):
+    (its NOTIFY_SOCKET value, the socket)."""
+    import uuid
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with sock:
+        if kind == "path":
+            address = os.path.join(folder, "notify")
+            sock.bind(address)
+        else:
+            address = f"@socksd-test-{uuid.uuid4().hex}"
+            sock.bind("\0" + address[1:])
+        sock.settimeout(timeout)
+        yield address, sock

@@ -24,7 +24,7 @@ from twisted.logger import capturedLogs, formatEvent
 
 import fakes
 from conftest import recv_exact, recv_until_eof
-from helpers import wait_until
+from helpers import refused, wait_until
 from socksd.proxy import Limits
 from socksd.tap.drain import ABORT_WAIT, Drain, Draining, Stopping
 from test_bind_udp_session import BIND5, bind5
@@ -355,14 +355,6 @@ def _relays(client: socket.socket, inbound: socket.socket) -> bool:
         return False
 
 
-def _refused(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()
-    except ConnectionRefusedError:
-        return True
-    return False
-
-
 @pytest.fixture
 def target():
     """A listener a session connects to: the test plays the destination."""
@@ -444,7 +436,7 @@ def test_a_session_open_at_sigterm_goes_on_until_its_client_closes(
         signalled = time.monotonic()
         assert notify.recv(100) == b"STOPPING=1"
         _closed(server, workers)
-        assert _refused(server.port)
+        assert refused(server.port)
         assert time.monotonic() - signalled < 5
         server.wait_for_log(r"stopping: no new sessions; 1 open, closed in 30 s")
         time.sleep(0.5)

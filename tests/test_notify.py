@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import socket
 import time
-import uuid
 
 import pytest
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent
 
+from helpers import notify_listener
 from socksd.config import ConfigError
 from socksd.tap.notify import Notifier, notify
 from socksd.tap.reload import Reloader
@@ -21,16 +21,8 @@ from socksd.tap.reload import Reloader
 @pytest.fixture(params=["path", "abstract"])
 def systemd(request, tmp_path):
     """A socket listening as systemd's does; yields (NOTIFY_SOCKET, socket)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    if request.param == "path":
-        address = str(tmp_path / "notify")
-        sock.bind(address)
-    else:
-        address = f"@socksd-test-{uuid.uuid4().hex}"
-        sock.bind("\0" + address[1:])
-    sock.settimeout(5)
-    yield address, sock
-    sock.close()
+    with notify_listener(request.param, str(tmp_path), timeout=5) as listening:
+        yield listening
 
 
 def received(sock: socket.socket) -> list[str]:

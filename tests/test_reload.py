@@ -18,7 +18,7 @@ from twisted.logger import capturedLogs, formatEvent
 
 import fakes
 from conftest import TWISTD, recv_exact
-from helpers import wait_until
+from helpers import refused, wait_until
 from socksd.auth.hashing import HashPool
 from socksd.auth.methods import Backoff
 from socksd.auth.registry import method_registry
@@ -71,14 +71,6 @@ def _echoes(s: socket.socket, data: bytes = b"still here") -> bool:
         return False
 
 
-def _refused(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()
-    except ConnectionRefusedError:
-        return True
-    return False
-
-
 def _hup(server) -> None:
     os.kill(server.process.pid, signal.SIGHUP)
 
@@ -110,7 +102,7 @@ def test_reload_applies_rules_and_listen_to_new_sessions_only(socks_server, echo
     on_added, reply = _connect(added, echo_server)
     assert reply == 0x02
     on_added.close()
-    assert _refused(removed)
+    assert refused(removed)
     assert server.process.poll() is None
     for s in (open_session, on_removed):
         s.close()
@@ -218,7 +210,7 @@ def test_twistd_identd_reloads_its_config(tmp_path):
                         "reply = \"hidden\"\n")
         process.send_signal(signal.SIGHUP)
         wait_until(lambda: "reloaded " in log.read_text(), 10, lambda: log.read_text())
-        assert _refused(port)
+        assert refused(port)
         with socket.create_connection(("127.0.0.1", added), timeout=5) as s:
             s.sendall(b"1, 1\r\n")
             assert b"ERROR" in s.recv(1000)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PAGE, TWISTD, require, run_socks
-from helpers import stop_process, wait_until
+from helpers import notify_listener, stop_process, wait_until
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 UNITS = ("socksd.service", "socksd.socket", "socksd-identd.service")
@@ -138,16 +138,8 @@ def processes(tmp_path):
 @pytest.fixture(params=["path", "abstract"])
 def notify_socket(request, tmp_path):
     """An AF_UNIX datagram socket as systemd's: (NOTIFY_SOCKET, the socket)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    if request.param == "path":
-        address = str(tmp_path / "notify")
-        sock.bind(address)
-    else:
-        address = f"@socksd-test-{uuid.uuid4().hex}"
-        sock.bind("\0" + address[1:])
-    sock.settimeout(30)
-    yield address, sock
-    sock.close()
+    with notify_listener(request.param, str(tmp_path), timeout=30) as listening:
+        yield listening
 
 
 def _state(sock: socket.socket, process: Process) -> list[str]:
