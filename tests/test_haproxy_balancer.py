@@ -34,7 +34,7 @@ from = ["{CLIENT}/32"]
 action = "deny"
 """
 
-SESSION = re.compile(r"(?:w\d+ )?(\S+) socks[45] ")
+SESSION = re.compile(r"(?:w\d+ )?(\S+) socks[45]a? user=")
 
 
 def session_peers(instance) -> list[str]:
