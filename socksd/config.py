@@ -829,6 +829,18 @@ def _checker_problem(description: str) -> str | None:
     return None
 
 
+def tls_files_problem(e: Exception) -> str:
+    """What is wrong with an ``ssl:`` endpoint whose parsing (which reads
+    its key and certificate) or context raised ``e``: at --check, at start
+    and at a reload alike."""
+    if isinstance(e, OSError):
+        return f"cannot read {e.filename or 'a file it names'}: {e.strerror or e}"
+    if isinstance(e, (ValueError, KeyError, TypeError)):
+        return f"not a valid Twisted endpoint ({e or type(e).__name__})"
+    # pyOpenSSL's errors for a bad PEM, Twisted's for a key of another certificate
+    return f"cannot load its certificate and key ({e or type(e).__name__})"
+
+
 def _endpoint_problem(description: str) -> str | None:
     """Why Twisted would refuse this server endpoint string, if it would."""
     from twisted.internet import endpoints, reactor
@@ -846,13 +858,9 @@ def _endpoint_problem(description: str) -> str | None:
         if kind == "ssl":
             return "ssl: endpoints need pyOpenSSL: pip install 'socksd[tls]'"
         return f"this endpoint type needs a module that is not installed ({e})"
-    except OSError as e:   # ssl: reads its key and certificate now
-        return f"cannot read {e.filename or 'a file it names'}: {e.strerror or e}"
-    except Exception as e:  # ValueError, KeyError, TypeError, or pyOpenSSL's errors for a bad PEM
-        if kind == "ssl" and not isinstance(e, (ValueError, KeyError, TypeError)):
-            # pyOpenSSL's errors for a bad PEM, Twisted's for a key of another certificate
-            return f"cannot load its certificate and key ({e or type(e).__name__})"
-        return f"not a valid Twisted endpoint ({e or type(e).__name__})"
+    except Exception as e:  # ValueError, KeyError, TypeError, OSError, pyOpenSSL's errors
+        return tls_files_problem(e) if kind == "ssl" else \
+            f"not a valid Twisted endpoint ({e or type(e).__name__})"
     if kind in ("tcp", "tcp6", "ssl"):
         # Twisted takes any integer here and only bind() refuses it, at start.
         port = options.get("port", args[0] if args else "")

@@ -25,7 +25,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from socksd.config import ConfigError, endpoint_type
+from socksd.config import ConfigError, endpoint_type, tls_files_problem
 from socksd.stats import STATS
 from socksd.tap.listening import (
     CannotListen,
@@ -293,12 +293,8 @@ class Listeners(service.MultiService):
                 # Else OpenSSL would load dhParameters, and check the key
                 # against the certificate, at each connection.
                 socket.options.getContext()
-        except OSError as e:
-            raise ConfigError(f"{description!r}: cannot read "
-                              f"{e.filename or 'a file it names'}: {e.strerror or e}") from None
-        except Exception as e:    # pyOpenSSL's errors, Twisted's for a key or chain
-            raise ConfigError(f"{description!r}: cannot load its certificate and key "
-                              f"({e or type(e).__name__})") from None
+        except Exception as e:    # OSError, pyOpenSSL's errors, Twisted's for a key or chain
+            raise ConfigError(f"{description!r}: {tls_files_problem(e)}") from None
         return socket
 
     def _listen(self, description: str, socket: Socket | None,
