@@ -24,6 +24,7 @@ from socksd.rules import (
     SELF,
     IPAddress,
     IPNetwork,
+    RuleLimits,
     RuleSet,
     compile_rule,
     default_rules,
@@ -207,7 +208,8 @@ _SERVER_KEYS = {
 _RULE_KEYS = {
     "action": "string", "from": "strings", "to": "strings", "ports": "ports",
     "commands": "strings", "users": "strings", "versions": "integers", "verified": "verified",
-    "log": "bool",
+    "log": "bool", "name": "name", "rate": "rate", "rate_per": "string",
+    "max_sessions": "count", "max_sessions_per": "string",
 }
 _SOCKS4_KEYS = {
     "enabled": "bool", "userid": "string", "whitelist": "strings",
@@ -548,6 +550,7 @@ def _rules(raw: Any, where: _Where) -> RuleSet:
         raise where.error("must be an array of tables ([[rules]])", key="rules")
     compiled = []
     host: list | None = None
+    names: dict[str, int] = {}
     for index, table in enumerate(raw):
         if not isinstance(table, dict):
             raise where.error("must be a table", "rules", index)
@@ -572,11 +575,64 @@ def _rules(raw: Any, where: _Where) -> RuleSet:
                     raise where.error(f"\"self\": cannot read this host's addresses: {e}",
                                       "rules", index, "to") from None
             args["host_addresses"] = host
+        name = table.get("name")
+        if name is not None:
+            if name in names:
+                raise where.error(f"{name!r} names rule {names[name] + 1} already", "rules",
+                                  index, "name")
+            names[name] = index
+            args["name"] = name
+        for key in ("rate_per", "max_sessions_per"):
+            if key in table and ("rate" if key == "rate_per" else "max_sessions") not in table:
+                raise where.error(f"is of no use without {key.removesuffix('_per')} (the "
+                                  "rule sets none)", "rules", index, key)
+        if "rate" in table or "max_sessions" in table:
+            args["limits"] = RuleLimits(
+                name or str(index + 1), _rate(table.get("rate")),
+                table.get("rate_per", "session"), table.get("max_sessions"),
+                table.get("max_sessions_per", "rule"))
+        label = f"rule {name}" if name is not None else f"rule {index + 1}"
         try:
-            compiled.append(compile_rule(f"rule {index + 1}", **args))
+            compiled.append(compile_rule(label, **args))
         except ValueError as e:
             raise where.error(str(e), "rules", index, _guilty_key(str(e), table)) from None
     return RuleSet(compiled)
+
+
+# A rate's units: bytes (B, kB/KB, MB, GB and KiB, MiB, GiB) or bits (kbit,
+# Mbit, Gbit) per second; a bare number is bytes.
+_RATE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10,
+               "mib": 1 << 20, "gib": 1 << 30, "kbit": 125, "mbit": 125_000,
+               "gbit": 125_000_000}
+_RATE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)(?:/s)?\s*")
+MAX_RATE = 1 << 40     # a TiB per second: more is a typo, not a link
+
+
+def _rate(value: int | str | None) -> int | None:
+    """``rate`` in bytes per second (already type-checked); None if unset."""
+    if value is None or isinstance(value, int):
+        return value
+    match = _RATE.fullmatch(value)
+    unit = match and _RATE_UNITS.get(match.group(2).lower())
+    assert match is not None and unit is not None    # _check_type said so
+    return int(float(match.group(1)) * unit)
+
+
+def rate_problem(value: object) -> str | None:
+    """Why ``value`` is no rate (bytes per second), or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        return "must be a number of bytes per second or a string like \"10MiB\" or " \
+            "\"100Mbit\""
+    if isinstance(value, str):
+        match = _RATE.fullmatch(value)
+        if match is None or match.group(2).lower() not in _RATE_UNITS:
+            return (f"{value!r} is not a rate: a number and a unit (B, kB, MB, GB, KiB, MiB, "
+                    "GiB, kbit, Mbit, Gbit), per second")
+    rate = _rate(value)
+    assert rate is not None
+    if not 1 <= rate <= MAX_RATE:
+        return f"{value!r} is out of range (at least 1 byte per second, at most 1 TiB)"
+    return None
 
 
 def host_addresses() -> list[IPAddress]:
@@ -600,9 +656,12 @@ def _guilty_key(message: str, table: dict[str, Any]) -> str | None:
         items = value if isinstance(value, list) else [value]
         if any(item is not None and repr(item) in message for item in items):
             return key
-    for key in ("from", "to", "ports", "commands", "users", "versions"):
+    for key in ("from", "to", "ports", "commands", "users", "versions", "rate_per",
+                "max_sessions_per"):
         if message.startswith(f"{key} "):
             return key
+    if message.startswith("rate and max_sessions"):
+        return "rate" if "rate" in table else "max_sessions"
     return None
 
 
@@ -674,11 +733,27 @@ def _check_type(where: _Where, value: Any, kind: str, table: str, index: int | N
             # holds its connection after it has stopped listening.
             raise where.error(f"{value} is out of range (0 to {MAX_WAIT} seconds; "
                               "0 = do not wait)", table, index, key)
+    elif kind == "rate":
+        problem = rate_problem(value)
+        if problem is not None:
+            raise where.error(problem, table, index, key)
+    elif kind == "name":
+        if not isinstance(value, str):
+            raise bad("a string")
+        if not _RULE_NAME.fullmatch(value) or value.isdigit():
+            raise where.error(f"{value!r} is not a rule name (letters, digits, \"_\", "
+                              "\"-\", \".\"; up to 64; not only digits, which are "
+                              "positions)", table, index, key)
     elif kind == "count":
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("an integer")
         if value < 1:
             raise where.error(f"{value} must be at least 1", table, index, key)
+
+
+# A rule's name reaches log lines and metric labels as it is: kept to a
+# charset that needs no escaping there.
+_RULE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
 
 def _toml_type(value: Any) -> str:

@@ -83,6 +83,24 @@ def client_key(address: IPAddress, ipv6_prefix: int = 64) -> str:
                                       ipv6_prefix)))
 
 
+SHARED_BY = ("session", "user", "client", "rule")   # who shares a rate budget
+COUNTED_BY = ("user", "client", "rule")              # who max_sessions counts
+
+
+@dataclass(frozen=True, slots=True)
+class RuleLimits:
+    """What an allowing rule puts on the sessions it admits: a rate each
+    direction and a cap on sessions open at once. Counters and budgets are
+    keyed by ``key`` (the rule's name, else its position), so a reload that
+    inserts a rule leaves the named ones' counts where they were."""
+
+    key: str
+    rate: int | None = None          # bytes per second, each direction
+    rate_per: str = "session"        # who shares the budget: SHARED_BY
+    max_sessions: int | None = None  # open at once
+    max_sessions_per: str = "rule"   # counted per: COUNTED_BY
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     """One compiled rule. ``None`` in a selector means "any"."""
@@ -105,10 +123,19 @@ class Rule:
     named_verified: bool = False
     log: bool = False
     label: str = "rule"
+    name: str | None = None
+    limits: RuleLimits | None = None   # an allowing rule's rate and session cap
 
     @property
     def allows(self) -> bool:
         return self.action == "allow"
+
+    @property
+    def governs(self) -> Rule | None:
+        """The rule itself when what it admits is bound by it (a rate, a
+        cap); None when any allowing rule would do as well. A name's
+        addresses are connected to under one governing rule."""
+        return self if self.limits is not None else None
 
     def matches_request(self, client: IPAddress, user: str | None, command: str,
                         port: int, version: int = 5, verified: bool = False) -> bool:
@@ -380,15 +407,19 @@ class RuleSet:
         return self._decisions[first] if by_name >> first & 1 else None
 
     def could_allow(self, client: IPAddress, user: str | None, command: str, *,
-                    version: int = 5, verified: bool = False) -> bool:
-        """Could some destination be allowed? (For UDP ASSOCIATE, whose
-        destinations come later, one per datagram.)"""
+                    version: int = 5, verified: bool = False) -> Rule | None:
+        """The first rule that could allow some destination, or None (for UDP
+        ASSOCIATE, whose destinations come later, one per datagram: that
+        rule's limits bind the association)."""
         index = self._index
         if index is None:
             return self._scan_could_allow(client, user, command, version=version,
                                           verified=verified)
         mask = index.request(client, user, command, version, verified) & index.ends_search
-        return bool(mask) and bool(index.allows >> _first(mask) & 1)
+        if not mask:
+            return None
+        first = _first(mask)
+        return self.rules[first] if index.allows >> first & 1 else None
 
 
     # The same decisions by scanning the rules in order (Rule.matches_*).
@@ -415,16 +446,16 @@ class RuleSet:
         return _NO_MATCH
 
     def _scan_could_allow(self, client: IPAddress, user: str | None, command: str, *,
-                          version: int = 5, verified: bool = False) -> bool:
+                          version: int = 5, verified: bool = False) -> Rule | None:
         for rule in self.rules:
             if not rule.matches_request(client, user, command, rule_port(rule), version,
                                         verified):
                 continue
             if rule.allows:
-                return True
+                return rule
             if rule.any_destination and rule.ports is None:
-                return False   # denies every destination: nothing after it matters
-        return False
+                return None   # denies every destination: nothing after it matters
+        return None
 
 
 def rule_port(rule: Rule) -> int:
@@ -446,7 +477,8 @@ def compile_rule(label: str, action: str, sources: Sequence[str] | None = None,
                  users: Sequence[str] | None = None, log: bool = False,
                  versions: Sequence[int] | None = None,
                  verified: bool | str | None = None,
-                 host_addresses: Sequence[IPAddress] = ()) -> Rule:
+                 host_addresses: Sequence[IPAddress] = (), name: str | None = None,
+                 limits: RuleLimits | None = None) -> Rule:
     """Build a rule from config strings; raises ValueError naming the bad value.
 
     ``verified``: True (proven users only), False (unproven only), "any"
@@ -515,13 +547,23 @@ def compile_rule(label: str, action: str, sources: Sequence[str] | None = None,
         if bad or not versions:
             raise ValueError(f"versions are 4 and/or 5, not {bad or versions!r}")
         compiled_versions = frozenset(versions)
+    if limits is not None:
+        if action != "allow":
+            raise ValueError("rate and max_sessions are for rules that allow")
+        if limits.rate_per not in SHARED_BY:
+            raise ValueError(f"rate_per is one of {', '.join(SHARED_BY)}, "
+                             f"not {limits.rate_per!r}")
+        if limits.max_sessions_per not in COUNTED_BY:
+            raise ValueError(f"max_sessions_per is one of {', '.join(COUNTED_BY)}, "
+                             f"not {limits.max_sessions_per!r}")
     if verified not in (None, True, False, "any"):
         raise ValueError(f"verified is true, false or \"any\", not {verified!r}")
     compiled_verified = None if isinstance(verified, str) else verified   # "any": either
     named_verified = verified is None and bool(user_names)
     return Rule(action, compiled_sources, tuple(networks), frozenset(names), tuple(suffixes),
                 any_destination, compiled_ports, compiled_commands, user_names, anonymous,
-                compiled_versions, compiled_verified, named_verified, log, label)
+                compiled_versions, compiled_verified, named_verified, log, label, name,
+                limits)
 
 
 def parse_network(text: str) -> IPNetwork:

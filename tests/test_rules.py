@@ -526,17 +526,17 @@ def test_index_decide_name_like_first_match(path, rules, r, name):
 def test_index_could_allow_like_first_match(path, rules, r):
     got = build(rules, path).could_allow(r["client"], r["user"], r["command"],
                                      version=r["version"], verified=r["verified"])
-    expected = False
+    expected = None
     for rule in rules:
         if not rule.matches_request(r["client"], r["user"], r["command"], rule_port(rule),
                                     r["version"], r["verified"]):
             continue
         if rule.allows:
-            expected = True
+            expected = rule
             break
         if rule.any_destination and rule.ports is None:
             break
-    assert got == expected
+    assert got is expected
 
 
 def test_many_client_networks_cost_one_lookup():

@@ -10,7 +10,9 @@ from twisted.logger import Logger
 from socksd.auth import User
 from socksd.escape import escape
 from socksd.proxy import connect
-from socksd.rules import Decision, IPAddress, RuleSet, parse_ip
+from socksd.proxy.quotas import Quotas, Ticket, describe
+from socksd.rules import Decision, IPAddress, Rule, RuleSet, parse_ip
+from socksd.stats import STATS
 
 log = Logger(namespace="socksd")
 
@@ -19,16 +21,54 @@ class ClientRules:
     """One client's view of the rule set; also who the client is, for the
     lines its rules write and the bounds its lookups count against."""
 
-    __slots__ = ("rules", "client", "client_key", "peer", "user", "version")
+    __slots__ = ("rules", "client", "client_key", "peer", "user", "version", "quotas",
+                 "governing", "ticket")
 
     def __init__(self, rules: RuleSet, client: IPAddress, client_key: str | None, peer: str,
-                 user: User, version: int) -> None:
+                 user: User, version: int, quotas: Quotas | None = None) -> None:
         self.rules = rules
         self.client = client
         self.client_key = client_key
         self.peer = peer
         self.user = user
         self.version = version
+        self.quotas = quotas      # where a rule's max_sessions is counted (None: nowhere)
+        self.governing: Rule | None = None    # the rule that allowed the request
+        self.ticket: Ticket | None = None     # its place under that rule's cap
+
+    def admit(self) -> defer.Deferred[None] | None:
+        """The request is allowed by ``governing``: the session takes its
+        place under that rule's cap. None: admitted (no cap, the common
+        case); else a Deferred that fails with a ConnectFailed (REP 0x02,
+        SOCKS4 91) when the cap is reached, as it may once a worker has
+        asked the supervisor."""
+        rule = self.governing
+        limits = rule.limits if rule is not None else None
+        if limits is None or limits.max_sessions is None or self.quotas is None:
+            return None
+        taken = self.quotas.take(limits, self.user.name, self.client_key)
+        if isinstance(taken, defer.Deferred):
+            return taken.addCallback(self._placed, describe(limits))
+        try:
+            self._placed(taken, describe(limits))
+        except connect.ConnectFailed as e:
+            return defer.fail(e)
+        return None
+
+    def _placed(self, ticket: Ticket | None, refusal: str) -> None:
+        if ticket is None:
+            STATS.refused["rule_max_sessions"] += 1
+            raise connect.ConnectFailed(connect.DENIED, refusal)
+        if self.ticket is _RELEASED:
+            ticket.release()          # the session ended while the supervisor was asked
+        else:
+            self.ticket = ticket
+
+    def release(self) -> None:
+        """The session has ended: its place under a cap is given back."""
+        ticket, self.ticket = self.ticket, _RELEASED
+        if ticket is not None:
+            ticket.release()
 
     def decide(self, command: str, port: int, name: str | None,
                address: IPAddress | None) -> Decision:
@@ -40,7 +80,8 @@ class ClientRules:
         return self.rules.decide_name(self.client, self.user.name, command, port, name,
                                       version=self.version, verified=self.user.verified)
 
-    def could_allow(self, command: str) -> bool:
+    def could_allow(self, command: str) -> Rule | None:
+        """The first rule that could allow ``command`` somewhere (UDP)."""
         return self.rules.could_allow(self.client, self.user.name, command,
                                       version=self.version, verified=self.user.verified)
 
@@ -64,39 +105,69 @@ class ClientRules:
         decision = self.decide(command, port, None, parse_ip(host))
         if not decision.allowed:
             return connect.ConnectFailed(connect.DENIED, decision.reason)
+        self.governing = decision.rule
         self.note(decision, command, host, port)
         return None
 
     def destinations(self, reactor, command: str, host: str, port: int, by_name: bool,
                      timeout: float) -> defer.Deferred[list[str]]:
-        """The addresses of host that the rules allow for this command; a
-        name the rules deny outright is not looked up."""
+        """The addresses of host that the rules allow for this command,
+        once the session is admitted under the rule that allows them (see
+        :meth:`admit`); a name the rules deny outright is not looked up."""
         if not by_name:
             denied = self.refuse_address(command, host, port)
-            return defer.fail(denied) if denied else defer.succeed([host])
+            if denied:
+                return defer.fail(denied)
+            waiting = self.admit()
+            return defer.succeed([host]) if waiting is None else \
+                waiting.addCallback(lambda _: [host])
         decision = self.decide_name(command, port, host)
         if decision is not None and not decision.allowed:
             return defer.fail(connect.ConnectFailed(connect.DENIED, decision.reason))
         if decision is not None:
+            self.governing = decision.rule
             self.note(decision, command, host, port)
+            # Admitted before the lookup, which a refused session never costs.
+            waiting = self.admit()
+            if waiting is not None:
+                return waiting.addCallback(
+                    lambda _: connect.resolve(reactor, host, port, timeout, self.client_key))
+            return connect.resolve(reactor, host, port, timeout, self.client_key)
         d = connect.resolve(reactor, host, port, timeout, self.client_key)
-        if decision is None:
-            d.addCallback(self._allowed_addresses, command, host, port)
-        return d
+        return d.addCallback(self._allowed_addresses, command, host, port)
+
+    def _admitted(self, hosts: list[str]) -> list[str] | defer.Deferred[list[str]]:
+        waiting = self.admit()
+        return hosts if waiting is None else waiting.addCallback(lambda _: hosts)
 
     def _allowed_addresses(self, hosts: list[str], command: str, name: str,
-                           port: int) -> list[str]:
+                           port: int) -> list[str] | defer.Deferred[list[str]]:
+        """The addresses the rules allow, under one governing rule: the one
+        that allowed the first. An address another rule allows is tried too
+        when neither rule binds its sessions (Rule.governs); one allowed
+        only by a rule with other limits is not: a session has one rate and
+        one cap."""
         allowed: list[str] = []
         first_denial: Decision | None = None
+        governs: Rule | None = None
         for host in hosts:
             decision = self.decide(command, port, name, parse_ip(host))
             if decision.allowed:
+                rule = decision.rule
+                assert rule is not None     # an allow is always a rule's
                 if not allowed:
+                    self.governing, governs = rule, rule.governs
                     self.note(decision, command, name, port)
+                elif rule.governs is not governs:
+                    continue
                 allowed.append(host)
             elif first_denial is None:
                 first_denial = decision
         if not allowed:
             assert first_denial is not None   # resolve() fails rather than find nothing
             raise connect.ConnectFailed(connect.DENIED, f"{first_denial.reason} for {hosts[0]}")
-        return allowed
+        return self._admitted(allowed)
+
+
+# A ticket given back already: one granted later goes straight back.
+_RELEASED = Ticket(lambda key: None, ("", "", ""))

@@ -16,6 +16,7 @@ from socksd.proxy.bind import BindWaiter
 from socksd.proxy.client_rules import ClientRules
 from socksd.proxy.connect import DENIED, ConnectFailed, host_port
 from socksd.proxy.host import SessionHost
+from socksd.proxy.quotas import Quotas
 from socksd.proxy.udp import UDPRelay
 from socksd.rules import IPAddress, RuleSet
 from socksd.stats import STATS
@@ -37,6 +38,7 @@ class Commands:
     command: str
     destination: str
     pending: defer.Deferred | None
+    asked: ClientRules | None     # the request's rules: what admitted it, under which cap
     udp: UDPRelay | None
     layer: SecurityLayer | None
 
@@ -79,6 +81,14 @@ class Commands:
 
     def udp_associate(self, host: str, port: int) -> defer.Deferred:
         rules = self._request("udp", host, port)
+        waiting = requests.admit_udp(rules)
+        if waiting is not None:
+            self.pending = waiting
+            return waiting.addCallback(lambda _: self._associate(rules, host, port))
+        return self._associate(rules, host, port)
+
+    def _associate(self, rules: ClientRules, host: str, port: int) -> defer.Deferred:
+        self.pending = None
         server = self.server
         try:
             self.udp, bound = requests.associate(server.reactor, server.limits, rules, host,
@@ -107,12 +117,14 @@ class Commands:
         # From here the command's own timeouts bound the wait, so the client
         # gets the proper failure reply.
         self.setTimeout(None)
-        return self.rules_under(self.server.rules)
+        self.asked = asked = self.rules_under(self.server.rules, self.server.counts.quotas)
+        return asked
 
-    def rules_under(self, rules: RuleSet) -> ClientRules:
-        """``rules`` bound to this client, user and SOCKS version."""
+    def rules_under(self, rules: RuleSet, quotas: Quotas | None = None) -> ClientRules:
+        """``rules`` bound to this client, user and SOCKS version (and, for
+        the request's, where its rule's caps are counted)."""
         return ClientRules(rules, self.client, self.client_key, self.peer, self.user,
-                           self.version)
+                           self.version, quotas)
 
     def _protection_refuses(self, command: str) -> ConnectFailed | None:
         """A command the security layer's context is too weak for (REP 0x02)."""

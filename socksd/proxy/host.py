@@ -9,6 +9,7 @@ from typing import Any, Callable, Protocol
 from socksd.auth.methods import Method
 from socksd.ident.registry import Registrar
 from socksd.proxy.limits import Limits
+from socksd.proxy.quotas import Quotas
 from socksd.proxy.record import SessionRecord
 from socksd.proxy.socks4 import Socks4Policy
 from socksd.rules import RuleSet
@@ -18,7 +19,8 @@ class Counts:
     """What the sessions of every configuration served so far count
     together: a reload makes a new :class:`SessionHost`, never new counts."""
 
-    __slots__ = ("sessions", "per_client", "proxy_health_checks", "live", "when_empty")
+    __slots__ = ("sessions", "per_client", "proxy_health_checks", "live", "when_empty",
+                 "quotas")
 
     def __init__(self) -> None:
         self.sessions = 0               # open now (max_sessions)
@@ -27,6 +29,7 @@ class Counts:
         # The sessions open now: for a reload to judge again, a stop to wait for.
         self.live: set[Any] = set()
         self.when_empty: list[Callable[[], None]] = []   # called once live empties
+        self.quotas = Quotas()          # the rules' max_sessions, keyed by rule name
 
     def drained(self) -> None:
         """The last live session has ended: tell whoever waits for that."""

@@ -35,8 +35,13 @@ def open_connection(reactor: Any, limits: Limits, rules: ClientRules, host: str,
     else:
         # An address: decided and connected at once, the common case.
         denied = rules.refuse_address("connect", host, port)
-        d = defer.fail(denied) if denied else connect.connect_first([host], reactor, port,
-                                                                    deadline)
+        if denied:
+            d = defer.fail(denied)
+        else:
+            waiting = rules.admit()
+            d = connect.connect_first([host], reactor, port, deadline) if waiting is None \
+                else waiting.addCallback(lambda _: connect.connect_first([host], reactor, port,
+                                                                         deadline))
     return d.addCallbacks(_connected, _classify, callbackArgs=(reactor, requested))
 
 
@@ -68,13 +73,23 @@ def listen_for(reactor: Any, limits: Limits, rules: ClientRules, host: str, port
     return d.addCallback(listen).addErrback(_classify)
 
 
+def admit_udp(rules: ClientRules) -> defer.Deferred[None] | None:
+    """UDP ASSOCIATE's rules: some rule could allow a datagram, and the
+    session is admitted under the first that could (its limits bind the
+    association); as :meth:`ClientRules.admit`."""
+    rule = rules.could_allow("udp")
+    if rule is None:
+        return defer.fail(ConnectFailed(connect.DENIED, "no rule allows udp"))
+    rules.governing = rule
+    return rules.admit()
+
+
 def associate(reactor: Any, limits: Limits, rules: ClientRules, host: str, port: int,
               local: Any, activity: Callable[[], None],
               layer: SecurityLayer | None = None) -> tuple[UDPRelay, tuple[str, int]]:
-    """UDP ASSOCIATE: a relay socket on ``local``'s address, for datagrams
-    from host:port (0s: not known yet); raises ConnectFailed."""
-    if not rules.could_allow("udp"):
-        raise ConnectFailed(connect.DENIED, "no rule allows udp")
+    """UDP ASSOCIATE, once admitted (:func:`admit_udp`): a relay socket on
+    ``local``'s address, for datagrams from host:port (0s: not known yet);
+    raises ConnectFailed."""
     relay = UDPRelay(reactor, limits, rules, host, port, activity, layer)
     return relay, relay.listen(local, limits.udp_ports)
 

@@ -17,6 +17,7 @@ from socksd.auth import ANONYMOUS, User
 from socksd.auth.methods import Established
 from socksd.protection import SecurityLayer
 from socksd.proxy.admission import Admission
+from socksd.proxy.client_rules import ClientRules
 from socksd.proxy.commands import Commands
 from socksd.proxy.host import SessionHost
 from socksd.proxy.record import SessionRecord
@@ -60,6 +61,7 @@ class Session(Admission, ClientEnd, TimeoutMixin, Commands):
     socks4a = False       # a SOCKS4 request that named its destination (4a)
     relaying: Relaying | None = None    # from the last reply on
     pending: defer.Deferred | None = None
+    asked: ClientRules | None = None    # the request's rules, once it made one
     user: User = ANONYMOUS
     claimed_user: str | None = None
     method = "-"
@@ -293,6 +295,8 @@ class Session(Admission, ClientEnd, TimeoutMixin, Commands):
         self.ended = True
         self.setTimeout(None)
         self.release()
+        if self.asked is not None:
+            self.asked.release()
         # The relay's last reference back to us goes: the session is freed at
         # once, not at the garbage collector's next pass.
         relaying, self.relaying = self.relaying, None
