@@ -121,3 +121,19 @@ to = ["192.0.2.0/24"]
     assert rep == 0x02
     extra.close()
     held_open([s for s, _ in held])
+
+
+def test_a_cap_holds_across_workers(socks_server, target):
+    """workers = 2: the supervisor counts every worker's sessions under the
+    cap (the kernel spreads connections over both workers' sockets)."""
+    server = socks_server("[server]\nworkers = 2\n" + capped("rule", 3))
+    sessions = [socks5(server, target) for _ in range(8)]
+    assert sorted(rep for _, rep in sessions) == [0, 0, 0, 2, 2, 2, 2, 2]
+    held_open([s for s, _ in sessions[:1]])
+
+    def admitted():
+        s, rep = socks5(server, target)
+        s.close()
+        return rep == 0
+    wait_until(admitted, 10, "a session once one under the cap ended")
+    held_open([s for s, _ in sessions])

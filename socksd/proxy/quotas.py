@@ -106,3 +106,56 @@ class Ticket:
         give_back, self.give_back = self.give_back, None
         if give_back is not None:
             give_back(self.key)
+
+
+# The longest string of a key on the workers' channel: a rule's key is at
+# most 64 characters, a user name at most 255 bytes (each as \udcXX when
+# not UTF-8), a client key an address and prefix.
+MAX_KEY_ITEM = 2048
+
+
+def key_from(items: list[object]) -> Key:
+    """A key as the workers' channel carries it; ValueError if it is none."""
+    if len(items) != 3 or not all(isinstance(i, str) and len(i) <= MAX_KEY_ITEM
+                                  for i in items):
+        raise ValueError("not a cap's key (three strings)")
+    rule, per, who = items
+    assert isinstance(rule, str) and isinstance(per, str) and isinstance(who, str)
+    if per not in ("rule", "user", "client"):
+        raise ValueError(f"a cap counted per {per[:20]!r}")
+    return rule, per, who
+
+
+class Holdings:
+    """The supervisor's count of one worker's places under the caps (``caps``
+    is every worker's): given back all at once when the worker ends, as its
+    sessions did with it."""
+
+    __slots__ = ("caps", "held")
+
+    def __init__(self, caps: Caps) -> None:
+        self.caps = caps
+        self.held: dict[Key, int] = {}
+
+    def take(self, key: Key, limit: int) -> bool:
+        if not self.caps.take(key, limit):
+            return False
+        self.held[key] = self.held.get(key, 0) + 1
+        return True
+
+    def give_back(self, key: Key) -> None:
+        """One of its sessions ended (a key it holds no place under: ignored)."""
+        count = self.held.get(key, 0)
+        if not count:
+            return
+        if count > 1:
+            self.held[key] = count - 1
+        else:
+            del self.held[key]
+        self.caps.give_back(key)
+
+    def clear(self) -> None:
+        held, self.held = self.held, {}
+        for key, count in held.items():
+            for _ in range(count):
+                self.caps.give_back(key)

@@ -39,7 +39,7 @@ import json
 import os
 import socket
 import sys
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterator
 
 from twisted.cred import strcred
 from twisted.internet import defer, protocol
@@ -56,6 +56,7 @@ from socksd.config import ConfigError
 from socksd.escape import escape
 from socksd.ident.channel import RegistrationSender
 from socksd.proxy.connect import THREAD_POOL_SIZE
+from socksd.proxy.quotas import Key
 from socksd.stats import MAX_COUNT, STATS, Counts
 from socksd.tap import reactor as socksd_reactor
 from socksd.tap.drain import Drain, Stopping
@@ -73,6 +74,9 @@ log = Logger(namespace="socksd")
 # At a clean stop the worker sends its counts last, and waits this long at
 # most for the supervisor to take them.
 FINAL_REPORT_WAIT = 2.0
+# A rule's max_sessions is counted by the supervisor: a session it has not
+# answered for in this long is refused.
+ASK_TIMEOUT = 5.0
 # The longest reason the supervisor gives for a stop at once (its session
 # lines' detail).
 MAX_STOP_REASON = 200
@@ -192,6 +196,10 @@ class WorkerChannel(RegistrationSender):
         # Stop: drain (None), or end at once for the reason given.
         self.end = end if end is not None else lambda why: stop_reactor(self.reactor)
         self.named: set[str] = set()    # users with series of their own (Counts.to_json)
+        # The rules' max_sessions are counted by the supervisor: the asks
+        # it has not answered yet, by number (quotas.Asker).
+        self.asks: dict[int, tuple[defer.Deferred[bool], Key]] = {}
+        self.ask_ids: Iterator[int] = iter(range(1 << 62))
         self.asked = 0                  # the last request for counts
         self.stopping = False
         self.ended: defer.Deferred[None] = defer.Deferred()
@@ -211,6 +219,17 @@ class WorkerChannel(RegistrationSender):
                     or isinstance(path, str) and isinstance(text, str)):
                 raise Malformed("config: not a path and a text")
             self.configure(path, text)
+        elif kind == "granted" and len(message) == 3:
+            ident, granted = message[1], message[2]
+            if not isinstance(granted, bool) or ident not in self.asks:
+                raise Malformed("granted: not an answer to an ask")
+            asked, key = self.asks.pop(ident)
+            if asked.called:
+                # The session ended before the answer came: the place goes back.
+                if granted:
+                    self.give_back(key)
+            else:
+                asked.callback(granted)
         elif kind == "stop" and len(message) == 2:
             why = message[1]
             if not (why is None or isinstance(why, str) and 0 < len(why) <= MAX_STOP_REASON):
@@ -218,6 +237,24 @@ class WorkerChannel(RegistrationSender):
             self.end(why)
         else:
             super().message_received(message)
+
+    # quotas.Asker: a rule's max_sessions holds across the workers.
+
+    def ask(self, key: Key, limit: int) -> defer.Deferred[bool]:
+        """May one more session open under ``key``? The supervisor counts."""
+        if self.closed:
+            return defer.succeed(False)   # stopping: no new session anyway
+        ident = next(self.ask_ids)
+        asked: defer.Deferred[bool] = defer.Deferred()
+        # Every wait has a timeout: a supervisor that does not answer refuses.
+        asked.addTimeout(ASK_TIMEOUT, self.reactor, onTimeoutCancel=lambda _r, _t: False)
+        self.asks[ident] = asked, key
+        self.send(("take", ident), "take", frame(["take", ident, *key, limit]))
+        return asked
+
+    def give_back(self, key: Key) -> None:
+        if not self.closed:
+            self.send(("give", next(self.ask_ids)), "give", frame(["give", *key]))
 
     def serving(self) -> None:
         """Say that this worker serves (its sockets adopted): the supervisor
@@ -256,6 +293,10 @@ class WorkerChannel(RegistrationSender):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         super().connectionLost(reason)
+        asks, self.asks = self.asks, {}
+        for asked, _key in asks.values():
+            if not asked.called:
+                asked.callback(False)     # no supervisor to count: refused
         if not self.ended.called:
             self.ended.callback(None)
         if not self.stopping:
@@ -364,6 +405,7 @@ def main(argv: list[str] | None = None) -> None:
                             reactor, end)
     factory = socks_tap.make_factory(cfg, checkers, socks_tap.registering(cfg, control),
                                      worker=args.index, assembly=assembly)
+    factory.counts.quotas.asker = control      # the caps hold across the workers
     drain = Drain(factory, reactor)
     control_factory = protocol.ServerFactory()
     control_factory.protocol = lambda: control

@@ -78,6 +78,7 @@ from socksd.config import MAX_WORKERS_CONFIG, Config, SharedListener, parse_list
 from socksd.ident.channel import RegistrationReceiver
 from socksd.ident.registry import ProxiedConnections
 from socksd.logs import FROM_WORKER
+from socksd.proxy.quotas import Caps, Holdings, key_from
 from socksd.stats import MAX_COUNT, Counts
 from socksd.tap.listening import CannotListen
 from socksd.twisted_internals import IReactor, installed_reactor
@@ -219,14 +220,32 @@ class _WorkerChannel(RegistrationReceiver):
     MAX_LENGTH = MAX_REPORT
     after_malformed = "; the worker is stopped, to be restarted with a new channel"
 
-    def __init__(self, worker: _Worker, registry: ProxiedConnections) -> None:
+    def __init__(self, worker: _Worker, registry: ProxiedConnections, caps: Caps) -> None:
         super().__init__(registry, worker.index)
         self.worker = worker
         self.drain: IDelayedCall | None = None
+        self.holdings = Holdings(caps)     # its sessions' places under the rules' caps
 
     def message_received(self, message: list[Any]) -> None:
         if message[0] == "serving" and len(message) == 1:
             self.worker.supervisor.serving(self.worker)
+            return
+        if message[0] == "take" and len(message) == 6:
+            ident, limit = message[1], message[5]
+            if not _sequence(ident) or not _sequence(limit):
+                raise Malformed("take: not numbered, or no limit")
+            try:
+                key = key_from(message[2:5])
+            except ValueError as e:
+                raise Malformed(f"take: {e}") from None
+            granted = self.holdings.take(key, limit)
+            self.send(("granted", ident), "granted", frame(["granted", ident, granted]))
+            return
+        if message[0] == "give" and len(message) == 4:
+            try:
+                self.holdings.give_back(key_from(message[1:4]))
+            except ValueError as e:
+                raise Malformed(f"give: {e}") from None
             return
         if message[0] != "counts":
             super().message_received(message)
@@ -256,6 +275,7 @@ class _WorkerChannel(RegistrationReceiver):
         super().connectionLost(reason)
         if self.drain is not None and self.drain.active():
             self.drain.cancel()
+        self.holdings.clear()       # its sessions ended with it
         self.worker.supervisor.retire(self.worker)
 
 
@@ -271,7 +291,8 @@ class _ChannelFactory(protocol.ServerFactory):
         self.registry = registry
 
     def buildProtocol(self, addr: IAddress | None) -> _WorkerChannel:
-        self.worker.channel = _WorkerChannel(self.worker, self.registry)
+        self.worker.channel = _WorkerChannel(self.worker, self.registry,
+                                             self.worker.supervisor.caps)
         return self.worker.channel
 
 
@@ -408,6 +429,7 @@ class WorkersService(service.Service):
         # never go back when a worker is restarted).
         self.reporting: set[_Worker] = set()
         self.retired = Counts()
+        self.caps = Caps()      # the rules' max_sessions, for every worker
         self.malformed_frames = 0
         self.sequence = 0                  # of the requests for counts
         self.waiting: set[_Worker] = set()     # not answered the one in flight yet

@@ -1,0 +1,135 @@
+"""A rule's max_sessions: the counts (socksd.proxy.quotas) and, with
+workers, the supervisor keeping them for every worker over the control
+channel, in memory (the worker's end and the supervisor's over
+StringTransports, as tests/test_worker_channel.py wires them)."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet import defer
+
+from socksd.channel import frame
+from socksd.proxy.quotas import Caps, Holdings, Quotas, cap_key, describe
+from socksd.rules import RuleLimits
+from socksd.stats import Counts
+from socksd.tap.worker import ASK_TIMEOUT
+from test_worker_channel import Pair, supervisor
+
+PER_USER = RuleLimits("web", max_sessions=1, max_sessions_per="user")
+
+
+def test_a_key_counts_per_rule_user_or_client():
+    rule = RuleLimits("r", max_sessions=2)
+    assert cap_key(rule, "alice", "10.0.0.1") == ("r", "rule", "")
+    assert cap_key(PER_USER, "alice", "10.0.0.1") == ("web", "user", "alice")
+    assert cap_key(PER_USER, None, "10.0.0.1") == ("web", "user", "-")
+    per_client = RuleLimits("r", max_sessions=2, max_sessions_per="client")
+    assert cap_key(per_client, "alice", "2001:db8::/64") == ("r", "client", "2001:db8::/64")
+    assert describe(PER_USER) == "rule web: max_sessions (1 per user) reached"
+
+
+def test_local_tickets_are_given_back_once():
+    quotas = Quotas()
+    first = quotas.take(PER_USER, "alice", None)
+    assert first is not None and not isinstance(first, defer.Deferred)
+    assert quotas.take(PER_USER, "alice", None) is None
+    assert quotas.take(PER_USER, "bob", None) is not None
+    first.release()
+    first.release()      # once only: bob's place is not given back with it
+    assert quotas.caps.open == {("web", "user", "bob"): 1}
+
+
+def test_holdings_of_an_ended_worker_go_back():
+    caps = Caps()
+    one, two = Holdings(caps), Holdings(caps)
+    key = ("r", "rule", "")
+    assert one.take(key, 3) and one.take(key, 3) and two.take(key, 3)
+    assert not two.take(key, 3)
+    two.give_back(("other", "rule", ""))     # not one of its places: ignored
+    one.clear()
+    assert caps.open == {key: 1}
+
+
+def pair() -> tuple[Pair, Quotas]:
+    service = supervisor()
+    p = Pair(service, 0, Counts())
+    quotas = Quotas()
+    quotas.asker = p.down
+    return p, quotas
+
+
+def test_a_worker_asks_the_supervisor_who_counts_every_worker():
+    p, quotas = pair()
+    other = Pair(p.supervisor, 1, Counts())
+    asked = quotas.take(PER_USER, "alice", None)
+    assert isinstance(asked, defer.Deferred) and not asked.called
+    p.to_supervisor()
+    p.to_worker()
+    ticket = asked.result
+    assert ticket is not None
+    # The other worker's ask for alice is refused: one place, every worker's.
+    other_quotas = Quotas()
+    other_quotas.asker = other.down
+    refused = other_quotas.take(PER_USER, "alice", None)
+    other.to_supervisor()
+    other.to_worker()
+    assert refused.result is None
+    ticket.release()
+    p.to_supervisor()
+    assert p.supervisor.caps.open == {}
+
+
+def test_an_answer_after_the_session_ended_gives_the_place_back():
+    p, quotas = pair()
+    asked = quotas.take(PER_USER, "alice", None)
+    assert isinstance(asked, defer.Deferred)
+    asked.addErrback(lambda f: f.trap(defer.CancelledError))
+    asked.cancel()                     # the client left while the supervisor counted
+    p.to_supervisor()
+    assert p.supervisor.caps.open == {("web", "user", "alice"): 1}
+    p.to_worker()                      # granted, too late: given back
+    p.to_supervisor()
+    assert p.supervisor.caps.open == {}
+
+
+def test_a_supervisor_that_does_not_answer_refuses_in_time():
+    p, quotas = pair()
+    asked = quotas.take(PER_USER, "alice", None)
+    p.supervisor.reactor.advance(ASK_TIMEOUT)
+    assert asked.called and asked.result is None
+
+
+def test_a_channel_that_closes_refuses_the_asks_waiting():
+    p, quotas = pair()
+    asked = quotas.take(PER_USER, "alice", None)
+    p.down.connectionLost(None)
+    assert asked.called and asked.result is None
+
+
+def test_a_worker_that_ends_gives_back_its_places():
+    p, quotas = pair()
+    quotas.take(PER_USER, "alice", None)
+    p.to_supervisor()
+    assert p.supervisor.caps.open
+    p.crash()
+    assert p.supervisor.caps.open == {}
+
+
+@pytest.mark.parametrize("message", [
+    ["take", 1, "r", "rule", "", -1],
+    ["take", "x", "r", "rule", "", 1],
+    ["take", 1, "r", "everyone", "", 1],
+    ["take", 1, "r", 5, "", 1],
+    ["give", "r", "rule"],
+    ["give", "r", "rule", "x" * 5000],
+])
+def test_a_malformed_ask_breaks_the_channel(message):
+    p, _quotas = pair()
+    p.up.dataReceived(frame(message))
+    assert p.up.broken
+
+
+def test_an_answer_to_no_ask_breaks_the_workers_channel():
+    p, _quotas = pair()
+    p.down.dataReceived(frame(["granted", 7, True]))
+    assert p.down.broken
