@@ -4,13 +4,15 @@ UDP ASSOCIATE (each datagram) ask through it."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from socksd.auth import User
 from socksd.escape import escape
 from socksd.proxy import connect
-from socksd.proxy.quotas import Quotas, Ticket, describe
+from socksd.proxy.quotas import Lease, Quotas, Ticket, describe
 from socksd.rules import Decision, IPAddress, Rule, RuleSet, parse_ip
 from socksd.stats import STATS
 
@@ -22,7 +24,7 @@ class ClientRules:
     lines its rules write and the bounds its lookups count against."""
 
     __slots__ = ("rules", "client", "client_key", "peer", "user", "version", "quotas",
-                 "governing", "ticket")
+                 "governing", "ticket", "lease")
 
     def __init__(self, rules: RuleSet, client: IPAddress, client_key: str | None, peer: str,
                  user: User, version: int, quotas: Quotas | None = None) -> None:
@@ -35,6 +37,7 @@ class ClientRules:
         self.quotas = quotas      # where a rule's max_sessions is counted (None: nowhere)
         self.governing: Rule | None = None    # the rule that allowed the request
         self.ticket: Ticket | None = None     # its place under that rule's cap
+        self.lease: Lease | None = None       # its rate budgets, once relaying
 
     def admit(self) -> defer.Deferred[None] | None:
         """The request is allowed by ``governing``: the session takes its
@@ -64,11 +67,26 @@ class ClientRules:
         else:
             self.ticket = ticket
 
+    def budgets(self, reactor: Any) -> Lease | None:
+        """The rate budgets the relay draws on (the governing rule's
+        ``rate``), or None: no rate."""
+        rule = self.governing
+        limits = rule.limits if rule is not None else None
+        if limits is None or limits.rate is None or self.quotas is None:
+            return None
+        self.lease = lease = self.quotas.budgets.lease(reactor, limits, self.user.name,
+                                                       self.client_key)
+        return lease
+
     def release(self) -> None:
-        """The session has ended: its place under a cap is given back."""
+        """The session has ended: its place under a cap and its share of a
+        rate budget are given back."""
         ticket, self.ticket = self.ticket, _RELEASED
         if ticket is not None:
             ticket.release()
+        lease, self.lease = self.lease, None
+        if lease is not None:
+            lease.release()
 
     def decide(self, command: str, port: int, name: str | None,
                address: IPAddress | None) -> Decision:

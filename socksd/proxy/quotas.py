@@ -14,6 +14,7 @@ from typing import Callable, Protocol
 
 from twisted.internet import defer
 
+from socksd import throttle
 from socksd.rules import RuleLimits
 
 # Who a key counts: the rule's key, what it counts per, and who that is.
@@ -58,7 +59,93 @@ class Caps:
             self.open.pop(key, None)
 
 
-class Asker(Protocol):
+def rate_key(limits: RuleLimits, user: str | None, client: str | None) -> Key | None:
+    """The budget a session admitted under ``limits`` draws on, if shared
+    (None: ``rate_per = "session"``, a budget of its own)."""
+    per = limits.rate_per
+    if per == "session":
+        return None
+    who = "" if per == "rule" else (user or ANONYMOUS) if per == "user" else (client or "")
+    return limits.key, per, who
+
+
+class Sharing(Protocol):
+    """A worker's shared budgets are split by the supervisor
+    (:class:`RateShares`): it hears when a session joins or leaves one."""
+
+    def joined(self, key: Key, rate: float) -> None: ...
+
+    def left(self, key: Key) -> None: ...
+
+
+class Lease:
+    """One session's pair of budgets (what the client sends, what comes
+    back), given back once when it ends."""
+
+    __slots__ = ("up", "down", "budgets", "key")
+
+    def __init__(self, up: throttle.Budget, down: throttle.Budget,
+                 budgets: Budgets | None = None, key: Key | None = None) -> None:
+        self.up, self.down = up, down
+        self.budgets = budgets      # shared: whose count of it goes down at the end
+        self.key = key
+
+    def release(self) -> None:
+        budgets, self.budgets = self.budgets, None
+        if budgets is not None and self.key is not None:
+            budgets.give_back(self.key)
+
+
+class Budgets:
+    """The rate budgets of this process's sessions: a pair of its own for a
+    session under ``rate_per = "session"``; else the pair of its key, made
+    with its first session and dropped with its last. With workers, a
+    shared pair's rate is the worker's share, set by the supervisor."""
+
+    __slots__ = ("shared", "workers", "sharing")
+
+    def __init__(self) -> None:
+        self.shared: dict[Key, list] = {}   # key -> [up, down, sessions]
+        self.workers = 1
+        self.sharing: Sharing | None = None    # set in a worker
+
+    def lease(self, reactor: object, limits: RuleLimits, user: str | None,
+              client: str | None) -> Lease:
+        rate = limits.rate
+        assert rate is not None
+        key = rate_key(limits, user, client)
+        if key is None:
+            return Lease(throttle.Budget(reactor, rate), throttle.Budget(reactor, rate))
+        entry = self.shared.get(key)
+        if entry is None:
+            first = rate / self.workers if self.sharing is not None else rate
+            entry = self.shared[key] = [throttle.Budget(reactor, first),
+                                        throttle.Budget(reactor, first), 0]
+        elif self.sharing is None and entry[0].rate != rate:
+            # A reload changed the rule's rate: its sessions move on at the new one.
+            self.set_rate(key, rate)
+        entry[2] += 1
+        if self.sharing is not None:
+            self.sharing.joined(key, rate)
+        return Lease(entry[0], entry[1], self, key)
+
+    def give_back(self, key: Key) -> None:
+        entry = self.shared.get(key)
+        if entry is None:
+            return
+        entry[2] -= 1
+        if entry[2] <= 0:
+            del self.shared[key]
+        if self.sharing is not None:
+            self.sharing.left(key)
+
+    def set_rate(self, key: Key, rate: float) -> None:
+        """The supervisor's share for this worker (or a reload's new rate)."""
+        entry = self.shared.get(key)
+        if entry is not None and rate > 0:
+            entry[0].set_rate(rate)
+            entry[1].set_rate(rate)
+
     """Where a worker's caps are kept: the supervisor, over the channel.
     ``ask`` fires True when the session may open (the supervisor counted
     it), False when the cap is reached; ``give_back`` tells it one ended."""
@@ -72,11 +159,12 @@ class Quotas:
     """The caps a process's sessions take: counted here, or (a worker's)
     asked of the supervisor before the session opens."""
 
-    __slots__ = ("caps", "asker")
+    __slots__ = ("caps", "asker", "budgets")
 
     def __init__(self) -> None:
         self.caps = Caps()
         self.asker: Asker | None = None     # set in a worker
+        self.budgets = Budgets()
 
     def take(self, limits: RuleLimits, user: str | None,
              client: str | None) -> Ticket | None | defer.Deferred[Ticket | None]:
@@ -159,3 +247,60 @@ class Holdings:
         for key, count in held.items():
             for _ in range(count):
                 self.caps.give_back(key)
+
+
+class RateShares:
+    """The supervisor's split of each shared rate budget (``rate_per`` user,
+    client or rule) between the workers whose sessions draw on it: each
+    worker's budget refills at the rate times its part of the sessions, so
+    the workers' budgets add up to the rule's rate. A worker says when a
+    session joins or leaves a shared budget (its first session under a key
+    starts at the rate divided by the number of workers until the answer
+    comes); a worker whose share changed is told its new rate."""
+
+    __slots__ = ("send", "sessions", "rates", "given")
+
+    def __init__(self, send: Callable[[int, Key, float], None]) -> None:
+        self.send = send                              # (worker, key, its rate)
+        self.sessions: dict[Key, dict[int, int]] = {}   # key -> worker -> sessions
+        self.rates: dict[Key, float] = {}             # key -> the rule's rate, last said
+        self.given: dict[tuple[Key, int], float] = {}   # the rate each worker was told
+
+    def joined(self, worker: int, key: Key, rate: float) -> None:
+        counts = self.sessions.setdefault(key, {})
+        counts[worker] = counts.get(worker, 0) + 1
+        self.rates[key] = rate       # a reload may have changed it
+        self._split(key)
+
+    def left(self, worker: int, key: Key) -> None:
+        counts = self.sessions.get(key)
+        if counts is None or not counts.get(worker):
+            return      # never joined (or the worker's slate was cleared)
+        counts[worker] -= 1
+        if not counts[worker]:
+            del counts[worker]
+            self.given.pop((key, worker), None)
+        self._split(key)
+
+    def worker_ended(self, worker: int) -> None:
+        """Its sessions ended with it: the others share what it had."""
+        for key in [key for key, counts in self.sessions.items() if worker in counts]:
+            del self.sessions[key][worker]
+            self.given.pop((key, worker), None)
+            self._split(key)
+
+    def _split(self, key: Key) -> None:
+        counts = self.sessions[key]
+        if not counts:
+            del self.sessions[key]
+            self.rates.pop(key, None)
+            return
+        total = sum(counts.values())
+        rate = self.rates[key]
+        for worker, sessions in counts.items():
+            share = rate * sessions / total
+            given = self.given.get((key, worker))
+            # Told again only on a change worth a message (1%).
+            if given is None or abs(share - given) > given / 100:
+                self.given[(key, worker)] = share
+                self.send(worker, key, share)

@@ -231,7 +231,11 @@ class Session(Admission, ClientEnd, TimeoutMixin, Commands):
             self.received += len(early)
             relay.send(outbound.transport, early)
         self.relaying = relaying = Relaying(self, outbound)
-        relaying.start(limits.idle_timeout, limits.splice)
+        lease = self.asked.budgets(self.server.reactor) if self.asked is not None else None
+        if lease is None:
+            relaying.start(limits.idle_timeout, limits.splice)
+        else:
+            relaying.start(limits.idle_timeout, limits.splice, lease.up, lease.down)
         registry, name = self.server.registry, self.user.name
         # Only a user who proved who they are (password, Kerberos, a client
         # identd that confirmed the USERID): the identd vouches for this name
