@@ -97,10 +97,12 @@ class Budget:
         return Meter(self, holder)
 
     def refill(self) -> float:
-        """Bring the bucket up to now; returns the tokens."""
+        """Bring the bucket up to now; returns the tokens. The burst bounds
+        what an idle budget banks; what refills while ends wait is theirs
+        (else a wake a little late would lose some of their turn)."""
         now = self.reactor.seconds()
         tokens = self.tokens + (now - self.stamp) * self.rate
-        if tokens > self.capacity:
+        if tokens > self.capacity and not self.waiting:
             tokens = self.capacity
         self.tokens, self.stamp = tokens, now
         return tokens
@@ -121,11 +123,10 @@ class Budget:
 
     def _need(self) -> float:
         """The tokens the next wake waits for: a share; or, for an end
-        alone in the queue, its whole debt (one wake, not one a share), as
-        far as the bucket holds."""
+        alone in the queue, its whole debt (one wake, not one a share)."""
         waiting = self.waiting
         if len(waiting) == 1 and 1 - waiting[0].credit > self.low:
-            return min(self.capacity, 1 - waiting[0].credit)
+            return 1 - waiting[0].credit
         return self.low
 
     def _schedule(self) -> None:
@@ -169,7 +170,8 @@ class Budget:
         if meter.credit:
             # An unused share goes back; a debt stays with the budget, or a
             # client could read a chunk over budget per session it opens.
-            self.tokens = min(self.capacity, self.refill() + meter.credit)
+            tokens = self.refill() + meter.credit
+            self.tokens = tokens if self.waiting or tokens < self.capacity else self.capacity
             meter.credit = 0.0
         if self.timer is not None:   # the queue, or what it waits for, changed
             if self.timer.active():
