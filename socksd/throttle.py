@@ -14,11 +14,12 @@ How the session uses it (``rate`` in bytes per second)::
 
 :class:`~socksd.proxy.relaying.Relaying` attaches the reading side of each
 direction (``end.meter = budget.meter(end)``: the client's end meters "up",
-the outbound end "down"), hands the meters to the splice relay when the
-session moves there, and detaches them (:meth:`Meter.detach`) when the relay
-ends: nothing of a finished session stays queued or timed. UDP datagrams ask
-:meth:`Budget.admit` per payload: dropped (and counted) when over budget,
-never queued.
+the outbound end "down"); the splice relay takes the meters over when the
+session moves there. Each side leaves its budget (:meth:`Meter.detach`) as
+soon as it reads no more: at its EOF, when either connection closes, when
+the splice relay stops. Nothing of a finished session stays queued or
+timed. UDP datagrams ask :meth:`Budget.admit` per payload: dropped (and
+counted) when over budget, never queued.
 
 The two paths use the bucket the way each can:
 

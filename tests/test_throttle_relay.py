@@ -250,3 +250,18 @@ def test_eof_on_the_splice_path_leaves_the_budget(clock, spliced):
     relay_.sockets[0].doRead()
     assert relay_.directions[0].eof and budget.attached == 0
     assert receive(peer_b, 3) == 3
+
+
+def test_abort_while_held_on_the_splice_path_leaves_the_budget(clock, spliced):
+    a, b, peer_a, peer_b, budget = spliced
+    peer_a.sendall(b"z" * 200_000)
+    relay_ = splice.SpliceRelay(clock, a, b, None)
+    relay_.start()
+    src = relay_.sockets[0]
+    src.doRead()
+    src.doRead()
+    assert relay_.directions[0].held and budget.waiting
+    relay_.abort("idle timeout")
+    assert relay_.finished and not budget.waiting and budget.timer is None
+    assert budget.attached == 0
+    assert src not in clock.getReaders()
