@@ -16,7 +16,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-from twisted.internet import defer, protocol, reactor, tcp, task
+from twisted.internet import defer, protocol, reactor, task, tcp
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.trial import unittest
 from zope.interface import implementer
