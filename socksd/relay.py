@@ -6,11 +6,14 @@ as the other's streaming producer, so when one side's write buffer fills
 buffer's worth however fast one side sends and however slowly the other
 reads. EOF in one direction is passed on as a half-close; the session ends
 when both directions are done or either side drops.
+
+A rate limit (:mod:`socksd.throttle`) pauses an end's reading too: it reads
+again only when neither the partner's full buffer nor its budget holds it.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from twisted.internet import error
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
@@ -19,6 +22,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from socksd.twisted_internals import IStreamTransport, buffered, direct_socket
+
+if TYPE_CHECKING:
+    from socksd.throttle import Meter
 
 
 def buffer_empty(transport: object) -> bool:
@@ -88,12 +94,16 @@ class RelayEnd(Protocol):
     closed = False          # this side's connection is gone
     watch_activity = False  # call session.relay_activity() per chunk
     splice_after = 0        # tell session.relay_bulk() past this many bytes (0: never)
+    meter: Meter | None = None   # the rate budget this side's reading draws on (None: no limit)
+    flow_paused = False     # reading paused by flow control: the partner's receiver is full
 
     def relay_data(self, data: bytes) -> None:
         partner, session = self.partner, self.session
         assert partner is not None and session is not None, "relay_data before join()"
         self.received += len(data)
         send(partner.transport, data)
+        if self.meter is not None:   # the one test an unlimited session pays per chunk
+            self.meter.spent(len(data))
         if self.watch_activity:
             session.relay_activity()
         if self.splice_after and self.received >= self.splice_after:
@@ -105,6 +115,11 @@ class RelayEnd(Protocol):
         if self.read_eof:
             return
         self.read_eof = True
+        if self.meter is not None:
+            # Nothing more to read: what the budget handed this side goes
+            # back to the ends sharing it.
+            self.meter.detach()
+            self.meter = None
         partner = self.partner
         if partner is None or partner.closed:
             self.transport.loseConnection()
@@ -120,14 +135,29 @@ class RelayEnd(Protocol):
     # The producer registered with the partner's transport: its reading is
     # paused while the partner's receiver is full, and the session is told.
     def pauseProducing(self) -> None:
+        self.flow_paused = True
         self.transport.pauseProducing()
         if self.session is not None:
             self.session.relay_blocked()
 
     def resumeProducing(self) -> None:
-        self.transport.resumeProducing()
+        self.flow_paused = False
+        if self.meter is None or not self.meter.waiting:   # else the budget resumes it
+            self.transport.resumeProducing()
         if self.session is not None:
             self.session.relay_drained()
+
+    # The holder of a throttle.Meter: reading paused while the budget is spent.
+    def throttle_hold(self) -> None:
+        self.transport.pauseProducing()
+
+    def throttle_resume(self) -> None:
+        if self.flow_paused or self.read_eof or self.closed:
+            return   # flow control resumes it; or there is nothing left to read
+        self.transport.resumeProducing()
+        if self.watch_activity and self.session is not None:
+            # Held by its budget is not idle: the idle timeout starts again.
+            self.session.relay_activity()
 
     def stopProducing(self) -> None:
         self.transport.stopProducing()
@@ -137,6 +167,9 @@ class RelayEnd(Protocol):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.closed = True
+        if self.meter is not None:
+            self.meter.detach()
+            self.meter = None
         partner = self.partner
         finished = self.read_eof and (partner is None or partner.read_eof)
         if reason is not None and self.session is not None and not finished and \
@@ -147,6 +180,10 @@ class RelayEnd(Protocol):
         if partner is not None and not partner.closed:
             # Deliver what is buffered for the partner, then close it.
             partner.transport.loseConnection()
+            if partner.meter is not None:
+                # Closing, it reads no more: out of its budget's queue too.
+                partner.meter.detach()
+                partner.meter = None
         elif self.session is not None:
             self.session.relay_ended()
 

@@ -10,6 +10,11 @@ flow control: when the destination socket is full, the pipe holds what was
 read and the source is not read again until the pipe drains, so memory per
 direction is one pipe (``PIPE_SIZE``) however the peers behave. Pipes are
 only held while data is in flight; idle sessions hold none.
+
+A rate limit stays kernel-only too: a direction whose reading side has a
+budget (:mod:`socksd.throttle`) asks it how many bytes the next splice may
+move, and when it is spent, stops reading until the budget resumes it. The
+source is read again only when neither a full pipe nor the budget holds it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from socksd.relay import RelayEnd, RelaySession, buffer_empty
+from socksd.throttle import Meter
 
 AVAILABLE = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
 PIPE_SIZE = 1 << 18
@@ -81,9 +87,11 @@ def eligible(a: object, b: object) -> bool:
 class _Direction:
     """Bytes from one socket to the other."""
 
-    __slots__ = ("relay", "src", "dst", "pipe", "pending", "eof", "done", "moved")
+    __slots__ = ("relay", "src", "dst", "pipe", "pending", "eof", "done", "moved", "meter",
+                 "held")
 
-    def __init__(self, relay: SpliceRelay, src: _Socket, dst: _Socket) -> None:
+    def __init__(self, relay: SpliceRelay, src: _Socket, dst: _Socket,
+                 meter: Meter | None) -> None:
         self.relay = relay
         self.src, self.dst = src, dst
         self.pipe: tuple[int, int] | None = None
@@ -91,10 +99,20 @@ class _Direction:
         self.eof = False      # src sent EOF
         self.done = False     # EOF passed on to dst
         self.moved = 0
+        self.meter = meter    # src's rate budget (None: no limit)
+        self.held = False     # src's reading held by that budget
+        if meter is not None:
+            meter.holder = self   # the budget now holds and resumes this direction
+            self.held = meter.waiting
 
     def readable(self) -> None:
         if self.relay.finished:
             return  # aborted by the other half of this same epoll event
+        meter, size = self.meter, PIPE_SIZE
+        if meter is not None:
+            size = meter.grant(PIPE_SIZE)
+            if not size:
+                return   # held (throttle_hold): the budget resumes this direction
         if self.pipe is None:
             try:
                 self.pipe = _take_pipe()
@@ -102,17 +120,22 @@ class _Direction:
                 self.relay.abort(f"no pipe for the relay: {e.strerror}")
                 return
         try:
-            n = os.splice(self.src.fd, self.pipe[1], PIPE_SIZE, flags=_FLAGS)
+            n = os.splice(self.src.fd, self.pipe[1], size, flags=_FLAGS)
         except OSError as e:
+            if meter is not None:
+                meter.refund(size)
             if e.errno in _AGAIN:
                 self._release_if_empty()
                 return
             self.relay.abort(e.strerror)
             return
+        if meter is not None and n < size:
+            meter.refund(size - n)
         if n == 0:
             self.eof = True
             self.relay.reactor.removeReader(self.src)
             self.src.reading = False
+            self._leave_budget()
             self._release_if_empty()
             if self.pending == 0:
                 self._finish()
@@ -154,9 +177,32 @@ class _Direction:
                 relay.session.relay_drained()
         if self.eof:
             self._finish()
-        elif not self.src.reading:
+        elif not self.src.reading and not self.held:
             relay.reactor.addReader(self.src)
             self.src.reading = True
+
+    # The holder of a throttle.Meter: src's reading held while the budget is spent.
+    def throttle_hold(self) -> None:
+        self.held = True
+        if self.src.reading:
+            self.relay.reactor.removeReader(self.src)
+            self.src.reading = False
+
+    def throttle_resume(self) -> None:
+        self.held = False
+        relay = self.relay
+        if relay.finished or self.eof:
+            return
+        relay.activity()   # held by its budget is not idle
+        # With bytes still in the pipe, flush() reads again once they are out.
+        if not self.pending and not self.src.reading:
+            relay.reactor.addReader(self.src)
+            self.src.reading = True
+
+    def _leave_budget(self) -> None:
+        meter, self.meter = self.meter, None
+        if meter is not None:
+            meter.detach()
 
     def _release_if_empty(self) -> None:
         if self.pipe is not None and self.pending == 0:
@@ -173,6 +219,7 @@ class _Direction:
         self.relay.direction_done()
 
     def close(self) -> None:
+        self._leave_budget()
         if self.pipe is not None:
             _give_pipe(self.pipe, self.pending == 0)
             self.pipe = None
@@ -227,7 +274,7 @@ class SpliceRelay:
         self.transports = (ta, tb)
         sa, sb = _Socket(ta.socket), _Socket(tb.socket)
         self.sockets = (sa, sb)
-        ab, ba = _Direction(self, sa, sb), _Direction(self, sb, sa)
+        ab, ba = _Direction(self, sa, sb, a.meter), _Direction(self, sb, sa, b.meter)
         sa.outgoing, sa.incoming, sb.outgoing, sb.incoming = ab, ba, ba, ab
         self.directions = (ab, ba)
         self.finished = False
@@ -236,8 +283,9 @@ class SpliceRelay:
         for transport, sock in zip(self.transports, self.sockets, strict=True):
             transport.stopReading()
             transport.stopWriting()
-            self.reactor.addReader(sock)
-            sock.reading = True
+            if not sock.outgoing.held:   # else its budget adds it when it refills
+                self.reactor.addReader(sock)
+                sock.reading = True
         stats["sessions"] += 1
 
     def activity(self) -> None:

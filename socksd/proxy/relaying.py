@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from socksd import relay, splice
+from socksd import relay, splice, throttle
 from socksd.ident.registry import Registrar
 from socksd.proxy.client_rules import ClientRules
 from socksd.proxy.connect import is_address, split_host_port
@@ -54,9 +54,18 @@ class Relaying(relay.RelaySession):
         self.stall: relay.StallWatch | None = None     # made when a receiver first blocks
         self.registered: tuple[Registrar, Any] | None = None
 
-    def start(self, idle_timeout: float, splice_allowed: bool) -> None:
+    def start(self, idle_timeout: float, splice_allowed: bool,
+              up: throttle.Budget | None = None, down: throttle.Budget | None = None) -> None:
+        """Join the ends; ``up`` and ``down`` are the rate budgets (None: no
+        limit) that what the client sends and what comes back draw on, for
+        the relay's life, whichever path carries the bytes. (Each end leaves
+        its budget as its connection closes.)"""
         client, outbound = self.client, self.outbound
         relay.join(client, outbound, self, watch_activity=idle_timeout > 0)
+        if up is not None:
+            client.meter = up.meter(client)
+        if down is not None:
+            outbound.meter = down.meter(outbound)
         if splice_allowed and splice.plain_tcp(client.transport, outbound.transport):
             client.splice_after = client.received + SPLICE_AFTER
             outbound.splice_after = outbound.received + SPLICE_AFTER
