@@ -92,6 +92,23 @@ class Budget:
         self.dropped = 0                 # datagrams refused by admit()
         self.dropped_bytes = 0
 
+    def set_rate(self, rate: float) -> None:
+        """Refill at ``rate`` from now on, with as many seconds of burst (a
+        reload's new rate; a worker's share of a budget the workers share)."""
+        if not rate > 0:
+            raise ValueError(f"a budget needs a positive rate, not {rate!r}")
+        tokens = self.refill()
+        burst_seconds = self.capacity / self.rate
+        self.rate = float(rate)
+        self.capacity = self.rate * burst_seconds
+        self.low = max(1.0, min(self.capacity * WAKE_FRACTION, MOST_PER_WAKE))
+        self.tokens = min(tokens, self.capacity)
+        timer, self.timer = self.timer, None
+        if timer is not None:          # what the queue waits for came sooner or later
+            if timer.active():
+                timer.cancel()
+            self._schedule()
+
     def meter(self, holder: Holder) -> Meter:
         """Attach a reading side for the relay's life (detach it at the end)."""
         self.attached += 1

@@ -261,3 +261,21 @@ def test_datagrams_and_relayed_bytes_draw_on_one_budget():
     meter.spent(2 * CHUNK)             # in debt
     assert not b.admit(100)
     assert b.dropped == 1
+
+
+def test_a_new_rate_applies_from_now_and_moves_the_wake():
+    from twisted.internet.task import Clock
+
+    from socksd.throttle import Budget
+
+    clock = Clock()
+    budget = Budget(clock, 1000)
+    assert budget.capacity == 100
+    assert budget.admit(100)              # the burst spent
+    assert not budget.admit(50)
+    budget.set_rate(10000)                # ten times as fast, a burst of 0.1 s still
+    assert budget.capacity == 1000
+    clock.advance(0.005)                  # 50 bytes at the new rate
+    assert budget.admit(50)
+    budget.set_rate(100)
+    assert budget.capacity == 10 and budget.tokens <= 10
