@@ -7,18 +7,23 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import re
+import socket
+import subprocess
+import time
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.logger import globalLogPublisher
 from zope.interface import implementer
 
+from helpers import stop_process, wait_until
 from socksd.tap import socks as tap
 
 WAIT = 10.0     # seconds any one step of a test may take
@@ -197,3 +202,61 @@ def make_server_cert(directory: Path, ca: x509.Certificate, ca_key: ec.EllipticC
                                            serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     return crt, key_path
+
+
+# Outside proxies (Dante, tinyproxy) run for a test.
+
+def free_port() -> int:
+    """A loopback port nothing listens on (it was free a moment ago)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+class Daemon:
+    """A program run in the foreground for one test, its output in a file;
+    started once it accepts connections on ``port``."""
+
+    def __init__(self, case, command: list[str], port: int, output: Path,
+                 log: Path | None = None) -> None:
+        self.output = output
+        self.log_path = log or output
+        self.file = open(output, "wb")
+        self.process = subprocess.Popen(command, stdout=self.file, stderr=subprocess.STDOUT,
+                                        cwd=output.parent)
+        case.addCleanup(self.stop)
+
+        def listening() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"{command[0]} exited with {self.process.returncode}:\n"
+                                     f"{self.log()}")
+            return accepts(port)
+
+        wait_until(listening, WAIT, lambda: f"{command[0]} to listen on {port}:\n{self.log()}")
+
+    def log(self) -> str:
+        text = self.output.read_text(errors="replace") if self.output.exists() else ""
+        if self.log_path != self.output and self.log_path.exists():
+            text += self.log_path.read_text(errors="replace")
+        return text
+
+    async def wait_for_log(self, pattern: str) -> str:
+        """The log once a line matches ``pattern``: polled on the reactor,
+        which keeps serving the echo servers the program talks to."""
+        deadline = time.monotonic() + WAIT
+        while not re.search(pattern, self.log()):
+            assert time.monotonic() < deadline, \
+                f"timed out waiting for the log to match {pattern!r}:\n{self.log()}"
+            await task.deferLater(reactor, 0.05, lambda: None)
+        return self.log()
+
+    def stop(self) -> None:
+        stop_process(self.process, self.file)

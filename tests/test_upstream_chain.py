@@ -22,6 +22,7 @@ from chain import (
     Sessions,
     Silent,
     UpperEcho,
+    free_port,
     listen_tcp,
     listen_udp,
     make_ca,
@@ -82,13 +83,6 @@ class ChainCase(unittest.TestCase):
 
 def deferLater(seconds: float) -> defer.Deferred:
     return task.deferLater(reactor, seconds, lambda: None)
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on (it was free a moment ago)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 async def finish(end: Collect) -> None:
