@@ -33,6 +33,7 @@ from chain import (
 from socksd.client import DestinationFailed, UpstreamFailed, parse_upstream
 from socksd.wire import socks5
 
+ADDED_PRINCIPALS: set[str] = set()
 USERPASS = '[server]\nmethods = ["userpass"]\ncheckers = ["memory:alice:secret"]\n'
 
 
@@ -399,8 +400,9 @@ class GSSAPIChain(ChainCase):
     ccache (KRB5CCNAME, its user's ticket) and socksd's keytab."""
 
     @pytest.fixture(autouse=True)
-    def _kerberos(self, kerberos) -> None:
+    def _kerberos(self, kerberos, monkeypatch) -> None:
         self.kerberos = kerberos
+        self.monkeypatch = monkeypatch
 
     async def test_connect_and_udp_under_confidentiality(self):
         port, _ = await socksd(self, self.tmp, self.kerberos.config())
@@ -436,6 +438,25 @@ class GSSAPIChain(ChainCase):
         assert await peer.until(3) == b"who"
         peer.transport.loseConnection()
         await finish(accepted.protocol)
+
+    async def test_credentials_from_a_client_keytab(self):
+        """No ticket in any ccache: the process's client keytab
+        (KRB5_CLIENT_KTNAME) is its own identity, as a service's would be."""
+        realm = self.kerberos.realm
+        principal = f"chainer/{realm.hostname}"
+        if principal not in ADDED_PRINCIPALS:      # the realm is the session's
+            realm.addprinc(principal)
+            ADDED_PRINCIPALS.add(principal)
+        keytab = self.tmp / "client.keytab"
+        realm.extract_keytab(principal, str(keytab))
+        self.monkeypatch.setenv("KRB5_CLIENT_KTNAME", f"FILE:{keytab}")
+        self.monkeypatch.setenv("KRB5CCNAME", f"FILE:{self.tmp / 'fresh-ccache'}")
+        port, _ = await socksd(self, self.tmp, self.kerberos.config())
+        await self.echo_through(parse_upstream(f"socks5+gssapi://localhost:{port}"))
+        [line] = await self.ended("connect")
+        assert line["method"] == "gssapi"
+        # (socksd names a principal of its own realm without the realm)
+        assert line["user"] == principal, line
 
     async def test_a_service_the_kdc_does_not_know(self):
         port, _ = await socksd(self, self.tmp, self.kerberos.config())
