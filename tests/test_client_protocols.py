@@ -8,7 +8,7 @@ from __future__ import annotations
 import base64
 
 import pytest
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
@@ -18,6 +18,10 @@ from zope.interface import implementer
 from socksd.client import DestinationFailed, SOCKS5Auth, SOCKSError, http, socks4, socks5
 from socksd.wire import socks4 as wire4
 from socksd.wire import socks5 as wire5
+
+# The handshakes' timeouts run here, not on the global reactor: a test
+# that leaves one unanswered leaves no timer behind.
+CLOCK = task.Clock()
 
 
 class HandPlayedProxy:
@@ -92,7 +96,8 @@ def test_http_request_with_basic_credentials():
 @pytest.mark.parametrize("host", ["evil\r\nX-Injected: 1", "a b", "a/b", "", "ä.example"])
 def test_http_refuses_a_host_that_could_break_the_request(host):
     proxy = HandPlayedProxy()
-    error = failure_of(http.connect(proxy, host, 80, Factory.forProtocol(App), 5))
+    error = failure_of(http.connect(proxy, host, 80, Factory.forProtocol(App), 5,
+                       clock=CLOCK))
     assert isinstance(error, DestinationFailed)
     assert error.reply == wire5.ADDRESS_TYPE_NOT_SUPPORTED
     assert proxy.transport is None      # never connected
@@ -102,7 +107,8 @@ def test_http_refuses_a_host_that_could_break_the_request(host):
 @pytest.mark.parametrize("bytewise", [False, True])
 def test_http_tunnel_gets_what_followed_the_header(bytewise):
     proxy = HandPlayedProxy()
-    d = http.connect(proxy, "example.com", 443, Factory.forProtocol(App), 5)
+    d = http.connect(proxy, "example.com", 443, Factory.forProtocol(App), 5,
+                       clock=CLOCK)
     assert proxy.take().startswith(b"CONNECT example.com:443 HTTP/1.1\r\n")
     seen: list[bytes] = []
     d.addCallback(lambda app: seen.append(app.received) or app)
@@ -126,7 +132,8 @@ def test_http_tunnel_gets_what_followed_the_header(bytewise):
 ])
 def test_http_statuses(status, kind, reply):
     proxy = HandPlayedProxy()
-    d = http.connect(proxy, "example.com", 443, Factory.forProtocol(App), 5)
+    d = http.connect(proxy, "example.com", 443, Factory.forProtocol(App), 5,
+                       clock=CLOCK)
     proxy.receive(f"HTTP/1.0 {status} Some Reason\r\n\r\n<html>".encode())
     error = failure_of(d)
     assert type(error) is kind and error.reply == reply
@@ -136,7 +143,8 @@ def test_http_statuses(status, kind, reply):
 
 def test_http_reason_is_escaped():
     proxy = HandPlayedProxy()
-    d = http.connect(proxy, "example.com", 443, Factory.forProtocol(App), 5)
+    d = http.connect(proxy, "example.com", 443, Factory.forProtocol(App), 5,
+                       clock=CLOCK)
     proxy.receive(b"HTTP/1.1 403 \x1b[31mred\x1b[0m\r\n\r\n")
     assert "\x1b" not in str(failure_of(d))
 
@@ -145,7 +153,8 @@ def test_http_response_header_is_bounded():
     """A header that never ends is refused once past MAX_HEADER: what is
     held never grows past that and one read."""
     proxy = HandPlayedProxy()
-    d = http.connect(proxy, "example.com", 443, Factory.forProtocol(App), 5)
+    d = http.connect(proxy, "example.com", 443, Factory.forProtocol(App), 5,
+                       clock=CLOCK)
     proxy.receive(b"HTTP/1.1 200 OK\r\n")
     handshake = proxy.transport.protocol
     chunk = b"X-Padding: " + b"y" * 1000 + b"\r\n"
@@ -164,7 +173,8 @@ def test_http_response_header_is_bounded():
 
 def test_http_not_http():
     proxy = HandPlayedProxy()
-    d = http.connect(proxy, "example.com", 443, Factory.forProtocol(App), 5)
+    d = http.connect(proxy, "example.com", 443, Factory.forProtocol(App), 5,
+                       clock=CLOCK)
     proxy.receive(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
     assert "not an HTTP response: SSH-2.0-OpenSSH_9.2" in str(failure_of(d))
 
@@ -175,7 +185,8 @@ def test_http_not_http():
 @pytest.mark.parametrize("bytewise", [False, True])
 def test_socks5_bind_replies_and_data_in_one_read(bytewise):
     proxy = HandPlayedProxy()
-    d = socks5.bind(proxy, SOCKS5Auth(), "198.51.100.9", 0, Factory.forProtocol(App), 5, 5)
+    d = socks5.bind(proxy, SOCKS5Auth(), "198.51.100.9", 0, Factory.forProtocol(App), 5, 5,
+                    clock=CLOCK)
     assert proxy.take() == b"\x05\x01\x00"
     proxy.receive(b"\x05\x00", bytewise)
     assert proxy.take() == wire5.encode_request(wire5.BIND, "198.51.100.9", 0)
@@ -192,7 +203,8 @@ def test_socks5_bind_replies_and_data_in_one_read(bytewise):
 
 def test_socks5_second_bind_reply_failure():
     proxy = HandPlayedProxy()
-    d = socks5.bind(proxy, SOCKS5Auth(), "198.51.100.9", 0, Factory.forProtocol(App), 5, 5)
+    d = socks5.bind(proxy, SOCKS5Auth(), "198.51.100.9", 0, Factory.forProtocol(App), 5, 5,
+                    clock=CLOCK)
     proxy.receive(b"\x05\x00" + wire5.encode_reply(wire5.SUCCEEDED, "192.0.2.7", 40001))
     bound = fired(d)
     proxy.receive(wire5.encode_reply(wire5.TTL_EXPIRED))
@@ -203,7 +215,8 @@ def test_socks5_second_bind_reply_failure():
 def test_socks5_credentials_are_the_auths_only():
     proxy = HandPlayedProxy()
     socks5.connect(proxy, SOCKS5Auth("svc", "pw"), "example.com", 80,
-                   Factory.forProtocol(App), 5)
+                   Factory.forProtocol(App), 5,
+                       clock=CLOCK)
     assert proxy.take() == b"\x05\x02\x02\x00"
     proxy.receive(b"\x05\x02")
     assert proxy.take() == b"\x01\x03svc\x02pw"
@@ -211,14 +224,16 @@ def test_socks5_credentials_are_the_auths_only():
 
 def test_half_close_after_the_hand_over():
     proxy = HandPlayedProxy()
-    d = socks5.connect(proxy, SOCKS5Auth(), "example.com", 80, Factory.forProtocol(App), 5)
+    d = socks5.connect(proxy, SOCKS5Auth(), "example.com", 80, Factory.forProtocol(App), 5,
+                       clock=CLOCK)
     proxy.receive(b"\x05\x00" + wire5.encode_reply(wire5.SUCCEEDED))
     app = fired(d)
     proxy.transport.protocol.readConnectionLost()
     assert app.eof and not proxy.transport.disconnecting
     # A protocol that cannot half-close gets what Twisted would do: the close.
     proxy = HandPlayedProxy()
-    d = socks5.connect(proxy, SOCKS5Auth(), "example.com", 80, Factory.forProtocol(Protocol), 5)
+    d = socks5.connect(proxy, SOCKS5Auth(), "example.com", 80, Factory.forProtocol(Protocol), 5,
+                       clock=CLOCK)
     proxy.receive(b"\x05\x00" + wire5.encode_reply(wire5.SUCCEEDED))
     fired(d)
     proxy.transport.protocol.readConnectionLost()
@@ -227,7 +242,8 @@ def test_half_close_after_the_hand_over():
 
 def test_eof_during_the_handshake_fails_it():
     proxy = HandPlayedProxy()
-    d = socks5.connect(proxy, SOCKS5Auth(), "example.com", 80, Factory.forProtocol(App), 5)
+    d = socks5.connect(proxy, SOCKS5Auth(), "example.com", 80, Factory.forProtocol(App), 5,
+                       clock=CLOCK)
     proxy.receive(b"\x05")
     proxy.transport.protocol.readConnectionLost()
     assert "closed the connection during the handshake" in str(failure_of(d))
@@ -247,7 +263,8 @@ def test_socks4_sends_names_as_4a_and_addresses_as_4():
                                         (93, SOCKSError)])
 def test_socks4_failures(code, kind):
     proxy = HandPlayedProxy()
-    d = socks4.connect(proxy, "example.com", 80, Factory.forProtocol(App), 5)
+    d = socks4.connect(proxy, "example.com", 80, Factory.forProtocol(App), 5,
+                       clock=CLOCK)
     proxy.receive(wire4.encode_reply(code))
     error = failure_of(d)
     assert type(error) is kind
@@ -258,7 +275,8 @@ def test_socks4_failures(code, kind):
 @pytest.mark.parametrize("bytewise", [False, True])
 def test_socks4_bind(bytewise):
     proxy = HandPlayedProxy()
-    d = socks4.bind(proxy, "198.51.100.9", 0, Factory.forProtocol(App), 5, 5)
+    d = socks4.bind(proxy, "198.51.100.9", 0, Factory.forProtocol(App), 5, 5,
+                    clock=CLOCK)
     proxy.receive(wire4.encode_reply(wire4.GRANTED, "0.0.0.0", 40002), bytewise)
     bound = fired(d)
     assert (bound.host, bound.port) == ("192.0.2.7", 40002)
@@ -266,3 +284,42 @@ def test_socks4_bind(bytewise):
     accepted = fired(bound.accepted)
     assert (accepted.host, accepted.port, accepted.protocol.received) == \
         ("198.51.100.9", 5556, b"hi")
+
+
+# Timeouts, on a clock of the test's.
+
+
+def test_an_unanswered_handshake_times_out():
+    clock = task.Clock()
+    proxy = HandPlayedProxy()
+    d = socks5.connect(proxy, SOCKS5Auth(), "example.com", 80, Factory.forProtocol(App), 5,
+                       clock=clock)
+    proxy.receive(b"\x05\x00")
+    clock.advance(4.9)
+    assert not d.called
+    clock.advance(0.2)
+    assert str(failure_of(d)) == "no SOCKS answer from the proxy in 5 s"
+    assert proxy.transport.disconnected          # aborted
+    assert clock.getDelayedCalls() == []
+
+
+def test_bind_waits_for_the_peer_as_long_as_told():
+    clock = task.Clock()
+    proxy = HandPlayedProxy()
+    d = socks4.bind(proxy, "198.51.100.9", 0, Factory.forProtocol(App), 5, 60, clock=clock)
+    proxy.receive(wire4.encode_reply(wire4.GRANTED, "192.0.2.7", 40002))
+    bound = fired(d)
+    clock.advance(59)
+    assert not bound.accepted.called
+    clock.advance(2)
+    assert str(failure_of(bound.accepted)) == "no connection to the bound address in 60 s"
+    assert clock.getDelayedCalls() == []
+
+
+def test_http_timeout_names_http():
+    clock = task.Clock()
+    proxy = HandPlayedProxy()
+    d = http.connect(proxy, "example.com", 443, Factory.forProtocol(App), 2, clock=clock)
+    proxy.receive(b"HTTP/1.1 200 OK\r\n")
+    clock.advance(3)
+    assert str(failure_of(d)) == "no HTTP answer from the proxy in 2 s"

@@ -11,7 +11,7 @@ connection as if it had made it itself.
 
 from __future__ import annotations
 
-from typing import Callable, Generic, NamedTuple, TypeVar
+from typing import Callable, NamedTuple, TypeVar
 
 from gssapi.exceptions import GSSError
 from twisted.internet import defer
@@ -20,6 +20,7 @@ from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IProtocol,
     IProtocolFactory,
+    IReactorTime,
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -60,7 +61,7 @@ class Bound(NamedTuple):
 
 
 @implementer(IHalfCloseableProtocol)
-class Handshake(Protocol, TimeoutMixin, Generic[T]):
+class Handshake(Protocol, TimeoutMixin):
     """Speaks to the proxy until ``hand_over``, then carries the
     application's bytes. Subclasses write in ``start`` and parse
     ``self.buffer`` in ``step``; they raise SOCKSError (or WireError) to
@@ -70,8 +71,9 @@ class Handshake(Protocol, TimeoutMixin, Generic[T]):
     transport: IStreamTransport
     limit = MAX_HANDSHAKE
     what = "SOCKS"        # for messages: what the proxy speaks
+    clock: IReactorTime | None = None     # what timeouts run on (None: the global reactor)
 
-    def __init__(self, timeout: float, pending: defer.Deferred[T]) -> None:
+    def __init__(self, timeout: float, pending: defer.Deferred) -> None:
         self.timeout = timeout
         # None once fired, failed or cancelled: nothing is told twice.
         self.pending: defer.Deferred | None = pending
@@ -92,6 +94,12 @@ class Handshake(Protocol, TimeoutMixin, Generic[T]):
         """About to fail: tell the proxy why, if its protocol can."""
 
     # The shared part.
+
+    def callLater(self, period, func):
+        """TimeoutMixin's timer, on our clock (tests give theirs)."""
+        if self.clock is None:
+            return super().callLater(period, func)
+        return self.clock.callLater(period, func)
 
     def connectionMade(self) -> None:
         self.setTimeout(self.timeout)
@@ -128,10 +136,12 @@ class Handshake(Protocol, TimeoutMixin, Generic[T]):
         if pending is not None:
             pending.callback(value)
 
-    def hand_over(self, factory: IProtocolFactory, rest: bytes) -> IProtocol | None:
+    def hand_over(self, factory: IProtocolFactory) -> IProtocol | None:
         """The connection is the application's from now on: its protocol,
-        built by ``factory`` and connected, gets ``rest`` (what followed the
-        proxy's answer) after the caller is told (``then``)."""
+        built by ``factory``, connected (None if the factory built none: the
+        handshake has failed). The caller fires its Deferred, then hands
+        ``rest``, what followed the proxy's answer, to ``deliver``: the
+        application learns of its connection before it reads from it."""
         self.setTimeout(None)
         app = factory.buildProtocol(self.transport.getPeer())
         if app is None:
@@ -211,11 +221,12 @@ class Handshake(Protocol, TimeoutMixin, Generic[T]):
         """The connection is gone (a subclass's hook, called first)."""
 
 
-def dial(proxy: IStreamClientEndpoint,
-         build: Callable[[defer.Deferred[T]], Handshake]) -> defer.Deferred[T]:
+def dial(proxy: IStreamClientEndpoint, build: Callable[[defer.Deferred[T]], Handshake],
+         clock: IReactorTime | None = None) -> defer.Deferred[T]:
     """Connect to the proxy and run the handshake ``build(pending)`` makes
     on the connection; the result is ``pending``. Cancelling it cancels
-    the connection attempt, or aborts the handshake under way."""
+    the connection attempt, or aborts the handshake under way. The
+    handshake's timeouts run on ``clock`` (by default the global reactor)."""
     made: list[Handshake] = []
     connecting: list[defer.Deferred] = []
 
@@ -229,6 +240,7 @@ def dial(proxy: IStreamClientEndpoint,
 
     def protocol() -> Handshake:
         handshake = build(pending)
+        handshake.clock = clock      # before connectionMade starts the timeout
         made.append(handshake)
         return handshake
 

@@ -17,7 +17,12 @@ import ipaddress
 import re
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 
 from socksd.client.errors import DestinationFailed, SOCKSError
 from socksd.client.handshake import Handshake, dial
@@ -86,7 +91,7 @@ class _Connect(Handshake):
         code = int(status.group(1))
         reason = escape((status.group(2) or b"").decode("latin-1"))
         if 200 <= code < 300:
-            app = self.hand_over(self.factory_, rest)
+            app = self.hand_over(self.factory_)
             if app is not None:
                 self.fire(app)
                 self.deliver(rest)
@@ -99,10 +104,12 @@ class _Connect(Handshake):
 
 def connect(proxy: IStreamClientEndpoint, host: str, port: int, factory: IProtocolFactory,
             timeout: float = 30.0, username: str | None = None,
-            password: str | None = None) -> defer.Deferred[IProtocol]:
-    """A tunnel to host:port: the application's protocol, connected."""
+            password: str | None = None,
+            clock: IReactorTime | None = None) -> defer.Deferred[IProtocol]:
+    """A tunnel to host:port: the application's protocol, connected
+    (``clock``: what the timeout runs on, by default the global reactor)."""
     try:
         request = encode_request(host, port, username, password)
     except DestinationFailed:
         return defer.fail()
-    return dial(proxy, lambda pending: _Connect(request, factory, timeout, pending))
+    return dial(proxy, lambda pending: _Connect(request, factory, timeout, pending), clock)

@@ -12,7 +12,12 @@ from __future__ import annotations
 import socket
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 
 from socksd.client.errors import DestinationFailed, SOCKSError
 from socksd.client.handshake import Accepted, Bound, Handshake, dial
@@ -87,7 +92,7 @@ class _Socks4(Handshake):
             self.fire(Bound(host, reply.port, accepted))
             self.pending = accepted
             return True
-        app = self.hand_over(self.factory_, rest)
+        app = self.hand_over(self.factory_)
         if app is not None:
             self.fire(Accepted(reply.host, reply.port, app) if self.second else app)
             self.deliver(rest)
@@ -102,22 +107,24 @@ class _Socks4(Handshake):
 
 
 def connect(proxy: IStreamClientEndpoint, host: str, port: int, factory: IProtocolFactory,
-            timeout: float = 30.0, userid: str = "") -> defer.Deferred[IProtocol]:
-    """CONNECT: the application's protocol, connected through the proxy."""
+            timeout: float = 30.0, userid: str = "",
+            clock: IReactorTime | None = None) -> defer.Deferred[IProtocol]:
+    """CONNECT: the application's protocol, connected through the proxy
+    (``clock``: what the timeout runs on, by default the global reactor)."""
     try:
         request = encode_request(socks4.CONNECT, host, port, userid)
     except DestinationFailed:
         return defer.fail()
-    return dial(proxy, lambda pending: _Socks4(request, factory, timeout, pending))
+    return dial(proxy, lambda pending: _Socks4(request, factory, timeout, pending), clock)
 
 
 def bind(proxy: IStreamClientEndpoint, host: str, port: int, factory: IProtocolFactory,
          timeout: float = 30.0, accept_timeout: float = 60.0,
-         userid: str = "") -> defer.Deferred[Bound]:
+         userid: str = "", clock: IReactorTime | None = None) -> defer.Deferred[Bound]:
     """BIND, expecting a connection from host:port."""
     try:
         request = encode_request(socks4.BIND, host, port, userid)
     except DestinationFailed:
         return defer.fail()
     return dial(proxy, lambda pending: _Socks4(request, factory, timeout, pending,
-                                               accept_timeout))
+                                               accept_timeout), clock)

@@ -23,6 +23,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IProtocol,
     IProtocolFactory,
+    IReactorTime,
     IReactorUDP,
     IStreamClientEndpoint,
 )
@@ -212,7 +213,7 @@ class _Connect(_Negotiation):
         return socks5.encode_request(socks5.CONNECT, self.host, self.port)
 
     def replied(self, reply: socks5.Reply, rest: bytes) -> None:
-        app = self.hand_over(self.factory_, rest)
+        app = self.hand_over(self.factory_)
         if app is not None:
             self.fire(app)
             self.deliver(rest)
@@ -259,7 +260,7 @@ class _Bind(_Negotiation):
         if reply.code != socks5.SUCCEEDED:
             raise DestinationFailed(f"the proxy's second BIND reply is {reply.code:#x}",
                                     reply.code)
-        app = self.hand_over(self.factory_, rest)
+        app = self.hand_over(self.factory_)
         if app is not None:
             self.fire(Accepted(reply.host, reply.port, app))
             self.deliver(rest)
@@ -421,23 +422,30 @@ class _Associate(_Negotiation):
 
 
 def connect(proxy: IStreamClientEndpoint, auth: SOCKS5Auth, host: str, port: int,
-            factory: IProtocolFactory, timeout: float = 30.0) -> defer.Deferred[IProtocol]:
-    """CONNECT: the application's protocol, connected through the proxy."""
-    return dial(proxy, lambda pending: _Connect(auth, host, port, factory, timeout, pending))
+            factory: IProtocolFactory, timeout: float = 30.0,
+            clock: IReactorTime | None = None) -> defer.Deferred[IProtocol]:
+    """CONNECT: the application's protocol, connected through the proxy
+    (``clock``: what the timeouts run on, by default the global reactor)."""
+    return dial(proxy, lambda pending: _Connect(auth, host, port, factory, timeout, pending),
+                clock)
 
 
 def bind(proxy: IStreamClientEndpoint, auth: SOCKS5Auth, host: str, port: int,
          factory: IProtocolFactory, timeout: float = 30.0,
-         accept_timeout: float = 60.0) -> defer.Deferred[Bound]:
+         accept_timeout: float = 60.0,
+         clock: IReactorTime | None = None) -> defer.Deferred[Bound]:
     """BIND, expecting a connection from host:port (0.0.0.0:0: anyone)."""
     return dial(proxy, lambda pending: _Bind(auth, host, port, factory, timeout,
-                                             accept_timeout, pending))
+                                             accept_timeout, pending), clock)
 
 
 def udp_associate(proxy: IStreamClientEndpoint, auth: SOCKS5Auth, reactor: IReactorUDP,
                   received: Received, timeout: float = 30.0) -> defer.Deferred[Association]:
-    """UDP ASSOCIATE: an :class:`Association` once the proxy has replied."""
-    return dial(proxy, lambda pending: _Associate(auth, reactor, received, timeout, pending))
+    """UDP ASSOCIATE: an :class:`Association` once the proxy has replied;
+    the UDP port is opened on ``reactor``, which runs the timeout too."""
+    clock = reactor if IReactorTime.providedBy(reactor) else None
+    return dial(proxy, lambda pending: _Associate(auth, reactor, received, timeout, pending),
+                clock)
 
 
 @implementer(IStreamClientEndpoint)

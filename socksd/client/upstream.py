@@ -135,11 +135,14 @@ class Upstream:
                 timeout: float) -> defer.Deferred[IProtocol]:
         proxy = self._proxy(reactor, timeout)
         if self.scheme == "http":
-            d = http.connect(proxy, host, port, factory, timeout, self.username, self.password)
+            d = http.connect(proxy, host, port, factory, timeout, self.username, self.password,
+                             clock=reactor)
         elif self.scheme == "socks4":
-            d = socks4.connect(proxy, host, port, factory, timeout, self.username or "")
+            d = socks4.connect(proxy, host, port, factory, timeout, self.username or "",
+                               clock=reactor)
         else:
-            d = socks5.connect(proxy, self._auth(), host, port, factory, timeout)
+            d = socks5.connect(proxy, self._auth(), host, port, factory, timeout,
+                               clock=reactor)
         return self._bounded(d, reactor, timeout)
 
     def endpoint(self, reactor: Any, host: str, port: int,
@@ -154,9 +157,10 @@ class Upstream:
         proxy = self._proxy(reactor, timeout)
         if self.scheme == "socks4":
             d = socks4.bind(proxy, host, port, factory, timeout, accept_timeout,
-                            self.username or "")
+                            self.username or "", clock=reactor)
         else:
-            d = socks5.bind(proxy, self._auth(), host, port, factory, timeout, accept_timeout)
+            d = socks5.bind(proxy, self._auth(), host, port, factory, timeout, accept_timeout,
+                            clock=reactor)
 
         def bound(result: Bound) -> Bound:
             result.accepted.addErrback(self._classify, accept_timeout)
