@@ -15,8 +15,10 @@ BUILD_DEBS := libkrb5-dev
 # used by the tests; the last line is what
 # tests/dante_gssapi.py needs to rebuild Debian's dante with GSS-API (the
 # independent RFC 1961 peer), once, cached in /var/cache/socksd-tests.
+# dante-server and tinyproxy are the upstream proxies socksd's client
+# chains through (tests/test_upstream_dante.py, test_upstream_tinyproxy.py).
 TEST_DEBS := curl ncat netcat-openbsd socat dante-client krb5-kdc krb5-admin-server krb5-user libkrb5-dev \
-	apache2-utils procps oidentd haproxy systemd \
+	apache2-utils procps oidentd haproxy systemd dante-server tinyproxy \
 	dpkg-dev build-essential debhelper flex libtool-bin libpam0g-dev libwrap0-dev
 BENCH_DEBS := dante-server dante-client iperf3 procps valgrind
 

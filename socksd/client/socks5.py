@@ -1,53 +1,60 @@
-"""A SOCKS5 client endpoint (IStreamClientEndpoint): CONNECT through a proxy
-reached by any endpoint, with no authentication, RFC 1929 username/password
-or RFC 1961 GSS-API (integrity, confidentiality, NEC mode, or clear).
+"""A SOCKS5 client: CONNECT, BIND and UDP ASSOCIATE through a proxy
+reached by any endpoint, with no authentication, RFC 1929
+username/password or RFC 1961 GSS-API (integrity, confidentiality, NEC
+mode, or clear).
 
+:class:`SOCKS5ClientEndpoint` is CONNECT as an IStreamClientEndpoint:
 ``connect(factory)`` fires with the application's protocol once the proxy
-has connected it. GSS-API protection (:mod:`socksd.protection`) sits under
-the handshake as TLS would: neither it nor the application sees a frame.
+has connected it. :func:`connect`, :func:`bind` and :func:`udp_associate`
+take the proxy's endpoint and a :class:`SOCKS5Auth`. GSS-API protection
+(:mod:`socksd.protection`) sits under the handshake as TLS would: neither
+it nor the application sees a frame; UDP datagrams are each one protected
+frame (RFC 1961 section 6), wrapped with the same context.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Callable
+
 import gssapi
-from gssapi.exceptions import GSSError
 from twisted.internet import defer
-from twisted.internet.error import NoProtocol
-from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
-from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.protocols.policies import TimeoutMixin
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import (
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
+    IReactorUDP,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import DatagramProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from socksd import protection
-from socksd.twisted_internals import IStreamTransport
+from socksd.client.errors import DestinationFailed, SOCKSError
+from socksd.client.handshake import Accepted, Bound, Handshake, dial
 from socksd.wire import WireError, rfc1929, rfc1961, socks5
 
-
-class SOCKSError(Exception):
-    """The proxy refused or failed; ``reply`` is its SOCKS5 reply or status."""
-
-    def __init__(self, message: str, reply: int | None = None) -> None:
-        super().__init__(message)
-        self.reply = reply
+__all__ = ["Association", "SOCKS5Auth", "SOCKS5ClientEndpoint", "SOCKSError", "bind",
+           "connect", "udp_associate"]
 
 
-@implementer(IStreamClientEndpoint)
-class SOCKS5ClientEndpoint:
-    def __init__(self, host: str, port: int, proxy: IStreamClientEndpoint, *,
-                 username: str | None = None, password: str | None = None,
-                 gssapi_service: str | None = None, gssapi_level: int = 2,
-                 nec: bool = False, timeout: float = 30.0) -> None:
-        """``gssapi_service``: the proxy's service name, e.g. "rcmd@proxy.example"
-        (offering GSS-API); ``gssapi_level``: 0 clear, 1 integrity, 2 confidentiality;
-        ``timeout``: seconds for the whole SOCKS handshake once connected."""
-        self.host, self.port = host, port
-        self.proxy = proxy
-        self.username, self.password = username, password
-        self.gssapi_service = gssapi_service
-        self.gssapi_level = gssapi_level
-        self.nec = nec
-        self.timeout = timeout
+@dataclass(frozen=True)
+class SOCKS5Auth:
+    """How we authenticate to the proxy: the methods offered follow from it.
+
+    ``gssapi_service``: the proxy's host-based service name, e.g.
+    "rcmd@proxy.example" (offering GSS-API, with the process's default
+    initiator credentials: its ccache, or a client keytab);
+    ``gssapi_level``: 0 clear, 1 integrity, 2 confidentiality, the least we
+    accept; ``username``/``password``: RFC 1929 (offered alongside)."""
+
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    gssapi_service: str | None = None
+    gssapi_level: int = rfc1961.CONFIDENTIALITY
+    nec: bool = False
 
     def methods(self) -> bytes:
         offered = []
@@ -58,58 +65,36 @@ class SOCKS5ClientEndpoint:
         offered.append(socks5.NO_AUTH)
         return bytes(offered)
 
-    def connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred[IProtocol]:
-        ready: defer.Deferred[IProtocol] = defer.Deferred()
-        factory = Factory.forProtocol(lambda: _Handshake(self, protocolFactory, ready))
-        d = self.proxy.connect(factory)
-        d.addErrback(ready.errback)
-        return ready
 
+class _Negotiation(Handshake):
+    """Method selection and authentication, then the request; the reply is
+    the subclass's (``replied``)."""
 
-class _Handshake(Protocol, TimeoutMixin):
-    """Speaks SOCKS5 to the proxy, then carries the application's bytes."""
-
-    # The proxy's connection; under GSS-API protection, the wrapper over it.
-    transport: IStreamTransport
-
-    def __init__(self, endpoint: SOCKS5ClientEndpoint, factory: IProtocolFactory,
-                 ready: defer.Deferred[IProtocol]) -> None:
-        self.endpoint = endpoint
-        self.factory_ = factory
-        self.ready: defer.Deferred[IProtocol] | None = ready   # None once fired
-        self.buffer = b""
-        # method, userpass, gss-context, gss-protection, reply; None once done
-        self.state: str | None = "method"
+    def __init__(self, auth: SOCKS5Auth, timeout: float, pending: defer.Deferred) -> None:
+        super().__init__(timeout, pending)
+        self.auth = auth
+        # method, userpass, gss-context, gss-protection, reply, then the
+        # subclass's own states
+        self.state = "method"
         self.context: gssapi.SecurityContext | None = None    # from gss-context on
-        self.app: IProtocol | None = None
+        self.layer: protection.SecurityLayer | None = None    # under protection
 
-    def connectionMade(self) -> None:
-        self.setTimeout(self.endpoint.timeout)
-        self.transport.write(socks5.encode_greeting(self.endpoint.methods()))
+    def start(self) -> None:
+        self.transport.write(socks5.encode_greeting(self.auth.methods()))
 
-    def timeoutConnection(self) -> None:
-        self._fail(SOCKSError(f"no SOCKS answer from the proxy in {self.timeOut:g} s"))
-        self.transport.abortConnection()
-
-    def _abort_gss(self) -> None:
+    def failing(self) -> None:
         if self.state in ("gss-context", "gss-protection"):
-            self.transport.write(rfc1961.ABORT)
+            self.transport.write(rfc1961.ABORT)   # RFC 1961: tell the proxy why we stop
 
-    def dataReceived(self, data: bytes) -> None:
-        if self.app is not None:
-            self.app.dataReceived(data)
-            return
-        self.buffer += data
-        try:
-            while self.app is None and self.state is not None and self._step():
-                pass
-        except (WireError, SOCKSError) as e:
-            self._fail(e if isinstance(e, SOCKSError) else SOCKSError(str(e)))
-        except GSSError as e:   # no ticket, expired, or the proxy's error token
-            self._fail(SOCKSError(f"GSS-API: {e.gen_message()}"))
+    def request(self) -> bytes:
+        """The request to send once authenticated."""
+        raise NotImplementedError
 
-    def _step(self) -> bool:
-        """Handle one message from the buffer; False when more bytes are needed."""
+    def replied(self, reply: socks5.Reply, rest: bytes) -> None:
+        """A successful reply (and what followed it) in state ``reply``."""
+        raise NotImplementedError
+
+    def step(self) -> bool:
         if self.state == "method":
             selected = socks5.parse_method_selection(self.buffer)
             if selected is None:
@@ -119,11 +104,11 @@ class _Handshake(Protocol, TimeoutMixin):
             self.buffer = self.buffer[used:]
             if method == socks5.NO_AUTH:
                 self._request()
-            elif method == socks5.USERPASS and self.endpoint.username is not None:
+            elif method == socks5.USERPASS and self.auth.username is not None:
                 self.state = "userpass"
                 self.transport.write(rfc1929.encode_request(
-                    self.endpoint.username.encode(), (self.endpoint.password or "").encode()))
-            elif method == socks5.GSSAPI and self.endpoint.gssapi_service:
+                    self.auth.username.encode(), (self.auth.password or "").encode()))
+            elif method == socks5.GSSAPI and self.auth.gssapi_service:
                 self._gss_start()
             else:
                 raise SOCKSError(f"the proxy accepts none of our methods ({method:#x})", method)
@@ -154,21 +139,26 @@ class _Handshake(Protocol, TimeoutMixin):
                 self._gss_protection(context, token)
             return True
         if self.state == "reply":
-            buffer = self.buffer
-            replied = socks5.parse_reply(buffer)
+            replied = socks5.parse_reply(self.buffer)
             if replied is None:
                 return False
             reply, used = replied
-            rest, self.buffer = buffer[used:], b""
+            rest, self.buffer = self.buffer[used:], b""
             if reply.code != socks5.SUCCEEDED:
-                raise SOCKSError(f"the proxy replied {reply.code:#x}", reply.code)
-            self._connected(rest)
+                raise DestinationFailed(f"the proxy replied {reply.code:#x}", reply.code)
+            self.replied(reply, rest)
             return True
+        return self.step_after()
+
+    def step_after(self) -> bool:
+        """The subclass's states after the reply."""
         return False
 
     def _gss_start(self) -> None:
+        service = self.auth.gssapi_service
+        assert service, "offered only with a service name"
         self.context = context = gssapi.SecurityContext(
-            name=gssapi.Name(self.endpoint.gssapi_service, gssapi.NameType.hostbased_service),
+            name=gssapi.Name(service, gssapi.NameType.hostbased_service),
             usage="initiate",
             flags=gssapi.RequirementFlag.mutual_authentication |
             gssapi.RequirementFlag.replay_detection |
@@ -182,24 +172,25 @@ class _Handshake(Protocol, TimeoutMixin):
             self.transport.write(rfc1961.encode_message(rfc1961.CONTEXT, token))
         if context.complete:
             self.state = "gss-protection"
-            octet = bytes((self.endpoint.gssapi_level,))
-            message = octet if self.endpoint.nec else context.wrap(octet, False).message
+            octet = bytes((self.auth.gssapi_level,))
+            message = octet if self.auth.nec else context.wrap(octet, False).message
             self.transport.write(rfc1961.encode_message(rfc1961.PROTECTION, message))
 
     def _gss_protection(self, context: gssapi.SecurityContext, token: bytes) -> None:
-        octet = token if self.endpoint.nec else context.unwrap(token).message
+        octet = token if self.auth.nec else context.unwrap(token).message
         if len(octet) != 1:
             raise SOCKSError("malformed protection level answer")
         level = octet[0]
-        if level < self.endpoint.gssapi_level:
+        if level < self.auth.gssapi_level:
             raise SOCKSError(f"the proxy offers protection {level}, "
-                             f"weaker than {self.endpoint.gssapi_level}")
+                             f"weaker than {self.auth.gssapi_level}")
         if level not in (rfc1961.INTEGRITY, rfc1961.CONFIDENTIALITY):
             self._request()
             return
         # What followed the answer was read from below the new layer.
         rest, self.buffer = self.buffer, b""
         wrapper = protection.start(self, context, level)
+        self.layer = wrapper.layer
         self._request()
         if rest:
             # Back in through the layer: its plaintext reaches dataReceived
@@ -208,45 +199,272 @@ class _Handshake(Protocol, TimeoutMixin):
 
     def _request(self) -> None:
         self.state = "reply"
-        self.transport.write(socks5.encode_request(socks5.CONNECT, self.endpoint.host,
-                                                   self.endpoint.port))
+        self.transport.write(self.request())
 
-    def _connected(self, rest: bytes) -> None:
-        self.setTimeout(None)
-        transport = self.transport
-        app = self.factory_.buildProtocol(transport.getPeer())
-        if app is None:
-            # A factory that builds nothing refuses the connection, as it
-            # does behind Twisted's own endpoints.
-            self._fail(NoProtocol())
+
+class _Connect(_Negotiation):
+    def __init__(self, auth: SOCKS5Auth, host: str, port: int, factory: IProtocolFactory,
+                 timeout: float, pending: defer.Deferred[IProtocol]) -> None:
+        super().__init__(auth, timeout, pending)
+        self.host, self.port = host, port
+        self.factory_ = factory
+
+    def request(self) -> bytes:
+        return socks5.encode_request(socks5.CONNECT, self.host, self.port)
+
+    def replied(self, reply: socks5.Reply, rest: bytes) -> None:
+        app = self.hand_over(self.factory_)
+        if app is not None:
+            self.fire(app)
+            self.deliver(rest)
+
+
+class _Bind(_Negotiation):
+    """Two replies: where the proxy listens, then who connected."""
+
+    def __init__(self, auth: SOCKS5Auth, host: str, port: int, factory: IProtocolFactory,
+                 timeout: float, accept_timeout: float, pending: defer.Deferred[Bound]) -> None:
+        super().__init__(auth, timeout, pending)
+        self.host, self.port = host, port
+        self.factory_ = factory
+        self.accept_timeout = accept_timeout
+
+    def request(self) -> bytes:
+        return socks5.encode_request(socks5.BIND, self.host, self.port)
+
+    def replied(self, reply: socks5.Reply, rest: bytes) -> None:
+        accepted: defer.Deferred[Accepted] = defer.Deferred(lambda _d: self.cancel())
+        host = _answered_host(reply.host, self.transport.getPeer())
+        self.state = "second"
+        self.buffer = rest
+        self.setTimeout(self.accept_timeout)
+        self.fire(Bound(host, reply.port, accepted))
+        self.pending = accepted
+        # The second reply may have come with the first.
+
+    def timeoutConnection(self) -> None:
+        if self.state != "second":
+            super().timeoutConnection()
             return
-        self.state = None
-        self.app = app
-        app.makeConnection(transport)
-        ready, self.ready = self.ready, None
-        assert ready is not None, "fired only here, by _fail and by connectionLost: no reply after"
-        ready.callback(app)
-        if rest:
-            app.dataReceived(rest)
+        self.fail(SOCKSError(f"no connection to the bound address in {self.timeOut:g} s"))
+        self.transport.abortConnection()
 
-    def _fail(self, error: Exception) -> None:
-        self._abort_gss()   # RFC 1961: tell the proxy why we stop
-        self.setTimeout(None)
-        self.state = None
-        if self.ready is not None:
-            ready, self.ready = self.ready, None
-            ready.errback(error)
-        self.transport.loseConnection()
+    def step_after(self) -> bool:
+        if self.state != "second":
+            return False
+        replied = socks5.parse_reply(self.buffer)
+        if replied is None:
+            return False
+        reply, used = replied
+        rest, self.buffer = self.buffer[used:], b""
+        if reply.code != socks5.SUCCEEDED:
+            raise DestinationFailed(f"the proxy's second BIND reply is {reply.code:#x}",
+                                    reply.code)
+        app = self.hand_over(self.factory_)
+        if app is not None:
+            self.fire(Accepted(reply.host, reply.port, app))
+            self.deliver(rest)
+        return True
 
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
+
+def _answered_host(host: str, peer: object) -> str:
+    """The proxy's BND.ADDR, or the address we reached it at where it says
+    "any" (0.0.0.0, ::): proxies answer so when they listen on every address."""
+    if host in ("0.0.0.0", "::"):
+        peer_host = getattr(peer, "host", None)
+        if isinstance(peer_host, str):
+            return peer_host
+    return host
+
+
+# UDP ASSOCIATE.
+
+Received = Callable[[str, int, bytes], None]
+# The largest datagram UDP carries: what the relay sends is read whole.
+MAX_DATAGRAM = 65535
+
+
+class Association(DatagramProtocol):
+    """A UDP association through the proxy: ``send`` a payload to a
+    destination, and ``received(host, port, payload)`` is called for each
+    datagram the relay brings back, its source being the destination that
+    answered. It lives as long as the proxy's control connection: that
+    closing (or ``close()``) ends it, and ``closed`` fires with the reason.
+
+    Only datagrams from the relay's address are taken; fragments (FRAG != 0)
+    and malformed or unprotected ones are dropped and counted."""
+
+    def __init__(self, received: Received) -> None:
+        self.received = received
+        self.relay: tuple[str, int] = ("0.0.0.0", 0)    # the proxy's relay, from its reply
+        self.layer: protection.SecurityLayer | None = None
+        self.control: _Associate | None = None
+        self.closed: defer.Deferred[str] = defer.Deferred()
+        self.dropped = 0
+        self.ended = False
+
+    @property
+    def relay_address(self) -> tuple[str, int]:
+        return self.relay
+
+    @property
+    def local_address(self) -> tuple[str, int]:
+        """Where our datagrams come from (what the request told the proxy)."""
+        transport = self.transport
+        assert transport is not None, "asked once listening"
+        host = transport.getHost()
+        return host.host, host.port
+
+    def send(self, payload: bytes, host: str, port: int) -> bool:
+        """One datagram to host:port through the relay; False when it
+        cannot be sent (ended, too large, an address no header carries)."""
+        transport = self.transport
+        if self.ended or transport is None:
+            return False
+        try:
+            datagram = socks5.encode_udp(host, port, payload)
+            if self.layer is not None:
+                datagram = self.layer.wrap_datagram(datagram)
+            transport.write(datagram, self.relay)
+        except (ValueError, OSError):
+            self.dropped += 1
+            return False
+        return True
+
+    def datagramReceived(self, datagram: bytes, addr: tuple[str, int]) -> None:
+        if self.ended or (addr[0], addr[1]) != self.relay:
+            self.dropped += 1
+            return
+        try:
+            if self.layer is not None:
+                datagram = self.layer.unwrap_datagram(datagram)
+            parsed = socks5.parse_udp(datagram)
+        except WireError:
+            self.dropped += 1
+            return
+        if parsed.frag != 0:
+            self.dropped += 1     # no reassembly: RFC 1928 lets a client drop them
+            return
+        self.received(parsed.host, parsed.port, parsed.data)
+
+    def close(self) -> None:
+        """End the association: the control connection is closed too."""
+        self._end("closed by us")
+
+    def _end(self, why: str) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        if self.transport is not None:
+            self.transport.stopListening()
+        control, self.control = self.control, None
+        if control is not None:
+            control.association = None
+            control.transport.loseConnection()
+        self.closed.callback(why)
+
+
+class _Associate(_Negotiation):
+    """UDP ASSOCIATE: the request names the UDP port we send from, opened
+    on the address the control connection leaves from."""
+
+    def __init__(self, auth: SOCKS5Auth, reactor: IReactorUDP, received: Received,
+                 timeout: float, pending: defer.Deferred[Association]) -> None:
+        super().__init__(auth, timeout, pending)
+        self.reactor = reactor
+        self.association: Association | None = Association(received)
+
+    def request(self) -> bytes:
+        association = self.association
+        assert association is not None, "until the reply, only connectionLost drops it"
+        local = self.transport.getHost().host
+        try:
+            self.reactor.listenUDP(0, association, interface=local, maxPacketSize=MAX_DATAGRAM)
+        except CannotListenError as e:
+            raise SOCKSError(f"cannot open a UDP port on {local}: {e.socketError}") from None
+        host, port = association.local_address
+        return socks5.encode_request(socks5.UDP_ASSOCIATE, host, port)
+
+    def replied(self, reply: socks5.Reply, rest: bytes) -> None:
+        association = self.association
+        assert association is not None, "until the reply, only connectionLost drops it"
         self.setTimeout(None)
-        if self.app is not None:
-            self.app.connectionLost(reason)
-        elif self.ready is not None:
-            ready, self.ready = self.ready, None
-            if reason.check(protection.ProtectionFailed):
-                # The layer refused a frame and aborted: say why, as before.
-                ready.errback(SOCKSError(reason.getErrorMessage()))
-                return
-            ready.errback(SOCKSError(f"the proxy closed the connection: "
-                                     f"{reason.getErrorMessage()}"))
+        self.state = "associated"
+        # Nothing is expected on the control connection from now on (RFC
+        # 1928 defines nothing): what comes is dropped unread, never kept.
+        self.done = True
+        association.relay = (_answered_host(reply.host, self.transport.getPeer()), reply.port)
+        association.layer = self.layer
+        association.control = self
+        self.fire(association)
+
+    def readConnectionLost(self) -> None:
+        if self.state == "associated":
+            self.transport.loseConnection()
+            return
+        super().readConnectionLost()
+
+    def lost(self, reason: Failure) -> None:
+        association, self.association = self.association, None
+        if association is None:
+            return
+        if association.control is None:
+            # Never associated: the UDP port opened for the request goes.
+            if association.transport is not None:
+                association.transport.stopListening()
+            return
+        association.control = None
+        association._end(f"the proxy closed the control connection: "
+                         f"{reason.getErrorMessage()}")
+
+
+# The three commands over any endpoint to the proxy.
+
+
+def connect(proxy: IStreamClientEndpoint, auth: SOCKS5Auth, host: str, port: int,
+            factory: IProtocolFactory, timeout: float = 30.0,
+            clock: IReactorTime | None = None) -> defer.Deferred[IProtocol]:
+    """CONNECT: the application's protocol, connected through the proxy
+    (``clock``: what the timeouts run on, by default the global reactor)."""
+    return dial(proxy, lambda pending: _Connect(auth, host, port, factory, timeout, pending),
+                clock)
+
+
+def bind(proxy: IStreamClientEndpoint, auth: SOCKS5Auth, host: str, port: int,
+         factory: IProtocolFactory, timeout: float = 30.0,
+         accept_timeout: float = 60.0,
+         clock: IReactorTime | None = None) -> defer.Deferred[Bound]:
+    """BIND, expecting a connection from host:port (0.0.0.0:0: anyone)."""
+    return dial(proxy, lambda pending: _Bind(auth, host, port, factory, timeout,
+                                             accept_timeout, pending), clock)
+
+
+def udp_associate(proxy: IStreamClientEndpoint, auth: SOCKS5Auth, reactor: IReactorUDP,
+                  received: Received, timeout: float = 30.0) -> defer.Deferred[Association]:
+    """UDP ASSOCIATE: an :class:`Association` once the proxy has replied;
+    the UDP port is opened on ``reactor``, which runs the timeout too."""
+    clock = reactor if IReactorTime.providedBy(reactor) else None
+    return dial(proxy, lambda pending: _Associate(auth, reactor, received, timeout, pending),
+                clock)
+
+
+@implementer(IStreamClientEndpoint)
+class SOCKS5ClientEndpoint:
+    """CONNECT to host:port through the proxy at ``proxy``, as an endpoint."""
+
+    def __init__(self, host: str, port: int, proxy: IStreamClientEndpoint, *,
+                 username: str | None = None, password: str | None = None,
+                 gssapi_service: str | None = None, gssapi_level: int = 2,
+                 nec: bool = False, timeout: float = 30.0) -> None:
+        """``gssapi_service``: the proxy's service name, e.g. "rcmd@proxy.example"
+        (offering GSS-API); ``gssapi_level``: 0 clear, 1 integrity, 2 confidentiality;
+        ``timeout``: seconds for the whole SOCKS handshake once connected."""
+        self.host, self.port = host, port
+        self.proxy = proxy
+        self.auth = SOCKS5Auth(username, password, gssapi_service, gssapi_level, nec)
+        self.timeout = timeout
+
+    def connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred[IProtocol]:
+        return connect(self.proxy, self.auth, self.host, self.port, protocolFactory,
+                       self.timeout)
+
