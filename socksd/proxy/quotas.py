@@ -146,6 +146,8 @@ class Budgets:
             entry[0].set_rate(rate)
             entry[1].set_rate(rate)
 
+
+class Asker(Protocol):
     """Where a worker's caps are kept: the supervisor, over the channel.
     ``ask`` fires True when the session may open (the supervisor counted
     it), False when the cap is reached; ``give_back`` tells it one ended."""
