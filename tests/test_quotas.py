@@ -133,3 +133,51 @@ def test_an_answer_to_no_ask_breaks_the_workers_channel():
     p, _quotas = pair()
     p.down.dataReceived(frame(["granted", 7, True]))
     assert p.down.broken
+
+
+def test_rate_shares_split_a_budget_by_the_workers_sessions():
+    from socksd.proxy.quotas import RateShares
+
+    told: list[tuple[int, tuple, float]] = []
+    shares = RateShares(lambda worker, key, rate: told.append((worker, key, rate)))
+    key = ("web", "rule", "")
+    shares.joined(0, key, 1000.0)
+    assert told == [(0, key, 1000.0)]          # alone: the whole rate
+    shares.joined(1, key, 1000.0)
+    shares.joined(1, key, 1000.0)
+    assert told[-2:] == [(0, key, 1000 / 3), (1, key, 2000 / 3)]
+    told.clear()
+    shares.worker_ended(1)
+    assert told == [(0, key, 1000.0)]
+    shares.left(0, key)
+    shares.left(0, key)                         # one it never had: ignored
+    assert shares.sessions == {} and shares.given == {}
+
+
+def test_a_workers_shared_budget_runs_at_the_share_it_is_told():
+    from twisted.internet.task import Clock
+
+    from socksd.proxy.quotas import Budgets
+
+    p, _quotas = pair()
+    other = Pair(p.supervisor, 1, Counts())
+    budgets = [Budgets(), Budgets()]
+    for b, end in zip(budgets, (p, other)):
+        b.workers, b.sharing = 2, end.down
+        end.down.budgets = b
+    limits = RuleLimits("web", rate=1000, rate_per="rule")
+    clock = Clock()
+    first = budgets[0].lease(clock, limits, None, None)
+    assert first.up.rate == 500                 # a worker's first: rate / workers
+    p.to_supervisor()
+    p.to_worker()
+    assert first.up.rate == 1000                # the only session of the rule's
+    second = budgets[1].lease(clock, limits, None, None)
+    other.to_supervisor()
+    p.to_worker()
+    other.to_worker()
+    assert first.up.rate == first.down.rate == second.up.rate == 500
+    second.release()
+    other.to_supervisor()
+    p.to_worker()
+    assert first.up.rate == 1000 and budgets[1].shared == {}

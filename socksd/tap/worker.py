@@ -56,7 +56,7 @@ from socksd.config import ConfigError
 from socksd.escape import escape
 from socksd.ident.channel import RegistrationSender
 from socksd.proxy.connect import THREAD_POOL_SIZE
-from socksd.proxy.quotas import Key
+from socksd.proxy.quotas import Budgets, Key, key_from
 from socksd.stats import MAX_COUNT, STATS, Counts
 from socksd.tap import reactor as socksd_reactor
 from socksd.tap.drain import Drain, Stopping
@@ -200,6 +200,7 @@ class WorkerChannel(RegistrationSender):
         # it has not answered yet, by number (quotas.Asker).
         self.asks: dict[int, tuple[defer.Deferred[bool], Key]] = {}
         self.ask_ids: Iterator[int] = iter(range(1 << 62))
+        self.budgets: Budgets | None = None    # whose shared rates the supervisor sets
         self.asked = 0                  # the last request for counts
         self.stopping = False
         self.ended: defer.Deferred[None] = defer.Deferred()
@@ -230,6 +231,16 @@ class WorkerChannel(RegistrationSender):
                     self.give_back(key)
             else:
                 asked.callback(granted)
+        elif kind == "share" and len(message) == 5:
+            rate = message[4]
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0:
+                raise Malformed("share: not a rate")
+            try:
+                key = key_from(message[1:4])
+            except ValueError as e:
+                raise Malformed(f"share: {e}") from None
+            if self.budgets is not None:
+                self.budgets.set_rate(key, rate)
         elif kind == "stop" and len(message) == 2:
             why = message[1]
             if not (why is None or isinstance(why, str) and 0 < len(why) <= MAX_STOP_REASON):
@@ -255,6 +266,14 @@ class WorkerChannel(RegistrationSender):
     def give_back(self, key: Key) -> None:
         if not self.closed:
             self.send(("give", next(self.ask_ids)), "give", frame(["give", *key]))
+
+    # quotas.Sharing: a shared rate budget is split between the workers.
+
+    def joined(self, key: Key, rate: float) -> None:
+        self.send(("join", next(self.ask_ids)), "join", frame(["join", *key, rate]))
+
+    def left(self, key: Key) -> None:
+        self.send(("leave", next(self.ask_ids)), "leave", frame(["leave", *key]))
 
     def serving(self) -> None:
         """Say that this worker serves (its sockets adopted): the supervisor
@@ -405,7 +424,12 @@ def main(argv: list[str] | None = None) -> None:
                             reactor, end)
     factory = socks_tap.make_factory(cfg, checkers, socks_tap.registering(cfg, control),
                                      worker=args.index, assembly=assembly)
-    factory.counts.quotas.asker = control      # the caps hold across the workers
+    # The rules' caps and shared rates hold across the workers.
+    quotas = factory.counts.quotas
+    quotas.asker = control
+    quotas.budgets.workers = args.workers
+    quotas.budgets.sharing = control
+    control.budgets = quotas.budgets
     drain = Drain(factory, reactor)
     control_factory = protocol.ServerFactory()
     control_factory.protocol = lambda: control

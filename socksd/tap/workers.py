@@ -78,7 +78,7 @@ from socksd.config import MAX_WORKERS_CONFIG, Config, SharedListener, parse_list
 from socksd.ident.channel import RegistrationReceiver
 from socksd.ident.registry import ProxiedConnections
 from socksd.logs import FROM_WORKER
-from socksd.proxy.quotas import Caps, Holdings, key_from
+from socksd.proxy.quotas import Caps, Holdings, Key, RateShares, key_from
 from socksd.stats import MAX_COUNT, Counts
 from socksd.tap.listening import CannotListen
 from socksd.twisted_internals import IReactor, installed_reactor
@@ -241,6 +241,21 @@ class _WorkerChannel(RegistrationReceiver):
             granted = self.holdings.take(key, limit)
             self.send(("granted", ident), "granted", frame(["granted", ident, granted]))
             return
+        if message[0] in ("join", "leave") and len(message) == (5 if message[0] == "join"
+                                                                 else 4):
+            try:
+                key = key_from(message[1:4])
+            except ValueError as e:
+                raise Malformed(f"{message[0]}: {e}") from None
+            shares = self.worker.supervisor.shares
+            if message[0] == "leave":
+                shares.left(self.worker.index, key)
+                return
+            rate = message[4]
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0:
+                raise Malformed("join: not a rate")
+            shares.joined(self.worker.index, key, rate)
+            return
         if message[0] == "give" and len(message) == 4:
             try:
                 self.holdings.give_back(key_from(message[1:4]))
@@ -276,6 +291,7 @@ class _WorkerChannel(RegistrationReceiver):
         if self.drain is not None and self.drain.active():
             self.drain.cancel()
         self.holdings.clear()       # its sessions ended with it
+        self.worker.supervisor.shares.worker_ended(self.worker.index)
         self.worker.supervisor.retire(self.worker)
 
 
@@ -430,6 +446,7 @@ class WorkersService(service.Service):
         self.reporting: set[_Worker] = set()
         self.retired = Counts()
         self.caps = Caps()      # the rules' max_sessions, for every worker
+        self.shares = RateShares(self._tell_share)   # the shared rates, split between them
         self.malformed_frames = 0
         self.sequence = 0                  # of the requests for counts
         self.waiting: set[_Worker] = set()     # not answered the one in flight yet
@@ -600,6 +617,14 @@ class WorkersService(service.Service):
         if self.next_waiters and self.round is None:
             self.waiters, self.next_waiters = self.next_waiters, []
             self._ask()
+
+    def _tell_share(self, index: int, key: Key, rate: float) -> None:
+        """Worker ``index``'s part of a shared rate budget, sent to it."""
+        worker = self.workers.get(index)
+        channel = worker.channel if worker is not None else None
+        if channel is not None and not channel.closed:
+            # One waiting for the same key is replaced: only the latest counts.
+            channel.send(("share", *key), "share", frame(["share", *key, rate]))
 
     def retire(self, worker: _Worker) -> None:
         """Its channel is closed: its last report counts forever (what it
