@@ -162,7 +162,7 @@ def test_a_workers_shared_budget_runs_at_the_share_it_is_told():
     p, _quotas = pair()
     other = Pair(p.supervisor, 1, Counts())
     budgets = [Budgets(), Budgets()]
-    for b, end in zip(budgets, (p, other)):
+    for b, end in zip(budgets, (p, other), strict=True):
         b.workers, b.sharing = 2, end.down
         end.down.budgets = b
     limits = RuleLimits("web", rate=1000, rate_per="rule")
