@@ -11,10 +11,11 @@ import re
 import socket
 import tomllib
 from dataclasses import dataclass, field, replace
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 from socksd.auth.gss import LEVEL_NAMES, GSSAPISettings
 from socksd.auth.registry import METHODS
+from socksd.client.upstream import Upstream, parse_upstream
 from socksd.ident.policy import IdentPolicy, parse_mode
 from socksd.ident.server import IdentdLimits
 from socksd.logs import FORMATS
@@ -94,6 +95,8 @@ class Config:
     recheck_on_reload: bool = False     # a reload judges open sessions again
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()
+    # [[upstreams]] by name: the proxies a rule's ``via`` sends its sessions through.
+    upstreams: Mapping[str, Upstream] = field(default_factory=dict)
     # The text it was parsed from (none: the embedded default): what the
     # workers are given to run, and where a later message finds its lines.
     source: str | None = field(default=None, repr=False, compare=False)
@@ -209,8 +212,9 @@ _RULE_KEYS = {
     "action": "string", "from": "strings", "to": "strings", "ports": "ports",
     "commands": "strings", "users": "strings", "versions": "integers", "verified": "verified",
     "log": "bool", "name": "name", "rate": "rate", "rate_per": "string",
-    "max_sessions": "count", "max_sessions_per": "string",
+    "max_sessions": "count", "max_sessions_per": "string", "via": "strings",
 }
+_UPSTREAM_KEYS = {"name": "name", "url": "string", "ca": "string", "resolve": "string"}
 _SOCKS4_KEYS = {
     "enabled": "bool", "userid": "string", "whitelist": "strings",
     "allow_empty_userid": "bool", "ident_port": "port", "ident_timeout": "timeout",
@@ -231,7 +235,7 @@ _GSSAPI_KEYS = {
 }
 _LOG_KEYS = {"format": "string"}
 _METRICS_KEYS = {"listen": "strings", "per_user": "bool"}
-_TABLES = ("server", "socks4", "identd", "gssapi", "rules", "log", "metrics")
+_TABLES = ("server", "socks4", "identd", "gssapi", "rules", "log", "metrics", "upstreams")
 
 
 class _Where:
@@ -384,7 +388,8 @@ def parse(data: dict[str, Any], where: _Where) -> Config:
         raise where.error(f"{limits.auth_failure_backoff:g} s is more than server."
                           f"auth_failure_backoff_max ({limits.auth_failure_backoff_max:g} s)",
                           "server", None, "auth_failure_backoff")
-    rules = _rules(data.get("rules"), where)
+    upstreams = _upstreams(data.get("upstreams"), where)
+    rules = _rules(data.get("rules"), where, upstreams)
     identd = None
     if "identd" in data:
         identd = _identd(_table(data, "identd", _IDENTD_KEYS, where), where)
@@ -407,7 +412,7 @@ def parse(data: dict[str, Any], where: _Where) -> Config:
                   _socks4(socks4, limits, where), identd, gssapi, workers,
                   "enabled" in socks4, trusted,
                   server.get("recheck_on_reload", False),
-                  log=log_config, metrics=metrics,
+                  log=log_config, metrics=metrics, upstreams=upstreams,
                   source=where.text)._socks4_default().checked(where)
 
 
@@ -543,7 +548,47 @@ def _socks4(table: dict[str, Any], limits: Limits, where: _Where) -> Socks4Polic
     return policy
 
 
-def _rules(raw: Any, where: _Where) -> RuleSet:
+def _upstreams(raw: Any, where: _Where) -> dict[str, Upstream]:
+    """``[[upstreams]]``: name -> the proxy, its URL parsed (and its CA file
+    read) now, so a bad one stops start-up rather than fail sessions."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, list):
+        raise where.error("must be an array of tables ([[upstreams]])", key="upstreams")
+    upstreams: dict[str, Upstream] = {}
+    for index, table in enumerate(raw):
+        if not isinstance(table, dict):
+            raise where.error("must be a table", "upstreams", index)
+        for key, value in table.items():
+            kind = _UPSTREAM_KEYS.get(key)
+            if kind is None:
+                raise where.error(f"unknown key (known: {', '.join(_UPSTREAM_KEYS)})",
+                                  "upstreams", index, key)
+            _check_type(where, value, kind, "upstreams", index, key)
+        for key in ("name", "url"):
+            if key not in table:
+                raise where.error("missing", "upstreams", index, key)
+        name = table["name"]
+        if name in upstreams:
+            raise where.error(f"{name!r} names another upstream already", "upstreams", index,
+                              "name")
+        resolve = table.get("resolve", "remote")
+        if resolve not in ("remote", "local"):
+            raise where.error(f"{resolve!r} is \"remote\" (the upstream resolves names) or "
+                              "\"local\" (socksd resolves, checks, and sends the address)",
+                              "upstreams", index, "resolve")
+        ca = table.get("ca")
+        try:
+            upstream = parse_upstream(table["url"], name,
+                                      None if ca is None else _in_folder(ca, where.folder))
+        except ValueError as e:
+            raise where.error(str(e), "upstreams", index,
+                              "ca" if ca is not None and "ca" in str(e) else "url") from None
+        upstreams[name] = replace(upstream, resolve_locally=resolve == "local")
+    return upstreams
+
+
+def _rules(raw: Any, where: _Where, upstreams: Mapping[str, Upstream] | None = None) -> RuleSet:
     if raw is None:
         return default_rules()
     if not isinstance(raw, list):
@@ -591,12 +636,58 @@ def _rules(raw: Any, where: _Where) -> RuleSet:
                 name or str(index + 1), _rate(table.get("rate")),
                 table.get("rate_per", "session"), table.get("max_sessions"),
                 table.get("max_sessions_per", "rule"))
+        if "via" in table:
+            args["via"] = _via(table, index, upstreams or {}, where)
         label = f"rule {name}" if name is not None else f"rule {index + 1}"
         try:
             compiled.append(compile_rule(label, **args))
         except ValueError as e:
             raise where.error(str(e), "rules", index, _guilty_key(str(e), table)) from None
     return RuleSet(compiled)
+
+
+def _via(table: dict[str, Any], index: int, upstreams: Mapping[str, Upstream],
+         where: _Where) -> tuple[str, ...]:
+    """A rule's ``via``: upstreams by name, tried in order."""
+    via = table["via"]
+    if not via:
+        raise where.error("needs at least one upstream (leave via out to connect directly)",
+                          "rules", index, "via")
+    if table.get("action") != "allow":
+        raise where.error("is for rules that allow", "rules", index, "via")
+    for name in via:
+        if name not in upstreams:
+            known = ", ".join(upstreams) or "none: add [[upstreams]]"
+            raise where.error(f"{name!r} is no upstream (known: {known})", "rules", index,
+                              "via")
+    if len(set(via)) != len(via):
+        raise where.error("names an upstream twice", "rules", index, "via")
+    # A name sent upstream unresolved has no address here for a network to
+    # judge: only names can be matched, unless every upstream resolves
+    # locally (and sends the address, checked like a direct CONNECT's).
+    networks = [item for item in table.get("to") or () if _is_network(item)]
+    remote = [name for name in via if not upstreams[name].resolve_locally]
+    if networks and remote:
+        raise where.error(f"{networks[0]!r}: a network cannot judge names sent unresolved to "
+                          f"upstream {remote[0]!r}: match names in to, or set resolve = "
+                          "\"local\" on the upstream", "rules", index, "to")
+    commands = set(table.get("commands") or ("connect", "bind", "udp"))
+    for command in sorted(commands & {"connect", "bind", "udp"}):
+        if not any(command in upstreams[name].commands for name in via):
+            raise where.error(f"no upstream in via does {command} ("
+                              f"{', '.join(f'{n}: {upstreams[n].scheme}' for n in via)}); "
+                              "list the commands the rule is for", "rules", index, "via")
+    return tuple(via)
+
+
+def _is_network(item: str) -> bool:
+    if item == SELF:
+        return True
+    try:
+        parse_network(item)
+    except ValueError:
+        return False
+    return True
 
 
 # A rate's units: bytes (B, kB/KB, MB, GB and KiB, MiB, GiB) or bits (kbit,

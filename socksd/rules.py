@@ -125,6 +125,7 @@ class Rule:
     label: str = "rule"
     name: str | None = None
     limits: RuleLimits | None = None   # an allowing rule's rate and session cap
+    via: tuple[str, ...] = ()          # upstreams (by name) its sessions go through
 
     @property
     def allows(self) -> bool:
@@ -133,9 +134,9 @@ class Rule:
     @property
     def governs(self) -> Rule | None:
         """The rule itself when what it admits is bound by it (a rate, a
-        cap); None when any allowing rule would do as well. A name's
+        cap, upstreams); None when any allowing rule would do as well. A name's
         addresses are connected to under one governing rule."""
-        return self if self.limits is not None else None
+        return self if self.limits is not None or self.via else None
 
     def matches_request(self, client: IPAddress, user: str | None, command: str,
                         port: int, version: int = 5, verified: bool = False) -> bool:
@@ -478,7 +479,7 @@ def compile_rule(label: str, action: str, sources: Sequence[str] | None = None,
                  versions: Sequence[int] | None = None,
                  verified: bool | str | None = None,
                  host_addresses: Sequence[IPAddress] = (), name: str | None = None,
-                 limits: RuleLimits | None = None) -> Rule:
+                 limits: RuleLimits | None = None, via: Sequence[str] = ()) -> Rule:
     """Build a rule from config strings; raises ValueError naming the bad value.
 
     ``verified``: True (proven users only), False (unproven only), "any"
@@ -563,7 +564,7 @@ def compile_rule(label: str, action: str, sources: Sequence[str] | None = None,
     return Rule(action, compiled_sources, tuple(networks), frozenset(names), tuple(suffixes),
                 any_destination, compiled_ports, compiled_commands, user_names, anonymous,
                 compiled_versions, compiled_verified, named_verified, log, label, name,
-                limits)
+                limits, tuple(via))
 
 
 def parse_network(text: str) -> IPNetwork:

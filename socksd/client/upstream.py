@@ -121,6 +121,9 @@ class Upstream:
     # socks5+tls: pyOpenSSL's connection creator (made at parsing, which
     # reads the CA file: a bad file is a config error, not a failed session)
     tls: Any = field(default=None, repr=False, compare=False)
+    # A name is resolved here (bounded, each address checked by the rules)
+    # and the upstream is sent the address; else it gets the name as given.
+    resolve_locally: bool = False
 
     @property
     def commands(self) -> frozenset[str]:
@@ -234,9 +237,10 @@ class _Through:
 # Parsing.
 
 
-def parse_upstream(url: str, name: str | None = None) -> Upstream:
+def parse_upstream(url: str, name: str | None = None, ca: str | None = None) -> Upstream:
     """One upstream from its URL (module docstring); ``name`` defaults to
-    the URL as logged. ValueError says what is wrong, never with the password."""
+    the URL as logged; ``ca`` is the CA file as ``?ca=`` would give it.
+    ValueError says what is wrong, never with the password."""
     if not isinstance(url, str):
         raise ValueError(f"an upstream URL is a string, not {type(url).__name__}")
     scheme, sep, _rest = url.partition("://")
@@ -275,6 +279,12 @@ def parse_upstream(url: str, name: str | None = None) -> Upstream:
         if not given:
             raise ValueError(f"{shown}: service= names the GSS-API service (e.g. rcmd)")
         service = given if "@" in given else f"{given}@{host}"
+    if ca is not None:
+        if scheme != "socks5+tls":
+            raise ValueError(f"{shown}: a ca is for socks5+tls upstreams")
+        if "ca" in options:
+            raise ValueError(f"{shown}: the CA is given twice (ca, and ?ca= in the URL)")
+        options["ca"] = ca
     ca = options.get("ca")
     tls = _tls_creator(host, ca, shown) if scheme == "socks5+tls" else None
     return Upstream(name=name or url_text, scheme=scheme, host=host, port=port,

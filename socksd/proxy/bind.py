@@ -50,6 +50,9 @@ def candidate_ports(ranges: tuple[tuple[int, int], ...]):
 class Incoming(RelayEnd):
     """The connection that arrived at a BIND listener."""
 
+    # Through an upstream: the peer it named (the transport's is the upstream).
+    announced: tuple[str, int] | None = None
+
     def connectionMade(self) -> None:
         waiter, self.factory = self.factory, None
         waiter.connected(self)

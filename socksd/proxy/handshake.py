@@ -15,7 +15,7 @@ from twisted.python.failure import Failure
 
 from socksd.auth import User
 from socksd.auth.methods import Established
-from socksd.proxy.bind import BindWaiter
+from socksd.proxy.bind import BindWaiter, Incoming
 from socksd.proxy.connect import ConnectFailed, Outbound, classify
 from socksd.relay import RelayEnd
 from socksd.rules import IPAddress
@@ -81,22 +81,28 @@ class Requesting:
         raise NotImplementedError
 
     def _connected(self, outbound: Outbound) -> None:
-        self._relay(outbound, outbound.transport.getHost())
+        local = outbound.transport.getHost()
+        self._relay(outbound, local.host, local.port)
 
     def _bound(self, waiter: BindWaiter) -> None:
         """First BIND reply: where the client's peer should connect."""
         self.transport.write(self.success(*waiter.bound))
         waiter.accepted.addCallbacks(self._bind_accepted, self._refused)
 
-    def _bind_accepted(self, incoming: RelayEnd) -> None:
-        """Second BIND reply: who connected; then relay."""
-        self._relay(incoming, incoming.transport.getPeer())
+    def _bind_accepted(self, incoming: Incoming) -> None:
+        """Second BIND reply: who connected (through an upstream, the peer it
+        named); then relay."""
+        announced = incoming.announced
+        if announced is None:
+            peer = incoming.transport.getPeer()
+            announced = peer.host, peer.port
+        self._relay(incoming, *announced)
 
-    def _relay(self, end: RelayEnd, address: Any) -> None:
-        """The last reply names ``address`` (where we connected from, or who
+    def _relay(self, end: RelayEnd, host: str, port: int) -> None:
+        """The last reply names host:port (where we connected from, or who
         connected to us); then relay, passing on what the client sent early."""
         early, self.buffer = self.buffer, b""
-        self.owner.start_relay(end, self.success(address.host, address.port), early)
+        self.owner.start_relay(end, self.success(host, port), early)
 
     def _refused(self, failure: Failure) -> None:
         if failure.check(CancelledError):
