@@ -11,6 +11,7 @@ from socksd.ident.registry import Registrar
 from socksd.proxy.limits import Limits
 from socksd.proxy.record import SessionRecord
 from socksd.proxy.socks4 import Socks4Policy
+from socksd.proxy.source import Sources
 from socksd.rules import RuleSet
 
 
@@ -50,6 +51,7 @@ class SessionHost(Protocol):
     reactor: Any
     limits: Limits
     rules: RuleSet
+    sources: Sources | None     # None: outgoing sockets are the kernel's to place
     socks4: Socks4Policy
     registry: Registrar | None
     worker: int | None

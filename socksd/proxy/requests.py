@@ -17,26 +17,29 @@ from socksd.proxy.bind import BindWaiter
 from socksd.proxy.client_rules import ClientRules
 from socksd.proxy.connect import ConnectFailed
 from socksd.proxy.limits import Limits
+from socksd.proxy.source import Sources
 from socksd.proxy.udp import UDPRelay
 from socksd.rules import parse_ip
 from socksd.stats import STATS
 
 
 def open_connection(reactor: Any, limits: Limits, rules: ClientRules, host: str, port: int,
-                    by_name: bool) -> defer.Deferred[connect.Outbound]:
-    """CONNECT: the first allowed address of host that connects in time."""
+                    by_name: bool, source: connect.SourceChoice | None = None,
+                    ) -> defer.Deferred[connect.Outbound]:
+    """CONNECT: the first allowed address of host that connects in time,
+    leaving from where ``source`` says (None: the kernel's choice)."""
     timeout = limits.connect_timeout
     requested = reactor.seconds()
     deadline = requested + timeout
     d: defer.Deferred[connect.Outbound]
     if by_name:
         d = rules.destinations(reactor, "connect", host, port, by_name, timeout).addCallback(
-            connect.connect_first, reactor, port, deadline)
+            connect.connect_first, reactor, port, deadline, source)
     else:
         # An address: decided and connected at once, the common case.
         denied = rules.refuse_address("connect", host, port)
         d = defer.fail(denied) if denied else connect.connect_first([host], reactor, port,
-                                                                    deadline)
+                                                                    deadline, source)
     return d.addCallbacks(_connected, _classify, callbackArgs=(reactor, requested))
 
 
@@ -70,13 +73,20 @@ def listen_for(reactor: Any, limits: Limits, rules: ClientRules, host: str, port
 
 def associate(reactor: Any, limits: Limits, rules: ClientRules, host: str, port: int,
               local: Any, activity: Callable[[], None],
-              layer: SecurityLayer | None = None) -> tuple[UDPRelay, tuple[str, int]]:
-    """UDP ASSOCIATE: a relay socket on ``local``'s address, for datagrams
-    from host:port (0s: not known yet); raises ConnectFailed."""
+              layer: SecurityLayer | None = None,
+              sources: Sources | None = None) -> tuple[UDPRelay, tuple[str, int]]:
+    """UDP ASSOCIATE: a relay socket on ``local``'s address (or on
+    udp_advertise, one of this host's), for datagrams from host:port (0s:
+    not known yet), sending to destinations from a source address if
+    ``sources`` has one; raises ConnectFailed. The reply names
+    udp_advertise if set."""
     if not rules.could_allow("udp"):
         raise ConnectFailed(connect.DENIED, "no rule allows udp")
     relay = UDPRelay(reactor, limits, rules, host, port, activity, layer)
-    return relay, relay.listen(local, limits.udp_ports)
+    bound = relay.listen(local, limits.udp_ports, sources)
+    if limits.udp_advertise is not None:
+        bound = (limits.udp_advertise, bound[1])
+    return relay, bound
 
 
 def _classify(failure: Failure):
