@@ -271,3 +271,34 @@ class SourceTests(unittest.TestCase):
         self.assertEqual((code, answer[-9:]), (0, b"echo ping"))
         [(peer, _port)] = self.echo.peers
         self.assertEqual(peer, "127.0.0.1")
+
+
+@pytest.mark.integration
+def test_twistd_reads_source_from_its_config(socks_server):
+    """The file's keys reach the listener: a real `twistd socks`."""
+    with socket.create_server(("127.0.0.1", 0)) as destination:
+        destination.settimeout(10)
+        port = destination.getsockname()[1]
+        server = socks_server('[server]\nsource = ["127.0.0.2", "127.0.0.3"]\n'
+                              'source_select = "round-robin"\n')
+        peers = []
+        for _ in range(3):
+            code, peer = socks5_connect_with_accept(server.address, destination, port)
+            assert code == 0
+            peers.append(peer)
+        assert peers == ["127.0.0.2", "127.0.0.3", "127.0.0.2"]
+
+
+def socks5_connect_with_accept(proxy, destination: socket.socket, port: int) -> tuple[int, str]:
+    """A SOCKS5 CONNECT to 127.0.0.1:port whose listener (``destination``)
+    this thread accepts: the reply code and the peer address it saw."""
+    with socket.create_connection(proxy, timeout=10) as s:
+        s.sendall(b"\x05\x01\x00")
+        assert recv_exact(s, 2) == b"\x05\x00"
+        s.sendall(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack("!H", port))
+        code = recv_exact(s, 10)[1]
+        if code != 0:
+            return code, ""
+        accepted, peer = destination.accept()
+        accepted.close()
+        return code, peer[0]
