@@ -293,6 +293,8 @@ def connect_first(hosts: list[str], reactor, port: int, deadline: float,
         return defer.fail(ConnectFailed(TIMEOUT, "no time left to connect"))
     if len(hosts) == 1:
         # An address CONNECT, or a name with one address: no race, no timer.
+        if source is None:
+            return connect_tcp(reactor, hosts[0], port, remaining)
         return _connect_from(reactor, hosts[0], port, remaining, source)
     return _Race(reactor, interleave(hosts), port, deadline, source).deferred
 
