@@ -243,6 +243,16 @@ class SourceTests(unittest.TestCase):
         self.assertEqual(self.destination.peers, ["127.0.0.2", "127.0.0.2"])
 
     @defer.inlineCallbacks
+    def test_each_family_leaves_from_its_own_source(self):
+        v6 = reactor.listenTCP(0, self.destination, interface="::1")
+        self.addCleanup(v6.stopListening)
+        proxy = self.proxy(source=("::1", "127.0.0.2"))
+        for host, port in (("::1", v6.getHost().port), ("127.0.0.1", self.tcp.getHost().port)):
+            code, greeting = yield threads.deferToThread(socks5_connect, proxy, host, port)
+            self.assertEqual((code, greeting), (0, b"hi"))
+        self.assertEqual(self.destination.peers, ["::1", "127.0.0.2"])
+
+    @defer.inlineCallbacks
     def test_no_source_of_the_family_is_host_unreachable(self):
         proxy = self.proxy(source=("::1",))
         with capturedLogs() as events:

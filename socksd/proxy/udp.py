@@ -83,7 +83,7 @@ class UDPRelay(DatagramProtocol):
         # socket does both.
         self.outside: IListeningPort | None = None
         self.sender: _Destinations | None = None
-        self.ipv6 = False     # the relay socket's family: it sends to that family only
+        self.ipv6 = False     # the sending socket's family: it sends to that family only
         self.counts = {"up": 0, "down": 0, "dropped": 0, "fragments": 0, "bytes_up": 0,
                        "bytes_down": 0}
         self.stopped = False
