@@ -347,3 +347,13 @@ class BlackHoleFirstTests(unittest.TestCase):
         self.assertEqual(code, 0x06)    # TTL expired: SOCKS5's word for a timeout
         self.assertGreaterEqual(took, 0.5)
         self.assertLess(took, 3)
+
+
+def test_a_failure_at_the_deadline_starts_nothing_more():
+    race = Race([V4A, V4B, V4C], timeout=0.25)
+    race.reactor.advance(0.25 - 1e-9)
+    assert race.started() == [V4A]
+    race.reactor.rightNow += 1e-9     # the deadline, before its timer has run
+    race.attempt(0).refuse(error.ConnectionRefusedError())
+    assert race.started() == [V4A]
+    assert race.failure().reason == connect.REFUSED and race.timers() == []

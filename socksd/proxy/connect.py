@@ -364,7 +364,8 @@ class _Race:
 
     def _delayed(self) -> None:
         self.delay = None
-        self._start()
+        if self.reactor.seconds() < self.deadline:   # else the expiry, due now, ends it
+            self._start()
 
     def _won(self, outbound: Outbound) -> None:
         if self.over:
@@ -383,7 +384,7 @@ class _Race:
         rank = 0 if failed.reason == TIMEOUT else 1 if isinstance(failed, NoSource) else 2
         if rank >= self.rank:
             self.failure, self.rank = Failure(failed), rank
-        if self.hosts:
+        if self.hosts and self.reactor.seconds() < self.deadline:
             self._start()
         elif not self.attempts:
             self._stop()
