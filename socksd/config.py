@@ -21,6 +21,7 @@ from socksd.ident.server import IdentdLimits
 from socksd.logs import FORMATS
 from socksd.proxy.limits import Limits
 from socksd.proxy.socks4 import Socks4Policy
+from socksd.proxy.source import SELECTS as SOURCE_SELECTS
 from socksd.rules import (
     SELF,
     IPAddress,
@@ -207,6 +208,7 @@ _SERVER_KEYS = {
     "auth_threads": "count", "auth_in_flight": "count", "auth_in_flight_per_client": "count",
     "auth_failure_backoff": "seconds", "auth_failure_backoff_max": "timeout",
     "auth_failure_clients": "count", "recheck_on_reload": "bool", "drain_timeout": "drain",
+    "source": "strings", "source_select": "string", "udp_advertise": "string",
 }
 _RULE_KEYS = {
     "action": "string", "from": "strings", "to": "strings", "ports": "ports",
@@ -376,6 +378,7 @@ def parse(data: dict[str, Any], where: _Where) -> Config:
     if not 1 <= server.get("max_datagram", 1) <= 65507:
         raise where.error(f"{server['max_datagram']} is not a UDP payload size (1-65507)",
                           "server", None, "max_datagram")
+    given.update(_outgoing(server, where))
     checkers = []
     for description in server.get("checkers", ()):
         problem = _checker_problem(description)
@@ -414,6 +417,64 @@ def parse(data: dict[str, Any], where: _Where) -> Config:
                   server.get("recheck_on_reload", False),
                   log=log_config, metrics=metrics, upstreams=upstreams,
                   source=where.text)._socks4_default().checked(where)
+
+
+def _outgoing(server: dict[str, Any], where: _Where) -> dict[str, Any]:
+    """source, source_select and udp_advertise, as Limits takes them. An
+    address must be one of this host's to be a source: a bind() to it is
+    tried now, so a typing mistake stops start-up instead of every CONNECT."""
+    given: dict[str, Any] = {}
+    addresses = []
+    for text in server.get("source", ()):
+        address = _specific_address(text, where, "source")
+        problem = _bind_problem(address)
+        if problem:
+            raise where.error(f"{text!r}: {problem}", "server", None, "source")
+        addresses.append(address)
+    if "source" in server:
+        if len(set(addresses)) != len(addresses):
+            raise where.error("lists an address twice", "server", None, "source")
+        given["source"] = tuple(addresses)
+    if "source_select" in server:
+        select = server["source_select"]
+        if select not in SOURCE_SELECTS:
+            raise where.error(f"{select!r} is not {_either(SOURCE_SELECTS)}", "server", None,
+                              "source_select")
+        given["source_select"] = select
+    if server.get("udp_advertise"):     # "": unset, the relay socket's own address
+        address = _specific_address(server["udp_advertise"], where, "udp_advertise")
+        given["udp_advertise"] = address
+        # One of this host's (a balancer in front, no NAT): the relay is
+        # bound there; another (NAT forwards it): on the listener's address.
+        given["udp_advertise_local"] = _bind_problem(address) is None
+    return given
+
+
+def _specific_address(text: str, where: _Where, key: str) -> str:
+    try:
+        address = parse_ip(text)
+    except ValueError:
+        raise where.error(f"{text!r} is not an IP address", "server", None, key) from None
+    if address.is_unspecified:
+        raise where.error(f"{text!r} is the unspecified address, not one of this host's",
+                          "server", None, key)
+    return str(address)
+
+
+def _bind_problem(address: str) -> str | None:
+    """Why this host cannot bind ``address`` (not one of its addresses), if it cannot."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind((address, 0))
+    except OSError as e:
+        return f"cannot bind it ({e.strerror}): not an address of this host"
+    return None
+
+
+def _either(choices: Sequence[str]) -> str:
+    quoted = [f'"{c}"' for c in choices]
+    return ", ".join(quoted[:-1]) + " or " + quoted[-1]
 
 
 def _log(table: dict[str, Any], where: _Where) -> LogConfig:

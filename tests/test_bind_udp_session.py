@@ -1206,3 +1206,107 @@ def test_relay_lookups_are_bounded_and_count_until_they_finish():
     resolver.answer("192.0.2.53", index=0)
     relay.datagramReceived(socks5.encode_udp("late.example", 53, b"q"), ("127.0.0.1", 6000))
     assert resolver.names[-1] == "late.example"
+
+
+# A source address ([server] source): a second socket faces the destinations.
+
+
+def associate_from_source(source: str = "198.51.100.7", rules=None, **limits):
+    """An association whose destinations are reached from ``source``:
+    (client, relay, the client's side, the destinations' side)."""
+    factory, reactor = make_factory(rules=rules, limits=Limits(source=(source,), **limits))
+    client = socks5_client(factory, UDP_ANY)
+    (_p, relay, inside, _s), (requested, _outside, interface, size) = reactor.udpPorts
+    assert (inside, interface, requested) == ("127.0.0.1", source, 0)
+    # One byte over max_datagram tells an oversized answer from a cut one.
+    assert size == Limits().max_datagram + 1
+    assert client.take() == reply5("127.0.0.1", FIRST_PORT)
+    client_side, destination_side = reactor.udp_listeners
+    return client, relay, client_side, destination_side
+
+
+def test_with_a_source_datagrams_leave_from_it_and_answers_come_back_through_the_relay():
+    client, relay, client_side, destination_side = associate_from_source()
+    relay.datagramReceived(socks5.encode_udp("192.0.2.53", 53, b"q"), ("127.0.0.1", 6000))
+    assert client_side.take() == []
+    assert destination_side.take() == [(b"q", ("192.0.2.53", 53))]
+    destination_side.protocol.datagramReceived(b"a", ("192.0.2.53", 53))
+    assert client_side.take() == [(socks5.encode_udp("192.0.2.53", 53, b"a"),
+                                   ("127.0.0.1", 6000))]
+    assert relay.counts["up"] == relay.counts["down"] == 1
+
+
+def test_with_a_source_only_destinations_the_client_sent_to_are_answered():
+    client, relay, client_side, destination_side = associate_from_source()
+    relay.datagramReceived(socks5.encode_udp("192.0.2.53", 53, b"q"), ("127.0.0.1", 6000))
+    destination_side.take()
+    destination_side.protocol.datagramReceived(b"stranger", ("192.0.2.99", 53))
+    destination_side.protocol.datagramReceived(b"other port", ("192.0.2.53", 54))
+    # The destination writing to the client's side is a stranger there.
+    relay.datagramReceived(b"wrong socket", ("192.0.2.53", 53))
+    assert client_side.take() == [] and relay.counts["dropped"] == 3
+
+
+def test_with_a_source_udpreply_rules_still_decide():
+    rules = RuleSet([compile_rule("no-replies", "deny", commands=["udpreply"]),
+                     compile_rule("rest", "allow")])
+    client, relay, client_side, destination_side = associate_from_source(rules=rules)
+    relay.datagramReceived(socks5.encode_udp("192.0.2.53", 53, b"q"), ("127.0.0.1", 6000))
+    destination_side.protocol.datagramReceived(b"a", ("192.0.2.53", 53))
+    assert client_side.take() == [] and relay.counts["dropped"] == 1
+
+
+def test_with_a_source_the_end_closes_both_sockets():
+    client, relay, client_side, destination_side = associate_from_source()
+    client.lose()
+    assert client_side.stopped and destination_side.stopped
+    destination_side.protocol.datagramReceived(b"late", ("192.0.2.53", 53))
+    assert client_side.written == []
+
+
+def test_a_source_that_cannot_be_bound_fails_the_association():
+    factory, reactor = make_factory(limits=Limits(source=("198.51.100.7",)))
+    real = reactor.listenUDP
+
+    def refuse_the_source(port, protocol, interface="", maxPacketSize=8192):
+        if interface == "198.51.100.7":
+            raise error.CannotListenError(interface, port,
+                                          OSError(errno.EADDRNOTAVAIL, "not this host's"))
+        return real(port, protocol, interface, maxPacketSize)
+
+    reactor.listenUDP = refuse_the_source
+    client = Client(factory, False)
+    client.send(GREETING + UDP_ANY)
+    assert_refused(client, b"\x05\x00" + failure_reply(0x03))
+    assert reactor.udp_listeners[0].stopped
+
+
+def test_a_source_of_the_other_family_gives_the_relay_that_family():
+    client, relay, client_side, destination_side = associate_from_source("2001:db8::7")
+    relay.datagramReceived(socks5.encode_udp("2001:db8::53", 53, b"q"), ("127.0.0.1", 6000))
+    assert destination_side.take() == [(b"q", ("2001:db8::53", 53))]
+
+
+def test_same_as_listener_keeps_one_socket():
+    factory, reactor = make_factory(limits=Limits(source_select="same-as-listener"))
+    client, relay, port = associate(factory)
+    assert len(reactor.udpPorts) == 1
+
+
+# udp_advertise: the address the reply names.
+
+
+def test_udp_advertise_is_named_in_the_reply_with_the_relay_port():
+    # Behind NAT: not this host's, so the relay stays on the listener's address.
+    factory, reactor = make_factory(limits=Limits(udp_advertise="203.0.113.5"))
+    client, relay, port = associate(factory)
+    assert reactor.udpPorts[0][2] == "127.0.0.1"
+    assert client.take() == reply5("203.0.113.5", FIRST_PORT)
+
+
+def test_udp_advertise_of_this_host_is_where_the_relay_is_bound():
+    factory, reactor = make_factory(limits=Limits(udp_advertise="198.51.100.9",
+                                                  udp_advertise_local=True))
+    client, relay, port = associate(factory)
+    assert reactor.udpPorts[0][2] == "198.51.100.9"
+    assert client.take() == reply5("198.51.100.9", FIRST_PORT)

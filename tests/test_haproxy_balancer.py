@@ -224,3 +224,83 @@ def test_socks4_ident_asks_the_real_client(balanced_socks, http_server, client_i
         assert BALANCER_HOST not in instance.log()
     assert INSTANCE_HOSTS == tuple(i.host for i in balanced.instances)
 
+
+
+# UDP ASSOCIATE behind the balancer: the reply names udp_advertise.
+
+PUBLIC = "127.0.0.7"     # the instances' host as the clients reach it, past the balancer
+
+
+class UDPEcho:
+    """A UDP echo on 127.0.0.1 (the destination) that records its peers."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.peers: list[tuple[str, int]] = []
+        self.running = True
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while self.running:
+            try:
+                data, peer = self.sock.recvfrom(65535)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.peers.append(peer)
+            self.sock.sendto(b"echo " + data, peer)
+
+    def close(self) -> None:
+        self.running = False
+        self.thread.join(5)
+        self.sock.close()
+
+
+@pytest.fixture
+def udp_echo():
+    echo = UDPEcho()
+    yield echo
+    echo.close()
+
+
+def test_udp_associate_through_the_balancer_names_udp_advertise(balanced_socks, udp_echo):
+    """HAProxy carries TCP only: the UDP ASSOCIATE reply must name an
+    address the client reaches the instance at (udp_advertise), not the one
+    the balancer connected to (127.0.0.3, 127.0.0.4)."""
+    balanced = balanced_socks("", f'udp_advertise = "{PUBLIC}"')
+    header = b"\x00\x00\x00\x01" + socket.inet_aton("127.0.0.1") + \
+        struct.pack("!H", udp_echo.port)
+    controls: list[socket.socket] = []
+    clients: list[tuple[str, int]] = []
+    try:
+        for turn in range(2):      # round robin: one association per instance
+            control = socket.create_connection(balanced.address, timeout=10,
+                                               source_address=(CLIENT, 0))
+            controls.append(control)
+            clients.append(control.getsockname())
+            control.sendall(b"\x05\x01\x00")
+            assert recv_exact(control, 2) == b"\x05\x00"
+            control.sendall(b"\x05\x03\x00\x01" + bytes(6))
+            reply = recv_exact(control, 10)
+            assert reply[:4] == b"\x05\x00\x00\x01", reply
+            relay = (socket.inet_ntoa(reply[4:8]), struct.unpack("!H", reply[8:10])[0])
+            assert relay[0] == PUBLIC
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+                client.bind((CLIENT, 0))
+                client.settimeout(5)
+                client.sendto(header + f"ping {turn}".encode(), relay)
+                answer, came_from = client.recvfrom(1000)
+            assert came_from == relay
+            assert answer == header + f"echo ping {turn}".encode()
+    finally:
+        for control in controls:
+            control.close()
+    # Both instances served one, and the destination saw two relays.
+    servers = served_by(balanced, clients)
+    assert sorted(servers.values()) == ["s1", "s2"], servers
+    assert len(set(udp_echo.peers)) == 2

@@ -60,8 +60,10 @@ class Commands:
         if refused is not None:
             return defer.fail(refused)
         server = self.server
+        sources = server.sources
+        source = None if sources is None else sources.for_session(self.socket_host())
         self.pending = d = requests.open_connection(server.reactor, server.limits, rules,
-                                                    host, port, by_name)
+                                                    host, port, by_name, source)
         return d
 
     def bind(self, host: str, port: int, by_name: bool) -> defer.Deferred:
@@ -93,7 +95,7 @@ class Commands:
         try:
             self.udp, bound = requests.associate(server.reactor, server.limits, rules, host,
                                                  port, self.socket_host(),
-                                                 self.resetTimeout, self.layer)
+                                                 self.resetTimeout, self.layer, server.sources)
         except ConnectFailed as e:
             return defer.fail(e)
         self.setTimeout(server.limits.udp_idle_timeout or None)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+from typing import Callable
 from weakref import WeakKeyDictionary
 
 from twisted.internet import defer, error
@@ -235,15 +236,17 @@ class _ConnectFactory(ClientFactory):
             d.errback(reason)
 
 
-def connect_tcp(reactor, host: str, port: int, timeout: float) -> defer.Deferred[Outbound]:
-    """Connect to an IP literal; cancelling the Deferred abandons the attempt.
+def connect_tcp(reactor, host: str, port: int, timeout: float,
+                source: str | None = None) -> defer.Deferred[Outbound]:
+    """Connect to an IP literal, from the address ``source`` if given (else
+    the kernel's choice); cancelling the Deferred abandons the attempt.
 
     On a reactor that watches real file descriptors (every POSIX one) the
     socket is connected by :class:`_Connecting` and then adopted; any other
     reactor (and the tests' memory reactor) gets ``connectTCP``.
     """
     if isinstance(reactor, PosixReactorBase):
-        return _Connecting(reactor, host, port, timeout).deferred
+        return _Connecting(reactor, host, port, timeout, source).deferred
     connector = None
 
     def cancel(d):
@@ -253,30 +256,178 @@ def connect_tcp(reactor, host: str, port: int, timeout: float) -> defer.Deferred
 
     d: defer.Deferred[Outbound] = defer.Deferred(cancel)
     factory = _ConnectFactory(d)
-    connector = reactor.connectTCP(host, port, factory, timeout=timeout)
+    connector = reactor.connectTCP(host, port, factory, timeout=timeout,
+                                   bindAddress=None if source is None else (source, 0))
     return d
 
 
-# connect(2)'s errors, as Twisted's connectTCP would report them (classify()).
+# Where an outgoing connection leaves from, per address family
+# (socket.AF_INET, AF_INET6): an address, or None for the kernel's choice;
+# raises ConnectFailed when no configured address fits the family.
+SourceChoice = Callable[[int], "str | None"]
+
+
+def family_of(host: str) -> int:
+    """The address family of an IP literal."""
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _connect_from(reactor, host: str, port: int, timeout: float,
+                  source: SourceChoice | None) -> defer.Deferred[Outbound]:
+    if source is None:
+        return connect_tcp(reactor, host, port, timeout)
+    try:
+        address = source(family_of(host))
+    except ConnectFailed as e:
+        return defer.fail(e)
+    return connect_tcp(reactor, host, port, timeout, address)
+
+
 def connect_first(hosts: list[str], reactor, port: int, deadline: float,
-                  last: Failure | None = None) -> defer.Deferred[Outbound]:
-    """Try the addresses in resolver order until one connects by ``deadline``
-    (reactor.seconds()); fails as the last one did (``last``: the failure
-    of the address before these)."""
+                  source: SourceChoice | None = None) -> defer.Deferred[Outbound]:
+    """The first of ``hosts`` to connect by ``deadline`` (reactor.seconds()),
+    raced as RFC 8305 (Happy Eyeballs) says: see :class:`_Race`. ``source``
+    says where each attempt leaves from (None: the kernel's choice)."""
     remaining = deadline - reactor.seconds()
-    if not hosts or remaining <= 0:
-        return defer.fail(last if last is not None else
-                          ConnectFailed(TIMEOUT, "no time left to connect"))
-    d = connect_tcp(reactor, hosts[0], port, remaining)
-    return d.addErrback(_next_address, hosts[1:], reactor, port, deadline)
+    if remaining <= 0:
+        return defer.fail(ConnectFailed(TIMEOUT, "no time left to connect"))
+    if len(hosts) == 1:
+        # An address CONNECT, or a name with one address: no race, no timer.
+        if source is None:
+            return connect_tcp(reactor, hosts[0], port, remaining)
+        return _connect_from(reactor, hosts[0], port, remaining, source)
+    return _Race(reactor, interleave(hosts), port, deadline, source).deferred
 
 
-def _next_address(failure: Failure, hosts: list[str], reactor, port: int,
-                  deadline: float) -> defer.Deferred[Outbound]:
-    if failure.check(defer.CancelledError):
-        return defer.fail(failure)
-    return connect_first(hosts, reactor, port, deadline, failure)
+def interleave(hosts: list[str]) -> list[str]:
+    """RFC 8305 section 4: the resolver's order, the families alternating,
+    starting with the first address's."""
+    first = ":" in hosts[0]
+    same = [h for h in hosts if (":" in h) == first]
+    other = [h for h in hosts if (":" in h) != first]
+    if not other:
+        return hosts
+    mixed: list[str] = []
+    for i in range(max(len(same), len(other))):
+        mixed.extend(h[i] for h in (same, other) if i < len(h))
+    return mixed
 
+
+# RFC 8305 section 5's recommended Connection Attempt Delay.
+ATTEMPT_DELAY = 0.25
+
+
+class _Race:
+    """RFC 8305 connection attempts over addresses already resolved (and
+    checked by the rules, which is why Twisted's HostnameEndpoint, which
+    resolves again, is not used). An attempt starts ATTEMPT_DELAY after the
+    previous one started, or at once when the previous one fails; the first
+    to connect wins and every other is cancelled; at the deadline those still
+    trying are cancelled.
+
+    The failure reported when all fail is the latest one that says most: a
+    refusal or an unreachable network over a missing source address, and
+    either over a timeout (a black-holed address says least)."""
+
+    __slots__ = ("reactor", "hosts", "port", "deadline", "source", "deferred", "attempts",
+                 "delay", "expiry", "failure", "rank", "over")
+
+    def __init__(self, reactor, hosts: list[str], port: int, deadline: float,
+                 source: SourceChoice | None) -> None:
+        self.reactor = reactor
+        self.hosts = hosts[::-1]     # popped from the end: the next is last
+        self.port = port
+        self.deadline = deadline
+        self.source = source
+        self.deferred: defer.Deferred[Outbound] = defer.Deferred(self._cancel)
+        self.attempts: list[defer.Deferred[Outbound]] = []
+        self.failure: Failure | None = None
+        self.rank = -1
+        self.over = False
+        self.delay = None            # the wait before the next attempt starts
+        total = deadline - reactor.seconds()
+        self.expiry = reactor.callLater(total, self._expired, total)
+        self._start()
+
+    def _start(self) -> None:
+        """Start the next attempt, and the delay before the one after."""
+        self._cancel_delay()
+        host = self.hosts.pop()
+        d = _connect_from(self.reactor, host, self.port, self.deadline - self.reactor.seconds(),
+                          self.source)
+        self.attempts.append(d)
+        d.addCallbacks(self._won, self._lost, errbackArgs=(d,))
+        # (An attempt that failed at once, such as one with no source address
+        # of its family, has started the next already.)
+        if self.hosts and not self.over and self.delay is None:
+            self.delay = self.reactor.callLater(ATTEMPT_DELAY, self._delayed)
+
+    def _delayed(self) -> None:
+        self.delay = None
+        if self.reactor.seconds() < self.deadline:   # else the expiry, due now, ends it
+            self._start()
+
+    def _won(self, outbound: Outbound) -> None:
+        if self.over:
+            # Cancelling the others as one wins closes them; kept so that a
+            # connection is never left open whatever the order.
+            outbound.transport.abortConnection()
+            return
+        self._stop()
+        self.deferred.callback(outbound)
+
+    def _lost(self, failure: Failure, d: defer.Deferred) -> None:
+        if self.over:
+            return   # cancelled by the race's end
+        self.attempts.remove(d)
+        failed = classify(failure)
+        rank = 0 if failed.reason == TIMEOUT else 1 if isinstance(failed, NoSource) else 2
+        if rank >= self.rank:
+            self.failure, self.rank = Failure(failed), rank
+        if self.hosts and self.reactor.seconds() < self.deadline:
+            self._start()
+        elif not self.attempts:
+            self._stop()
+            self.deferred.errback(self.failure)
+
+    def _expired(self, total: float) -> None:
+        self.expiry = None
+        self._stop()
+        if self.rank < 1:
+            self.failure = Failure(ConnectFailed(TIMEOUT, f"no connection in {total:.3g} s"))
+        self.deferred.errback(self.failure)
+
+    def _cancel_delay(self) -> None:
+        delay, self.delay = self.delay, None
+        if delay is not None and delay.active():
+            delay.cancel()
+
+    def _stop(self) -> None:
+        """The race is over: no more attempts, no timers, those in flight cancelled."""
+        self.over = True
+        self.hosts.clear()
+        self._cancel_delay()
+        expiry, self.expiry = self.expiry, None
+        if expiry is not None and expiry.active():
+            expiry.cancel()
+        attempts, self.attempts = self.attempts, []
+        for d in attempts:
+            d.cancel()
+
+    def _cancel(self, _d) -> None:
+        self._stop()
+
+
+class NoSource(ConnectFailed):
+    """No configured source address has the destination's family."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(HOST_UNREACHABLE, detail)
+
+
+# Linux's IP_BIND_ADDRESS_NO_PORT (include/uapi/linux/in.h), which Python's
+# socket module names only from 3.12 on.
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 _ERRNO_REASONS = {errno.ECONNREFUSED: REFUSED, errno.ETIMEDOUT: TIMEOUT,
                   **{code: HOST_UNREACHABLE for code in _HOST_ERRNOS},
@@ -297,7 +448,8 @@ class _Connecting:
 
     __slots__ = ("reactor", "sock", "address", "deferred", "timer")
 
-    def __init__(self, reactor, host: str, port: int, timeout: float) -> None:
+    def __init__(self, reactor, host: str, port: int, timeout: float,
+                 source: str | None = None) -> None:
         self.reactor = reactor
         self.deferred: defer.Deferred[Outbound] = defer.Deferred(self._cancel)
         self.timer = None
@@ -306,8 +458,16 @@ class _Connecting:
         self.sock: socket.socket | None = None   # ours until connected or failed
         try:
             sock = self.sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            if source is not None:
+                # Without this, bind() picks the port before connect() knows
+                # the destination, so each source address could hold only
+                # one ephemeral range of connections in all, not one per
+                # destination as the kernel's own choice does.
+                sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                sock.bind((source, 0))
         except OSError as e:
-            self._fail(e.errno, e.strerror)
+            self._fail(e.errno, f"{e.strerror} (source address {source})" if source
+                       else e.strerror)
             return
         code = sock.connect_ex(self.address)
         if code == 0:

@@ -12,6 +12,7 @@ from socksd.proxy.limits import Limits
 from socksd.proxy.quotas import Quotas
 from socksd.proxy.record import SessionRecord
 from socksd.proxy.socks4 import Socks4Policy
+from socksd.proxy.source import Sources
 from socksd.rules import RuleSet
 
 
@@ -53,6 +54,7 @@ class SessionHost(Protocol):
     reactor: Any
     limits: Limits
     rules: RuleSet
+    sources: Sources | None     # None: outgoing sockets are the kernel's to place
     socks4: Socks4Policy
     registry: Registrar | None
     worker: int | None

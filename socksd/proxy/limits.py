@@ -38,3 +38,13 @@ class Limits:
     # At a stop, the open sessions may finish for this long; those left are
     # closed (outcome "shutdown"). 0: closed at once.
     drain_timeout: float = 30.0
+    # Where outgoing connections and UDP destination sockets leave from
+    # (none: the kernel's choice), and how one of several is picked:
+    # "first", "round-robin" or "same-as-listener" (socksd.proxy.source).
+    source: tuple[str, ...] = ()
+    source_select: str = "first"
+    # The address a UDP ASSOCIATE reply names instead of the relay socket's
+    # own (behind NAT or a balancer); when it is one of this host's, the
+    # relay's client side is bound to it (config.py finds out at start).
+    udp_advertise: str | None = None
+    udp_advertise_local: bool = False

@@ -19,6 +19,7 @@ from socksd.proxy.limits import Limits
 from socksd.proxy.record import SessionRecord, log_record
 from socksd.proxy.session import Session
 from socksd.proxy.socks4 import Socks4Policy
+from socksd.proxy.source import Sources
 from socksd.rules import IPNetwork, RuleSet, parse_ip
 from socksd.stats import STATS
 
@@ -33,7 +34,7 @@ class Serving:
     reload serves a new one; a session keeps the one it started under."""
 
     __slots__ = ("listener", "reactor", "methods", "rules", "limits", "socks4", "registry",
-                 "trusted_proxies", "worker", "counts", "recheck_on_reload")
+                 "trusted_proxies", "worker", "counts", "recheck_on_reload", "sources")
 
     def __init__(self, listener: SOCKSServerFactory, methods: Sequence[Method], rules: RuleSet,
                  limits: Limits, socks4: Socks4Policy, registry: Registrar | None,
@@ -46,6 +47,9 @@ class Serving:
         self.methods = tuple(methods)
         self.rules = rules
         self.limits = limits
+        # Shared by this configuration's sessions: round-robin takes turns here.
+        self.sources = Sources(limits.source, limits.source_select) \
+            if limits.source or limits.source_select == "same-as-listener" else None
         self.socks4 = socks4
         self.registry = registry      # tell the identd who owns outbound sockets
         self.trusted_proxies = tuple(trusted_proxies)   # whose PROXY header is believed

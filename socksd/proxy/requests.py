@@ -17,21 +17,24 @@ from socksd.proxy.bind import BindWaiter
 from socksd.proxy.client_rules import ClientRules
 from socksd.proxy.connect import ConnectFailed
 from socksd.proxy.limits import Limits
+from socksd.proxy.source import Sources
 from socksd.proxy.udp import UDPRelay
 from socksd.rules import parse_ip
 from socksd.stats import STATS
 
 
 def open_connection(reactor: Any, limits: Limits, rules: ClientRules, host: str, port: int,
-                    by_name: bool) -> defer.Deferred[connect.Outbound]:
-    """CONNECT: the first allowed address of host that connects in time."""
+                    by_name: bool, source: connect.SourceChoice | None = None,
+                    ) -> defer.Deferred[connect.Outbound]:
+    """CONNECT: the first allowed address of host that connects in time,
+    leaving from where ``source`` says (None: the kernel's choice)."""
     timeout = limits.connect_timeout
     requested = reactor.seconds()
     deadline = requested + timeout
     d: defer.Deferred[connect.Outbound]
     if by_name:
         d = rules.destinations(reactor, "connect", host, port, by_name, timeout).addCallback(
-            connect.connect_first, reactor, port, deadline)
+            connect.connect_first, reactor, port, deadline, source)
     else:
         # An address: decided and connected at once, the common case.
         denied = rules.refuse_address("connect", host, port)
@@ -39,9 +42,9 @@ def open_connection(reactor: Any, limits: Limits, rules: ClientRules, host: str,
             d = defer.fail(denied)
         else:
             waiting = rules.admit()
-            d = connect.connect_first([host], reactor, port, deadline) if waiting is None \
-                else waiting.addCallback(lambda _: connect.connect_first([host], reactor, port,
-                                                                         deadline))
+            d = connect.connect_first([host], reactor, port, deadline, source) \
+                if waiting is None else waiting.addCallback(
+                    lambda _: connect.connect_first([host], reactor, port, deadline, source))
     return d.addCallbacks(_connected, _classify, callbackArgs=(reactor, requested))
 
 
@@ -86,12 +89,18 @@ def admit_udp(rules: ClientRules) -> defer.Deferred[None] | None:
 
 def associate(reactor: Any, limits: Limits, rules: ClientRules, host: str, port: int,
               local: Any, activity: Callable[[], None],
-              layer: SecurityLayer | None = None) -> tuple[UDPRelay, tuple[str, int]]:
+              layer: SecurityLayer | None = None,
+              sources: Sources | None = None) -> tuple[UDPRelay, tuple[str, int]]:
     """UDP ASSOCIATE, once admitted (:func:`admit_udp`): a relay socket on
-    ``local``'s address, for datagrams from host:port (0s: not known yet);
-    raises ConnectFailed."""
+    ``local``'s address (or on udp_advertise, one of this host's), for
+    datagrams from host:port (0s: not known yet), sending to destinations
+    from a source address if ``sources`` has one; raises ConnectFailed. The
+    reply names udp_advertise if set."""
     relay = UDPRelay(reactor, limits, rules, host, port, activity, layer)
-    return relay, relay.listen(local, limits.udp_ports)
+    bound = relay.listen(local, limits.udp_ports, sources)
+    if limits.udp_advertise is not None:
+        bound = (limits.udp_advertise, bound[1])
+    return relay, bound
 
 
 def _classify(failure: Failure):

@@ -23,6 +23,7 @@ from socksd.proxy import connect
 from socksd.proxy.bind import candidate_ports
 from socksd.proxy.client_rules import ClientRules
 from socksd.proxy.limits import Limits
+from socksd.proxy.source import Sources
 from socksd.rules import parse_ip
 from socksd.wire import WireError, socks5
 
@@ -40,6 +41,19 @@ class _Cache(OrderedDict):
         self.move_to_end(key)
         if len(self) > CACHE_SIZE:
             self.popitem(last=False)
+
+
+class _Destinations(DatagramProtocol):
+    """The socket facing the destinations when it is not the relay socket
+    (a source address is configured): what arrives goes to the relay."""
+
+    noisy = False
+
+    def __init__(self, relay: UDPRelay) -> None:
+        self.relay = relay
+
+    def datagramReceived(self, data: bytes, addr) -> None:
+        self.relay.from_destination(data, addr)
 
 
 class UDPRelay(DatagramProtocol):
@@ -64,16 +78,31 @@ class UDPRelay(DatagramProtocol):
         self.names: _Cache = _Cache()         # name -> (expires, address we send to, or None)
         self.peers: _Cache = _Cache()         # destinations the client sent to
         self.port: IListeningPort | None = None
-        self.ipv6 = False     # the relay socket's family: it sends to that family only
+        # With a source address: the socket facing the destinations, and
+        # the protocol whose transport sends from it; else (None) the relay
+        # socket does both.
+        self.outside: IListeningPort | None = None
+        self.sender: _Destinations | None = None
+        self.ipv6 = False     # the sending socket's family: it sends to that family only
         self.counts = {"up": 0, "down": 0, "dropped": 0, "fragments": 0, "bytes_up": 0,
                        "bytes_down": 0}
         self.stopped = False
         self.lookups_refused = False
 
-    def listen(self, local, ranges) -> tuple[str, int]:
+    def listen(self, local, ranges, sources: Sources | None = None) -> tuple[str, int]:
+        """Bind the relay socket (the client's side) on ``local``'s address,
+        or on udp_advertise when that is one of this host's: where the reply
+        sends the client. With a source address (``sources``) a second
+        socket, on it, faces the destinations. Returns the relay socket's
+        address; raises ConnectFailed."""
         reactor = self.reactor
-        interface = getattr(local, "host", "127.0.0.1")
+        limits = self.limits
+        if limits.udp_advertise is not None and limits.udp_advertise_local:
+            interface = limits.udp_advertise
+        else:
+            interface = getattr(local, "host", "127.0.0.1")
         self.ipv6 = ":" in interface     # as Twisted's udp.Port chooses its family
+        outside = None if sources is None else sources.for_relay(interface)
         for port in candidate_ports(ranges):
             try:
                 # The largest header (a 255-byte name) is 262 bytes; one byte
@@ -86,6 +115,20 @@ class UDPRelay(DatagramProtocol):
         else:
             raise connect.ConnectFailed(connect.FAILED, "no free port in udp_ports")
         self.port = listening
+        if outside is not None:
+            destinations = _Destinations(self)
+            try:
+                # One byte over max_datagram tells an oversized answer from
+                # one recvfrom() cut.
+                self.outside = reactor.listenUDP(0, destinations, interface=outside,
+                                                 maxPacketSize=self.max_datagram + 1)
+            except error.CannotListenError as e:
+                self.stop()
+                raise connect.ConnectFailed(
+                    connect.NETWORK_UNREACHABLE,
+                    f"cannot bind the source address {outside}: {e.socketError}") from None
+            self.sender = destinations
+            self.ipv6 = ":" in outside
         return interface, listening.getHost().port
 
     @property
@@ -112,9 +155,11 @@ class UDPRelay(DatagramProtocol):
         if self.stopped:
             return
         self.stopped = True
-        port, self.port = self.port, None
-        if port is not None:
-            port.stopListening()
+        for port in (self.port, self.outside):
+            if port is not None:
+                port.stopListening()
+        self.port = self.outside = None
+        self.sender = None
 
     def datagramReceived(self, data: bytes, addr) -> None:
         if self.stopped:
@@ -129,7 +174,7 @@ class UDPRelay(DatagramProtocol):
                                          self.client_addr == (host, port)) and \
                 (not self.expected_port or port == self.expected_port):
             self._from_client(data, (host, port))
-        elif (source, port) in self.peers:
+        elif (source, port) in self.peers and self.outside is None:
             self._from_peer(data, source, port)
         else:
             self.counts["dropped"] += 1   # a stranger: does not keep the association alive
@@ -220,8 +265,25 @@ class UDPRelay(DatagramProtocol):
             self.decisions.put(key, allowed)
         return allowed
 
+    def from_destination(self, data: bytes, addr) -> None:
+        """A datagram on the destinations' socket (with a source address):
+        only from a destination the client sent to."""
+        if self.stopped:
+            return
+        try:
+            source = str(parse_ip(addr[0]))
+        except ValueError:
+            self.counts["dropped"] += 1
+            return
+        if (source, addr[1]) not in self.peers:
+            self.counts["dropped"] += 1   # a stranger: does not keep the association alive
+            return
+        self._from_peer(data, source, addr[1])
+        self.activity()
+
     def _send(self, data: bytes, ip: str | None, port: int, name: str | None) -> None:
-        transport = self.transport   # None once stopped
+        sender = self.sender
+        transport = self.transport if sender is None else sender.transport   # None once stopped
         if transport is None or ip is None or not port or \
                 not self._allowed("udp", ip, port, name):
             self.counts["dropped"] += 1
