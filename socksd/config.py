@@ -215,6 +215,7 @@ _RULE_KEYS = {
     "commands": "strings", "users": "strings", "versions": "integers", "verified": "verified",
     "log": "bool", "name": "name", "rate": "rate", "rate_per": "string",
     "max_sessions": "count", "max_sessions_per": "string", "via": "strings",
+    "source": "string",
 }
 _UPSTREAM_KEYS = {"name": "name", "url": "string", "ca": "string", "resolve": "string"}
 _SOCKS4_KEYS = {
@@ -697,8 +698,24 @@ def _rules(raw: Any, where: _Where, upstreams: Mapping[str, Upstream] | None = N
                 name or str(index + 1), _rate(table.get("rate")),
                 table.get("rate_per", "session"), table.get("max_sessions"),
                 table.get("max_sessions_per", "rule"))
+        if "source" in table:
+            if table.get("action") != "allow":
+                raise where.error("is for rules that allow", "rules", index, "source")
+            if "via" in table:
+                raise where.error("a rule's connections leave from its upstreams (via), not "
+                                  "from a source address", "rules", index, "source")
+            try:
+                address = str(parse_ip(table["source"]))
+            except ValueError:
+                raise where.error(f"{table['source']!r} is not an IP address", "rules", index,
+                                  "source") from None
+            problem = _bind_problem(address)
+            if problem:
+                raise where.error(f"{address!r}: {problem}", "rules", index, "source")
+            args["source"] = address
         if "via" in table:
-            args["via"] = _via(table, index, upstreams or {}, where)
+            args["via"] = via = _via(table, index, upstreams or {}, where)
+            args["via_local"] = any((upstreams or {})[n].resolve_locally for n in via)
         label = f"rule {name}" if name is not None else f"rule {index + 1}"
         try:
             compiled.append(compile_rule(label, **args))

@@ -97,9 +97,10 @@ FORMATS = ("text", "json")
 # operators' shippers and queries are written against: add to them, never
 # rename.
 # "verified": whether "user" was proven (a password, Kerberos, the client's
-# identd) or only claimed; "spliced": relayed in the kernel.
+# identd) or only claimed; "spliced": relayed in the kernel; "via": the
+# upstream proxy the session went through.
 FIELDS = ("peer", "version", "user", "method", "command", "destination", "up", "down",
-          "duration", "outcome", "detail", "rule", "worker", "verified", "spliced")
+          "duration", "outcome", "detail", "rule", "worker", "verified", "spliced", "via")
 # The event key the supervisor of workers = N sets on each event a worker
 # sends it (Twisted's own included): the JSON line's "worker".
 FROM_WORKER = "socksd_worker"

@@ -126,6 +126,11 @@ class Rule:
     name: str | None = None
     limits: RuleLimits | None = None   # an allowing rule's rate and session cap
     via: tuple[str, ...] = ()          # upstreams (by name) its sessions go through
+    # Some upstream of via resolves names here (resolve = "local"): a name
+    # is looked up and its addresses checked before going upstream; else the
+    # upstream gets the name as the client gave it, never looked up here.
+    via_local: bool = False
+    source: str | None = None          # where its sessions' connections leave from
 
     @property
     def allows(self) -> bool:
@@ -134,9 +139,9 @@ class Rule:
     @property
     def governs(self) -> Rule | None:
         """The rule itself when what it admits is bound by it (a rate, a
-        cap, upstreams); None when any allowing rule would do as well. A name's
+        cap, upstreams, a source address); None when any allowing rule would do as well. A name's
         addresses are connected to under one governing rule."""
-        return self if self.limits is not None or self.via else None
+        return self if self.limits is not None or self.via or self.source else None
 
     def matches_request(self, client: IPAddress, user: str | None, command: str,
                         port: int, version: int = 5, verified: bool = False) -> bool:
@@ -479,7 +484,8 @@ def compile_rule(label: str, action: str, sources: Sequence[str] | None = None,
                  versions: Sequence[int] | None = None,
                  verified: bool | str | None = None,
                  host_addresses: Sequence[IPAddress] = (), name: str | None = None,
-                 limits: RuleLimits | None = None, via: Sequence[str] = ()) -> Rule:
+                 limits: RuleLimits | None = None, via: Sequence[str] = (),
+                 via_local: bool = False, source: str | None = None) -> Rule:
     """Build a rule from config strings; raises ValueError naming the bad value.
 
     ``verified``: True (proven users only), False (unproven only), "any"
@@ -564,7 +570,7 @@ def compile_rule(label: str, action: str, sources: Sequence[str] | None = None,
     return Rule(action, compiled_sources, tuple(networks), frozenset(names), tuple(suffixes),
                 any_destination, compiled_ports, compiled_commands, user_names, anonymous,
                 compiled_versions, compiled_verified, named_verified, log, label, name,
-                limits, tuple(via))
+                limits, tuple(via), via_local, source)
 
 
 def parse_network(text: str) -> IPNetwork:

@@ -64,7 +64,7 @@ def test_example_uses_every_key_and_is_valid():
         assert f"\n{key} =" in text or f".{key}]" in text, key   # a key, or a sub-table
     cfg = config.load(str(EXAMPLE))
     assert cfg.methods == ("userpass",) and cfg.methods_given
-    assert len(cfg.rules) == 3
+    assert len(cfg.rules) == 4
 
 
 def test_all_keys_are_read(tmp_path):

@@ -73,6 +73,8 @@ class FakeOwner:
 
 
 class FakeEnd:
+    announced = None     # a BIND's peer as an upstream named it (bind.Incoming)
+
     def __init__(self) -> None:
         self.transport = StringTransport(hostAddress=IPv4Address("TCP", "10.0.0.5", 51000),
                                          peerAddress=IPv4Address("TCP", "10.0.0.9", 80))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 import socket
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IListeningPort
@@ -45,6 +45,15 @@ def candidate_ports(ranges: tuple[tuple[int, int], ...]):
     for _ in range(MAX_PORT_TRIES):
         lo, hi = random.choice(ranges)
         yield 0 if hi == 0 else random.randint(max(lo, 1), hi)
+
+
+class Listening(Protocol):
+    """A BIND the handshake answers: where the peer should connect (the
+    first reply), and the connection once it has (the second). Here, a
+    :class:`BindWaiter`; through an upstream, socksd.proxy.chain's."""
+
+    bound: tuple[str, int]
+    accepted: defer.Deferred[Incoming]
 
 
 class Incoming(RelayEnd):

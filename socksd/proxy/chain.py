@@ -11,7 +11,7 @@ in its URL."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from twisted.internet import defer
 from twisted.internet.protocol import ClientFactory
@@ -21,7 +21,7 @@ from socksd.client.errors import DestinationFailed, UpstreamFailed
 from socksd.client.handshake import Accepted, Bound
 from socksd.client.upstream import Upstream
 from socksd.proxy import connect
-from socksd.proxy.bind import Incoming
+from socksd.proxy.bind import Incoming, Listening
 from socksd.proxy.client_rules import ClientRules
 from socksd.relay import RelayEnd
 from socksd.rules import parse_ip
@@ -38,7 +38,7 @@ _REASONS = {socks5.NOT_ALLOWED: connect.DENIED,
 class Chained(connect.Outbound):
     """The proxy's side of a connection through an upstream."""
 
-    via: str = "-"
+    via: str | None = None      # its name, for the session's line
 
     def connectionMade(self) -> None:
         pass     # the upstream's handshake is over: its Deferred says so
@@ -51,20 +51,26 @@ class _Factory(ClientFactory):
         self.protocol = protocol
 
 
-def upstreams_for(names: Sequence[str], known: dict[str, Upstream],
+def upstreams_for(names: Sequence[str], known: Mapping[str, Upstream],
                   command: str) -> list[Upstream]:
     """The rule's upstreams that do ``command``, in order (a reload may
     have dropped one the rule's config named: it is skipped)."""
     return [known[name] for name in names if name in known and command in known[name].commands]
 
 
-def connect_via(reactor: Any, upstreams: list[Upstream], host: str, port: int,
-                deadline: float) -> defer.Deferred[connect.Outbound]:
-    """CONNECT to host:port (a name, sent as it is; or an address) through
-    the first of ``upstreams`` that serves by ``deadline``."""
+def target(upstream: Upstream, host: str, addresses: list[str]) -> str:
+    """What ``upstream`` is asked for: the name as the client gave it, or
+    (``resolve = "local"``) the first address the rules allowed."""
+    return addresses[0] if upstream.resolve_locally and addresses else host
+
+
+def connect_via(reactor: Any, upstreams: list[Upstream], host: str, addresses: list[str],
+                port: int, deadline: float) -> defer.Deferred[connect.Outbound]:
+    """CONNECT to host:port through the first of ``upstreams`` that serves
+    by ``deadline`` (``addresses``: host's, allowed, if it was looked up)."""
     def attempt(upstream: Upstream) -> defer.Deferred[Any]:
         factory = _Factory(Chained)
-        return upstream.connect(reactor, host, port, factory,
+        return upstream.connect(reactor, target(upstream, host, addresses), port, factory,
                                 deadline - reactor.seconds()).addCallback(_named, upstream)
     return _in_turn(reactor, upstreams, deadline, attempt)
 
@@ -93,7 +99,7 @@ class UpstreamBind:
 
     def _judged(self, accepted: Accepted) -> Incoming:
         protocol = accepted.protocol
-        assert isinstance(protocol, Incoming)
+        assert isinstance(protocol, _Announced)     # what _Factory(_Announced) builds
         peer = parse_ip(accepted.host)
         decision = self.rules.decide("bindreply", accepted.port, None, peer)
         named = (decision.rule is not None and decision.rule.commands is not None
@@ -107,6 +113,7 @@ class UpstreamBind:
                                         f"the peer {accepted.host} (via {self.via}): {why}")
         self.rules.note(decision, "bindreply", accepted.host, accepted.port)
         protocol.announced = (accepted.host, accepted.port)
+        protocol.via = self.via
         return protocol
 
 
@@ -114,18 +121,33 @@ class _Announced(Incoming):
     """The connection a BIND through an upstream accepted: its peer is the
     one the upstream named, not the upstream itself."""
 
+    via: str | None = None
+
     def connectionMade(self) -> None:
         pass
 
 
 def bind_via(reactor: Any, upstreams: list[Upstream], rules: ClientRules, host: str,
-             port: int, deadline: float, accept_timeout: float) -> defer.Deferred[UpstreamBind]:
-    """BIND through the first of ``upstreams`` that listens for us by ``deadline``."""
+             addresses: list[str], port: int, deadline: float, accept_timeout: float,
+             ipv4_only: bool = False) -> defer.Deferred[Listening]:
+    """BIND through the first of ``upstreams`` that listens for us by
+    ``deadline``; ``ipv4_only``: the client's reply (SOCKS4) can only name
+    an IPv4 listener."""
     def attempt(upstream: Upstream) -> defer.Deferred[Any]:
-        return upstream.bind(reactor, host, port, _Factory(_Announced),
+        asked = target(upstream, host, addresses)
+        return upstream.bind(reactor, asked, port, _Factory(_Announced),
                              deadline - reactor.seconds(), accept_timeout).addCallback(
-            UpstreamBind, upstream, rules, host)
+            _listening, upstream, rules, asked, ipv4_only)
     return _in_turn(reactor, upstreams, deadline, attempt)
+
+
+def _listening(bound: Bound, upstream: Upstream, rules: ClientRules, expected: str,
+               ipv4_only: bool) -> UpstreamBind:
+    if ipv4_only and connect.family_of(bound.host) != connect.family_of("0.0.0.0"):
+        bound.accepted.cancel()
+        raise UpstreamFailed(f"{upstream}: listens on {bound.host}, which a SOCKS4 reply "
+                             "cannot name", socks5.GENERAL_FAILURE)
+    return UpstreamBind(bound, upstream, rules, expected)
 
 
 def _in_turn(reactor: Any, upstreams: list[Upstream], deadline: float,

@@ -131,7 +131,9 @@ class ClientRules:
                      timeout: float) -> defer.Deferred[list[str]]:
         """The addresses of host that the rules allow for this command,
         once the session is admitted under the rule that allows them (see
-        :meth:`admit`); a name the rules deny outright is not looked up."""
+        :meth:`admit`); a name the rules deny outright is not looked up,
+        nor one a rule sends upstream unresolved (no addresses: the name
+        goes as it is)."""
         if not by_name:
             denied = self.refuse_address(command, host, port)
             if denied:
@@ -143,8 +145,13 @@ class ClientRules:
         if decision is not None and not decision.allowed:
             return defer.fail(connect.ConnectFailed(connect.DENIED, decision.reason))
         if decision is not None:
-            self.governing = decision.rule
+            self.governing = rule = decision.rule
             self.note(decision, command, host, port)
+            if rule is not None and rule.via and not rule.via_local:
+                # The upstream gets the name: no lookup here (none leaks).
+                waiting = self.admit()
+                return defer.succeed([]) if waiting is None else \
+                    waiting.addCallback(lambda _: [])
             # Admitted before the lookup, which a refused session never costs.
             waiting = self.admit()
             if waiting is not None:

@@ -12,7 +12,7 @@ from twisted.internet import defer
 from socksd.auth import User
 from socksd.protection import SecurityLayer
 from socksd.proxy import requests
-from socksd.proxy.bind import BindWaiter
+from socksd.proxy.bind import Listening
 from socksd.proxy.client_rules import ClientRules
 from socksd.proxy.connect import DENIED, ConnectFailed, host_port
 from socksd.proxy.host import SessionHost
@@ -63,7 +63,8 @@ class Commands:
         sources = server.sources
         source = None if sources is None else sources.for_session(self.socket_host())
         self.pending = d = requests.open_connection(server.reactor, server.limits, rules,
-                                                    host, port, by_name, source)
+                                                    host, port, by_name, source,
+                                                    server.upstreams)
         return d
 
     def bind(self, host: str, port: int, by_name: bool) -> defer.Deferred:
@@ -73,9 +74,10 @@ class Commands:
             return defer.fail(refused)
         server = self.server
         self.pending = d = requests.listen_for(server.reactor, server.limits, rules, host, port,
-                                               by_name, self.socket_host(), self.version == 4)
+                                               by_name, self.socket_host(), self.version == 4,
+                                               server.upstreams)
 
-        def listening(waiter: BindWaiter) -> BindWaiter:
+        def listening(waiter: Listening) -> Listening:
             self.pending = waiter.accepted    # now the wait for the peer
             return waiter
 

@@ -15,7 +15,7 @@ from twisted.python.failure import Failure
 
 from socksd.auth import User
 from socksd.auth.methods import Established
-from socksd.proxy.bind import BindWaiter, Incoming
+from socksd.proxy.bind import Incoming, Listening
 from socksd.proxy.connect import ConnectFailed, Outbound, classify
 from socksd.relay import RelayEnd
 from socksd.rules import IPAddress
@@ -46,7 +46,7 @@ class RequestOwner(Protocol):
 
     def connect(self, host: str, port: int, by_name: bool) -> Deferred[Outbound]: ...
 
-    def bind(self, host: str, port: int, by_name: bool) -> Deferred[BindWaiter]: ...
+    def bind(self, host: str, port: int, by_name: bool) -> Deferred[Listening]: ...
 
     def udp_associate(self, host: str, port: int) -> Deferred[tuple[str, int]]: ...
 
@@ -84,7 +84,7 @@ class Requesting:
         local = outbound.transport.getHost()
         self._relay(outbound, local.host, local.port)
 
-    def _bound(self, waiter: BindWaiter) -> None:
+    def _bound(self, waiter: Listening) -> None:
         """First BIND reply: where the client's peer should connect."""
         self.transport.write(self.success(*waiter.bound))
         waiter.accepted.addCallbacks(self._bind_accepted, self._refused)

@@ -4,9 +4,10 @@ and where the session's record goes."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 from socksd.auth.methods import Method
+from socksd.client.upstream import Upstream
 from socksd.ident.registry import Registrar
 from socksd.proxy.limits import Limits
 from socksd.proxy.quotas import Quotas
@@ -55,6 +56,7 @@ class SessionHost(Protocol):
     limits: Limits
     rules: RuleSet
     sources: Sources | None     # None: outgoing sockets are the kernel's to place
+    upstreams: Mapping[str, Upstream]   # [[upstreams]] by name, for the rules' via
     socks4: Socks4Policy
     registry: Registrar | None
     worker: int | None

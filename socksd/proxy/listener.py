@@ -3,13 +3,14 @@ within the configured limits, and receives each session's record at its end."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
 from socksd.auth.methods import Method
+from socksd.client.upstream import Upstream
 from socksd.escape import escape
 from socksd.ident.registry import Registrar
 from socksd.logs import RateLimitedLine
@@ -34,12 +35,15 @@ class Serving:
     reload serves a new one; a session keeps the one it started under."""
 
     __slots__ = ("listener", "reactor", "methods", "rules", "limits", "socks4", "registry",
-                 "trusted_proxies", "worker", "counts", "recheck_on_reload", "sources")
+                 "trusted_proxies", "worker", "counts", "recheck_on_reload", "sources",
+                 "upstreams")
 
     def __init__(self, listener: SOCKSServerFactory, methods: Sequence[Method], rules: RuleSet,
                  limits: Limits, socks4: Socks4Policy, registry: Registrar | None,
-                 trusted_proxies: Sequence[IPNetwork], recheck_on_reload: bool = False) -> None:
+                 trusted_proxies: Sequence[IPNetwork], recheck_on_reload: bool = False,
+                 upstreams: Mapping[str, Upstream] | None = None) -> None:
         self.listener = listener
+        self.upstreams: Mapping[str, Upstream] = upstreams or {}   # what rules' via name
         self.recheck_on_reload = recheck_on_reload
         self.reactor = listener.reactor
         self.worker = listener.worker
@@ -98,7 +102,8 @@ class SOCKSServerFactory(ServerFactory):
                  reactor: Any = None, socks4: Socks4Policy = Socks4Policy(),
                  registry: Registrar | None = None,
                  trusted_proxies: Sequence[IPNetwork] = (), worker: int | None = None,
-                 recheck_on_reload: bool = False) -> None:
+                 recheck_on_reload: bool = False,
+                 upstreams: Mapping[str, Upstream] | None = None) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
@@ -114,16 +119,17 @@ class SOCKSServerFactory(ServerFactory):
             reactor, log, "{prefix}closed {count} more in the last second: PROXY listener, "
                           "peers not in trusted_proxies")
         self.serving = Serving(self, methods, rules, limits, socks4, registry, trusted_proxies,
-                               recheck_on_reload)
+                               recheck_on_reload, upstreams)
 
     def serve(self, methods: Sequence[Method], rules: RuleSet, limits: Limits,
               socks4: Socks4Policy, registry: Registrar | None,
-              trusted_proxies: Sequence[IPNetwork], recheck_on_reload: bool = False) -> Serving:
+              trusted_proxies: Sequence[IPNetwork], recheck_on_reload: bool = False,
+              upstreams: Mapping[str, Upstream] | None = None) -> Serving:
         """New sessions are served under this configuration from now on;
         the sessions open now keep theirs. Returns the one replaced."""
         old = self.serving
         self.serving = Serving(self, methods, rules, limits, socks4, registry, trusted_proxies,
-                               recheck_on_reload)
+                               recheck_on_reload, upstreams)
         return old
 
     # The configuration served now, and the counts, for those who look.

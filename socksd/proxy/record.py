@@ -32,6 +32,7 @@ class SessionRecord:
     outcome: str
     detail: str
     spliced: bool
+    via: str | None = None  # the upstream it went through (a rule's via)
 
 
 def log_record(record: SessionRecord) -> None:
@@ -45,7 +46,8 @@ def log_record(record: SessionRecord) -> None:
             f"{escape(record.peer, spaces=True)} socks{record.version}"
             f"{'a ' if record.socks4a else ' '}"
             f"user={escape(record.user, spaces=True)} method={record.method} "
-            f"{record.command} {escape(record.destination, spaces=True)} up={record.up} "
+            f"{record.command} {escape(record.destination, spaces=True)} "
+            f"{'' if record.via is None else f'via={record.via} '}up={record.up} "
             f"down={record.down} {record.duration:.3f}s {record.outcome}"
             f"{': ' if detail else ''}{escape(detail)}"
             f"{' [splice]' if record.spliced else ''}")
@@ -53,4 +55,4 @@ def log_record(record: SessionRecord) -> None:
          user=record.user, method=record.method, command=record.command,
          destination=record.destination, up=record.up, down=record.down,
          duration=record.duration, outcome=record.outcome, detail=detail,
-         verified=record.verified, spliced=record.spliced, worker=worker)
+         verified=record.verified, spliced=record.spliced, worker=worker, via=record.via)

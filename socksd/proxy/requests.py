@@ -6,35 +6,38 @@ SOCKS version turns into its reply."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
+from socksd.client.upstream import Upstream
 from socksd.protection import SecurityLayer
-from socksd.proxy import connect
-from socksd.proxy.bind import BindWaiter
+from socksd.proxy import chain, connect
+from socksd.proxy.bind import BindWaiter, Listening
 from socksd.proxy.client_rules import ClientRules
 from socksd.proxy.connect import ConnectFailed
 from socksd.proxy.limits import Limits
 from socksd.proxy.source import Sources
 from socksd.proxy.udp import UDPRelay
-from socksd.rules import parse_ip
+from socksd.rules import Rule, parse_ip
 from socksd.stats import STATS
 
 
 def open_connection(reactor: Any, limits: Limits, rules: ClientRules, host: str, port: int,
                     by_name: bool, source: connect.SourceChoice | None = None,
+                    upstreams: Mapping[str, Upstream] | None = None,
                     ) -> defer.Deferred[connect.Outbound]:
     """CONNECT: the first allowed address of host that connects in time,
-    leaving from where ``source`` says (None: the kernel's choice)."""
+    leaving from where ``source`` says (None: the kernel's choice); or,
+    when the rule that allows it says ``via``, through its upstreams."""
     timeout = limits.connect_timeout
     requested = reactor.seconds()
     deadline = requested + timeout
     d: defer.Deferred[connect.Outbound]
     if by_name:
         d = rules.destinations(reactor, "connect", host, port, by_name, timeout).addCallback(
-            connect.connect_first, reactor, port, deadline, source)
+            _connect, rules, reactor, host, port, deadline, source, upstreams)
     else:
         # An address: decided and connected at once, the common case.
         denied = rules.refuse_address("connect", host, port)
@@ -42,10 +45,34 @@ def open_connection(reactor: Any, limits: Limits, rules: ClientRules, host: str,
             d = defer.fail(denied)
         else:
             waiting = rules.admit()
-            d = connect.connect_first([host], reactor, port, deadline, source) \
-                if waiting is None else waiting.addCallback(
-                    lambda _: connect.connect_first([host], reactor, port, deadline, source))
+            if waiting is None and not (rules.governing is not None and rules.governing.via):
+                d = connect.connect_first([host], reactor, port, deadline, source)
+            else:
+                d = (waiting or defer.succeed(None)).addCallback(
+                    lambda _: _connect([host], rules, reactor, host, port, deadline, source,
+                                       upstreams))
     return d.addCallbacks(_connected, _classify, callbackArgs=(reactor, requested))
+
+
+def _connect(hosts: list[str], rules: ClientRules, reactor: Any, host: str, port: int,
+             deadline: float, source: connect.SourceChoice | None,
+             upstreams: Mapping[str, Upstream] | None) -> defer.Deferred[connect.Outbound]:
+    """Connect to ``hosts`` (host's allowed addresses; none when the rule's
+    upstreams get the name unresolved) directly or via the rule's upstreams."""
+    rule = rules.governing
+    if rule is None or not rule.via:
+        return connect.connect_first(hosts, reactor, port, deadline,
+                                     _rule_source(rule, source))
+    chosen = chain.upstreams_for(rule.via, upstreams or {}, "connect")
+    return chain.connect_via(reactor, chosen, host, hosts, port, deadline)
+
+
+def _rule_source(rule: Rule | None, source: connect.SourceChoice | None,
+                 ) -> connect.SourceChoice | None:
+    """A rule's own ``source`` before [server] source."""
+    if rule is None or rule.source is None:
+        return source
+    return Sources((rule.source,), described=f"{rule.label} source").choose
 
 
 def _connected(outbound: connect.Outbound, reactor: Any, requested: float) -> connect.Outbound:
@@ -55,13 +82,22 @@ def _connected(outbound: connect.Outbound, reactor: Any, requested: float) -> co
 
 
 def listen_for(reactor: Any, limits: Limits, rules: ClientRules, host: str, port: int,
-               by_name: bool, local: Any, ipv4_only: bool) -> defer.Deferred[BindWaiter]:
+               by_name: bool, local: Any, ipv4_only: bool,
+               upstreams: Mapping[str, Upstream] | None = None,
+               ) -> defer.Deferred[Listening]:
     """BIND: listen (on ``local``'s address, or the route to host) for the one
     connection expected from host; port is not checked (an FTP server
     connects from port 20). Fires with the waiter once listening."""
     d = rules.destinations(reactor, "bind", host, port, by_name, limits.connect_timeout)
 
-    def listen(hosts: list[str]) -> BindWaiter:
+    def listen(hosts: list[str]) -> defer.Deferred[Listening] | Listening:
+        rule = rules.governing
+        if rule is not None and rule.via:
+            chosen = chain.upstreams_for(rule.via, upstreams or {}, "bind")
+            through: defer.Deferred[Listening] = chain.bind_via(
+                reactor, chosen, rules, host, hosts, port,
+                reactor.seconds() + limits.connect_timeout, limits.bind_timeout, ipv4_only)
+            return through
         peers = [parse_ip(h) for h in hosts]
         if ipv4_only:
             # A SOCKS4 reply can only name an IPv4 listener.
@@ -73,7 +109,8 @@ def listen_for(reactor: Any, limits: Limits, rules: ClientRules, host: str, port
         waiter.listen(local, limits.bind_ports)
         return waiter
 
-    return d.addCallback(listen).addErrback(_classify)
+    listening: defer.Deferred[Listening] = d.addCallback(listen)
+    return listening.addErrback(_classify)
 
 
 def admit_udp(rules: ClientRules) -> defer.Deferred[None] | None:

@@ -74,6 +74,7 @@ class Session(Admission, ClientEnd, TimeoutMixin, Commands):
     udp: UDPRelay | None = None
     layer: SecurityLayer | None = None   # GSS-API protection under the session (UDP uses it)
     ended = False
+    via: str | None = None    # the upstream the request went through
     judge_again = False   # a recheck_on_reload came before the relay started
 
     def __init__(self, server: SessionHost) -> None:
@@ -230,6 +231,8 @@ class Session(Admission, ClientEnd, TimeoutMixin, Commands):
         if early:
             self.received += len(early)
             relay.send(outbound.transport, early)
+        # Through an upstream (socksd.proxy.chain): the line names it.
+        self.via = getattr(outbound, "via", None)
         self.relaying = relaying = Relaying(self, outbound)
         lease = self.asked.budgets(self.server.reactor) if self.asked is not None else None
         if lease is None:
@@ -316,5 +319,5 @@ class Session(Admission, ClientEnd, TimeoutMixin, Commands):
             self.user.name or self.claimed_user or "-",
             self.user.verified, self.method, self.command, self.destination, up, down,
             server.reactor.seconds() - self.started, self.outcome or "ok", detail,
-            relaying is not None and relaying.splicer is not None))
+            relaying is not None and relaying.splicer is not None, self.via))
 

@@ -314,7 +314,7 @@ class Assembly:
         return dict(methods=[registry[name] for name in cfg.methods], rules=cfg.rules,
                     limits=limits, socks4=cfg.socks4, registry=proxied,
                     trusted_proxies=cfg.trusted_proxies,
-                    recheck_on_reload=cfg.recheck_on_reload)
+                    recheck_on_reload=cfg.recheck_on_reload, upstreams=cfg.upstreams)
 
 
 def make_factory(cfg: configuration.Config, checkers: list[ICredentialsChecker],
