@@ -205,7 +205,7 @@ def test_odd_values_are_written_as_text():
 def test_the_schema_is_the_issues():
     assert FIELDS == ("peer", "version", "user", "method", "command", "destination", "up",
                       "down", "duration", "outcome", "detail", "rule", "worker", "verified",
-                      "spliced")
+                      "spliced", "via")
 
 
 # ---- the observer ----------------------------------------------------------------------

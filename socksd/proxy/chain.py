@@ -11,7 +11,7 @@ in its URL."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from twisted.internet import defer
 from twisted.internet.protocol import ClientFactory
@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 
 from socksd.client.errors import DestinationFailed, UpstreamFailed
 from socksd.client.handshake import Accepted, Bound
+from socksd.client.socks5 import Association
 from socksd.client.upstream import Upstream
 from socksd.proxy import connect
 from socksd.proxy.bind import Incoming, Listening
@@ -148,6 +149,19 @@ def _listening(bound: Bound, upstream: Upstream, rules: ClientRules, expected: s
         raise UpstreamFailed(f"{upstream}: listens on {bound.host}, which a SOCKS4 reply "
                              "cannot name", socks5.GENERAL_FAILURE)
     return UpstreamBind(bound, upstream, rules, expected)
+
+
+def associate_via(reactor: Any, upstreams: list[Upstream],
+                  received: Callable[[str, int, bytes], None],
+                  deadline: float) -> defer.Deferred[tuple[Association, str]]:
+    """UDP ASSOCIATE with the first of ``upstreams`` that serves by
+    ``deadline``: the association (``received`` hears each datagram coming
+    back) and the upstream's name."""
+    def attempt(upstream: Upstream) -> defer.Deferred[Any]:
+        return upstream.udp_associate(reactor, received,
+                                      deadline - reactor.seconds()).addCallback(
+            lambda association: (association, upstream.name))
+    return _in_turn(reactor, upstreams, deadline, attempt)
 
 
 def _in_turn(reactor: Any, upstreams: list[Upstream], deadline: float,

@@ -11,7 +11,7 @@ from twisted.internet import defer
 
 from socksd.auth import User
 from socksd.protection import SecurityLayer
-from socksd.proxy import requests
+from socksd.proxy import chain, requests
 from socksd.proxy.bind import Listening
 from socksd.proxy.client_rules import ClientRules
 from socksd.proxy.connect import DENIED, ConnectFailed, host_port
@@ -41,6 +41,7 @@ class Commands:
     asked: ClientRules | None     # the request's rules: what admitted it, under which cap
     udp: UDPRelay | None
     layer: SecurityLayer | None
+    via: str | None
 
     def fail(self, outcome: str, detail: str = "", abort: bool = False) -> None:
         raise NotImplementedError
@@ -100,9 +101,40 @@ class Commands:
                                                  self.resetTimeout, self.layer, server.sources)
         except ConnectFailed as e:
             return defer.fail(e)
+        relay = self.udp
+        lease = rules.budgets(server.reactor)
+        if lease is not None:
+            relay.up, relay.down = lease.up, lease.down
+        rule = rules.governing
+        if rule is not None and rule.via:
+            # Through the rule's upstream: an association with it first,
+            # which lives and dies with the client's.
+            chosen = chain.upstreams_for(rule.via, server.upstreams, "udp")
+            self.pending = d = chain.associate_via(
+                server.reactor, chosen, relay.from_upstream,
+                server.reactor.seconds() + server.limits.connect_timeout)
+            return d.addCallback(self._associated, relay, bound)
+        return defer.succeed(self._associated(None, relay, bound))
+
+    def _associated(self, through: Any, relay: UDPRelay, bound: tuple[str, int],
+                    ) -> tuple[str, int]:
+        """The association is ready (``through``: the upstream's, if any):
+        the client's reply is next."""
+        self.pending = None
+        server = self.server
+        if through is not None:
+            association, via = through
+            relay.through(association, via)
+            self.via = via
+            association.closed.addCallback(self._upstream_closed, via)
         self.setTimeout(server.limits.udp_idle_timeout or None)
         STATS.handshake.observe(server.reactor.seconds() - self.started)   # the reply is next
-        return defer.succeed(bound)
+        return bound
+
+    def _upstream_closed(self, reason: object, via: str) -> None:
+        """The upstream ended its association: so does the client's."""
+        if self.udp is not None and not self.udp.stopped:
+            self.fail("upstream closed", f"upstream {via} ended the UDP association")
 
     def connect_failed(self, failed: ConnectFailed) -> None:
         if failed.reason == DENIED:

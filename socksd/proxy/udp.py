@@ -17,6 +17,8 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
+from socksd import throttle
+from socksd.client.socks5 import Association
 from socksd.escape import escape
 from socksd.protection import SecurityLayer
 from socksd.proxy import connect
@@ -88,6 +90,14 @@ class UDPRelay(DatagramProtocol):
                        "bytes_down": 0}
         self.stopped = False
         self.lookups_refused = False
+        # The rule's rate (what the client sends, what comes back): a
+        # datagram over budget is dropped, never queued.
+        self.up: throttle.Budget | None = None
+        self.down: throttle.Budget | None = None
+        # Through an upstream (a rule's via): the association socksd holds
+        # with it carries the datagrams both ways, and its name for the line.
+        self.association: Association | None = None
+        self.via: str | None = None
 
     def listen(self, local, ranges, sources: Sources | None = None) -> tuple[str, int]:
         """Bind the relay socket (the client's side) on ``local``'s address,
@@ -151,6 +161,24 @@ class UDPRelay(DatagramProtocol):
         return (f"datagrams up={counts['up']} down={counts['down']} "
                 f"dropped={counts['dropped']} fragments={counts['fragments']}")
 
+    def through(self, association: Association, via: str) -> None:
+        """From now on datagrams go to the destinations through an
+        upstream's association, and come back from it."""
+        self.association, self.via = association, via
+
+    def from_upstream(self, host: str, port: int, data: bytes) -> None:
+        """A datagram the upstream relayed back to us. The upstream decides
+        who may answer through it; the "udpreply" rules still apply here."""
+        if self.stopped:
+            return
+        try:
+            source = str(parse_ip(host))
+        except ValueError:
+            self.counts["dropped"] += 1     # answers come from addresses
+            return
+        self._from_peer(data, source, port)
+        self.activity()
+
     def stop(self) -> None:
         if self.stopped:
             return
@@ -160,6 +188,9 @@ class UDPRelay(DatagramProtocol):
                 port.stopListening()
         self.port = self.outside = None
         self.sender = None
+        association, self.association = self.association, None
+        if association is not None:
+            association.close()
 
     def datagramReceived(self, data: bytes, addr) -> None:
         if self.stopped:
@@ -204,10 +235,49 @@ class UDPRelay(DatagramProtocol):
         if len(datagram.data) > self.max_datagram:
             self.counts["dropped"] += 1
             return
-        if datagram.atyp == socks5.ATYP_DOMAIN:
+        if self.association is not None and datagram.atyp == socks5.ATYP_DOMAIN and \
+                not self.rules_resolve_here():
+            self._send_name_upstream(datagram)
+        elif datagram.atyp == socks5.ATYP_DOMAIN:
             self._send_to_name(datagram)
         else:
             self._send(datagram.data, datagram.host, datagram.port, None)
+
+    def rules_resolve_here(self) -> bool:
+        """Does the rule that admitted the association resolve names here
+        before they go upstream (resolve = "local")?"""
+        rule = self.rules.governing
+        return rule is not None and rule.via_local
+
+    def _send_name_upstream(self, datagram: socks5.Datagram) -> None:
+        """A name the upstream resolves: judged by name alone (a rule that
+        needs its address denies it: nothing is looked up here), then sent."""
+        name, port = datagram.host, datagram.port
+        key = ("udp", None, port, name)
+        allowed = self.decisions.get(key)
+        if allowed is None:
+            decision = self.rules.decide_name("udp", port, name)
+            allowed = decision is not None and decision.allowed
+            if allowed and decision is not None:
+                self.rules.note(decision, "udp", name, port)
+            self.decisions.put(key, allowed)
+        if not allowed or not port:
+            self.counts["dropped"] += 1
+            return
+        self._upstream_send(datagram.data, name, port)
+
+    def _upstream_send(self, data: bytes, host: str, port: int) -> None:
+        association = self.association
+        assert association is not None
+        up = self.up
+        if up is not None and not up.admit(len(data)):
+            self.counts["dropped"] += 1
+            return
+        if not association.send(data, host, port):
+            self.counts["dropped"] += 1
+            return
+        self.counts["up"] += 1
+        self.counts["bytes_up"] += len(data)
 
     def _send_to_name(self, datagram: socks5.Datagram) -> None:
         reactor = self.reactor
@@ -288,6 +358,13 @@ class UDPRelay(DatagramProtocol):
                 not self._allowed("udp", ip, port, name):
             self.counts["dropped"] += 1
             return
+        if self.association is not None:
+            self._upstream_send(data, ip, port)
+            return
+        up = self.up
+        if up is not None and not up.admit(len(data)):
+            self.counts["dropped"] += 1
+            return
         try:
             transport.write(data, (ip, port))
         except (OSError, ValueError, error.MessageLengthError):
@@ -302,6 +379,10 @@ class UDPRelay(DatagramProtocol):
         transport = self.transport
         if transport is None or self.client_addr is None or len(data) > self.max_datagram or \
                 not self._allowed("udpreply", ip, port, None):
+            self.counts["dropped"] += 1
+            return
+        down = self.down
+        if down is not None and not down.admit(len(data)):
             self.counts["dropped"] += 1
             return
         wrapped = socks5.encode_udp(ip, port, data)
