@@ -67,6 +67,7 @@ bench: debs-test debs-bench install
 	$(PY) benchmarks/ident_lookup.py
 	$(PY) benchmarks/gssapi_bulk.py
 	$(PY) benchmarks/auth_flood.py
+	$(PY) benchmarks/rate_cost.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis .ruff_cache .mypy_cache .import_linter_cache

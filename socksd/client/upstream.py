@@ -76,7 +76,12 @@ from typing import Any, Callable
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -182,8 +187,14 @@ class Upstream:
     # The parts.
 
     def _proxy(self, reactor: Any, timeout: float) -> IStreamClientEndpoint:
-        endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, self.host, self.port,
-                                                           timeout=timeout)
+        endpoint: IStreamClientEndpoint
+        if ":" in self.host:
+            endpoint = TCP6ClientEndpoint(reactor, self.host, self.port, timeout=timeout)
+        elif _is_ipv4(self.host):
+            # An address: no lookup (HostnameEndpoint's goes through a thread).
+            endpoint = TCP4ClientEndpoint(reactor, self.host, self.port, timeout=timeout)
+        else:
+            endpoint = HostnameEndpoint(reactor, self.host, self.port, timeout=timeout)
         if self.tls is not None:
             endpoint = wrapClientTLS(self.tls, endpoint)
         return endpoint
@@ -290,6 +301,13 @@ def parse_upstream(url: str, name: str | None = None, ca: str | None = None) -> 
     return Upstream(name=name or url_text, scheme=scheme, host=host, port=port,
                     url_text=url_text, username=username, password=password,
                     gssapi_service=service, ca=ca, tls=tls)
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).version == 4
+    except ValueError:
+        return False
 
 
 def _redact_raw(url: str) -> str:
