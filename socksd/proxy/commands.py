@@ -98,7 +98,9 @@ class Commands:
         try:
             self.udp, bound = requests.associate(server.reactor, server.limits, rules, host,
                                                  port, self.socket_host(),
-                                                 self.resetTimeout, self.layer, server.sources)
+                                                 self.resetTimeout, self.layer,
+                                                 requests.sources_for(rules.governing,
+                                                                      server.sources))
         except ConnectFailed as e:
             return defer.fail(e)
         relay = self.udp

@@ -45,7 +45,8 @@ def open_connection(reactor: Any, limits: Limits, rules: ClientRules, host: str,
             d = defer.fail(denied)
         else:
             waiting = rules.admit()
-            if waiting is None and not (rules.governing is not None and rules.governing.via):
+            rule = rules.governing
+            if waiting is None and (rule is None or rule.governs is None):
                 d = connect.connect_first([host], reactor, port, deadline, source)
             else:
                 d = (waiting or defer.succeed(None)).addCallback(
@@ -65,6 +66,14 @@ def _connect(hosts: list[str], rules: ClientRules, reactor: Any, host: str, port
                                      _rule_source(rule, source))
     chosen = chain.upstreams_for(rule.via, upstreams or {}, "connect")
     return chain.connect_via(reactor, chosen, host, hosts, port, deadline)
+
+
+def sources_for(rule: Rule | None, sources: Sources | None) -> Sources | None:
+    """Where a UDP relay under ``rule`` sends from: the rule's own source
+    before [server] source."""
+    if rule is None or rule.source is None:
+        return sources
+    return Sources((rule.source,), described=f"{rule.label} source")
 
 
 def _rule_source(rule: Rule | None, source: connect.SourceChoice | None,
