@@ -239,6 +239,8 @@ class Session(Admission, ClientEnd, TimeoutMixin, Commands):
             relaying.start(limits.idle_timeout, limits.splice)
         else:
             relaying.start(limits.idle_timeout, limits.splice, lease.up, lease.down)
+            if early and self.meter is not None:
+                self.meter.spent(len(early))   # sent ahead of the relay, counted now
         registry, name = self.server.registry, self.user.name
         # Only a user who proved who they are (password, Kerberos, a client
         # identd that confirmed the USERID): the identd vouches for this name
