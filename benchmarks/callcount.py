@@ -48,11 +48,21 @@ def total_ir(out: Path) -> int:
     return int(found.group(1))
 
 
+# With --rule-extra: every run's config has this rule, and one more row
+# measures this tree with the extra lines added to it.
+RULE = """
+[[rules]]
+name = "bench"
+action = "allow"
+from = ["127.0.0.0/8"]
+"""
+
+
 def run_once(tree: Path, loadgen: Path, echo_port: int, proto: int, sessions: int,
-             work: Path) -> int:
+             work: Path, config: str = CONFIG) -> int:
     """Ir of one socksd process from start to SIGTERM, ``sessions`` served."""
     work.mkdir(parents=True, exist_ok=True)
-    (work / "socksd.toml").write_text(CONFIG)
+    (work / "socksd.toml").write_text(config)
     out = work / "callgrind.out"
     port = free_port()
     argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
@@ -90,9 +100,9 @@ def run_once(tree: Path, loadgen: Path, echo_port: int, proto: int, sessions: in
 
 
 def per_session(tree: Path, loadgen: Path, echo_port: int, proto: int, n1: int, n2: int,
-                work: Path) -> float:
-    low = run_once(tree, loadgen, echo_port, proto, n1, work / f"s{proto}-n{n1}")
-    high = run_once(tree, loadgen, echo_port, proto, n2, work / f"s{proto}-n{n2}")
+                work: Path, config: str = CONFIG) -> float:
+    low = run_once(tree, loadgen, echo_port, proto, n1, work / f"s{proto}-n{n1}", config)
+    high = run_once(tree, loadgen, echo_port, proto, n2, work / f"s{proto}-n{n2}", config)
     return (high - low) / (n2 - n1)
 
 
@@ -103,10 +113,18 @@ def main() -> int:
     parser.add_argument("--protos", type=int, nargs="+", default=[5, 4], choices=[4, 5])
     parser.add_argument("--counts", type=int, nargs=2, default=[500, 2500],
                         metavar=("N1", "N2"))
+    parser.add_argument("--rule-extra", metavar="TOML",
+                        help="every config gets a rule allowing loopback clients, and one more "
+                             "row runs this tree with these lines added to that rule (e.g. "
+                             "'rate = \"100GiB\"')")
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         raise BenchError("valgrind is not installed (make bench installs it)")
     trees = [ROOT, *(path.resolve() for path in args.against)]
+    base = CONFIG + RULE if args.rule_extra else CONFIG
+    runs = [(tree, base, str(tree)) for tree in trees]
+    if args.rule_extra:
+        runs.append((ROOT, base + args.rule_extra + "\n", f"{ROOT} + {args.rule_extra}"))
     for tree in trees:
         if not (tree / ".venv/bin/twistd").exists():
             raise BenchError(f"{tree}: no .venv/bin/twistd (make install there first)")
@@ -123,10 +141,11 @@ def main() -> int:
             print(f"instructions (callgrind Ir) per session, {n2} - {n1} sessions")
             for proto in args.protos:
                 results = [per_session(tree, loadgen, echo_port, proto, n1, n2,
-                                       work / f"t{index}") for index, tree in enumerate(trees)]
-                for tree, ir in zip(trees, results, strict=True):
+                                       work / f"t{index}", config)
+                           for index, (tree, config, _label) in enumerate(runs)]
+                for (_tree, _config, label), ir in zip(runs, results, strict=True):
                     ratio = ir / results[0]
-                    print(f"  SOCKS{proto}  {ir / 1e3:8.1f}k  {ratio:5.3f}x  {tree}", flush=True)
+                    print(f"  SOCKS{proto}  {ir / 1e3:8.1f}k  {ratio:5.3f}x  {label}", flush=True)
         finally:
             echo.terminate()
             echo.wait()

@@ -137,11 +137,16 @@ class Rule:
         return self.action == "allow"
 
     @property
-    def governs(self) -> Rule | None:
-        """The rule itself when what it admits is bound by it (a rate, a
-        cap, upstreams, a source address); None when any allowing rule would do as well. A name's
-        addresses are connected to under one governing rule."""
-        return self if self.limits is not None or self.via or self.source else None
+    def governs(self) -> tuple | None:
+        """What binds the sessions this rule admits (its limits, upstreams,
+        source), or None when any allowing rule would do as well. A
+        session is carried out under one: a name's addresses, a UDP
+        association's datagrams, only those whose allowing rule governs
+        alike. (Compared by value: a reload's rule of the same name and
+        settings governs alike.)"""
+        if self.limits is None and not self.via and self.source is None:
+            return None
+        return self.limits, self.via, self.via_local, self.source
 
     def matches_request(self, client: IPAddress, user: str | None, command: str,
                         port: int, version: int = 5, verified: bool = False) -> bool:
@@ -411,6 +416,31 @@ class RuleSet:
             return _NO_MATCH
         first = _first(mask)
         return self._decisions[first] if by_name >> first & 1 else None
+
+    def name_upstream(self, client: IPAddress, user: str | None, command: str, port: int,
+                      name: str, *, version: int = 5,
+                      verified: bool = False) -> Decision | None:
+        """The decision for a name sent upstream unresolved, when
+        :meth:`decide_name` cannot settle it alone: the first rule that
+        matches the name without its addresses, if it allows with ``via``
+        and leaves resolving to the upstream. The rules before it that test
+        networks only are passed over: their addresses are the upstream's
+        to find, never looked up here (a lookup would leak the name to this
+        host's resolver). None: resolve and decide per address as ever."""
+        index = self._index
+        if index is None:
+            for i, rule in enumerate(self.rules):
+                if rule.matches_request(client, user, command, port, version, verified) and \
+                        rule.matches_destination(name, None):
+                    return self._upstream_decision(i)
+            return None
+        mask = index.request(client, user, command, version, verified) & index.ports(port) & \
+            index.destination(name, None)
+        return self._upstream_decision(_first(mask)) if mask else None
+
+    def _upstream_decision(self, i: int) -> Decision | None:
+        rule = self.rules[i]
+        return self._decisions[i] if rule.allows and rule.via and not rule.via_local else None
 
     def could_allow(self, client: IPAddress, user: str | None, command: str, *,
                     version: int = 5, verified: bool = False) -> Rule | None:

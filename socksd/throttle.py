@@ -252,6 +252,15 @@ class Meter:
             budget = self.budget
             budget.tokens = min(budget.capacity, budget.refill() + n)
 
+    def first_turn(self) -> None:
+        """Before this end's first read: when the budget is in debt, or
+        other ends wait their turn, it waits too. A new session must not
+        read on a budget its predecessors overdrew (one read each, then
+        closed: a rate escaped by sessions that end one after another)."""
+        budget = self.budget
+        if budget.waiting or budget.refill() < 0:
+            self._hold()
+
     def detach(self) -> None:
         """This side reads no more: leave the queue, give back what was handed
         to it, and stop the budget's timer if nobody else waits. Idempotent."""

@@ -55,6 +55,8 @@ class Race:
         return [host for host, *_ in self.reactor.tcpClients]
 
     def attempt(self, index: int) -> Outbound:
+        # An attempt after a failure starts on the reactor's next turn.
+        self.reactor.advance(0)
         return Outbound(self.reactor, index)
 
     def cancelled(self) -> list[bool]:
@@ -62,6 +64,7 @@ class Race:
         return [c._disconnected for c in self.reactor.connectors]
 
     def failure(self) -> connect.ConnectFailed:
+        self.reactor.advance(0)
         [result] = self.result
         assert isinstance(result, Failure), result
         return result.value
@@ -87,6 +90,7 @@ def test_a_failed_attempt_starts_the_next_at_once_and_the_delay_runs_from_there(
     race = Race([V4A, V4B, V4C])
     race.reactor.advance(0.1)
     race.attempt(0).refuse(error.ConnectionRefusedError())
+    race.reactor.advance(0)          # at once: on the reactor's next turn
     assert race.started() == [V4A, V4B]
     race.reactor.advance(0.249)
     assert race.started() == [V4A, V4B]
@@ -182,8 +186,11 @@ def test_each_attempt_leaves_from_the_source_its_family_gets():
 
     race = Race([V6A, V4A, V6B, V4B], source=source)
     # The IPv6 attempts fail at once, without waiting for their turn.
+    race.reactor.advance(0)
     assert race.started() == [V4A]
     race.attempt(0).refuse(error.ConnectionRefusedError())
+    race.reactor.advance(0)
+    race.reactor.advance(0)
     assert race.started() == [V4A, V4B]
     assert [bind for *_, bind in race.reactor.tcpClients] == [("198.51.100.7", 0)] * 2
     race.attempt(1).refuse(error.ConnectionRefusedError())
@@ -354,6 +361,19 @@ def test_a_failure_at_the_deadline_starts_nothing_more():
     race.reactor.advance(0.25 - 1e-9)
     assert race.started() == [V4A]
     race.reactor.rightNow += 1e-9     # the deadline, before its timer has run
-    race.attempt(0).refuse(error.ConnectionRefusedError())
+    Outbound(race.reactor, 0).refuse(error.ConnectionRefusedError())
     assert race.started() == [V4A]
     assert race.failure().reason == connect.REFUSED and race.timers() == []
+
+
+def test_hundreds_of_addresses_that_fail_at_once_do_not_nest_calls():
+    """A hostile name with hundreds of addresses, each failing at once (no
+    source address of its family): tried in turn, one reactor turn each,
+    not a call deeper each (a RecursionError)."""
+    def only_v6(family):
+        raise connect.NoSource("no IPv4 source")
+    hosts = [f"192.0.2.{i % 250 + 1}" for i in range(2000)]
+    race = Race(hosts, source=only_v6)
+    for _ in range(2001):
+        race.reactor.advance(0)
+    assert isinstance(race.failure(), connect.NoSource)

@@ -9,6 +9,7 @@ import pytest
 from twisted.internet import defer
 
 from socksd.channel import frame
+from socksd.config import load_text
 from socksd.proxy.quotas import Caps, Holdings, Quotas, cap_key, describe
 from socksd.rules import RuleLimits
 from socksd.stats import Counts
@@ -22,7 +23,8 @@ def test_a_key_counts_per_rule_user_or_client():
     rule = RuleLimits("r", max_sessions=2)
     assert cap_key(rule, "alice", "10.0.0.1") == ("r", "rule", "")
     assert cap_key(PER_USER, "alice", "10.0.0.1") == ("web", "user", "alice")
-    assert cap_key(PER_USER, None, "10.0.0.1") == ("web", "user", "-")
+    # No proven user: counted per client address (a claimed name costs nothing).
+    assert cap_key(PER_USER, None, "10.0.0.1") == ("web", "user", "- 10.0.0.1")
     per_client = RuleLimits("r", max_sessions=2, max_sessions_per="client")
     assert cap_key(per_client, "alice", "2001:db8::/64") == ("r", "client", "2001:db8::/64")
     assert describe(PER_USER) == "rule web: max_sessions (1 per user) reached"
@@ -50,8 +52,21 @@ def test_holdings_of_an_ended_worker_go_back():
     assert caps.open == {key: 1}
 
 
+SUPERVISOR_CONFIG = """
+[[rules]]
+name = "web"
+action = "allow"
+max_sessions = 1
+max_sessions_per = "user"
+rate = 1000
+rate_per = "rule"
+"""
+
+
 def pair() -> tuple[Pair, Quotas]:
     service = supervisor()
+    # The caps and rates are the supervisor's configuration's, not the worker's word.
+    service.config = load_text(SUPERVISOR_CONFIG, "socksd.toml")
     p = Pair(service, 0, Counts())
     quotas = Quotas()
     quotas.asker = p.down
@@ -181,3 +196,24 @@ def test_a_workers_shared_budget_runs_at_the_share_it_is_told():
     other.to_supervisor()
     p.to_worker()
     assert first.up.rate == 1000 and budgets[1].shared == {}
+
+
+def test_the_supervisor_takes_the_cap_from_its_own_config_not_the_workers():
+    p, _quotas = pair()
+    p.up.dataReceived(frame(["take", 1, "web", "user", "alice", 10**9]))
+    p.up.dataReceived(frame(["take", 2, "web", "user", "alice", 10**9]))
+    p.up.dataReceived(frame(["take", 3, "nosuchrule", "rule", "", 10**9]))
+    p.up.dataReceived(frame(["take", 4, "web", "client", "10.0.0.1", 10**9]))
+    answers = p.up.transport.value()
+    assert answers.count(b'"granted",1,true') == 1
+    for ident in (2, 3, 4):
+        assert f'"granted",{ident},false'.encode() in answers
+
+
+def test_a_worker_cannot_join_a_budget_the_config_does_not_have():
+    p, _quotas = pair()
+    p.up.dataReceived(frame(["join", "nosuchrule", "rule", "", 5.0]))
+    p.up.dataReceived(frame(["join", "web", "user", "x", 5.0]))     # web's rate is per rule
+    assert p.supervisor.shares.sessions == {}
+    p.up.dataReceived(frame(["join", "web", "rule", "", 5.0]))
+    assert p.supervisor.shares.rates == {("web", "rule", ""): 1000}   # the config's rate

@@ -739,6 +739,7 @@ def test_connect_name_tries_next_address():
     client = socks5_client(factory, CONNECT_NAME)
     reactor.nameResolver.answer("192.0.2.1", "192.0.2.2")
     Outbound(reactor, 0).refuse(error.ConnectionRefusedError())
+    reactor.advance(0)     # the next address, on the reactor's next turn
     assert client.take() == b""
     assert len(reactor.tcpClients) == 2
     out = Outbound(reactor, 1)
@@ -752,6 +753,7 @@ def test_connect_name_all_addresses_fail_reports_last_failure():
     client = socks5_client(factory, CONNECT_NAME)
     reactor.nameResolver.answer("192.0.2.1", "192.0.2.2")
     Outbound(reactor, 0).refuse(error.TimeoutError())
+    reactor.advance(0)
     Outbound(reactor, 1).refuse(error.ConnectionRefusedError())
     assert_refused(client, failure_reply(0x05))
 

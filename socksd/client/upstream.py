@@ -317,6 +317,10 @@ def _redact_raw(url: str) -> str:
     with "@" in its query (socks5+gssapi's service= excepted: it takes no
     password)."""
     scheme, sep, rest = url.partition("://")
+    if not sep:
+        # Not a URL at all ("user:pass@host:1080", "socks5:/..."): whatever
+        # comes before the last "@" may hold a password.
+        scheme, rest = "", url
     searched = rest.split("?", 1)[0] if scheme.lower() == "socks5+gssapi" else rest
     at = searched.rfind("@")
     if at < 0:
@@ -324,6 +328,8 @@ def _redact_raw(url: str) -> str:
     userinfo, after = rest[:at], rest[at + 1:]
     if ":" in userinfo:
         userinfo = userinfo.split(":", 1)[0] + ":***"
+    elif not sep:
+        userinfo = "***"
     return f"{scheme}{sep}{userinfo}@{after}"
 
 

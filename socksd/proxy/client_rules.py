@@ -49,7 +49,7 @@ class ClientRules:
         limits = rule.limits if rule is not None else None
         if limits is None or limits.max_sessions is None or self.quotas is None:
             return None
-        taken = self.quotas.take(limits, self.user.name, self.client_key)
+        taken = self.quotas.take(limits, self.proven_name(), self.client_key)
         if isinstance(taken, defer.Deferred):
             return taken.addCallback(self._placed, describe(limits))
         try:
@@ -74,9 +74,14 @@ class ClientRules:
         limits = rule.limits if rule is not None else None
         if limits is None or limits.rate is None or self.quotas is None:
             return None
-        self.lease = lease = self.quotas.budgets.lease(reactor, limits, self.user.name,
+        self.lease = lease = self.quotas.budgets.lease(reactor, limits, self.proven_name(),
                                                        self.client_key)
         return lease
+
+    def proven_name(self) -> str | None:
+        """The user a per-user cap or budget counts: a proven one only."""
+        user = self.user
+        return user.name if user.verified else None
 
     def release(self) -> None:
         """The session has ended: its place under a cap and its share of a
@@ -97,6 +102,11 @@ class ClientRules:
         """The decision the name alone settles, or None (its addresses decide)."""
         return self.rules.decide_name(self.client, self.user.name, command, port, name,
                                       version=self.version, verified=self.user.verified)
+
+    def name_upstream(self, command: str, port: int, name: str) -> Decision | None:
+        """The decision for a name a rule sends upstream unresolved, if one does."""
+        return self.rules.name_upstream(self.client, self.user.name, command, port, name,
+                                        version=self.version, verified=self.user.verified)
 
     def could_allow(self, command: str) -> Rule | None:
         """The first rule that could allow ``command`` somewhere (UDP)."""
@@ -158,6 +168,13 @@ class ClientRules:
                 return waiting.addCallback(
                     lambda _: connect.resolve(reactor, host, port, timeout, self.client_key))
             return connect.resolve(reactor, host, port, timeout, self.client_key)
+        upstream = self.name_upstream(command, port, host)
+        if upstream is not None:
+            # Sent upstream unresolved (see RuleSet.name_upstream): no lookup here.
+            self.governing = upstream.rule
+            self.note(upstream, command, host, port)
+            waiting = self.admit()
+            return defer.succeed([]) if waiting is None else waiting.addCallback(lambda _: [])
         d = connect.resolve(reactor, host, port, timeout, self.client_key)
         return d.addCallback(self._allowed_addresses, command, host, port)
 
@@ -174,7 +191,7 @@ class ClientRules:
         one cap."""
         allowed: list[str] = []
         first_denial: Decision | None = None
-        governs: Rule | None = None
+        governs: tuple | None = None
         for host in hosts:
             decision = self.decide(command, port, name, parse_ip(host))
             if decision.allowed:
@@ -183,7 +200,7 @@ class ClientRules:
                 if not allowed:
                     self.governing, governs = rule, rule.governs
                     self.note(decision, command, name, port)
-                elif rule.governs is not governs:
+                elif rule.governs != governs:
                     continue
                 allowed.append(host)
             elif first_denial is None:

@@ -385,7 +385,12 @@ class _Race:
         if rank >= self.rank:
             self.failure, self.rank = Failure(failed), rank
         if self.hosts and self.reactor.seconds() < self.deadline:
-            self._start()
+            # The next at once, but on the reactor's next turn: attempts
+            # that fail at once (no route, no source of the family) would
+            # otherwise nest a call deeper per address, and a name may have
+            # hundreds.
+            self._cancel_delay()
+            self.delay = self.reactor.callLater(0, self._delayed)
         elif not self.attempts:
             self._stop()
             self.deferred.errback(self.failure)

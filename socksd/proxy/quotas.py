@@ -19,14 +19,24 @@ from socksd.rules import RuleLimits
 
 # Who a key counts: the rule's key, what it counts per, and who that is.
 Key = tuple[str, str, str]
-ANONYMOUS = "-"    # the sessions of no user count as one user of this name
+ANONYMOUS = "-"    # per user: no proven user, counted per client address as "- CLIENT"
+
+
+def _who(per: str, user: str | None, client: str | None) -> str:
+    """Who shares a count or budget. Per user, only a proven name is one
+    (``user``: None for anonymous and unproven ones, whose names cost
+    nothing to change): those sessions count per client address."""
+    if per == "rule":
+        return ""
+    if per == "user" and user:
+        return user
+    return f"{ANONYMOUS} {client or ''}" if per == "user" else (client or "")
 
 
 def cap_key(limits: RuleLimits, user: str | None, client: str | None) -> Key:
     """The count a session admitted under ``limits`` goes into."""
     per = limits.max_sessions_per
-    who = "" if per == "rule" else (user or ANONYMOUS) if per == "user" else (client or "")
-    return limits.key, per, who
+    return limits.key, per, _who(per, user, client)
 
 
 def describe(limits: RuleLimits) -> str:
@@ -65,8 +75,7 @@ def rate_key(limits: RuleLimits, user: str | None, client: str | None) -> Key | 
     per = limits.rate_per
     if per == "session":
         return None
-    who = "" if per == "rule" else (user or ANONYMOUS) if per == "user" else (client or "")
-    return limits.key, per, who
+    return limits.key, per, _who(per, user, client)
 
 
 class Sharing(Protocol):
@@ -96,6 +105,16 @@ class Lease:
             budgets.give_back(self.key)
 
 
+# Budgets no session uses are looked at again for dropping once there are
+# this many: one that has not refilled yet holds its debt until it has.
+PRUNE_AT = 1024
+
+
+def _full(entry: list) -> bool:
+    up, down = entry[0], entry[1]
+    return up.refill() >= up.capacity and down.refill() >= down.capacity
+
+
 class Budgets:
     """The rate budgets of this process's sessions: a pair of its own for a
     session under ``rate_per = "session"``; else the pair of its key, made
@@ -118,6 +137,8 @@ class Budgets:
             return Lease(throttle.Budget(reactor, rate), throttle.Budget(reactor, rate))
         entry = self.shared.get(key)
         if entry is None:
+            if len(self.shared) >= PRUNE_AT:
+                self._prune()
             first = rate / self.workers if self.sharing is not None else rate
             entry = self.shared[key] = [throttle.Budget(reactor, first),
                                         throttle.Budget(reactor, first), 0]
@@ -134,10 +155,18 @@ class Budgets:
         if entry is None:
             return
         entry[2] -= 1
-        if entry[2] <= 0:
+        if entry[2] <= 0 and _full(entry):
             del self.shared[key]
+        # Else kept: what its sessions overdrew (a read is charged once
+        # made) is owed by the next session under the key, or a rate would
+        # be escaped by sessions that end one after another.
         if self.sharing is not None:
             self.sharing.left(key)
+
+    def _prune(self) -> None:
+        """Drop the budgets no session uses that have refilled."""
+        for key in [key for key, entry in self.shared.items() if entry[2] <= 0 and _full(entry)]:
+            del self.shared[key]
 
     def set_rate(self, key: Key, rate: float) -> None:
         """The supervisor's share for this worker (or a reload's new rate)."""
@@ -201,7 +230,7 @@ class Ticket:
 # The longest string of a key on the workers' channel: a rule's key is at
 # most 64 characters, a user name at most 255 bytes (each as \udcXX when
 # not UTF-8), a client key an address and prefix.
-MAX_KEY_ITEM = 2048
+MAX_KEY_ITEM = 1024
 
 
 def key_from(items: list[object]) -> Key:
@@ -221,16 +250,18 @@ class Holdings:
     is every worker's): given back all at once when the worker ends, as its
     sessions did with it."""
 
-    __slots__ = ("caps", "held")
+    __slots__ = ("caps", "held", "total")
 
     def __init__(self, caps: Caps) -> None:
         self.caps = caps
         self.held: dict[Key, int] = {}
+        self.total = 0
 
     def take(self, key: Key, limit: int) -> bool:
         if not self.caps.take(key, limit):
             return False
         self.held[key] = self.held.get(key, 0) + 1
+        self.total += 1
         return True
 
     def give_back(self, key: Key) -> None:
@@ -242,10 +273,16 @@ class Holdings:
             self.held[key] = count - 1
         else:
             del self.held[key]
+        self.total -= 1
         self.caps.give_back(key)
+
+    def places(self) -> int:
+        """The places it holds, under every key."""
+        return self.total
 
     def clear(self) -> None:
         held, self.held = self.held, {}
+        self.total = 0
         for key, count in held.items():
             for _ in range(count):
                 self.caps.give_back(key)
@@ -260,17 +297,19 @@ class RateShares:
     starts at the rate divided by the number of workers until the answer
     comes); a worker whose share changed is told its new rate."""
 
-    __slots__ = ("send", "sessions", "rates", "given")
+    __slots__ = ("send", "sessions", "rates", "given", "per_worker")
 
     def __init__(self, send: Callable[[int, Key, float], None]) -> None:
         self.send = send                              # (worker, key, its rate)
         self.sessions: dict[Key, dict[int, int]] = {}   # key -> worker -> sessions
         self.rates: dict[Key, float] = {}             # key -> the rule's rate, last said
         self.given: dict[tuple[Key, int], float] = {}   # the rate each worker was told
+        self.per_worker: dict[int, int] = {}          # worker -> its sessions, all keys
 
     def joined(self, worker: int, key: Key, rate: float) -> None:
         counts = self.sessions.setdefault(key, {})
         counts[worker] = counts.get(worker, 0) + 1
+        self.per_worker[worker] = self.per_worker.get(worker, 0) + 1
         self.rates[key] = rate       # a reload may have changed it
         self._split(key)
 
@@ -279,13 +318,19 @@ class RateShares:
         if counts is None or not counts.get(worker):
             return      # never joined (or the worker's slate was cleared)
         counts[worker] -= 1
+        self.per_worker[worker] -= 1
         if not counts[worker]:
             del counts[worker]
             self.given.pop((key, worker), None)
         self._split(key)
 
+    def held(self, worker: int) -> int:
+        """The sessions ``worker`` has under the shared budgets."""
+        return self.per_worker.get(worker, 0)
+
     def worker_ended(self, worker: int) -> None:
         """Its sessions ended with it: the others share what it had."""
+        self.per_worker.pop(worker, None)
         for key in [key for key, counts in self.sessions.items() if worker in counts]:
             del self.sessions[key][worker]
             self.given.pop((key, worker), None)

@@ -42,6 +42,22 @@ class ClientEnd(relay.RelayEnd):
         raise NotImplementedError
 
 
+# The least a metered end reads at once: smaller reads cost more calls.
+LEAST_READ = 4096
+
+
+def _bounded_reads(transport: Any, budget: throttle.Budget) -> None:
+    """Twisted's path learns a chunk's size only once read, and charges it
+    after: a metered socket reads at most about its budget's burst at a
+    time (not Twisted's 64 KiB), so that one read overdraws a small rate by
+    little. Twisted's tcp.Connection reads ``bufferSize`` bytes a time; the
+    same number is where its write buffer pauses the producer, which for a
+    rate this small only makes the other direction's pauses come sooner."""
+    size = getattr(transport, "bufferSize", None)
+    if isinstance(size, int) and budget.capacity < size:
+        transport.bufferSize = max(LEAST_READ, int(budget.capacity))
+
+
 class Relaying(relay.RelaySession):
     """One session's relay, from the last reply to the last close."""
 
@@ -63,9 +79,13 @@ class Relaying(relay.RelaySession):
         client, outbound = self.client, self.outbound
         relay.join(client, outbound, self, watch_activity=idle_timeout > 0)
         if up is not None:
-            client.meter = up.meter(client)
+            client.meter = meter = up.meter(client)
+            _bounded_reads(client.transport, up)
+            meter.first_turn()
         if down is not None:
-            outbound.meter = down.meter(outbound)
+            outbound.meter = meter = down.meter(outbound)
+            _bounded_reads(outbound.transport, down)
+            meter.first_turn()
         if splice_allowed and splice.plain_tcp(client.transport, outbound.transport):
             client.splice_after = client.received + SPLICE_AFTER
             outbound.splice_after = outbound.received + SPLICE_AFTER

@@ -245,7 +245,9 @@ class Session(Admission, ClientEnd, TimeoutMixin, Commands):
         # Only a user who proved who they are (password, Kerberos, a client
         # identd that confirmed the USERID): the identd vouches for this name
         # to the world, so a SOCKS4 USERID taken on trust must not reach it.
-        if registry is not None and self.user.verified and name:
+        # Not one through an upstream: it is the upstream's own connection
+        # to us, and the upstream must not learn the client's name from us.
+        if registry is not None and self.user.verified and name and self.via is None:
             relaying.register(registry, name)
         if self.judge_again:
             # A reload came during the handshake: judged as the open ones were.

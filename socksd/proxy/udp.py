@@ -26,7 +26,7 @@ from socksd.proxy.bind import candidate_ports
 from socksd.proxy.client_rules import ClientRules
 from socksd.proxy.limits import Limits
 from socksd.proxy.source import Sources
-from socksd.rules import parse_ip
+from socksd.rules import Decision, parse_ip
 from socksd.wire import WireError, socks5
 
 log = Logger(namespace="socksd")
@@ -98,6 +98,9 @@ class UDPRelay(DatagramProtocol):
         # with it carries the datagrams both ways, and its name for the line.
         self.association: Association | None = None
         self.via: str | None = None
+        # What binds the association (its rule's rate, upstreams, source): a
+        # datagram another rule allows goes only if that rule binds alike.
+        self.governs = rules.governing.governs if rules.governing is not None else None
 
     def listen(self, local, ranges, sources: Sources | None = None) -> tuple[str, int]:
         """Bind the relay socket (the client's side) on ``local``'s address,
@@ -148,8 +151,11 @@ class UDPRelay(DatagramProtocol):
     def denied_by(self, rules: ClientRules) -> str | None:
         """recheck_on_reload: why ``rules`` deny the association now, or None,
         and the datagrams from now on are decided by them."""
-        if not rules.could_allow("udp"):
+        rule = rules.could_allow("udp")
+        if rule is None:
             return "no rule allows udp"
+        rules.governing = rule
+        self.governs = rule.governs
         self.rules = rules
         self.decisions.clear()
         self.names.clear()
@@ -256,8 +262,9 @@ class UDPRelay(DatagramProtocol):
         key = ("udp", None, port, name)
         allowed = self.decisions.get(key)
         if allowed is None:
-            decision = self.rules.decide_name("udp", port, name)
-            allowed = decision is not None and decision.allowed
+            decision = self.rules.decide_name("udp", port, name) or \
+                self.rules.name_upstream("udp", port, name)
+            allowed = decision is not None and self._governed(decision)
             if allowed and decision is not None:
                 self.rules.note(decision, "udp", name, port)
             self.decisions.put(key, allowed)
@@ -320,7 +327,7 @@ class UDPRelay(DatagramProtocol):
         if allowed is None:
             decision = self.rules.decide_name("udp", port, name)
             # An allow is noted (and re-decided) per address, in _allowed().
-            allowed = decision is None or decision.allowed
+            allowed = decision is None or self._governed(decision)
             self.decisions.put(key, allowed)
         return allowed
 
@@ -329,7 +336,7 @@ class UDPRelay(DatagramProtocol):
         allowed = self.decisions.get(key)
         if allowed is None:
             decision = self.rules.decide(command, port, name, parse_ip(ip))
-            allowed = decision.allowed
+            allowed = decision.allowed if command == "udpreply" else self._governed(decision)
             if allowed:   # once per address while it is remembered, not per datagram
                 self.rules.note(decision, command, name or ip, port)
             self.decisions.put(key, allowed)
@@ -374,6 +381,13 @@ class UDPRelay(DatagramProtocol):
         self.peers.put((str(parse_ip(ip)), port), True)
         self.counts["up"] += 1
         self.counts["bytes_up"] += len(data)
+
+    def _governed(self, decision: Decision) -> bool:
+        """Allowed, by a rule that binds the datagram as the association is
+        bound (its rate, upstreams, source): else its limits or its
+        upstream would be escaped through another rule's association."""
+        return decision.allowed and decision.rule is not None and \
+            decision.rule.governs == self.governs
 
     def _from_peer(self, data: bytes, ip: str, port: int) -> None:
         transport = self.transport

@@ -79,6 +79,7 @@ from socksd.ident.channel import RegistrationReceiver
 from socksd.ident.registry import ProxiedConnections
 from socksd.logs import FROM_WORKER
 from socksd.proxy.quotas import Caps, Holdings, Key, RateShares, key_from
+from socksd.rules import RuleLimits
 from socksd.stats import MAX_COUNT, Counts
 from socksd.tap.listening import CannotListen
 from socksd.twisted_internals import IReactor, installed_reactor
@@ -238,7 +239,15 @@ class _WorkerChannel(RegistrationReceiver):
                 key = key_from(message[2:5])
             except ValueError as e:
                 raise Malformed(f"take: {e}") from None
-            granted = self.holdings.take(key, limit)
+            # The cap is the supervisor's own configuration's, not what the
+            # worker says (a worker is not trusted to set it), and a worker
+            # holds no more places than a process serves sessions.
+            supervisor = self.worker.supervisor
+            limits = supervisor.rule_limits(key[0])
+            granted = limits is not None and limits.max_sessions is not None and \
+                limits.max_sessions_per == key[1] and \
+                self.holdings.places() < supervisor.config.limits.max_sessions and \
+                self.holdings.take(key, limits.max_sessions)
             self.send(("granted", ident), "granted", frame(["granted", ident, granted]))
             return
         if message[0] in ("join", "leave") and len(message) == (5 if message[0] == "join"
@@ -254,7 +263,12 @@ class _WorkerChannel(RegistrationReceiver):
             rate = message[4]
             if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0:
                 raise Malformed("join: not a rate")
-            shares.joined(self.worker.index, key, rate)
+            supervisor = self.worker.supervisor
+            limits = supervisor.rule_limits(key[0])
+            if limits is None or limits.rate is None or limits.rate_per != key[1] or \
+                    shares.held(self.worker.index) >= supervisor.config.limits.max_sessions:
+                return     # no such shared budget now (a reload dropped it), or too many
+            shares.joined(self.worker.index, key, limits.rate)
             return
         if message[0] == "give" and len(message) == 4:
             try:
@@ -447,6 +461,8 @@ class WorkersService(service.Service):
         self.retired = Counts()
         self.caps = Caps()      # the rules' max_sessions, for every worker
         self.shares = RateShares(self._tell_share)   # the shared rates, split between them
+        self._limits_of: object = None                # the rules _limits was made from
+        self._limits: dict[str, RuleLimits] = {}
         self.malformed_frames = 0
         self.sequence = 0                  # of the requests for counts
         self.waiting: set[_Worker] = set()     # not answered the one in flight yet
@@ -617,6 +633,15 @@ class WorkersService(service.Service):
         if self.next_waiters and self.round is None:
             self.waiters, self.next_waiters = self.next_waiters, []
             self._ask()
+
+    def rule_limits(self, key: str) -> RuleLimits | None:
+        """The limits of the rule ``key`` (its name or position) in the
+        configuration the workers run now."""
+        rules = self.config.rules
+        if self._limits_of is not rules:
+            self._limits_of = rules
+            self._limits = {r.limits.key: r.limits for r in rules.rules if r.limits is not None}
+        return self._limits.get(key)
 
     def _tell_share(self, index: int, key: Key, rate: float) -> None:
         """Worker ``index``'s part of a shared rate budget, sent to it."""
