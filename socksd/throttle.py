@@ -258,7 +258,7 @@ class Meter:
         read on a budget its predecessors overdrew (one read each, then
         closed: a rate escaped by sessions that end one after another)."""
         budget = self.budget
-        if budget.waiting or budget.refill() < 0:
+        if budget.waiting or (budget.tokens < 0 and budget.refill() < 0):
             self._hold()
 
     def detach(self) -> None:

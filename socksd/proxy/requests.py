@@ -48,8 +48,10 @@ def open_connection(reactor: Any, limits: Limits, rules: ClientRules, host: str,
             rule = rules.governing
             if waiting is None and (rule is None or rule.governs is None):
                 d = connect.connect_first([host], reactor, port, deadline, source)
+            elif waiting is None:
+                d = _connect([host], rules, reactor, host, port, deadline, source, upstreams)
             else:
-                d = (waiting or defer.succeed(None)).addCallback(
+                d = waiting.addCallback(
                     lambda _: _connect([host], rules, reactor, host, port, deadline, source,
                                        upstreams))
     return d.addCallbacks(_connected, _classify, callbackArgs=(reactor, requested))
