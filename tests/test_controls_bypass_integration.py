@@ -14,7 +14,7 @@ import pytest
 
 from conftest import recv_exact
 from test_rule_caps_integration import socks4, socks5
-from test_rule_rates_integration import Source
+from test_rule_rates_integration import Source, udp_associate
 
 pytestmark = pytest.mark.integration
 
@@ -52,19 +52,6 @@ rate_per = "client"
     # 100 kB/s, a 10 kB burst, and a read of up to the burst per session
     # that found the budget full: far from the megabytes the sessions asked.
     assert got <= 100_000 * elapsed * 1.5 + 20_000, (got, elapsed)
-
-
-def udp_associate(server) -> tuple[socket.socket, socket.socket, tuple[str, int]]:
-    control = socket.create_connection(server.address, timeout=10)
-    control.sendall(b"\x05\x01\x00")
-    assert recv_exact(control, 2) == b"\x05\x00"
-    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    client.bind(("127.0.0.1", 0))
-    control.sendall(b"\x05\x03\x00\x01" + socket.inet_aton("127.0.0.1")
-                    + struct.pack("!H", client.getsockname()[1]))
-    reply = recv_exact(control, 10)
-    assert reply[1] == 0, reply
-    return control, client, (socket.inet_ntoa(reply[4:8]), struct.unpack("!H", reply[8:10])[0])
 
 
 def test_a_datagram_another_rule_allows_does_not_escape_the_associations_rule(socks_server):

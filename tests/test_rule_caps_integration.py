@@ -59,6 +59,13 @@ max_sessions_per = "{per}"
 """
 
 
+def admitted(server, target: int) -> bool:
+    """Is a session let in now? (closed at once)"""
+    s, rep = socks5(server, target)
+    s.close()
+    return rep == 0
+
+
 def held_open(sessions: list[socket.socket]) -> None:
     for s in sessions:
         s.close()
@@ -77,12 +84,7 @@ def test_a_rule_cap_refuses_the_session_beyond_it(socks_server, target):
     four.close()
     # One ends: its place is given back.
     first[0][0].close()
-
-    def admitted():
-        s, rep = socks5(server, target)
-        s.close()
-        return rep == 0
-    wait_until(admitted, 10, "a session once one under the cap ended")
+    wait_until(lambda: admitted(server, target), 10, "a session once one under the cap ended")
     held_open([s for s, _ in first])
 
 
@@ -130,10 +132,5 @@ def test_a_cap_holds_across_workers(socks_server, target):
     sessions = [socks5(server, target) for _ in range(8)]
     assert sorted(rep for _, rep in sessions) == [0, 0, 0, 2, 2, 2, 2, 2]
     held_open([s for s, _ in sessions[:1]])
-
-    def admitted():
-        s, rep = socks5(server, target)
-        s.close()
-        return rep == 0
-    wait_until(admitted, 10, "a session once one under the cap ended")
+    wait_until(lambda: admitted(server, target), 10, "a session once one under the cap ended")
     held_open([s for s, _ in sessions])

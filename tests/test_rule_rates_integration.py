@@ -149,11 +149,9 @@ def test_per_session_rates_are_not_shared(socks_server, source):
     assert max(times) <= EXPECTED * 1.2, times
 
 
-def test_udp_datagrams_over_the_rate_are_dropped_and_counted(socks_server):
-    server = socks_server(rated("10kB"))
-    echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    echo.bind(("127.0.0.1", 0))
-    echo.settimeout(0.2)
+def udp_associate(server) -> tuple[socket.socket, socket.socket, tuple[str, int]]:
+    """A SOCKS5 UDP ASSOCIATE: the control connection, the client's UDP
+    socket, and the relay's address the reply named."""
     control = socket.create_connection(server.address, timeout=10)
     control.sendall(b"\x05\x01\x00")
     assert recv_exact(control, 2) == b"\x05\x00"
@@ -162,8 +160,16 @@ def test_udp_datagrams_over_the_rate_are_dropped_and_counted(socks_server):
     control.sendall(b"\x05\x03\x00\x01" + socket.inet_aton("127.0.0.1")
                     + struct.pack("!H", client.getsockname()[1]))
     reply = recv_exact(control, 10)
-    assert reply[1] == 0
-    relay = (socket.inet_ntoa(reply[4:8]), struct.unpack("!H", reply[8:10])[0])
+    assert reply[1] == 0, reply
+    return control, client, (socket.inet_ntoa(reply[4:8]), struct.unpack("!H", reply[8:10])[0])
+
+
+def test_udp_datagrams_over_the_rate_are_dropped_and_counted(socks_server):
+    server = socks_server(rated("10kB"))
+    echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    echo.bind(("127.0.0.1", 0))
+    echo.settimeout(0.2)
+    control, client, relay = udp_associate(server)
     header = b"\0\0\0\x01" + socket.inet_aton("127.0.0.1") + \
         struct.pack("!H", echo.getsockname()[1])
     # 20 datagrams of 500 bytes at once: the burst (1 kB) takes two.
