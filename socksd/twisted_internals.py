@@ -11,12 +11,15 @@ tests/test_twisted_internals.py fails on a Twisted outside
 
 from __future__ import annotations
 
+import functools
 import socket
-from typing import TYPE_CHECKING, Callable, TypeGuard, cast
+from typing import TYPE_CHECKING, Any, Callable, TypeGuard, cast
 
 from twisted.internet import abstract, tcp
 from twisted.internet.interfaces import (
     IConsumer,
+    IHalfCloseableProtocol,
+    IProtocolFactory,
     IPushProducer,
     IReactorCore,
     IReactorFDSet,
@@ -27,6 +30,7 @@ from twisted.internet.interfaces import (
     IReactorThreads,
     IReactorTime,
     IReactorUDP,
+    IStreamClientEndpoint,
     ITCPTransport,
 )
 from twisted.internet.protocol import ServerFactory
@@ -35,13 +39,16 @@ from twisted.internet.protocol import ServerFactory
 # worker's) needs the factory, and the wrapper it puts under a haproxy:
 # listener's protocols is what tells a PROXY connection apart.
 from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 if TYPE_CHECKING:
     from twisted.protocols.haproxy._info import ProxyInfo
 
 __all__ = ["CHECKED_TWISTED", "HAProxyProtocolWrapper", "IReactor", "IStreamTransport",
            "after_each_read", "buffered", "direct_socket", "exit_cleanly", "installed_reactor",
-           "is_health_check", "is_proxy_wrapper", "proxy_info", "proxy_protocol_factory"]
+           "is_health_check", "is_proxy_wrapper", "proxy_info", "proxy_protocol_factory",
+           "tls_client"]
 
 # The oldest and newest Twisted releases (major, minor) whose internals
 # below were read and tested. Outside this range the test fails: re-check
@@ -162,3 +169,140 @@ def exit_cleanly(reactor: object) -> None:
     an exit status that says "killed", as if nothing had been cleaned up."""
     if getattr(reactor, "_exitSignal", None) is not None:
         reactor._exitSignal = None  # type: ignore[attr-defined]
+
+
+# TLS that half-closes. Twisted's TLS ends the whole connection at a
+# close_notify, sent or received, and its loseWriteConnection is the TCP
+# transport's (through ProtocolWrapper.__getattr__): a FIN under TLS with no
+# close_notify, which a TLS peer takes for a truncation and answers by
+# dropping the connection. A relay passes a client's half-close on, and the
+# answer the destination sends after it was lost. TLS 1.3 (RFC 8446 6.1)
+# has each side close its own writing with close_notify and read on.
+
+
+@implementer(IStreamClientEndpoint)
+class _TLSClientEndpoint:
+    """``wrapClientTLS``, with connections that half-close."""
+
+    def __init__(self, creator: Any, endpoint: IStreamClientEndpoint) -> None:
+        self.creator, self.endpoint = creator, endpoint
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Any:
+        factory = _half_closing_tls()(self.creator, True, protocolFactory)
+        connecting: Any = self.endpoint.connect(factory)
+        return connecting.addCallback(_wrapped)
+
+
+def _wrapped(protocol: Any) -> Any:
+    """The application's protocol, under the TLS wrapper the endpoint made."""
+    return protocol.wrappedProtocol
+
+
+def tls_client(creator: Any, endpoint: IStreamClientEndpoint) -> IStreamClientEndpoint:
+    """``endpoint`` in TLS (``creator``: ``optionsForClientTLS``'s), as
+    ``wrapClientTLS`` does, except that the connection half-closes both
+    ways: ``loseWriteConnection`` sends close_notify and reading goes on;
+    the peer's close_notify is ``readConnectionLost`` to a protocol that
+    half-closes (IHalfCloseableProtocol), which may write on."""
+    return _TLSClientEndpoint(creator, endpoint)
+
+
+@functools.cache
+def _half_closing_tls() -> Any:
+    """The factory class (made on first use: pyOpenSSL is the tls extra's)."""
+    from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
+    from twisted.protocols.policies import ProtocolWrapper
+    from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+
+    @implementer(IHalfCloseableProtocol)
+    class HalfClosingTLS(BufferingTLSTransport):
+        # Private names of TLSMemoryBIOProtocol used: _tlsConnection,
+        # _handshakeDone, _appSendBuffer, _lostTLSConnection, _aborted,
+        # _flushSendBIO, _shutdownTLS, _tlsShutdownFinished, and the
+        # methods overridden, _flushReceiveBIO, _checkHandshakeStatus and
+        # _unbufferPendingWrites; of BufferingTLSTransport, _aggregator.
+        _write_closing = False    # loseWriteConnection: close_notify once the bytes are out
+        _write_closed = False     # our close_notify is sent
+        _read_closed = False      # the peer's close_notify came
+
+        def loseWriteConnection(self) -> None:
+            if self.disconnecting or not self.connected or self._write_closing:
+                return
+            self._write_closing = True
+            self._aggregator.flush()      # what was written goes before the close_notify
+            self._maybe_close_notify()
+
+        def _maybe_close_notify(self) -> None:
+            """Once the handshake is over and the buffered bytes are out."""
+            if self._write_closing and not self._write_closed and self._handshakeDone \
+                    and not self._appSendBuffer and not self._lostTLSConnection \
+                    and not self.disconnecting:
+                self._close_notify()
+
+        def _checkHandshakeStatus(self) -> None:
+            super()._checkHandshakeStatus()
+            self._maybe_close_notify()
+
+        def _unbufferPendingWrites(self) -> None:
+            super()._unbufferPendingWrites()
+            self._maybe_close_notify()
+
+        def _close_notify(self) -> None:
+            self._write_closed = True
+            if self._read_closed:
+                self.loseConnection()     # both directions over: the TCP connection too
+                return
+            try:
+                self._tlsConnection.shutdown()    # False: the peer's is still to come
+            except Error:
+                self._tlsShutdownFinished(Failure())
+                return
+            self._flushSendBIO()
+
+        def _flushReceiveBIO(self) -> None:
+            # TLSMemoryBIOProtocol's, but for ZeroReturnError (close_notify).
+            while not self._lostTLSConnection and not self._read_closed:
+                try:
+                    data = self._tlsConnection.recv(2**15)
+                except WantReadError:
+                    break
+                except ZeroReturnError:
+                    self._peer_closed()
+                except Error:
+                    self._tlsShutdownFinished(Failure())
+                else:
+                    if not self._aborted:
+                        ProtocolWrapper.dataReceived(self, data)
+            self._flushSendBIO()
+
+        def _peer_closed(self) -> None:
+            half = IHalfCloseableProtocol(self.wrappedProtocol, None)
+            if half is None:
+                # As Twisted's TLS: the whole connection ends.
+                self._shutdownTLS()
+                self._tlsShutdownFinished(None)
+                return
+            self._read_closed = True
+            half.readConnectionLost()
+            # Ours went before (loseWriteConnection, or loseConnection
+            # waiting for this one): both are over.
+            if (self._write_closed or self.disconnecting) and not self._lostTLSConnection:
+                self._shutdownTLS()
+                self._tlsShutdownFinished(None)
+
+        # IHalfCloseableProtocol, for the TCP transport under it.
+        def readConnectionLost(self) -> None:
+            if self._read_closed:
+                return    # after the peer's close_notify; we may still write
+            # The TCP stream ended with no close_notify: a truncation, which
+            # ends the connection (the reason says the connection was lost).
+            assert self.transport is not None     # it read: it is connected
+            self.transport.loseConnection()
+
+        def writeConnectionLost(self) -> None:
+            pass     # the TCP write side is never half-closed here
+
+    class HalfClosingTLSFactory(TLSMemoryBIOFactory):
+        protocol = HalfClosingTLS
+
+    return HalfClosingTLSFactory

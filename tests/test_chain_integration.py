@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from chain import Daemon, free_port, make_ca, make_server_cert
-from conftest import recv_exact, recv_until_eof, run_socks
+from conftest import recv_exact, recv_until_eof, require, run_socks
 from helpers import system_user, wait_until
 from test_upstream_dante import DANTED_CONF, danted, set_password
 from test_upstream_dante import USER as DANTE_USER
@@ -498,15 +498,28 @@ def test_connect_through_a_tls_upstream(socks_server, tmp_path, echo_server):
                            r"up=17 down=17 .* ok")
 
 
-def test_a_half_close_crosses_a_tls_upstream(socks_server, tmp_path, answer_at_eof):
-    """The client's half-close reaches the destination through the TLS hop
-    (as TLS 1.3's close_notify), and the answer sent after it comes back."""
-    upstream, ca = tls_upstream(socks_server, tmp_path)
+def test_a_half_close_crosses_a_tls_upstream(socks_server, daemons, tmp_path, answer_at_eof):
+    """The client's half-close goes through the TLS hop as TLS 1.3 has it
+    (close_notify, then reading on), so the answer the destination sends
+    after it comes back. The TLS end is Debian's socat in front of a
+    socksd, as stunnel or socat are put in front of a SOCKS server; socat
+    passes a close_notify on as a half-close (and waits ``-t`` for the
+    other direction)."""
+    ca, ca_cert, ca_key = make_ca(tmp_path)
+    crt, key = make_server_cert(tmp_path, ca_cert, ca_key, ["localhost"], ["127.0.0.1"])
+    behind = socks_server(None, "--auth", f"memory:{UP_USER[0]}:{UP_USER[1]}")
+    port = free_port()
+    socat = daemons([require("socat"), "-t", str(WAIT),
+                     f"OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,cert={crt},"
+                     f"key={key},verify=0",
+                     f"TCP:127.0.0.1:{behind.port}"], port, tmp_path / "socat.out")
     front = socks_server(front_config(
-        {"tls": f'{socks_url(upstream, "socks5+tls", host="localhost")}\nca = "{ca}"'}, ["tls"]))
-    assert ask_and_half_close(front.address, answer_at_eof) == b"answer to the question"
+        {"tls": f'url = "socks5+tls://up:uppw@localhost:{port}"\nca = "{ca}"'}, ["tls"]))
+    assert ask_and_half_close(front.address, answer_at_eof) == b"answer to the question", \
+        socat.log()
     session_line(front, rf"connect 127\.0\.0\.1:{answer_at_eof} via=tls up=12 down=22 .* ok")
-    session_line(upstream, rf"connect 127\.0\.0\.1:{answer_at_eof} up=12 down=22 .* ok")
+    session_line(behind, rf"user=up method=userpass connect 127\.0\.0\.1:{answer_at_eof} "
+                         r"up=12 down=22 .* ok")
 
 
 def test_a_tls_upstream_of_another_ca_is_refused(socks_server, tmp_path, echo_server):

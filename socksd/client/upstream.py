@@ -80,7 +80,6 @@ from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
-    wrapClientTLS,
 )
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.python.failure import Failure
@@ -90,6 +89,7 @@ from socksd.client import http, socks4, socks5
 from socksd.client.errors import DestinationFailed, SOCKSError, UpstreamFailed
 from socksd.client.handshake import Bound
 from socksd.client.socks5 import Association, SOCKS5Auth
+from socksd.twisted_internals import tls_client
 from socksd.wire import rfc1961
 from socksd.wire import socks5 as wire5
 from socksd.wire.names import normalize_name
@@ -196,7 +196,8 @@ class Upstream:
         else:
             endpoint = HostnameEndpoint(reactor, self.host, self.port, timeout=timeout)
         if self.tls is not None:
-            endpoint = wrapClientTLS(self.tls, endpoint)
+            # TLS that passes a relay's half-close on as close_notify.
+            endpoint = tls_client(self.tls, endpoint)
         return endpoint
 
     def _auth(self) -> SOCKS5Auth:
