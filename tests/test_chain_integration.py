@@ -247,17 +247,17 @@ def udp_echo():
 
 
 def front_config(upstreams: dict[str, str], via: list[str], rule: str = "",
-                 commands: list[str] | None = None) -> str:
+                 commands: list[str] | None = None, server: str = "") -> str:
     """The front: its client authenticates as alice (its own checker), and
     one rule sends every loopback client's request (``commands``, default
-    all) through ``via``; ``rule``: more of its keys. ``upstreams``: name ->
-    the rest of its table (url = ...)."""
+    all) through ``via``; ``rule``: more of its keys, ``server``: of
+    [server]. ``upstreams``: name -> the rest of its table (url = ...)."""
     tables = "".join(f'[[upstreams]]\nname = "{name}"\n{body}\n'
                      for name, body in upstreams.items())
     if commands is not None:
         rule += f"\ncommands = {json.dumps(commands)}"    # a JSON list of strings is TOML
     return (f'[server]\nmethods = ["userpass"]\n'
-            f'checkers = ["memory:{FRONT_USER[0]}:{FRONT_USER[1]}"]\n\n'
+            f'checkers = ["memory:{FRONT_USER[0]}:{FRONT_USER[1]}"]\n{server}\n'
             f"{tables}"
             f'[[rules]]\naction = "allow"\n{LOOPBACK_CLIENTS}\nvia = {json.dumps(via)}\n{rule}\n')
 
@@ -347,6 +347,26 @@ def test_failover_to_the_next_upstream(socks_server, upstream, echo_server):
                                        "live": socks_url(upstream)}, ["dead", "live"]))
     echo_through(front.address, "127.0.0.1", echo_server)
     session_line(front, rf"connect 127\.0\.0\.1:{echo_server} via=live up=17 down=17 .* ok")
+    session_line(upstream, rf"user=up method=userpass connect 127\.0\.0\.1:{echo_server} ")
+
+
+def test_failover_past_a_wrong_password_and_a_silent_upstream(socks_server, upstream,
+                                                             echo_server):
+    """An upstream that refuses our credentials, or says nothing at all (a
+    hung proxy: the kernel accepts, nobody answers), makes way for the
+    next, within [server] connect_timeout: each is given its share of it,
+    not all of it."""
+    with socket.create_server(("127.0.0.1", 0), backlog=8) as silent:
+        front = socks_server(front_config(
+            {"silent": f'url = "socks5://127.0.0.1:{silent.getsockname()[1]}"',
+             "wrong": socks_url(upstream, user=(UP_USER[0], "not-" + UP_USER[1])),
+             "live": socks_url(upstream)}, ["silent", "wrong", "live"],
+            server="connect_timeout = 6.0"))
+        started = time.monotonic()
+        echo_through(front.address, "127.0.0.1", echo_server)
+        assert time.monotonic() - started < 6.0
+    session_line(front, rf"connect 127\.0\.0\.1:{echo_server} via=live up=17 down=17 .* ok")
+    session_line(upstream, r"user=up method=userpass - - .* auth failed")
     session_line(upstream, rf"user=up method=userpass connect 127\.0\.0\.1:{echo_server} ")
 
 

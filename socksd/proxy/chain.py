@@ -69,10 +69,10 @@ def connect_via(reactor: Any, upstreams: list[Upstream], host: str, addresses: l
                 port: int, deadline: float) -> defer.Deferred[connect.Outbound]:
     """CONNECT to host:port through the first of ``upstreams`` that serves
     by ``deadline`` (``addresses``: host's, allowed, if it was looked up)."""
-    def attempt(upstream: Upstream) -> defer.Deferred[Any]:
+    def attempt(upstream: Upstream, timeout: float) -> defer.Deferred[Any]:
         factory = _Factory(Chained)
         return upstream.connect(reactor, target(upstream, host, addresses), port, factory,
-                                deadline - reactor.seconds()).addCallback(_named, upstream)
+                                timeout).addCallback(_named, upstream)
     return _in_turn(reactor, upstreams, deadline, attempt)
 
 
@@ -134,10 +134,10 @@ def bind_via(reactor: Any, upstreams: list[Upstream], rules: ClientRules, host: 
     """BIND through the first of ``upstreams`` that listens for us by
     ``deadline``; ``ipv4_only``: the client's reply (SOCKS4) can only name
     an IPv4 listener."""
-    def attempt(upstream: Upstream) -> defer.Deferred[Any]:
+    def attempt(upstream: Upstream, timeout: float) -> defer.Deferred[Any]:
         asked = target(upstream, host, addresses)
         return upstream.bind(reactor, asked, port, _Factory(_Announced),
-                             deadline - reactor.seconds(), accept_timeout).addCallback(
+                             timeout, accept_timeout).addCallback(
             _listening, upstream, rules, asked, ipv4_only)
     return _in_turn(reactor, upstreams, deadline, attempt)
 
@@ -157,17 +157,19 @@ def associate_via(reactor: Any, upstreams: list[Upstream],
     """UDP ASSOCIATE with the first of ``upstreams`` that serves by
     ``deadline``: the association (``received`` hears each datagram coming
     back) and the upstream's name."""
-    def attempt(upstream: Upstream) -> defer.Deferred[Any]:
-        return upstream.udp_associate(reactor, received,
-                                      deadline - reactor.seconds()).addCallback(
+    def attempt(upstream: Upstream, timeout: float) -> defer.Deferred[Any]:
+        return upstream.udp_associate(reactor, received, timeout).addCallback(
             lambda association: (association, upstream.name))
     return _in_turn(reactor, upstreams, deadline, attempt)
 
 
 def _in_turn(reactor: Any, upstreams: list[Upstream], deadline: float,
              attempt: Any) -> defer.Deferred[Any]:
-    """``attempt(upstream)`` for each upstream in turn, until one serves,
-    one answers for the destination, or ``deadline`` passes."""
+    """``attempt(upstream, timeout)`` for each upstream in turn, until one
+    serves, one answers for the destination, or ``deadline`` passes. Each
+    is given an equal share of the time left (the last one all of it): an
+    upstream that says nothing must not take the whole wait from the ones
+    after it, while one that fails at once leaves its share to them."""
     failures: list[str] = []
     result: defer.Deferred[Any] = defer.Deferred(lambda _d: current[0].cancel())
     current: list[defer.Deferred[Any]] = []
@@ -179,7 +181,7 @@ def _in_turn(reactor: Any, upstreams: list[Upstream], deadline: float,
                 said = f"every upstream failed: {said}"
             result.errback(connect.ConnectFailed(connect.FAILED, said))
             return
-        d = attempt(remaining[0])
+        d = attempt(remaining[0], (deadline - reactor.seconds()) / len(remaining))
         current[:] = [d]
         d.addCallbacks(done, failed, errbackArgs=(remaining[1:],))
 
