@@ -152,20 +152,24 @@ def udp_unpack(datagram: bytes) -> tuple[str, int, bytes]:
     return host, int.from_bytes(rest[:2], "big"), rest[2:]
 
 
-def udp_echo_through(relay: tuple[str, int], target: tuple[str, int],
-                     payload: bytes) -> tuple[str, int, bytes]:
-    """One datagram to the UDP echo through the front's relay, and what
-    comes back (from, payload). Datagrams can be lost even on loopback: a
-    few tries, each bounded."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(2)
-        for _ in range(3):
-            sock.sendto(udp_packet(*target, payload), relay)
-            try:
-                data, _sender = sock.recvfrom(65536)
-            except socket.timeout:
-                continue
-            return udp_unpack(data)
+def udp_echo_through(relay: tuple[str, int], target: tuple[str, int], payload: bytes,
+                     sock: socket.socket | None = None) -> tuple[str, int, bytes]:
+    """One datagram to the UDP echo through the front's relay, from
+    ``sock`` (the relay takes the client's datagrams from the one port it
+    first heard from; None: a socket of its own), and what comes back
+    (from, payload). Datagrams can be lost even on loopback: a few tries,
+    each bounded."""
+    if sock is None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as own:
+            return udp_echo_through(relay, target, payload, own)
+    sock.settimeout(2)
+    for _ in range(3):
+        sock.sendto(udp_packet(*target, payload), relay)
+        try:
+            data, _sender = sock.recvfrom(65536)
+        except socket.timeout:
+            continue
+        return udp_unpack(data)
     raise AssertionError(f"no datagram came back from {target} through {relay}")
 
 
@@ -341,13 +345,19 @@ def test_connect_by_address_and_by_name(socks_server, upstream, echo_server):
 
 # 2. Failover: the next upstream when one cannot be reached; all dead, REP 1.
 
-def test_failover_to_the_next_upstream(socks_server, upstream, echo_server):
+def test_failover_to_the_next_upstream(socks_server, upstream, echo_server, udp_echo):
     dead = free_port()
     front = socks_server(front_config({"dead": f'url = "socks5://127.0.0.1:{dead}"',
                                        "live": socks_url(upstream)}, ["dead", "live"]))
     echo_through(front.address, "127.0.0.1", echo_server)
     session_line(front, rf"connect 127\.0\.0\.1:{echo_server} via=live up=17 down=17 .* ok")
     session_line(upstream, rf"user=up method=userpass connect 127\.0\.0\.1:{echo_server} ")
+    # UDP ASSOCIATE fails over the same way.
+    control, relay = associate(front.address)
+    with control:
+        assert udp_echo_through(relay, ("127.0.0.1", udp_echo), b"over") == \
+            ("127.0.0.1", udp_echo, b"OVER")
+    session_line(front, r"udp 0\.0\.0\.0:0 via=live .* ok: datagrams up=1 down=1")
 
 
 def test_failover_past_a_wrong_password_and_a_silent_upstream(socks_server, upstream,
@@ -446,19 +456,23 @@ def associate(proxy: tuple[str, int]) -> tuple[socket.socket, tuple[str, int]]:
 def test_udp_through_the_upstream_ends_with_the_clients(socks_server, upstream, udp_echo):
     front = socks_server(front_config({"corp": socks_url(upstream)}, ["corp"]))
     control, relay = associate(front.address)
-    with control:
+    with control, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
         assert relay[0] == "127.0.0.1" and relay[1] != upstream.port
-        assert udp_echo_through(relay, ("127.0.0.1", udp_echo), b"a datagram") == \
+        assert udp_echo_through(relay, ("127.0.0.1", udp_echo), b"a datagram", client) == \
             ("127.0.0.1", udp_echo, b"A DATAGRAM")
+        # A name goes to the upstream unresolved; the answer comes from the
+        # address the upstream sent to.
+        assert udp_echo_through(relay, ("localhost", udp_echo), b"by name", client) == \
+            ("127.0.0.1", udp_echo, b"BY NAME")
         # The upstream holds an association for the front while the client
         # holds its own: no session line of the upstream's yet.
         assert lines_of(upstream, "udp") == []
     # The client's control connection closed: its association ends, and so
     # does the front's with the upstream (the upstream's line says so).
     line = session_line(front, r"user=alice method=userpass udp 0\.0\.0\.0:0 via=corp .* ok")
-    assert "datagrams up=1 down=1" in line, line
+    assert "datagrams up=2 down=2 dropped=0" in line, line
     up_line = session_line(upstream, r"user=up method=userpass udp \S+ .* ok")
-    assert "datagrams up=1 down=1" in up_line, up_line
+    assert "datagrams up=2 down=2 dropped=0" in up_line, up_line
     assert "alice" not in upstream.log(), upstream.log()
 
 
