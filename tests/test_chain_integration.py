@@ -688,3 +688,58 @@ def test_a_locally_resolved_name_no_rule_allows_is_refused_here(socks_server, up
     expect_rep(front.address, "localhost", echo_server, 0x02)
     session_line(front, rf"user=alice method=userpass connect localhost:{echo_server} .* denied")
     assert lines_of(upstream, "connect") == [], upstream.log()
+
+
+# A SOCKS4 client of the front: its requests go through the upstream too
+# (SOCKS5 to it), and its USERID stays at the front.
+
+def socks4_request(proxy: tuple[str, int], command: int, host: str, port: int,
+                   userid: bytes = b"bob") -> tuple[socket.socket, tuple[int, str, int]]:
+    """A SOCKS4 request (SOCKS4a for a name): the socket and the reply
+    (CD, host, port)."""
+    sock = socket.create_connection(proxy, timeout=WAIT)
+    try:
+        try:
+            packed, name = socket.inet_aton(host), b""
+        except OSError:
+            packed, name = b"\x00\x00\x00\x01", host.encode() + b"\x00"
+        sock.sendall(bytes([4, command]) + port.to_bytes(2, "big") + packed + userid + b"\x00"
+                     + name)
+        return sock, read_reply4(sock)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def read_reply4(sock: socket.socket) -> tuple[int, str, int]:
+    answer = recv_exact(sock, 8)
+    assert answer[0] == 0, f"not a SOCKS4 reply: {answer!r}"
+    return answer[1], socket.inet_ntoa(answer[4:]), int.from_bytes(answer[2:4], "big")
+
+
+def test_a_socks4_client_connects_and_binds_through_the_upstream(socks_server, upstream,
+                                                                 echo_server):
+    front = socks_server(front_config({"corp": socks_url(upstream)}, ["corp"],
+                                      server='[socks4]\nenabled = true\nuserid = "trust"\n'))
+    sock, (cd, _host, _port) = socks4_request(front.address, 1, "localhost", echo_server)
+    with sock:
+        assert cd == 90, f"CD {cd}"
+        sock.sendall(b"four")
+        assert recv_exact(sock, 4) == b"four"
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(1) == b""
+    session_line(front, rf"socks4a user=bob method=\S+ connect localhost:{echo_server} via=corp "
+                        r"up=4 down=4 .* ok")
+    session_line(upstream, rf"socks5 user=up method=userpass connect localhost:{echo_server} "
+                           r"up=4 down=4 .* ok")
+    sock, (cd, host, port) = socks4_request(front.address, 2, "127.0.0.1", 0)
+    with sock:
+        assert cd == 90, f"CD {cd}"
+        assert host == "127.0.0.1" and port not in (0, front.port, upstream.port)
+        with socket.create_connection((host, port), timeout=WAIT) as peer:
+            cd, announced_host, announced_port = read_reply4(sock)
+            assert cd == 90 and (announced_host, announced_port) == peer.getsockname()
+            peer.sendall(b"peer")
+            assert recv_exact(sock, 4) == b"peer"
+    session_line(front, r"socks4 user=bob method=\S+ bind 127\.0\.0\.1:0 via=corp .* ok")
+    assert "bob" not in upstream.log(), upstream.log()
