@@ -18,6 +18,7 @@ import re
 import secrets
 import socket
 import socketserver
+import struct
 import threading
 import time
 from pathlib import Path
@@ -743,3 +744,49 @@ def test_a_socks4_client_connects_and_binds_through_the_upstream(socks_server, u
             assert recv_exact(sock, 4) == b"peer"
     session_line(front, r"socks4 user=bob method=\S+ bind 127\.0\.0\.1:0 via=corp .* ok")
     assert "bob" not in upstream.log(), upstream.log()
+
+
+# Waits through an upstream end when they should.
+
+def test_bind_through_the_upstream_waits_no_longer_than_bind_timeout(socks_server, upstream):
+    front = socks_server(front_config({"corp": socks_url(upstream)}, ["corp"],
+                                      server="bind_timeout = 1.0"))
+    sock = socks5_open(front.address)
+    with sock:
+        rep, _listener = request(sock, 2, "127.0.0.1", 0)
+        assert rep == 0, f"REP {rep:#x}"
+        started = time.monotonic()
+        rep, _ = reply(sock)       # nobody connects: the second reply fails
+        # TTL expired, as for a direct BIND that times out.
+        assert rep == 0x06 and time.monotonic() - started < 5, f"REP {rep:#x}"
+        assert sock.recv(1) == b""
+    session_line(front, r"user=alice method=userpass bind 127\.0\.0\.1:0 via=corp .* "
+                        r"bind failed: timed out: upstream corp: no connection to the bound "
+                        r"address in 1 s")
+    # The front went, and so did its BIND at the upstream.
+    session_line(upstream, r"user=up method=userpass bind 127\.0\.0\.1:0 .*")
+
+
+def test_a_client_that_leaves_ends_the_attempt_upstream(socks_server):
+    """The client goes (a reset: a FIN would be a half-close, after which
+    a client still wants its answer) while the front waits for a silent
+    upstream: the front drops its connection to the upstream then, not at
+    the timeout."""
+    accepted: list[socket.socket] = []
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        silent.settimeout(WAIT)
+        front = socks_server(front_config(
+            {"silent": f'url = "socks5://127.0.0.1:{silent.getsockname()[1]}"'}, ["silent"],
+            server="connect_timeout = 30.0"))
+        sock = socks5_open(front.address)
+        with sock:
+            sock.sendall(b"\x05\x01\x00" + address("127.0.0.1", 9))
+            conn, _ = silent.accept()
+            accepted.append(conn)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        with conn:
+            conn.settimeout(WAIT)
+            started = time.monotonic()
+            assert recv_until_eof(conn) == b"\x05\x01\x00"   # our greeting, then the end
+            assert time.monotonic() - started < 5
+    session_line(front, r"user=alice method=userpass connect 127\.0\.0\.1:9 .* client closed")

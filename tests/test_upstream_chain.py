@@ -186,9 +186,13 @@ class SOCKS5Chain(ChainCase):
         bound = await parse_upstream(f"socks5://127.0.0.1:{port}", "corp").bind(
             reactor, "127.0.0.1", 0, Factory.forProtocol(Collect), 10, 0.3)
         started = time.monotonic()
-        with pytest.raises(UpstreamFailed, match="no connection to the bound address in 0.3 s"):
+        with pytest.raises(DestinationFailed,
+                           match="no connection to the bound address in 0.3 s") as caught:
             await within(bound.accepted)
         assert time.monotonic() - started < 5
+        # As the upstream's own BIND timeout answers: the client gets TTL
+        # expired, as from a direct BIND.
+        assert caught.value.reply == socks5.TTL_EXPIRED
 
     async def test_udp_associate_carries_datagrams_both_ways(self):
         port, factory = await socksd(self, self.tmp)

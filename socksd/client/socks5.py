@@ -246,7 +246,11 @@ class _Bind(_Negotiation):
         if self.state != "second":
             super().timeoutConnection()
             return
-        self.fail(SOCKSError(f"no connection to the bound address in {self.timeOut:g} s"))
+        # The peer did not come: the destination's failure, as the
+        # upstream's own BIND timeout would answer it (TTL expired), not the
+        # upstream's, which served the first reply.
+        self.fail(DestinationFailed(f"no connection to the bound address in {self.timeOut:g} s",
+                                    socks5.TTL_EXPIRED))
         self.transport.abortConnection()
 
     def step_after(self) -> bool:

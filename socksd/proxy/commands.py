@@ -80,6 +80,9 @@ class Commands:
 
         def listening(waiter: Listening) -> Listening:
             self.pending = waiter.accepted    # now the wait for the peer
+            # Through an upstream (chain.UpstreamBind): the line names it
+            # from the first reply on, also when no peer comes.
+            self.via = getattr(waiter, "via", None)
             return waiter
 
         return d.addCallback(listening)
