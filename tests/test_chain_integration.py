@@ -385,11 +385,19 @@ def test_every_upstream_dead_is_a_general_failure(socks_server, echo_server):
     first, second = free_port(), free_port()
     front = socks_server(front_config({"one": f'url = "socks5://127.0.0.1:{first}"',
                                        "two": f'url = "socks4://127.0.0.1:{second}"'},
-                                      ["one", "two"]))
+                                      ["one", "two"], commands=["connect", "udp"]))
     expect_rep(front.address, "127.0.0.1", echo_server, 0x01)
     line = session_line(front, rf"connect 127\.0\.0\.1:{echo_server} .* connect failed: .*")
     assert "every upstream failed" in line, line
     assert re.search(r"upstream one: .*refused.*upstream two: .*refused", line), line
+    # UDP ASSOCIATE: socks4:// does no UDP, the SOCKS5 one is dead.
+    sock = socks5_open(front.address)
+    with sock:
+        rep, _ = request(sock, 3, "0.0.0.0", 0)
+        assert rep == 0x01, f"REP {rep:#x}"
+        assert sock.recv(1) == b""
+    line = session_line(front, r"user=alice method=userpass udp 0\.0\.0\.0:0 .*")
+    assert "upstream one: " in line and " ok" not in line, line
 
 
 # 3. The upstream's refusal for the destination is the client's answer.
