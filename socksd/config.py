@@ -147,7 +147,8 @@ class Config:
         serves a file without ``[[rules]]`` is not counted as the file's."""
         if self.rules.rules == default_rules().rules:
             return "no rules: loopback clients only"
-        return f"{len(self.rules)} rule(s)"
+        upstreams = f", {len(self.upstreams)} upstream(s)" if self.upstreams else ""
+        return f"{len(self.rules)} rule(s){upstreams}"
 
     def warnings(self) -> list[str]:
         """What start-up (and --check) should warn about."""

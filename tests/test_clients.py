@@ -498,7 +498,7 @@ def test_example_config_checks(tmp_path):
     assert out.returncode == 0, output
     assert "Traceback" not in output
     assert re.search(r"OK: listen tcp:1080:interface=127\.0\.0\.1; methods userpass; "
-                     r"1 checker\(s\); 2 rule\(s\)", output), output
+                     r"1 checker\(s\); 4 rule\(s\), 1 upstream\(s\)", output), output
 
 
 # ---- listeners: TLS, and bad --listen strings ---------------------------------------
