@@ -795,6 +795,8 @@ def test_a_client_that_leaves_ends_the_attempt_upstream(socks_server):
         with conn:
             conn.settimeout(WAIT)
             started = time.monotonic()
-            assert recv_until_eof(conn) == b"\x05\x01\x00"   # our greeting, then the end
+            # Our greeting, then the end: an abort (RST) may come before the
+            # greeting is read, and the kernel then drops it unread.
+            assert recv_until_eof(conn) in (b"", b"\x05\x01\x00")
             assert time.monotonic() - started < 5
     session_line(front, r"user=alice method=userpass connect 127\.0\.0\.1:9 .* client closed")
