@@ -33,6 +33,8 @@ from harness import (
     BenchError,
     Server,
     build_loadgen,
+    cpu_delta,
+    cpu_times,
     free_port,
     run_main,
     start_c_server,
@@ -61,7 +63,7 @@ VIA = 'via = ["up"]\n'
 
 
 def start_socksd(twistd: str, tmp: Path, tag: str, text: str, echo_port: int,
-                 stack: contextlib.ExitStack) -> int:
+                 stack: contextlib.ExitStack) -> tuple[int, Server]:
     config = tmp / f"{tag}.toml"
     config.write_text(text)
     for _ in range(3):      # a port can be taken between free_port() and bind
@@ -76,7 +78,7 @@ def start_socksd(twistd: str, tmp: Path, tag: str, text: str, echo_port: int,
             srv.stop()
             continue
         stack.callback(srv.stop)
-        return port
+        return port, srv
     raise BenchError(f"socksd {tag} did not start: see {tmp / f'{tag}.log'}")
 
 
@@ -105,20 +107,28 @@ def main(argv: list[str]) -> int:
         echo, echo_port = start_c_server(binary, ["echo", "16"], tmp)
         stack.callback(echo.stop)
 
-        def socksd(tag: str, text: str) -> int:
-            return start_socksd(args.twistd, tmp, tag, text, echo_port, stack)
+        servers: dict[tuple[str, str], list[Server]] = {}
+
+        def socksd(key: tuple[str, str], text: str, *also: Server) -> int:
+            port, srv = start_socksd(args.twistd, tmp, "-".join(key), text, echo_port, stack)
+            servers[key] = [srv, *also]
+            return port
 
         spliced = SERVER.format(splice="true")
+        twisted = SERVER.format(splice="false")
         proxies = {
-            ("splice", "none"): socksd("none", spliced + RULE),
-            ("splice", "generous"): socksd("generous", spliced + RULE + GENEROUS),
-            ("twisted", "none"): socksd("none-twisted", SERVER.format(splice="false") + RULE),
-            ("twisted", "generous"): socksd("generous-twisted",
-                                            SERVER.format(splice="false") + RULE + GENEROUS),
+            ("splice", "none"): socksd(("splice", "none"), spliced + RULE),
+            ("splice", "generous"): socksd(("splice", "generous"), spliced + RULE + GENEROUS),
+            ("twisted", "none"): socksd(("twisted", "none"), twisted + RULE),
+            ("twisted", "generous"): socksd(("twisted", "generous"), twisted + RULE + GENEROUS),
         }
-        upstream = socksd("upstream", spliced + RULE)
+        upstream, upstream_srv = start_socksd(args.twistd, tmp, "upstream", spliced + RULE,
+                                              echo_port, stack)
+        # A chained session's CPU is both proxies'.
         proxies["splice", "chained"] = socksd(
-            "chained", spliced + UPSTREAM.format(port=upstream) + RULE + VIA)
+            ("splice", "chained"), spliced + UPSTREAM.format(port=upstream) + RULE + VIA,
+            upstream_srv)
+        per_cpu: dict[tuple[str, str], list[float]] = {}
         workloads = [(f"bulk {d}, {path}", path,
                       lambda secs, d=d: ["bulk", d, f"{secs}", "1", str(bulk_port)], "MiB/s")
                      for path in ("splice", "twisted") for d in ("up", "down")]
@@ -131,22 +141,34 @@ def main(argv: list[str]) -> int:
                 loadgen(binary, [*make(0.3), str(proxies[path, mode])], 1)
             for r in range(args.rounds):
                 for mode in (modes if r % 2 == 0 else modes[::-1]):
+                    pids = [pid for srv in servers[path, mode] for pid in srv.pids()]
+                    before = cpu_times(pids)
                     out = loadgen(binary, [*make(args.seconds), str(proxies[path, mode])],
                                   args.seconds)
-                    value = out[0] / out[1] / (1 << 20) if unit == "MiB/s" else out[0] / out[1]
+                    cpu = cpu_delta(before, cpu_times(pids))
+                    amount = out[0] / (1 << 20) if unit == "MiB/s" else out[0]
+                    value = amount / out[1]
                     results.setdefault((name, mode), []).append(value)
+                    if cpu > 0:
+                        per_cpu.setdefault((name, mode), []).append(amount / cpu)
                     print(f"  {name:18} {mode:8} round {r + 1}/{args.rounds}: "
                           f"{value:10.1f} {unit}", flush=True)
         print(f"\nIssue 17, medians of {args.rounds} (min-max); ratios to socksd with no "
-              "rate and no upstream, same run:")
-        print(f"  {'workload':18} {'mode':9} {'value':>22}  ratio")
+              "rate and no upstream, same run. Per proxy CPU-second: what the work cost "
+              "the proxies (both, chained), steadier than the rate on a busy machine.")
+        print(f"  {'workload':18} {'mode':9} {'value':>22}  ratio   {'per proxy CPU-s':>16}"
+              "  ratio")
         for name, path, _make, unit in workloads:
             none = statistics.median(results[name, "none"])
+            none_cpu = statistics.median(per_cpu.get((name, "none"), [0.0])) or None
             for mode in [m for (p_, m) in proxies if p_ == path]:
                 values = results[name, mode]
                 cell = f"{statistics.median(values):9.1f} ({min(values):.0f}-{max(values):.0f})"
                 ratio = statistics.median(values) / none
-                print(f"  {name:18} {mode:9} {cell:>22}  {ratio:5.3f}  {unit}")
+                spent = statistics.median(per_cpu.get((name, mode), [0.0]))
+                cpu_ratio = f"{spent / none_cpu:5.3f}" if none_cpu and spent else "    -"
+                print(f"  {name:18} {mode:9} {cell:>22}  {ratio:5.3f}  {spent:16.1f}  "
+                      f"{cpu_ratio}  {unit.split('/')[0]}")
         print("  (target: generous/none >= 0.95 for bulk and sessions; chained: the cost of "
               "a second proxy hop)")
     return 0
