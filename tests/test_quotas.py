@@ -217,3 +217,16 @@ def test_a_worker_cannot_join_a_budget_the_config_does_not_have():
     assert p.supervisor.shares.sessions == {}
     p.up.dataReceived(frame(["join", "web", "rule", "", 5.0]))
     assert p.supervisor.shares.rates == {("web", "rule", ""): 1000}   # the config's rate
+
+
+def test_a_worker_that_asks_and_never_reads_breaks_its_channel(monkeypatch):
+    from socksd.tap import workers
+
+    monkeypatch.setattr(workers, "MAX_UNREAD_ANSWERS", 3)
+    p, _quotas = pair()
+    p.up.pauseProducing()           # the worker reads nothing: the answers queue
+    for ident in range(3):        # three answers wait: the bound
+        p.up.dataReceived(frame(["take", ident, "web", "user", f"u{ident}", 1]))
+    assert not p.up.broken
+    p.up.dataReceived(frame(["take", 9, "web", "user", "u9", 1]))
+    assert p.up.broken

@@ -213,6 +213,12 @@ class _WorkerLogFactory(protocol.ServerFactory):
         return _WorkerLog(self.index, self.closed)
 
 
+# Answers to a worker's asks (take: granted) waiting for it to read them:
+# each is a session of its own waiting, so more than a process serves is no
+# worker of ours.
+MAX_UNREAD_ANSWERS = 65536
+
+
 class _WorkerChannel(RegistrationReceiver):
     """The supervisor's end of a worker's control channel: the worker's
     identd registrations (RegistrationReceiver) and its counts come up; its
@@ -232,6 +238,10 @@ class _WorkerChannel(RegistrationReceiver):
             self.worker.supervisor.serving(self.worker)
             return
         if message[0] == "take" and len(message) == 6:
+            if len(self.queue) >= MAX_UNREAD_ANSWERS:
+                # A worker that asks and never reads the answers: not the
+                # code it runs (its sessions wait for each answer).
+                raise Malformed(f"take: {len(self.queue)} answers unread")
             ident, limit = message[1], message[5]
             if not _sequence(ident) or not _sequence(limit):
                 raise Malformed("take: not numbered, or no limit")
