@@ -28,6 +28,7 @@ import pytest
 from chain import Daemon, free_port, make_ca, make_server_cert
 from conftest import recv_exact, recv_until_eof, require, run_socks
 from helpers import system_user, wait_until
+from test_bind_udp_integration import UDPServer
 from test_upstream_dante import DANTED_CONF, danted, set_password
 from test_upstream_dante import USER as DANTE_USER
 from test_upstream_tinyproxy import TINYPROXY_CONF, tinyproxy
@@ -176,34 +177,6 @@ def udp_echo_through(relay: tuple[str, int], target: tuple[str, int], payload: b
 
 # Servers: echoes (TCP: conftest's echo_server), a UDP echo, and configs.
 
-class UDPEcho:
-    """A UDP echo on 127.0.0.1 answering in upper case, in a thread."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.running = True
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while self.running:
-            try:
-                data, sender = self.sock.recvfrom(65536)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            self.sock.sendto(data.upper(), sender)
-
-    def stop(self) -> None:
-        self.running = False
-        self.thread.join(WAIT)
-        self.sock.close()
-
-
 class _AnswerAtEOF(socketserver.BaseRequestHandler):
     """Reads the request to its end (the client's half-close), then
     answers a moment later and closes: whois, or ``nc -N``'s peer."""
@@ -246,7 +219,8 @@ def ask_and_half_close(proxy: tuple[str, int], port: int) -> bytes:
 
 @pytest.fixture
 def udp_echo():
-    echo = UDPEcho()
+    """A UDP echo answering in upper case."""
+    echo = UDPServer(lambda data: data.upper())
     yield echo.port
     echo.stop()
 

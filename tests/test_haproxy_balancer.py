@@ -20,6 +20,7 @@ from balancer import BALANCER_HOST, INSTANCE_HOSTS, free_port
 from conftest import PAGE, recv_exact, recv_until_eof
 from helpers import wait_until
 from socksd.wire import socks4
+from test_bind_udp_integration import UDPServer
 
 pytestmark = pytest.mark.integration
 
@@ -231,41 +232,12 @@ def test_socks4_ident_asks_the_real_client(balanced_socks, http_server, client_i
 PUBLIC = "127.0.0.7"     # the instances' host as the clients reach it, past the balancer
 
 
-class UDPEcho:
-    """A UDP echo on 127.0.0.1 (the destination) that records its peers."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.peers: list[tuple[str, int]] = []
-        self.running = True
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while self.running:
-            try:
-                data, peer = self.sock.recvfrom(65535)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.peers.append(peer)
-            self.sock.sendto(b"echo " + data, peer)
-
-    def close(self) -> None:
-        self.running = False
-        self.thread.join(5)
-        self.sock.close()
-
-
 @pytest.fixture
 def udp_echo():
-    echo = UDPEcho()
+    """A UDP echo (the destination) that records its peers."""
+    echo = UDPServer(lambda data: b"echo " + data)
     yield echo
-    echo.close()
+    echo.stop()
 
 
 def test_udp_associate_through_the_balancer_names_udp_advertise(balanced_socks, udp_echo):
@@ -303,4 +275,4 @@ def test_udp_associate_through_the_balancer_names_udp_advertise(balanced_socks, 
     # Both instances served one, and the destination saw two relays.
     servers = served_by(balanced, clients)
     assert sorted(servers.values()) == ["s1", "s2"], servers
-    assert len(set(udp_echo.peers)) == 2
+    assert len({peer for _data, peer in udp_echo.received}) == 2
