@@ -115,11 +115,9 @@ class RelayEnd(Protocol):
         if self.read_eof:
             return
         self.read_eof = True
-        if self.meter is not None:
-            # Nothing more to read: what the budget handed this side goes
-            # back to the ends sharing it.
-            self.meter.detach()
-            self.meter = None
+        # Nothing more to read: what the budget handed this side goes back
+        # to the ends sharing it.
+        self.leave_budget()
         partner = self.partner
         if partner is None or partner.closed:
             self.transport.loseConnection()
@@ -159,6 +157,12 @@ class RelayEnd(Protocol):
             # Held by its budget is not idle: the idle timeout starts again.
             self.session.relay_activity()
 
+    def leave_budget(self) -> None:
+        """This side reads no more: it leaves its rate budget (if any)."""
+        meter, self.meter = self.meter, None
+        if meter is not None:
+            meter.detach()
+
     def stopProducing(self) -> None:
         self.transport.stopProducing()
 
@@ -167,9 +171,7 @@ class RelayEnd(Protocol):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.closed = True
-        if self.meter is not None:
-            self.meter.detach()
-            self.meter = None
+        self.leave_budget()
         partner = self.partner
         finished = self.read_eof and (partner is None or partner.read_eof)
         if reason is not None and self.session is not None and not finished and \
@@ -180,10 +182,7 @@ class RelayEnd(Protocol):
         if partner is not None and not partner.closed:
             # Deliver what is buffered for the partner, then close it.
             partner.transport.loseConnection()
-            if partner.meter is not None:
-                # Closing, it reads no more: out of its budget's queue too.
-                partner.meter.detach()
-                partner.meter = None
+            partner.leave_budget()    # closing, it reads no more: out of its budget's queue
         elif self.session is not None:
             self.session.relay_ended()
 

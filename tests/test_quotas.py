@@ -212,10 +212,10 @@ def test_the_supervisor_takes_the_cap_from_its_own_config_not_the_workers():
 
 def test_a_worker_cannot_join_a_budget_the_config_does_not_have():
     p, _quotas = pair()
-    p.up.dataReceived(frame(["join", "nosuchrule", "rule", "", 5.0]))
-    p.up.dataReceived(frame(["join", "web", "user", "x", 5.0]))     # web's rate is per rule
+    p.up.dataReceived(frame(["join", "nosuchrule", "rule", ""]))
+    p.up.dataReceived(frame(["join", "web", "user", "x"]))     # web's rate is per rule
     assert p.supervisor.shares.sessions == {}
-    p.up.dataReceived(frame(["join", "web", "rule", "", 5.0]))
+    p.up.dataReceived(frame(["join", "web", "rule", ""]))
     assert p.supervisor.shares.rates == {("web", "rule", ""): 1000}   # the config's rate
 
 

@@ -15,7 +15,7 @@ frame (RFC 1961 section 6), wrapped with the same context.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import gssapi
 from twisted.internet import defer
@@ -139,14 +139,10 @@ class _Negotiation(Handshake):
                 self._gss_protection(context, token)
             return True
         if self.state == "reply":
-            replied = socks5.parse_reply(self.buffer)
-            if replied is None:
+            taken = _take_reply(self, "the proxy replied")
+            if taken is None:
                 return False
-            reply, used = replied
-            rest, self.buffer = self.buffer[used:], b""
-            if reply.code != socks5.SUCCEEDED:
-                raise DestinationFailed(f"the proxy replied {reply.code:#x}", reply.code)
-            self.replied(reply, rest)
+            self.replied(*taken)
             return True
         return self.step_after()
 
@@ -256,19 +252,29 @@ class _Bind(_Negotiation):
     def step_after(self) -> bool:
         if self.state != "second":
             return False
-        replied = socks5.parse_reply(self.buffer)
-        if replied is None:
+        taken = _take_reply(self, "the proxy's second BIND reply is")
+        if taken is None:
             return False
-        reply, used = replied
-        rest, self.buffer = self.buffer[used:], b""
-        if reply.code != socks5.SUCCEEDED:
-            raise DestinationFailed(f"the proxy's second BIND reply is {reply.code:#x}",
-                                    reply.code)
+        reply, rest = taken
         app = self.hand_over(self.factory_)
         if app is not None:
             self.fire(Accepted(reply.host, reply.port, app))
             self.deliver(rest)
         return True
+
+
+def _take_reply(handshake: Any, failed: str) -> tuple[socks5.Reply, bytes] | None:
+    """A SOCKS5 reply off the front of ``handshake.buffer`` and what came
+    after it (None: not all of it yet); DestinationFailed (the reply's code,
+    ``failed`` saying which reply) unless it succeeded."""
+    replied = socks5.parse_reply(handshake.buffer)
+    if replied is None:
+        return None
+    reply, used = replied
+    rest, handshake.buffer = handshake.buffer[used:], b""
+    if reply.code != socks5.SUCCEEDED:
+        raise DestinationFailed(f"{failed} {reply.code:#x}", reply.code)
+    return reply, rest
 
 
 def _answered_host(host: str, peer: object) -> str:

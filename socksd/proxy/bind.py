@@ -47,6 +47,25 @@ def candidate_ports(ranges: tuple[tuple[int, int], ...]):
         yield 0 if hi == 0 else random.randint(max(lo, 1), hi)
 
 
+def refused_peer(rules: ClientRules, expected: IPAddress | None, host: str,
+                 port: int) -> str | None:
+    """Why the connection from host:port that a BIND's listener (here, or an
+    upstream's) accepted is refused, or None (an allow is noted). Only the
+    peer the BIND named (``expected``; None or unspecified: any) is let in,
+    or one a rule listing "bindreply" names."""
+    peer = parse_ip(host)
+    decision = rules.decide("bindreply", port, None, peer)
+    if not decision.allowed:
+        return decision.reason
+    named = (decision.rule is not None and decision.rule.commands is not None
+             and "bindreply" in decision.rule.commands)
+    if expected is not None and not expected.is_unspecified and peer != expected and \
+            not named:
+        return "not the expected peer"
+    rules.note(decision, "bindreply", host, port)
+    return None
+
+
 class Listening(Protocol):
     """A BIND the handshake answers: where the peer should connect (the
     first reply), and the connection once it has (the second). Here, a
@@ -110,19 +129,12 @@ class BindWaiter(ServerFactory):
         if self.taken:
             return None
         rules = self.rules
-        peer = parse_ip(addr.host)
-        decision = rules.decide("bindreply", addr.port, None, peer)
-        named = (decision.rule is not None and decision.rule.commands is not None
-                 and "bindreply" in decision.rule.commands)
-        if not decision.allowed or (peer != self.expected and not self.expected.is_unspecified
-                                    and not named):
+        why = refused_peer(rules, self.expected, addr.host, addr.port)
+        if why is not None:
             self.knocks.emit("{peer} bind: refused incoming connection from {source}: {why}",
                              peer=escape(rules.peer, spaces=True),
-                             source=escape(addr.host),
-                             why=decision.reason if not decision.allowed
-                             else "not the expected peer")
+                             source=escape(addr.host), why=why)
             return None
-        rules.note(decision, "bindreply", addr.host, addr.port)
         self.taken = True
         protocol = Incoming()
         protocol.factory = self

@@ -22,7 +22,7 @@ from socksd.client.handshake import Accepted, Bound
 from socksd.client.socks5 import Association
 from socksd.client.upstream import Upstream
 from socksd.proxy import connect
-from socksd.proxy.bind import Incoming, Listening
+from socksd.proxy.bind import Incoming, Listening, refused_peer
 from socksd.proxy.client_rules import ClientRules
 from socksd.relay import RelayEnd
 from socksd.rules import parse_ip
@@ -101,18 +101,11 @@ class UpstreamBind:
     def _judged(self, accepted: Accepted) -> Incoming:
         protocol = accepted.protocol
         assert isinstance(protocol, _Announced)     # what _Factory(_Announced) builds
-        peer = parse_ip(accepted.host)
-        decision = self.rules.decide("bindreply", accepted.port, None, peer)
-        named = (decision.rule is not None and decision.rule.commands is not None
-                 and "bindreply" in decision.rule.commands)
-        expected = self.expected
-        if not decision.allowed or (expected is not None and not expected.is_unspecified
-                                    and peer != expected and not named):
+        why = refused_peer(self.rules, self.expected, accepted.host, accepted.port)
+        if why is not None:
             protocol.transport.abortConnection()
-            why = decision.reason if not decision.allowed else "not the expected peer"
             raise connect.ConnectFailed(connect.DENIED,
                                         f"the peer {accepted.host} (via {self.via}): {why}")
-        self.rules.note(decision, "bindreply", accepted.host, accepted.port)
         protocol.announced = (accepted.host, accepted.port)
         protocol.via = self.via
         return protocol

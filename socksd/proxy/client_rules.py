@@ -146,44 +146,36 @@ class ClientRules:
         goes as it is)."""
         if not by_name:
             denied = self.refuse_address(command, host, port)
-            if denied:
-                return defer.fail(denied)
-            waiting = self.admit()
-            return defer.succeed([host]) if waiting is None else \
-                waiting.addCallback(lambda _: [host])
+            return defer.fail(denied) if denied else self._admitted([host])
         decision = self.decide_name(command, port, host)
         if decision is not None and not decision.allowed:
             return defer.fail(connect.ConnectFailed(connect.DENIED, decision.reason))
-        if decision is not None:
-            self.governing = rule = decision.rule
-            self.note(decision, command, host, port)
-            if rule is not None and rule.via and not rule.via_local:
-                # The upstream gets the name: no lookup here (none leaks).
-                waiting = self.admit()
-                return defer.succeed([]) if waiting is None else \
-                    waiting.addCallback(lambda _: [])
-            # Admitted before the lookup, which a refused session never costs.
-            waiting = self.admit()
-            if waiting is not None:
-                return waiting.addCallback(
-                    lambda _: connect.resolve(reactor, host, port, timeout, self.client_key))
-            return connect.resolve(reactor, host, port, timeout, self.client_key)
-        upstream = self.name_upstream(command, port, host)
-        if upstream is not None:
-            # Sent upstream unresolved (see RuleSet.name_upstream): no lookup here.
-            self.governing = upstream.rule
-            self.note(upstream, command, host, port)
-            waiting = self.admit()
-            return defer.succeed([]) if waiting is None else waiting.addCallback(lambda _: [])
-        d = connect.resolve(reactor, host, port, timeout, self.client_key)
-        return d.addCallback(self._allowed_addresses, command, host, port)
-
-    def _admitted(self, hosts: list[str]) -> list[str] | defer.Deferred[list[str]]:
+        if decision is None:
+            # Its addresses decide, unless the name goes upstream unresolved
+            # (see RuleSet.name_upstream).
+            decision = self.name_upstream(command, port, host)
+            if decision is None:
+                d = connect.resolve(reactor, host, port, timeout, self.client_key)
+                return d.addCallback(self._allowed_addresses, command, host, port)
+        self.governing = rule = decision.rule
+        self.note(decision, command, host, port)
+        if rule is not None and rule.via and not rule.via_local:
+            return self._admitted([])    # the upstream gets the name: no lookup here
+        # Admitted before the lookup, which a refused session never costs.
         waiting = self.admit()
-        return hosts if waiting is None else waiting.addCallback(lambda _: hosts)
+        if waiting is not None:
+            return waiting.addCallback(
+                lambda _: connect.resolve(reactor, host, port, timeout, self.client_key))
+        return connect.resolve(reactor, host, port, timeout, self.client_key)
+
+    def _admitted(self, hosts: list[str]) -> defer.Deferred[list[str]]:
+        """``hosts``, once the session is admitted (:meth:`admit`)."""
+        waiting = self.admit()
+        return defer.succeed(hosts) if waiting is None else \
+            waiting.addCallback(lambda _: hosts)
 
     def _allowed_addresses(self, hosts: list[str], command: str, name: str,
-                           port: int) -> list[str] | defer.Deferred[list[str]]:
+                           port: int) -> defer.Deferred[list[str]]:
         """The addresses the rules allow, under one governing rule: the one
         that allowed the first. An address another rule allows is tried too
         when neither rule binds its sessions (Rule.governs); one allowed

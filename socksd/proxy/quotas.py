@@ -15,6 +15,7 @@ from typing import Callable, Protocol
 from twisted.internet import defer
 
 from socksd import throttle
+from socksd.channel import Malformed
 from socksd.rules import RuleLimits
 
 # Who a key counts: the rule's key, what it counts per, and who that is.
@@ -82,7 +83,7 @@ class Sharing(Protocol):
     """A worker's shared budgets are split by the supervisor
     (:class:`RateShares`): it hears when a session joins or leaves one."""
 
-    def joined(self, key: Key, rate: float) -> None: ...
+    def joined(self, key: Key) -> None: ...
 
     def left(self, key: Key) -> None: ...
 
@@ -118,15 +119,17 @@ def _full(entry: list) -> bool:
 class Budgets:
     """The rate budgets of this process's sessions: a pair of its own for a
     session under ``rate_per = "session"``; else the pair of its key, made
-    with its first session and dropped with its last. With workers, a
-    shared pair's rate is the worker's share, set by the supervisor."""
+    with its first session and dropped once its last has ended and it has
+    refilled. With workers, a shared pair's rate is the worker's share, set
+    by the supervisor."""
 
-    __slots__ = ("shared", "workers", "sharing")
+    __slots__ = ("shared", "workers", "sharing", "prune_at")
 
     def __init__(self) -> None:
         self.shared: dict[Key, list] = {}   # key -> [up, down, sessions]
         self.workers = 1
         self.sharing: Sharing | None = None    # set in a worker
+        self.prune_at = PRUNE_AT
 
     def lease(self, reactor: object, limits: RuleLimits, user: str | None,
               client: str | None) -> Lease:
@@ -137,7 +140,7 @@ class Budgets:
             return Lease(throttle.Budget(reactor, rate), throttle.Budget(reactor, rate))
         entry = self.shared.get(key)
         if entry is None:
-            if len(self.shared) >= PRUNE_AT:
+            if len(self.shared) >= self.prune_at:
                 self._prune()
             first = rate / self.workers if self.sharing is not None else rate
             entry = self.shared[key] = [throttle.Budget(reactor, first),
@@ -147,7 +150,7 @@ class Budgets:
             self.set_rate(key, rate)
         entry[2] += 1
         if self.sharing is not None:
-            self.sharing.joined(key, rate)
+            self.sharing.joined(key)     # the supervisor knows the rule's rate
         return Lease(entry[0], entry[1], self, key)
 
     def give_back(self, key: Key) -> None:
@@ -167,6 +170,9 @@ class Budgets:
         """Drop the budgets no session uses that have refilled."""
         for key in [key for key, entry in self.shared.items() if entry[2] <= 0 and _full(entry)]:
             del self.shared[key]
+        # Looked at again once as many more have come: a scan per new key
+        # would cost every session the count of budgets in use.
+        self.prune_at = max(PRUNE_AT, 2 * len(self.shared))
 
     def set_rate(self, key: Key, rate: float) -> None:
         """The supervisor's share for this worker (or a reload's new rate)."""
@@ -233,15 +239,16 @@ class Ticket:
 MAX_KEY_ITEM = 1024
 
 
-def key_from(items: list[object]) -> Key:
-    """A key as the workers' channel carries it; ValueError if it is none."""
+def key_from(kind: str, items: list[object]) -> Key:
+    """A key as the workers' channel carries it in a ``kind`` message;
+    Malformed (the channel breaks) if it is none."""
     if len(items) != 3 or not all(isinstance(i, str) and len(i) <= MAX_KEY_ITEM
                                   for i in items):
-        raise ValueError("not a cap's key (three strings)")
+        raise Malformed(f"{kind}: not a cap's key (three strings)")
     rule, per, who = items
     assert isinstance(rule, str) and isinstance(per, str) and isinstance(who, str)
     if per not in ("rule", "user", "client"):
-        raise ValueError(f"a cap counted per {per[:20]!r}")
+        raise Malformed(f"{kind}: a cap counted per {per[:20]!r}")
     return rule, per, who
 
 

@@ -45,13 +45,8 @@ def open_connection(reactor: Any, limits: Limits, rules: ClientRules, host: str,
             d = defer.fail(denied)
         else:
             waiting = rules.admit()
-            rule = rules.governing
-            if waiting is None and (rule is None or rule.governs is None):
-                d = connect.connect_first([host], reactor, port, deadline, source)
-            elif waiting is None:
-                d = _connect([host], rules, reactor, host, port, deadline, source, upstreams)
-            else:
-                d = waiting.addCallback(
+            d = _connect([host], rules, reactor, host, port, deadline, source, upstreams) \
+                if waiting is None else waiting.addCallback(
                     lambda _: _connect([host], rules, reactor, host, port, deadline, source,
                                        upstreams))
     return d.addCallbacks(_connected, _classify, callbackArgs=(reactor, requested))
@@ -81,9 +76,8 @@ def sources_for(rule: Rule | None, sources: Sources | None) -> Sources | None:
 def _rule_source(rule: Rule | None, source: connect.SourceChoice | None,
                  ) -> connect.SourceChoice | None:
     """A rule's own ``source`` before [server] source."""
-    if rule is None or rule.source is None:
-        return source
-    return Sources((rule.source,), described=f"{rule.label} source").choose
+    own = sources_for(rule, None)
+    return source if own is None else own.choose
 
 
 def _connected(outbound: connect.Outbound, reactor: Any, requested: float) -> connect.Outbound:

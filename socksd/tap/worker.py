@@ -235,10 +235,7 @@ class WorkerChannel(RegistrationSender):
             rate = message[4]
             if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0:
                 raise Malformed("share: not a rate")
-            try:
-                key = key_from(message[1:4])
-            except ValueError as e:
-                raise Malformed(f"share: {e}") from None
+            key = key_from("share", message[1:4])
             if self.budgets is not None:
                 self.budgets.set_rate(key, rate)
         elif kind == "stop" and len(message) == 2:
@@ -269,8 +266,8 @@ class WorkerChannel(RegistrationSender):
 
     # quotas.Sharing: a shared rate budget is split between the workers.
 
-    def joined(self, key: Key, rate: float) -> None:
-        self.send(("join", next(self.ask_ids)), "join", frame(["join", *key, rate]))
+    def joined(self, key: Key) -> None:
+        self.send(("join", next(self.ask_ids)), "join", frame(["join", *key]))
 
     def left(self, key: Key) -> None:
         self.send(("leave", next(self.ask_ids)), "leave", frame(["leave", *key]))

@@ -245,10 +245,7 @@ class _WorkerChannel(RegistrationReceiver):
             ident, limit = message[1], message[5]
             if not _sequence(ident) or not _sequence(limit):
                 raise Malformed("take: not numbered, or no limit")
-            try:
-                key = key_from(message[2:5])
-            except ValueError as e:
-                raise Malformed(f"take: {e}") from None
+            key = key_from("take", message[2:5])
             # The cap is the supervisor's own configuration's, not what the
             # worker says (a worker is not trusted to set it), and a worker
             # holds no more places than a process serves sessions.
@@ -260,20 +257,14 @@ class _WorkerChannel(RegistrationReceiver):
                 self.holdings.take(key, limits.max_sessions)
             self.send(("granted", ident), "granted", frame(["granted", ident, granted]))
             return
-        if message[0] in ("join", "leave") and len(message) == (5 if message[0] == "join"
-                                                                 else 4):
-            try:
-                key = key_from(message[1:4])
-            except ValueError as e:
-                raise Malformed(f"{message[0]}: {e}") from None
-            shares = self.worker.supervisor.shares
+        if message[0] in ("join", "leave") and len(message) == 4:
+            key = key_from(message[0], message[1:4])
+            supervisor = self.worker.supervisor
+            shares = supervisor.shares
             if message[0] == "leave":
                 shares.left(self.worker.index, key)
                 return
-            rate = message[4]
-            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0:
-                raise Malformed("join: not a rate")
-            supervisor = self.worker.supervisor
+            # The rate is the supervisor's own configuration's, as a cap is.
             limits = supervisor.rule_limits(key[0])
             if limits is None or limits.rate is None or limits.rate_per != key[1] or \
                     shares.held(self.worker.index) >= supervisor.config.limits.max_sessions:
@@ -281,10 +272,7 @@ class _WorkerChannel(RegistrationReceiver):
             shares.joined(self.worker.index, key, limits.rate)
             return
         if message[0] == "give" and len(message) == 4:
-            try:
-                self.holdings.give_back(key_from(message[1:4]))
-            except ValueError as e:
-                raise Malformed(f"give: {e}") from None
+            self.holdings.give_back(key_from("give", message[1:4]))
             return
         if message[0] != "counts":
             super().message_received(message)
