@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from socksd.relay import RelayEnd, RelaySession, buffer_empty
+from socksd.stream import PLAIN_TCP
 from socksd.throttle import Meter
 
 AVAILABLE = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
@@ -65,8 +66,7 @@ def _give_pipe(pipe: tuple[int, int], empty: bool) -> None:
 
 def plain_tcp(a: object, b: object) -> bool:
     """Are both transports bare TCP sockets (no TLS, no PROXY wrapper)?"""
-    return AVAILABLE and type(a) in (tcp.Server, tcp.Client) and \
-        type(b) in (tcp.Server, tcp.Client)
+    return AVAILABLE and type(a) in PLAIN_TCP and type(b) in PLAIN_TCP
 
 
 def eligible(a: object, b: object) -> bool:

@@ -33,6 +33,7 @@ from twisted.internet.test.test_tcp import (
 )
 from twisted.internet.test.test_threads import ThreadTestsBuilder
 from twisted.internet.test.test_time import TimeTestsBuilder
+from twisted.internet.test.test_tls import StartTLSClientTestsMixin, TLSPortTestsBuilder
 from twisted.internet.test.test_unix import UNIXTestsBuilder
 from twisted.logger import globalLogPublisher
 
@@ -45,6 +46,9 @@ BUILDERS = [
     TCPConnectionTestsBuilder, TCPTransportTestsBuilder, AdoptStreamConnectionTestsBuilder,
     AbortConnectionTests, AdoptStreamPortErrorsTestsBuilder,
     AdoptStreamConnectionErrorsTestsBuilder, UNIXTestsBuilder,
+    # TLS started on an accepted connection (socksd.stream.Stream hands
+    # every path over to Twisted's then), and listenSSL's.
+    StartTLSClientTestsMixin, TLSPortTestsBuilder,
 ]
 
 

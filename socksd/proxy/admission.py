@@ -8,12 +8,11 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from twisted.internet import tcp
-
 from socksd.proxy.connect import address_text
 from socksd.proxy.host import SessionHost
 from socksd.rules import IPAddress, client_key, parse_ip
 from socksd.stats import STATS
+from socksd.stream import PLAIN_TCP
 from socksd.twisted_internals import (
     HAProxyProtocolWrapper,
     after_each_read,
@@ -54,7 +53,7 @@ class Admission:
         counts = self.server.counts
         counts.sessions += 1
         counts.live.add(self)
-        if type(self.transport) is tcp.Server or not is_proxy_wrapper(self.transport):
+        if type(self.transport) in PLAIN_TCP or not is_proxy_wrapper(self.transport):
             self.identify_client()
             return
         # The real client is known once the PROXY header is read (the first

@@ -17,6 +17,7 @@ from twisted.internet.protocol import ClientFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from socksd import stream
 from socksd.inflight import PER_CLIENT, TOTAL, InFlight
 from socksd.relay import RelayEnd
 from socksd.rules import parse_ip
@@ -446,9 +447,8 @@ class _Connecting:
     What ``reactor.connectTCP`` does, without what a SOCKS CONNECT does not
     use: its Connector (retries, factory start/stop), a reactor turn before
     connecting, and re-registering the socket three times once connected,
-    work every CONNECT would pay for nothing. The connected socket becomes an
-    ordinary Twisted TCP transport through the public
-    ``adoptStreamConnection``.
+    work every CONNECT would pay for nothing. The connected socket becomes a
+    :class:`socksd.stream.Stream`, a Twisted TCP transport.
     """
 
     __slots__ = ("reactor", "sock", "address", "deferred", "timer")
@@ -517,15 +517,11 @@ class _Connecting:
     def _connected(self) -> None:
         sock, self.sock = self.sock, None
         assert sock is not None
-        factory = _ConnectFactory(self.deferred)
-        try:
-            # Twisted takes a duplicate of the descriptor; ours is closed.
-            self.reactor.adoptStreamConnection(sock.fileno(), sock.family, factory)
-        except OSError as e:  # the peer is already gone (getpeername: ENOTCONN)
-            factory.deferred = None
-            self._fail(e.errno, e.strerror)
-        finally:
-            sock.close()
+        # The socket itself becomes the transport (no duplicate, no asking
+        # it for the peer's address, which is the one we connected to).
+        outbound = _ConnectFactory(self.deferred).buildProtocol(None)
+        assert outbound is not None   # Factory.buildProtocol always builds
+        stream.connected(sock, self.address, outbound, self.reactor)
 
     def _fail(self, code: int | None, message: str | None = None) -> None:
         if self.sock is not None:

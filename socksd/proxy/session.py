@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import defer, tcp
+from twisted.internet import defer
 from twisted.protocols.policies import TimeoutMixin
 
 from socksd import protection, relay
@@ -26,6 +26,7 @@ from socksd.proxy.socks4 import Socks4Handshake
 from socksd.proxy.socks5 import Socks5Handshake
 from socksd.proxy.udp import UDPRelay
 from socksd.stats import STATS
+from socksd.stream import PLAIN_TCP
 from socksd.wire import WireError, socks4, socks5
 
 # More than this many bytes before the relay starts and we stop reading:
@@ -118,7 +119,7 @@ class Session(Admission, ClientEnd, TimeoutMixin, Commands):
     def _handshake(self, version: int) -> Socks4Handshake | Socks5Handshake | None:
         """The handshake for the version byte the client opened with."""
         server = self.server
-        if type(self.transport) is not tcp.Server and not self.known():
+        if type(self.transport) not in PLAIN_TCP and not self.known():
             return None
         if version == socks5.VERSION:
             return Socks5Handshake(self, server.choose_method, server.reactor,

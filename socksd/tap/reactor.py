@@ -18,11 +18,14 @@ connection's prefix.
 
 from __future__ import annotations
 
+import socket
 import sys
 
 from twisted.internet import epollreactor  # Linux; see install_default
 from twisted.internet.main import installReactor
 from twisted.logger import Logger
+
+from socksd.stream import Stream, StreamPort
 
 log = Logger(namespace="socksd")
 
@@ -50,6 +53,28 @@ class EPollReactor(epollreactor.EPollReactor):
                 log.failure("while handling {selectable!r}", selectable=selectable)
 
     doIteration = doPoll
+
+    # TCP connections as socksd.stream.Stream: Twisted's, with the direct
+    # paths a short session is made of. (connectTCP's outgoing ones stay
+    # Twisted's: socksd connects its own; see socksd.proxy.connect.)
+
+    def listenTCP(self, port, factory, backlog=50, interface=""):
+        listening = StreamPort(port, factory, backlog, interface, self)
+        listening.startListening()
+        return listening
+
+    def adoptStreamPort(self, fileDescriptor, addressFamily, factory):
+        if addressFamily not in (socket.AF_INET, socket.AF_INET6):
+            return super().adoptStreamPort(fileDescriptor, addressFamily, factory)
+        listening = StreamPort._fromListeningDescriptor(self, fileDescriptor, addressFamily,
+                                                        factory)
+        listening.startListening()
+        return listening
+
+    def adoptStreamConnection(self, fileDescriptor, addressFamily, factory):
+        if addressFamily not in (socket.AF_INET, socket.AF_INET6):
+            return super().adoptStreamConnection(fileDescriptor, addressFamily, factory)
+        return Stream._fromConnectedSocket(fileDescriptor, addressFamily, factory, self)
 
 
 def install() -> EPollReactor:
