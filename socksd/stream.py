@@ -27,7 +27,10 @@ What differs, and why it is safe:
 * ``loseConnection`` then closes on the reactor's next turn, without
   waking for writability and sending nothing first.
 * No ``shutdown(2)`` before ``close``: the descriptor is this process's
-  alone (close-on-exec, never duplicated), so ``close`` sends the FIN.
+  alone (close-on-exec, never duplicated), so ``close`` sends the FIN; and
+  on socksd's reactor no ``epoll_ctl`` to stop watching it first, as
+  closing it takes it out of the epoll set (:class:`AdoptedStream`, on a
+  duplicate, does both as Twisted does).
 
 Like :mod:`socksd.twisted_internals`, this leans on FileDescriptor's
 private state (``dataBuffer``, ``offset``, ``_tempDataLen``,
@@ -45,7 +48,7 @@ from twisted.internet import abstract, address, main, tcp
 from twisted.internet.interfaces import IProtocol
 from twisted.python.failure import Failure
 
-__all__ = ["PLAIN_TCP", "Stream", "StreamPort", "connected"]
+__all__ = ["PLAIN_TCP", "AdoptedStream", "Stream", "StreamPort", "connected"]
 
 # One Failure for every orderly close, as Twisted's reactor keeps one
 # (posixbase's _FAILURE_DICT): a protocol reads it and never changes it.
@@ -58,6 +61,7 @@ class Stream(tcp.Server):
     path where nothing is queued (see the module's docstring)."""
 
     _shouldShutdown = False    # close() alone: see the module's docstring
+    _shared = False            # another descriptor refers to the socket (adopted)
 
     def __init__(self, sock: socket.socket, protocol: IProtocol, client: tuple[Any, ...],
                  server: Any, sessionno: int, reactor: Any) -> None:
@@ -81,9 +85,17 @@ class Stream(tcp.Server):
 
     # What tcp.Server formats at once for each connection.
 
-    def logPrefix(self) -> str:
-        protocol = self.__dict__.get("protocol")
-        return f"{self._getLogPrefix(protocol)},{self.sessionno},{self.hostname}"
+    @property
+    def logstr(self) -> str:
+        text = self.__dict__.get("_logstr")
+        if text is None:
+            protocol = self.__dict__.get("protocol")
+            text = f"{self._getLogPrefix(protocol)},{self.sessionno},{self.hostname}"
+        return text
+
+    @logstr.setter
+    def logstr(self, text: str) -> None:
+        self.__dict__["_logstr"] = text
 
     def __repr__(self) -> str:
         text = self.__dict__.get("repstr")    # _fromConnectedSocket sets one
@@ -148,11 +160,32 @@ class Stream(tcp.Server):
         self.disconnecting = 1
         self.stopReading()
         reactor: Any = self.reactor     # a whole reactor, not just its IReactorFDSet
-        reactor.callLater(0, self._closed)
+        soon = getattr(reactor, "soon", None)     # socksd's: no timer for it
+        if soon is not None:
+            soon(self._closed)
+        else:
+            reactor.callLater(0, self._closed)
 
     def _closed(self) -> None:
         if self.connected:    # not lost meanwhile (an abort, a reset)
             self.connectionLost(_DONE)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if not self.disconnected and not self._shared:
+            # Closing the socket (which this does) takes it out of the epoll
+            # set: the reactor need not be asked to, one epoll_ctl a side.
+            forget = getattr(self.reactor, "forget", None)
+            if forget is not None:
+                forget(self)
+        super().connectionLost(reason)
+
+
+class AdoptedStream(Stream):
+    """A Stream on a duplicate of a descriptor the caller may keep open
+    (``adoptStreamConnection``)."""
+
+    _shared = True
+    _shouldShutdown = True     # the FIN even while the caller's copy is open
 
 
 class StreamPort(tcp.Port):
@@ -176,4 +209,4 @@ def connected(sock: socket.socket, peer: tuple[str, int], protocol: IProtocol,
 
 # Transports with a socket of their own and nothing between it and the
 # protocol: what the relay may send on directly and splice between.
-PLAIN_TCP = (Stream, tcp.Server, tcp.Client)
+PLAIN_TCP = (Stream, AdoptedStream, tcp.Server, tcp.Client)

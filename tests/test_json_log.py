@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from socksd.auth import User
 from socksd.logs import (
     FIELDS,
+    ClassicText,
     FormatObserver,
     file_observer,
     json_line,
@@ -209,6 +210,41 @@ def test_the_schema_is_the_issues():
 
 
 # ---- the observer ----------------------------------------------------------------------
+
+
+_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
+_EVENTS = st.fixed_dictionaries(
+    {"log_format": st.one_of(st.just("{session}"), _TEXT)},
+    optional={
+        "session": st.one_of(_TEXT, st.integers()),
+        "log_time": st.one_of(st.none(), st.floats(0, 4e9)),
+        "log_level": st.sampled_from(list(LogLevel.iterconstants())),
+        "log_namespace": _TEXT,
+        "log_system": _TEXT,
+        "log_failure": st.just(Failure(ValueError("boom"))),
+    })
+
+
+@given(_EVENTS, st.lists(st.floats(-2, 2), max_size=3))
+def test_text_lines_are_twisteds_to_the_character(event, earlier):
+    # ClassicText caches the time text by the second: lines at other
+    # moments first must not change the next one.
+    ours, theirs = io.StringIO(), io.StringIO()
+    observer = ClassicText(ours)
+    for delta in earlier:
+        when = event.get("log_time")
+        observer.time(None if when is None else max(0.0, when + delta))
+    observer(event)
+    textFileLogObserver(theirs)(event)
+    assert ours.getvalue() == theirs.getvalue()
+
+
+def test_text_lines_to_a_binary_file_are_utf8():
+    event = session_event(user="j\u00fcrgen")
+    ours, theirs = io.BytesIO(), io.BytesIO()
+    ClassicText(ours)(event)
+    textFileLogObserver(theirs)(event)
+    assert ours.getvalue() == theirs.getvalue()
 
 
 def test_text_is_twisteds_own_line_and_the_format_can_be_switched():

@@ -190,3 +190,90 @@ def test_twistd_installs_ours_unless_told_otherwise(args, expected):
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == expected
+
+
+def test_soon_runs_after_the_events_of_the_batch_before_waiting():
+    import os
+
+    reactor = socksd_reactor.EPollReactor()
+    order = []
+    pipes = [os.pipe() for _ in range(2)]
+
+    class Reader:
+        def __init__(self, fd: int) -> None:
+            self.fd = fd
+
+        def fileno(self) -> int:
+            return self.fd
+
+        def logPrefix(self) -> str:
+            return "reader"
+
+        def doRead(self):
+            os.read(self.fd, 1)
+            order.append(f"read {self.fd}")
+            reactor.soon(lambda: order.append(f"soon {self.fd}"))
+
+        def connectionLost(self, reason) -> None:
+            pass
+
+    try:
+        for r, w in pipes:
+            os.write(w, b"x")
+            reactor.addReader(Reader(r))
+        reactor.doIteration(1)
+        # Both reads first (one batch), then what they queued, in order.
+        (a, _), (b, _) = pipes
+        assert sorted(order[:2]) == sorted([f"read {a}", f"read {b}"])
+        assert order[2:] == [f"soon {int(line.split()[1])}" for line in order[:2]]
+        # Queued by a timer: run before the next wait, which then does not block.
+        reactor.callLater(0, reactor.soon, lambda: order.append("after timer"))
+        reactor.runUntilCurrent()
+        reactor.doIteration(60)
+        assert order[-1] == "after timer"
+    finally:
+        reactor.removeAll()
+        for r, w in pipes:
+            os.close(r)
+            os.close(w)
+
+
+def test_a_closed_stream_is_forgotten_and_an_adopted_one_unwatched():
+    """Stream closes leave no trace in the reactor's sets; an adopted one
+    (its descriptor shared with the caller's copy) is unregistered as
+    Twisted does, so no event for it can come after the close."""
+    import socket as socket_module
+
+    from socksd.stream import AdoptedStream, Stream
+
+    reactor = socksd_reactor.EPollReactor()
+    listener = socket_module.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(2)
+    ends = []
+    try:
+        for kind in (Stream, AdoptedStream):
+            mine = socket_module.create_connection(listener.getsockname())
+            theirs, _ = listener.accept()
+            ends += [mine, theirs]
+            if kind is Stream:
+                mine.setblocking(False)
+                stream = Stream(mine, protocol.Protocol(), theirs.getsockname(), None, 0,
+                                reactor)
+            else:
+                stream = reactor.adoptStreamConnection(mine.fileno(), socket_module.AF_INET,
+                                                       protocol.Factory.forProtocol(
+                                                           protocol.Protocol))
+            assert type(stream) is kind
+            fd = stream.fileno()
+            assert reactor._selectables.get(fd) is stream
+            stream.loseConnection()
+            reactor.doIteration(0)
+            assert fd not in reactor._selectables and fd not in reactor._reads
+            theirs.settimeout(5)
+            assert theirs.recv(1) == b""          # the FIN, either way
+    finally:
+        reactor.removeAll()
+        listener.close()
+        for end in ends:
+            end.close()

@@ -20,20 +20,54 @@ from __future__ import annotations
 
 import socket
 import sys
+from typing import Any, Callable
 
 from twisted.internet import epollreactor  # Linux; see install_default
 from twisted.internet.main import installReactor
 from twisted.logger import Logger
 
-from socksd.stream import Stream, StreamPort
+from socksd.stream import AdoptedStream, StreamPort
 
 log = Logger(namespace="socksd")
 
 
 class EPollReactor(epollreactor.EPollReactor):
-    """epoll, dispatching events without a log context per event."""
+    """epoll, dispatching events without a log context per event; with
+    :meth:`soon` and :meth:`forget` for socksd.stream's connections."""
+
+    def __init__(self) -> None:
+        self._soon: list[Callable[[], object]] = []
+        super().__init__()
+
+    def soon(self, call: Callable[[], object]) -> None:
+        """Call ``call`` once the events being handled now have been, before
+        waiting for more: ``callLater(0, call)`` without a timer for it."""
+        self._soon.append(call)
+
+    def _run_soon(self) -> None:
+        calls, self._soon = self._soon, []
+        for call in calls:
+            try:
+                call()
+            except Exception:
+                log.failure("while running {call!r}", call=call)
+
+    def forget(self, selectable: Any) -> None:
+        """Stop watching a descriptor that is about to be closed, without
+        the ``epoll_ctl`` that ``removeReader`` makes: closing it takes it
+        out of the epoll set. Only for a descriptor no other one refers to
+        (never duplicated), or the set would keep it."""
+        fd = selectable.fileno()
+        if self._selectables.get(fd) is selectable:
+            del self._selectables[fd]
+            self._reads.discard(fd)
+            self._writes.discard(fd)
 
     def doPoll(self, timeout: float | None) -> None:
+        if self._soon:
+            # Queued by timers that just ran: theirs first, then no waiting.
+            self._run_soon()
+            timeout = 0
         try:
             events = self._poller.poll(-1 if timeout is None else timeout,
                                        len(self._selectables))
@@ -51,6 +85,8 @@ class EPollReactor(epollreactor.EPollReactor):
                 raise
             except BaseException:
                 log.failure("while handling {selectable!r}", selectable=selectable)
+        if self._soon:
+            self._run_soon()
 
     doIteration = doPoll
 
@@ -74,7 +110,7 @@ class EPollReactor(epollreactor.EPollReactor):
     def adoptStreamConnection(self, fileDescriptor, addressFamily, factory):
         if addressFamily not in (socket.AF_INET, socket.AF_INET6):
             return super().adoptStreamConnection(fileDescriptor, addressFamily, factory)
-        return Stream._fromConnectedSocket(fileDescriptor, addressFamily, factory, self)
+        return AdoptedStream._fromConnectedSocket(fileDescriptor, addressFamily, factory, self)
 
 
 def install() -> EPollReactor:
