@@ -932,7 +932,9 @@ def report_dante(args, res: dict[tuple[str, str], Series]) -> str:
         "socksmethod gssapi, gssapi.enctype confidentiality, its default process model. Every",
         "transfer is checked: Dante's client logged confidentiality (2), the proxy logged the",
         "session (socksd: method=gssapi at protection 2; Dante: gssapi/confidentiality) with",
-        f"the bytes relayed, and the proxy used at least {ROUTED_CPU:g}% of a core.",
+        f"the bytes relayed, and the proxy used at least {ROUTED_CPU:g}% of a core. '!' marks a",
+        f"client or target above {BUSY:.0f}% of a core: then both proxies wait on it, their MiB/s",
+        "is bounded by it, and the MiB per proxy CPU-second says more about the proxies.",
     ]
     return "\n".join(lines)
 
