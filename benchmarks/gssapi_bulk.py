@@ -20,15 +20,22 @@ Python client (method none, 1 MiB writes and reads), so "level N / plain" is
 the cost of GSS-API alone, with the same client code on both sides of the
 ratio.
 
+Then, against Dante (issue 18): ``--mib`` (256) MiB up and down through a
+socksd allowing GSS-API confidentiality only and through Dante's own server
+(``sockd``, built with GSS-API by tests/dante_gssapi.py, enforcing
+confidentiality), with Dante's client library as the client of both:
+``socksify loadgen transfer``, libdsocks wrapping and unwrapping in C. Each
+transfer is checked to have gone through the proxy at confidentiality.
+
 Everything runs on 127.0.0.1: a k5test KDC (its own realm, ports from
-``--kdc-portbase``, default 65000, stopped on exit), both ``twistd -n
-socks``, bulkd and an echo server; all of them are stopped on exit, on
-errors, on Ctrl-C and on SIGTERM. Rounds are interleaved; each cell is the
-median of ``--rounds`` (3). Needs k5test (``pip install k5test``, a test
-extra) and MIT's KDC (``apt-get install krb5-kdc krb5-admin-server
+``--kdc-portbase``, default 65000, stopped on exit), the ``twistd -n
+socks``, Dante's sockd, bulkd and an echo server; all of them are stopped on
+exit, on errors, on Ctrl-C and on SIGTERM. Rounds are interleaved; each cell
+is the median of ``--rounds`` (3). Needs k5test (``pip install k5test``, a
+test extra) and MIT's KDC (``apt-get install krb5-kdc krb5-admin-server
 krb5-user``; ``make test`` installs both). Run from the repository root:
 
-    .venv/bin/python benchmarks/gssapi_bulk.py [--rounds 3] [--seconds 2]
+    .venv/bin/python benchmarks/gssapi_bulk.py [--quick] [--rounds 3] [--seconds 2] [--mib 256]
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import resource
 import shutil
 import socket
@@ -285,19 +293,37 @@ def client_main(argv: list[str]) -> int:
 
 # ---- the harness side ----------------------------------------------------------
 
+QUICK = {"rounds": 1, "seconds": 0.5, "mib": 32}
+FULL = {"rounds": 3, "seconds": 2.0, "mib": 256}
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="GSS-API (RFC 1961) bulk throughput through socksd at protection levels "
-                    "1 and 2, against plain socksd.")
-    p.add_argument("--rounds", type=int, default=3, help="rounds, median reported (default 3)")
-    p.add_argument("--seconds", type=float, default=2.0,
-                   help="seconds per transfer (default 2)")
+                    "1 and 2, against plain socksd; and at confidentiality against Dante's "
+                    "server, with Dante's client library as the client.")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 1 round, 0.5 s transfers, 32 MiB through socksd and Dante")
+    p.add_argument("--rounds", type=int, help="rounds, median reported (default 3)")
+    p.add_argument("--seconds", type=float,
+                   help="seconds per transfer of the levels table (default 2)")
+    p.add_argument("--mib", type=int,
+                   help="MiB per transfer through socksd and Dante's server (default 256)")
+    p.add_argument("--no-dante", action="store_true",
+                   help="skip the comparison with Dante's server (it needs Dante rebuilt with "
+                        "GSS-API: tests/dante_gssapi.py builds and caches it, a couple of "
+                        "minutes the first time)")
     p.add_argument("--kdc-portbase", type=int, default=65000,
                    help="k5test KDC ports start here (default 65000)")
     p.add_argument("--twistd", help="twistd running socksd (default: next to this Python)")
     p.add_argument("--keep", action="store_true",
                    help="keep the temporary directory (configs, socksd logs) and print its path")
     args = p.parse_args(argv)
+    for name, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if not 1 <= args.mib <= 65536:
+        p.error("--mib must be 1..65536")
     if not 1 <= args.rounds <= 50:
         p.error("--rounds must be 1..50")
     if not 0.1 <= args.seconds <= 60:
@@ -317,7 +343,7 @@ class Via:
 
 @dataclass
 class Sample:
-    mbps: float
+    rate: float      # MB/s in the levels table, MiB/s in the table against Dante
     proxy: float     # % of one core
     client: float
     target: float
@@ -332,16 +358,29 @@ class Series:
         return statistics.median(getattr(s, attr) for s in self.samples)
 
     def lo(self) -> float:
-        return min(s.mbps for s in self.samples)
+        return min(s.rate for s in self.samples)
 
     def hi(self) -> float:
-        return max(s.mbps for s in self.samples)
+        return max(s.rate for s in self.samples)
+
+    def per_cpu(self) -> float:
+        """Median of the rate per proxy CPU-second."""
+        return statistics.median(s.rate / max(s.proxy / 100.0, 1e-9) for s in self.samples)
+
+
+# Host names taken literally: no forward-then-reverse canonicalization through
+# the resolver, whose answers for 127.0.0.1 depend on the machine's /etc/hosts.
+LITERAL_HOST_NAMES = {"libdefaults": {"dns_canonicalize_hostname": "false", "rdns": "false"}}
+SERVICE_HOSTS = ("localhost", "127.0.0.1")
 
 
 def start_realm(portbase: int, tmp: Path):
-    """A k5test realm (KDC on portbase) with socksd's rcmd/<host> key in a keytab."""
+    """A k5test realm (KDC on portbase) named for ``localhost``, as tests/
+    conftest.py's: the service key of rcmd/localhost (this file's client asks
+    for rcmd@localhost) and of rcmd/127.0.0.1 (Dante's client names the proxy
+    by its address) in one keytab."""
     try:
-        import k5test
+        from k5test.realm import MITRealm
     except ImportError:
         raise BenchError("k5test is not installed: `.venv/bin/pip install k5test` "
                          "(a test extra: `make test` installs it)") from None
@@ -349,15 +388,29 @@ def start_realm(portbase: int, tmp: Path):
         if not (shutil.which(program) or os.path.exists(f"/usr/sbin/{program}")):
             raise BenchError(f"{program} is missing: apt-get install krb5-kdc krb5-admin-server "
                              "krb5-user (`make test` installs them)")
+
+    class LocalhostRealm(MITRealm):
+        @property
+        def hostname(self) -> str:
+            return "localhost"
+
+        def __init__(self, *args, **kwargs) -> None:
+            try:
+                super().__init__(*args, **kwargs)
+            except BaseException:
+                self.stop()   # k5test starts the KDC before its first kinit
+                raise
+
     try:
-        realm = k5test.K5Realm(portbase=portbase)
+        realm = LocalhostRealm(portbase=portbase, krb5_conf=LITERAL_HOST_NAMES)
     except Exception as exc:
         raise BenchError(f"k5test realm on ports {portbase}-{portbase + 9} did not start "
                          f"({exc}); is another KDC using them? (--kdc-portbase)") from None
     try:
-        realm.addprinc(f"rcmd/{realm.hostname}")
         keytab = tmp / "socksd.keytab"
-        realm.extract_keytab(f"rcmd/{realm.hostname}", str(keytab))
+        for host in SERVICE_HOSTS:
+            realm.addprinc(f"rcmd/{host}")
+            realm.extract_keytab(f"rcmd/{host}", str(keytab))
     except BaseException:
         realm.stop()
         raise
@@ -524,7 +577,258 @@ class Bench:
                     s = self.once(via, d, self.args.seconds)
                     results[(label, via.name)].samples.append(s)
                     log(f"  {label:8} {via.name:33} round {r + 1}/{self.args.rounds}: "
-                        f"{s.mbps:8.1f} MB/s  proxy {s.proxy:3.0f}%  client {s.client:3.0f}%")
+                        f"{s.rate:8.1f} MB/s  proxy {s.proxy:3.0f}%  client {s.client:3.0f}%")
+        return results
+
+
+# ---- GSS-API confidentiality against Dante's server ------------------------------
+
+# Dante's server (sockd of the GSS-API build, Debian's danted): GSS-API only,
+# confidentiality enforced, one line per session at its end (as socksd logs).
+# The gssapi.* settings belong to the client-rule: Dante 1.4 negotiates the
+# method before any socks-rule is matched. See sockd.conf(5).
+DANTE_CONFIG = """\
+# Written by benchmarks/gssapi_bulk.py.
+logoutput: {log}
+internal: 127.0.0.1 port = {port}
+external: 127.0.0.1
+socksmethod: gssapi
+clientmethod: none
+user.privileged: root
+user.unprivileged: nobody
+client pass {{
+    from: 127.0.0.0/8 to: 0.0.0.0/0
+    gssapi.servicename: rcmd
+    gssapi.keytab: FILE:{keytab}
+    gssapi.enctype: confidentiality
+}}
+socks pass {{
+    from: 127.0.0.0/8 to: 0.0.0.0/0
+    log: disconnect
+}}
+"""
+# socksd the same way: GSS-API only, confidentiality only.
+CONFIDENTIALITY_CONFIG = """\
+# Written by benchmarks/gssapi_bulk.py.
+[server]
+methods = ["gssapi"]
+[gssapi]
+keytab = "{keytab}"
+levels = ["confidentiality"]
+"""
+# Dante's client library (dante.conf(5)): every TCP connect() through the
+# proxy, GSS-API with service rcmd at the proxy's address, confidentiality.
+SOCKS_CONF = """\
+# Written by benchmarks/gssapi_bulk.py for socksify (SOCKS_CONF).
+logoutput: {log}
+route {{
+    from: 0.0.0.0/0 to: 0.0.0.0/0 via: 127.0.0.1 port = {port}
+    protocol: tcp
+    command: connect
+    proxyprotocol: socks_v5
+    method: gssapi
+    gssapi.servicename: rcmd
+    gssapi.enctype: confidentiality
+}}
+"""
+# What Dante's client logs once the protection level is agreed.
+CLIENT_CONFIDENTIALITY = "using gssapi confidentiality protection (2)"
+CONFIDENTIALITY_VS_DANTE = 1.0   # issue 18: socksd against Dante, each direction
+ROUTED_CPU = 1.0     # % of a core: a proxy that relayed the transfer used more than this
+LOG_WAIT = 10.0      # seconds for a proxy's session line after the client is done
+WARMUP_MIB = 16
+
+
+def dante_build():
+    """The GSS-API Dante build of tests/dante_gssapi.py (built and cached there
+    on first use; BenchError if that fails)."""
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    import dante_gssapi
+
+    try:
+        return dante_gssapi.ensure()
+    except dante_gssapi.DanteBuildError as exc:
+        raise BenchError(f"building Dante with GSS-API failed (or pass --no-dante): {exc}") \
+            from None
+
+
+@dataclass
+class Proxy:
+    """socksd or Dante's server, as the comparison measures it."""
+    name: str
+    server: Server
+    port: int
+    log: Path
+    socks_conf: Path   # Dante's client configuration routing through this proxy
+
+
+def socksd_session(text: str, target: int) -> tuple[int, int] | None:
+    """(up, down) of socksd's GSS-API session to ``target`` at protection 2
+    in ``text``, or None: its session line, and the gssapi line of the same peer."""
+    for m in re.finditer(rf"(\S+) socks5 user=\S+ method=gssapi connect 127\.0\.0\.1:{target} "
+                         r"up=(\d+) down=(\d+) ", text):
+        if re.search(rf"{re.escape(m.group(1))} gssapi: \S+ as \S+, protection 2\n", text):
+            return int(m.group(2)), int(m.group(3))
+    return None
+
+
+def dante_session(text: str, target: int) -> tuple[int, int] | None:
+    """(up, down) of Dante's session to ``target`` in ``text``, or None. Its
+    end line: "tcp/connect ]: A -> gssapi/confidentiality%USER@CLIENT PROXY ->
+    B, C -> EXTERNAL TARGET -> D": C bytes written to the target, D read from it."""
+    m = re.search(r"tcp/connect \]: \d+ -> gssapi/confidentiality%\S+ \S+ -> \d+, (\d+) -> "
+                  rf"\S+ 127\.0\.0\.1\.{target} -> (\d+)", text)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+class DanteComparison:
+    """Dante's client library (libdsocks under socksify) runs ``loadgen
+    transfer``, a fixed number of bytes up or down, through socksd and
+    through Dante's own GSS-API server, both at confidentiality."""
+
+    def __init__(self, bench: Bench, stack: contextlib.ExitStack) -> None:
+        self.bench = bench
+        self.args = bench.args
+        self.tmp = bench.tmp
+        self.dante = dante_build()
+        log(f"Dante with GSS-API: {self.dante.directory}")
+        self.client_log = self.tmp / "dante-client.log"
+        config = self.tmp / "socksd-confidentiality.toml"
+        config.write_text(CONFIDENTIALITY_CONFIG.format(keytab=bench.keytab))
+        srv, port = bench.start_socksd("confidentiality", config, wait_for_gssapi)
+        stack.callback(srv.stop)
+        self.proxies = [self.proxy("socksd", srv, port, self.tmp / "socksd-confidentiality.log")]
+        srv, port, logfile = self.start_sockd()
+        stack.callback(srv.stop)
+        self.proxies.append(self.proxy("Dante", srv, port, logfile))
+
+    def proxy(self, name: str, srv: Server, port: int, logfile: Path) -> Proxy:
+        conf = self.tmp / f"socks-{name}.conf"
+        conf.write_text(SOCKS_CONF.format(log=self.client_log, port=port))
+        return Proxy(name, srv, port, logfile, conf)
+
+    def sockd_files(self) -> tuple[Path, dict[str, str]]:
+        """Dante's negotiate children run as user.unprivileged (nobody) when
+        they display the client's name, which reads the Kerberos
+        configuration, and they keep a replay cache: a directory they can
+        reach with a readable krb5.conf and keytab (a copy of socksd's) and a
+        writable replay cache. The keytab and environment for sockd."""
+        shared = self.tmp / "dante"
+        shared.mkdir()
+        os.chmod(self.tmp, 0o711)     # traversable, not listable
+        os.chmod(shared, 0o755)
+        keytab, conf, rcache = shared / "proxy.keytab", shared / "krb5.conf", shared / "rcache"
+        shutil.copyfile(self.bench.keytab, keytab)
+        shutil.copyfile(self.bench.realm.env["KRB5_CONFIG"], conf)
+        for path in (keytab, conf):
+            os.chmod(path, 0o644)
+        rcache.mkdir()
+        os.chmod(rcache, 0o1777)
+        return keytab, dict(self.bench.env, KRB5_CONFIG=str(conf), KRB5RCACHEDIR=str(rcache))
+
+    def start_sockd(self) -> tuple[Server, int, Path]:
+        keytab, env = self.sockd_files()
+        logfile = self.tmp / "sockd.log"
+        conf = self.tmp / "sockd.conf"
+        sockd = str(self.dante.sockd)
+        last: BenchError | None = None
+        for _ in range(3):  # a port can be taken between free_port() and bind
+            port = free_port()
+            conf.write_text(DANTE_CONFIG.format(log=logfile, port=port, keytab=keytab))
+            check = subprocess.run([sockd, "-V", "-f", str(conf)], capture_output=True,
+                                   text=True, timeout=30, env=env)
+            if check.returncode != 0:
+                raise BenchError(f"sockd -V rejects {conf}:\n{check.stdout}{check.stderr}")
+            srv = Server("sockd (GSS-API)", [sockd, "-f", str(conf), "-p",
+                                             str(self.tmp / "sockd.pid")], cwd=self.tmp, env=env)
+            try:
+                wait_for_gssapi(srv, port)
+                return srv, port, logfile
+            except BenchError as exc:
+                srv.stop()
+                last = exc
+        tail = logfile.read_text(errors="replace")[-2000:] if logfile.exists() else ""
+        raise BenchError(f"{last}\n{tail}")
+
+    def once(self, proxy: Proxy, direction: str, nbytes: int) -> Sample:
+        """One transfer of ``nbytes``; fails unless it went through ``proxy``
+        at confidentiality (the client's log, the proxy's session line and
+        its CPU say so)."""
+        self.client_log.unlink(missing_ok=True)
+        offset = proxy.log.stat().st_size if proxy.log.exists() else 0
+        argv = [str(self.dante.socksify), str(self.bench.loadgen), "transfer", direction,
+                str(nbytes), str(self.bench.bulk_port)]
+        env = self.dante.env(proxy.socks_conf, extra=self.bench.realm.env, log=self.client_log)
+        p0, t0 = cpu_times(proxy.server.pids()), cpu_times([self.bench.bulkd.pid])
+        m0, w0 = machine_busy(), time.monotonic()
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=self.tmp,
+                                  timeout=60 + nbytes / 2**20)
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"{proxy.name} {direction}: loadgen transfer under socksify did "
+                             f"not finish in {60 + nbytes / 2**20:.0f} s") from None
+        wall = time.monotonic() - w0
+        proxy_cpu = cpu_delta(p0, cpu_times(proxy.server.pids()))
+        target = cpu_delta(t0, cpu_times([self.bench.bulkd.pid]))
+        client_log = self.client_log.read_text(errors="replace") \
+            if self.client_log.exists() else ""
+        if proc.returncode != 0:
+            raise BenchError(f"{proxy.name} {direction}: loadgen transfer under socksify failed "
+                             f"(status {proc.returncode}): {proc.stderr.strip()[-1000:]}\n"
+                             f"Dante's client log:\n{client_log[-2000:]}")
+        got, secs, client = (float(v) for v in proc.stdout.split())
+        others = max(0.0, machine_busy() - m0 - proxy_cpu - target - client)
+        if 100.0 * proxy_cpu / wall < ROUTED_CPU:
+            raise BenchError(f"{proxy.name} {direction}: the proxy used "
+                             f"{100.0 * proxy_cpu / wall:.1f}% CPU, so the transfer cannot have "
+                             "gone through it (socksify did not take loadgen's connect?)")
+        if CLIENT_CONFIDENTIALITY not in client_log:
+            raise BenchError(f"{proxy.name} {direction}: Dante's client did not log "
+                             f"{CLIENT_CONFIDENTIALITY!r}:\n{client_log[-2000:]}")
+        self.check_session(proxy, offset, direction, nbytes)
+        return Sample(got / secs / 2**20, 100.0 * proxy_cpu / wall, 100.0 * client / secs,
+                      100.0 * target / wall, 100.0 * others / wall)
+
+    def check_session(self, proxy: Proxy, offset: int, direction: str, nbytes: int) -> None:
+        """Until the proxy has logged the session, GSS-API at confidentiality,
+        with ``nbytes`` relayed in ``direction``."""
+        find = socksd_session if proxy.name == "socksd" else dante_session
+        deadline = time.monotonic() + LOG_WAIT
+        while True:
+            with open(proxy.log, "rb") as f:
+                f.seek(offset)
+                text = f.read().decode(errors="replace")
+            found = find(text, self.bench.bulk_port)
+            if found is not None:
+                break
+            if time.monotonic() > deadline:
+                raise BenchError(f"{proxy.name} {direction}: no GSS-API confidentiality session "
+                                 f"to port {self.bench.bulk_port} in its log after {LOG_WAIT:g} "
+                                 f"s; the log since the transfer began:\n{text[-2000:]}")
+            time.sleep(0.1)
+        up, down = found
+        relayed = up if direction == "up" else down
+        if relayed < nbytes:
+            raise BenchError(f"{proxy.name} {direction}: it logged {relayed} bytes relayed "
+                             f"{direction}, the transfer was {nbytes}")
+
+    def run(self) -> dict[tuple[str, str], Series]:
+        """(direction, proxy name) -> MiB/s samples; rounds interleaved, the
+        order of the two proxies reversed every second round."""
+        nbytes = self.args.mib << 20
+        for d in ("up", "down"):
+            for proxy in self.proxies:
+                self.once(proxy, d, min(nbytes, WARMUP_MIB << 20))  # warm-up
+        results = {(d, p.name): Series() for d in ("upload", "download") for p in self.proxies}
+        for r in range(self.args.rounds):
+            order = self.proxies[::-1] if r % 2 else self.proxies
+            for d, label in (("up", "upload"), ("down", "download")):
+                for proxy in order:
+                    s = self.once(proxy, d, nbytes)
+                    results[(label, proxy.name)].samples.append(s)
+                    log(f"  confidentiality {label:8} {proxy.name:6} round {r + 1}/"
+                        f"{self.args.rounds}: {s.rate:8.1f} MiB/s  proxy {s.proxy:3.0f}%  "
+                        f"client {s.client:3.0f}%")
         return results
 
 
@@ -556,17 +860,17 @@ def report(args, bench: Bench, res: dict[tuple[str, str], Series]) -> str:
     for d in ("upload", "download"):
         for v in bench.vias:
             s = res[(d, v.name)]
-            rows.append([d, v.name, f"{s.med('mbps'):.0f}", f"{s.lo():.0f}-{s.hi():.0f}",
+            rows.append([d, v.name, f"{s.med('rate'):.0f}", f"{s.lo():.0f}-{s.hi():.0f}",
                          fmt_cpu(s.med("proxy")), fmt_cpu(s.med("client"), BUSY),
                          fmt_cpu(s.med("target"), BUSY), fmt_cpu(s.med("others"), OTHERS_BUSY)])
     lines = [f"GSS-API bulk throughput, one CONNECT stream, {args.seconds:g} s per transfer, "
              f"median of {args.rounds} round{'s' if args.rounds != 1 else ''} "
              "(MB/s = 10^6 bytes/s)", table(rows), ""]
     for d in ("upload", "download"):
-        plain = res[(d, "plain")].med("mbps")
-        c = res[(d, "plain, C client")].med("mbps")
-        l1 = res[(d, "GSS-API level 1 (integrity)")].med("mbps")
-        l2 = res[(d, "GSS-API level 2 (confidentiality)")].med("mbps")
+        plain = res[(d, "plain")].med("rate")
+        c = res[(d, "plain, C client")].med("rate")
+        l1 = res[(d, "GSS-API level 1 (integrity)")].med("rate")
+        l2 = res[(d, "GSS-API level 2 (confidentiality)")].med("rate")
         lines.append(f"  {d:8}  level1/plain {ratio(l1, plain)}   level2/plain {ratio(l2, plain)}"
                      f"   (against the C client: {ratio(l1, c)}, {ratio(l2, c)})")
     ceiling = {k: statistics.median(c[k] for c in bench.ceilings) for k in bench.ceilings[0]}
@@ -594,6 +898,47 @@ def report(args, bench: Bench, res: dict[tuple[str, str], Series]) -> str:
 
 
 
+def report_dante(args, res: dict[tuple[str, str], Series]) -> str:
+    rows = [["direction", "via", "MiB/s", "range", "per proxy CPU-s", "proxy CPU", "client CPU",
+             "target CPU", "other CPU"]]
+    for d in ("upload", "download"):
+        for name in ("socksd", "Dante"):
+            s = res[(d, name)]
+            rows.append([d, name, f"{s.med('rate'):.1f}", f"{s.lo():.1f}-{s.hi():.1f}",
+                         f"{s.per_cpu():.1f}", fmt_cpu(s.med("proxy")),
+                         fmt_cpu(s.med("client"), BUSY), fmt_cpu(s.med("target"), BUSY),
+                         fmt_cpu(s.med("others"), OTHERS_BUSY)])
+    lines = [f"GSS-API confidentiality against Dante's server: Dante's client library as the "
+             f"client, {args.mib} MiB per transfer,",
+             f"median of {args.rounds} round{'s' if args.rounds != 1 else ''} "
+             "(MiB/s = 2^20 bytes/s; 'per proxy CPU-s' = MiB per CPU-second of the proxy)",
+             table(rows), ""]
+    ratios = {}
+    for d in ("upload", "download"):
+        mine, dante = res[(d, "socksd")], res[(d, "Dante")]
+        ratios[d] = mine.med("rate") / dante.med("rate")
+        lines.append(f"  {d:8}  socksd/Dante MiB/s {ratios[d]:.2f}x   per proxy CPU-s "
+                     f"{ratio(mine.per_cpu(), dante.per_cpu())}")
+    missed = [d for d, r in ratios.items() if r < CONFIDENTIALITY_VS_DANTE]
+    lines += [
+        f"  issue 18 target (GSS-API confidentiality >= {CONFIDENTIALITY_VS_DANTE:.1f}x Dante, "
+        f"both directions; medians): upload {ratios['upload']:.2f}x, download "
+        f"{ratios['download']:.2f}x: " + (f"MISSED ({', '.join(missed)})" if missed else "met"),
+        "",
+        "The client: `socksify loadgen transfer up|down BYTES PORT` with the GSS-API build of",
+        "Dante's libdsocks preloaded (tests/dante_gssapi.py), one blocking stream of 1 MiB reads",
+        "and writes that libdsocks wraps and unwraps (its cost is the client CPU). socksd:",
+        "methods = [\"gssapi\"], levels = [\"confidentiality\"]; Dante: sockd of the same build,",
+        "socksmethod gssapi, gssapi.enctype confidentiality, its default process model. Every",
+        "transfer is checked: Dante's client logged confidentiality (2), the proxy logged the",
+        "session (socksd: method=gssapi at protection 2; Dante: gssapi/confidentiality) with",
+        f"the bytes relayed, and the proxy used at least {ROUTED_CPU:g}% of a core. '!' marks a",
+        f"client or target above {BUSY:.0f}% of a core: then both proxies wait on it, their MiB/s",
+        "is bounded by it, and the MiB per proxy CPU-second says more about the proxies.",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="socksd-gssbench-"))
@@ -604,13 +949,22 @@ def main(argv: list[str]) -> int:
             stack.callback(shutil.rmtree, tmp, ignore_errors=True)
         t0 = time.monotonic()
         bench = Bench(args, tmp, stack)
+        # Set up (and build, the first time) before the long run: a failure shows at once.
+        against = None if args.no_dante else DanteComparison(bench, stack)
         os.environ.update(bench.realm.env)  # the in-process python-gssapi ceiling
         log("GSS-API bulk throughput")
         results = bench.run()
+        dante = None
+        if against is not None:
+            log(f"GSS-API confidentiality, socksd against Dante, {args.mib} MiB per transfer")
+            dante = against.run()
         elapsed = time.monotonic() - t0
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"socksd GSS-API benchmark: {os.cpu_count()} CPUs, load average {load}\n")
     print(report(args, bench, results))
+    if dante is not None:
+        print()
+        print(report_dante(args, dante))
     print(f"total time {elapsed:.0f} s")
     return 0
 

@@ -10,9 +10,13 @@
  *   loadgen bulkd                     bulk target (a thread per connection);
  *                                     prints its port
  *   loadgen bulk up|down SECS STREAMS DSTPORT [SOCKSPORT]
+ *   loadgen transfer up|down BYTES DSTPORT
+ *                                     one blocking stream of exactly BYTES
+ *                                     to or from bulkd, no SOCKS of its own
+ *                                     (run under socksify to go through one)
  *   loadgen sessions SECS COUNT CONC eof|close DSTPORT [SOCKSPORT|4:SOCKSPORT]
  *                                     (4:PORT speaks SOCKS4 instead of SOCKS5)
- *   loadgen hold N CONC DSTPORT [SOCKSPORT]
+ *   loadgen hold N CONC DSTPORT [SOCKSPORT|4:SOCKSPORT]
  *
  * Servers die with their parent (PR_SET_PDEATHSIG), so a killed run.py
  * leaves none behind.
@@ -139,7 +143,7 @@ static int socks_request(unsigned char *req, int dstport)
     return 10;
 }
 
-/* A SOCKS argument: PORT for SOCKS5, 4:PORT for SOCKS4 (sessions only). */
+/* A SOCKS argument: PORT for SOCKS5, 4:PORT for SOCKS4 (sessions, hold). */
 static int socks_port(const char *arg, int *socks4)
 {
     *socks4 = strncmp(arg, "4:", 2) == 0;
@@ -168,9 +172,10 @@ static void socks_blocking(int fd, int dstport)
 
 /* ---- bulk target ------------------------------------------------------ */
 
-/* A connection starts with a 16-byte header 'U' or 'D' + 8-byte
- * microseconds. U: read to EOF, answer the byte count. D: send for that
- * long, then close. A thread per connection: the parallel bulk workload has
+/* A connection starts with a 16-byte header: 'U', 'D' or 'N', then at
+ * offset 8 a native uint64. U: read to EOF, answer the byte count. D: send
+ * for that many microseconds, then close. N: send exactly that many bytes,
+ * then close. A thread per connection: the parallel bulk workload has
  * several at once, and the threads' CPU time is the process's. */
 static void *bulkd_serve(void *arg)
 {
@@ -185,7 +190,14 @@ static void *bulkd_serve(void *arg)
     if (read_full(fd, hdr, HDR_LEN) == 0) {
         uint64_t usec;
         memcpy(&usec, hdr + 8, 8);
-        if (hdr[0] == 'U') {
+        if (hdr[0] == 'N') {
+            uint64_t left = usec;   /* a byte count, not microseconds */
+            while (left > 0) {
+                size_t n = left < BULK_BUF ? left : BULK_BUF;
+                if (write_full(fd, buf, n) < 0) break;
+                left -= n;
+            }
+        } else if (hdr[0] == 'U') {
             uint64_t total = 0;
             for (;;) {
                 ssize_t r = read(fd, buf, BULK_BUF);
@@ -366,6 +378,63 @@ static int cmd_bulk(int argc, char **argv)
         close(ss[i].fd);
     }
     printf("%llu %.6f %.6f\n", (unsigned long long)total, t1 - t0, cpu1 - cpu0);
+    return 0;
+}
+
+/* One stream of exactly BYTES to ('up') or from ('down') bulkd at DSTPORT,
+ * blocking reads and writes of up to 1 MiB, one thread, connecting straight
+ * to 127.0.0.1:DSTPORT: under Dante's socksify, libdsocks takes that
+ * connect() through the proxy (and with GSS-API wraps what we write and
+ * unwraps what we read, all inside these calls: its cost is this process's
+ * CPU). Prints: bytes seconds cpu_seconds, like bulk. The clock runs from
+ * the header sent to the target's byte count received (up) or EOF (down). */
+static int cmd_transfer(int argc, char **argv)
+{
+    if (argc < 5) return 1;
+    int up = strcmp(argv[2], "up") == 0;
+    uint64_t want = strtoull(argv[3], NULL, 10);
+    int dstport = atoi(argv[4]);
+    signal(SIGPIPE, SIG_IGN);
+    char *buf = malloc(BULK_BUF);
+    if (!buf) die("malloc");
+    memset(buf, 'y', BULK_BUF);
+    int fd = connect_blocking(dstport);
+    unsigned char hdr[HDR_LEN] = {up ? 'U' : 'N'};
+    memcpy(hdr + 8, &want, 8);
+    double cpu0 = cpu_seconds(), t0 = now();
+    if (write_full(fd, hdr, HDR_LEN) < 0) die("write header");
+    uint64_t done = 0;
+    if (up) {
+        while (done < want) {
+            size_t n = want - done < BULK_BUF ? want - done : BULK_BUF;
+            if (write_full(fd, buf, n) < 0) die("upload");
+            done += n;
+        }
+        shutdown(fd, SHUT_WR);
+        uint64_t confirmed;
+        if (read_full(fd, &confirmed, 8) < 0) die("upload count");
+        if (confirmed != want) {
+            fprintf(stderr, "loadgen: sent %llu bytes, target got %llu\n",
+                    (unsigned long long)want, (unsigned long long)confirmed);
+            exit(2);
+        }
+    } else {
+        for (;;) {
+            ssize_t r = read(fd, buf, BULK_BUF);
+            if (r < 0 && errno == EINTR) continue;
+            if (r < 0) die("download");
+            if (r == 0) break;
+            done += r;
+        }
+        if (done != want) {
+            fprintf(stderr, "loadgen: asked for %llu bytes, got %llu\n",
+                    (unsigned long long)want, (unsigned long long)done);
+            exit(2);
+        }
+    }
+    double t1 = now(), cpu1 = cpu_seconds();
+    close(fd);
+    printf("%llu %.6f %.6f\n", (unsigned long long)done, t1 - t0, cpu1 - cpu0);
     return 0;
 }
 
@@ -647,15 +716,15 @@ static int cmd_sessions(int argc, char **argv)
     return 0;
 }
 
-/* Open N sessions (CONC handshakes at a time), keep them open and idle,
- * print "ready OPEN ERRORS", and close them all when stdin says anything
- * or closes (or after 600 s). */
+/* Open N sessions (CONC handshakes at a time; SOCKS5, or SOCKS4 with
+ * 4:SOCKSPORT), keep them open and idle, print "ready OPEN ERRORS", and
+ * close them all when stdin says anything or closes (or after 600 s). */
 static int cmd_hold(int argc, char **argv)
 {
     if (argc < 5) return 1;
     int total = atoi(argv[2]), conc = atoi(argv[3]);
     g_dstport = atoi(argv[4]);
-    g_socksport = argc > 5 ? atoi(argv[5]) : 0;
+    g_socksport = argc > 5 ? socks_port(argv[5], &g_socks4) : 0;
     g_hold = 1;
     signal(SIGPIPE, SIG_IGN);
     g_ep = epoll_create1(0);
@@ -691,8 +760,9 @@ int main(int argc, char **argv)
     if (argc >= 2 && strcmp(argv[1], "echo") == 0) cmd_echo(argc, argv);
     if (argc >= 2 && strcmp(argv[1], "bulkd") == 0) cmd_bulkd();
     if (argc >= 2 && strcmp(argv[1], "bulk") == 0) return cmd_bulk(argc, argv);
+    if (argc >= 2 && strcmp(argv[1], "transfer") == 0) return cmd_transfer(argc, argv);
     if (argc >= 2 && strcmp(argv[1], "sessions") == 0) return cmd_sessions(argc, argv);
     if (argc >= 2 && strcmp(argv[1], "hold") == 0) return cmd_hold(argc, argv);
-    fprintf(stderr, "usage: loadgen echo|bulkd|bulk|sessions|hold ...\n");
+    fprintf(stderr, "usage: loadgen echo|bulkd|bulk|transfer|sessions|hold ...\n");
     return 1;
 }

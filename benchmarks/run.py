@@ -1,15 +1,17 @@
 """socksd benchmarks, against direct loopback and Dante, in one run.
 
 (a) bulk throughput of one CONNECT stream, upload and download;
-(b) bulk throughput of 8 parallel streams, aggregate (socksd workers = auto);
-(c) SOCKS5 sessions per second with 50 concurrent clients, and their latency
-    (socksd with workers = 1 and workers = auto);
-(d) memory per idle relayed session (2,000 of them);
+(b) bulk throughput of 8 parallel streams, aggregate (socksd workers = 2);
+(c) SOCKS5 sessions per second with 50 concurrent clients, their latency and
+    the proxy's CPU per session (socksd with workers = 1 and workers = 2);
+(c4) the same in SOCKS4, against Dante and Twisted's SOCKSv4 example;
+(d) memory per idle relayed session (2,000 of them): socksd and Dante holding
+    SOCKS5 sessions, socksd and Twisted's example holding SOCKS4 ones;
 (e) soak: socksd's RSS before and after 100,000 sessions;
 (f) iperf3 through Dante's socksify, -P 1 and -P 8, both directions;
 (m) the cost of metrics (issue 15): socksd with a [metrics] endpoint scraped
     every second against socksd without, in (a) and (c)'s rounds;
-then a summary of issue 7's targets, met or missed.
+then summaries of issue 7's and issue 18's targets, met or missed.
 
 Each number is the median of several rounds; baselines (direct loopback,
 Dante) are measured in the same run, rounds interleaved, and the tables give
@@ -125,6 +127,15 @@ SESSIONS_VS_DANTE = 1.6
 IDLE_KIB_PER_SESSION = 3.5
 # Issue 15's: metrics on against off, same run.
 METRICS_VS_OFF = 0.97
+# Issue 18's (same run): SOCKS5 sessions per proxy CPU-second against Dante
+# (socksd workers = 1), SOCKS4 against Twisted's example, the SOCKS5 rate
+# against Dante, idle SOCKS4 memory against Twisted's example, and workers = 2
+# against workers = 1 (rate, and p99 at most 10% worse).
+CPU_VS_DANTE = 1.3
+CPU4_VS_TWISTED = 1.0        # strictly more
+RATE_VS_DANTE = 1.0
+IDLE4_VS_TWISTED = 1.0       # strictly less
+WORKERS_RATE, WORKERS_P99 = 1.0, 1.10
 
 
 def log(msg: str) -> None:
@@ -158,9 +169,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--iperf3", help="iperf3 binary (default: on PATH, else /usr/bin/iperf3)")
     p.add_argument("--socksify", help="socksify script (default: on PATH, else /usr/bin/socksify)")
     p.add_argument("--twistd", help="twistd running socksd (default: next to this Python)")
-    p.add_argument("--workers", default="auto",
+    p.add_argument("--workers", default="2",
                    help='[server] workers of the multi-process socksd (8 streams, sessions, '
-                        'iperf3 -P 8): a number or "auto" = the CPU count (default auto)')
+                        'iperf3 -P 8): a number or "auto" = the CPU count (default 2; issue '
+                        "18's target compares workers = 2 with workers = 1)")
     p.add_argument("--rounds", type=int, help="rounds per measurement, median reported (default 3)")
     p.add_argument("--bulk-seconds", type=float, help="seconds per bulk transfer (default 2)")
     p.add_argument("--streams", type=int, default=8,
@@ -227,7 +239,7 @@ def find_twistd(args) -> str:
 
 
 def socksd_name(workers: str) -> str:
-    return "socksd" if workers == "1" else f"socksd {workers}"
+    return "socksd" if workers == "1" else f"socksd workers={workers}"
 
 
 def start_socksd(twistd: str, tmp: Path, echo_port: int, tag: str, workers: str = "1",
@@ -283,6 +295,12 @@ def wait_for_workers(srv: Server, logfile: Path, timeout: float = 20.0) -> int:
 
 
 TWISTED_EXAMPLE = "Twisted SOCKSv4"
+SOCKSD4 = "socksd (SOCKS4)"
+# The rows of (d): row -> (proxy kind for Bench.start_proxy, held in SOCKS4).
+# Twisted's example speaks SOCKS4 only, so socksd holds SOCKS4 sessions too
+# for the row it is compared with.
+MEMORY_ROWS = {"socksd": ("1", False), "Dante": ("Dante", False),
+               SOCKSD4: ("1", True), TWISTED_EXAMPLE: (TWISTED_EXAMPLE, True)}
 
 
 def start_twisted_example(twistd: str, tmp: Path, echo_port: int) -> Via:
@@ -512,7 +530,7 @@ class Bench:
 
     def vias_for_streams(self, streams: int) -> list[Via]:
         """One stream is served by one process: socksd workers = 1. Several
-        are spread over the workers = --workers (auto) socksd's processes."""
+        are spread over the workers = --workers (2) socksd's processes."""
         return self.vias("1" if streams == 1 else self.args.workers)
 
     def with_metrics(self) -> tuple[str, ...]:
@@ -640,10 +658,13 @@ class Bench:
 
     # -- (d) memory
     @contextlib.contextmanager
-    def hold(self, via: Via, n: int):
-        """``n`` sessions through ``via``, handshake done, 16 bytes echoed, idle."""
+    def hold(self, via: Via, n: int, socks4: bool = False):
+        """``n`` sessions through ``via``, handshake (SOCKS5, or SOCKS4) done,
+        16 bytes echoed, idle: the client's connection to the proxy and the
+        proxy's to the echo server both open."""
         proc = subprocess.Popen([str(self.loadgen), "hold", str(n), str(self.args.concurrency),
-                                 str(self.echo_port), str(via.port)],
+                                 str(self.echo_port),
+                                 f"4:{via.port}" if socks4 else str(via.port)],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         try:
@@ -663,14 +684,16 @@ class Bench:
             proc.stdout.close()
             proc.stderr.close()
 
-    def memory_once(self, kind: str, tag: str) -> tuple[Memory, Memory]:
-        via = self.start_proxy("1" if kind == "socksd" else kind, tag)
+    def memory_once(self, row: str, tag: str) -> tuple[Memory, Memory]:
+        """A fresh proxy for a row of (d): before and after holding the idle sessions."""
+        kind, socks4 = MEMORY_ROWS[row]
+        via = self.start_proxy(kind, tag)
         try:
-            with self.hold(via, 20):  # warm-up: first-use code paths and buffers
+            with self.hold(via, 20, socks4):  # warm-up: first-use code paths and buffers
                 pass
             time.sleep(0.5)
             before = memory(via.pids())
-            with self.hold(via, self.args.idle_sessions):
+            with self.hold(via, self.args.idle_sessions, socks4):
                 time.sleep(1.0)  # let Dante finish forking, socksd settle
                 after = memory(via.pids())
             return before, after
@@ -678,14 +701,19 @@ class Bench:
             via.server.stop()
 
     def memory(self) -> dict[str, list[tuple[Memory, Memory]]]:
-        kinds = ["socksd"] + (["Dante"] if self.danted else [])
-        results: dict[str, list[tuple[Memory, Memory]]] = {k: [] for k in kinds}
+        """Row of (d) -> (before, after) per round, a fresh proxy each time:
+        socksd and Dante holding SOCKS5 sessions, socksd and Twisted's
+        example (SOCKS4 only) holding SOCKS4 ones."""
+        rows = [row for row, (kind, _) in MEMORY_ROWS.items()
+                if kind != "Dante" or self.danted]
+        results: dict[str, list[tuple[Memory, Memory]]] = {row: [] for row in rows}
         n = self.args.idle_sessions
+        width = max(len(row) for row in rows)
         for r in range(self.args.rounds):
-            for kind in kinds:
-                before, after = self.memory_once(kind, f"mem{r}")
-                results[kind].append((before, after))
-                log(f"  memory {kind:6} round {r + 1}/{self.args.rounds}: "
+            for k, row in enumerate(rows):
+                before, after = self.memory_once(row, f"mem{r}-{k}")
+                results[row].append((before, after))
+                log(f"  memory {row:{width}} round {r + 1}/{self.args.rounds}: "
                     f"{(after.pss_kib - before.pss_kib) / n:6.1f} KiB/session PSS, "
                     f"{(after.rss_kib - before.rss_kib) / n:6.1f} KiB/session RSS, "
                     f"{after.processes} processes")
@@ -873,12 +901,20 @@ def report_bulk(args, res: dict[str, Results], streams: int) -> str:
          "per transfer, 1 MiB writes/reads (MiB/s = 2^20 bytes/s)"], res, "MiB/s", 0)
 
 
+def cpu_per_session(s: Series) -> float | None:
+    """The proxy's CPU microseconds per session: 1e6 / (sessions per proxy CPU-second)."""
+    per_cpu = s.per_cpu("sessions/s")
+    return None if per_cpu is None else 1e6 / max(per_cpu, 1e-9)
+
+
 def report_sessions(args, res: Results, socks4: bool = False) -> str:
-    rows = [["via", "", "sessions/s", "range", "per proxy CPU-s", "p50 ms", "p99 ms", "errors",
-             *CPU_HEADS]]
+    rows = [["via", "", "sessions/s", "range", "per proxy CPU-s", "proxy µs/session", "p50 ms",
+             "p99 ms", "errors", *CPU_HEADS]]
     for name, s in res.items():
-        rows.append([name, "", *rate_cells(s, "sessions/s"), f"{s.med('p50'):.2f}",
-                     f"{s.med('p99'):.2f}", f"{s.total('errors'):.0f}", *cpu_cells(s)])
+        us = cpu_per_session(s)
+        rows.append([name, "", *rate_cells(s, "sessions/s"), "-" if us is None else f"{us:.0f}",
+                     f"{s.med('p50'):.2f}", f"{s.med('p99'):.2f}", f"{s.total('errors'):.0f}",
+                     *cpu_cells(s)])
     close = ("client closes right after the echo" if args.client_closes else
              "echo server closes after 16 bytes, proxy passes the EOF on, client closes")
     if socks4:
@@ -895,9 +931,18 @@ def report_sessions(args, res: Results, socks4: bool = False) -> str:
     lines = [*title, table(rows), ""]
     pairs = [(sd, base) for sd in res if sd.startswith("socksd")
              for base in ("Dante", TWISTED_EXAMPLE, "direct") if base in res]
+    several = multi_worker(res)
+    if several:
+        pairs.append((several, "socksd"))
     width = max((len(f"{sd}/{base}") for sd, base in pairs), default=0)
     for sd, base in pairs:
         lines.append(f"  {sd + '/' + base:{width}} {sessions_vs(res[sd], res[base])}")
+    if several:
+        each = {key: [mine.value[key] / one.value[key] for mine, one in
+                      zip(res[several].samples, res["socksd"].samples, strict=True)]
+                for key in ("sessions/s", "p99")}
+        lines.append(f"  {several}/socksd within each round (range over {args.rounds}): "
+                     + ", ".join(f"{key} {min(v):.2f}-{max(v):.2f}x" for key, v in each.items()))
     for name, s in res.items():
         if s.total("errors"):
             lines.append(f"  WARNING: {s.total('errors'):.0f} sessions failed via {name}: its "
@@ -916,12 +961,21 @@ def sessions_ratio(res: Results, sd: str, base: str) -> str:
     return ratio(med(res, sd, "sessions/s"), med(res, base, "sessions/s"))
 
 
+def multi_worker(res: Results) -> str | None:
+    """The socksd row with workers > 1 in (c), if it ran beside socksd (workers = 1)."""
+    if "socksd" not in res:
+        return None
+    return next((name for name in res if name.startswith("socksd workers=")), None)
+
+
 def sessions_vs(mine: Series, base: Series) -> str:
-    """Rate, rate per proxy CPU-second (if base is a proxy) and latency ratios."""
+    """Rate, rate per proxy CPU-second and CPU per session (if base is a
+    proxy), and latency ratios."""
     parts = [f"sessions/s {ratio(mine.med('sessions/s'), base.med('sessions/s'))}"]
     if base.per_cpu("sessions/s") is not None:
         parts.append("per proxy CPU-s "
                      + ratio(mine.per_cpu("sessions/s"), base.per_cpu("sessions/s")))
+        parts.append(f"CPU/session {ratio(cpu_per_session(mine), cpu_per_session(base))}")
     parts += [f"{p} latency {ratio(mine.med(p), base.med(p))}" for p in ("p50", "p99")]
     return "   ".join(parts)
 
@@ -930,27 +984,38 @@ def idle_kib(args, pairs: list[tuple[Memory, Memory]], attr: str = "pss_kib") ->
     return [(getattr(a, attr) - getattr(b, attr)) / args.idle_sessions for b, a in pairs]
 
 
+def idle_median(args, res: dict[str, list[tuple[Memory, Memory]]], row: str) -> float | None:
+    """The median KiB (PSS) per idle session of a row of (d), None if not run."""
+    return statistics.median(idle_kib(args, res[row])) if row in res else None
+
+
 def report_memory(args, res: dict[str, list[tuple[Memory, Memory]]]) -> str:
-    rows = [["proxy", "", "processes", "PSS before", "PSS after", "KiB/session PSS", "range",
-             "KiB/session RSS"]]
-    for kind, pairs in res.items():
+    rows = [["proxy", "held", "processes", "PSS before", "PSS after", "KiB/session PSS",
+             "range", "KiB/session RSS"]]
+    for row, pairs in res.items():
         pss = idle_kib(args, pairs)
         b, a = pairs[len(pairs) // 2]
-        rows.append([kind, "", f"{b.processes}->{a.processes}", f"{b.pss_kib / 1024:.1f} MiB",
+        rows.append([row, "SOCKS4" if MEMORY_ROWS[row][1] else "SOCKS5",
+                     f"{b.processes}->{a.processes}", f"{b.pss_kib / 1024:.1f} MiB",
                      f"{a.pss_kib / 1024:.1f} MiB", f"{statistics.median(pss):.1f}",
                      f"{min(pss):.1f}-{max(pss):.1f}",
                      f"{statistics.median(idle_kib(args, pairs, 'rss_kib')):.1f}"])
     lines = [f"(d) Memory per idle session: {args.idle_sessions} CONNECT sessions open "
-             "(handshake done, 16 bytes relayed, idle); fresh proxy per round", table(rows), ""]
-    if "Dante" in res:
-        lines.append("  socksd/Dante  KiB per idle session (PSS) "
-                     + ratio(statistics.median(idle_kib(args, res["socksd"])),
-                             statistics.median(idle_kib(args, res["Dante"]))))
+             "(handshake done, 16 bytes relayed, idle: the client's connection and",
+             "    the proxy's to the echo server); fresh proxy per round, the rows interleaved; "
+             "SOCKS5 sessions (greeting, CONNECT)",
+             "    through socksd and Dante, SOCKS4 (CONNECT 127.0.0.1, empty USERID) through "
+             f"socksd and {TWISTED_EXAMPLE}", table(rows), ""]
+    for mine, base in (("socksd", "Dante"), (SOCKSD4, TWISTED_EXAMPLE)):
+        if mine in res and base in res:
+            lines.append(f"  {mine}/{base}  KiB per idle session (PSS) "
+                         + ratio(idle_median(args, res, mine), idle_median(args, res, base)))
     lines += [
-        "  PSS = sum of /proc/PID/smaps_rollup Pss over the proxy's processes (socksd: the one",
-        "  twistd process; Dante: the mother and every child it forked). PSS divides a shared",
-        "  page among its sharers, so the sum counts it once; the RSS column sums Rss, which",
-        "  counts pages shared by Dante's forked children once per child (for socksd RSS ~ PSS).",
+        "  PSS = sum of /proc/PID/smaps_rollup Pss over the proxy's processes (socksd, Twisted's",
+        "  example: the one twistd process; Dante: the mother and every child it forked). PSS",
+        "  divides a shared page among its sharers, so the sum counts it once; the RSS column sums",
+        "  Rss, which counts pages shared by Dante's forked children once per child (for one",
+        "  process RSS ~ PSS).",
     ]
     return "\n".join(lines)
 
@@ -1163,6 +1228,93 @@ def report_summary(args, results: dict) -> str:
         ("; without Dante the ratios to Dante cannot be judged" if args.no_dante else "")])
 
 
+# ---- the summary of issue 18's targets -----------------------------------------
+
+@dataclass
+class Target18:
+    line: str
+    socksd: str       # socksd's own figure
+    base: str         # the baseline's
+    ratio: str        # socksd/baseline, as judged
+    target: str
+    met: bool | None  # None: cannot tell (a row not measured) or judged elsewhere
+
+
+def per_cpu_cell(s: Series) -> str:
+    return f"{s.per_cpu('sessions/s'):.0f}/CPU-s = {cpu_per_session(s):.0f} µs/session"
+
+
+def cpu_target(line: str, res: Results, base: str, factor: float, strict: bool) -> Target18:
+    """socksd's sessions per proxy CPU-second against ``base``'s: at least
+    ``factor`` times (more than, if ``strict``)."""
+    mine, theirs = res["socksd"], res.get(base)
+    if theirs is None:
+        return Target18(line, per_cpu_cell(mine), f"{base} not run", "n/a",
+                        f"{'>' if strict else '>='} {factor:.1f}x {base}", None)
+    a, b = mine.per_cpu("sessions/s"), theirs.per_cpu("sessions/s")
+    return Target18(line, per_cpu_cell(mine), f"{base} {per_cpu_cell(theirs)}",
+                    f"{ratio(a, b)} (CPU/session "
+                    f"{ratio(cpu_per_session(mine), cpu_per_session(theirs))})",
+                    f"{'>' if strict else '>='} {factor:.1f}x {base}" +
+                    ("" if strict else f" (CPU/session <= {1 / factor:.2f}x)"),
+                    a > factor * b if strict else a >= factor * b)
+
+
+def targets18(args, results: dict) -> list[Target18]:
+    """Issue 18's lines, in its order, for what this run measured."""
+    out = []
+    sessions, sessions4 = results.get("sessions", {}), results.get("sessions4", {})
+    if "socksd" in sessions:
+        out.append(cpu_target("1. SOCKS5 sessions per proxy CPU-s (socksd, workers = 1)",
+                              sessions, "Dante", CPU_VS_DANTE, strict=False))
+    if "socksd" in sessions4:
+        out.append(cpu_target("2. SOCKS4 sessions per proxy CPU-s (socksd)", sessions4,
+                              TWISTED_EXAMPLE, CPU4_VS_TWISTED, strict=True))
+    if "socksd" in sessions:
+        rate, dante = med(sessions, "socksd", "sessions/s"), med(sessions, "Dante", "sessions/s")
+        out.append(Target18("3. SOCKS5 sessions/s (socksd, workers = 1)", f"{rate:.0f}/s",
+                            "Dante not run" if dante is None else f"Dante {dante:.0f}/s",
+                            ratio(rate, dante), f">= {RATE_VS_DANTE:.1f}x Dante",
+                            at_least(rate, dante, RATE_VS_DANTE)))
+    mem = results.get("memory", {})
+    if SOCKSD4 in mem:
+        mine, theirs = idle_median(args, mem, SOCKSD4), idle_median(args, mem, TWISTED_EXAMPLE)
+        out.append(Target18("4. idle memory per SOCKS4 session (socksd)", f"{mine:.1f} KiB",
+                            f"{TWISTED_EXAMPLE} {theirs:.1f} KiB", ratio(mine, theirs),
+                            f"< {IDLE4_VS_TWISTED:.1f}x {TWISTED_EXAMPLE}",
+                            None if not theirs else mine < IDLE4_VS_TWISTED * theirs))
+    several = multi_worker(sessions)
+    if several:
+        w, one = sessions[several], sessions["socksd"]
+        rate_r = w.med("sessions/s") / one.med("sessions/s")
+        p99_r = w.med("p99") / one.med("p99")
+        out.append(Target18(f"5. {several} against workers = 1 (SOCKS5)",
+                            f"{w.med('sessions/s'):.0f}/s p99 {w.med('p99'):.1f} ms",
+                            f"{one.med('sessions/s'):.0f}/s p99 {one.med('p99'):.1f} ms",
+                            f"{rate_r:.2f}x (p99 {p99_r:.2f}x)",
+                            f">= {WORKERS_RATE:.1f}x, p99 <= {WORKERS_P99:.2f}x",
+                            rate_r >= WORKERS_RATE and p99_r <= WORKERS_P99))
+    if out:
+        out.append(Target18("6. GSS-API confidentiality, up and down", "-", "Dante (GSS-API)",
+                            "-", ">= 1.0x Dante: gssapi_bulk.py", None))
+    return out
+
+
+def report_summary18(args, results: dict) -> str:
+    rows = [["issue 18 target line", "socksd", "baseline", "socksd/baseline", "target",
+             "result"]]
+    found = targets18(args, results)
+    rows += [[t.line, t.socksd, t.base, t.ratio, t.target, verdict(t.met)] for t in found]
+    judged = [t for t in found if t.met is not None]
+    missed = sum(not t.met for t in judged)
+    return "\n".join([
+        "Summary: issue 18's targets (medians of this run; line 6 is judged by "
+        "benchmarks/gssapi_bulk.py, which make bench runs next)",
+        table(rows, left=len(rows[0])), "",
+        f"  {len(judged) - missed} of {len(judged)} targets met here" +
+        ("; without Dante the ratios to Dante cannot be judged" if args.no_dante else "")])
+
+
 def environment(args, bench: Bench) -> str:
     def version(dist: str) -> str:
         try:
@@ -1205,9 +1357,10 @@ def notes() -> str:
         "CPU columns: CPU seconds / wall seconds, 100% = one core, median of rounds (a proxy's",
         "includes its reaped children). 'per proxy CPU-s' = the rate divided by the proxy's CPU",
         "use: Dante forks and socksd with workers > 1 runs several processes, so both can use",
-        "both cores. 'other' = the machine's busy CPU minus proxy, generator and target: other",
-        "processes on this shared machine, kernel threads, interrupts. '!' marks a generator or",
-        f"target above {GEN_BUSY:.0f}% (it may be the bottleneck) or 'other' above "
+        "both cores. 'proxy µs/session' = 1e6 / (sessions per proxy CPU-s): the proxy's CPU",
+        "time per session. 'other' = the machine's busy CPU minus proxy, generator and target:",
+        "other processes on this shared machine, kernel threads, interrupts. '!' marks a generator",
+        f"or target above {GEN_BUSY:.0f}% (it may be the bottleneck) or 'other' above "
         f"{OTHERS_BUSY:.0f}% (noise: numbers are less reliable).",
     ])
 
@@ -1273,6 +1426,9 @@ def main(argv: list[str]) -> int:
     if targets(args, results):  # none for --only metrics (its target line is in (m))
         print()
         print(report_summary(args, results))
+    if targets18(args, results):
+        print()
+        print(report_summary18(args, results))
     print(f"total time {elapsed:.0f} s")
     return 0
 

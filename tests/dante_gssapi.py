@@ -1,11 +1,15 @@
-"""A GSS-API-enabled Dante client library, built once from Debian's own
-``dante`` source package and cached, for the GSS-API interop tests.
+"""A GSS-API-enabled Dante client library and server, built once from
+Debian's own ``dante`` source package and cached, for the GSS-API interop
+tests and benchmarks/gssapi_bulk.py.
 
 Debian configures dante ``--without-gssapi``, so its dante-client cannot speak
 RFC 1961. We rebuild the very same source (Debian's patches, Debian's
 debian/rules, Debian's hardening flags) with ``--with-gssapi`` and keep only
-what the tests need: ``libdsocksd.so.0`` and its ``socksify`` script. The
-result lives under /var/cache/socksd-tests/dante-gssapi/<source version>/,
+what the tests and the benchmark need: ``libdsocksd.so.0``, its ``socksify``
+script, and the server ``sockd`` (Debian installs it as ``danted``) of the
+same build, for a GSS-API baseline in benchmarks/gssapi_bulk.py. The
+result lives under
+/var/cache/socksd-tests/dante-gssapi/<source version>-recipe<RECIPE>/,
 so later runs (and CI on the same machine) reuse it; a new Debian upload of
 dante means a new directory and one new build.
 
@@ -33,11 +37,12 @@ CACHE_ROOT = Path(os.environ.get("SOCKSD_DANTE_GSSAPI_CACHE",
                                  "/var/cache/socksd-tests/dante-gssapi"))
 SOURCE = "dante"
 # Bump when the recipe below changes: cached builds of another recipe are rebuilt.
-RECIPE = 1
+RECIPE = 2      # 2: the server (sockd) is kept too
 # Not in dante's Build-Depends (Debian builds it without GSS-API); dpkg-dev
 # for `apt-get source` (dpkg-source).
 EXTRA_DEBS = ("dpkg-dev", "libkrb5-dev")
 LIBRARY = "libdsocksd.so.0"      # Debian's name for libdsocks (rename-library.patch)
+SERVER = "sockd"                  # the server binary of the build tree (Debian's danted)
 DEB_SRC_FILE = Path("/etc/apt/sources.list.d/socksd-tests-deb-src.sources")
 # The build sees the system's tools only: no pyenv shims, no venv, no user PATH.
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
@@ -46,12 +51,13 @@ LOG_TAIL = 6000
 
 
 class DanteBuildError(AssertionError):
-    """Building the GSS-API Dante client failed; str() says why, with the log tail."""
+    """Building the GSS-API Dante failed; str() says why, with the log tail."""
 
 
 @dataclass(frozen=True)
 class DanteGSSAPI:
-    """A cached build: ``socksify`` runs a program with ``library`` preloaded."""
+    """A cached build: ``socksify`` runs a program with ``library`` preloaded;
+    ``sockd`` is the server of the same build."""
 
     version: str
     directory: Path
@@ -63,6 +69,10 @@ class DanteGSSAPI:
     @property
     def socksify(self) -> Path:
         return self.directory / "socksify"
+
+    @property
+    def sockd(self) -> Path:
+        return self.directory / SERVER
 
     def env(self, socks_conf: Path, extra: dict[str, str] | None = None,
             debug: int = 0, log: Path | None = None) -> dict[str, str]:
@@ -94,7 +104,7 @@ _built: DanteGSSAPI | None = None
 
 
 def ensure() -> DanteGSSAPI:
-    """The cached GSS-API Dante client for the current Debian source version,
+    """The cached GSS-API Dante build for the current Debian source version,
     building it first if needed. A failure is remembered for the session."""
     global _failure, _built
     if _built is not None:
@@ -111,7 +121,9 @@ def ensure() -> DanteGSSAPI:
 
 def _ensure() -> DanteGSSAPI:
     version = source_version()
-    directory = CACHE_ROOT / version
+    # One directory per recipe: a checkout with another recipe, run on the same
+    # machine, keeps its own build instead of replacing this one under our feet.
+    directory = CACHE_ROOT / f"{version}-recipe{RECIPE}"
     if _usable(directory):
         return DanteGSSAPI(version, directory)
     _make_cache_root()
@@ -127,8 +139,8 @@ def _usable(directory: Path) -> bool:
         stamp = json.loads((directory / "BUILD.json").read_text())
     except (OSError, ValueError):
         return False
-    return (stamp.get("recipe") == RECIPE and (directory / LIBRARY).is_file()
-            and (directory / "socksify").is_file())
+    return (stamp.get("recipe") == RECIPE
+            and all((directory / name).is_file() for name in (LIBRARY, "socksify", SERVER)))
 
 
 # -- apt ---------------------------------------------------------------------
@@ -311,18 +323,23 @@ def _build(version: str, directory: Path) -> None:
                                   f"full log {log_path}; tail:\n{build_log[-LOG_TAIL:]}")
         library = tree / "dlib" / ".libs" / LIBRARY
         socksify = tree / "bin" / "socksify"
-        for path in (library, socksify):
+        # sockd links no libtool library of the tree: the binary itself, no wrapper.
+        server = tree / "sockd" / SERVER
+        for path in (library, socksify, server):
             if not path.is_file():
                 raise DanteBuildError(f"{path} was not built; full log {log_path}; "
                                       f"tail:\n{build_log[-LOG_TAIL:]}")
-        needed = _check(_run(["readelf", "-d", str(library)]), "readelf")
-        if "libgssapi_krb5" not in needed:
-            raise DanteBuildError(f"{library} does not link libgssapi_krb5:\n{needed}")
+        for binary in (library, server):
+            needed = _check(_run(["readelf", "-d", str(binary)]), "readelf")
+            if "libgssapi_krb5" not in needed:
+                raise DanteBuildError(f"{binary} does not link libgssapi_krb5:\n{needed}")
 
         staging = Path(tempfile.mkdtemp(prefix=".new-", dir=CACHE_ROOT))
         shutil.copy2(library.resolve(), staging / LIBRARY)
         shutil.copy2(socksify, staging / "socksify")
-        (staging / "socksify").chmod(0o755)
+        shutil.copy2(server, staging / SERVER)
+        for name in ("socksify", SERVER):
+            (staging / name).chmod(0o755)
         staging.chmod(0o755)
         shutil.copy2(log_path, staging / "build.log")
         (staging / "BUILD.json").write_text(json.dumps({
