@@ -42,9 +42,9 @@ from __future__ import annotations
 
 import errno
 import socket
-from typing import Any
+from typing import Any, cast
 
-from twisted.internet import abstract, address, main, tcp
+from twisted.internet import abstract, address, error, main, tcp
 from twisted.internet.interfaces import IProtocol
 from twisted.python.failure import Failure
 
@@ -62,17 +62,22 @@ class Stream(tcp.Server):
 
     _shouldShutdown = False    # close() alone: see the module's docstring
     _shared = False            # another descriptor refers to the socket (adopted)
+    # FileDescriptor's queue of writes not yet joined, made with the first
+    # write that must wait: an idle connection holds no list of its own.
+    # (Read as empty until then; every path that appends makes it first.)
+    _tempDataBuffer: list[bytes] = cast(list[bytes], ())
+    _tempDataLen = 0
 
     def __init__(self, sock: socket.socket, protocol: IProtocol, client: tuple[Any, ...],
                  server: Any, sessionno: int, reactor: Any) -> None:
-        # tcp.Server.__init__, less the log prefix and repr strings, which
-        # are made when asked for, and the ioctl for a socket made
-        # non-blocking already.
-        abstract.FileDescriptor.__init__(self, reactor)
+        # tcp.Server.__init__, less what an idle connection need not hold:
+        # the log prefix and repr strings (made when asked for), the write
+        # queue's list, ``fileno`` as a bound method of its own (a method
+        # here); and no ioctl for a socket made non-blocking already.
+        self.reactor = reactor
         self.socket = sock
         if sock.gettimeout() != 0.0:
             sock.setblocking(False)
-        self.fileno = sock.fileno
         self.protocol = protocol
         if len(client) != 2:
             self._addressType = address.IPv6Address
@@ -82,6 +87,9 @@ class Stream(tcp.Server):
         self.hostname = client[0]
         self.startReading()
         self.connected = 1
+
+    def fileno(self) -> int:
+        return self.socket.fileno()    # -1 once closed, as Twisted's after a close
 
     # What tcp.Server formats at once for each connection.
 
@@ -122,10 +130,23 @@ class Stream(tcp.Server):
         return not self._tempDataLen and self.offset == len(self.dataBuffer) and \
             (self.producer is None or (self.streamingProducer and not self.producerPaused))
 
+    def _queue(self) -> None:
+        if "_tempDataBuffer" not in self.__dict__:
+            self._tempDataBuffer = []
+
+    def writeSequence(self, iovec) -> None:
+        self._queue()
+        super().writeSequence(iovec)
+
+    def startTLS(self, ctx, normal=True):
+        self._queue()     # TLS writes straight to FileDescriptor.write
+        return super().startTLS(ctx, normal)
+
     def write(self, data: bytes) -> None:
         if self.TLS or self._aborting or not self.connected or self._writeDisconnected or \
                 self._tempDataLen or self.offset != len(self.dataBuffer) or \
                 not isinstance(data, bytes) or not data:
+            self._queue()
             super().write(data)     # queued behind what is there, or refused, as Twisted does
             return
         try:
@@ -137,6 +158,7 @@ class Stream(tcp.Server):
                 self.startWriting()
             sent = 0
         if sent != len(data):
+            self._queue()
             super().write(data[sent:])
 
     def loseWriteConnection(self) -> None:
@@ -171,13 +193,20 @@ class Stream(tcp.Server):
             self.connectionLost(_DONE)
 
     def connectionLost(self, reason: Failure) -> None:
-        if not self.disconnected and not self._shared:
-            # Closing the socket (which this does) takes it out of the epoll
-            # set: the reactor need not be asked to, one epoll_ctl a side.
-            forget = getattr(self.reactor, "forget", None)
-            if forget is not None:
-                forget(self)
-        super().connectionLost(reason)
+        # tcp.Connection's, keeping the (closed) socket: fileno() reads -1
+        # from it from now on.
+        if self.disconnected:
+            return
+        forget = None if self._shared else getattr(self.reactor, "forget", None)
+        if forget is not None:
+            # Closing the socket (below) takes it out of the epoll set: the
+            # reactor need not be asked to, one epoll_ctl a side.
+            forget(self)
+        abstract.FileDescriptor.connectionLost(self, reason)
+        self._closeSocket(not isinstance(reason.value, error.ConnectionAborted))
+        protocol = self.protocol
+        del self.protocol
+        protocol.connectionLost(reason)
 
 
 class AdoptedStream(Stream):

@@ -217,7 +217,9 @@ class Outbound(RelayEnd):
     """The proxy's side of an outgoing connection."""
 
     def connectionMade(self) -> None:
-        d, self.factory.deferred = self.factory.deferred, None
+        # The factory is let go: an idle session need not hold it.
+        factory, self.factory = self.factory, None
+        d, factory.deferred = factory.deferred, None
         if d is not None:
             d.callback(self)
 
