@@ -230,7 +230,7 @@ def connected(sock: socket.socket, peer: tuple[str, int], protocol: IProtocol,
     ``adoptStreamConnection`` does, without duplicating the descriptor and
     asking it for the addresses the caller knows."""
     host, port = peer
-    client: tuple[Any, ...] = (host, port, 0, 0) if sock.family == socket.AF_INET6 else peer
+    client: tuple[Any, ...] = (host, port, 0, 0) if ":" in host else peer
     stream = Stream(sock, protocol, client, None, port, reactor)
     protocol.makeConnection(stream)
     return stream

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import socket
 import sys
+from select import EPOLLIN
 from typing import Any, Callable
 
 from twisted.internet import epollreactor  # Linux; see install_default
 from twisted.internet.main import installReactor
 from twisted.logger import Logger
 
-from socksd.stream import AdoptedStream, StreamPort
+from socksd.stream import AdoptedStream, Stream, StreamPort
 
 log = Logger(namespace="socksd")
 
@@ -80,6 +81,17 @@ class EPollReactor(epollreactor.EPollReactor):
             if selectable is None:
                 continue  # removed by an earlier event of this batch
             try:
+                if event == EPOLLIN and type(selectable) is Stream:
+                    # The commonest event, a plain connection readable and
+                    # nothing more: _doReadOrWrite's read path, inline.
+                    try:
+                        why = selectable.doRead()
+                    except BaseException:
+                        why = sys.exc_info()[1]
+                        log.failure("while reading {selectable!r}", selectable=selectable)
+                    if why:
+                        self._disconnectSelectable(selectable, why, True)
+                    continue
                 handle(selectable, fd, event)
             except KeyboardInterrupt:
                 raise
