@@ -294,8 +294,11 @@ def test_a_compact_record_the_worker_never_sends_is_unreadable(record):
 @pytest.mark.parametrize("raw", [b"[NaN, \"info\", \"socksd\", null, \"x\", {}]",
                                  b"[1, \"info\", \"socksd\", null, \"x\", {\"up\": Infinity}]",
                                  b"[" * 100_000,
-                                 # Twisted's JSON of an event is for failures only.
-                                 b'{"log_format": "forged", "log_namespace": "socksd"}'])
+                                 # Twisted's JSON of an event is for failures only ...
+                                 b'{"log_format": "forged", "log_namespace": "socksd"}',
+                                 # ... and a time no observer can write stops none.
+                                 b'[1e300, "info", "socksd", null, "x", {}]',
+                                 b'{"log_failure": {}, "log_time": 1e300}'])
 def test_what_json_reads_but_a_worker_never_writes_is_unreadable(raw):
     texts = [formatEvent(e) for e in from_worker(RECORD_SEPARATOR + raw + b"\n", 1 << 20)]
     assert len(texts) == 1 and "unreadable log record" in texts[0]

@@ -205,8 +205,11 @@ class _WorkerLog(protocol.Protocol):
             return None
         if not isinstance(event, dict) or event.get("log_failure") is None:
             return None     # the worker sends the others compact
-        failure, message = event.get("log_failure"), event.pop(FAILURE_MESSAGE, None)
-        if failure is not None and message is not None:
+        when = event.get("log_time")
+        if not (when is None or type(when) in (int, float) and 0 <= when <= MAX_LOG_TIME):
+            return None     # no observer could write its time
+        failure, message = event["log_failure"], event.pop(FAILURE_MESSAGE, None)
+        if message is not None:
             # JSON keeps a failure's type and frames but not its exception
             # object; the worker sent the message alongside.
             failure.value = message
