@@ -1009,10 +1009,54 @@ def parse_listener(description: str) -> SharedListener:
 
 
 def worker_count(value: int | str) -> int:
-    """``workers`` from the config: an int, or "auto" for the CPU count."""
+    """``workers`` from the config: an int, or "auto" for the physical
+    cores this process may run on (:func:`physical_cores`)."""
     if value == "auto":
-        return os.cpu_count() or 1
+        return physical_cores()
     return int(value)
+
+
+CPU_SYSFS = "/sys/devices/system/cpu"
+
+
+def physical_cores(sysfs: str = CPU_SYSFS, allowed: set[int] | None = None) -> int:
+    """The cores among the CPUs this process may run on (``allowed``: its
+    affinity, os.sched_getaffinity), each core's SMT siblings counted once,
+    as ``sysfs``'s topology (thread_siblings_list) groups them: a second
+    worker on a core's other hardware thread shares that core's execution
+    units, and adds a process to schedule more than it adds work done.
+    Where the topology does not say, the CPUs we may run on (os.cpu_count()
+    when the affinity is not known either)."""
+    if allowed is None:
+        try:
+            allowed = os.sched_getaffinity(0)
+        except (AttributeError, OSError):
+            return os.cpu_count() or 1
+    if not allowed:
+        return os.cpu_count() or 1
+    cores: set[frozenset[int]] = set()
+    for cpu in allowed:
+        try:
+            with open(f"{sysfs}/cpu{cpu}/topology/thread_siblings_list") as f:
+                siblings = _cpu_list(f.read())
+        except (OSError, ValueError):
+            siblings = None
+        if not siblings or cpu not in siblings:
+            return len(allowed)
+        cores.add(siblings)
+    return len(cores)
+
+
+def _cpu_list(text: str) -> frozenset[int]:
+    """The kernel's CPU list format: ``0-3,8-11``; ValueError for anything else."""
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        low, dash, high = part.partition("-")
+        first, last = int(low), int(high) if dash else int(low)
+        if not 0 <= first <= last < 1 << 16:
+            raise ValueError(f"{part!r} is not a range of CPUs")
+        cpus.update(range(first, last + 1))
+    return frozenset(cpus)
 
 
 def checker_text(description: str) -> str:

@@ -17,13 +17,14 @@ from pathlib import Path
 import pytest
 from twisted.application.app import ApplicationRunner
 from twisted.application.service import Application, IServiceCollection
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import ILogObserver, Logger, globalLogPublisher, textFileLogObserver
 from twisted.scripts.twistd import ServerOptions
 
 from socksd.logs import FROM_WORKER, FormatObserver, json_line
 from socksd.tap.logsink import LoggingRoot, twistd_observer
-from socksd.tap.worker import LogChannel
+from socksd.tap.worker import LOG_BATCH_DELAY, LogChannel
 from socksd.tap.workers import _WorkerLog
 from test_json_log import HOSTILE, parsed, session_event
 
@@ -31,7 +32,8 @@ from test_json_log import HOSTILE, parsed, session_event
 
 
 def test_a_workers_events_come_out_with_the_worker_that_sent_them():
-    channel = LogChannel(1)
+    clock = Clock()
+    channel = LogChannel(1, reactor=clock)
     transport = StringTransport()
     channel.makeConnection(transport)
     worker_log = Logger(namespace="twisted.internet", observer=channel)
@@ -41,6 +43,7 @@ def test_a_workers_events_come_out_with_the_worker_that_sent_them():
         raise RuntimeError("boom in a worker")
     except RuntimeError:
         Logger(namespace="socksd", observer=channel).failure("checker failed")
+    clock.advance(LOG_BATCH_DELAY)     # the batch goes
 
     events: list[dict] = []
     globalLogPublisher.addObserver(events.append)

@@ -161,10 +161,58 @@ def test_workers_config_errors(tmp_path, text, message):
     assert message in str(info.value)
 
 
-def test_auto_is_the_cpu_count(tmp_path):
+def test_auto_is_the_physical_cores_we_may_run_on(tmp_path):
     path = tmp_path / "w.toml"
     path.write_text('[server]\nworkers = "auto"\n')
-    assert config.load(str(path)).workers == (os.cpu_count() or 1)
+    assert config.load(str(path)).workers == config.physical_cores()
+    assert 1 <= config.physical_cores() <= (os.cpu_count() or 1)
+
+
+def _sysfs(root, siblings: dict[int, str]):
+    """A fake /sys/devices/system/cpu: each CPU's thread_siblings_list."""
+    for cpu, text in siblings.items():
+        topology = root / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        (topology / "thread_siblings_list").write_text(text + "\n")
+    return str(root)
+
+
+# 4 cores, 2 hardware threads each: CPU n and n + 4 are siblings.
+SMT = {cpu: f"{cpu % 4},{cpu % 4 + 4}" for cpu in range(8)}
+
+
+@pytest.mark.parametrize("siblings, allowed, cores", [
+    (SMT, set(range(8)), 4),                       # siblings count once
+    (SMT, {0, 4}, 1),                              # one core's two threads
+    (SMT, {0, 1, 2, 3}, 4),                        # one thread of each core
+    (SMT, {0, 1, 5}, 2),
+    ({cpu: str(cpu) for cpu in range(6)}, set(range(6)), 6),           # no SMT
+    ({cpu: str(cpu) for cpu in range(6)}, {2, 5}, 2),                  # affinity
+    ({cpu: f"{cpu // 4 * 4}-{cpu // 4 * 4 + 3}" for cpu in range(8)},  # 4 threads a core
+     set(range(8)), 2),
+])
+def test_auto_counts_each_core_we_may_run_on_once(tmp_path, siblings, allowed, cores):
+    assert config.physical_cores(_sysfs(tmp_path, siblings), allowed) == cores
+
+
+@pytest.mark.parametrize("siblings", [
+    {},                                      # no topology at all (a container, another OS)
+    {0: "0,4", 1: "1,5"},                    # CPUs 2 and 3 not described
+    {cpu: "" for cpu in range(4)},
+    {cpu: "zero" for cpu in range(4)},
+    {cpu: "3-1" for cpu in range(4)},
+    {cpu: "7" for cpu in range(4)},          # a list that does not hold the CPU itself
+])
+def test_auto_is_the_cpus_we_may_run_on_where_sysfs_does_not_say(tmp_path, siblings):
+    assert config.physical_cores(_sysfs(tmp_path, siblings), {0, 1, 2, 3}) == 4
+
+
+def test_auto_without_an_affinity_is_the_cpu_count(tmp_path, monkeypatch):
+    def unknown(pid: int) -> set[int]:
+        raise OSError("no affinity here")
+
+    monkeypatch.setattr(os, "sched_getaffinity", unknown)
+    assert config.physical_cores(_sysfs(tmp_path, SMT)) == (os.cpu_count() or 1)
 
 
 @pytest.mark.parametrize("description, expected", [

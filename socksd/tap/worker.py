@@ -36,6 +36,7 @@ if __name__ == "__main__":
 
 import argparse
 import json
+import math
 import os
 import socket
 import sys
@@ -44,9 +45,16 @@ from typing import Any, BinaryIO, Callable, Iterator
 from twisted.cred import strcred
 from twisted.internet import defer, protocol
 from twisted.internet.error import ReactorNotRunning
-from twisted.internet.interfaces import IListeningPort, IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IPushProducer, IReactorTime
 from twisted.internet.main import installReactor
-from twisted.logger import ILogObserver, LogEvent, Logger, eventAsJSON, globalLogBeginner
+from twisted.logger import (
+    ILogObserver,
+    LogEvent,
+    Logger,
+    eventAsJSON,
+    formatEvent,
+    globalLogBeginner,
+)
 from twisted.python.failure import Failure
 from twisted.python.reflect import namedAny
 from zope.interface import implementer
@@ -55,6 +63,7 @@ from socksd.channel import Malformed, frame
 from socksd.config import ConfigError
 from socksd.escape import escape
 from socksd.ident.channel import RegistrationSender
+from socksd.logs import FIELDS
 from socksd.proxy.connect import THREAD_POOL_SIZE
 from socksd.proxy.quotas import Budgets, Key, key_from
 from socksd.stats import MAX_COUNT, STATS, Counts
@@ -74,6 +83,10 @@ log = Logger(namespace="socksd")
 # At a clean stop the worker sends its counts last, and waits this long at
 # most for the supervisor to take them.
 FINAL_REPORT_WAIT = 2.0
+# A worker's log records go to the supervisor together, this long after the
+# first of them at most, or once they are this many bytes (LogChannel).
+LOG_BATCH_DELAY = 0.02
+LOG_BATCH_BYTES = 32 << 10
 # A rule's max_sessions is counted by the supervisor: a session it has not
 # answered for in this long is refused.
 ASK_TIMEOUT = 5.0
@@ -92,10 +105,76 @@ def stop_reactor(reactor: IReactor | None = None) -> None:
             pass
 
 
+def log_record(event: LogEvent) -> bytes:
+    """An event as the supervisor reads it (socksd.tap.workers._WorkerLog):
+    RS, a JSON array, NL.
+
+    ``[time, level, namespace, system, text, fields]``: the message made
+    here, where the event's own objects are (as the text line and the JSON
+    line word it, format specs included), and of the fields only those a
+    JSON line carries (socksd.logs.FIELDS), as JSON carries them. The
+    supervisor then has nothing to rebuild but a small dict, and nothing
+    to take from the worker but strings and numbers it checks.
+
+    An event with a failure goes as Twisted's own JSON record instead
+    (eventAsJSON), with the failure's message beside it: the supervisor
+    rebuilds the failure, frames and all, for the traceback. Those are rare.
+    """
+    failure = event.get("log_failure")
+    if failure is not None:
+        event = dict(event)
+        event[FAILURE_MESSAGE] = failure.getErrorMessage()
+        return RECORD_SEPARATOR + eventAsJSON(event).encode("utf-8") + b"\n"
+    when, level = event.get("log_time"), event.get("log_level")
+    namespace, system = event.get("log_namespace"), event.get("log_system")
+    fields = {name: value for name in FIELDS if (value := event.get(name)) is not None}
+    if type(when) not in (int, float):
+        when = None
+    record = [when, getattr(level, "name", None),
+              namespace if namespace is None or type(namespace) is str else str(namespace),
+              system if system is None or type(system) is str else str(system),
+              formatEvent(event), fields]
+    if not _PLAIN.issuperset(map(type, fields.values())):
+        record[5] = {name: _json_value(value) for name, value in fields.items()}
+    try:
+        text = _ENCODER.encode(record)
+    except ValueError:
+        # A float JSON cannot write (inf, nan): as the JSON line writes it.
+        record[5] = {name: _json_value(value) for name, value in fields.items()}
+        if when is not None and not math.isfinite(when):
+            record[0] = None
+        text = _ENCODER.encode(record)
+    return RECORD_SEPARATOR + text.encode("ascii") + b"\n"
+
+
+# What a record's fields are, mostly: written as they are.
+_PLAIN = frozenset((str, int, float, bool))
+# ASCII (a client's bytes kept as lone surrogates travel as \udcXX), compact,
+# and never NaN or Infinity, which the supervisor does not take.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False, check_circular=False)
+
+
+def _json_value(value: Any) -> str | int | float:
+    """A field's value as the JSON line writes it (socksd.logs.json_line):
+    strings and numbers as they are, anything else as its str()."""
+    if isinstance(value, (str, int)) or isinstance(value, float) and math.isfinite(value):
+        return value
+    try:
+        return str(value)
+    except Exception:
+        return f"<unprintable {type(value).__name__}>"
+
+
 @implementer(ILogObserver, IPushProducer)
 class LogChannel(protocol.Protocol):
-    """The worker's log, to the supervisor: each event as a JSON record on
-    the socket the supervisor passed as fd 1.
+    """The worker's log, to the supervisor: each event as a record
+    (:func:`log_record`) on the socket the supervisor passed as fd 1.
+
+    Records are sent in batches, LOG_BATCH_DELAY after the first of one,
+    or at LOG_BATCH_BYTES: the supervisor then wakes for many sessions'
+    lines at a time, where it woke for a few. On a machine with as many
+    cores as processes serving, its wake-ups take a core from a worker in
+    the middle of its sessions (and cost it CPU of its own).
 
     Writes never block the reactor: when the supervisor stops reading (its
     own log sink stalls, it is stopped) and Twisted's write buffer fills,
@@ -108,9 +187,14 @@ class LogChannel(protocol.Protocol):
     dropped = 0
     closed: defer.Deferred[None] | None = None     # the worker closed it (close())
 
-    def __init__(self, worker: int, gone: Callable[[], None] = lambda: stop_reactor()) -> None:
+    def __init__(self, worker: int, gone: Callable[[], None] = lambda: stop_reactor(),
+                 reactor: IReactorTime | None = None) -> None:
         self.worker = worker
         self.gone = gone      # the supervisor is gone: the worker ends
+        self._reactor = reactor
+        self.batch: list[bytes] = []
+        self.batch_bytes = 0
+        self.sending: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         self.transport.registerProducer(self, True)
@@ -119,11 +203,26 @@ class LogChannel(protocol.Protocol):
         if self.paused or not self.connected:
             self.dropped += 1
             return
-        failure = event.get("log_failure")
-        if failure is not None:
-            event = dict(event)
-            event[FAILURE_MESSAGE] = failure.getErrorMessage()
-        self.transport.write(RECORD_SEPARATOR + eventAsJSON(event).encode("utf-8") + b"\n")
+        record = log_record(event)
+        self.batch.append(record)
+        self.batch_bytes += len(record)
+        if self.batch_bytes >= LOG_BATCH_BYTES or self.closed is not None:
+            self.send()     # a full batch, or the last lines of a worker that ends
+        elif self.sending is None:
+            reactor = self._reactor if self._reactor is not None else installed_reactor()
+            self.sending = reactor.callLater(LOG_BATCH_DELAY, self.send)
+
+    def send(self) -> None:
+        """Write the batch (what Twisted's buffer takes beyond its size
+        pauses us: the next events are dropped, not this batch)."""
+        if self.sending is not None:
+            if self.sending.active():
+                self.sending.cancel()
+            self.sending = None
+        if self.batch and self.connected:
+            self.transport.write(b"".join(self.batch))
+        self.batch = []
+        self.batch_bytes = 0
 
     def pauseProducing(self) -> None:
         self.paused = True
@@ -145,6 +244,7 @@ class LogChannel(protocol.Protocol):
         last sessions to end among them."""
         if self.closed is not None:
             return self.closed
+        self.send()     # the batch goes first
         closed: defer.Deferred[None] = defer.Deferred()
         self.closed = closed
         if not self.connected:
@@ -164,6 +264,7 @@ class LogChannel(protocol.Protocol):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.connected = False
+        self.send()     # nowhere to go: dropped
         if self.closed is None:
             self.gone()
         elif not self.closed.called:
@@ -366,7 +467,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Every event goes to the supervisor, which logs it where twistd logs;
     # stray writes to stdout (print in a plugin) go to stderr instead.
-    channel = LogChannel(args.index)
+    channel = LogChannel(args.index, reactor=reactor)
     channel_factory = protocol.ServerFactory()
     channel_factory.protocol = lambda: channel
     reactor.adoptStreamConnection(1, socket.AF_UNIX, channel_factory)

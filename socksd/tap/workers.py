@@ -23,6 +23,11 @@ A worker's log events come back to the supervisor as JSON records over a
 socket pair (the worker's fd 1) and are published here, so they reach
 whatever twistd logs to (``-l FILE``, ``--syslog``, stdout) like the
 supervisor's own. The worker never blocks on it (see socksd.tap.worker).
+This is the supervisor's work for every session of every worker, on the
+cores the workers serve on: a record carries the message the worker made
+and the fields a JSON line writes, nothing to rebuild (see
+:func:`compact_event`), and a worker sends its records in batches, so the
+supervisor wakes for many at a time.
 
 Each worker has a second socket pair to the supervisor, its control
 channel (socksd.channel), which, unlike the log, never drops a message:
@@ -70,14 +75,14 @@ from twisted.application import service
 from twisted.internet import defer, endpoints, protocol
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IAddress, IDelayedCall, IProcessTransport
-from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.logger import Logger, LogLevel, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 
 from socksd.channel import Malformed, frame
 from socksd.config import MAX_WORKERS_CONFIG, Config, SharedListener, parse_listener
 from socksd.ident.channel import RegistrationReceiver
 from socksd.ident.registry import ProxiedConnections
-from socksd.logs import FROM_WORKER
+from socksd.logs import FIELDS, FROM_WORKER
 from socksd.proxy.quotas import Caps, Holdings, Key, RateShares, key_from
 from socksd.rules import RuleLimits
 from socksd.stats import MAX_COUNT, Counts
@@ -151,9 +156,14 @@ def inherited_socket(listener: SharedListener, reactor: IReactor) -> socket.sock
 
 
 class _WorkerLog(protocol.Protocol):
-    """The supervisor's end of a worker's log channel: RS JSON NL records
-    (jsonFileLogObserver's format; JSON text has no raw newline), each
-    published as our own event."""
+    """The supervisor's end of a worker's log channel: RS record NL (JSON
+    text has no raw newline), each record published as our own event.
+
+    A record is the worker's compact array (socksd.tap.worker.log_record),
+    or, for an event with a failure, Twisted's JSON of the whole event
+    (jsonFileLogObserver's format). Either way the worker says no more than
+    a log line: its message and the fields a JSON line carries are taken as
+    strings and numbers, checked; which worker said it is ours to add."""
 
     def __init__(self, index: int, closed: defer.Deferred[None] | None = None) -> None:
         self.index = index
@@ -176,23 +186,34 @@ class _WorkerLog(protocol.Protocol):
                           index=self.index, record=record[:200])
 
     def publish(self, record: bytes) -> None:
-        try:
-            event = eventFromJSON(record.decode("utf-8"))
-        except Exception:
-            event = None
-        if not isinstance(event, dict):
+        event = (compact_event(record) if record[:1] == b"[" else self.twisted_event(record))
+        if event is None:
             log.error("worker {index}: unreadable log record {record!r}",
                       index=self.index, record=record[:200])
             return
-        failure, message = event.get("log_failure"), event.pop(FAILURE_MESSAGE, None)
-        if failure is not None and message is not None:
-            # JSON keeps a failure's type and frames but not its exception
-            # object; the worker sent the message alongside.
-            failure.value = message
         # Which worker said it, for every line (a JSON line's "worker"); the
         # text lines that name it already say wN themselves.
         event[FROM_WORKER] = self.index
         globalLogPublisher(event)
+
+    @staticmethod
+    def twisted_event(record: bytes) -> dict[str, Any] | None:
+        """An event with a failure, as Twisted wrote it (eventAsJSON)."""
+        try:
+            event = eventFromJSON(record.decode("utf-8"))
+        except Exception:
+            return None
+        if not isinstance(event, dict) or event.get("log_failure") is None:
+            return None     # the worker sends the others compact
+        when = event.get("log_time")
+        if not (when is None or type(when) in (int, float) and 0 <= when <= MAX_LOG_TIME):
+            return None     # no observer could write its time
+        failure, message = event["log_failure"], event.pop(FAILURE_MESSAGE, None)
+        if message is not None:
+            # JSON keeps a failure's type and frames but not its exception
+            # object; the worker sent the message alongside.
+            failure.value = message
+        return event
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         if self.pending.strip():
@@ -200,6 +221,57 @@ class _WorkerLog(protocol.Protocol):
         self.pending = b""
         if self.closed is not None and not self.closed.called:
             self.closed.callback(None)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number a worker writes")
+
+
+# A worker writes no NaN or Infinity (socksd.tap.worker.log_record).
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
+LEVELS = {level.name: level for level in LogLevel.iterconstants()}
+FIELD_NAMES = frozenset(FIELDS)
+_PLAIN = frozenset((str, int, float, bool))
+# The latest time a record may carry (the year 5138): an observer cannot
+# write a time past datetime's year 9999.
+MAX_LOG_TIME = 1e11
+
+
+def compact_event(record: bytes) -> dict[str, Any] | None:
+    """The event of a worker's compact record ``[time, level, namespace,
+    system, text, fields]`` (socksd.tap.worker.log_record), or None when it
+    is not one. The message is the event's format, its braces doubled: an
+    observer formats it back to the text the worker made, and a text line
+    and a JSON line read the same as the worker's own would.
+
+    Checked with as few steps as it takes (this runs for every session of
+    every worker): the fields by their names and types as sets."""
+    try:
+        item = _DECODER.decode(record.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return None
+    if type(item) is not list or len(item) != 6:
+        return None
+    when, level, namespace, system, text, fields = item
+    if type(text) is not str or type(fields) is not dict or \
+            not FIELD_NAMES.issuperset(fields) or \
+            not _PLAIN.issuperset(map(type, fields.values())) or \
+            not (level is None or type(level) is str and level in LEVELS) or \
+            not (namespace is None or type(namespace) is str) or \
+            not (system is None or type(system) is str) or \
+            not (when is None or type(when) in (int, float) and 0 <= when <= MAX_LOG_TIME):
+        return None
+    event: dict[str, Any] = fields
+    event["log_format"] = text.replace("{", "{{").replace("}", "}}")
+    if when is not None:
+        event["log_time"] = when
+    if level is not None:
+        event["log_level"] = LEVELS[level]
+    if namespace is not None:
+        event["log_namespace"] = namespace
+    if system is not None:
+        event["log_system"] = system
+    return event
 
 
 class _WorkerLogFactory(protocol.ServerFactory):
