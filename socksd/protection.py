@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, Iterable, cast
 
 import gssapi
+import gssapi.raw
 from gssapi.exceptions import GSSError
 from twisted.internet.interfaces import (
     IAddress,
@@ -52,17 +53,22 @@ class SecurityLayer:
     """RFC 1961 encapsulation for one session: unwraps what arrives, wraps
     what is sent (conf=False for integrity, True for confidentiality)."""
 
-    __slots__ = ("context", "level", "buffer", "max_plain", "require_sequence")
+    __slots__ = ("context", "level", "encrypt", "head", "token", "filled", "max_plain",
+                 "require_sequence")
 
     def __init__(self, context: gssapi.SecurityContext, level: int,
                  require_sequence: bool = True) -> None:
         self.context = context
         self.level = level
-        self.buffer = b""
+        self.encrypt = level == rfc1961.CONFIDENTIALITY
         self.require_sequence = require_sequence
-        encrypt = level == rfc1961.CONFIDENTIALITY
+        # A frame cut by the end of a read: its head, while that is shorter
+        # than four bytes; then its token, filled in place as it comes.
+        self.head = b""
+        self.token: bytearray | None = None
+        self.filled = 0
         # Plaintext per frame such that no wrapped token exceeds 65535 bytes.
-        self.max_plain = context.get_wrap_size_limit(rfc1961.MAX_TOKEN, encrypt)
+        self.max_plain = context.get_wrap_size_limit(rfc1961.MAX_TOKEN, self.encrypt)
 
     def refusal(self, command: str) -> str | None:
         """Why ``command`` may not run under this context, or None.
@@ -86,22 +92,53 @@ class SecurityLayer:
 
     def decode(self, data: bytes) -> bytes:
         """Whole frames received so far -> their plaintext; raises WireError
-        (malformed frame, tampering, replay, wrong protection)."""
-        self.buffer += data
+        (malformed frame, tampering, replay, wrong protection).
+
+        Each token is copied once, out of the read it came in, or into a
+        buffer of its size when reads cut it: the bytes of a bulk stream
+        are not moved through a growing buffer frame after frame."""
         out: list[bytes] = []
-        while True:
-            parsed = rfc1961.parse_message(self.buffer, rfc1961.ENCAPSULATION)
-            if parsed is None:
-                return b"".join(out)
-            (_mtyp, token), used = parsed
-            self.buffer = self.buffer[used:]
-            try:
-                result = self.context.unwrap(token)
-            except GSSError as e:
-                raise WireError(f"GSS-API unwrap failed: {e.gen_message()}") from None
-            if self.level == rfc1961.CONFIDENTIALITY and not result.encrypted:
-                raise WireError("GSS-API: unencrypted frame in a confidential session")
-            out.append(result.message)
+        pos, size = 0, len(data)
+        token = self.token
+        if token is not None:
+            # The rest of a token begun in an earlier read.
+            take = min(len(token) - self.filled, size)
+            token[self.filled:self.filled + take] = memoryview(data)[:take]
+            self.filled += take
+            if self.filled < len(token):
+                return b""
+            self.token, pos = None, take
+            out.append(self._unwrap(token))
+        elif self.head:
+            # A head cut short (at most three bytes): rare enough to join.
+            data, self.head = self.head + data, b""
+            size = len(data)
+        while pos < size:
+            length = rfc1961.token_length(data, pos, rfc1961.ENCAPSULATION)
+            if length is None:
+                self.head = data[pos:]
+                break
+            start = pos + 4
+            pos = start + length
+            if pos > size:
+                token = self.token = bytearray(length)
+                self.filled = size - start
+                token[:self.filled] = memoryview(data)[start:]
+                break
+            out.append(self._unwrap(data[start:pos]))
+        return b"".join(out)
+
+    def _unwrap(self, token: bytes | bytearray) -> bytes:
+        try:
+            # The stubs say bytes; the binding takes any buffer that converts
+            # to a char * (bytes and bytearray), and a token filled in place
+            # goes in as it is.
+            result = gssapi.raw.unwrap(self.context, cast(bytes, token))
+        except GSSError as e:
+            raise WireError(f"GSS-API unwrap failed: {e.gen_message()}") from None
+        if self.encrypt and not result.encrypted:
+            raise WireError("GSS-API: unencrypted frame in a confidential session")
+        return result.message
 
     def unwrap_datagram(self, datagram: bytes) -> bytes:
         """A UDP datagram is one whole MTYP 3 frame (RFC 1961 section 6)."""
@@ -109,25 +146,31 @@ class SecurityLayer:
         if parsed is None or parsed[1] != len(datagram):
             raise WireError("UDP datagram is not one whole GSS-API frame")
         try:
-            result = self.context.unwrap(parsed[0].token)
+            result = gssapi.raw.unwrap(self.context, parsed[0].token)
         except GSSError as e:
             raise WireError(f"GSS-API unwrap failed: {e.gen_message()}") from None
-        if self.level == rfc1961.CONFIDENTIALITY and not result.encrypted:
+        if self.encrypt and not result.encrypted:
             raise WireError("GSS-API: unencrypted datagram in a confidential session")
         return result.message
 
     def wrap_datagram(self, data: bytes) -> bytes:
         """Raises ValueError when the wrapped datagram would not fit a frame."""
-        token = self.context.wrap(data, self.level == rfc1961.CONFIDENTIALITY).message
+        token = gssapi.raw.wrap(self.context, data, self.encrypt).message
         return rfc1961.encode_message(rfc1961.ENCAPSULATION, token)
 
     def encode(self, data: bytes) -> bytes:
-        encrypt = self.level == rfc1961.CONFIDENTIALITY
-        frames = []
-        for start in range(0, len(data), self.max_plain):
-            token = self.context.wrap(data[start:start + self.max_plain], encrypt).message
-            frames.append(rfc1961.encode_message(rfc1961.ENCAPSULATION, token))
-        return b"".join(frames)
+        """``data`` in frames of at most ``max_plain`` bytes of plaintext;
+        heads and tokens joined once."""
+        wrap, context, encrypt, limit = gssapi.raw.wrap, self.context, self.encrypt, self.max_plain
+        head = rfc1961.encode_head
+        if len(data) <= limit:
+            token = wrap(context, data, encrypt).message
+            return head(rfc1961.ENCAPSULATION, len(token)) + token
+        parts: list[bytes] = []
+        for start in range(0, len(data), limit):
+            token = wrap(context, data[start:start + limit], encrypt).message
+            parts += (head(rfc1961.ENCAPSULATION, len(token)), token)
+        return b"".join(parts)
 
 
 @implementer(IProtocol, ITransport, IPushProducer, IConsumer)
