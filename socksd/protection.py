@@ -8,6 +8,11 @@ plain bytes, the socket carries MTYP 3 frames. The server's session and the
 client endpoint share it; UDP datagrams go through the same
 :class:`SecurityLayer`.
 
+A bulk stream's wrapping and unwrapping runs in :class:`CryptoThreads`
+(python-gssapi releases the GIL in gss_wrap and gss_unwrap), so that the
+reactor's thread reads, writes and relays on one core while the crypto runs
+on another; small reads and writes are done at once, as before.
+
 Layering: above auth (which hands up the context and level it established),
 below client and proxy (which start it). It imports nothing of either.
 """
@@ -95,7 +100,8 @@ class SecurityLayer:
         """
         if not self.require_sequence or command == "udp":
             return None
-        flags = self.context.actual_flags
+        with self.lock:
+            flags = self.context.actual_flags
         missing = [name for flag, name in SEQUENCE_FLAGS if flag not in flags]
         if not missing:
             return None
@@ -591,7 +597,16 @@ class ProtectionWrapper:
         step.done = True
         steps = self.steps
         while steps and steps[0].done:
-            self._apply(steps.popleft())
+            try:
+                self._apply(steps.popleft())
+            except Exception:
+                # The protocol above raised: dropped, as Twisted drops a
+                # connection whose protocol raises, and the queue goes on.
+                failure = Failure()
+                log.failure("GSS-API protection of {peer}", failure, peer=self.transport.getPeer())
+                if self.failure is None:
+                    self.failure = failure
+                self.transport.abortConnection()
 
     def _apply(self, step: _Step) -> None:
         kind, result = step.kind, step.result

@@ -540,6 +540,27 @@ def test_a_frame_refused_in_a_thread_aborts(kerberos):
     assert "GSS-API unwrap failed" in lost.getErrorMessage()
 
 
+class Raising(Ordered):
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        raise RuntimeError("a bug above")
+
+
+def test_a_protocol_that_raises_on_a_thread_s_result_is_dropped(kerberos):
+    """As Twisted drops a connection whose protocol raises in dataReceived;
+    the steps behind go on (a close still reaches the transport)."""
+    stack = Stack(kerberos, 2, Raising())
+    threads = ManualThreads()
+    stack.wrapper.threads = threads
+    stack.receive(stack.peer.encode(os.urandom(BIG)))
+    stack.below.protocol.connectionLost(Failure(error.ConnectionDone()))
+    threads.settle()
+    assert stack.below.disconnected, "not aborted"
+    lost = stack.above.lost
+    assert lost is not None and lost.check(RuntimeError)
+    assert stack.above.events == [BIG, "lost"]
+
+
 def test_reading_pauses_while_the_reads_to_unwrap_pile_up(kerberos):
     stack, threads = threaded(kerberos)
     chunk = os.urandom(60000)
