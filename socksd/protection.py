@@ -210,7 +210,8 @@ class SecurityLayer:
 # a bulk stream's chunk the reactor goes on reading, writing and relaying on
 # another core. Smaller reads and writes (handshake replies, interactive
 # traffic) are done at once, as a hand-over would cost them more than the
-# crypto, unless something is in flight ahead of them.
+# crypto, unless something is in flight ahead of them. Only confidentiality
+# is worth it (see ProtectionWrapper._attach).
 OFFLOAD_MIN = 16 * 1024
 # Bytes a session may have waiting for or in the crypto threads, each way,
 # before its source is paused (the peer's socket, or the producer writing to
@@ -383,7 +384,9 @@ class ProtectionWrapper:
 
     def _attach(self, transport: IStreamTransport) -> None:
         self.transport = transport
-        self.threads = CryptoThreads.of(transport)
+        # Only to encrypt: integrity's checksums cost a fraction of AES, too
+        # little for a thread to win back the hand-overs it costs.
+        self.threads = CryptoThreads.of(transport) if self.layer.encrypt else None
         if ITCPTransport.providedBy(transport):
             alsoProvides(self, ITCPTransport)   # the rest of it via __getattr__
 

@@ -628,6 +628,18 @@ def test_a_producer_pauses_while_the_writes_to_wrap_pile_up(kerberos):
     assert stack.below.producer is None
 
 
+@pytest.mark.parametrize("level, threaded", [(1, False), (2, True)])
+def test_crypto_threads_only_for_confidentiality(kerberos, level, threaded):
+    _initiator, acceptor = context_pair(kerberos)
+    above = Recorder()
+    below = HalfCloseTransport()
+    below.reactor = reactor
+    above.makeConnection(below)
+    below.protocol = above
+    wrapper = protection.start(above, acceptor, level)
+    assert (wrapper.threads is not None) == threaded
+
+
 def test_crypto_threads_only_where_a_reactor_takes_calls_from_threads():
     assert protection.CryptoThreads.of(StringTransport()) is None
     in_memory = StringTransport()
