@@ -756,10 +756,18 @@ class RealSockets(unittest.TestCase):
     def _kerberos(self, kerberos) -> None:
         self.kerberos = kerberos
 
-    @defer.inlineCallbacks
     def test_both_ends_protected_over_tcp(self):
+        return self._echo(300_000)
+
+    def test_more_than_a_backlog_each_way(self):
+        """Reads pile up past BACKLOG for the crypto threads at both ends
+        (where there are two cores): reading pauses and resumes, order holds."""
+        return self._echo(12 * protection.BACKLOG + 12345)
+
+    @defer.inlineCallbacks
+    def _echo(self, size: int):
         initiator, acceptor = context_pair(self.kerberos)
-        payload = os.urandom(300_000)
+        payload = os.urandom(size)
         servers: list[_Echo] = []
 
         def build(_addr):
