@@ -23,7 +23,7 @@ from twisted.internet.interfaces import (
     ITCPTransport,
     ITransport,
 )
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.trial import unittest
@@ -353,6 +353,305 @@ def test_relay_flow_control_through_the_wrapper(kerberos):
     assert far_transport.write_closed
 
 
+# Large reads and writes, wrapped and unwrapped in a crypto thread. Here a
+# stand-in for the threads: a call runs when the test says, as a thread
+# would take it, and its result comes back when the test says, as
+# callFromThread's calls run on the reactor's next turn.
+
+
+class ManualThreads:
+    def __init__(self) -> None:
+        self.calls: list = []    # waiting for a thread
+        self.back: list = []     # done, waiting for the reactor's turn
+        self.reactor = self
+
+    def run(self, call) -> None:
+        self.calls.append(call)
+
+    def callFromThread(self, f, *args) -> None:
+        self.back.append((f, args))
+
+    def work(self) -> None:
+        """Every call waiting (one may queue the next), as a thread would."""
+        while self.calls:
+            self.calls.pop(0)()
+
+    def deliver(self) -> None:
+        back, self.back = self.back, []
+        for f, args in back:
+            f(*args)
+
+    def settle(self) -> None:
+        while self.calls or self.back:
+            self.work()
+            self.deliver()
+
+
+@implementer(IHalfCloseableProtocol)
+class Ordered(Recorder):
+    """A Recorder that also keeps what happened in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list = []
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        self.events.append(len(data))
+
+    def readConnectionLost(self) -> None:
+        super().readConnectionLost()
+        self.events.append("eof")
+
+    def connectionLost(self, reason=None) -> None:
+        super().connectionLost(reason)
+        self.events.append("lost")
+
+
+def threaded(kerberos, level: int = 2) -> tuple[Stack, ManualThreads]:
+    stack = Stack(kerberos, level, Ordered())
+    threads = ManualThreads()
+    stack.wrapper.threads = threads
+    return stack, threads
+
+
+BIG = protection.OFFLOAD_MIN
+
+
+def test_a_large_read_is_unwrapped_in_a_thread_and_what_follows_waits_its_turn(kerberos):
+    stack, threads = threaded(kerberos)
+    big = os.urandom(BIG)
+    stack.receive(stack.peer.encode(big))
+    stack.receive(stack.peer.encode(b"small"))   # alone, it would be unwrapped at once
+    assert stack.above.received == []
+    threads.work()
+    assert stack.above.received == []            # not before the reactor's turn
+    threads.deliver()
+    assert stack.above.received == [big, b"small"]
+    # Nothing in flight: small reads are unwrapped at once again.
+    stack.receive(stack.peer.encode(b"now"))
+    assert stack.above.received[-1] == b"now" and not threads.calls
+
+
+def test_a_large_write_is_wrapped_in_a_thread_and_what_follows_waits_its_turn(stack):
+    threads = ManualThreads()
+    stack.wrapper.threads = threads
+    big = os.urandom(3 * BIG)
+    stack.above.transport.write(big)
+    stack.above.transport.write(b"tail")
+    assert stack.below.value() == b""
+    threads.settle()
+    assert stack.sent() == big + b"tail"
+    stack.above.transport.write(b"now")
+    assert stack.sent() == b"now" and not threads.calls
+
+
+def test_steps_waiting_for_the_thread_are_joined(kerberos):
+    stack, threads = threaded(kerberos)
+    chunks = [os.urandom(BIG + n) for n in range(3)]
+    for chunk in chunks:
+        stack.receive(stack.peer.encode(chunk))
+    for chunk in chunks:
+        stack.above.transport.write(chunk)
+    # One read step and one write step, each run by one call.
+    assert len(threads.calls) == 1 and len(stack.wrapper.steps) == 2
+    threads.settle()
+    assert stack.above.received == chunks          # each read's plaintext as it came
+    assert stack.sent() == b"".join(chunks)
+
+
+def test_directions_keep_their_order_across_the_queue(kerberos):
+    stack, threads = threaded(kerberos)
+    writes, reads = [], []
+    for n in range(6):
+        size = BIG * (n % 2) + 100 * n + 1
+        reads.append(os.urandom(size))
+        writes.append(os.urandom(size + 7))
+        stack.receive(stack.peer.encode(reads[-1]))
+        stack.above.transport.write(writes[-1])
+        if n == 2:
+            threads.work()    # a thread takes what is there, more comes meanwhile
+    threads.settle()
+    assert b"".join(stack.above.received) == b"".join(reads)
+    assert stack.sent() == b"".join(writes)
+
+
+def test_eof_and_loss_wait_for_the_reads_before_them(kerberos):
+    stack, threads = threaded(kerberos)
+    big = os.urandom(BIG)
+    stack.receive(stack.peer.encode(big))
+    stack.below.protocol.readConnectionLost()
+    reason = Failure(error.ConnectionDone())
+    stack.below.protocol.connectionLost(reason)
+    assert stack.above.events == []
+    # The connection is gone: a write now goes nowhere.
+    stack.above.transport.write(os.urandom(BIG))
+    threads.settle()
+    assert stack.above.events == [BIG, "eof", "lost"]
+    assert stack.above.lost is reason
+    assert stack.wrapper.protocol is None and stack.below.value() == b""
+
+
+@pytest.mark.parametrize("close", ["loseConnection", "loseWriteConnection", "stopProducing"])
+def test_a_close_waits_for_the_writes_before_it(kerberos, close):
+    stack, threads = threaded(kerberos)
+    big = os.urandom(BIG)
+    stack.above.transport.write(big)
+    getattr(stack.above.transport, close)()
+    assert not stack.below.disconnecting and not stack.below.write_closed
+    assert bool(stack.above.transport.disconnecting) == (close != "loseWriteConnection")
+    threads.settle()
+    assert stack.sent() == big
+    if close == "loseWriteConnection":
+        assert stack.below.write_closed and not stack.below.disconnecting
+    else:
+        assert stack.below.disconnecting
+
+
+def test_an_abort_drops_what_is_in_flight(kerberos):
+    stack, threads = threaded(kerberos)
+    stack.receive(stack.peer.encode(os.urandom(BIG)))
+    stack.above.transport.write(os.urandom(BIG))
+    stack.above.transport.loseConnection()
+    stack.above.transport.abortConnection()
+    threads.settle()
+    assert stack.above.received == [] and stack.below.value() == b""
+    reason = Failure(error.ConnectionAborted())
+    stack.below.protocol.connectionLost(reason)
+    assert stack.above.lost is reason
+
+
+def test_a_frame_refused_in_a_thread_aborts(kerberos):
+    stack, threads = threaded(kerberos)
+    good = os.urandom(BIG)
+    stack.receive(stack.peer.encode(good))
+    threads.work()       # taken before the bad frame came: it goes up
+    bad = bytearray(stack.peer.encode(os.urandom(BIG)))
+    bad[-1] ^= 1
+    stack.receive(bytes(bad))
+    stack.receive(stack.peer.encode(b"after"))
+    stack.below.protocol.readConnectionLost()
+    threads.settle()
+    assert stack.above.received == [good] and not stack.above.read_eof
+    assert stack.below.disconnected, "not aborted"
+    stack.below.protocol.connectionLost(Failure(error.ConnectionDone()))
+    lost = stack.above.lost
+    assert lost is not None and lost.check(protection.ProtectionFailed)
+    assert "GSS-API unwrap failed" in lost.getErrorMessage()
+
+
+class Raising(Ordered):
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        raise RuntimeError("a bug above")
+
+
+def test_a_protocol_that_raises_on_a_thread_s_result_is_dropped(kerberos):
+    """As Twisted drops a connection whose protocol raises in dataReceived;
+    the steps behind go on (a close still reaches the transport)."""
+    stack = Stack(kerberos, 2, Raising())
+    threads = ManualThreads()
+    stack.wrapper.threads = threads
+    stack.receive(stack.peer.encode(os.urandom(BIG)))
+    stack.below.protocol.connectionLost(Failure(error.ConnectionDone()))
+    threads.settle()
+    assert stack.below.disconnected, "not aborted"
+    lost = stack.above.lost
+    assert lost is not None and lost.check(RuntimeError)
+    assert stack.above.events == [BIG, "lost"]
+
+
+def test_reading_pauses_while_the_reads_to_unwrap_pile_up(kerberos):
+    stack, threads = threaded(kerberos)
+    chunk = os.urandom(60000)
+    frame = stack.peer.encode(chunk)
+    reads = 0
+    while stack.below.producerState == "producing":
+        stack.receive(frame)
+        frame = stack.peer.encode(chunk)
+        reads += 1
+    assert protection.BACKLOG < reads * len(frame) <= protection.BACKLOG + len(frame)
+    # The protocol above pausing and resuming meanwhile does not resume it.
+    stack.above.transport.pauseProducing()
+    stack.above.transport.resumeProducing()
+    assert stack.below.producerState == "paused"
+    # Drained while the protocol above wants it paused: it stays paused.
+    stack.above.transport.pauseProducing()
+    threads.settle()
+    assert stack.below.producerState == "paused"
+    stack.above.transport.resumeProducing()
+    assert stack.below.producerState == "producing"
+    assert b"".join(stack.above.received) == chunk * reads
+
+
+@implementer(IPushProducer)
+class Producer:
+    paused = stopped = False
+
+    def pauseProducing(self) -> None:
+        assert not self.paused, "paused twice"
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        assert self.paused, "resumed, not paused"
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+
+
+def test_a_producer_pauses_while_the_writes_to_wrap_pile_up(kerberos):
+    stack, threads = threaded(kerberos)
+    producer = Producer()
+    stack.above.transport.registerProducer(producer, True)
+    gate = stack.below.producer
+    assert gate is not producer and stack.below.streaming
+    writes = 0
+    while not producer.paused:
+        stack.above.transport.write(os.urandom(60000))
+        writes += 1
+    assert protection.BACKLOG < writes * 60000 <= protection.BACKLOG + 60000
+    # The transport below pausing and resuming meanwhile does not resume it.
+    gate.pauseProducing()
+    gate.resumeProducing()
+    assert producer.paused
+    # Drained while the transport below is full: it stays paused.
+    gate.pauseProducing()
+    threads.settle()
+    assert producer.paused
+    gate.resumeProducing()
+    assert not producer.paused
+    gate.stopProducing()
+    assert producer.stopped
+    assert len(stack.sent()) == writes * 60000
+    stack.above.transport.unregisterProducer()
+    assert stack.below.producer is None
+
+
+@pytest.mark.parametrize("level, threaded", [(1, False), (2, True)])
+def test_crypto_threads_only_for_confidentiality(kerberos, level, threaded):
+    _initiator, acceptor = context_pair(kerberos)
+    above = Recorder()
+    below = HalfCloseTransport()
+    below.reactor = reactor
+    above.makeConnection(below)
+    below.protocol = above
+    wrapper = protection.start(above, acceptor, level)
+    assert (wrapper.threads is not None) == threaded
+
+
+def test_crypto_threads_only_where_a_reactor_takes_calls_from_threads():
+    assert protection.CryptoThreads.of(StringTransport()) is None
+    in_memory = StringTransport()
+    in_memory.reactor = MemoryReactorClock()
+    assert protection.CryptoThreads.of(in_memory) is None
+    real = StringTransport()
+    real.reactor = reactor
+    threads = protection.CryptoThreads.of(real)
+    assert threads is not None and threads.reactor is reactor
+    assert protection.CryptoThreads.of(real) is threads   # one set per reactor
+
+
 # What start() finds beneath the protocol.
 
 
@@ -457,10 +756,18 @@ class RealSockets(unittest.TestCase):
     def _kerberos(self, kerberos) -> None:
         self.kerberos = kerberos
 
-    @defer.inlineCallbacks
     def test_both_ends_protected_over_tcp(self):
+        return self._echo(300_000)
+
+    def test_more_than_a_backlog_each_way(self):
+        """Reads pile up past BACKLOG for the crypto threads at both ends
+        (where there are two cores): reading pauses and resumes, order holds."""
+        return self._echo(12 * protection.BACKLOG + 12345)
+
+    @defer.inlineCallbacks
+    def _echo(self, size: int):
         initiator, acceptor = context_pair(self.kerberos)
-        payload = os.urandom(300_000)
+        payload = os.urandom(size)
         servers: list[_Echo] = []
 
         def build(_addr):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import struct
 
 import pytest
@@ -188,3 +189,30 @@ def test_abort_is_not_a_frame_with_a_length():
     assert len(rfc1961.ABORT) == 2
     with pytest.raises(WireError):
         rfc1961.parse_message(rfc1961.ABORT)
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=8), st.binary(max_size=40), st.sampled_from((None,) + MTYPS))
+def test_token_length_in_place_agrees_with_parse_message(before, data, expected):
+    """Read in place at an offset (the stream decoder's way), a frame's head
+    is judged as parse_message judges the same bytes cut off the front."""
+    buf = before + data
+    try:
+        parsed = rfc1961.parse_message(data, expected)
+    except WireError as e:
+        with pytest.raises(WireError, match=re.escape(str(e))):
+            rfc1961.token_length(buf, len(before), expected)
+        return
+    length = rfc1961.token_length(bytearray(buf), len(before), expected)
+    if parsed is not None:
+        assert length == len(parsed[0].token)
+    elif length is not None:
+        assert len(data) < 4 + length      # the head is in, the token is not
+
+
+@pytest.mark.parametrize("mtyp", MTYPS)
+@pytest.mark.parametrize("size", [0, 1, 65535])
+def test_encode_head_is_the_head_of_encode_message(mtyp, size):
+    assert rfc1961.encode_head(mtyp, size) == rfc1961.encode_message(mtyp, b"x" * size)[:4]
+    with pytest.raises(ValueError):
+        rfc1961.encode_head(mtyp, rfc1961.MAX_TOKEN + 1)
