@@ -27,10 +27,8 @@ What differs, and why it is safe:
 * ``loseConnection`` then closes on the reactor's next turn, without
   waking for writability and sending nothing first.
 * No ``shutdown(2)`` before ``close``: the descriptor is this process's
-  alone (close-on-exec, never duplicated), so ``close`` sends the FIN; and
-  on socksd's reactor no ``epoll_ctl`` to stop watching it first, as
-  closing it takes it out of the epoll set (:class:`AdoptedStream`, on a
-  duplicate, does both as Twisted does).
+  alone (close-on-exec, never duplicated), so ``close`` sends the FIN
+  (:class:`AdoptedStream`, on a duplicate, shuts down as Twisted does).
 
 Like :mod:`socksd.twisted_internals`, this leans on FileDescriptor's
 private state (``dataBuffer``, ``offset``, ``_tempDataLen``,
@@ -61,7 +59,6 @@ class Stream(tcp.Server):
     path where nothing is queued (see the module's docstring)."""
 
     _shouldShutdown = False    # close() alone: see the module's docstring
-    _shared = False            # another descriptor refers to the socket (adopted)
     # FileDescriptor's queue of writes not yet joined, made with the first
     # write that must wait: an idle connection holds no list of its own.
     # (Read as empty until then; every path that appends makes it first.)
@@ -197,11 +194,6 @@ class Stream(tcp.Server):
         # from it from now on.
         if self.disconnected:
             return
-        forget = None if self._shared else getattr(self.reactor, "forget", None)
-        if forget is not None:
-            # Closing the socket (below) takes it out of the epoll set: the
-            # reactor need not be asked to, one epoll_ctl a side.
-            forget(self)
         abstract.FileDescriptor.connectionLost(self, reason)
         self._closeSocket(not isinstance(reason.value, error.ConnectionAborted))
         protocol = self.protocol
@@ -213,7 +205,6 @@ class AdoptedStream(Stream):
     """A Stream on a duplicate of a descriptor the caller may keep open
     (``adoptStreamConnection``)."""
 
-    _shared = True
     _shouldShutdown = True     # the FIN even while the caller's copy is open
 
 

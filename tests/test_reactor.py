@@ -238,10 +238,10 @@ def test_soon_runs_after_the_events_of_the_batch_before_waiting():
             os.close(w)
 
 
-def test_a_closed_stream_is_forgotten_and_an_adopted_one_unwatched():
-    """Stream closes leave no trace in the reactor's sets; an adopted one
-    (its descriptor shared with the caller's copy) is unregistered as
-    Twisted does, so no event for it can come after the close."""
+def test_a_closed_stream_leaves_no_trace_and_sends_its_fin():
+    """A Stream's close leaves nothing in the reactor's sets and sends the
+    FIN; an adopted one (its descriptor shared with the caller's copy) too,
+    by a shutdown, as Twisted does."""
     import socket as socket_module
 
     from socksd.stream import AdoptedStream, Stream

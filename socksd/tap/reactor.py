@@ -21,7 +21,7 @@ from __future__ import annotations
 import socket
 import sys
 from select import EPOLLIN
-from typing import Any, Callable
+from typing import Callable
 
 from twisted.internet import epollreactor  # Linux; see install_default
 from twisted.internet.main import installReactor
@@ -34,7 +34,7 @@ log = Logger(namespace="socksd")
 
 class EPollReactor(epollreactor.EPollReactor):
     """epoll, dispatching events without a log context per event; with
-    :meth:`soon` and :meth:`forget` for socksd.stream's connections."""
+    :meth:`soon` for socksd.stream's closes."""
 
     def __init__(self) -> None:
         self._soon: list[Callable[[], object]] = []
@@ -52,17 +52,6 @@ class EPollReactor(epollreactor.EPollReactor):
                 call()
             except Exception:
                 log.failure("while running {call!r}", call=call)
-
-    def forget(self, selectable: Any) -> None:
-        """Stop watching a descriptor that is about to be closed, without
-        the ``epoll_ctl`` that ``removeReader`` makes: closing it takes it
-        out of the epoll set. Only for a descriptor no other one refers to
-        (never duplicated), or the set would keep it."""
-        fd = selectable.fileno()
-        if self._selectables.get(fd) is selectable:
-            del self._selectables[fd]
-            self._reads.discard(fd)
-            self._writes.discard(fd)
 
     def doPoll(self, timeout: float | None) -> None:
         if self._soon:
