@@ -440,14 +440,17 @@ def test_reloads_while_a_worker_restarts_end_no_worker(socks_server, echo_server
 def _denied_by_both_workers(server, port: int, dest_port: int, since: int) -> None:
     """SOCKS5 CONNECTs to dest_port are denied until each worker has logged
     one of those denials after log offset ``since`` (the kernel spreads
-    connections by their source ports); one allowed fails the test."""
-    for _ in range(60):
+    connections by their source ports); one allowed fails the test. A
+    worker sends its lines in batches (up to 20 ms late), so the attempts
+    are spread over time as well as over source ports."""
+    for _ in range(120):
         s, reply = _connect(port, dest_port)
         s.close()
         assert reply == 0x02, server.log()[since:]
         if {"w0", "w1"} <= set(re.findall(r"\] (w\d) 127\.0\.0\.1:\d+ socks5 .* denied: rule 1",
                                           server.log()[since:])):
             return
+        time.sleep(0.025)
     raise AssertionError(f"denials by one worker only:\n{server.log()[since:]}")
 
 
